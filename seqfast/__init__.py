@@ -1,0 +1,29 @@
+"""seqfast: fused attention and CTC loss kernels for sequence models, drop-in for PyTorch.
+
+Triton kernels run CUDA tensors, C++ kernels run CPU tensors, behind torch's signatures:
+:func:`scaled_dot_product_attention`, :func:`ctc_loss`, :mod:`seqfast.nn`.
+"""
+
+from seqfast import _extension, ops  # noqa: F401  (defines torch.ops.seqfast.*, loads the C++ kernels)
+from seqfast._backend import BACKENDS, backend
+from seqfast.functional import (
+    ctc_loss,
+    ctc_loss_from_logits,
+    scaled_dot_product_attention,
+    varlen_attention,
+)
+from seqfast import nn  # noqa: E402
+
+__version__ = "0.1.0"
+EXTENSION_AVAILABLE = _extension.AVAILABLE
+
+__all__ = [
+    "BACKENDS",
+    "EXTENSION_AVAILABLE",
+    "backend",
+    "ctc_loss",
+    "ctc_loss_from_logits",
+    "nn",
+    "scaled_dot_product_attention",
+    "varlen_attention",
+]

@@ -1,0 +1,101 @@
+"""Backend selection: which implementation runs a seqfast op.
+
+``auto`` lets the torch dispatcher route by device (C++ kernels for CPU tensors,
+Triton kernels for CUDA tensors). ``triton``, ``cpp`` and ``reference`` force one
+implementation whatever the device; they are chosen with the ``SEQFAST_BACKEND``
+environment variable (read on every call) or the :func:`backend` context manager,
+which wins over the variable.
+
+Forcing works through a ``TorchDispatchMode`` that intercepts seqfast ops below
+autograd, so the same autograd formulas run for every backend. The backend chosen
+at forward time is saved by each op's autograd context and reused in backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("seqfast_backend", default=None)
+# (op name without namespace, backend) -> implementation with the op's schema.
+_IMPLS: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown seqfast backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+def current() -> str:
+    """The backend in force: the innermost :func:`backend` context, else ``$SEQFAST_BACKEND``, else ``auto``."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return _check_name(os.environ.get("SEQFAST_BACKEND", "auto").strip().lower() or "auto", "SEQFAST_BACKEND")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force a backend for the seqfast calls made inside the block.
+
+    >>> with seqfast.backend("reference"):
+    ...     loss = seqfast.ctc_loss(log_probs, targets, input_lengths, target_lengths)
+    """
+    token = _forced.set(_check_name(name, "seqfast.backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def register(op_name: str, backend_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn`` implements ``seqfast::op_name`` when ``backend_name`` is forced."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _IMPLS[(op_name, _check_name(backend_name, "register"))] = fn
+        return fn
+
+    return deco
+
+
+class _ForceBackend(TorchDispatchMode):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        # Dispatch-key state of the caller: implementations run under it, so that the reference
+        # backend may use autograd although the op itself was reached below the autograd key.
+        self._keys = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace != "seqfast":
+            return func(*args, **kwargs)
+        op_name = func._schema.name.split("::", 1)[1]
+        if self.name == "cpp":
+            devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+            if devices - {"cpu"}:
+                raise RuntimeError(f"seqfast backend 'cpp' runs CPU tensors only; got {sorted(devices)}")
+            return func(*args, **kwargs)  # the dispatcher's CPU kernel is the C++ one
+        impl = _IMPLS.get((op_name, self.name))
+        if impl is None:
+            raise RuntimeError(f"seqfast::{op_name} has no {self.name!r} implementation")
+        with torch._C._ForceDispatchKeyGuard(*self._keys):
+            return impl(*args, **kwargs)
+
+
+def dispatch(name: str | None, op: Callable[..., Any], *args: Any) -> Any:
+    """Call ``op`` under backend ``name`` (``None`` means :func:`current`)."""
+    name = current() if name is None else name
+    if name == "auto":
+        return op(*args)
+    with _ForceBackend(name):
+        return op(*args)

@@ -1,0 +1,151 @@
+"""The public functions: torch's signatures, validated once, computed by the seqfast ops."""
+
+from __future__ import annotations
+
+import torch
+
+from seqfast import _backend
+from seqfast.ops import attention as attention_ops
+from seqfast.ops import ctc_loss as ctc_ops
+from seqfast.validation import IntLengths, ctc_arguments, reduction_argument, sdpa_arguments, varlen_arguments
+
+
+def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, from_logits, name):
+    reduction = reduction_argument(reduction)
+    args = ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank, name)
+    nll, _ = _backend.dispatch(
+        None, ctc_ops.FORWARD, args.log_probs, args.targets, args.input_lengths, args.target_lengths,
+        blank, bool(zero_infinity), from_logits,
+    )
+    if zero_infinity:
+        nll = torch.where(torch.isinf(nll), torch.zeros_like(nll), nll)
+    out_dtype = log_probs.dtype
+    if reduction == "mean":
+        return (nll / args.target_lengths.clamp_min(1).to(nll.dtype)).mean().to(out_dtype)
+    if reduction == "sum":
+        return nll.sum().to(out_dtype)
+    return (nll if args.batched else nll[0]).to(out_dtype)
+
+
+def ctc_loss(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: IntLengths,
+    target_lengths: IntLengths,
+    blank: int = 0,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+) -> torch.Tensor:
+    """Connectionist Temporal Classification loss, a drop-in for ``torch.nn.functional.ctc_loss``.
+
+    Args:
+        log_probs: (T, N, C) or unbatched (T, C) log-probabilities (log_softmax over C); float16,
+            bfloat16 (computed in float32; torch refuses these), float32 or float64.
+        targets: (N, S) padded or 1-D concatenated (sum(target_lengths),) labels, int32/int64,
+            in [0, C) and != blank; unbatched: (S,).
+        input_lengths, target_lengths: (N,) tensors, tuples or lists of ints (0-d / int unbatched).
+        blank: the blank label, in [0, C).
+        reduction: ``"none"`` (per-sample), ``"sum"``, or ``"mean"`` (loss / max(target_length, 1),
+            averaged over the batch).
+        zero_infinity: replace infinite losses (no alignment fits) and their gradients by 0.
+
+    Returns:
+        The loss in ``log_probs``' dtype: (N,) or () for ``"none"``, else a scalar.
+
+    Gradient: torch's convention, ``grad_out * (exp(log_probs) - posterior)`` over t < input_length
+    (0 after): the gradient w.r.t. the logits of a preceding log_softmax, so gradients through
+    ``log_softmax`` equal torch's. Infinite losses give NaN gradients unless ``zero_infinity``.
+    """
+    return _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, False,
+                "log_probs")
+
+
+def ctc_loss_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: IntLengths,
+    target_lengths: IntLengths,
+    blank: int = 0,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+) -> torch.Tensor:
+    """CTC loss of ``log_softmax(logits, -1)`` with the log_softmax fused into the kernels.
+
+    Equals ``ctc_loss(logits.log_softmax(-1), ...)`` without materialising the (T, N, C)
+    log-probabilities or their gradient: backward gives ``softmax - posterior`` w.r.t. ``logits``
+    directly. ``logits``: (T, N, C) or (T, C), float16 / bfloat16 / float32 / float64; other
+    arguments as :func:`ctc_loss`.
+    """
+    return _ctc(logits, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, True, "logits")
+
+
+def _dropout_seed(dropout_p: float) -> int:
+    # Drawn from torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p > 0 else 0
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        query: (..., Hq, Lq, E); key: (..., Hk, Lk, E); value: (..., Hk, Lk, Ev); one floating dtype.
+        attn_mask: broadcastable to (..., Hq, Lq, Lk); bool (True = attend) or float in query's
+            dtype (added to the scores; gets a gradient when it requires one).
+        dropout_p: dropout on the attention weights, applied whenever > 0 (as torch); the RNG is
+            seeded from torch's default generator.
+        is_causal: top-left causal mask (query i sees keys j <= i); exclusive with attn_mask.
+        scale: defaults to 1 / sqrt(E).
+        enable_gqa: allow Hq a multiple of Hk (grouped / multi-query attention).
+
+    Returns:
+        (..., Hq, Lq, Ev) in query's dtype. Rows that see no key are 0 (torch gives NaN).
+    """
+    args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    causal = attention_ops.CAUSAL_TOP_LEFT if is_causal else attention_ops.NO_CAUSAL
+    out, _ = _backend.dispatch(
+        None, attention_ops.FORWARD, args.query, args.key, args.value, args.attn_mask, float(dropout_p),
+        causal, args.scale, _dropout_seed(dropout_p),
+    )
+    return out.reshape(args.out_shape)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences (no padding).
+
+    Args:
+        q: (total_q, Hq, E); k: (total_k, Hk, E); v: (total_k, Hk, Ev); Hq a multiple of Hk.
+        cu_seqlens_q, cu_seqlens_k: (B+1,) int32/int64 prefix sums of the sequence lengths,
+            starting at 0; sequence b is rows cu[b]:cu[b+1].
+        max_seqlen_q, max_seqlen_k: the longest sequence of each (bounds the kernel grid).
+        causal: bottom-right aligned per sequence (the last query sees every key), as FlashAttention.
+        scale: defaults to 1 / sqrt(E).
+
+    Returns:
+        (total_q, Hq, Ev) in q's dtype.
+    """
+    a = varlen_arguments(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    mode = attention_ops.CAUSAL_BOTTOM_RIGHT if causal else attention_ops.NO_CAUSAL
+    out, _ = _backend.dispatch(
+        None, attention_ops.VARLEN_FORWARD, a.query, a.key, a.value, a.cu_seqlens_q, a.cu_seqlens_k,
+        a.max_seqlen_q, a.max_seqlen_k, mode, a.scale,
+    )
+    return out

@@ -1,0 +1,31 @@
+"""``seqfast.nn.CTCLoss``: ``torch.nn.CTCLoss`` computed by seqfast's kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from seqfast.functional import ctc_loss
+from seqfast.validation import IntLengths, reduction_argument
+
+
+class CTCLoss(torch.nn.Module):
+    """Same constructor and forward as :class:`torch.nn.CTCLoss`; see :func:`seqfast.ctc_loss`."""
+
+    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
+        super().__init__()
+        self.blank = blank
+        self.reduction = reduction_argument(reduction)
+        self.zero_infinity = zero_infinity
+
+    def forward(
+        self,
+        log_probs: torch.Tensor,
+        targets: torch.Tensor,
+        input_lengths: IntLengths,
+        target_lengths: IntLengths,
+    ) -> torch.Tensor:
+        return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
+                        self.zero_infinity)
+
+    def extra_repr(self) -> str:
+        return f"blank={self.blank}, reduction={self.reduction!r}, zero_infinity={self.zero_infinity}"

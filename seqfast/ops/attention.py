@@ -1,0 +1,139 @@
+"""The attention ops (FlashAttention-style: no Lq x Lk buffer is kept, only the row log-sum-exp).
+
+``seqfast::attention_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed) -> (out, lse)``
+
+- ``query`` (B, Hq, Lq, D), ``key`` (B, Hk, Lk, D), ``value`` (B, Hk, Lk, Dv): float16 / bfloat16 /
+  float32 / float64, one dtype, stride 1 on the last dim, any other strides. ``Hq % Hk == 0``:
+  query head h reads key/value head ``h // (Hq // Hk)`` (GQA / MQA without repeating K/V).
+- ``attn_mask``: None or (B, Hq, Lq, Lk), possibly an expanded view with zero strides; bool
+  (True = attend) or float in ``query``'s dtype (added to the scaled scores).
+- ``causal``: 0 none; 1 top-left (torch's ``is_causal``: query i sees keys j <= i); 2
+  bottom-right (query i sees keys j <= i + Lk - Lq, for KV-cache decoding).
+- ``scale``: multiplies q.k; ``dropout_p`` in [0, 1) with a counter-based RNG keyed by ``seed``
+  (the backward regenerates the same mask, none is stored).
+- ``out`` (B, Hq, Lq, Dv) contiguous in ``query``'s dtype; ``lse`` (B, Hq, Lq) float32 (float64 for
+  float64 input): log-sum-exp of the masked scaled scores per row, ``+inf`` for rows with no
+  visible key, whose output is 0 and whose gradients are 0.
+
+``seqfast::attention_backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal,
+scale, seed, mask_grad) -> (grad_query, grad_key, grad_value, grad_mask)``: grads with the shapes
+and dtypes of the inputs (contiguous); ``grad_mask`` is (B, Hq, Lq, Lk) when ``mask_grad`` (float
+mask requiring grad), else an empty tensor. No float atomics: bitwise deterministic.
+
+``seqfast::varlen_attention_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+max_seqlen_k, causal, scale) -> (out, lse)``: packed sequences, ``query`` (total_q, Hq, D),
+``key`` (total_k, Hk, D), ``value`` (total_k, Hk, Dv), ``cu_seqlens_*`` (B+1,) int32/int64 prefix
+sums; sequence b is rows ``cu[b]:cu[b+1]``. ``out`` (total_q, Hq, Dv), ``lse`` (Hq, total_q).
+``causal`` as above, per sequence. ``seqfast::varlen_attention_backward(grad_out, query, key,
+value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, causal, scale) ->
+(grad_query, grad_key, grad_value)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqfast import _backend
+from seqfast.ops._registry import define, register_kernels
+from seqfast.reference import attention as reference
+
+NO_CAUSAL, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
+
+FORWARD = define(
+    "attention_forward",
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, float scale, "
+    "int seed) -> (Tensor, Tensor)",
+)
+BACKWARD = define(
+    "attention_backward",
+    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, Tensor lse, "
+    "float dropout_p, int causal, float scale, int seed, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+VARLEN_FORWARD = define(
+    "varlen_attention_forward",
+    "(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+    "int max_seqlen_k, int causal, float scale) -> (Tensor, Tensor)",
+)
+VARLEN_BACKWARD = define(
+    "varlen_attention_backward",
+    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, int causal, float scale) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("seqfast::attention_forward")
+def _forward_fake(query, key, value, attn_mask, dropout_p, causal, scale, seed):
+    B, H, Lq, _ = query.shape
+    out = query.new_empty((B, H, Lq, value.shape[-1]))
+    return out, query.new_empty((B, H, Lq), dtype=lse_dtype(query.dtype))
+
+
+@torch.library.register_fake("seqfast::attention_backward")
+def _backward_fake(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad):
+    grad_mask = (
+        query.new_empty((*query.shape[:3], key.shape[2]), dtype=attn_mask.dtype)
+        if mask_grad
+        else query.new_empty((0,))
+    )
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_mask
+
+
+@torch.library.register_fake("seqfast::varlen_attention_forward")
+def _varlen_forward_fake(query, key, value, cu_q, cu_k, max_q, max_k, causal, scale):
+    out = query.new_empty((*query.shape[:2], value.shape[-1]))
+    return out, query.new_empty((query.shape[1], query.shape[0]), dtype=lse_dtype(query.dtype))
+
+
+@torch.library.register_fake("seqfast::varlen_attention_backward")
+def _varlen_backward_fake(grad_out, query, key, value, *rest):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, causal, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+    ctx.dropout_p, ctx.causal, ctx.scale, ctx.seed = dropout_p, causal, scale, seed
+    ctx.mask_grad = attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
+    ctx.backend = _backend.current()
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dmask = _backend.dispatch(
+        ctx.backend, BACKWARD, grad_out.contiguous(), query, key, value, attn_mask, out, lse,
+        ctx.dropout_p, ctx.causal, ctx.scale, ctx.seed, ctx.mask_grad,
+    )
+    return dq, dk, dv, (dmask if ctx.mask_grad else None), None, None, None, None
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    query, key, value, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, cu_q, cu_k, out, lse)
+    ctx.max_q, ctx.max_k, ctx.causal, ctx.scale = max_q, max_k, causal, scale
+    ctx.backend = _backend.current()
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    query, key, value, cu_q, cu_k, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backend.dispatch(
+        ctx.backend, VARLEN_BACKWARD, grad_out.contiguous(), query, key, value, cu_q, cu_k,
+        ctx.max_q, ctx.max_k, out, lse, ctx.causal, ctx.scale,
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("seqfast::attention_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "seqfast::varlen_attention_forward", _varlen_backward, setup_context=_varlen_setup_context
+)
+register_kernels("attention_forward", "attention", reference.attention_forward)
+register_kernels("attention_backward", "attention", reference.attention_backward)
+register_kernels("varlen_attention_forward", "attention", reference.varlen_attention_forward)
+register_kernels("varlen_attention_backward", "attention", reference.varlen_attention_backward)

@@ -1,0 +1,78 @@
+"""The CTC loss ops.
+
+``seqfast::ctc_loss_forward(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity,
+from_logits) -> (neg_log_likelihood, log_alpha)``
+
+- ``log_probs``: (T, N, C) contiguous, float16 / bfloat16 / float32 / float64. With
+  ``from_logits`` it holds unnormalised logits and the kernels apply log_softmax over C.
+- ``targets``: (N, S) int64 contiguous, padded; ``input_lengths``, ``target_lengths``: (N,) int64.
+  Inputs are validated before the op (``seqfast.validation``).
+- ``neg_log_likelihood``: (N,) in the compute dtype (float64 for float64 input, else float32);
+  +inf where no alignment fits, also with ``zero_infinity`` (the public function zeroes the
+  loss; the flag is an op argument so that autograd hands it to backward).
+- ``log_alpha``: (N, T, 2S+1) compute dtype, the forward variables kept for backward.
+
+``seqfast::ctc_loss_backward(grad_nll, log_probs, targets, input_lengths, target_lengths,
+neg_log_likelihood, log_alpha, blank, zero_infinity, from_logits) -> grad``: (T, N, C) in
+``log_probs``' dtype, ``grad_nll[n] * (exp(lp) - posterior)`` (torch's convention; with
+``from_logits`` this is softmax - posterior, the true gradient w.r.t. the logits), zero for
+``t >= input_lengths[n]`` and, with ``zero_infinity``, for samples whose loss is infinite.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqfast import _backend
+from seqfast.ops._registry import define, register_kernels
+from seqfast.reference import ctc_loss as reference
+
+FORWARD = define(
+    "ctc_loss_forward",
+    "(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
+    "bool zero_infinity, bool from_logits) -> (Tensor, Tensor)",
+)
+BACKWARD = define(
+    "ctc_loss_backward",
+    "(Tensor grad_nll, Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
+    "Tensor neg_log_likelihood, Tensor log_alpha, int blank, bool zero_infinity, bool from_logits) -> Tensor",
+)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("seqfast::ctc_loss_forward")
+def _forward_fake(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits):
+    T, N, _ = log_probs.shape
+    dtype = compute_dtype(log_probs.dtype)
+    nll = log_probs.new_empty((N,), dtype=dtype)
+    return nll, log_probs.new_empty((N, T, 2 * targets.shape[1] + 1), dtype=dtype)
+
+
+@torch.library.register_fake("seqfast::ctc_loss_backward")
+def _backward_fake(grad_nll, log_probs, *rest):
+    return torch.empty_like(log_probs, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits = inputs
+    nll, log_alpha = output
+    ctx.save_for_backward(log_probs, targets, input_lengths, target_lengths, nll, log_alpha)
+    ctx.blank, ctx.zero_infinity, ctx.from_logits = blank, zero_infinity, from_logits
+    ctx.backend = _backend.current()
+
+
+def _backward(ctx, grad_nll, grad_log_alpha):
+    log_probs, targets, input_lengths, target_lengths, nll, log_alpha = ctx.saved_tensors
+    grad = _backend.dispatch(
+        ctx.backend, BACKWARD, grad_nll.contiguous(), log_probs, targets, input_lengths, target_lengths,
+        nll, log_alpha, ctx.blank, ctx.zero_infinity, ctx.from_logits,
+    )
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd("seqfast::ctc_loss_forward", _backward, setup_context=_setup_context)
+register_kernels("ctc_loss_forward", "ctc_loss", reference.ctc_loss_forward)
+register_kernels("ctc_loss_backward", "ctc_loss", reference.ctc_loss_backward)

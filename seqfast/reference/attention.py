@@ -1,0 +1,131 @@
+"""Naive attention in float64 with the full (Lq, Lk) score matrix materialised.
+
+:func:`attention` is the direct formula; the ``*_forward`` / ``*_backward`` functions implement
+the seqfast attention ops (``seqfast/ops/attention.py``) on top of it, the backward by autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NO_CAUSAL, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
+
+
+def causal_mask(Lq: int, Lk: int, causal: int, device=None) -> torch.Tensor | None:
+    """Bool (Lq, Lk), True = attend; None when ``causal`` is 0."""
+    if causal == NO_CAUSAL:
+        return None
+    shift = 0 if causal == CAUSAL_TOP_LEFT else Lk - Lq
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    return j <= i + shift
+
+
+def dropout_keep(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
+    """The reference backend's dropout keep-mask (bool), reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) >= p).to(device)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    causal: int = NO_CAUSAL,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_keep_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) v in float64; returns (out, lse).
+
+    q (..., Hq, Lq, D), k (..., Hk, Lk, D), v (..., Hk, Lk, Dv) with Hq a multiple of Hk (GQA);
+    attn_mask broadcastable to (..., Hq, Lq, Lk), bool (True = attend) or float (added).
+    Rows that see no key give output 0 and lse +inf. ``dropout_keep_mask`` (bool, broadcastable
+    to the scores) drops weights after the softmax, survivors scaled by 1 / (1 - dropout_p).
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(group, dim=-3)
+    v = v.repeat_interleave(group, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    visible = torch.ones_like(s, dtype=torch.bool)
+    cm = causal_mask(q.shape[-2], k.shape[-2], causal, q.device)
+    if cm is not None:
+        visible = visible & cm
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            s = s + attn_mask.double()
+            visible = visible & (attn_mask != float("-inf"))
+    s = s.masked_fill(~visible, float("-inf"))
+    empty = ~visible.any(dim=-1)
+    # logsumexp of an all -inf row has a NaN gradient: give it finite scores, then lse = +inf.
+    lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, float("inf"))
+    p = torch.exp(s - lse[..., None])
+    if dropout_keep_mask is not None:
+        p = p * dropout_keep_mask / (1.0 - dropout_p)
+    return p @ v, lse
+
+
+def _keep_mask(dropout_p, seed, q, k):
+    if dropout_p <= 0.0:
+        return None
+    return dropout_keep(seed, (*q.shape[:-1], k.shape[-2]), dropout_p, q.device)
+
+
+def attention_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed):
+    out, lse = attention(query, key, value, attn_mask, causal, scale, dropout_p, _keep_mask(dropout_p, seed, query, key))
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return out.to(query.dtype), lse.to(lse_dtype)
+
+
+def attention_backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad):
+    with torch.enable_grad():
+        leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+        mask = attn_mask
+        if mask_grad:
+            mask = attn_mask.detach().double().requires_grad_()
+            leaves.append(mask)
+        o, _ = attention(*leaves[:3], mask, causal, scale, dropout_p, _keep_mask(dropout_p, seed, query, key))
+        grads = torch.autograd.grad(o, leaves, grad_out.double(), allow_unused=True)
+    dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads[:3], (query, key, value)))
+    dmask = grads[3].to(attn_mask.dtype) if mask_grad else query.new_empty((0,))
+    return dq, dk, dv, dmask
+
+
+def _sequences(cu_q, cu_k):
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+
+
+def varlen_attention(query, key, value, cu_q, cu_k, causal, scale):
+    """Packed sequences one at a time: (total_q, Hq, D) in, (out (total_q, Hq, Dv), lse (Hq, total_q)) out."""
+    outs, lses = [], []
+    for sq, sk in _sequences(cu_q, cu_k):
+        o, lse = attention(query[sq].transpose(0, 1), key[sk].transpose(0, 1), value[sk].transpose(0, 1),
+                           causal=causal, scale=scale)
+        outs.append(o.transpose(0, 1))
+        lses.append(lse)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def varlen_attention_forward(query, key, value, cu_q, cu_k, max_q, max_k, causal, scale):
+    out, lse = varlen_attention(query, key, value, cu_q, cu_k, causal, scale)
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return out.to(query.dtype), lse.to(lse_dtype)
+
+
+def varlen_attention_backward(grad_out, query, key, value, cu_q, cu_k, max_q, max_k, out, lse, causal, scale):
+    with torch.enable_grad():
+        leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+        o, _ = varlen_attention(*leaves, cu_q, cu_k, causal, scale)
+        grads = torch.autograd.grad(o, leaves, grad_out.double(), allow_unused=True)
+    return tuple(
+        (g if g is not None else torch.zeros_like(t, dtype=torch.float64)).to(t.dtype)
+        for g, t in zip(grads, (query, key, value))
+    )
