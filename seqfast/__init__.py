@@ -4,7 +4,8 @@ Triton kernels run CUDA tensors, C++ kernels run CPU tensors, behind torch's sig
 :func:`scaled_dot_product_attention`, :func:`ctc_loss`, :mod:`seqfast.nn`.
 """
 
-from seqfast import _extension, ops  # noqa: F401  (defines torch.ops.seqfast.*, loads the C++ kernels)
+# Importing ops defines torch.ops.seqfast.*; _extension loads the C++ kernels registered for CPU.
+from seqfast import _extension, nn, ops  # noqa: F401
 from seqfast._backend import BACKENDS, backend
 from seqfast.functional import (
     ctc_loss,
@@ -12,7 +13,6 @@ from seqfast.functional import (
     scaled_dot_product_attention,
     varlen_attention,
 )
-from seqfast import nn  # noqa: E402
 
 __version__ = "0.1.0"
 EXTENSION_AVAILABLE = _extension.AVAILABLE

@@ -79,7 +79,8 @@ def _keep_mask(dropout_p, seed, q, k):
 
 
 def attention_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed):
-    out, lse = attention(query, key, value, attn_mask, causal, scale, dropout_p, _keep_mask(dropout_p, seed, query, key))
+    keep = _keep_mask(dropout_p, seed, query, key)
+    out, lse = attention(query, key, value, attn_mask, causal, scale, dropout_p, keep)
     lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     return out.to(query.dtype), lse.to(lse_dtype)
 
