@@ -190,7 +190,8 @@ def test_self_and_cross_attention_projections(dtype):
     for batch_first in (False, True):
         ref, ours = _pair(dtype, batch_first=batch_first)
         x, mem, _ = _inputs(dtype, batch_first)
-        for args in ((x, x, x), (x, mem, mem), (x, x, mem), (x, mem, x)):
+        y = torch.randn_like(x)
+        for args in ((x, x, x), (x, mem, mem), (x, x, y), (x, y, x), (y, x, x)):
             _close(ours(*args)[0], ref(*args)[0], dtype)
 
 
@@ -443,3 +444,5 @@ def test_errors():
         ours(q, k, v, key_padding_mask=torch.zeros(N, S, dtype=torch.int64))
     with pytest.raises(ValueError, match="all be 3-D"):
         ours(q, k[0], v)
+    with pytest.raises(ValueError, match="source length"):
+        ours(q, k, v[1:])

@@ -74,6 +74,9 @@ def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
     if key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(f"query, key and value must all be {query.dim()}-D, got {query.dim()}-D, {key.dim()}-D "
                          f"and {value.dim()}-D")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"key and value must agree on source length and batch, got shapes {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")
     want = 2 if batched else 1
     if key_padding_mask is not None and key_padding_mask.dim() != want:
         raise ValueError(f"key_padding_mask must be {want}-D for {query.dim()}-D query, got shape "
