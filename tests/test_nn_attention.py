@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import pytest
@@ -328,6 +329,16 @@ def test_encoder_layer_matches_torch(batch_first, norm_first, sdpa_calls):
     with torch.no_grad():
         _close(ours(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm), torch.float64)
     assert len(sdpa_calls) == calls + 1
+    if not batch_first:  # unbatched (S, E) input
+        _close(ours(x[:, 0], src_mask=am), ref(x[:, 0], src_mask=am), torch.float64)
+
+
+@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerDecoderLayer", "MultiheadAttention"])
+def test_constructor_signatures_match_torch(name):
+    def params(cls):
+        return [(p.name, p.default, p.kind) for p in inspect.signature(cls.__init__).parameters.values()]
+
+    assert params(getattr(seqfast.nn, name)) == params(getattr(torch.nn, name))
 
 
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -18,9 +18,14 @@ torch has two inference shortcuts that would bypass seqfast, both disabled here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 from seqfast.nn.multihead_attention import MultiheadAttention
+
+Activation = str | Callable[[torch.Tensor], torch.Tensor]
 
 
 def _plain_encoder_layer(layer: torch.nn.TransformerEncoderLayer, x, src_mask, src_key_padding_mask, is_causal):
@@ -46,8 +51,22 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     mode with a padding mask) gives a nested result.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Activation = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
         # Re-class torch's freshly built module rather than build another: the random initialisation then
         # consumes the RNG exactly as torch's layer does.
         _swap(self.self_attn, torch.nn.MultiheadAttention, MultiheadAttention)
@@ -85,8 +104,22 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
     (N, S, E); returns ``tgt``'s shape.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Activation = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
         _swap(self.self_attn, torch.nn.MultiheadAttention, MultiheadAttention)
         _swap(self.multihead_attn, torch.nn.MultiheadAttention, MultiheadAttention)
 
