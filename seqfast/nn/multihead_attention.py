@@ -156,8 +156,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if self.bias_k is not None or self.bias_v is not None:
             if self.bias_k is None or self.bias_v is None:
                 raise ValueError("bias_k and bias_v must be both set or both None")
-            k = torch.cat([k, self.bias_k.reshape(1, H, 1, hd).expand(N, H, 1, hd).to(k.dtype)], dim=2)
-            v = torch.cat([v, self.bias_v.reshape(1, H, 1, hd).expand(N, H, 1, hd).to(v.dtype)], dim=2)
+            k = torch.cat([k, self.bias_k.reshape(1, H, 1, hd).expand(N, H, 1, hd)], dim=2)
+            v = torch.cat([v, self.bias_v.reshape(1, H, 1, hd).expand(N, H, 1, hd)], dim=2)
             mask = _append_key(mask)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros((N, H, 1, hd))], dim=2)
