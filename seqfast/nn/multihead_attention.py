@@ -1,0 +1,237 @@
+"""``seqfast.nn.MultiheadAttention``: ``torch.nn.MultiheadAttention`` with its attention computed by seqfast.
+
+The module subclasses torch's: constructor, parameters (``in_proj_weight`` or ``q/k/v_proj_weight``,
+``in_proj_bias``, ``out_proj``, ``bias_k``, ``bias_v``), initialisation and ``state_dict`` are torch's own,
+so weights move between the two classes with ``load_state_dict`` and a fresh module is drawn from the same
+distribution (bit-identical under the same seed). Only ``forward`` differs: the attention output always comes
+from :func:`seqfast.scaled_dot_product_attention`, never from torch's kernels or its inference fast path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from seqfast.functional import scaled_dot_product_attention
+
+# A mask in seqfast's convention: None, bool (True = attend) or float (added to the scaled scores),
+# broadcastable to (N, H, L, S).
+Mask = torch.Tensor | None
+
+
+def _attend_or_additive(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """torch MHA's masks (bool True = ignore, or float added) -> seqfast's (bool True = attend, or float)."""
+    if mask.dtype == torch.bool:
+        return ~mask
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool or floating tensor, got {mask.dtype}")
+    return mask
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """seqfast-convention mask -> float mask: 0 where attended, -inf where not (floats unchanged)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _merge(attn_mask: Mask, key_padding_mask: Mask, dtype: torch.dtype) -> Mask:
+    """Combine the two (already 4-D, seqfast-convention) masks as torch does: a key is hidden if either hides it.
+
+    Two bool masks stay bool (AND of the attended sets); otherwise both become additive and are summed.
+    """
+    if attn_mask is None or key_padding_mask is None:
+        return key_padding_mask if attn_mask is None else attn_mask
+    if attn_mask.dtype == torch.bool and key_padding_mask.dtype == torch.bool:
+        return attn_mask & key_padding_mask
+    if attn_mask.dtype != key_padding_mask.dtype:
+        # torch deprecates this mix but still accepts it.
+        warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
+                      "both instead.", stacklevel=3)
+    return _additive(attn_mask, dtype) + _additive(key_padding_mask, dtype)
+
+
+def _append_key(mask: Mask) -> Mask:
+    """Extend a mask by one visible key column (for ``bias_k`` or ``add_zero_attn``)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.cat([mask, mask.new_ones((*mask.shape[:-1], 1))], dim=-1)
+    return F.pad(mask, (0, 1))
+
+
+def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
+    """torch's shape rules for MHA inputs; returns whether the input is batched."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.is_nested:
+            raise ValueError(f"seqfast.nn.MultiheadAttention does not take nested tensors ({name} is nested)")
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be 2-D (L, E) unbatched or 3-D batched, got shape {tuple(query.shape)}")
+    batched = query.dim() == 3
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"query, key and value must all be {query.dim()}-D, got {query.dim()}-D, {key.dim()}-D "
+                         f"and {value.dim()}-D")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"key and value must agree on source length and batch, got shapes {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")
+    want = 2 if batched else 1
+    if key_padding_mask is not None and key_padding_mask.dim() != want:
+        raise ValueError(f"key_padding_mask must be {want}-D for {query.dim()}-D query, got shape "
+                         f"{tuple(key_padding_mask.shape)}")
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise ValueError(f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), got shape "
+                         f"{tuple(attn_mask.shape)}")
+    return batched
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    r"""Multi-head attention, a drop-in for :class:`torch.nn.MultiheadAttention` on seqfast's fused kernels.
+
+    Same constructor as torch: ``MultiheadAttention(embed_dim, num_heads, dropout=0.0, bias=True,
+    add_bias_kv=False, add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None, dtype=None)``,
+    same parameters and initialisation (it is a subclass), so
+    ``seqfast_mha.load_state_dict(torch_mha.state_dict())`` and the reverse work.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False) -> (attn_output, attn_weights)``. With N batch, L target
+    length, S source length, E = ``embed_dim``, H = ``num_heads``:
+
+    - ``query`` (L, N, E), or (N, L, E) when ``batch_first``, or unbatched (L, E); ``key`` (S, N, kdim) /
+      (N, S, kdim) / (S, kdim); ``value`` likewise with ``vdim``.
+    - ``key_padding_mask`` (N, S) or (S,) unbatched: bool (True = ignore that key) or float (added).
+    - ``attn_mask`` (L, S) or (N * H, L, S) ((H, L, S) unbatched): bool (True = NOT allowed to attend:
+      torch's MHA convention, the opposite of ``scaled_dot_product_attention``'s) or float (added).
+      When both masks are given they are merged as torch does (bool AND of the visible keys, or a sum once
+      either is float; mixing bool and float is accepted with torch's deprecation warning).
+    - ``is_causal``: a hint that ``attn_mask`` is the causal mask; as in torch, ``attn_mask`` must still be
+      given, and the hint replaces it by the fused causal kernel only when there is no ``key_padding_mask``
+      and ``need_weights`` is False.
+    - ``attn_output`` (L, N, E) / (N, L, E) / (L, E), always from :func:`seqfast.scaled_dot_product_attention`
+      with dropout ``self.dropout`` in training mode and none in eval mode.
+    - ``attn_weights`` only when ``need_weights``: (N, L, S') averaged over heads, or (N, H, L, S') when
+      ``average_attn_weights`` is False (no N for unbatched input); S' = S plus one per ``add_bias_kv`` /
+      ``add_zero_attn`` column. Computed by a separate plain softmax of the masked scores, so they carry no
+      dropout (torch returns its dropped-out weights in training mode); pass ``need_weights=False`` to skip
+      the (N, H, L, S') materialisation entirely.
+
+    Differences from torch: a query that sees no key (every key masked) gets a zero attention output (as
+    torch's own scaled_dot_product_attention path gives), also when ``need_weights`` is True, where torch's
+    weight path gives NaN; its weights are NaN as in torch. There is no nested-tensor fast path: nested
+    inputs raise ``ValueError``.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = _check_inputs(query, key, value, key_padding_mask, attn_mask)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention); "
+                               "torch.nn.Transformer.generate_square_subsequent_mask builds it")
+        # The hint can stand in for the mask only where torch lets it: no padding mask to merge, no weights.
+        use_causal = is_causal and key_padding_mask is None and not need_weights
+        if use_causal:
+            attn_mask = None
+        batch_first = self.batch_first if batched else True
+        q, k, v = self._in_projection(query, key, value)
+        if not batched:  # (L, E) -> (1, L, E)
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        q, k, v = (self._split_heads(t, batch_first) for t in (q, k, v))  # (N, H, L|S, hd)
+        N, H, L, hd = q.shape
+        S = k.shape[2]
+        mask = self._masks(attn_mask, key_padding_mask, N, L, S, batched, q.dtype)
+
+        if self.bias_k is not None or self.bias_v is not None:
+            if self.bias_k is None or self.bias_v is None:
+                raise ValueError("bias_k and bias_v must be both set or both None")
+            k = torch.cat([k, self.bias_k.reshape(1, H, 1, hd).expand(N, H, 1, hd)], dim=2)
+            v = torch.cat([v, self.bias_v.reshape(1, H, 1, hd).expand(N, H, 1, hd)], dim=2)
+            mask = _append_key(mask)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros((N, H, 1, hd))], dim=2)
+            v = torch.cat([v, v.new_zeros((N, H, 1, hd))], dim=2)
+            mask = _append_key(mask)
+
+        dropout_p = self.dropout if self.training else 0.0
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal)
+        out = self._merge_heads(out, batch_first)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            out = out.squeeze(0)
+        if not need_weights:
+            return out, None
+        weights = self._weights(q, k, mask, average_attn_weights)
+        return out, (weights if batched else weights.squeeze(0))
+
+    def _in_projection(self, query, key, value):
+        """Project in the input's own layout: (..., E_in) -> (..., E); one GEMM for self-attention."""
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        if not self._qkv_same_embed_dim:
+            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
+                    F.linear(value, self.v_proj_weight, bv))
+        w = self.in_proj_weight
+        if query is key and key is value:
+            return F.linear(query, w, b).chunk(3, dim=-1)
+        if key is value:
+            kv = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
+            return (F.linear(query, w[:E], bq), *kv)
+        wq, wk, wv = w.chunk(3)
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _split_heads(self, x: torch.Tensor, batch_first: bool) -> torch.Tensor:
+        """(N, T, E) or (T, N, E) -> (N, H, T, head_dim), a view (last dim stays contiguous)."""
+        x = x.unflatten(-1, (self.num_heads, self.head_dim))
+        return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)
+
+    def _merge_heads(self, x: torch.Tensor, batch_first: bool) -> torch.Tensor:
+        """(N, H, L, head_dim) -> (N, L, E) or (L, N, E)."""
+        N, H, L, hd = x.shape
+        x = x.transpose(1, 2) if batch_first else x.permute(2, 0, 1, 3)
+        return x.reshape(*x.shape[:2], H * hd)
+
+    def _masks(self, attn_mask, key_padding_mask, N, L, S, batched, dtype) -> Mask:
+        """torch MHA masks -> one seqfast mask broadcastable to (N, H, L, S), or None."""
+        H = self.num_heads
+        am = kpm = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                if tuple(attn_mask.shape) != (L, S):
+                    raise ValueError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                                     f"{(L, S)}.")
+                am = attn_mask.reshape(1, 1, L, S)
+            else:
+                want = (N * H, L, S) if batched else (H, L, S)
+                if tuple(attn_mask.shape) != want:
+                    raise ValueError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                                     f"{want}.")
+                am = attn_mask.reshape(N, H, L, S)
+            am = _attend_or_additive(am, "attn_mask")
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (N, S):
+                raise ValueError(f"key_padding_mask must have shape {(N, S) if batched else (S,)}, got "
+                                 f"{tuple(key_padding_mask.shape if batched else key_padding_mask.shape[1:])}")
+            kpm = _attend_or_additive(key_padding_mask.reshape(N, 1, 1, S), "key_padding_mask")
+        return _merge(am, kpm, dtype)
+
+    @staticmethod
+    def _weights(q: torch.Tensor, k: torch.Tensor, mask: Mask, average: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim) + mask) without dropout: (N, H, L, S), or (N, L, S) averaged."""
+        scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores, dim=-1)
+        return weights.mean(dim=1) if average else weights
