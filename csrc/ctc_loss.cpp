@@ -1,0 +1,408 @@
+// CPU kernels of seqfast::ctc_loss_forward / seqfast::ctc_loss_backward (schemas and semantics:
+// seqfast/ops/ctc_loss.py).
+//
+// Forward: per sample, the log-space alpha recursion over the 2L+1 states of the extended target
+// (blank, l1, blank, ..., lL, blank), one time step per row; a row is a shifted log-add-exp along the
+// states, so it vectorises over s (csrc/ctc_loss_simd.h). Samples run in parallel.
+//
+// Backward, in two passes so that neither needs atomics:
+//  1. per sample (parallel over the batch): beta from t = input_length - 1 down to 0, keeping two rows;
+//     with the stored alpha it gives the state posteriors, reduced right away to what the gradient
+//     needs per frame: the blank's total (all even states) and one value per target position
+//     (N, T, S+1) -- half the size of log_alpha, so the peak stays below torch's, which keeps a whole
+//     log_beta.
+//  2. per frame (t, n) (parallel over T*N rows, which balances even for a batch of one):
+//     grad[t, n, :] = g * exp(lp) (a streaming pass), then the posteriors are subtracted at the blank and
+//     at each label, in target order, so repeated labels add up without any shared writes.
+// Every element is computed by one thread in a fixed order: results are identical run to run.
+//
+// float16 / bfloat16 are read as float32 and computed in float32; float64 runs a scalar float64 path.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_features.h"
+#include "ctc_loss_simd.h"
+
+namespace seqfast {
+namespace {
+
+constexpr int64_t kLanes = 8;  // scratch rows are padded to whole AVX2 float vectors
+
+int64_t pad_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Row operations, scalar versions (float64, and float32 on CPUs without AVX2). Same contracts as the
+// AVX2 versions in ctc_loss_simd.h; `n` need not be padded here.
+
+template <typename T>
+T logaddexp3(T a, T b, T c) {
+  const T m = std::max(a, std::max(b, c));
+  if (m == neg_inf<T>()) return a + b + c;  // -inf, or NaN if one of them is NaN
+  return m + std::log(std::exp(a - m) + std::exp(b - m) + std::exp(c - m));
+}
+
+template <typename T>
+T logaddexp2(T a, T b) {
+  const T m = std::max(a, b);
+  if (m == neg_inf<T>()) return a + b;
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+template <typename T>
+void alpha_row_scalar(T* out, const T* prev, const T* skip, const T* lpe, int64_t n) {
+  for (int64_t s = 0; s < n; ++s) out[s] = logaddexp3(prev[s], prev[s - 1], prev[s - 2] + skip[s]) + lpe[s];
+}
+
+template <typename T>
+void beta_row_scalar(T* bx, T* b, const T* next, const T* skip, const T* lpe, int64_t n) {
+  for (int64_t s = 0; s < n; ++s) {
+    bx[s] = logaddexp3(next[s], next[s + 1], next[s + 2] + skip[s]);
+    b[s] = bx[s] + lpe[s];
+  }
+}
+
+template <typename T>
+T posterior_row_scalar(T* post, const T* alpha, const T* bx, T nll, int64_t n) {
+  T blank = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    post[s] = std::exp(alpha[s] + bx[s] + nll);
+    if (s % 2 == 0) blank += post[s];
+  }
+  return blank;
+}
+
+template <typename T>
+void exp_row_scalar(T* out, const T* in, T off, T g, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = g * std::exp(in[c] - off);
+}
+
+template <typename T>
+T logsumexp_row_scalar(const T* in, int64_t n) {
+  T m = neg_inf<T>();
+  for (int64_t c = 0; c < n; ++c) m = std::max(m, in[c]);
+  if (!std::isfinite(m)) return m;
+  T sum = 0;
+  for (int64_t c = 0; c < n; ++c) sum += std::exp(in[c] - m);
+  return m + std::log(sum);
+}
+
+template <typename T>
+struct RowOps {
+  void (*alpha_row)(T*, const T*, const T*, const T*, int64_t);
+  void (*beta_row)(T*, T*, const T*, const T*, const T*, int64_t);
+  T (*posterior_row)(T*, const T*, const T*, T, int64_t);
+  void (*exp_row)(T*, const T*, T, T, int64_t);
+  T (*logsumexp_row)(const T*, int64_t);
+};
+
+template <typename T>
+RowOps<T> scalar_ops() {
+  return {&alpha_row_scalar<T>, &beta_row_scalar<T>, &posterior_row_scalar<T>, &exp_row_scalar<T>,
+          &logsumexp_row_scalar<T>};
+}
+
+template <typename T>
+RowOps<T> row_ops() {
+  if constexpr (std::is_same_v<T, float>) {
+#if SEQFAST_X86
+    if (has_avx2()) {
+      return {&ctc_simd::alpha_row_avx2, &ctc_simd::beta_row_avx2, &ctc_simd::posterior_row_avx2,
+              &ctc_simd::exp_row_avx2, &ctc_simd::logsumexp_row_avx2};
+    }
+#endif
+  }
+  return scalar_ops<T>();
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+struct Sizes {
+  int64_t T, N, C, S;
+};
+
+Sizes check_inputs(const at::Tensor& log_probs, const at::Tensor& targets, const at::Tensor& input_lengths,
+                   const at::Tensor& target_lengths, int64_t blank) {
+  TORCH_CHECK(log_probs.dim() == 3, "ctc_loss: log_probs must be (T, N, C), got ", log_probs.sizes());
+  TORCH_CHECK(log_probs.device().is_cpu(), "ctc_loss: CPU kernel got a tensor on ", log_probs.device());
+  const int64_t T = log_probs.size(0), N = log_probs.size(1), C = log_probs.size(2);
+  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == N && targets.scalar_type() == at::kLong,
+              "ctc_loss: targets must be (N, S) int64, got ", targets.sizes(), " ", targets.scalar_type());
+  for (const at::Tensor* len : {&input_lengths, &target_lengths}) {
+    TORCH_CHECK(len->dim() == 1 && len->size(0) == N && len->scalar_type() == at::kLong,
+                "ctc_loss: lengths must be (N,) int64, got ", len->sizes(), " ", len->scalar_type());
+  }
+  TORCH_CHECK(0 <= blank && blank < C, "ctc_loss: blank must be in [0, ", C, "), got ", blank);
+  return {T, N, C, targets.size(1)};
+}
+
+// Checked again here (cheap, O(N S)) because a bad length or label would read out of bounds.
+void check_values(const Sizes& z, const int64_t* il, const int64_t* tl, const int64_t* tg, int64_t blank) {
+  for (int64_t n = 0; n < z.N; ++n) {
+    TORCH_CHECK(0 <= il[n] && il[n] <= z.T, "ctc_loss: input_lengths[", n, "] = ", il[n], " not in [0, ", z.T, "]");
+    TORCH_CHECK(0 <= tl[n] && tl[n] <= z.S, "ctc_loss: target_lengths[", n, "] = ", tl[n], " not in [0, ", z.S, "]");
+    for (int64_t k = 0; k < tl[n]; ++k) {
+      const int64_t l = tg[n * z.S + k];
+      TORCH_CHECK(0 <= l && l < z.C && l != blank, "ctc_loss: targets[", n, ", ", k, "] = ", l,
+                  " is not a label in [0, ", z.C, ") other than blank");
+    }
+  }
+}
+
+// Per-sample scratch: the extended target's emissions lpe[s] = lp[t, n, ext[s]] for one frame, and the
+// skip mask (0 where state s may be reached from s-2, -inf elsewhere).
+template <typename scalar_t, typename acc_t>
+struct Sample {
+  int64_t L, states, padded;
+  const int64_t* labels;
+  std::vector<acc_t> skip;  // [padded + 2]: -inf past the last state, so that skip + 2 serves beta
+  std::vector<acc_t> lpe;   // [padded]: -inf past the last state
+
+  Sample(const int64_t* labels_, int64_t L_)
+      : L(L_), states(2 * L_ + 1), padded(pad_to_lanes(2 * L_ + 1)), labels(labels_),
+        skip(padded + 2, neg_inf<acc_t>()), lpe(padded, neg_inf<acc_t>()) {
+    for (int64_t k = 1; k < L; ++k) {
+      if (labels[k] != labels[k - 1]) skip[2 * k + 1] = 0;
+    }
+  }
+
+  // Frame t's emissions from its row of log_probs (minus the row's log-normaliser for logits).
+  void gather(const scalar_t* row, acc_t lse, int64_t blank) {
+    const acc_t b = static_cast<acc_t>(row[blank]) - lse;
+    for (int64_t k = 0; k < L; ++k) {
+      lpe[2 * k] = b;
+      lpe[2 * k + 1] = static_cast<acc_t>(row[labels[k]]) - lse;
+    }
+    lpe[2 * L] = b;
+  }
+};
+
+// (T, N) log-normalisers of the logits rows, computed in parallel over rows.
+template <typename scalar_t, typename acc_t>
+at::Tensor row_logsumexp(const scalar_t* lp, const Sizes& z, const RowOps<acc_t>& ops) {
+  at::Tensor out = at::empty({z.T, z.N}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* o = out.data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(z.C, 1));
+  at::parallel_for(0, z.T * z.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = lp + r * z.C;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        o[r] = ops.logsumexp_row(row, z.C);
+      } else {
+        buf.assign(row, row + z.C);
+        o[r] = ops.logsumexp_row(buf.data(), z.C);
+      }
+    }
+  });
+  return out;
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, const at::Tensor& targets,
+                                                const at::Tensor& input_lengths, const at::Tensor& target_lengths,
+                                                int64_t blank, bool from_logits, const Sizes& z) {
+  using acc_t = acc_type<scalar_t>;
+  const RowOps<acc_t> ops = row_ops<acc_t>();
+  const auto acc_opts = log_probs.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t width = 2 * z.S + 1;
+  at::Tensor nll = at::empty({z.N}, acc_opts);
+  at::Tensor log_alpha = at::empty({z.N, z.T, width}, acc_opts);
+  const scalar_t* lp = log_probs.const_data_ptr<scalar_t>();
+  const int64_t* tg = targets.const_data_ptr<int64_t>();
+  const int64_t* il = input_lengths.const_data_ptr<int64_t>();
+  const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
+  at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
+  const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
+  acc_t* la = log_alpha.data_ptr<acc_t>();
+  acc_t* out = nll.data_ptr<acc_t>();
+
+  at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
+      const int64_t len = il[n], P = smp.padded, states = smp.states;
+      acc_t* la_n = la + n * z.T * width;
+      // Two rows with two -inf guard cells in front: prev[s-1], prev[s-2] are plain loads.
+      std::vector<acc_t> rows(2 * (P + 2), neg_inf<acc_t>());
+      acc_t* prev = rows.data() + 2;
+      acc_t* cur = rows.data() + P + 4;
+      for (int64_t t = 0; t < len; ++t) {
+        smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : acc_t(0), blank);
+        if (t == 0) {
+          cur[0] = smp.lpe[0];
+          if (smp.L > 0) cur[1] = smp.lpe[1];
+        } else {
+          ops.alpha_row(cur, prev, smp.skip.data(), smp.lpe.data(), P);
+        }
+        acc_t* dst = la_n + t * width;
+        std::copy(cur, cur + states, dst);
+        std::fill(dst + states, dst + width, neg_inf<acc_t>());
+        std::swap(prev, cur);
+      }
+      std::fill(la_n + len * width, la_n + z.T * width, neg_inf<acc_t>());
+      if (len == 0) {
+        out[n] = smp.L == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
+      } else {
+        out[n] = -logaddexp2(prev[2 * smp.L], smp.L > 0 ? prev[2 * smp.L - 1] : neg_inf<acc_t>());
+      }
+    }
+  });
+  return {nll, log_alpha};
+}
+
+template <typename scalar_t>
+at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs, const at::Tensor& targets,
+                         const at::Tensor& input_lengths, const at::Tensor& target_lengths, const at::Tensor& nll_t,
+                         const at::Tensor& log_alpha, int64_t blank, bool zero_infinity, bool from_logits,
+                         const Sizes& z) {
+  using acc_t = acc_type<scalar_t>;
+  const RowOps<acc_t> ops = row_ops<acc_t>();
+  const auto acc_opts = log_probs.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t width = 2 * z.S + 1, cw = z.S + 1;
+  const scalar_t* lp = log_probs.const_data_ptr<scalar_t>();
+  const int64_t* tg = targets.const_data_ptr<int64_t>();
+  const int64_t* il = input_lengths.const_data_ptr<int64_t>();
+  const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
+  const acc_t* nll = nll_t.const_data_ptr<acc_t>();
+  const acc_t* gn = grad_nll.const_data_ptr<acc_t>();
+  const acc_t* la = log_alpha.const_data_ptr<acc_t>();
+  at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
+  const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
+
+  // Pass 1: per frame, [blank posterior, posterior of target position 0, 1, ..., L-1].
+  at::Tensor comp_t = at::empty({z.N, z.T, cw}, acc_opts);
+  acc_t* comp = comp_t.data_ptr<acc_t>();
+  at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t len = il[n];
+      if (len == 0 || std::isinf(nll[n])) continue;  // pass 2 writes these rows without posteriors
+      Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
+      const int64_t P = smp.padded, states = smp.states, L = smp.L;
+      // beta rows with two -inf guard cells behind: next[s+1], next[s+2] are plain loads.
+      std::vector<acc_t> buf(2 * (P + 2) + 3 * P, neg_inf<acc_t>());
+      acc_t* next = buf.data();
+      acc_t* cur = next + P + 2;
+      acc_t* bx = cur + P + 2;
+      acc_t* alpha = bx + P;
+      acc_t* post = alpha + P;
+      const acc_t* skip_b = smp.skip.data() + 2;  // s -> s+2 allowed iff s+2 -> s is
+      const acc_t nl = nll[n];
+      for (int64_t t = len - 1; t >= 0; --t) {
+        smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : acc_t(0), blank);
+        if (t == len - 1) {
+          std::fill(bx, bx + P, neg_inf<acc_t>());
+          bx[2 * L] = 0;
+          if (L > 0) bx[2 * L - 1] = 0;
+          for (int64_t s = 0; s < P; ++s) cur[s] = bx[s] + smp.lpe[s];
+        } else {
+          ops.beta_row(bx, cur, next, skip_b, smp.lpe.data(), P);
+        }
+        const acc_t* la_row = la + (n * z.T + t) * width;
+        std::copy(la_row, la_row + states, alpha);
+        acc_t* c = comp + (n * z.T + t) * cw;
+        c[0] = ops.posterior_row(post, alpha, bx, nl, P);
+        for (int64_t k = 0; k < L; ++k) c[1 + k] = post[2 * k + 1];
+        std::swap(next, cur);
+      }
+    }
+  });
+
+  // Pass 2: every (t, n) row of the gradient.
+  at::Tensor grad = at::empty({z.T, z.N, z.C}, log_probs.options());
+  scalar_t* gr = grad.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(z.C, 1));
+  at::parallel_for(0, z.T * z.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / z.N, n = r % z.N;
+      scalar_t* out = gr + r * z.C;
+      if (t >= il[n]) {
+        std::fill(out, out + z.C, scalar_t(0));
+        continue;
+      }
+      if (std::isinf(nll[n])) {
+        std::fill(out, out + z.C, zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
+        continue;
+      }
+      const acc_t g = gn[n];
+      const acc_t off = lse ? lse[r] : acc_t(0);
+      const acc_t* c = comp + (n * z.T + t) * cw;
+      const int64_t* labels = tg + n * z.S;
+      acc_t* row;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        row = out;
+        ops.exp_row(row, lp + r * z.C, off, g, z.C);
+      } else {
+        buf.assign(lp + r * z.C, lp + (r + 1) * z.C);
+        row = buf.data();
+        ops.exp_row(row, row, off, g, z.C);
+      }
+      row[blank] -= g * c[0];
+      for (int64_t k = 0; k < tl[n]; ++k) row[labels[k]] -= g * c[1 + k];
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t j = 0; j < z.C; ++j) out[j] = static_cast<scalar_t>(row[j]);
+      }
+    }
+  });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> ctc_loss_forward(const at::Tensor& log_probs, const at::Tensor& targets,
+                                                    const at::Tensor& input_lengths, const at::Tensor& target_lengths,
+                                                    int64_t blank, bool zero_infinity, bool from_logits) {
+  (void)zero_infinity;  // the loss stays +inf; the flag matters to backward only
+  const Sizes z = check_inputs(log_probs, targets, input_lengths, target_lengths, blank);
+  const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();
+  const at::Tensor il = input_lengths.contiguous(), tl = target_lengths.contiguous();
+  check_values(z, il.const_data_ptr<int64_t>(), tl.const_data_ptr<int64_t>(), tg.const_data_ptr<int64_t>(), blank);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ctc_loss_forward", [&] {
+    return forward_impl<scalar_t>(lp, tg, il, tl, blank, from_logits, z);
+  });
+}
+
+at::Tensor ctc_loss_backward(const at::Tensor& grad_nll, const at::Tensor& log_probs, const at::Tensor& targets,
+                             const at::Tensor& input_lengths, const at::Tensor& target_lengths,
+                             const at::Tensor& neg_log_likelihood, const at::Tensor& log_alpha, int64_t blank,
+                             bool zero_infinity, bool from_logits) {
+  const Sizes z = check_inputs(log_probs, targets, input_lengths, target_lengths, blank);
+  const at::ScalarType acc = log_probs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(log_alpha.dim() == 3 && log_alpha.size(0) == z.N && log_alpha.size(1) == z.T &&
+                  log_alpha.size(2) == 2 * z.S + 1,
+              "ctc_loss_backward: log_alpha must be (N, T, 2S+1), got ", log_alpha.sizes());
+  TORCH_CHECK(grad_nll.numel() == z.N && neg_log_likelihood.numel() == z.N,
+              "ctc_loss_backward: grad_nll and neg_log_likelihood must have N = ", z.N, " entries");
+  const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();
+  const at::Tensor il = input_lengths.contiguous(), tl = target_lengths.contiguous();
+  check_values(z, il.const_data_ptr<int64_t>(), tl.const_data_ptr<int64_t>(), tg.const_data_ptr<int64_t>(), blank);
+  const at::Tensor g = grad_nll.to(acc).contiguous().reshape({z.N});
+  const at::Tensor nll = neg_log_likelihood.to(acc).contiguous().reshape({z.N});
+  const at::Tensor la = log_alpha.to(acc).contiguous();
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ctc_loss_backward", [&] {
+    return backward_impl<scalar_t>(g, lp, tg, il, tl, nll, la, blank, zero_infinity, from_logits, z);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqfast, CPU, m) {
+  m.impl("ctc_loss_forward", &ctc_loss_forward);
+  m.impl("ctc_loss_backward", &ctc_loss_backward);
+}
+
+}  // namespace seqfast

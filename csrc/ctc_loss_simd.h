@@ -1,0 +1,224 @@
+// Row kernels of the CTC loss, in float32 with AVX2 + FMA (8 lanes), plus the vector exp / log they need.
+//
+// Every function here is compiled for AVX2 only (SEQFAST_TARGET_AVX2) and must be called only after
+// has_avx2() said yes. Row lengths `n` are multiples of 8 unless a function says otherwise: the callers
+// pad their scratch rows, so that every state goes through the same arithmetic (no scalar tails whose
+// rounding would differ from the vector body).
+//
+// exp and log are Cephes-style: range reduction to a small interval, then a short polynomial, with the
+// power of two put back through the exponent bits. Both are within ~1-2 ulp of the true float32 result on
+// the ranges they are used on, which is all the log-space recursion needs (its own rounding is larger).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu_features.h"
+
+#if SEQFAST_X86
+#include <immintrin.h>
+
+namespace seqfast::ctc_simd {
+
+#define SEQFAST_AVX2_INLINE SEQFAST_TARGET_AVX2 static inline __attribute__((always_inline))
+
+// exp's range: below kExpLo exp_any flushes to 0, above kExpHi it overflows. kExpLo keeps exp_core's
+// result a normal float: a subnormal result (or operand) costs a slow microcode assist per lane.
+constexpr float kExpLo = -87.0f;
+// logaddexp3 adds exp(d) <= 1 to 1: below exp(-32) it is lost in rounding anyway, and clamping there keeps
+// the many -inf states (not reachable yet) away from tiny results.
+constexpr float kLaeLo = -32.0f;
+constexpr float kExpHi = 88.3f;
+
+SEQFAST_AVX2_INLINE __m256 splat(float v) { return _mm256_set1_ps(v); }
+
+// exp(x) for x in [kExpLo, kExpHi] (NaN gives NaN). The clamped range keeps 2^n a normal float.
+SEQFAST_AVX2_INLINE __m256 exp_core(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, splat(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln 2 split in two so that n * hi is exact: r = x - n ln2 to ~float precision.
+  __m256 r = _mm256_fnmadd_ps(n, splat(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, splat(-2.12194440e-4f), r);
+  __m256 p = _mm256_fmadd_ps(splat(1.9875691500e-4f), r, splat(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, splat(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, splat(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, splat(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, splat(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  p = _mm256_add_ps(p, splat(1.0f));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
+}
+
+// exp(x) for any x: 0 below kExpLo (and for -inf), +inf above kExpHi, NaN for NaN.
+SEQFAST_AVX2_INLINE __m256 exp_any(__m256 x) {
+  // max/min return their second operand when either is NaN: x second keeps NaN flowing.
+  const __m256 xc = _mm256_min_ps(splat(kExpHi), _mm256_max_ps(splat(kExpLo), x));
+  __m256 e = exp_core(xc);
+  e = _mm256_andnot_ps(_mm256_cmp_ps(x, splat(kExpLo), _CMP_LT_OQ), e);
+  return _mm256_blendv_ps(e, splat(std::numeric_limits<float>::infinity()),
+                          _mm256_cmp_ps(x, splat(kExpHi), _CMP_GT_OQ));
+}
+
+// log(x) for positive normal x (the callers only pass sums in [1, 3]); no zero / inf / NaN handling.
+SEQFAST_AVX2_INLINE __m256 log_normal(__m256 x) {
+  const __m256i xi = _mm256_castps_si256(x);
+  // x = m * 2^e with m in [0.5, 1).
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+  // Move m to [sqrt(1/2), sqrt(2)) so that the polynomial works on |z| < 0.42.
+  const __m256 small = _mm256_cmp_ps(m, splat(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, splat(1.0f)));
+  const __m256 z = _mm256_add_ps(_mm256_sub_ps(m, splat(1.0f)), _mm256_and_ps(small, m));
+  const __m256 z2 = _mm256_mul_ps(z, z);
+  __m256 p = _mm256_fmadd_ps(splat(7.0376836292e-2f), z, splat(-1.1514610310e-1f));
+  p = _mm256_fmadd_ps(p, z, splat(1.1676998740e-1f));
+  p = _mm256_fmadd_ps(p, z, splat(-1.2420140846e-1f));
+  p = _mm256_fmadd_ps(p, z, splat(1.4249322787e-1f));
+  p = _mm256_fmadd_ps(p, z, splat(-1.6668057665e-1f));
+  p = _mm256_fmadd_ps(p, z, splat(2.0000714765e-1f));
+  p = _mm256_fmadd_ps(p, z, splat(-2.4999993993e-1f));
+  p = _mm256_fmadd_ps(p, z, splat(3.3333331174e-1f));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, z), z2);
+  y = _mm256_fmadd_ps(e, splat(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z2, splat(0.5f), y);
+  return _mm256_fmadd_ps(e, splat(0.693359375f), _mm256_add_ps(z, y));
+}
+
+// log(exp(a) + exp(b) + exp(c)), branch-free: -inf when all three are -inf, NaN when any is NaN.
+// Sorting the three leaves two exps (the largest term is exp(0) = 1) and a log of a sum in [1, 3].
+SEQFAST_AVX2_INLINE __m256 logaddexp3(__m256 a, __m256 b, __m256 c) {
+  const __m256 neg_inf = splat(-std::numeric_limits<float>::infinity());
+  const __m256 lo = _mm256_min_ps(b, a);   // NaN if a is
+  const __m256 hi = _mm256_max_ps(a, b);   // NaN if b is
+  __m256 m = _mm256_max_ps(hi, c);         // NaN if c is
+  const __m256 mid = _mm256_min_ps(c, hi); // NaN if hi is
+  // m = -inf (no path): subtract 0 instead, so that -inf - m stays -inf rather than NaN.
+  const __m256 m_safe = _mm256_andnot_ps(_mm256_cmp_ps(m, neg_inf, _CMP_EQ_OQ), m);
+  const __m256 d1 = _mm256_max_ps(splat(kLaeLo), _mm256_sub_ps(lo, m_safe));
+  const __m256 d2 = _mm256_max_ps(splat(kLaeLo), _mm256_sub_ps(mid, m_safe));
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(exp_core(d1), exp_core(d2)), splat(1.0f));
+  // s - s is 0, or NaN when a NaN came in: log_normal itself would turn NaN into a finite value.
+  return _mm256_add_ps(_mm256_add_ps(m, log_normal(s)), _mm256_sub_ps(s, s));
+}
+
+SEQFAST_AVX2_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+SEQFAST_AVX2_INLINE float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lanes [0, rem) set, for the masked tail of rows whose length is not a multiple of 8.
+SEQFAST_AVX2_INLINE __m256i tail_mask(int64_t rem) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Forward step: out[s] = logaddexp(prev[s], prev[s-1], prev[s-2] + skip[s]) + lpe[s]; prev[-2], prev[-1] readable.
+SEQFAST_AVX2_INLINE void alpha_vec(float* out, const float* prev, const float* skip, const float* lpe, int64_t s) {
+  const __m256 c = _mm256_add_ps(_mm256_loadu_ps(prev + s - 2), _mm256_loadu_ps(skip + s));
+  const __m256 r = logaddexp3(_mm256_loadu_ps(prev + s), _mm256_loadu_ps(prev + s - 1), c);
+  _mm256_storeu_ps(out + s, _mm256_add_ps(r, _mm256_loadu_ps(lpe + s)));
+}
+
+// Two independent vectors per iteration: exp and log are long dependency chains, and the out-of-order
+// window does not reach far enough into the next iteration to overlap them by itself.
+SEQFAST_TARGET_AVX2 static void alpha_row_avx2(float* out, const float* prev, const float* skip, const float* lpe,
+                                               int64_t n) {
+  int64_t s = 0;
+  for (; s + 16 <= n; s += 16) {
+    alpha_vec(out, prev, skip, lpe, s);
+    alpha_vec(out, prev, skip, lpe, s + 8);
+  }
+  if (s < n) alpha_vec(out, prev, skip, lpe, s);
+}
+
+// Backward step: bx[s] = logaddexp(next[s], next[s+1], next[s+2] + skip[s]) (beta without frame t's emission),
+// b[s] = bx[s] + lpe[s]; next[n], next[n+1] readable.
+SEQFAST_AVX2_INLINE void beta_vec(float* bx, float* b, const float* next, const float* skip, const float* lpe,
+                                  int64_t s) {
+  const __m256 c = _mm256_add_ps(_mm256_loadu_ps(next + s + 2), _mm256_loadu_ps(skip + s));
+  const __m256 r = logaddexp3(_mm256_loadu_ps(next + s), _mm256_loadu_ps(next + s + 1), c);
+  _mm256_storeu_ps(bx + s, r);
+  _mm256_storeu_ps(b + s, _mm256_add_ps(r, _mm256_loadu_ps(lpe + s)));
+}
+
+SEQFAST_TARGET_AVX2 static void beta_row_avx2(float* bx, float* b, const float* next, const float* skip,
+                                              const float* lpe, int64_t n) {
+  int64_t s = 0;
+  for (; s + 16 <= n; s += 16) {
+    beta_vec(bx, b, next, skip, lpe, s);
+    beta_vec(bx, b, next, skip, lpe, s + 8);
+  }
+  if (s < n) beta_vec(bx, b, next, skip, lpe, s);
+}
+
+// post[s] = exp(alpha[s] + bx[s] + nll), the state posteriors; returns their sum over the even (blank) states.
+SEQFAST_TARGET_AVX2 static float posterior_row_avx2(float* post, const float* alpha, const float* bx, float nll,
+                                                    int64_t n) {
+  const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 vnll = splat(nll);
+  for (int64_t s = 0; s < n; s += 8) {
+    const __m256 p = exp_any(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(alpha + s), _mm256_loadu_ps(bx + s)), vnll));
+    _mm256_storeu_ps(post + s, p);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(p, even));
+  }
+  return hsum(acc);
+}
+
+// out[c] = g * exp(in[c] - off) for any n (masked tail); out may alias in.
+SEQFAST_TARGET_AVX2 static void exp_row_avx2(float* out, const float* in, float off, float g, int64_t n) {
+  const __m256 voff = splat(off), vg = splat(g);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m256 x0 = _mm256_loadu_ps(in + c), x1 = _mm256_loadu_ps(in + c + 8);
+    _mm256_storeu_ps(out + c, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x0, voff))));
+    _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x1, voff))));
+  }
+  for (; c < n; c += 8) {
+    const __m256i mask = tail_mask(n - c);
+    const __m256 x = _mm256_maskload_ps(in + c, mask);
+    _mm256_maskstore_ps(out + c, mask, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x, voff))));
+  }
+}
+
+// log(sum(exp(in[c]))) for any n >= 1: the log-softmax normaliser of one row of logits.
+SEQFAST_TARGET_AVX2 static float logsumexp_row_avx2(const float* in, int64_t n) {
+  const __m256 neg_inf = splat(-std::numeric_limits<float>::infinity());
+  __m256 vm = neg_inf;
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(in + c));
+  if (c < n) {
+    const __m256i mask = tail_mask(n - c);
+    vm = _mm256_max_ps(vm, _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(in + c, mask), _mm256_castsi256_ps(mask)));
+  }
+  const float m = hmax(vm);
+  if (!(m > -std::numeric_limits<float>::infinity() && m < std::numeric_limits<float>::infinity())) {
+    return m;  // all -inf, or an inf / NaN logit: the softmax is undefined, let it show
+  }
+  const __m256 vmax = splat(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (c = 0; c + 8 <= n; c += 8) acc = _mm256_add_ps(acc, exp_any(_mm256_sub_ps(_mm256_loadu_ps(in + c), vmax)));
+  if (c < n) {
+    const __m256i mask = tail_mask(n - c);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(exp_any(_mm256_sub_ps(_mm256_maskload_ps(in + c, mask), vmax)),
+                                           _mm256_castsi256_ps(mask)));
+  }
+  return m + std::log(hsum(acc));
+}
+
+#undef SEQFAST_AVX2_INLINE
+
+}  // namespace seqfast::ctc_simd
+
+#endif  // SEQFAST_X86

@@ -1,0 +1,350 @@
+"""CTC loss on CPU (the C++ kernels behind the default backend) against the float64 reference and torch.
+
+Sizes are awkward on purpose (state counts that are not multiples of the 8-lane vectors, C not a
+multiple of 8, lengths below T) and small, so that the file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import seqfast
+from seqfast.ops import ctc_loss as ctc_ops
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def make_case(T, N, C, S, *, blank=0, dtype=torch.float64, short=False, empty=True, seed=0):
+    """Random log_probs (T, N, C) from log_softmax, padded targets (N, S) avoiding blank, lengths."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, N, C, generator=g, dtype=torch.float64) * 2
+    labels = [c for c in range(C) if c != blank]
+    targets = torch.tensor(labels)[torch.randint(0, len(labels), (N, S), generator=g)]
+    low = 0 if empty else min(1, S)
+    target_lengths = torch.randint(low, S + 1, (N,), generator=g)
+    input_lengths = torch.randint(max(T // 2, 1), T + 1, (N,), generator=g) if short else torch.full((N,), T)
+    return logits.log_softmax(2).to(dtype), targets, input_lengths, target_lengths
+
+
+def loss_and_grad(fn, log_probs, *args, reduction="none", **kwargs):
+    x = log_probs.detach().clone().requires_grad_()
+    loss = fn(x, *args, reduction=reduction, **kwargs)
+    (loss * grad_weights(loss)).sum().backward()
+    return loss.detach(), x.grad
+
+
+def grad_weights(loss):
+    """Distinct per-sample output gradients, exact in every float dtype (multiples of 1/4 up to 16.5)."""
+    return (0.5 + 0.25 * (torch.arange(loss.numel()) % 65)).to(loss.dtype).reshape(loss.shape)
+
+
+def reference(log_probs, targets, input_lengths, target_lengths, **kwargs):
+    """The float64 reference; it needs one non-empty target (it fails on a zero-width target tensor), torch
+    in float64 stands in when every target is empty."""
+    if max(list(target_lengths)) == 0:
+        return torch_ctc(log_probs.double(), targets, input_lengths, target_lengths, **kwargs)
+    with seqfast.backend("reference"):
+        return loss_and_grad(seqfast.ctc_loss, log_probs.double(), targets, input_lengths, target_lengths, **kwargs)
+
+
+def torch_ctc(log_probs, *args, **kwargs):
+    return loss_and_grad(F.ctc_loss, log_probs, *args, **kwargs)
+
+
+def concatenated(targets, target_lengths):
+    return torch.cat([targets[n, : int(target_lengths[n])] for n in range(targets.shape[0])])
+
+
+def assert_close64(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# float64: every argument form against the reference (1e-9) and torch
+
+
+@pytest.mark.parametrize("blank", [0, 6])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("form", ["padded", "concat", "int32", "tuple", "list"])
+def test_argument_forms_float64(blank, reduction, form):
+    T, N, C, S = 13, 4, 7, 5
+    lp, tg, il, tl = make_case(T, N, C, S, blank=blank, short=True, seed=blank + 1)
+    args = {
+        "padded": (tg, il, tl),
+        "concat": (concatenated(tg, tl), il, tl),
+        "int32": (tg.int(), il.int(), tl.int()),
+        "tuple": (tg, tuple(il.tolist()), tuple(tl.tolist())),
+        "list": (concatenated(tg, tl), il.tolist(), tl.tolist()),
+    }[form]
+    ours = loss_and_grad(seqfast.ctc_loss, lp, *args, blank=blank, reduction=reduction)
+    ref = reference(lp, tg, il, tl, blank=blank, reduction=reduction)
+    theirs = torch_ctc(lp, *args, blank=blank, reduction=reduction)
+    for a, r, t in zip(ours, ref, theirs):
+        assert_close64(a, r)
+        assert_close64(a, t)
+
+
+def test_module_and_unbatched():
+    lp, tg, il, tl = make_case(9, 1, 5, 4, seed=3)
+    module = seqfast.nn.CTCLoss(blank=0, reduction="sum")
+    assert "reduction='sum'" in repr(module)
+    ours = loss_and_grad(lambda x, *a, reduction: module(x, *a), lp[:, 0], tg[0], int(il[0]), int(tl[0]))
+    # torch wants unbatched targets cut to the target length; seqfast also takes them padded.
+    theirs = torch_ctc(lp[:, 0], tg[0, : int(tl[0])], il[0], tl[0], reduction="sum")
+    assert ours[0].shape == () and ours[1].shape == (9, 5)
+    for a, t in zip(ours, theirs):
+        assert_close64(a, t)
+    unbatched = loss_and_grad(seqfast.ctc_loss, lp[:, 0], tg[0], int(il[0]), int(tl[0]))
+    assert unbatched[0].shape == ()
+    assert_close64(unbatched[0], ours[0])
+
+
+@pytest.mark.parametrize(
+    "T,N,C,S",
+    [(1, 3, 4, 1), (1, 2, 3, 0), (6, 3, 4, 0), (30, 3, 5, 12), (17, 5, 33, 9)],
+    ids=["T1", "T1-S0", "S0", "tight", "C33"],
+)
+def test_edge_shapes_float64(T, N, C, S):
+    lp, tg, il, tl = make_case(T, N, C, S, short=True, seed=T + S)
+    for zero_infinity in (False, True):
+        ours = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl, zero_infinity=zero_infinity)
+        theirs = torch_ctc(lp, tg, il, tl, zero_infinity=zero_infinity)
+        ref = reference(lp, tg, il, tl, zero_infinity=zero_infinity)
+        for a, r, t in zip(ours, ref, theirs):
+            assert_close64(a, r)
+            assert_close64(a, t)
+
+
+def test_repeated_labels_and_zero_input_length():
+    T, C = 8, 4
+    lp = torch.randn(T, 5, C, dtype=torch.float64).log_softmax(2)
+    tg = torch.tensor([[1, 1, 1], [2, 2, 3], [1, 2, 1], [3, 3, 0], [1, 0, 0]])
+    il = torch.tensor([8, 5, 3, 0, 0])
+    tl = torch.tensor([3, 3, 3, 2, 0])
+    ours = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
+    ref = reference(lp, tg, il, tl)
+    for a, r in zip(ours, ref):
+        assert_close64(a, r)
+    assert ours[0][3] == float("inf") and ours[0][4] == 0  # no frame: only the empty target fits
+    assert torch.all(ours[1][:, 4] == 0)  # nothing to learn from an empty input
+    assert torch.isnan(ours[1][:, 3]).sum() == 0  # input length 0: every row is past the input
+    assert torch.all(ours[1][5:, 1] == 0)  # rows past the input length
+
+
+def test_zero_infinity_impossible_samples():
+    # Sample 0 needs 2 * 3 - 1 = 5 frames for "1 1 1" but has 4; sample 1 is feasible.
+    lp = torch.randn(4, 2, 3, dtype=torch.float64).log_softmax(2)
+    tg = torch.tensor([[1, 1, 1], [1, 2, 0]])
+    il, tl = torch.tensor([4, 4]), torch.tensor([3, 2])
+    loss, grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
+    t_loss, t_grad = torch_ctc(lp, tg, il, tl)
+    assert loss[0] == float("inf") and torch.isfinite(loss[1])
+    assert torch.isnan(grad[:, 0]).all() and torch.isfinite(grad[:, 1]).all()
+    assert_close64(loss, t_loss)
+    assert_close64(grad, t_grad)
+    loss, grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl, zero_infinity=True)
+    t_loss, t_grad = torch_ctc(lp, tg, il, tl, zero_infinity=True)
+    assert loss[0] == 0 and torch.all(grad[:, 0] == 0)
+    assert_close64(loss, t_loss)
+    assert_close64(grad, t_grad)
+    for reduction in ("sum", "mean"):
+        a = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl, reduction=reduction, zero_infinity=True)
+        t = torch_ctc(lp, tg, il, tl, reduction=reduction, zero_infinity=True)
+        for x, y in zip(a, t):
+            assert_close64(x, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# float32 and the reduced-precision dtypes
+
+
+def test_float32_against_reference_and_torch():
+    """Loss to 1e-5 relative; gradient no further from float64 than torch's own float32 gradient (x2)."""
+    lp, tg, il, tl = make_case(70, 6, 11, 23, short=True, seed=7)
+    ref_loss, ref_grad = reference(lp, tg, il, tl)
+    loss, grad = loss_and_grad(seqfast.ctc_loss, lp.float(), tg, il, tl)
+    t_loss, t_grad = torch_ctc(lp.float(), tg, il, tl)
+    assert loss.dtype == grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, t_loss, rtol=1e-5, atol=1e-5)
+    ours_err = (grad.double() - ref_grad).abs().max().item()
+    torch_err = (t_grad.double() - ref_grad).abs().max().item()
+    assert ours_err <= 2 * torch_err + 1e-6, (ours_err, torch_err)
+
+
+def test_gradient_through_log_softmax_matches_torch():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(25, 3, 9, generator=g)
+    tg = torch.randint(1, 9, (3, 8), generator=g)
+    il, tl = torch.tensor([25, 20, 17]), torch.tensor([8, 5, 0])
+    grads = []
+    for fn in (seqfast.ctc_loss, F.ctc_loss):
+        x = logits.clone().requires_grad_()
+        fn(x.log_softmax(2), tg, il, tl).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    """The kernels read half inputs as float32 and compute in float32, so against the float64 reference on
+    the same (rounded) inputs the loss is float32-accurate; the gradient is float32-accurate and then
+    rounded once to ``dtype``: one half-ulp of the output dtype, relative, on top of the float32 error."""
+    lp, tg, il, tl = make_case(40, 4, 9, 12, short=True, seed=5)
+    lp_half = lp.to(dtype)
+    ref_loss, ref_grad = reference(lp_half.double(), tg, il, tl)
+    for fn in (seqfast.ctc_loss, seqfast.ctc_loss_from_logits):
+        loss, grad = loss_and_grad(fn, lp_half, tg, il, tl)
+        assert loss.dtype == grad.dtype == dtype
+        if fn is seqfast.ctc_loss_from_logits:  # log_softmax(log_probs) == log_probs up to rounding
+            ref_loss2, ref_grad2 = reference(lp_half.double().log_softmax(2), tg, il, tl)
+        else:
+            ref_loss2, ref_grad2 = ref_loss, ref_grad
+        eps = torch.finfo(dtype).eps
+        # The loss is returned in dtype too: one rounding.
+        torch.testing.assert_close(loss.double(), ref_loss2, rtol=eps, atol=1e-4)
+        torch.testing.assert_close(grad.double(), ref_grad2, rtol=eps / 2, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# from_logits
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_from_logits_equals_log_softmax_then_ctc(dtype, tol):
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(31, 5, 13, generator=g, dtype=torch.float64) * 3).to(dtype)
+    tg = torch.randint(1, 13, (5, 7), generator=g)
+    il, tl = torch.tensor([31, 30, 12, 25, 1]), torch.tensor([7, 3, 5, 0, 1])
+    for reduction in ("none", "mean"):
+        fused = loss_and_grad(seqfast.ctc_loss_from_logits, logits, tg, il, tl, reduction=reduction,
+                              zero_infinity=True)
+        x = logits.double().clone().requires_grad_()
+        two_step = F.ctc_loss(x.log_softmax(2), tg, il, tl, reduction=reduction, zero_infinity=True)
+        (two_step * grad_weights(two_step)).sum().backward()
+        torch.testing.assert_close(fused[0].double(), two_step.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(fused[1].double(), x.grad, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd, op registration, determinism
+
+
+def test_gradcheck_float64():
+    lp, tg, il, tl = make_case(6, 3, 4, 3, short=True, empty=False, seed=9)
+    # The gradient w.r.t. log_probs follows torch's convention (it is the one w.r.t. the logits of a
+    # preceding log_softmax), so the true Jacobian is checked through that log_softmax.
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: seqfast.ctc_loss(v.log_softmax(2), tg, il, tl, reduction="sum"), (x,))
+    logits = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: seqfast.ctc_loss_from_logits(v, tg, il, tl, reduction="none"),
+                                    (logits,))
+
+
+def test_opcheck_both_ops():
+    # Feasible samples only: an infinite loss has NaN gradients, which opcheck's comparisons reject.
+    lp, tg, il, tl = make_case(7, 3, 5, 3, dtype=torch.float32, seed=4)
+    for from_logits in (False, True):
+        x = lp.clone().requires_grad_()
+        torch.library.opcheck(ctc_ops.FORWARD, (x, tg, il, tl, 0, False, from_logits))
+        nll, alpha = ctc_ops.FORWARD(lp, tg, il, tl, 0, False, from_logits)
+        torch.library.opcheck(ctc_ops.BACKWARD, (torch.ones(3), lp, tg, il, tl, nll, alpha, 0, True, from_logits))
+
+
+def test_op_outputs():
+    lp, tg, il, tl = make_case(9, 3, 5, 4, short=True, seed=6)
+    nll, alpha = ctc_ops.FORWARD(lp, tg, il, tl, 0, False, False)
+    assert nll.shape == (3,) and alpha.shape == (3, 9, 9) and alpha.dtype == torch.float64
+    with seqfast.backend("reference"):
+        ref_nll, ref_alpha = ctc_ops.FORWARD(lp, tg, il, tl, 0, False, False)
+    assert_close64(nll, ref_nll)
+    # Where the alignment is defined (t < input length, s < 2 L + 1) log_alpha is the reference's.
+    for n in range(3):
+        rows, states = int(il[n]), 2 * int(tl[n]) + 1
+        assert_close64(alpha[n, :rows, :states], ref_alpha[n, :rows, :states])
+    assert ctc_ops.FORWARD(lp.half(), tg, il, tl, 0, False, False)[0].dtype == torch.float32
+
+
+def test_deterministic():
+    lp, tg, il, tl = make_case(120, 8, 37, 30, short=True, dtype=torch.float32, seed=8)
+    runs = [loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl) for _ in range(2)]
+    runs += [loss_and_grad(seqfast.ctc_loss_from_logits, lp, tg, il, tl) for _ in range(2)]
+    for a, b in (runs[:2], runs[2:]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(1, 12), N=st.integers(1, 3), C=st.integers(2, 6), S=st.integers(0, 6),
+    blank_last=st.booleans(), short=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_property_against_reference(T, N, C, S, blank_last, short, seed):
+    blank = C - 1 if blank_last else 0
+    lp, tg, il, tl = make_case(T, N, C, S, blank=blank, short=short, seed=seed)
+    ours = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl, blank=blank, zero_infinity=True)
+    ref = reference(lp, tg, il, tl, blank=blank, zero_infinity=True)
+    for a, r in zip(ours, ref):
+        assert_close64(a, r)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: every check of seqfast.validation.ctc_arguments names its argument
+
+
+def _valid():
+    lp = torch.randn(6, 2, 4).log_softmax(2)
+    return lp, torch.tensor([[1, 2], [3, 1]]), torch.tensor([6, 5]), torch.tensor([2, 1])
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda a: {**a, "log_probs": a["log_probs"][0, 0]}, "log_probs"),
+        (lambda a: {**a, "log_probs": a["log_probs"].long()}, "log_probs"),
+        (lambda a: {**a, "targets": a["targets"][None]}, "targets"),
+        (lambda a: {**a, "targets": a["targets"].float()}, "targets"),
+        (lambda a: {**a, "targets": torch.tensor([[1, 2]])}, "batch size"),
+        (lambda a: {**a, "input_lengths": torch.tensor([6])}, "input_lengths"),
+        (lambda a: {**a, "target_lengths": [2, 1, 1]}, "target_lengths"),
+        (lambda a: {**a, "input_lengths": torch.tensor([6, -1])}, "input_lengths"),
+        (lambda a: {**a, "input_lengths": torch.tensor([7, 5])}, "input_lengths"),
+        (lambda a: {**a, "target_lengths": torch.tensor([-1, 1])}, "target_lengths"),
+        (lambda a: {**a, "target_lengths": torch.tensor([3, 1])}, "target_lengths"),
+        (lambda a: {**a, "targets": torch.tensor([1, 2, 3, 1]), "target_lengths": [2, 1]}, "sum"),
+        (lambda a: {**a, "blank": 4}, "blank"),
+        (lambda a: {**a, "blank": -1}, "blank"),
+        (lambda a: {**a, "targets": torch.tensor([[1, 4], [3, 1]])}, "targets"),
+        (lambda a: {**a, "targets": torch.tensor([[1, -2], [3, 1]])}, "targets"),
+        (lambda a: {**a, "targets": torch.tensor([[1, 0], [3, 1]])}, "targets"),
+        (lambda a: {**a, "input_lengths": torch.tensor([6.0, 5.0])}, "input_lengths"),
+        (lambda a: {**a, "target_lengths": [2.0, 1]}, "target_lengths"),
+        (lambda a: {**a, "input_lengths": torch.tensor([True, True])}, "input_lengths"),
+    ],
+    ids=[
+        "rank-1d", "int-log_probs", "targets-3d", "float-targets", "batch-mismatch", "input_lengths-count",
+        "target_lengths-count", "negative-input_length", "input_length>T", "negative-target_length",
+        "target_length>S", "concat-sum", "blank>=C", "blank<0", "label>=C", "label<0", "label==blank",
+        "float-input_lengths", "float-target_lengths", "bool-input_lengths",
+    ],
+)
+def test_validation_errors(change, match):
+    lp, tg, il, tl = _valid()
+    args = change({"log_probs": lp, "targets": tg, "input_lengths": il, "target_lengths": tl, "blank": 0})
+    with pytest.raises(ValueError, match=match):
+        seqfast.ctc_loss(**args)
+
+
+def test_validation_ignores_padding_and_accepts_valid_forms():
+    lp, tg, il, tl = _valid()
+    tg_padded = tg.clone()
+    tg_padded[1, 1] = 99  # past target_lengths[1] = 1: padding may hold anything
+    a = seqfast.ctc_loss(lp, tg_padded, il, tl)
+    b = seqfast.ctc_loss(lp, tg, il, tl)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="reduction"):
+        seqfast.ctc_loss(lp, tg, il, tl, reduction="avg")
