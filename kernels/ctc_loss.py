@@ -25,6 +25,8 @@ import triton.language as tl
 # Largest state tile; targets with 2S+1 above it are processed in several tiles per time step.
 # Tests lower it to exercise the tiling on small shapes.
 MAX_STATE_BLOCK = 512
+# Largest class tile of the loops over C (logsumexp, gradient rows); lowered by tests likewise.
+MAX_CLASS_BLOCK = 1024
 
 # (state tile, warps): the launchers pick the first tier whose tile holds all 2S+1 states.
 _TIERS = ((32, 1), (128, 4), (512, 8))
@@ -238,7 +240,7 @@ def _blocks(num_states: int) -> dict[str, Any]:
     block_s, warps = _tier(num_states)
     return {
         "BLOCK_S": block_s,
-        "BLOCK_C": 128 * warps,
+        "BLOCK_C": min(128 * warps, MAX_CLASS_BLOCK),
         "BLOCK_L": max(block_s // 2, 1),
         "BLOCK_J": min(16, max(block_s // 2, 1)),
         "num_warps": warps,
@@ -304,3 +306,50 @@ def ctc_loss_backward(
         num_warps=b["num_warps"],
     )
     return grad
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def report_configs() -> list[dict[str, Any]]:
+    """Every (kernel, config) the launchers can launch, for compiling outside a launch.
+
+    One dict per kernel x input dtype x from_logits (x zero_infinity for backward) x state tier:
+    ``kernel``, ``fn`` (the JITFunction; a plain one only without TRITON_INTERPRET), ``signature``
+    (argument -> Triton type, "constexpr" for constexpr arguments), ``constexprs``, ``num_warps``,
+    ``num_stages``, ``config`` (short label). The tiers are those of ``_TIERS`` at the default
+    MAX_STATE_BLOCK.
+    """
+    ints = {"N": "i32", "T": "i32", "C": "i32", "S": "i32", "blank": "i32"}
+    configs = []
+    for dtype, name in _TRITON_TYPES.items():
+        ct = _TRITON_TYPES[_compute_dtype(dtype)]
+        for from_logits in (False, True):
+            for block_s, _ in _TIERS:
+                b = _blocks(block_s)
+                label = f"{name}-{'logits' if from_logits else 'logprobs'}-S{b['BLOCK_S']}-w{b['num_warps']}"
+                fwd_const = {"FROM_LOGITS": from_logits, "BLOCK_S": b["BLOCK_S"], "BLOCK_C": b["BLOCK_C"]}
+                fwd_sig = {
+                    "lp_ptr": f"*{name}", "tgt_ptr": "*i64", "il_ptr": "*i64", "tl_ptr": "*i64",
+                    "nll_ptr": f"*{ct}", "la_ptr": f"*{ct}", **ints, **dict.fromkeys(fwd_const, "constexpr"),
+                }
+                configs.append({
+                    "kernel": "ctc_forward", "fn": _ctc_forward_kernel, "signature": fwd_sig,
+                    "constexprs": fwd_const, "num_warps": b["num_warps"], "num_stages": 1, "config": label,
+                })
+                for zero_infinity in (False, True):
+                    bwd_const = {
+                        "ZERO_INFINITY": zero_infinity, "FROM_LOGITS": from_logits, "BLOCK_S": b["BLOCK_S"],
+                        "BLOCK_C": b["BLOCK_C"], "BLOCK_L": b["BLOCK_L"], "BLOCK_J": b["BLOCK_J"],
+                    }
+                    bwd_sig = {
+                        "grad_ptr": f"*{name}", "gn_ptr": f"*{ct}", "lp_ptr": f"*{name}", "tgt_ptr": "*i64",
+                        "il_ptr": "*i64", "tl_ptr": "*i64", "nll_ptr": f"*{ct}", "la_ptr": f"*{ct}",
+                        "beta_ptr": f"*{ct}", "post_ptr": f"*{ct}", **ints, **dict.fromkeys(bwd_const, "constexpr"),
+                    }
+                    configs.append({
+                        "kernel": "ctc_backward", "fn": _ctc_backward_kernel, "signature": bwd_sig,
+                        "constexprs": bwd_const, "num_warps": b["num_warps"], "num_stages": 1,
+                        "config": label + ("-zeroinf" if zero_infinity else ""),
+                    })
+    return configs
