@@ -228,12 +228,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _tier(num_states: int) -> tuple[int, int]:
     """(BLOCK_S, num_warps) for 2S+1 states, capped by MAX_STATE_BLOCK."""
-    for block, warps in _TIERS:
-        if num_states <= block:
-            break
-    if block > MAX_STATE_BLOCK:
-        block = MAX_STATE_BLOCK
-    return block, warps
+    block, warps = next(((b, w) for b, w in _TIERS if num_states <= b), _TIERS[-1])
+    return min(block, MAX_STATE_BLOCK), warps
 
 
 def _blocks(num_states: int) -> dict[str, Any]:
@@ -270,6 +266,7 @@ def ctc_loss_forward(
         log_probs.contiguous(), targets.contiguous(), input_lengths.contiguous(), target_lengths.contiguous(),
         nll, log_alpha, N, T, C, S, blank,
         FROM_LOGITS=bool(from_logits), BLOCK_S=b["BLOCK_S"], BLOCK_C=b["BLOCK_C"], num_warps=b["num_warps"],
+        num_stages=1,
     )
     return nll, log_alpha
 
@@ -303,7 +300,7 @@ def ctc_loss_backward(
         log_alpha.contiguous(), beta, post, N, T, C, S, blank,
         ZERO_INFINITY=bool(zero_infinity), FROM_LOGITS=bool(from_logits),
         BLOCK_S=b["BLOCK_S"], BLOCK_C=b["BLOCK_C"], BLOCK_L=b["BLOCK_L"], BLOCK_J=b["BLOCK_J"],
-        num_warps=b["num_warps"],
+        num_warps=b["num_warps"], num_stages=1,
     )
     return grad
 
