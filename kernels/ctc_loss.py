@@ -114,7 +114,7 @@ def _ctc_forward_kernel(
 
 @triton.jit
 def _ctc_backward_kernel(
-    grad_ptr, gn_ptr, lp_ptr, tgt_ptr, il_ptr, tl_ptr, nll_ptr, la_ptr, beta_ptr, post_ptr,
+    grad_ptr, gn_ptr, lp_ptr, tgt_ptr, il_ptr, tl_ptr, nll_ptr, la_ptr, beta_ptr, post_ptr, first_ptr,
     N, T, C, S, blank,
     ZERO_INFINITY: tl.constexpr, FROM_LOGITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -123,6 +123,7 @@ def _ctc_backward_kernel(
 
     beta_ptr: (N, 2, W) scratch, beta (including the emission at t) of rows t and t+1 alternately.
     post_ptr: (N, max(S, 1)) scratch, posterior of each label position at the current t.
+    first_ptr: (N, max(S, 1)) int32 scratch, 1 where a label position holds the first occurrence of its label.
     """
     n = tl.program_id(0)
     n64 = tl.cast(n, tl.int64)
@@ -139,6 +140,7 @@ def _ctc_backward_kernel(
     la_n = la_ptr + n64 * T * W
     beta_n = beta_ptr + n64 * 2 * W
     post_n = post_ptr + n64 * tl.maximum(S, 1)
+    first_n = first_ptr + n64 * tl.maximum(S, 1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)
 
@@ -155,6 +157,24 @@ def _ctc_backward_kernel(
         for c0 in range(0, C, BLOCK_C):
             c = c0 + offs_c
             tl.store(g_row + c, tl.zeros([BLOCK_C], gdt) + value.to(gdt), mask=c < C)
+
+    # Once per sample: the first occurrence of each label writes its gradient, summing the
+    # posteriors of the later repeats, which all sit before gather_end (the last repeat + 1).
+    # The flags are read after the first step's mid-step barrier.
+    gather_end = tl.zeros([], tl.int32)
+    for i0 in range(0, L, BLOCK_L):
+        li_idx = i0 + tl.arange(0, BLOCK_L)
+        li_ok = li_idx < L
+        li = tl.load(tgt_row + li_idx, mask=li_ok, other=-1).to(tl.int32)
+        earlier = tl.zeros([BLOCK_L], tl.int32)
+        for j0 in range(0, i0 + BLOCK_L, BLOCK_J):
+            lj_idx = j0 + tl.arange(0, BLOCK_J)
+            lj_ok = lj_idx < L
+            lj = tl.load(tgt_row + lj_idx, mask=lj_ok, other=-1).to(tl.int32)
+            same = (li[:, None] == lj[None, :]) & lj_ok[None, :] & (lj_idx[None, :] < li_idx[:, None])
+            earlier += tl.sum(same.to(tl.int32), 1)
+        tl.store(first_n + li_idx, (earlier == 0).to(tl.int32), mask=li_ok)
+        gather_end = tl.maximum(gather_end, tl.max(tl.where(li_ok & (earlier > 0), li_idx + 1, 0), 0))
 
     for i in range(0, t_sweep):
         t = t_sweep - 1 - i
@@ -204,18 +224,16 @@ def _ctc_backward_kernel(
         for i0 in range(0, L, BLOCK_L):
             li_idx = i0 + tl.arange(0, BLOCK_L)
             li_ok = li_idx < L
+            writer = tl.load(first_n + li_idx, mask=li_ok, other=0) != 0
             li = tl.load(tgt_row + li_idx, mask=li_ok, other=-1).to(tl.int32)
-            total = tl.zeros([BLOCK_L], cdt)
-            earlier = tl.zeros([BLOCK_L], tl.int32)
-            for j0 in range(0, L, BLOCK_J):
+            total = tl.load(post_n + li_idx, mask=li_ok, other=0.0)
+            for j0 in range(i0, gather_end, BLOCK_J):
                 lj_idx = j0 + tl.arange(0, BLOCK_J)
-                lj_ok = lj_idx < L
+                lj_ok = lj_idx < gather_end
                 lj = tl.load(tgt_row + lj_idx, mask=lj_ok, other=-1).to(tl.int32)
                 pj = tl.load(post_n + lj_idx, mask=lj_ok, other=0.0)
-                same = (li[:, None] == lj[None, :]) & lj_ok[None, :]
-                total += tl.sum(tl.where(same, pj[None, :], 0.0), 1)
-                earlier += tl.sum((same & (lj_idx[None, :] < li_idx[:, None])).to(tl.int32), 1)
-            writer = li_ok & (earlier == 0)
+                later = (li[:, None] == lj[None, :]) & lj_ok[None, :] & (lj_idx[None, :] > li_idx[:, None])
+                total += tl.sum(tl.where(later, pj[None, :], 0.0), 1)
             x = tl.load(lp_row + li, mask=writer, other=0.0).to(cdt) - lse
             tl.store(g_row + li, (gn * (tl.exp(x) - total)).to(gdt), mask=writer)
         # Row t of beta and the posteriors are rewritten by the next step.
@@ -293,11 +311,12 @@ def ctc_loss_backward(
         return grad
     beta = torch.empty((N, 2, W), dtype=cdt, device=log_probs.device)
     post = torch.empty((N, max(S, 1)), dtype=cdt, device=log_probs.device)
+    first = torch.empty((N, max(S, 1)), dtype=torch.int32, device=log_probs.device)
     b = _blocks(W)
     _ctc_backward_kernel[(N,)](
         grad, grad_nll.to(cdt).contiguous(), log_probs.contiguous(), targets.contiguous(),
         input_lengths.contiguous(), target_lengths.contiguous(), neg_log_likelihood.to(cdt).contiguous(),
-        log_alpha.contiguous(), beta, post, N, T, C, S, blank,
+        log_alpha.contiguous(), beta, post, first, N, T, C, S, blank,
         ZERO_INFINITY=bool(zero_infinity), FROM_LOGITS=bool(from_logits),
         BLOCK_S=b["BLOCK_S"], BLOCK_C=b["BLOCK_C"], BLOCK_L=b["BLOCK_L"], BLOCK_J=b["BLOCK_J"],
         num_warps=b["num_warps"], num_stages=1,
@@ -342,7 +361,8 @@ def report_configs() -> list[dict[str, Any]]:
                     bwd_sig = {
                         "grad_ptr": f"*{name}", "gn_ptr": f"*{ct}", "lp_ptr": f"*{name}", "tgt_ptr": "*i64",
                         "il_ptr": "*i64", "tl_ptr": "*i64", "nll_ptr": f"*{ct}", "la_ptr": f"*{ct}",
-                        "beta_ptr": f"*{ct}", "post_ptr": f"*{ct}", **ints, **dict.fromkeys(bwd_const, "constexpr"),
+                        "beta_ptr": f"*{ct}", "post_ptr": f"*{ct}",
+                        "first_ptr": "*i32", **ints, **dict.fromkeys(bwd_const, "constexpr"),
                     }
                     configs.append({
                         "kernel": "ctc_backward", "fn": _ctc_backward_kernel, "signature": bwd_sig,
