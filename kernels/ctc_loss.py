@@ -12,6 +12,10 @@ barrier between time steps is the only synchronisation needed, and there is no c
 The gradient of a class is gathered without atomics: blank is the sum over even states; a label's
 posterior is summed over all its occurrences in the target by the first occurrence, which alone
 writes it. Summation orders are fixed, so results are bitwise reproducible.
+
+Memory besides the outputs: beta (N, 2, W) and two (N, S) scratch rows (posteriors, first-occurrence
+flags). ``log_alpha`` holds -inf outside the frames t < input_length and states s <= 2 * target_length.
+From logits, the log_softmax normaliser of each (t, n) row is recomputed where needed, never stored.
 """
 
 from __future__ import annotations
