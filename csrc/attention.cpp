@@ -1,0 +1,718 @@
+// CPU kernels of the seqfast attention ops (schemas and semantics: seqfast/ops/attention.py).
+//
+// FlashAttention-2 on the CPU. Inputs are first packed once into zero-padded float / double
+// buffers (any strides and dtypes in, one layout out; O(L * D) memory): Q, V (and K, dO) as
+// rows of width padded to kNR, K (and V for the backward) as kNR-key panels of K^T, the B operand
+// of the score tile. Then
+//   forward : one task per (sequence, query head, query tile); key tiles stream through an
+//             online softmax, only the row log-sum-exp is kept;
+//   backward: one task per (sequence, kv head, key split); each key tile accumulates dK, dV over
+//             its query heads and query tiles, recomputing P from the lse; dQ accumulates in the
+//             task's own buffer, the splits are summed in a fixed order: no atomics, bitwise
+//             deterministic whatever the thread count.
+// Tiles a causal mask hides completely are skipped. Scores live in base 2 (scale * log2(e) folded
+// into one multiplier) so the softmax uses exp2.
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "attention_microkernel.h"
+
+namespace seqfast::attn {
+namespace {
+
+constexpr int64_t kBlockQ = 96;  // query rows per tile (a multiple of kMR)
+constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of kNR)
+constexpr int64_t kBackwardTasks = 16;  // key splits target this many backward tasks (fixed: determinism)
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// 64-byte aligned scratch that is not zeroed.
+template <typename T>
+struct Scratch {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data;
+  explicit Scratch(int64_t n)
+      : data(static_cast<T*>(std::aligned_alloc(64, round_up(std::max<int64_t>(n, 1) * sizeof(T), 64)))) {
+    TORCH_CHECK(data, "seqfast attention: out of memory for a ", n, "-element scratch buffer");
+  }
+  T* get() const { return data.get(); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Dropout: a counter-based keep decision per (seed, batch, query head, query row, key column),
+// murmur3's 32-bit finaliser chained over the coordinates. seqfast/_cpu_dropout.py computes the
+// same bits with torch integer ops.
+
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t seed_lo = 0, seed_hi = 0;
+  uint32_t threshold = 0;  // keep iff the top 24 bits of the hash >= threshold = ceil(p * 2^24)
+  double keep_scale = 1.0;
+
+  Dropout(double p, int64_t seed) {
+    on = p > 0.0;
+    const auto s = static_cast<uint64_t>(seed);
+    seed_lo = static_cast<uint32_t>(s & 0xFFFFFFFFu);
+    seed_hi = static_cast<uint32_t>(s >> 32);
+    threshold = static_cast<uint32_t>(std::ceil(p * 16777216.0));
+    keep_scale = 1.0 / (1.0 - p);
+  }
+  uint32_t row_key(int64_t b, int64_t h, int64_t i) const {
+    uint32_t k = fmix32(seed_hi ^ 0x9E3779B9u);
+    k = fmix32(k ^ seed_lo);
+    k = fmix32(k ^ static_cast<uint32_t>(b));
+    k = fmix32(k ^ static_cast<uint32_t>(h));
+    return fmix32(k ^ static_cast<uint32_t>(i));
+  }
+  bool keep(uint32_t row_key, int64_t j) const {
+    const uint32_t col = fmix32(static_cast<uint32_t>(j) ^ 0x7F4A7C15u);
+    return (fmix32(row_key ^ col) >> 8) >= threshold;
+  }
+  // z[c] = keep ? 1 / (1 - p) : 0 for the visible columns.
+  template <typename T>
+  void row_factors(T* z, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t nv, int64_t ncols) const {
+    const uint32_t key = row_key(b, h, i);
+    const T ks = static_cast<T>(keep_scale);
+    for (int64_t c = 0; c < nv; ++c) z[c] = keep(key, j0 + c) ? ks : T(0);
+    for (int64_t c = nv; c < ncols; ++c) z[c] = T(0);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Problem description, shared by the padded (B, H, L, E) ops and the packed varlen ops.
+
+struct Seqs {
+  int64_t n = 0;
+  std::vector<int64_t> q_start, q_len, k_start, k_len, kpan_start;  // kpan: kNR-key panels
+  int64_t total_q = 0, total_k = 0, total_kpan = 0;
+
+  void add(int64_t lq, int64_t lk) {
+    q_start.push_back(total_q);
+    q_len.push_back(lq);
+    k_start.push_back(total_k);
+    k_len.push_back(lk);
+    kpan_start.push_back(total_kpan);
+    total_q += lq;
+    total_k += lk;
+    total_kpan += ceil_div(lk, kNR);
+    ++n;
+  }
+};
+
+// Element (sequence b, head h, row i, column d) of a tensor: ptr[base[b] + h*sh + i*si + d*sd].
+template <typename P>
+struct View {
+  P* ptr;
+  std::vector<int64_t> base;
+  int64_t sh, si, sd;
+  P* row(int64_t b, int64_t h, int64_t i) const { return ptr + base[b] + h * sh + i * si; }
+};
+
+// (B, H, L, E) tensor: sequence b is batch element b.
+template <typename P>
+View<P> batched_view(const at::Tensor& t, P* ptr) {
+  View<P> v{ptr, {}, t.stride(1), t.stride(2), t.stride(3)};
+  for (int64_t b = 0; b < t.size(0); ++b) v.base.push_back(b * t.stride(0));
+  return v;
+}
+
+// (total, H, E) packed tensor: sequence b starts at row start[b].
+template <typename P>
+View<P> packed_view(const at::Tensor& t, P* ptr, const std::vector<int64_t>& start) {
+  View<P> v{ptr, {}, t.stride(1), t.stride(0), t.stride(2)};
+  for (int64_t s : start) v.base.push_back(s * t.stride(0));
+  return v;
+}
+
+template <typename T>
+struct Mask {
+  const uint8_t* flags = nullptr;  // bool mask (True = attend)
+  const T* bias = nullptr;         // additive float mask
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  at::Tensor keep_alive;
+  bool on() const { return flags || bias; }
+};
+
+template <typename T>
+Mask<T> make_mask(const c10::optional<at::Tensor>& attn_mask) {
+  Mask<T> m;
+  if (!attn_mask.has_value() || !attn_mask->defined()) return m;
+  at::Tensor t = *attn_mask;
+  TORCH_CHECK(t.dim() == 4, "seqfast attention: attn_mask must be 4-D (B, Hq, Lq, Lk), got ", t.sizes());
+  if (t.scalar_type() == at::kBool) {
+    m.flags = reinterpret_cast<const uint8_t*>(t.data_ptr<bool>());
+  } else if (t.scalar_type() != c10::CppTypeToScalarType<T>::value) {
+    // Half / bfloat16 masks: convert only the stored (non-broadcast) part, keep zero strides.
+    std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+    std::vector<int64_t> strides(t.strides().begin(), t.strides().end());
+    for (int d = 0; d < 4; ++d) sizes[d] = strides[d] == 0 ? 1 : sizes[d];
+    at::Tensor compact = t.as_strided(sizes, strides, t.storage_offset())
+                             .to(c10::CppTypeToScalarType<T>::value).contiguous();
+    for (int d = 0; d < 4; ++d) strides[d] = strides[d] == 0 ? 0 : compact.stride(d);
+    t = compact.as_strided(t.sizes(), strides);
+    m.bias = t.data_ptr<T>();
+  } else {
+    m.bias = t.data_ptr<T>();
+  }
+  m.keep_alive = t;
+  m.sb = t.stride(0);
+  m.sh = t.stride(1);
+  m.si = t.stride(2);
+  m.sj = t.stride(3);
+  return m;
+}
+
+template <typename T>
+struct Problem {
+  Seqs seq;
+  int64_t Hq = 0, Hk = 0, group = 1, D = 0, Dv = 0, Dp = 0, Dvp = 0;
+  int causal = 0;
+  T scale = 0, f = 0;  // f = scale * log2(e): base-2 scores
+  Mask<T> mask;
+  Dropout dropout{0.0, 0};
+  int64_t block_q = kBlockQ, block_k = kBlockK;
+
+  int64_t shift(int64_t b) const { return causal == 2 ? seq.k_len[b] - seq.q_len[b] : 0; }
+  // Keys of [j0, j0 + nk) visible to query row i: always a prefix, of this length.
+  int64_t visible(int64_t b, int64_t i, int64_t j0, int64_t nk) const {
+    if (!causal) return nk;
+    return std::clamp<int64_t>(i + shift(b) - j0 + 1, 0, nk);
+  }
+  // Adds the explicit mask to the first nv scores of row (b, h, i) and pre-scales them by f.
+  void apply_mask(T* s, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t nv) const {
+    constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+    const int64_t off = b * mask.sb + h * mask.sh + i * mask.si + j0 * mask.sj;
+    if (mask.flags) {
+      const uint8_t* mr = mask.flags + off;
+      for (int64_t c = 0; c < nv; ++c) s[c] = mr[c * mask.sj] ? s[c] * f : kNegInf;
+    } else {
+      const T* mr = mask.bias + off;
+      const T l2e = static_cast<T>(kLog2e);
+      for (int64_t c = 0; c < nv; ++c) s[c] = s[c] * f + mr[c * mask.sj] * l2e;
+    }
+  }
+};
+
+template <typename T, typename S>
+inline T load_as(S v) {
+  if constexpr (std::is_same_v<S, T>) {
+    return v;
+  } else {
+    return static_cast<T>(static_cast<float>(v));
+  }
+}
+
+template <typename S, typename T>
+inline S store_as(T v) {
+  if constexpr (std::is_same_v<S, T>) {
+    return v;
+  } else {
+    return static_cast<S>(static_cast<float>(v));
+  }
+}
+
+// Rows: dst[h][start[b] + i][0:wpad], zero beyond width.
+template <typename S, typename T>
+void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const std::vector<int64_t>& len,
+               int64_t total, int64_t H, int64_t width, int64_t wpad, T* dst) {
+  const int64_t n = static_cast<int64_t>(start.size());
+  at::parallel_for(0, H * n, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t h = t / n, b = t % n;
+      for (int64_t i = 0; i < len[b]; ++i) {
+        const S* src = v.row(b, h, i);
+        T* d = dst + (h * total + start[b] + i) * wpad;
+        for (int64_t c = 0; c < width; ++c) d[c] = load_as<T>(src[c * v.sd]);
+        for (int64_t c = width; c < wpad; ++c) d[c] = T(0);
+      }
+    }
+  });
+}
+
+// K^T panels: dst[h][pan_start[b] + p][0:wpad][0:kNR] holds row p*kNR + c, column d at [d][c].
+template <typename S, typename T>
+void pack_panels(const View<const S>& v, const Seqs& seq, int64_t H, int64_t width, int64_t wpad, T* dst) {
+  const int64_t n = seq.n;
+  at::parallel_for(0, H * n, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t h = t / n, b = t % n;
+      const int64_t panels = ceil_div(seq.k_len[b], kNR);
+      for (int64_t p = 0; p < panels; ++p) {
+        T* d = dst + (h * seq.total_kpan + seq.kpan_start[b] + p) * wpad * kNR;
+        std::fill(d, d + wpad * kNR, T(0));
+        for (int64_t c = 0; c < kNR && p * kNR + c < seq.k_len[b]; ++c) {
+          const S* src = v.row(b, h, p * kNR + c);
+          for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = load_as<T>(src[e * v.sd]);
+        }
+      }
+    }
+  });
+}
+
+// Runs tasks 0..n-1 on the intra-op threads, biggest first as listed by `order`, each thread
+// with its own scratch; a task's result never depends on which thread ran it.
+template <typename MakeScratch, typename Run>
+void run_tasks(const std::vector<int64_t>& order, MakeScratch make_scratch, Run run) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(order.size());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n, 1));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) run(order[t], scratch);
+  });
+}
+
+std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(cost.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename S, typename T>
+void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& k, const View<const S>& v,
+             const View<S>& out, const View<T>& lse) {
+  const Seqs& sq = pb.seq;
+  const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp;
+  auto qp_buf = at::empty({pb.Hq * sq.total_q * Dp}, c10::CppTypeToScalarType<T>::value);
+  auto kt_buf = at::empty({pb.Hk * sq.total_kpan * Dp * kNR}, c10::CppTypeToScalarType<T>::value);
+  auto vp_buf = at::empty({pb.Hk * sq.total_k * Dvp}, c10::CppTypeToScalarType<T>::value);
+  T* Qp = static_cast<T*>(qp_buf.data_ptr());
+  T* Kt = static_cast<T*>(kt_buf.data_ptr());
+  T* Vp = static_cast<T*>(vp_buf.data_ptr());
+  pack_rows(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, Qp);
+  pack_panels(k, sq, pb.Hk, pb.D, Dp, Kt);
+  pack_rows(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, Vp);
+
+  struct Task {
+    int64_t b, h, q0;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  for (int64_t b = 0; b < sq.n; ++b) {
+    for (int64_t h = 0; h < pb.Hq; ++h) {
+      for (int64_t q0 = 0; q0 < sq.q_len[b]; q0 += BQ) {
+        const int64_t nq = std::min(BQ, sq.q_len[b] - q0);
+        const int64_t kend = pb.causal ? std::clamp<int64_t>(q0 + nq + pb.shift(b), 0, sq.k_len[b]) : sq.k_len[b];
+        tasks.push_back({b, h, q0});
+        cost.push_back(kend * nq);
+      }
+    }
+  }
+
+  struct Buffers {
+    Scratch<T> s, o, m, l;
+  };
+  auto make = [&] { return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * Dvp), Scratch<T>(BQ), Scratch<T>(BQ)}; };
+  run_tasks(by_cost(cost), make, [&](int64_t t, Buffers& buf) {
+    const auto [b, h, q0] = tasks[t];
+    const int64_t hk = h / pb.group;
+    const int64_t nq = std::min(BQ, sq.q_len[b] - q0);
+    const int64_t kend = pb.causal ? std::clamp<int64_t>(q0 + nq + pb.shift(b), 0, sq.k_len[b]) : sq.k_len[b];
+    T *Sb = buf.s.get(), *O = buf.o.get(), *m = buf.m.get(), *l = buf.l.get();
+    std::fill(O, O + nq * Dvp, T(0));
+    std::fill(m, m + nq, -std::numeric_limits<T>::infinity());
+    std::fill(l, l + nq, T(0));
+    const T* Qt = Qp + (h * sq.total_q + sq.q_start[b] + q0) * Dp;
+    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+      const int64_t nk = std::min(BK, kend - j0), nkp = round_up(nk, kNR);
+      const T* Kpan = Kt + (hk * sq.total_kpan + sq.kpan_start[b] + j0 / kNR) * Dp * kNR;
+      gemm(Gemm<T>{nq, nkp, Dp, Qt, Dp, 1, Kpan, kNR, Dp * kNR, Sb, BK, false});
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t i = q0 + r;
+        const int64_t nv = pb.visible(b, i, j0, nk);
+        T* s = Sb + r * BK;
+        T f = pb.f;
+        if (pb.mask.on()) {
+          pb.apply_mask(s, b, h, i, j0, nv);
+          f = T(1);
+        }
+        const T alpha = online_softmax_row(s, nv, nkp, f, m[r], l[r]);
+        if (pb.dropout.on && nv > 0) {
+          const uint32_t key = pb.dropout.row_key(b, h, i);
+          const T ks = static_cast<T>(pb.dropout.keep_scale);
+          for (int64_t c = 0; c < nv; ++c) s[c] = pb.dropout.keep(key, j0 + c) ? s[c] * ks : T(0);
+        }
+        if (alpha != T(1)) scale_row(O + r * Dvp, Dvp, alpha);
+      }
+      const T* Vt = Vp + (hk * sq.total_k + sq.k_start[b] + j0) * Dvp;
+      gemm(Gemm<T>{nq, Dvp, nk, Sb, BK, 1, Vt, Dvp, kNR, O, Dvp, true});
+    }
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t i = q0 + r;
+      S* dst = out.row(b, h, i);
+      T* lrow = lse.row(b, h, i);
+      if (l[r] > T(0)) {
+        const T inv = T(1) / l[r];
+        for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = store_as<S>(O[r * Dvp + c] * inv);
+        *lrow = (m[r] + std::log2(l[r])) * static_cast<T>(kLn2);
+      } else {
+        for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = store_as<S>(T(0));
+        *lrow = std::numeric_limits<T>::infinity();
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename S, typename T>
+void backward(const Problem<T>& pb, const View<const S>& dout, const View<const S>& q, const View<const S>& k,
+              const View<const S>& v, const View<const S>& out, const View<const T>& lse, const View<S>& dq,
+              const View<S>& dk, const View<S>& dv, T* dmask) {
+  const Seqs& sq = pb.seq;
+  const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp;
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  auto qp_buf = at::empty({pb.Hq * sq.total_q * Dp}, dt);
+  auto dop_buf = at::empty({pb.Hq * sq.total_q * Dvp}, dt);
+  auto kt_buf = at::empty({pb.Hk * sq.total_kpan * Dp * kNR}, dt);
+  auto kp_buf = at::empty({pb.Hk * sq.total_k * Dp}, dt);
+  auto vt_buf = at::empty({pb.Hk * sq.total_kpan * Dvp * kNR}, dt);
+  auto row_buf = at::empty({2 * pb.Hq * sq.total_q}, dt);
+  T *Qp = static_cast<T*>(qp_buf.data_ptr()), *dOp = static_cast<T*>(dop_buf.data_ptr()), *Kt = static_cast<T*>(kt_buf.data_ptr());
+  T *Kp = static_cast<T*>(kp_buf.data_ptr()), *Vt = static_cast<T*>(vt_buf.data_ptr());
+  T* lse2 = static_cast<T*>(row_buf.data_ptr());              // [Hq][total_q]: lse * log2(e)
+  T* delta = lse2 + pb.Hq * sq.total_q;         // [Hq][total_q]: rowsum(dO * O)
+  pack_rows(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, Qp);
+  pack_rows(dout, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.Dv, Dvp, dOp);
+  pack_panels(k, sq, pb.Hk, pb.D, Dp, Kt);
+  pack_rows(k, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.D, Dp, Kp);
+  pack_panels(v, sq, pb.Hk, pb.Dv, Dvp, Vt);
+  at::parallel_for(0, pb.Hq * sq.n, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t h = t / sq.n, b = t % sq.n;
+      for (int64_t i = 0; i < sq.q_len[b]; ++i) {
+        const int64_t row = h * sq.total_q + sq.q_start[b] + i;
+        const S* o = out.row(b, h, i);
+        const T* g = dOp + row * Dvp;
+        T acc = 0;
+        for (int64_t c = 0; c < pb.Dv; ++c) acc += g[c] * load_as<T>(o[c * out.sd]);
+        delta[row] = acc;
+        lse2[row] = *lse.row(b, h, i) * static_cast<T>(kLog2e);
+      }
+    }
+  });
+
+  int64_t max_ktiles = 1;
+  for (int64_t b = 0; b < sq.n; ++b) max_ktiles = std::max(max_ktiles, ceil_div(sq.k_len[b], BK));
+  const int64_t splits =
+      std::clamp<int64_t>(ceil_div(kBackwardTasks, std::max<int64_t>(sq.n * pb.Hk, 1)), 1, max_ktiles);
+  // dQ partial sums, one slab per split: [split][Hq][total_q][Dp].
+  auto dq_buf = at::zeros({splits * pb.Hq * sq.total_q * Dp}, dt);
+  T* dQacc = static_cast<T*>(dq_buf.data_ptr());
+
+  struct Task {
+    int64_t b, hk, split;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  for (int64_t b = 0; b < sq.n; ++b) {
+    for (int64_t hk = 0; hk < pb.Hk; ++hk) {
+      for (int64_t s = 0; s < splits; ++s) {
+        tasks.push_back({b, hk, s});
+        cost.push_back(sq.q_len[b] * sq.k_len[b]);
+      }
+    }
+  }
+  struct Buffers {
+    Scratch<T> p, dp, z, pd, dk, dv;
+  };
+  auto make = [&] {
+    return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * BK), Scratch<T>(BQ * BK), Scratch<T>(BQ * BK),
+                   Scratch<T>(BK * Dp),  Scratch<T>(BK * Dvp)};
+  };
+  const int64_t Lk_mask = sq.n ? sq.k_len[0] : 0;  // masks exist only for the padded ops
+  const int64_t Lq_mask = sq.n ? sq.q_len[0] : 0;
+  run_tasks(by_cost(cost), make, [&](int64_t t, Buffers& buf) {
+    const auto [b, hk, split] = tasks[t];
+    const int64_t Lq = sq.q_len[b], Lk = sq.k_len[b];
+    T *P = buf.p.get(), *dP = buf.dp.get(), *dK = buf.dk.get(), *dV = buf.dv.get();
+    T* Z = pb.dropout.on ? buf.z.get() : nullptr;
+    T* Pd = pb.dropout.on ? buf.pd.get() : P;
+    T* dQs = dQacc + split * pb.Hq * sq.total_q * Dp;
+    for (int64_t j0 = split * BK; j0 < Lk; j0 += splits * BK) {
+      const int64_t nk = std::min(BK, Lk - j0), nkp = round_up(nk, kNR);
+      std::fill(dK, dK + nk * Dp, T(0));
+      std::fill(dV, dV + nk * Dvp, T(0));
+      const int64_t pan = (hk * sq.total_kpan + sq.kpan_start[b] + j0 / kNR);
+      const T* Kpan = Kt + pan * Dp * kNR;
+      const T* Vpan = Vt + pan * Dvp * kNR;
+      const T* Krows = Kp + (hk * sq.total_k + sq.k_start[b] + j0) * Dp;
+      // First query row that sees key j0 under the causal mask.
+      const int64_t qbeg = pb.causal ? std::clamp<int64_t>(j0 - pb.shift(b), 0, Lq) / BQ * BQ : 0;
+      for (int64_t h = hk * pb.group; h < (hk + 1) * pb.group; ++h) {
+        for (int64_t q0 = qbeg; q0 < Lq; q0 += BQ) {
+          const int64_t nq = std::min(BQ, Lq - q0);
+          const int64_t row0 = h * sq.total_q + sq.q_start[b] + q0;
+          const T* Qt = Qp + row0 * Dp;
+          const T* dOt = dOp + row0 * Dvp;
+          gemm(Gemm<T>{nq, nkp, Dp, Qt, Dp, 1, Kpan, kNR, Dp * kNR, P, BK, false});
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t i = q0 + r;
+            const int64_t nv = pb.visible(b, i, j0, nk);
+            T* s = P + r * BK;
+            T f = pb.f;
+            if (pb.mask.on()) {
+              pb.apply_mask(s, b, h, i, j0, nv);
+              f = T(1);
+            }
+            probs_row(s, nv, nkp, f, lse2[row0 + r]);
+            if (Z) {
+              T* z = Z + r * BK;
+              pb.dropout.row_factors(z, b, h, i, j0, nv, nkp);
+              for (int64_t c = 0; c < nkp; ++c) Pd[r * BK + c] = s[c] * z[c];
+            }
+          }
+          gemm(Gemm<T>{nk, Dvp, nq, Pd, 1, BK, dOt, Dvp, kNR, dV, Dvp, true});
+          gemm(Gemm<T>{nq, nkp, Dvp, dOt, Dvp, 1, Vpan, kNR, Dvp * kNR, dP, BK, false});
+          for (int64_t r = 0; r < nq; ++r) {
+            dscores_row(P + r * BK, dP + r * BK, Z ? Z + r * BK : nullptr, nkp, delta[row0 + r]);
+          }
+          if (dmask) {
+            for (int64_t r = 0; r < nq; ++r) {
+              T* dst = dmask + ((b * pb.Hq + h) * Lq_mask + q0 + r) * Lk_mask + j0;
+              std::copy(dP + r * BK, dP + r * BK + nk, dst);
+            }
+          }
+          gemm(Gemm<T>{nk, Dp, nq, dP, 1, BK, Qt, Dp, kNR, dK, Dp, true});
+          gemm(Gemm<T>{nq, Dp, nk, dP, BK, 1, Krows, Dp, kNR, dQs + row0 * Dp, Dp, true});
+        }
+      }
+      for (int64_t r = 0; r < nk; ++r) {
+        S* gk = dk.row(b, hk, j0 + r);
+        for (int64_t c = 0; c < pb.D; ++c) gk[c * dk.sd] = store_as<S>(dK[r * Dp + c] * pb.scale);
+        S* gv = dv.row(b, hk, j0 + r);
+        for (int64_t c = 0; c < pb.Dv; ++c) gv[c * dv.sd] = store_as<S>(dV[r * Dvp + c]);
+      }
+    }
+  });
+
+  at::parallel_for(0, pb.Hq * sq.n, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t h = t / sq.n, b = t % sq.n;
+      for (int64_t i = 0; i < sq.q_len[b]; ++i) {
+        const int64_t row = h * sq.total_q + sq.q_start[b] + i;
+        S* g = dq.row(b, h, i);
+        for (int64_t c = 0; c < pb.D; ++c) {
+          T acc = dQacc[row * Dp + c];
+          for (int64_t s = 1; s < splits; ++s) acc += dQacc[(s * pb.Hq * sq.total_q + row) * Dp + c];
+          g[c * dq.sd] = store_as<S>(acc * pb.scale);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points.
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu(), "seqfast attention (CPU kernel): tensors must be on the CPU");
+    TORCH_CHECK(t->dim() == dims, "seqfast attention: expected ", dims, "-D query/key/value, got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "seqfast attention: query, key, value must share a dtype");
+  }
+  const int64_t hq = q.size(1), hk = k.size(1), seq_dim = dims == 4 ? 2 : 0;
+  TORCH_CHECK(hk > 0 && hq % hk == 0, "seqfast attention: query heads (", hq, ") must be a multiple of kv heads (",
+              hk, ")");
+  TORCH_CHECK(q.size(-1) == k.size(-1), "seqfast attention: query and key head dims differ");
+  TORCH_CHECK(k.size(seq_dim) == v.size(seq_dim) && k.size(1) == v.size(1),
+              "seqfast attention: key and value shapes disagree");
+}
+
+template <typename T>
+Problem<T> make_problem(int64_t Hq, int64_t Hk, int64_t D, int64_t Dv, int64_t causal, double scale) {
+  TORCH_CHECK(causal >= 0 && causal <= 2, "seqfast attention: causal must be 0, 1 or 2, got ", causal);
+  Problem<T> pb;
+  pb.Hq = Hq;
+  pb.Hk = Hk;
+  pb.group = Hq / Hk;
+  pb.D = D;
+  pb.Dv = Dv;
+  pb.Dp = round_up(std::max<int64_t>(D, 1), kNR);
+  pb.Dvp = round_up(std::max<int64_t>(Dv, 1), kNR);
+  pb.causal = static_cast<int>(causal);
+  pb.scale = static_cast<T>(scale);
+  pb.f = static_cast<T>(scale * kLog2e);
+  return pb;
+}
+
+template <typename S>
+using CalcT = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value, const c10::optional<at::Tensor>& attn_mask,
+                                                     double dropout_p, int64_t causal, double scale, int64_t seed) {
+  check_inputs(query, key, value, 4);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "seqfast attention: dropout_p must be in [0, 1)");
+  const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lk = key.size(2);
+  TORCH_CHECK(key.size(0) == B && value.size(0) == B, "seqfast attention: batch sizes differ");
+  const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({B, Hq, Lq, value.size(3)}, query.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, query.options().dtype(lse_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_attention_forward", [&] {
+    using T = CalcT<scalar_t>;
+    Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(3), value.size(3), causal, scale);
+    for (int64_t b = 0; b < B; ++b) pb.seq.add(Lq, Lk);
+    pb.mask = make_mask<T>(attn_mask);
+    pb.dropout = Dropout(dropout_p, seed);
+    using CS = const scalar_t;
+    at::Tensor lse3 = lse.unsqueeze(-1);
+    forward<scalar_t, T>(pb, batched_view<CS>(query, query.data_ptr<scalar_t>()),
+                         batched_view<CS>(key, key.data_ptr<scalar_t>()),
+                         batched_view<CS>(value, value.data_ptr<scalar_t>()),
+                         batched_view<scalar_t>(out, out.data_ptr<scalar_t>()),
+                         batched_view<T>(lse3, lse3.data_ptr<T>()));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
+    int64_t causal, double scale, int64_t seed, bool mask_grad) {
+  check_inputs(query, key, value, 4);
+  const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lk = key.size(2);
+  TORCH_CHECK(!mask_grad || (attn_mask.has_value() && attn_mask->is_floating_point()),
+              "seqfast attention: mask_grad needs a float attn_mask");
+  at::Tensor dq = at::empty(query.sizes(), query.options());
+  at::Tensor dk = at::empty(key.sizes(), key.options());
+  at::Tensor dv = at::empty(value.sizes(), value.options());
+  at::Tensor dmask;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_attention_backward", [&] {
+    using T = CalcT<scalar_t>;
+    const auto tdt = c10::CppTypeToScalarType<T>::value;
+    Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(3), value.size(3), causal, scale);
+    for (int64_t b = 0; b < B; ++b) pb.seq.add(Lq, Lk);
+    pb.mask = make_mask<T>(attn_mask);
+    pb.dropout = Dropout(dropout_p, seed);
+    at::Tensor dmask_t;
+    if (mask_grad) dmask_t = at::zeros({B, Hq, Lq, Lk}, query.options().dtype(tdt));
+    using CS = const scalar_t;
+    at::Tensor lse3 = lse.to(tdt).unsqueeze(-1);
+    backward<scalar_t, T>(pb, batched_view<CS>(grad_out, grad_out.data_ptr<scalar_t>()),
+                          batched_view<CS>(query, query.data_ptr<scalar_t>()),
+                          batched_view<CS>(key, key.data_ptr<scalar_t>()),
+                          batched_view<CS>(value, value.data_ptr<scalar_t>()),
+                          batched_view<CS>(out, out.data_ptr<scalar_t>()),
+                          batched_view<const T>(lse3, lse3.data_ptr<T>()),
+                          batched_view<scalar_t>(dq, dq.data_ptr<scalar_t>()),
+                          batched_view<scalar_t>(dk, dk.data_ptr<scalar_t>()),
+                          batched_view<scalar_t>(dv, dv.data_ptr<scalar_t>()),
+                          mask_grad ? dmask_t.data_ptr<T>() : nullptr);
+    if (mask_grad) dmask = dmask_t.to(attn_mask->scalar_type());
+  });
+  if (!mask_grad) dmask = at::empty({0}, query.options());
+  return {dq, dk, dv, dmask};
+}
+
+Seqs varlen_seqs(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t total_q, int64_t total_k) {
+  TORCH_CHECK(cu_q.dim() == 1 && cu_k.dim() == 1 && cu_q.numel() == cu_k.numel() && cu_q.numel() >= 1,
+              "seqfast varlen attention: cu_seqlens_q / cu_seqlens_k must be 1-D of the same length B+1");
+  at::Tensor cq = cu_q.to(at::kLong).contiguous(), ck = cu_k.to(at::kLong).contiguous();
+  const int64_t* a = cq.data_ptr<int64_t>();
+  const int64_t* c = ck.data_ptr<int64_t>();
+  Seqs s;
+  TORCH_CHECK(a[0] == 0 && c[0] == 0, "seqfast varlen attention: cu_seqlens must start at 0");
+  for (int64_t b = 0; b + 1 < cq.numel(); ++b) {
+    TORCH_CHECK(a[b + 1] >= a[b] && c[b + 1] >= c[b], "seqfast varlen attention: cu_seqlens must not decrease");
+    s.add(a[b + 1] - a[b], c[b + 1] - c[b]);
+  }
+  TORCH_CHECK(s.total_q == total_q && s.total_k == total_k,
+              "seqfast varlen attention: cu_seqlens must end at the number of rows of query / key");
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward(const at::Tensor& query, const at::Tensor& key,
+                                                            const at::Tensor& value, const at::Tensor& cu_q,
+                                                            const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                                                            int64_t causal, double scale) {
+  check_inputs(query, key, value, 3);
+  const int64_t Hq = query.size(1);
+  Seqs seqs = varlen_seqs(cu_q, cu_k, query.size(0), key.size(0));
+  const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({query.size(0), Hq, value.size(2)}, query.options());
+  at::Tensor lse = at::empty({Hq, query.size(0)}, query.options().dtype(lse_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_varlen_forward", [&] {
+    using T = CalcT<scalar_t>;
+    Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(2), value.size(2), causal, scale);
+    pb.seq = seqs;
+    using CS = const scalar_t;
+    // lse (Hq, total_q) seen as (total_q, Hq, 1).
+    at::Tensor lse3 = lse.t().unsqueeze(-1);
+    forward<scalar_t, T>(pb, packed_view<CS>(query, query.data_ptr<scalar_t>(), seqs.q_start),
+                         packed_view<CS>(key, key.data_ptr<scalar_t>(), seqs.k_start),
+                         packed_view<CS>(value, value.data_ptr<scalar_t>(), seqs.k_start),
+                         packed_view<scalar_t>(out, out.data_ptr<scalar_t>(), seqs.q_start),
+                         packed_view<T>(lse3, lse3.data_ptr<T>(), seqs.q_start));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out,
+    const at::Tensor& lse, int64_t causal, double scale) {
+  check_inputs(query, key, value, 3);
+  const int64_t Hq = query.size(1);
+  Seqs seqs = varlen_seqs(cu_q, cu_k, query.size(0), key.size(0));
+  at::Tensor dq = at::empty(query.sizes(), query.options());
+  at::Tensor dk = at::zeros(key.sizes(), key.options());
+  at::Tensor dv = at::zeros(value.sizes(), value.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_varlen_backward", [&] {
+    using T = CalcT<scalar_t>;
+    Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(2), value.size(2), causal, scale);
+    pb.seq = seqs;
+    using CS = const scalar_t;
+    at::Tensor lse3 = lse.to(c10::CppTypeToScalarType<T>::value).t().unsqueeze(-1);
+    backward<scalar_t, T>(pb, packed_view<CS>(grad_out, grad_out.data_ptr<scalar_t>(), seqs.q_start),
+                          packed_view<CS>(query, query.data_ptr<scalar_t>(), seqs.q_start),
+                          packed_view<CS>(key, key.data_ptr<scalar_t>(), seqs.k_start),
+                          packed_view<CS>(value, value.data_ptr<scalar_t>(), seqs.k_start),
+                          packed_view<CS>(out, out.data_ptr<scalar_t>(), seqs.q_start),
+                          packed_view<const T>(lse3, lse3.data_ptr<T>(), seqs.q_start),
+                          packed_view<scalar_t>(dq, dq.data_ptr<scalar_t>(), seqs.q_start),
+                          packed_view<scalar_t>(dk, dk.data_ptr<scalar_t>(), seqs.k_start),
+                          packed_view<scalar_t>(dv, dv.data_ptr<scalar_t>(), seqs.k_start), nullptr);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace seqfast::attn
+
+TORCH_LIBRARY_IMPL(seqfast, CPU, m) {
+  m.impl("attention_forward", &seqfast::attn::attention_forward);
+  m.impl("attention_backward", &seqfast::attn::attention_backward);
+  m.impl("varlen_attention_forward", &seqfast::attn::varlen_attention_forward);
+  m.impl("varlen_attention_backward", &seqfast::attn::varlen_attention_backward);
+}
