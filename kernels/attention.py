@@ -55,12 +55,12 @@ def _sequence(Cu, b, L, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _scores(a, b, rows, cols, row_ok, col_ok, shift, qk_scale, mask_ptrs,
+def _scores(a, b, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
             CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr):
     """Masked scores in log2 units, ``(a b^T * scale + mask) * log2(e)``, -inf where hidden; and the visibility.
 
     ``a`` (rows, D), ``b`` (cols, D): queries x keys, or keys x queries when ``TRANSPOSED``. Query i
-    sees key j iff ``j <= i + shift`` under a causal mode; ``mask_ptrs`` is laid out like the tile.
+    sees key j iff ``j <= i + shift`` under a causal mode; ``mask_blk + mask_offs`` is laid out like the tile.
     """
     s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale
     visible = row_ok[:, None] & col_ok[None, :]
@@ -70,10 +70,14 @@ def _scores(a, b, rows, cols, row_ok, col_ok, shift, qk_scale, mask_ptrs,
         else:
             visible = visible & (cols[None, :] <= rows[:, None] + shift)
     if MASK_KIND == 1:
-        visible = visible & (tl.load(mask_ptrs, mask=visible, other=0) != 0)
+        visible = visible & (tl.load(mask_blk + mask_offs, mask=visible, other=0) != 0)
     if MASK_KIND == 2:
-        s += tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+        s += tl.load(mask_blk + mask_offs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
     return tl.where(visible, s, float("-inf")), visible
+
+
+# Loops carry scalar block pointers only; the (tile) offsets are loop-invariant int32, so no tensor of
+# 64-bit pointers lives across iterations (that alone made the dK/dV kernel spill).
 
 
 @triton.jit
@@ -106,7 +110,8 @@ def _attn_fwd(
         return
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     arange_n = tl.arange(0, BLOCK_N)
@@ -114,17 +119,16 @@ def _attn_fwd(
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    q_base = Q + b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm
-    q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
-    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
-    k_ptrs = k_base + arange_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + arange_n[:, None] * stride_vn + offs_dv[None, :]
-    mask_ptrs = (Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
-                 + tl.arange(0, BLOCK_M)[:, None] * stride_mm + arange_n[None, :] * stride_mn)
-    drop_base = ((b64 * H + h64) * Lq + m0) * Lk
-    drop_offs = tl.arange(0, BLOCK_M)[:, None] * Lk + arange_n[None, :]
+    q = tl.load(Q + (b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm)
+                + (rows[:, None] * stride_qm + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_blk = K + (b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn)
+    v_blk = V + (b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn)
+    k_offs = arange_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
+    mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm)
+    mask_offs = rows[:, None] * stride_mm + arange_n[None, :] * stride_mn
+    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk
+    drop_offs = rows[:, None] * Lk + arange_n[None, :]
 
     shift = 0
     hi = seqlen_k
@@ -140,8 +144,8 @@ def _attn_fwd(
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + arange_n
         col_ok = offs_n < seqlen_k
-        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s, visible = _scores(q, k, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_ptrs,
+        k = tl.load(k_blk + k_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s, visible = _scores(q, k, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
                              CAUSAL, MASK_KIND, False, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN.
@@ -150,24 +154,25 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, drop_base + drop_offs + n0, dropout_p)
+            keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
             p = tl.where(keep, p * inv_keep, 0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        mask_ptrs += BLOCK_N * stride_mn
+        k_blk += BLOCK_N * stride_kn
+        v_blk += BLOCK_N * stride_vn
+        mask_blk += BLOCK_N * stride_mn
+        drop_blk += BLOCK_N
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_base = Out + b64 * stride_ob + h64 * stride_oh + (q_start + m0) * stride_om
-    tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_dv[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    l_base = Lse + b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm
-    tl.store(l_base + tl.arange(0, BLOCK_M) * stride_lm, lse, mask=row_ok)
+    o_blk = Out + (b64 * stride_ob + h64 * stride_oh + (q_start + m0) * stride_om)
+    tl.store(o_blk + (rows[:, None] * stride_om + offs_dv[None, :]), out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok[None, :])
+    l_blk = Lse + (b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm)
+    tl.store(l_blk + rows * stride_lm, lse, mask=row_ok)
 
 
 @triton.jit
@@ -190,14 +195,15 @@ def _attn_bwd_preprocess(
     b64 = b.to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ok = ((m0 + rows) < seqlen_q)[:, None] & (offs_dv < DV)[None, :]
-    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + (q_start + m0) * stride_om
-                + rows[:, None] * stride_om + offs_dv[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b64 * stride_gb + h64 * stride_gh + (q_start + m0) * stride_gm
-                 + rows[:, None] * stride_gm + offs_dv[None, :], mask=ok, other=0.0)
+    row_ok = (m0 + rows) < seqlen_q
+    ok = row_ok[:, None] & (offs_dv < DV)[None, :]
+    o = tl.load(Out + (b64 * stride_ob + h64 * stride_oh + (q_start + m0) * stride_om)
+                + (rows[:, None] * stride_om + offs_dv[None, :]), mask=ok, other=0.0)
+    do = tl.load(DO + (b64 * stride_gb + h64 * stride_gh + (q_start + m0) * stride_gm)
+                 + (rows[:, None] * stride_gm + offs_dv[None, :]), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm + rows * stride_lm,
-             delta, mask=(m0 + rows) < seqlen_q)
+    tl.store(Delta + (b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm) + rows * stride_lm,
+             delta, mask=row_ok)
 
 
 @triton.jit
@@ -229,7 +235,8 @@ def _attn_bwd_dkdv(
     if n0 >= seqlen_k:
         return
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
+    offs_n = n0 + cols
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     arange_m = tl.arange(0, BLOCK_M)
@@ -237,12 +244,10 @@ def _attn_bwd_dkdv(
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + (k_start + n0) * stride_kn
-                + tl.arange(0, BLOCK_N)[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + (k_start + n0) * stride_vn
-                + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_dv[None, :],
-                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    k = tl.load(K + (b64 * stride_kb + hk64 * stride_kh + (k_start + n0) * stride_kn)
+                + (cols[:, None] * stride_kn + offs_d[None, :]), mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + (b64 * stride_vb + hk64 * stride_vh + (k_start + n0) * stride_vn)
+                + (cols[:, None] * stride_vn + offs_dv[None, :]), mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -255,59 +260,57 @@ def _attn_bwd_dkdv(
         lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
     lo64 = q_start * 0 + lo
 
+    q_offs = arange_m[:, None] * stride_qm + offs_d[None, :]
+    do_offs = arange_m[:, None] * stride_gm + offs_dv[None, :]
+    # Score tiles are (keys, queries), so dK / dV accumulate without transposes.
+    mask_offs = arange_m[None, :] * stride_mm + cols[:, None] * stride_mn
+    dmask_offs = arange_m[None, :] * stride_dmm + cols[:, None]
+    drop_offs = arange_m[None, :] * Lk + cols[:, None]
     for g in range(0, GROUP):
         h64 = hk64 * GROUP + g
-        q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + (q_start + lo64) * stride_qm
-                  + arange_m[:, None] * stride_qm + offs_d[None, :])
-        do_ptrs = (DO + b64 * stride_gb + h64 * stride_gh + (q_start + lo64) * stride_gm
-                   + arange_m[:, None] * stride_gm + offs_dv[None, :])
-        l_ptrs = Lse + b64 * stride_lb + h64 * stride_lh + (q_start + lo64) * stride_lm + arange_m * stride_lm
-        dl_ptrs = Delta + b64 * stride_lb + h64 * stride_lh + (q_start + lo64) * stride_lm + arange_m * stride_lm
-        # Score tiles are computed transposed, (keys, queries), so dK / dV accumulate without transposes.
-        mask_ptrs = (Mask + b64 * stride_mb + h64 * stride_mh + lo64 * stride_mm + n0 * stride_mn
-                     + arange_m[None, :] * stride_mm + tl.arange(0, BLOCK_N)[:, None] * stride_mn)
-        dmask_ptrs = (DMask + b64 * stride_dmb + h64 * stride_dmh + lo64 * stride_dmm + n0
-                      + arange_m[None, :] * stride_dmm + tl.arange(0, BLOCK_N)[:, None])
-        drop_base = ((b64 * H + h64) * Lq + lo64) * Lk + n0
-        drop_offs = arange_m[None, :] * Lk + tl.arange(0, BLOCK_N)[:, None]
+        q_blk = Q + (b64 * stride_qb + h64 * stride_qh + (q_start + lo64) * stride_qm)
+        do_blk = DO + (b64 * stride_gb + h64 * stride_gh + (q_start + lo64) * stride_gm)
+        l_off = b64 * stride_lb + h64 * stride_lh + (q_start + lo64) * stride_lm
+        mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + lo64 * stride_mm + n0 * stride_mn)
+        dmask_blk = DMask + (b64 * stride_dmb + h64 * stride_dmh + lo64 * stride_dmm + n0)
+        drop_blk = ((b64 * H + h64) * Lq + lo64) * Lk + n0
         for m0 in range(lo, seqlen_q, BLOCK_M):
             offs_m = m0 + arange_m
             row_ok = offs_m < seqlen_q
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = tl.load(q_blk + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             # lse = +inf for rows that see nothing (and padding rows): their probabilities are 0.
-            lse2 = tl.load(l_ptrs, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            sT, visible = _scores(k, q, offs_n, offs_m, col_ok, row_ok, shift, qk_scale, mask_ptrs,
+            lse2 = tl.load(Lse + l_off + arange_m * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            sT, visible = _scores(k, q, offs_n, offs_m, col_ok, row_ok, shift, qk_scale, mask_blk, mask_offs,
                                   CAUSAL, MASK_KIND, True, PRECISION)
             pT = tl.where(visible, tl.math.exp2(sT - lse2[None, :]), 0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+            do = tl.load(do_blk + do_offs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, drop_base + drop_offs, dropout_p)
+                keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
                 dv += tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, input_precision=PRECISION)
                 dpT = tl.where(keep, dpT * inv_keep, 0.0)
             else:
                 dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-            delta = tl.load(dl_ptrs, mask=row_ok, other=0.0)
+            delta = tl.load(Delta + l_off + arange_m * stride_lm, mask=row_ok, other=0.0)
             dsT = pT * (dpT - delta[None, :])
             if MASK_GRAD:
-                tl.store(dmask_ptrs, dsT.to(DMask.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+                tl.store(dmask_blk + dmask_offs, dsT.to(DMask.dtype.element_ty),
+                         mask=col_ok[:, None] & row_ok[None, :])
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
-            q_ptrs += BLOCK_M * stride_qm
-            do_ptrs += BLOCK_M * stride_gm
-            l_ptrs += BLOCK_M * stride_lm
-            dl_ptrs += BLOCK_M * stride_lm
-            mask_ptrs += BLOCK_M * stride_mm
-            dmask_ptrs += BLOCK_M * stride_dmm
-            drop_base += BLOCK_M * Lk
+            q_blk += BLOCK_M * stride_qm
+            do_blk += BLOCK_M * stride_gm
+            l_off += BLOCK_M * stride_lm
+            mask_blk += BLOCK_M * stride_mm
+            dmask_blk += BLOCK_M * stride_dmm
+            drop_blk += BLOCK_M * Lk
 
     dk *= sm_scale
-    st_ok = col_ok[:, None]
-    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + (k_start + n0) * stride_dkn
-             + tl.arange(0, BLOCK_N)[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=st_ok & d_ok[None, :])
-    tl.store(DV_ + b64 * stride_dvb + hk64 * stride_dvh + (k_start + n0) * stride_dvn
-             + tl.arange(0, BLOCK_N)[:, None] * stride_dvn + offs_dv[None, :],
-             dv.to(DV_.dtype.element_ty), mask=st_ok & dv_ok[None, :])
+    tl.store(DK + (b64 * stride_dkb + hk64 * stride_dkh + (k_start + n0) * stride_dkn)
+             + (cols[:, None] * stride_dkn + offs_d[None, :]), dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV_ + (b64 * stride_dvb + hk64 * stride_dvh + (k_start + n0) * stride_dvn)
+             + (cols[:, None] * stride_dvn + offs_dv[None, :]), dv.to(DV_.dtype.element_ty),
+             mask=col_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -337,30 +340,30 @@ def _attn_bwd_dq(
     if m0 >= seqlen_q:
         return
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     arange_n = tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
     row_ok = offs_m < seqlen_q
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm
-                + rows[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b64 * stride_gb + h64 * stride_gh + (q_start + m0) * stride_gm
-                 + rows[:, None] * stride_gm + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    l_off = b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm + rows * stride_lm
-    lse2 = tl.load(Lse + l_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+    q = tl.load(Q + (b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm)
+                + (rows[:, None] * stride_qm + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + (b64 * stride_gb + h64 * stride_gh + (q_start + m0) * stride_gm)
+                 + (rows[:, None] * stride_gm + offs_dv[None, :]), mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    l_off = b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm
+    lse2 = tl.load(Lse + l_off + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + l_off + rows * stride_lm, mask=row_ok, other=0.0)
 
-    k_ptrs = (K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
-              + arange_n[:, None] * stride_kn + offs_d[None, :])
-    v_ptrs = (V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
-              + arange_n[:, None] * stride_vn + offs_dv[None, :])
-    mask_ptrs = (Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
-                 + rows[:, None] * stride_mm + arange_n[None, :] * stride_mn)
-    drop_base = ((b64 * H + h64) * Lq + m0) * Lk
+    k_blk = K + (b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn)
+    v_blk = V + (b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn)
+    k_offs = arange_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
+    mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm)
+    mask_offs = rows[:, None] * stride_mm + arange_n[None, :] * stride_mn
+    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk
     drop_offs = rows[:, None] * Lk + arange_n[None, :]
 
     shift = 0
@@ -374,24 +377,25 @@ def _attn_bwd_dq(
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + arange_n
         col_ok = offs_n < seqlen_k
-        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s, visible = _scores(q, k, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_ptrs,
+        k = tl.load(k_blk + k_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s, visible = _scores(q, k, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
                              CAUSAL, MASK_KIND, False, PRECISION)
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, drop_base + drop_offs + n0, dropout_p)
+            keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        mask_ptrs += BLOCK_N * stride_mn
+        k_blk += BLOCK_N * stride_kn
+        v_blk += BLOCK_N * stride_vn
+        mask_blk += BLOCK_N * stride_mn
+        drop_blk += BLOCK_N
 
     dq *= sm_scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + (q_start + m0) * stride_dqm
-             + rows[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + (b64 * stride_dqb + h64 * stride_dqh + (q_start + m0) * stride_dqm)
+             + (rows[:, None] * stride_dqm + offs_d[None, :]), dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -609,7 +613,8 @@ def varlen_attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``seqfast::varlen_attention_forward``: packed q (total_q, Hq, D) -> (out (total_q, Hq, Dv), lse (Hq, total_q))."""
+    """``seqfast::varlen_attention_forward``: packed q (total_q, Hq, D) -> (out (total_q, Hq, Dv),
+    lse (Hq, total_q))."""
     _check(query, key, value)
     B = cu_seqlens_q.numel() - 1
     return _forward(query, key, value, None, 0.0, causal, scale, 0, cu_seqlens_q, cu_seqlens_k,
@@ -629,7 +634,9 @@ def varlen_attention_backward(
     return dq, dk, dv
 
 
-def dropout_keep_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float, device: torch.device | str) -> torch.Tensor:
+def dropout_keep_mask(
+    seed: int, B: int, H: int, Lq: int, Lk: int, p: float, device: torch.device | str
+) -> torch.Tensor:
     """The bool (B, H, Lq, Lk) keep-mask the kernels draw for ``seed`` and dropout probability ``p``."""
     total = B * H * Lq * Lk
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
@@ -637,3 +644,80 @@ def dropout_keep_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float, dev
         block = 1024
         _dropout_mask_kernel[(triton.cdiv(total, block),)](keep, int(seed), float(p), total, BLOCK=block)
     return keep.bool()
+
+
+# --------------------------------------------------------------------------------------------- kernel report
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p", "inv_keep"}
+# Per kernel: variant label -> (CAUSAL, MASK_KIND, MASK_GRAD, DROPOUT, VARLEN).
+_VARIANTS = {
+    "dense": (0, _MASK_NONE, False, False, False),
+    "causal": (1, _MASK_NONE, False, False, False),
+    "mask_bool": (0, _MASK_BOOL, False, False, False),
+    "mask_float": (0, _MASK_FLOAT, True, False, False),
+    "dropout": (0, _MASK_NONE, False, True, False),
+    "varlen_causal": (2, _MASK_NONE, False, False, True),
+}
+
+
+def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen: bool) -> dict[str, str]:
+    dt = _TRITON_DTYPE[dtype]
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("Lse", "Delta"):
+            sig[name] = "*fp32"
+        elif name == "Mask":
+            sig[name] = "*i1" if mask_kind == _MASK_BOOL else f"*{dt}"
+        elif name in ("CuQ", "CuK"):
+            sig[name] = "*i64" if varlen else f"*{dt}"
+        elif name == "Keep":
+            sig[name] = "*i8"
+        elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk"):
+            sig[name] = f"*{dt}"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in ("seed", "total"):
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def report_configs() -> list[dict]:
+    """Every (kernel, config) the launchers can launch at full tile size, for compiling ahead of time.
+
+    One entry per kernel x head-dim bucket (64, 128, 256) x dtype (fp16, bf16, fp32) x variant
+    (the causal / mask / dropout / varlen constexprs); short-sequence launches use smaller tiles.
+    Keys: kernel, fn, signature, constexprs, num_warps, num_stages, config.
+    """
+    entries = []
+    for dtype, dt in _TRITON_DTYPE.items():
+        precision = "tf32" if dtype == torch.float32 else "tf32"
+        for width in (64, 128, 256):
+            entries.append(_entry("_attn_bwd_preprocess", _attn_bwd_preprocess, dtype, {
+                "DV": width, "BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_DV": width, "VARLEN": False,
+            }, 4, 1, f"d{width}-{dt}", _MASK_NONE, False))
+            for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+                block_m, block_n, warps, stages = _CONFIGS[kernel][(width, 4 if dtype == torch.float32 else 2)]
+                for label, (causal, mask_kind, mask_grad, dropout, varlen) in _VARIANTS.items():
+                    constexprs = {
+                        "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
+                        "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
+                        "VARLEN": varlen, "PRECISION": precision,
+                    }
+                    if kernel == "dkdv":
+                        constexprs["MASK_GRAD"] = mask_grad
+                    entries.append(_entry(fn.__name__, fn, dtype, constexprs, warps, stages,
+                                          f"d{width}-{dt}-{label}-m{block_m}n{block_n}w{warps}s{stages}",
+                                          mask_kind, varlen))
+    return entries
+
+
+def _entry(name, fn, dtype, constexprs, warps, stages, label, mask_kind, varlen):
+    return {
+        "kernel": name, "fn": fn, "signature": _signature(fn, dtype, constexprs, mask_kind, varlen),
+        "constexprs": constexprs, "num_warps": warps, "num_stages": stages, "config": label,
+    }
