@@ -60,7 +60,7 @@ def _scores(a, b, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_of
     """Masked scores in log2 units, ``(a b^T * scale + mask) * log2(e)``, -inf where hidden; and the visibility.
 
     ``a`` (rows, D), ``b`` (cols, D): queries x keys, or keys x queries when ``TRANSPOSED``. Query i
-    sees key j iff ``j <= i + shift`` under a causal mode; ``mask_blk + mask_offs`` is laid out like the tile.
+    sees key j iff ``j <= i + shift`` under a causal mode; ``mask_blk + mask_offs`` address a (queries, keys) tile.
     """
     s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale
     visible = row_ok[:, None] & col_ok[None, :]
@@ -69,10 +69,17 @@ def _scores(a, b, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_of
             visible = visible & (rows[:, None] <= cols[None, :] + shift)
         else:
             visible = visible & (cols[None, :] <= rows[:, None] + shift)
-    if MASK_KIND == 1:
-        visible = visible & (tl.load(mask_blk + mask_offs, mask=visible, other=0) != 0)
-    if MASK_KIND == 2:
-        s += tl.load(mask_blk + mask_offs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+    if MASK_KIND != 0:
+        # The mask tile is always read (queries, keys), contiguous along keys, and transposed in registers:
+        # a strided transposed read would cost one address per element.
+        if TRANSPOSED:
+            m = tl.trans(tl.load(mask_blk + mask_offs, mask=col_ok[:, None] & row_ok[None, :], other=0))
+        else:
+            m = tl.load(mask_blk + mask_offs, mask=visible, other=0)
+        if MASK_KIND == 1:
+            visible = visible & (m != 0)
+        else:
+            s += m.to(tl.float32) * 1.4426950408889634
     return tl.where(visible, s, float("-inf")), visible
 
 
@@ -262,9 +269,9 @@ def _attn_bwd_dkdv(
 
     q_offs = arange_m[:, None] * stride_qm + offs_d[None, :]
     do_offs = arange_m[:, None] * stride_gm + offs_dv[None, :]
-    # Score tiles are (keys, queries), so dK / dV accumulate without transposes.
-    mask_offs = arange_m[None, :] * stride_mm + cols[:, None] * stride_mn
-    dmask_offs = arange_m[None, :] * stride_dmm + cols[:, None]
+    # Score tiles are (keys, queries), so dK / dV accumulate without transposes; mask tiles stay (queries, keys).
+    mask_offs = arange_m[:, None] * stride_mm + cols[None, :] * stride_mn
+    dmask_offs = arange_m[:, None] * stride_dmm + cols[None, :]
     drop_offs = arange_m[None, :] * Lk + cols[:, None]
     for g in range(0, GROUP):
         h64 = hk64 * GROUP + g
@@ -294,8 +301,8 @@ def _attn_bwd_dkdv(
             delta = tl.load(Delta + l_off + arange_m * stride_lm, mask=row_ok, other=0.0)
             dsT = pT * (dpT - delta[None, :])
             if MASK_GRAD:
-                tl.store(dmask_blk + dmask_offs, dsT.to(DMask.dtype.element_ty),
-                         mask=col_ok[:, None] & row_ok[None, :])
+                tl.store(dmask_blk + dmask_offs, tl.trans(dsT).to(DMask.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
             q_blk += BLOCK_M * stride_qm
             do_blk += BLOCK_M * stride_gm
