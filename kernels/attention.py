@@ -420,16 +420,16 @@ def _dropout_mask_kernel(Keep, seed, dropout_p, total, BLOCK: tl.constexpr):
 # has more) and for zero register spills, checked by compiling every entry (benchmarks/NOTES.md).
 _CONFIGS: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {
     "fwd": {
-        (64, 2): (128, 64, 4, 3), (128, 2): (128, 64, 8, 3), (256, 2): (64, 64, 8, 2),
-        (64, 4): (64, 64, 4, 3), (128, 4): (64, 32, 4, 2), (256, 4): (32, 32, 4, 2),
+        (64, 2): (128, 64, 8, 3), (128, 2): (64, 64, 8, 3), (256, 2): (64, 32, 8, 2),
+        (64, 4): (64, 64, 4, 3), (128, 4): (64, 32, 8, 2), (256, 4): (32, 32, 4, 2),
     },
     "dkdv": {
-        (64, 2): (64, 64, 4, 2), (128, 2): (64, 64, 8, 2), (256, 2): (32, 64, 8, 1),
-        (64, 4): (32, 64, 4, 2), (128, 4): (32, 64, 8, 1), (256, 4): (16, 32, 4, 1),
+        (64, 2): (32, 32, 4, 2), (128, 2): (16, 32, 8, 2), (256, 2): (16, 32, 8, 1),
+        (64, 4): (16, 32, 4, 2), (128, 4): (16, 32, 4, 1), (256, 4): (16, 32, 8, 1),
     },
     "dq": {
-        (64, 2): (64, 64, 4, 2), (128, 2): (64, 64, 8, 2), (256, 2): (64, 32, 8, 1),
-        (64, 4): (64, 32, 4, 2), (128, 4): (64, 32, 8, 1), (256, 4): (32, 32, 4, 1),
+        (64, 2): (128, 32, 8, 2), (128, 2): (64, 16, 8, 2), (256, 2): (32, 32, 8, 1),
+        (64, 4): (32, 32, 4, 2), (128, 4): (32, 32, 8, 1), (256, 4): (16, 32, 8, 1),
     },
 }
 _PREPROCESS_BLOCK_M = 64
@@ -439,8 +439,14 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _config(kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int) -> tuple[int, int, int, int]:
+def _config(
+    kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False
+) -> tuple[int, int, int, int]:
     block_m, block_n, warps, stages = _CONFIGS[kernel][(max(64, block_d), 4 if dtype == torch.float32 else 2)]
+    if masked and kernel != "dkdv":
+        # A mask tile is a gather (any strides, zero included): one address per element. Halve the
+        # query rows so those addresses fit in registers next to the score tile.
+        block_m = max(16, block_m // 2)
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages
 
@@ -525,7 +531,7 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
     if max_q == 0 or B == 0:
         return out, lse
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
-    block_m, block_n, warps, stages = _config("fwd", c.width, c.dtype, max_q, max_k)
+    block_m, block_n, warps, stages = _config("fwd", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE)
     dropout = dropout_p > 0.0
     grid = (triton.cdiv(max_q, block_m), c.Hq, B)
     _attn_fwd[grid](
@@ -562,7 +568,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     _attn_bwd_preprocess[(triton.cdiv(max_q, _PREPROCESS_BLOCK_M), c.Hq, B)](
         out, grad_out, delta, cu_q_arg,
         *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
-        Lq, DV=c.DV, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=c.block_dv, VARLEN=varlen,
+        Lq, DV=c.DV, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=4, num_stages=1,
     )
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
@@ -580,7 +586,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
         num_warps=warps, num_stages=stages,
     )
-    block_m, block_n, warps, stages = _config("dq", c.width, c.dtype, max_q, max_k)
+    block_m, block_n, warps, stages = _config("dq", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE)
     _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, B)](
         query, key, value, mask, grad_out, lse, delta, dq, cu_q_arg, cu_k_arg,
         *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
@@ -702,14 +708,15 @@ def report_configs() -> list[dict]:
     """
     entries = []
     for dtype, dt in _TRITON_DTYPE.items():
-        precision = "tf32" if dtype == torch.float32 else "tf32"
+        precision = "tf32"
         for width in (64, 128, 256):
             entries.append(_entry("_attn_bwd_preprocess", _attn_bwd_preprocess, dtype, {
                 "DV": width, "BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_DV": width, "VARLEN": False,
             }, 4, 1, f"d{width}-{dt}", _MASK_NONE, False))
             for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
-                block_m, block_n, warps, stages = _CONFIGS[kernel][(width, 4 if dtype == torch.float32 else 2)]
                 for label, (causal, mask_kind, mask_grad, dropout, varlen) in _VARIANTS.items():
+                    block_m, block_n, warps, stages = _config(kernel, width, dtype, 1 << 20, 1 << 20,
+                                                              mask_kind != _MASK_NONE)
                     constexprs = {
                         "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
                         "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
