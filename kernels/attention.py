@@ -1,0 +1,737 @@
+"""FlashAttention-style Triton kernels for the ``seqfast::*attention*`` ops (``seqfast/ops/attention.py``).
+
+Forward: one program per (query tile, query head, batch); the Q tile stays in registers while K/V
+tiles stream past it, with an online softmax in base 2 (``scale * log2(e)`` folded into one
+multiply) and fp32 accumulators. Only the row log-sum-exp (natural log) is saved.
+
+Backward (FlashAttention-2 split, no atomics, hence bitwise deterministic):
+``delta = rowsum(dO * O)``; a dK/dV kernel with one program per (key tile, key/value head, batch)
+that walks the query tiles of every query head of its group; a dQ kernel with one program per
+(query tile, query head, batch) that walks the key tiles. The float-mask gradient ``dS`` is written
+by the dK/dV kernel, which visits every (query, key) pair exactly once.
+
+Dropout draws a Philox number per (b, h, i, j) from ``seed`` and the flat element index
+``((b * H + h) * Lq + i) * Lk + j``: the backward regenerates the forward's mask, and
+:func:`dropout_keep_mask` materialises it for tests.
+
+Varlen (packed) sequences reuse the same kernels: the batch stride is 0 and each program reads its
+sequence's row range from ``cu_seqlens``.
+
+Launchers take the op schemas exactly (float16 / bfloat16 / float32; float64 is refused, the
+reference and C++ backends serve it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_NO_CAUSAL, _TOP_LEFT, _BOTTOM_RIGHT = 0, 1, 2
+_MASK_NONE, _MASK_BOOL, _MASK_FLOAT = 0, 1, 2
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dropout_keep(seed, offsets, dropout_p):
+    # One uniform per element from its global index: forward, backward and dropout_keep_mask agree.
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _sequence(Cu, b, L, VARLEN: tl.constexpr):
+    """(first row as int64, length as int32) of sequence ``b``: from cu_seqlens, or (0, L) when dense."""
+    if VARLEN:
+        start = tl.load(Cu + b).to(tl.int64)
+        length = (tl.load(Cu + b + 1).to(tl.int64) - start).to(tl.int32)
+    else:
+        start = tl.zeros([], dtype=tl.int64)
+        length = L
+    return start, length
+
+
+@triton.jit
+def _scores(a, b, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
+            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr):
+    """Masked scores in log2 units, ``(a b^T * scale + mask) * log2(e)``, -inf where hidden; and the visibility.
+
+    ``a`` (rows, D), ``b`` (cols, D): queries x keys, or keys x queries when ``TRANSPOSED``. Query i
+    sees key j iff ``j <= i + shift`` under a causal mode; ``mask_blk + mask_offs`` address a (queries, keys) tile.
+    """
+    s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale
+    visible = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL != 0:
+        if TRANSPOSED:
+            visible = visible & (rows[:, None] <= cols[None, :] + shift)
+        else:
+            visible = visible & (cols[None, :] <= rows[:, None] + shift)
+    if MASK_KIND != 0:
+        # The mask tile is always read (queries, keys), contiguous along keys, and transposed in registers:
+        # a strided transposed read would cost one address per element.
+        if TRANSPOSED:
+            m = tl.trans(tl.load(mask_blk + mask_offs, mask=col_ok[:, None] & row_ok[None, :], other=0))
+        else:
+            m = tl.load(mask_blk + mask_offs, mask=visible, other=0)
+        if MASK_KIND == 1:
+            visible = visible & (m != 0)
+        else:
+            s += m.to(tl.float32) * 1.4426950408889634
+    return tl.where(visible, s, float("-inf")), visible
+
+
+# Loops carry scalar block pointers only; the (tile) offsets are loop-invariant int32, so no tensor of
+# 64-bit pointers lives across iterations (that alone made the dK/dV kernel spill).
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, Out, Lse, CuQ, CuK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh, stride_lm,
+    H, GROUP, Lq, Lk,
+    qk_scale, dropout_p, inv_keep, seed,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    if CAUSAL != 0:
+        # Causal tiles near the bottom carry the most keys: launch them first.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seqlen_q = _sequence(CuQ, b, Lq, VARLEN)
+    k_start, seqlen_k = _sequence(CuK, b, Lk, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    arange_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    q = tl.load(Q + (b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm)
+                + (rows[:, None] * stride_qm + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_blk = K + (b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn)
+    v_blk = V + (b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn)
+    k_offs = arange_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
+    mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm)
+    mask_offs = rows[:, None] * stride_mm + arange_n[None, :] * stride_mn
+    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk
+    drop_offs = rows[:, None] * Lk + arange_n[None, :]
+
+    shift = 0
+    hi = seqlen_k
+    if CAUSAL != 0:
+        if CAUSAL == 2:
+            shift = seqlen_k - seqlen_q
+        # Key tiles wholly right of the diagonal are never loaded.
+        hi = tl.minimum(seqlen_k, m0 + BLOCK_M + shift)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + arange_n
+        col_ok = offs_n < seqlen_k
+        k = tl.load(k_blk + k_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s, visible = _scores(q, k, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
+                             CAUSAL, MASK_KIND, False, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        k_blk += BLOCK_N * stride_kn
+        v_blk += BLOCK_N * stride_vn
+        mask_blk += BLOCK_N * stride_mn
+        drop_blk += BLOCK_N
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_blk = Out + (b64 * stride_ob + h64 * stride_oh + (q_start + m0) * stride_om)
+    tl.store(o_blk + (rows[:, None] * stride_om + offs_dv[None, :]), out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok[None, :])
+    l_blk = Lse + (b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm)
+    tl.store(l_blk + rows * stride_lm, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    Out, DO, Delta, CuQ,
+    stride_ob, stride_oh, stride_om,
+    stride_gb, stride_gh, stride_gm,
+    stride_lb, stride_lh, stride_lm,
+    Lq,
+    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """delta = rowsum(dO * O) in fp32, laid out like lse."""
+    pid_m = tl.program_id(0)
+    h64 = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2)
+    q_start, seqlen_q = _sequence(CuQ, b, Lq, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    b64 = b.to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = (m0 + rows) < seqlen_q
+    ok = row_ok[:, None] & (offs_dv < DV)[None, :]
+    o = tl.load(Out + (b64 * stride_ob + h64 * stride_oh + (q_start + m0) * stride_om)
+                + (rows[:, None] * stride_om + offs_dv[None, :]), mask=ok, other=0.0)
+    do = tl.load(DO + (b64 * stride_gb + h64 * stride_gh + (q_start + m0) * stride_gm)
+                 + (rows[:, None] * stride_gm + offs_dv[None, :]), mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + (b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm) + rows * stride_lm,
+             delta, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV_, DMask, CuQ, CuK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm,
+    stride_lb, stride_lh, stride_lm,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_dmb, stride_dmh, stride_dmm,
+    H, GROUP, Lq, Lk,
+    sm_scale, qk_scale, dropout_p, inv_keep, seed,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV for one key tile of one key/value head; loops over the group's query heads and query tiles."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seqlen_q = _sequence(CuQ, b, Lq, VARLEN)
+    k_start, seqlen_k = _sequence(CuK, b, Lk, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    offs_n = n0 + cols
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    arange_m = tl.arange(0, BLOCK_M)
+    col_ok = offs_n < seqlen_k
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    k = tl.load(K + (b64 * stride_kb + hk64 * stride_kh + (k_start + n0) * stride_kn)
+                + (cols[:, None] * stride_kn + offs_d[None, :]), mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + (b64 * stride_vb + hk64 * stride_vh + (k_start + n0) * stride_vn)
+                + (cols[:, None] * stride_vn + offs_dv[None, :]), mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    shift = 0
+    lo = 0
+    if CAUSAL != 0:
+        if CAUSAL == 2:
+            shift = seqlen_k - seqlen_q
+        # Query i sees key j iff j <= i + shift: rows above n0 - shift see none of this tile.
+        lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
+    lo64 = q_start * 0 + lo
+
+    q_offs = arange_m[:, None] * stride_qm + offs_d[None, :]
+    do_offs = arange_m[:, None] * stride_gm + offs_dv[None, :]
+    # Score tiles are (keys, queries), so dK / dV accumulate without transposes; mask tiles stay (queries, keys).
+    mask_offs = arange_m[:, None] * stride_mm + cols[None, :] * stride_mn
+    dmask_offs = arange_m[:, None] * stride_dmm + cols[None, :]
+    drop_offs = arange_m[None, :] * Lk + cols[:, None]
+    for g in range(0, GROUP):
+        h64 = hk64 * GROUP + g
+        q_blk = Q + (b64 * stride_qb + h64 * stride_qh + (q_start + lo64) * stride_qm)
+        do_blk = DO + (b64 * stride_gb + h64 * stride_gh + (q_start + lo64) * stride_gm)
+        l_off = b64 * stride_lb + h64 * stride_lh + (q_start + lo64) * stride_lm
+        mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + lo64 * stride_mm + n0 * stride_mn)
+        dmask_blk = DMask + (b64 * stride_dmb + h64 * stride_dmh + lo64 * stride_dmm + n0)
+        drop_blk = ((b64 * H + h64) * Lq + lo64) * Lk + n0
+        for m0 in range(lo, seqlen_q, BLOCK_M):
+            offs_m = m0 + arange_m
+            row_ok = offs_m < seqlen_q
+            q = tl.load(q_blk + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            # lse = +inf for rows that see nothing (and padding rows): their probabilities are 0.
+            lse2 = tl.load(Lse + l_off + arange_m * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            sT, visible = _scores(k, q, offs_n, offs_m, col_ok, row_ok, shift, qk_scale, mask_blk, mask_offs,
+                                  CAUSAL, MASK_KIND, True, PRECISION)
+            pT = tl.where(visible, tl.math.exp2(sT - lse2[None, :]), 0.0)
+            do = tl.load(do_blk + do_offs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+                dv += tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, input_precision=PRECISION)
+                dpT = tl.where(keep, dpT * inv_keep, 0.0)
+            else:
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+            delta = tl.load(Delta + l_off + arange_m * stride_lm, mask=row_ok, other=0.0)
+            dsT = pT * (dpT - delta[None, :])
+            if MASK_GRAD:
+                tl.store(dmask_blk + dmask_offs, tl.trans(dsT).to(DMask.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+            q_blk += BLOCK_M * stride_qm
+            do_blk += BLOCK_M * stride_gm
+            l_off += BLOCK_M * stride_lm
+            mask_blk += BLOCK_M * stride_mm
+            dmask_blk += BLOCK_M * stride_dmm
+            drop_blk += BLOCK_M * Lk
+
+    dk *= sm_scale
+    tl.store(DK + (b64 * stride_dkb + hk64 * stride_dkh + (k_start + n0) * stride_dkn)
+             + (cols[:, None] * stride_dkn + offs_d[None, :]), dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV_ + (b64 * stride_dvb + hk64 * stride_dvh + (k_start + n0) * stride_dvn)
+             + (cols[:, None] * stride_dvn + offs_dv[None, :]), dv.to(DV_.dtype.element_ty),
+             mask=col_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm,
+    stride_lb, stride_lh, stride_lm,
+    stride_dqb, stride_dqh, stride_dqm,
+    H, GROUP, Lq, Lk,
+    sm_scale, qk_scale, dropout_p, inv_keep, seed,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dQ for one query tile of one query head; loops over the visible key tiles."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seqlen_q = _sequence(CuQ, b, Lq, VARLEN)
+    k_start, seqlen_k = _sequence(CuK, b, Lk, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    arange_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    q = tl.load(Q + (b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm)
+                + (rows[:, None] * stride_qm + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + (b64 * stride_gb + h64 * stride_gh + (q_start + m0) * stride_gm)
+                 + (rows[:, None] * stride_gm + offs_dv[None, :]), mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    l_off = b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm
+    lse2 = tl.load(Lse + l_off + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + l_off + rows * stride_lm, mask=row_ok, other=0.0)
+
+    k_blk = K + (b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn)
+    v_blk = V + (b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn)
+    k_offs = arange_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
+    mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm)
+    mask_offs = rows[:, None] * stride_mm + arange_n[None, :] * stride_mn
+    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk
+    drop_offs = rows[:, None] * Lk + arange_n[None, :]
+
+    shift = 0
+    hi = seqlen_k
+    if CAUSAL != 0:
+        if CAUSAL == 2:
+            shift = seqlen_k - seqlen_q
+        hi = tl.minimum(seqlen_k, m0 + BLOCK_M + shift)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + arange_n
+        col_ok = offs_n < seqlen_k
+        k = tl.load(k_blk + k_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s, visible = _scores(q, k, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
+                             CAUSAL, MASK_KIND, False, PRECISION)
+        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        k_blk += BLOCK_N * stride_kn
+        v_blk += BLOCK_N * stride_vn
+        mask_blk += BLOCK_N * stride_mn
+        drop_blk += BLOCK_N
+
+    dq *= sm_scale
+    tl.store(DQ + (b64 * stride_dqb + h64 * stride_dqh + (q_start + m0) * stride_dqm)
+             + (rows[:, None] * stride_dqm + offs_d[None, :]), dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, seed, dropout_p, total, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = _dropout_keep(seed, offs, dropout_p)
+    tl.store(Keep + offs, keep.to(tl.int8), mask=offs < total)
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim tile width (power of two >= 16,
+# the larger of q/k's and v's) and element size. Sized for sm_80's 164 KB of shared memory (sm_90
+# has more) and for zero register spills, checked by compiling every entry (benchmarks/NOTES.md).
+_CONFIGS: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {
+    "fwd": {
+        (64, 2): (128, 64, 8, 3), (128, 2): (64, 64, 8, 3), (256, 2): (64, 32, 8, 2),
+        (64, 4): (64, 64, 4, 3), (128, 4): (64, 32, 8, 2), (256, 4): (32, 32, 4, 2),
+    },
+    "dkdv": {
+        (64, 2): (32, 32, 4, 2), (128, 2): (16, 32, 8, 2), (256, 2): (16, 32, 8, 1),
+        (64, 4): (16, 32, 4, 2), (128, 4): (16, 32, 4, 1), (256, 4): (16, 32, 8, 1),
+    },
+    "dq": {
+        (64, 2): (128, 32, 8, 2), (128, 2): (64, 16, 8, 2), (256, 2): (32, 32, 8, 1),
+        (64, 4): (32, 32, 4, 2), (128, 4): (32, 32, 8, 1), (256, 4): (16, 32, 8, 1),
+    },
+}
+_PREPROCESS_BLOCK_M = 64
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _config(
+    kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False
+) -> tuple[int, int, int, int]:
+    block_m, block_n, warps, stages = _CONFIGS[kernel][(max(64, block_d), 4 if dtype == torch.float32 else 2)]
+    if masked and kernel != "dkdv":
+        # A mask tile is a gather (any strides, zero included): one address per element. Halve the
+        # query rows so those addresses fit in registers next to the score tile.
+        block_m = max(16, block_m // 2)
+    # Short sequences (decoding, tests) get tiles no taller than needed.
+    return min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    if query.dtype not in _SUPPORTED:
+        raise TypeError(f"seqfast's Triton attention kernels run float16, bfloat16 and float32, got {query.dtype}; "
+                        "float64 is served by the 'cpp' and 'reference' backends")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name} must have stride 1 on its last dim, got strides {t.stride()}")
+    if query.shape[-1] > 256 or value.shape[-1] > 256:
+        raise ValueError(f"head dims up to 256 are supported, got {query.shape[-1]} and {value.shape[-1]}")
+
+
+def _mask_args(attn_mask: torch.Tensor | None, query: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """(pointer tensor, its 4 strides, MASK_KIND)."""
+    if attn_mask is None:
+        return query, (0, 0, 0, 0), _MASK_NONE
+    kind = _MASK_BOOL if attn_mask.dtype == torch.bool else _MASK_FLOAT
+    return attn_mask, tuple(attn_mask.stride()), kind
+
+
+class _Common:
+    """Launch arguments the dense and varlen paths share, in the kernels' order."""
+
+    def __init__(self, query, key, value, scale, varlen):
+        self.dtype = query.dtype
+        self.D, self.DV = query.shape[-1], value.shape[-1]
+        self.block_d, self.block_dv = _pow2(self.D), _pow2(self.DV)
+        self.width = max(self.block_d, self.block_dv)
+        self.precision = _precision(query.dtype)
+        self.scale = float(scale)
+        self.qk_scale = float(scale) * LOG2E
+        if varlen:  # (total, H, D): no batch stride, rows are dim 0
+            self.Hq, self.Hk = query.shape[1], key.shape[1]
+            self.q_strides = (0, query.stride(1), query.stride(0))
+            self.k_strides = (0, key.stride(1), key.stride(0))
+            self.v_strides = (0, value.stride(1), value.stride(0))
+        else:
+            self.Hq, self.Hk = query.shape[1], key.shape[1]
+            self.q_strides = tuple(query.stride()[:3])
+            self.k_strides = tuple(key.stride()[:3])
+            self.v_strides = tuple(value.stride()[:3])
+        if self.Hq % self.Hk:
+            raise ValueError(f"query heads ({self.Hq}) must be a multiple of key/value heads ({self.Hk})")
+        self.group = self.Hq // self.Hk
+
+
+def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, L, E) tensor, or of a packed (total, H, E) one."""
+    return (0, t.stride(1), t.stride(0)) if varlen else tuple(t.stride()[:3])
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """lse / delta are (B, H, L), or (H, total) when packed."""
+    return (0, lse.stride(0), lse.stride(1)) if varlen else tuple(lse.stride())
+
+
+def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q, cu_k, B, Lq, Lk, max_q, max_k):
+    varlen = cu_q is not None
+    c = _Common(query, key, value, scale, varlen)
+    if varlen:
+        out = torch.empty((query.shape[0], c.Hq, c.DV), dtype=query.dtype, device=query.device)
+        lse = torch.empty((c.Hq, query.shape[0]), dtype=torch.float32, device=query.device)
+    else:
+        out = torch.empty((B, c.Hq, Lq, c.DV), dtype=query.dtype, device=query.device)
+        lse = torch.empty((B, c.Hq, Lq), dtype=torch.float32, device=query.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if max_q == 0 or B == 0:
+        return out, lse
+    mask, m_strides, mask_kind = _mask_args(attn_mask, query)
+    block_m, block_n, warps, stages = _config("fwd", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE)
+    dropout = dropout_p > 0.0
+    grid = (triton.cdiv(max_q, block_m), c.Hq, B)
+    _attn_fwd[grid](
+        query, key, value, mask, out, lse, cu_q if varlen else query, cu_k if varlen else query,
+        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
+        *_row_strides(out, varlen), *_lse_strides(lse, varlen),
+        c.Hq, c.group, Lq, Lk,
+        c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed),
+        D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+        CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad,
+              cu_q, cu_k, B, Lq, Lk, max_q, max_k):
+    varlen = cu_q is not None
+    c = _Common(query, key, value, scale, varlen)
+    dq = torch.empty_like(query, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(key, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(value, memory_format=torch.contiguous_format)
+    if mask_grad:
+        # Zeros: causal skipping leaves pairs no kernel visits, and their gradient is 0.
+        dmask = torch.zeros((B, c.Hq, Lq, Lk), dtype=attn_mask.dtype, device=query.device)
+    else:
+        dmask = query.new_empty((0,))
+    if B == 0 or max_q == 0 or max_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    lse = lse.float() if lse.dtype != torch.float32 else lse
+    delta = torch.empty_like(lse)
+    cu_q_arg = cu_q if varlen else query
+    cu_k_arg = cu_k if varlen else query
+    _attn_bwd_preprocess[(triton.cdiv(max_q, _PREPROCESS_BLOCK_M), c.Hq, B)](
+        out, grad_out, delta, cu_q_arg,
+        *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
+        Lq, DV=c.DV, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=4, num_stages=1,
+    )
+    mask, m_strides, mask_kind = _mask_args(attn_mask, query)
+    dropout = dropout_p > 0.0
+    common_tail = (c.Hq, c.group, Lq, Lk, c.scale, c.qk_scale, float(dropout_p),
+                   1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed))
+    flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
+                 DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
+
+    block_m, block_n, warps, stages = _config("dkdv", c.width, c.dtype, max_q, max_k)
+    dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
+    _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, B)](
+        query, key, value, mask, grad_out, lse, delta, dk, dv, dmask if mask_grad else query, cu_q_arg, cu_k_arg,
+        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
+        *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
+        *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
+        num_warps=warps, num_stages=stages,
+    )
+    block_m, block_n, warps, stages = _config("dq", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE)
+    _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, B)](
+        query, key, value, mask, grad_out, lse, delta, dq, cu_q_arg, cu_k_arg,
+        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
+        *_lse_strides(delta, varlen), *_row_strides(dq, varlen),
+        *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv, dmask
+
+
+def attention_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+    dropout_p: float, causal: int, scale: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``seqfast::attention_forward``: q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) ->
+    (out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32, +inf on rows that see no key)."""
+    _check(query, key, value)
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
+    return _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, None, None, B, Lq, Lk, Lq, Lk)
+
+
+def attention_backward(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attn_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, dropout_p: float, causal: int,
+    scale: float, seed: int, mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``seqfast::attention_backward``: (dq, dk, dv) like the inputs, dmask (B, Hq, Lq, Lk) or empty."""
+    _check(query, key, value)
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
+    return _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad,
+                     None, None, B, Lq, Lk, Lq, Lk)
+
+
+def varlen_attention_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``seqfast::varlen_attention_forward``: packed q (total_q, Hq, D) -> (out (total_q, Hq, Dv),
+    lse (Hq, total_q))."""
+    _check(query, key, value)
+    B = cu_seqlens_q.numel() - 1
+    return _forward(query, key, value, None, 0.0, causal, scale, 0, cu_seqlens_q, cu_seqlens_k,
+                    B, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
+
+
+def varlen_attention_backward(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    out: torch.Tensor, lse: torch.Tensor, causal: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``seqfast::varlen_attention_backward``: (dq, dk, dv) with the packed inputs' shapes."""
+    _check(query, key, value)
+    B = cu_seqlens_q.numel() - 1
+    dq, dk, dv, _ = _backward(grad_out, query, key, value, None, out, lse, 0.0, causal, scale, 0, False,
+                              cu_seqlens_q, cu_seqlens_k, B, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(
+    seed: int, B: int, H: int, Lq: int, Lk: int, p: float, device: torch.device | str
+) -> torch.Tensor:
+    """The bool (B, H, Lq, Lk) keep-mask the kernels draw for ``seed`` and dropout probability ``p``."""
+    total = B * H * Lq * Lk
+    keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
+    if total:
+        block = 1024
+        _dropout_mask_kernel[(triton.cdiv(total, block),)](keep, int(seed), float(p), total, BLOCK=block)
+    return keep.bool()
+
+
+# --------------------------------------------------------------------------------------------- kernel report
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p", "inv_keep"}
+# Per kernel: variant label -> (CAUSAL, MASK_KIND, MASK_GRAD, DROPOUT, VARLEN).
+_VARIANTS = {
+    "dense": (0, _MASK_NONE, False, False, False),
+    "causal": (1, _MASK_NONE, False, False, False),
+    "mask_bool": (0, _MASK_BOOL, False, False, False),
+    "mask_float": (0, _MASK_FLOAT, True, False, False),
+    "dropout": (0, _MASK_NONE, False, True, False),
+    "varlen_causal": (2, _MASK_NONE, False, False, True),
+}
+
+
+def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen: bool) -> dict[str, str]:
+    dt = _TRITON_DTYPE[dtype]
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("Lse", "Delta"):
+            sig[name] = "*fp32"
+        elif name == "Mask":
+            sig[name] = "*i1" if mask_kind == _MASK_BOOL else f"*{dt}"
+        elif name in ("CuQ", "CuK"):
+            sig[name] = "*i64" if varlen else f"*{dt}"
+        elif name == "Keep":
+            sig[name] = "*i8"
+        elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk"):
+            sig[name] = f"*{dt}"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in ("seed", "total"):
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def report_configs() -> list[dict]:
+    """Every (kernel, config) the launchers can launch at full tile size, for compiling ahead of time.
+
+    One entry per kernel x head-dim bucket (64, 128, 256) x dtype (fp16, bf16, fp32) x variant
+    (the causal / mask / dropout / varlen constexprs); short-sequence launches use smaller tiles.
+    Keys: kernel, fn, signature, constexprs, num_warps, num_stages, config.
+    """
+    entries = []
+    for dtype, dt in _TRITON_DTYPE.items():
+        precision = "tf32"
+        for width in (64, 128, 256):
+            entries.append(_entry("_attn_bwd_preprocess", _attn_bwd_preprocess, dtype, {
+                "DV": width, "BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_DV": width, "VARLEN": False,
+            }, 4, 1, f"d{width}-{dt}", _MASK_NONE, False))
+            for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+                for label, (causal, mask_kind, mask_grad, dropout, varlen) in _VARIANTS.items():
+                    block_m, block_n, warps, stages = _config(kernel, width, dtype, 1 << 20, 1 << 20,
+                                                              mask_kind != _MASK_NONE)
+                    constexprs = {
+                        "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
+                        "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
+                        "VARLEN": varlen, "PRECISION": precision,
+                    }
+                    if kernel == "dkdv":
+                        constexprs["MASK_GRAD"] = mask_grad
+                    entries.append(_entry(fn.__name__, fn, dtype, constexprs, warps, stages,
+                                          f"d{width}-{dt}-{label}-m{block_m}n{block_n}w{warps}s{stages}",
+                                          mask_kind, varlen))
+    return entries
+
+
+def _entry(name, fn, dtype, constexprs, warps, stages, label, mask_kind, varlen):
+    return {
+        "kernel": name, "fn": fn, "signature": _signature(fn, dtype, constexprs, mask_kind, varlen),
+        "constexprs": constexprs, "num_warps": warps, "num_stages": stages, "config": label,
+    }

@@ -1,0 +1,291 @@
+"""The Triton attention kernels (kernels/attention.py) through Triton's interpreter, against the float64 reference.
+
+Shapes stay tiny (the interpreter is slow) but cover every path: lengths 1 / 17 / 70 / 129 around the
+tile edges, head dims 16 / 64 / 80 / 128 with q/k and v widths differing, Lq != Lk, both causal
+alignments, bool / float masks broadcast over batch and heads, fully masked rows, GQA / MQA,
+dropout, varlen packing, non-contiguous inputs and bitwise-deterministic gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import seqfast  # noqa: E402
+from seqfast import _backend, _triton  # noqa: E402
+from seqfast.reference import attention as reference  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+OPS = torch.ops.seqfast
+
+
+def op_forward(*args):
+    """torch.ops.seqfast.attention_forward under the backend in force (the public functions do the same)."""
+    return _backend.dispatch(None, OPS.attention_forward.default, *args)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return _triton.kernels("attention", torch.zeros(1))
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (0 / 0 -> 0), computed in float64."""
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    scale = want.abs().max().item() if want.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def sdpa_with_grads(backend: str, tensors: list[torch.Tensor], dtype: torch.dtype, grad_out=None, **kwargs):
+    """Run the public sdpa under ``backend`` on copies of ``tensors`` cast to ``dtype``; (out, grads)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    mask = kwargs.pop("attn_mask", None)
+    mask_leaf = None
+    if mask is not None and mask.is_floating_point():
+        mask_leaf = mask.detach().to(dtype).requires_grad_()
+        mask = mask_leaf
+    with seqfast.backend(backend):
+        out = seqfast.scaled_dot_product_attention(*leaves, attn_mask=mask, **kwargs)
+        go = torch.ones_like(out) if grad_out is None else grad_out.to(dtype)
+        grads = torch.autograd.grad(out, leaves + ([mask_leaf] if mask_leaf is not None else []), go)
+    return out.detach(), grads
+
+
+def check_against_reference(tensors, tol=1e-4, grad_out=None, **kwargs):
+    ref_out, ref_grads = sdpa_with_grads("reference", tensors, torch.float64, grad_out, **dict(kwargs))
+    out, grads = sdpa_with_grads("triton", tensors, torch.float32, grad_out, **dict(kwargs))
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref_out) <= tol, rel_err(out, ref_out)
+    for name, g, rg in zip(("query", "key", "value", "mask"), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, rg) <= tol, (name, rel_err(g, rg))
+    return out, grads
+
+
+def qkv(B, Hq, Hk, Lq, Lk, D, Dv):
+    return [torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, Dv)]
+
+
+@pytest.mark.parametrize(
+    "B, H, Lq, Lk, D, Dv",
+    [
+        (1, 2, 1, 17, 16, 16),  # decoding: one query row
+        (2, 1, 17, 17, 64, 64),
+        (1, 2, 70, 129, 80, 80),  # D not a power of two, Lk past two key tiles
+        (1, 1, 129, 70, 128, 64),  # q/k and v widths differ
+    ],
+)
+def test_matches_reference_float32(B, H, Lq, Lk, D, Dv):
+    check_against_reference(qkv(B, H, H, Lq, Lk, D, Dv), grad_out=torch.randn(B, H, Lq, Dv))
+
+
+def test_lse_and_output_layout(kernels):
+    q, k, v = qkv(2, 2, 2, 17, 70, 16, 16)
+    out, lse = kernels.attention_forward(q, k, v, None, 0.0, 0, 0.25, 0)
+    ref_out, ref_lse = reference.attention(q, k, v, scale=0.25)
+    assert out.shape == (2, 2, 17, 16) and out.is_contiguous() and out.dtype == torch.float32
+    assert lse.shape == (2, 2, 17) and lse.dtype == torch.float32
+    assert rel_err(lse, ref_lse) <= 1e-5 and rel_err(out, ref_out) <= 1e-4
+
+
+def test_non_contiguous_inputs():
+    # (B, L, H, D) storage seen as (B, H, L, D): strides differ from the contiguous layout.
+    q = torch.randn(1, 70, 2, 64).transpose(1, 2)
+    k = torch.randn(1, 17, 2, 64).transpose(1, 2)
+    v = torch.randn(1, 17, 2, 80).transpose(1, 2)
+    assert not q.is_contiguous()
+    check_against_reference([q, k, v])
+
+
+def test_causal_top_left():
+    check_against_reference(qkv(1, 2, 2, 70, 129, 64, 64), is_causal=True, grad_out=torch.randn(1, 2, 70, 64))
+
+
+@pytest.mark.parametrize("Lq, Lk", [(17, 70), (70, 17)])
+def test_causal_bottom_right_through_the_op(Lq, Lk):
+    """causal=2: query i sees keys j <= i + Lk - Lq; with Lq > Lk the first rows see nothing."""
+    q, k, v = qkv(1, 2, 2, Lq, Lk, 16, 16)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with seqfast.backend("triton"):
+        out, lse = op_forward(*leaves, None, 0.0, 2, 0.25, 0)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.attention(*ref_leaves, causal=2, scale=0.25)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, torch.ones_like(ref_out))
+    assert rel_err(out, ref_out) <= 1e-4
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert rel_err(lse[finite], ref_lse[finite]) <= 1e-5
+    if Lq > Lk:
+        assert torch.isinf(lse[..., : Lq - Lk]).all() and (out[..., : Lq - Lk, :] == 0).all()
+    for g, rg in zip(grads, ref_grads):
+        assert torch.isfinite(g).all() and rel_err(g, rg) <= 1e-4
+
+
+def test_bool_mask_broadcast_over_batch_and_heads():
+    q, k, v = qkv(2, 2, 2, 17, 70, 16, 16)
+    mask = torch.rand(1, 1, 17, 70) > 0.4
+    check_against_reference([q, k, v], attn_mask=mask)
+
+
+def test_float_mask_gradient_broadcast_over_batch():
+    q, k, v = qkv(2, 2, 2, 70, 17, 16, 16)
+    mask = torch.randn(1, 2, 70, 17)
+    out, grads = check_against_reference([q, k, v], attn_mask=mask, grad_out=torch.randn(2, 2, 70, 16))
+    assert grads[3].shape == mask.shape and grads[3].abs().max() > 0
+
+
+def test_fully_masked_rows_give_zero_output_and_finite_grads():
+    q, k, v = qkv(1, 2, 2, 17, 17, 16, 16)
+    bool_mask = torch.rand(1, 2, 17, 17) > 0.5
+    bool_mask[:, :, 3] = False  # rows that see nothing
+    out, grads = check_against_reference([q, k, v], attn_mask=bool_mask)
+    assert (out[:, :, 3] == 0).all() and (grads[0][:, :, 3] == 0).all()
+    float_mask = torch.randn(1, 1, 17, 17)
+    float_mask[..., 5, :] = float("-inf")
+    out, grads = check_against_reference([q, k, v], attn_mask=float_mask)
+    assert (out[:, :, 5] == 0).all() and (grads[3][..., 5, :] == 0).all()
+
+
+@pytest.mark.parametrize("Hq, Hk", [(4, 2), (4, 1)])
+def test_grouped_and_multi_query(Hq, Hk):
+    check_against_reference(qkv(1, Hq, Hk, 17, 70, 64, 64), enable_gqa=True, is_causal=True)
+
+
+def test_custom_scale():
+    check_against_reference(qkv(1, 2, 2, 17, 17, 80, 80), scale=0.7)
+
+
+def test_float64_refused_clearly():
+    q, k, v = (t.double() for t in qkv(1, 1, 1, 4, 4, 16, 16))
+    with pytest.raises(TypeError, match="float64"), seqfast.backend("triton"):
+        seqfast.scaled_dot_product_attention(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------- float16
+
+
+def test_float16_within_twice_torch_error():
+    q, k, v = qkv(1, 2, 2, 70, 70, 64, 64)
+    mask = torch.randn(1, 1, 70, 70)
+    grad_out = torch.randn(1, 2, 70, 64)
+    ref_out, ref_grads = sdpa_with_grads("reference", [q, k, v], torch.float64, grad_out, attn_mask=mask)
+    out, grads = sdpa_with_grads("triton", [q, k, v], torch.float16, grad_out, attn_mask=mask)
+    assert out.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+
+    leaves = [t.half().requires_grad_() for t in (q, k, v)]
+    half_mask = mask.half().requires_grad_()
+    torch_out = F.scaled_dot_product_attention(*leaves, attn_mask=half_mask)
+    torch_grads = torch.autograd.grad(torch_out, leaves + [half_mask], grad_out.half())
+
+    def err(a, b):
+        return (a.double() - b.double()).abs().max().item()
+
+    assert err(out, ref_out) <= 2 * err(torch_out, ref_out), (err(out, ref_out), err(torch_out, ref_out))
+    for name, g, tg, rg in zip(("query", "key", "value", "mask"), grads, torch_grads, ref_grads):
+        assert err(g, rg) <= 2 * err(tg, rg), (name, err(g, rg), err(tg, rg))
+
+
+# ------------------------------------------------------------------------------------------- dropout
+
+
+def test_dropout_same_seed_same_result():
+    tensors = qkv(1, 2, 2, 17, 70, 16, 16)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(sdpa_with_grads("triton", tensors, torch.float32, dropout_p=0.3))
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    torch.manual_seed(124)
+    out_c, _ = sdpa_with_grads("triton", tensors, torch.float32, dropout_p=0.3)
+    assert not torch.equal(out_a, out_c)
+    no_drop, _ = sdpa_with_grads("triton", tensors, torch.float32)
+    assert not torch.equal(out_a, no_drop)
+
+
+def test_dropout_keep_rate(kernels):
+    p = 0.3
+    keep = kernels.dropout_keep_mask(7, 2, 2, 64, 129, p, "cpu")
+    assert keep.dtype == torch.bool and keep.shape == (2, 2, 64, 129)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), rate
+    # Neighbouring elements and neighbouring seeds are not correlated in an obvious way.
+    other = kernels.dropout_keep_mask(8, 2, 2, 64, 129, p, "cpu")
+    assert 0.5 < (keep == other).float().mean().item() < 0.65  # ~ p^2 + (1-p)^2 = 0.58
+    assert torch.equal(keep, kernels.dropout_keep_mask(7, 2, 2, 64, 129, p, "cpu"))
+
+
+def test_dropout_matches_reference_given_keep_mask(kernels):
+    B, H, Lq, Lk, D, p, seed, scale = 1, 2, 17, 70, 16, 0.25, 99, 0.3
+    q, k, v = qkv(B, H, H, Lq, Lk, D, D)
+    mask = torch.randn(1, 1, Lq, Lk)
+    grad_out = torch.randn(B, H, Lq, D)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    mask_leaf = mask.clone().requires_grad_()
+    with seqfast.backend("triton"):
+        out, _ = op_forward(*leaves, mask_leaf.expand(B, H, Lq, Lk), p, 0, scale, seed)
+        grads = torch.autograd.grad(out, leaves + [mask_leaf], grad_out)
+    keep = kernels.dropout_keep_mask(seed, B, H, Lq, Lk, p, "cpu")
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, mask)]
+    ref_out, _ = reference.attention(*ref_leaves[:3], ref_leaves[3], scale=scale, dropout_p=p, dropout_keep_mask=keep)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.double())
+    assert rel_err(out, ref_out) <= 1e-4
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------- varlen
+
+
+def varlen_with_grads(backend, tensors, dtype, cu_q, cu_k, causal, grad_out):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    max_q = int((cu_q[1:] - cu_q[:-1]).max())
+    max_k = int((cu_k[1:] - cu_k[:-1]).max())
+    with seqfast.backend(backend):
+        out = seqfast.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, causal=causal)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_reference(causal):
+    cu_q = torch.tensor([0, 1, 18, 18, 88], dtype=torch.int32)  # lengths 1, 17, 0, 70
+    cu_k = torch.tensor([0, 17, 34, 36, 165], dtype=torch.int32)  # lengths 17, 17, 2, 129
+    Hq, Hk, D = 2, 1, 64
+    tensors = [torch.randn(88, Hq, D), torch.randn(165, Hk, D), torch.randn(165, Hk, D)]
+    grad_out = torch.randn(88, Hq, D)
+    ref_out, ref_grads = varlen_with_grads("reference", tensors, torch.float64, cu_q, cu_k, causal, grad_out)
+    out, grads = varlen_with_grads("triton", tensors, torch.float32, cu_q, cu_k, causal, grad_out)
+    assert rel_err(out, ref_out) <= 1e-4
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------- determinism
+
+
+def test_gradients_bitwise_deterministic():
+    tensors = qkv(1, 4, 2, 70, 17, 16, 16)
+    mask = torch.randn(1, 4, 70, 17)
+    grad_out = torch.randn(1, 4, 70, 16)
+    _, first = sdpa_with_grads("triton", tensors, torch.float32, grad_out, attn_mask=mask, enable_gqa=True)
+    _, second = sdpa_with_grads("triton", tensors, torch.float32, grad_out, attn_mask=mask, enable_gqa=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
