@@ -28,10 +28,10 @@ test: build
 	$(PY) -m pytest -q tests
 
 bench: build
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 report: venv
-	$(PY) benchmarks/kernel_report.py
+	$(PY) benchmarks/kernel_report.py $(REPORT_ARGS)
 
 lint: venv
 	$(PY) -m ruff check .

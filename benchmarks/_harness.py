@@ -1,0 +1,199 @@
+"""Shapes, work counts and measurement shared by the ``bench_*.py`` modules.
+
+Size tiers (``--bench-size``):
+
+- ``smoke``: tiny shapes that prove the pipeline end to end (seconds, even on the float64 reference backend).
+- ``quick``: the smallest real shape of each op.
+- ``default``: every shape, except attention L=4096 forward+backward on CPU (about 9-20 s a call there
+  for torch alone, which would more than double the suite's time); on CUDA, default is everything.
+- ``full``: every shape on every device.
+
+Each benchmark records in ``benchmark.extra_info``: ``op``, ``shape`` (text), ``direction`` (``fwd`` or
+``fwd+bwd``), ``provider`` (``torch`` or ``seqfast``), ``device``, ``backend``, ``work`` and ``work_unit``, ``rate``
+(work / median seconds / 1e9: GFLOP/s, or giga state updates per second for CTC) and ``peak_mem_bytes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SIZES = ("smoke", "quick", "default", "full")
+FWD, FWD_BWD = "fwd", "fwd+bwd"
+DIRECTIONS = (FWD, FWD_BWD)
+PROVIDERS = ("torch", "seqfast")
+# Backward of attention costs about 2.5 forwards (five matmuls against two), so forward+backward = 3.5x.
+ATTENTION_BWD_FACTOR = 3.5
+
+
+@dataclass(frozen=True)
+class CtcShape:
+    T: int
+    N: int
+    C: int
+    S: int
+
+    @property
+    def label(self) -> str:
+        return f"T{self.T}_N{self.N}_C{self.C}_S{self.S}"
+
+    def work(self, direction: str) -> int:
+        """State updates of the alpha recursion (N * T * (2S+1)); backward adds the beta recursion."""
+        updates = self.N * self.T * (2 * self.S + 1)
+        return updates if direction == FWD else 2 * updates
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    B: int
+    H: int
+    L: int
+    D: int
+    causal: bool
+
+    @property
+    def label(self) -> str:
+        return f"B{self.B}_H{self.H}_L{self.L}_D{self.D}" + ("_causal" if self.causal else "")
+
+    def work(self, direction: str) -> float:
+        """FLOPs: QK^T and PV are 2 * L * L * D each per head; causal halves them."""
+        flops = 4 * self.B * self.H * self.L * self.L * self.D / (2 if self.causal else 1)
+        return flops if direction == FWD else ATTENTION_BWD_FACTOR * flops
+
+
+@dataclass(frozen=True)
+class MatmulShape:
+    n: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.n}x{self.n}"
+
+    def work(self, direction: str) -> int:
+        return 2 * self.n**3
+
+
+_CTC = {
+    "smoke": [CtcShape(8, 2, 5, 2), CtcShape(12, 3, 6, 4)],
+    "quick": [CtcShape(500, 16, 32, 100)],
+    "all": [CtcShape(500, 16, 32, 100), CtcShape(1000, 32, 1000, 200), CtcShape(200, 64, 5000, 50),
+            CtcShape(4000, 8, 64, 1200)],
+}
+_ATTN_L = {"smoke": (16, 32), "quick": (512,), "all": (512, 1024, 2048, 4096)}
+_ATTN_D = {"smoke": (8,), "quick": (64, 128), "all": (64, 128)}
+
+
+def ctc_shapes(size: str) -> list[CtcShape]:
+    return _CTC["all" if size in ("default", "full") else size]
+
+
+def attention_cases(size: str, device: str) -> list[tuple[AttentionShape, str]]:
+    """(shape, direction) pairs of the tier; see the module docstring for what default leaves out."""
+    key = "all" if size in ("default", "full") else size
+    B, H = (1, 2) if size == "smoke" else (2, 8)
+    cases = []
+    for L in _ATTN_L[key]:
+        for D in _ATTN_D[key]:
+            for causal in (False, True):
+                for direction in DIRECTIONS:
+                    if size == "default" and device == "cpu" and L >= 4096 and direction == FWD_BWD:
+                        continue
+                    cases.append((AttentionShape(B, H, L, D, causal), direction))
+    return cases
+
+
+def matmul_shape(size: str) -> MatmulShape:
+    return MatmulShape(64 if size == "smoke" else 2048)
+
+
+def bench_device(config) -> str:
+    """The device named by ``--bench-device`` (``auto``: CUDA when torch sees one, else CPU)."""
+    choice = config.getoption("--bench-device")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--bench-device cuda, but torch sees no CUDA device")
+    return choice
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> int:
+    """Bytes allocated by one call of ``fn`` above what was live before it, at the call's peak.
+
+    CUDA: the caching allocator's peak counter. CPU: torch's CPU allocator keeps no statistics, so the
+    allocation and free events recorded by ``torch.profiler`` (``profile_memory=True``) are replayed in
+    time order and the running total's maximum is taken. It sees tensor memory only (not malloc inside
+    a kernel's own scratch buffers).
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def _round_budget(device: str, size: str) -> tuple[float, int, int]:
+    """(seconds of timed rounds to aim for, least rounds, most rounds)."""
+    if size == "smoke":
+        return 0.05, 2, 5
+    target = float(os.environ.get("SEQFAST_BENCH_TARGET_S", "1.0"))
+    return (target, 10, 1000) if device == "cuda" else (target, 3, 200)
+
+
+def measure(benchmark, fn: Callable[[], Any], *, op: str, shape, direction: str, provider: str, device: str,
+            size: str) -> None:
+    """Time ``fn`` (synchronised on CUDA) with pytest-benchmark and fill ``extra_info``.
+
+    The first call warms up (allocator, Triton compilation, caches) and a second, under the memory probe,
+    also estimates the cost of a call, from which the number of rounds is chosen so that slow cases stay
+    within the time budget and fast ones get enough rounds for a stable median.
+    """
+
+    def call() -> None:
+        fn()
+        synchronize(device)
+
+    call()
+    start = time.perf_counter()
+    peak = peak_memory(fn, device)
+    estimate = max(time.perf_counter() - start, 1e-6)
+    target, least, most = _round_budget(device, size)
+    rounds = int(min(most, max(least, math.ceil(target / estimate))))
+
+    benchmark.group = f"{op} {shape.label} {direction}"
+    info = benchmark.extra_info
+    info.update(op=op, shape=shape.label, shape_params=dataclasses.asdict(shape), direction=direction,
+                provider=provider, device=device,
+                backend=os.environ.get("SEQFAST_BACKEND", "auto") if provider == "seqfast" else "torch",
+                work=shape.work(direction), work_unit="state updates" if op.startswith("ctc") else "flop",
+                peak_mem_bytes=peak, rounds=rounds)
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.stats is None:  # --benchmark-disable: the call ran once, untimed
+        return
+    median = benchmark.stats.stats.median
+    info["rate"] = info["work"] / median / 1e9 if median > 0 else float("nan")

@@ -1,0 +1,92 @@
+"""The benchmark pipeline end to end on tiny shapes: ``benchmarks/run.py --smoke`` under the float64
+reference backend (runs without the C++ extension) must time every case, then write the JSON, one PNG
+per op and the summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OPS = ("attention", "ctc_loss", "ctc_loss_from_logits")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SEQFAST_"))}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--smoke", "--backend", "reference", "--device", "cpu",
+         "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    return proc, out
+
+
+def test_run_succeeds(smoke_run):
+    proc, _ = smoke_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def test_json_has_paired_cases(smoke_run):
+    _, out = smoke_run
+    (path,) = out.glob("cpu-smoke-*.json")
+    benches = json.loads(path.read_text())["benchmarks"]
+    infos = [b["extra_info"] for b in benches]
+    assert {i["op"] for i in infos} == {*OPS, "matmul"}
+    for info in infos:
+        assert info["device"] == "cpu"
+        assert info["rate"] > 0 and info["work"] > 0
+        assert info["peak_mem_bytes"] > 0, info  # every case allocates at least its output
+        assert info["backend"] == ("reference" if info["provider"] == "seqfast" else "torch")
+    for op in OPS:
+        for direction in ("fwd", "fwd+bwd"):
+            providers = [i["provider"] for i in infos if i["op"] == op and i["direction"] == direction]
+            assert providers.count("torch") == providers.count("seqfast") > 0, (op, direction)
+    groups = {b["group"] for b in benches}
+    assert "attention B1_H2_L16_D8_causal fwd+bwd" in groups
+
+
+def test_table_and_plots(smoke_run):
+    proc, out = smoke_run
+    table = proc.stdout.split("median of each case\n", 1)[1]
+    header = table.splitlines()[0]
+    for column in ("op", "shape", "dir", "torch ms", "seqfast ms", "speedup", "GFLOP/s torch", "peak mem seqfast"):
+        assert column in header
+    lines = [line for line in table.splitlines() if line.startswith(("attention", "ctc_loss", "matmul"))]
+    assert len(lines) == 17  # 2 CTC shapes x 2 directions x 2 ops + 4 attention shapes x 2 directions + matmul
+    ctc = next(line for line in lines if line.startswith("ctc_loss ") and "fwd+bwd" in line)
+    assert ctc.split()[5].endswith("x")  # both providers timed: a speedup is shown
+    for op in OPS:
+        (png,) = out.glob(f"cpu-smoke-*-{op}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiers():
+    """The real tiers hold the documented shapes; default on CPU leaves out attention L=4096 fwd+bwd only."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _harness as h
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert [(s.T, s.N, s.C, s.S) for s in h.ctc_shapes("default")] == [
+        (500, 16, 32, 100), (1000, 32, 1000, 200), (200, 64, 5000, 50), (4000, 8, 64, 1200)]
+    assert h.ctc_shapes("full") == h.ctc_shapes("default") and len(h.ctc_shapes("quick")) == 1
+    full = h.attention_cases("full", "cpu")
+    assert len(full) == 4 * 2 * 2 * 2 and {(s.B, s.H) for s, _ in full} == {(2, 8)}
+    assert h.attention_cases("default", "cuda") == full
+    dropped = set(full) - set(h.attention_cases("default", "cpu"))
+    assert {(s.L, d) for s, d in dropped} == {(4096, "fwd+bwd")} and len(dropped) == 4
+    assert {s.L for s, _ in h.attention_cases("quick", "cpu")} == {512}
+    assert h.matmul_shape("quick").n == 2048
+    # work counts: attention 4*B*H*L*L*D (halved causal, x3.5 with backward); CTC N*T*(2S+1) per recursion
+    a = h.AttentionShape(2, 8, 512, 64, causal=True)
+    assert a.work("fwd") == 4 * 2 * 8 * 512 * 512 * 64 / 2 and a.work("fwd+bwd") == 3.5 * a.work("fwd")
+    c = h.CtcShape(500, 16, 32, 100)
+    assert c.work("fwd") == 16 * 500 * 201 and c.work("fwd+bwd") == 2 * c.work("fwd")

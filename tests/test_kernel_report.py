@@ -1,0 +1,191 @@
+"""benchmarks/kernel_report.py on kernels of this test's own: ahead-of-time compilation for sm_80 / sm_90
+without a GPU, register / spill / shared-memory / tensor-core counts read from the cubin, and the exit
+status of the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import kernel_report  # noqa: E402
+
+sys.path.remove(str(ROOT / "benchmarks"))
+
+# fp16 tl.dot: tensor-core code on both archs (HMMA on sm_80, HGMMA / wgmma on sm_90).
+# spill_kernel keeps two 8192-element fp32 blocks live in one warp: 512 values a thread, far above 255 registers.
+KERNELS = textwrap.dedent('''
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def matmul_kernel(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k in range(0, K, BK):
+            a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+            b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
+            acc += tl.dot(a, b)
+        tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+
+
+    @triton.jit
+    def spill_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs)
+        acc = x
+        for i in range(n):
+            acc = acc * x + i
+        tl.store(y_ptr + offs, acc)
+
+
+    MATMUL_SIGNATURE = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32",
+                        "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"}
+
+
+    def matmul_config(**constexprs):
+        return dict(kernel="matmul", fn=matmul_kernel, signature=MATMUL_SIGNATURE, constexprs=constexprs,
+                    num_warps=4, num_stages=2, config="x".join(str(v) for v in constexprs.values()))
+
+
+    def report_configs():
+        return [matmul_config(BM=64, BN=64, BK=32),
+                dict(kernel="spill", fn=spill_kernel, constexprs={"BLOCK": 8192}, num_warps=1, num_stages=1,
+                     signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+                     config="8192")]
+''')
+
+
+# Run as a library in a fresh process: the test suite imported triton with its interpreter on, and such a
+# process cannot compile (triton's own library functions were decorated as interpreted ones).
+LIBRARY_RUN = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import kernel_report as kr
+    from triton.runtime.interpreter import InterpretedFunction
+
+    m = kr.load_module(sys.argv[2])
+    good = kr.report([m.matmul_config(BM=64, BN=64, BK=32)], ["sm_80", "sm_90"])
+    bad = kr.report(m.matmul_config(BM=64, BN=48, BK=32), ["sm_80"])
+    cfg = m.matmul_config(BM=64, BN=64, BK=32)
+    cfg["fn"] = InterpretedFunction(cfg["fn"].fn)
+    interpreted = kr.report(cfg, ["sm_80"])
+    print(json.dumps({"good": good, "bad": bad, "interpreted": interpreted, "bad_table": kr.format_table(bad)}))
+''')
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+
+
+@pytest.fixture(scope="module")
+def kernels_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("kernels") / "report_kernels.py"
+    path.write_text(KERNELS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def library_result(kernels_file) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_RUN, str(ROOT / "benchmarks"), str(kernels_file)],
+                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TRITON_DEFAULT_FP_FUSION" not in proc.stderr  # triton's deprecation warning is silenced
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_matmul_uses_tensor_cores_without_spilling(library_result):
+    rows = library_result["good"]
+    assert [r["arch"] for r in rows] == ["sm_80", "sm_90"]
+    for row in rows:
+        assert row["error"] is None, row["error"]
+        assert {"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "mma_instructions"} <= set(row)
+        assert row["kernel"] == "matmul" and row["config"] == "64x64x32"
+        assert 0 < row["registers"] <= 255
+        assert row["spill_bytes"] == 0
+        assert row["shared_bytes"] > 0  # the dot operands are staged through shared memory
+        assert row["mma_instructions"] > 0
+    sm80, sm90 = rows
+    assert sm80["mma_by_opcode"].get("HMMA", 0) > 0
+    assert sm90["mma_by_opcode"].get("HGMMA", 0) > 0  # Hopper's warpgroup MMA
+
+
+def test_failed_config_is_reported_not_raised(library_result):
+    (row,) = library_result["bad"]
+    assert "power of 2" in row["error"] and row["registers"] is None
+    assert "FAILED: arange's range must be a power of 2" in library_result["bad_table"]
+
+
+def test_interpreted_kernel_is_refused_clearly(library_result):
+    (row,) = library_result["interpreted"]
+    assert "InterpretedFunction" in row["error"] and "TRITON_INTERPRET" in row["error"]
+
+
+def test_interpreting_process_is_refused_clearly(kernels_file):
+    import triton  # noqa: F401  (imported under the suite's TRITON_INTERPRET=1 on a machine without a GPU)
+
+    if not kernel_report.triton_interprets():
+        pytest.skip("triton was imported without its interpreter in this process")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernel_report.report([], ["sm_80"])
+
+
+def test_config_keys_are_checked():
+    with pytest.raises(ValueError, match="num_stages"):
+        kernel_report.configs_of({"kernel": "k", "fn": None, "signature": {}, "constexprs": {}, "num_warps": 4,
+                                  "config": "c"})
+    with pytest.raises(ValueError, match="sm_80"):
+        kernel_report.parse_arch("ampere")
+    assert [kernel_report.parse_arch(a) for a in ("sm_80", "sm_90a", "90", 80)] == [80, 90, 90, 80]
+
+
+def test_parsers():
+    usage = ("\nResource usage:\n Common:\n  GLOBAL:0\n Function k:\n"
+             "  REG:40 STACK:16 SHARED:0 LOCAL:8 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+    assert kernel_report.parse_res_usage(usage) == {"REG": 40, "STACK": 16, "SHARED": 0, "LOCAL": 8, "TEXTURE": 0,
+                                                     "SURFACE": 0, "SAMPLER": 0, "CONSTANT[0]": 400}
+    sass = "\n".join([
+        "        /*0100*/                   HMMA.16816.F32 R8, R4, R12, R8 ;",
+        "        /*0110*/               @P0 HMMA.16816.F32 R16, R4, R14, R16 ;",
+        "        /*0120*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], R24 ;",
+        "        /*0130*/                   FFMA R1, R2, R3, R1 ;",
+        "        /*0140*/                   IMMA.16832.S8.S8 R0, R2, R4, R0 ;",
+        "                                                                          /* 0x000fe20000001808 */",
+    ])
+    assert kernel_report.count_mma(sass) == {"HMMA": 2, "HGMMA": 1, "IMMA": 1}
+
+
+def _cli(kernels_file: Path, *args: str) -> subprocess.CompletedProcess:
+    env = _clean_env()
+    env["TRITON_INTERPRET"] = "1"  # the command line must switch it off itself
+    return subprocess.run([sys.executable, "benchmarks/kernel_report.py", "--module", str(kernels_file), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_fails_on_spills_unless_allowed(kernels_file, tmp_path):
+    out = tmp_path / "report.json"
+    proc = _cli(kernels_file, "--arch", "sm_80", "--json", str(out))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "spill [8192] sm_80 spills" in proc.stderr and "SPILLS" in proc.stdout
+    assert "TRITON_DEFAULT_FP_FUSION" not in proc.stderr  # triton's deprecation warning is silenced
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())}
+    assert rows["spill"]["spill_bytes"] > 0 and rows["spill"]["error"] is None
+    assert rows["matmul"]["spill_bytes"] == 0 and rows["matmul"]["mma_instructions"] > 0
+    assert set(rows["matmul"]) >= {"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes",
+                                   "mma_instructions"}
+
+    allowed = _cli(kernels_file, "--arch", "sm_80", "--allow-spills")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "warning: spill [8192] sm_80 spills" in allowed.stderr
