@@ -120,3 +120,12 @@ def test_attention_reference_fully_masked_rows_are_zero_with_finite_grads():
     assert (out[0, 0, 1] == 0).all() and torch.isinf(lse[0, 0, 1])
     (g,) = torch.autograd.grad(out.sum(), q)
     assert torch.isfinite(g).all() and (g[0, 0, 1] == 0).all()
+
+
+def test_ctc_reference_empty_targets_width_zero():
+    """Targets of width S = 0: the only path is all blanks."""
+    lp = torch.randn(5, 2, 3, dtype=torch.float64).log_softmax(-1)
+    nll, alpha = ref_ctc.ctc_loss_forward(lp, torch.zeros(2, 0, dtype=torch.long), torch.tensor([5, 3]),
+                                          torch.tensor([0, 0]), 0, False, False)
+    torch.testing.assert_close(nll, -torch.stack([lp[:5, 0, 0].sum(), lp[:3, 1, 0].sum()]), rtol=1e-12, atol=0)
+    assert alpha.shape == (2, 5, 1)

@@ -43,8 +43,9 @@ def log_alpha(log_probs: torch.Tensor, targets: torch.Tensor, blank: int) -> tor
     for t in range(1, T):
         prev = alphas[-1]
         stay = prev
+        width = prev.shape[1]
         step = torch.cat([neg, prev[:, :-1]], 1)
-        skip = torch.cat([neg, neg, prev[:, :-2]], 1).masked_fill(~can_skip, NEG_INF)
+        skip = torch.cat([neg, neg, prev[:, :-2]], 1)[:, :width].masked_fill(~can_skip, NEG_INF)
         alphas.append(_logaddexp(stay, step, skip) + lp[t])
     return torch.stack(alphas, 1)
 
