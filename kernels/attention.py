@@ -435,7 +435,7 @@ _CONFIGS: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {
 
 
 def _preprocess_block_m(block_dv: int) -> int:
-    # O and dO tiles of BLOCK_M x BLOCK_DV each, fp32 after the cast: 8K elements per 128 threads at most.
+    # O and dO tiles of BLOCK_M x BLOCK_DV each, fp32 after the cast: 8K elements over 8 warps at most.
     return min(64, 8192 // block_dv)
 
 
@@ -458,6 +458,9 @@ def _config(
         block_m = max(16, block_m // 2)
     elif kernel == "dkdv" and masked and width == 256:
         block_n = max(16, block_n // 2)
+    if dtype == torch.float32 and _precision(dtype) == "ieee":
+        # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
+        block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages
 
@@ -580,7 +583,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     _attn_bwd_preprocess[(triton.cdiv(max_q, pre_m), c.Hq, B)](
         out, grad_out, delta, cu_q_arg,
         *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
-        Lq, DV=c.DV, BLOCK_M=pre_m, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=4, num_stages=1,
+        Lq, DV=c.DV, BLOCK_M=pre_m, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=8, num_stages=1,
     )
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
@@ -723,15 +726,20 @@ def report_configs() -> list[dict]:
         for width in (64, 128, 256):
             entries.append(_entry("_attn_bwd_preprocess", _attn_bwd_preprocess, dtype, {
                 "DV": width, "BLOCK_M": _preprocess_block_m(width), "BLOCK_DV": width, "VARLEN": False,
-            }, 4, 1, f"d{width}-{dt}", _MASK_NONE, False))
+            }, 8, 1, f"d{width}-{dt}", _MASK_NONE, False))
             for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
                 variants = list(_VARIANTS.items())
                 if dtype == torch.float32:  # allow_tf32 off (torch's default): full-precision fp32 dots
                     variants.append(("dense_ieee", _VARIANTS["dense"]))
                 for label, (causal, mask_kind, mask_grad, dropout, varlen) in variants:
                     precision = "ieee" if label.endswith("ieee") else "tf32"
-                    block_m, block_n, warps, stages = _config(kernel, width, dtype, 1 << 20, 1 << 20,
-                                                              mask_kind != _MASK_NONE, dropout)
+                    tf32 = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+                    try:
+                        block_m, block_n, warps, stages = _config(kernel, width, dtype, 1 << 20, 1 << 20,
+                                                                  mask_kind != _MASK_NONE, dropout)
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = tf32
                     constexprs = {
                         "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
                         "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
