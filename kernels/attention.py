@@ -420,19 +420,23 @@ def _dropout_mask_kernel(Keep, seed, dropout_p, total, BLOCK: tl.constexpr):
 # has more) and for zero register spills, checked by compiling every entry (benchmarks/NOTES.md).
 _CONFIGS: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {
     "fwd": {
-        (64, 2): (128, 64, 8, 3), (128, 2): (64, 64, 8, 3), (256, 2): (64, 32, 8, 2),
-        (64, 4): (64, 64, 4, 3), (128, 4): (64, 32, 8, 2), (256, 4): (32, 32, 4, 2),
+        (64, 2): (128, 64, 8, 3), (128, 2): (64, 64, 8, 3), (256, 2): (64, 16, 8, 2),
+        (64, 4): (64, 32, 8, 3), (128, 4): (32, 32, 8, 2), (256, 4): (32, 16, 8, 2),
     },
     "dkdv": {
         (64, 2): (32, 32, 4, 2), (128, 2): (16, 32, 8, 2), (256, 2): (16, 32, 8, 1),
-        (64, 4): (16, 32, 4, 2), (128, 4): (16, 32, 4, 1), (256, 4): (16, 32, 8, 1),
+        (64, 4): (16, 32, 8, 2), (128, 4): (16, 32, 8, 1), (256, 4): (16, 32, 8, 1),
     },
     "dq": {
         (64, 2): (128, 32, 8, 2), (128, 2): (64, 16, 8, 2), (256, 2): (32, 32, 8, 1),
         (64, 4): (32, 32, 4, 2), (128, 4): (32, 32, 8, 1), (256, 4): (16, 32, 8, 1),
     },
 }
-_PREPROCESS_BLOCK_M = 64
+
+
+def _preprocess_block_m(block_dv: int) -> int:
+    # O and dO tiles of BLOCK_M x BLOCK_DV each, fp32 after the cast: 8K elements over 8 warps at most.
+    return min(64, 8192 // block_dv)
 
 
 def _pow2(n: int) -> int:
@@ -440,13 +444,23 @@ def _pow2(n: int) -> int:
 
 
 def _config(
-    kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False
+    kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False,
+    dropout: bool = False,
 ) -> tuple[int, int, int, int]:
-    block_m, block_n, warps, stages = _CONFIGS[kernel][(max(64, block_d), 4 if dtype == torch.float32 else 2)]
-    if masked and kernel != "dkdv":
-        # A mask tile is a gather (any strides, zero included): one address per element. Halve the
-        # query rows so those addresses fit in registers next to the score tile.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch."""
+    width = max(64, block_d)
+    block_m, block_n, warps, stages = _CONFIGS[kernel][(width, 4 if dtype == torch.float32 else 2)]
+    # A mask tile is a gather (any strides, zero included): one address per element; dropout runs Philox
+    # per element. Both need registers beside the score tile, so those launches take smaller tiles.
+    if kernel == "fwd" and (masked or dropout):
+        block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
+    elif kernel == "dq" and masked:
         block_m = max(16, block_m // 2)
+    elif kernel == "dkdv" and masked and width == 256:
+        block_n = max(16, block_n // 2)
+    if dtype == torch.float32 and _precision(dtype) == "ieee":
+        # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
+        block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages
 
@@ -531,8 +545,8 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
     if max_q == 0 or B == 0:
         return out, lse
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
-    block_m, block_n, warps, stages = _config("fwd", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE)
     dropout = dropout_p > 0.0
+    block_m, block_n, warps, stages = _config("fwd", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE, dropout)
     grid = (triton.cdiv(max_q, block_m), c.Hq, B)
     _attn_fwd[grid](
         query, key, value, mask, out, lse, cu_q if varlen else query, cu_k if varlen else query,
@@ -565,10 +579,11 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     delta = torch.empty_like(lse)
     cu_q_arg = cu_q if varlen else query
     cu_k_arg = cu_k if varlen else query
-    _attn_bwd_preprocess[(triton.cdiv(max_q, _PREPROCESS_BLOCK_M), c.Hq, B)](
+    pre_m = _preprocess_block_m(c.block_dv)
+    _attn_bwd_preprocess[(triton.cdiv(max_q, pre_m), c.Hq, B)](
         out, grad_out, delta, cu_q_arg,
         *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
-        Lq, DV=c.DV, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=4, num_stages=1,
+        Lq, DV=c.DV, BLOCK_M=pre_m, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=8, num_stages=1,
     )
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
@@ -577,7 +592,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
 
-    block_m, block_n, warps, stages = _config("dkdv", c.width, c.dtype, max_q, max_k)
+    block_m, block_n, warps, stages = _config("dkdv", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE)
     dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
     _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, B)](
         query, key, value, mask, grad_out, lse, delta, dk, dv, dmask if mask_grad else query, cu_q_arg, cu_k_arg,
@@ -708,15 +723,23 @@ def report_configs() -> list[dict]:
     """
     entries = []
     for dtype, dt in _TRITON_DTYPE.items():
-        precision = "tf32"
         for width in (64, 128, 256):
             entries.append(_entry("_attn_bwd_preprocess", _attn_bwd_preprocess, dtype, {
-                "DV": width, "BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_DV": width, "VARLEN": False,
-            }, 4, 1, f"d{width}-{dt}", _MASK_NONE, False))
+                "DV": width, "BLOCK_M": _preprocess_block_m(width), "BLOCK_DV": width, "VARLEN": False,
+            }, 8, 1, f"d{width}-{dt}", _MASK_NONE, False))
             for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
-                for label, (causal, mask_kind, mask_grad, dropout, varlen) in _VARIANTS.items():
-                    block_m, block_n, warps, stages = _config(kernel, width, dtype, 1 << 20, 1 << 20,
-                                                              mask_kind != _MASK_NONE)
+                variants = list(_VARIANTS.items())
+                if dtype == torch.float32:  # allow_tf32 off (torch's default): full-precision fp32 dots
+                    variants.append(("dense_ieee", _VARIANTS["dense"]))
+                for label, (causal, mask_kind, mask_grad, dropout, varlen) in variants:
+                    precision = "ieee" if label.endswith("ieee") else "tf32"
+                    tf32 = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+                    try:
+                        block_m, block_n, warps, stages = _config(kernel, width, dtype, 1 << 20, 1 << 20,
+                                                                  mask_kind != _MASK_NONE, dropout)
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = tf32
                     constexprs = {
                         "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
                         "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
