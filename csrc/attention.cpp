@@ -32,7 +32,7 @@ namespace seqfast::attn {
 namespace {
 
 constexpr int64_t kBlockQ = 96;  // query rows per tile (a multiple of kMR)
-constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of kNR)
+constexpr int64_t kBlockK = 128;  // keys per tile (a multiple of kNR)
 constexpr int64_t kBackwardTasks = 16;  // key splits target this many backward tasks (fixed: determinism)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
@@ -563,6 +563,8 @@ Problem<T> make_problem(int64_t Hq, int64_t Hk, int64_t D, int64_t Dv, int64_t c
   pb.causal = static_cast<int>(causal);
   pb.scale = static_cast<T>(scale);
   pb.f = static_cast<T>(scale * kLog2e);
+  if (const char* e = std::getenv("SEQFAST_TUNE_BQ")) pb.block_q = std::atoi(e);  // TUNING ONLY
+  if (const char* e = std::getenv("SEQFAST_TUNE_BK")) pb.block_k = std::atoi(e);
   return pb;
 }
 
