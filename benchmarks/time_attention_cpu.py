@@ -1,10 +1,12 @@
 """Standalone timing of the CPU attention kernels against torch, all in one run (medians).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/time_attention_cpu.py [--reps 5]
+    PYTHONPATH=. .venv/bin/python benchmarks/time_attention_cpu.py [--reps 5] [--threads N] [--cpu-time]
 
 Prints GFLOP/s (forward 4*B*H*Lq*Lk*D flops non-causal, half for causal; forward+backward 3.5x
 the forward) for seqfast and torch.nn.functional.scaled_dot_product_attention, their ratios, and
-torch.mm's fp32 GFLOP/s on 2048 x 2048 as the yardstick.
+torch.mm's fp32 GFLOP/s on 2048 x 2048 as the yardstick. ``--cpu-time`` divides by the process's
+CPU time instead of wall time: on a machine shared with other jobs that is the steadier measure
+(best with --threads 1, where no time goes to waiting threads).
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import torch.nn.functional as F
 
 import seqfast
 
+CLOCK = time.perf_counter
+
 
 def median_time(fn, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -49,11 +53,19 @@ def attention_case(B, H, L, D, causal, backward, reps):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave)")
+    parser.add_argument("--cpu-time", action="store_true")
     args = parser.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     mm = 2 * 2048**3 / median_time(lambda: torch.mm(a, b), args.reps) / 1e9
-    print(f"threads {torch.get_num_threads()}  torch.mm 2048^2 fp32: {mm:.1f} GFLOP/s")
+    clock = "cpu-time" if args.cpu_time else "wall"
+    print(f"threads {torch.get_num_threads()}  {clock}  torch.mm 2048^2 fp32: {mm:.1f} GFLOP/s")
     print(f"{'case':44s} {'seqfast':>9s} {'torch':>9s} {'speedup':>8s}")
     for B, H, L, D, causal, backward in [
         (2, 8, 1024, 64, False, False), (2, 8, 1024, 64, True, False),

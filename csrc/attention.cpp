@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
+#include <cstdlib>  // aligned_alloc
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -607,8 +607,6 @@ Problem<T> make_problem(int64_t Hq, int64_t Hk, int64_t D, int64_t Dv, int64_t c
   pb.causal = static_cast<int>(causal);
   pb.scale = static_cast<T>(scale);
   pb.f = static_cast<T>(scale * kLog2e);
-  if (const char* e = std::getenv("SEQFAST_TUNE_BQ")) pb.block_q = std::atoi(e);  // TUNING ONLY
-  if (const char* e = std::getenv("SEQFAST_TUNE_BK")) pb.block_k = std::atoi(e);
   return pb;
 }
 
