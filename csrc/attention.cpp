@@ -159,11 +159,13 @@ struct Mask {
 };
 
 template <typename T>
-Mask<T> make_mask(const c10::optional<at::Tensor>& attn_mask) {
+Mask<T> make_mask(const c10::optional<at::Tensor>& attn_mask, at::IntArrayRef expected) {
   Mask<T> m;
   if (!attn_mask.has_value() || !attn_mask->defined()) return m;
   at::Tensor t = *attn_mask;
-  TORCH_CHECK(t.dim() == 4, "seqfast attention: attn_mask must be 4-D (B, Hq, Lq, Lk), got ", t.sizes());
+  TORCH_CHECK(t.sizes() == expected, "seqfast attention: attn_mask must be (B, Hq, Lq, Lk) = ", expected, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "seqfast attention (CPU kernel): attn_mask must be on the CPU");
   if (t.scalar_type() == at::kBool) {
     m.flags = reinterpret_cast<const uint8_t*>(t.data_ptr<bool>());
   } else if (t.scalar_type() != c10::CppTypeToScalarType<T>::value) {
@@ -627,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
     using T = CalcT<scalar_t>;
     Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(3), value.size(3), causal, scale);
     for (int64_t b = 0; b < B; ++b) pb.seq.add(Lq, Lk);
-    pb.mask = make_mask<T>(attn_mask);
+    pb.mask = make_mask<T>(attn_mask, {B, Hq, Lq, Lk});
     pb.dropout = Dropout(dropout_p, seed);
     using CS = const scalar_t;
     at::Tensor lse3 = lse.unsqueeze(-1);
@@ -657,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const auto tdt = c10::CppTypeToScalarType<T>::value;
     Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(3), value.size(3), causal, scale);
     for (int64_t b = 0; b < B; ++b) pb.seq.add(Lq, Lk);
-    pb.mask = make_mask<T>(attn_mask);
+    pb.mask = make_mask<T>(attn_mask, {B, Hq, Lq, Lk});
     pb.dropout = Dropout(dropout_p, seed);
     at::Tensor dmask_t;
     if (mask_grad) dmask_t = at::zeros({B, Hq, Lq, Lk}, query.options().dtype(tdt));
