@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
+#include <cstdlib>  // aligned_alloc
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -32,7 +32,7 @@ namespace seqfast::attn {
 namespace {
 
 constexpr int64_t kBlockQ = 96;  // query rows per tile (a multiple of kMR)
-constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of kNR)
+constexpr int64_t kBlockK = 128;  // keys per tile (a multiple of kNR)
 constexpr int64_t kBackwardTasks = 16;  // key splits target this many backward tasks (fixed: determinism)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
@@ -159,11 +159,13 @@ struct Mask {
 };
 
 template <typename T>
-Mask<T> make_mask(const c10::optional<at::Tensor>& attn_mask) {
+Mask<T> make_mask(const c10::optional<at::Tensor>& attn_mask, at::IntArrayRef expected) {
   Mask<T> m;
   if (!attn_mask.has_value() || !attn_mask->defined()) return m;
   at::Tensor t = *attn_mask;
-  TORCH_CHECK(t.dim() == 4, "seqfast attention: attn_mask must be 4-D (B, Hq, Lq, Lk), got ", t.sizes());
+  TORCH_CHECK(t.sizes() == expected, "seqfast attention: attn_mask must be (B, Hq, Lq, Lk) = ", expected, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "seqfast attention (CPU kernel): attn_mask must be on the CPU");
   if (t.scalar_type() == at::kBool) {
     m.flags = reinterpret_cast<const uint8_t*>(t.data_ptr<bool>());
   } else if (t.scalar_type() != c10::CppTypeToScalarType<T>::value) {
@@ -345,26 +347,39 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
       const int64_t nk = std::min(BK, kend - j0), nkp = round_up(nk, kNR);
       const T* Kpan = Kt + (hk * sq.total_kpan + sq.kpan_start[b] + j0 / kNR) * Dp * kNR;
-      gemm(Gemm<T>{nq, nkp, Dp, Qt, Dp, 1, Kpan, kNR, Dp * kNR, Sb, BK, false});
-      for (int64_t r = 0; r < nq; ++r) {
-        const int64_t i = q0 + r;
-        const int64_t nv = pb.visible(b, i, j0, nk);
-        T* s = Sb + r * BK;
-        T f = pb.f;
-        if (pb.mask.on()) {
-          pb.apply_mask(s, b, h, i, j0, nv);
-          f = T(1);
-        }
-        const T alpha = online_softmax_row(s, nv, nkp, f, m[r], l[r]);
-        if (pb.dropout.on && nv > 0) {
-          const uint32_t key = pb.dropout.row_key(b, h, i);
-          const T ks = static_cast<T>(pb.dropout.keep_scale);
-          for (int64_t c = 0; c < nv; ++c) s[c] = pb.dropout.keep(key, j0 + c) ? s[c] * ks : T(0);
-        }
-        if (alpha != T(1)) scale_row(O + r * Dvp, Dvp, alpha);
-      }
       const T* Vt = Vp + (hk * sq.total_k + sq.k_start[b] + j0) * Dvp;
-      gemm(Gemm<T>{nq, Dvp, nk, Sb, BK, 1, Vt, Dvp, kNR, O, Dvp, true});
+      // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.
+      auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
+        if (ncols > 0) gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Dp, Dp, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false});
+        for (int64_t r = r0; r < r0 + rows; ++r) {
+          const int64_t i = q0 + r;
+          const int64_t nv = pb.visible(b, i, j0, nk);
+          T* s = Sb + r * BK;
+          T f = pb.f;
+          if (pb.mask.on()) {
+            pb.apply_mask(s, b, h, i, j0, nv);
+            f = T(1);
+          }
+          const T alpha = online_softmax_row(s, nv, ncols, f, m[r], l[r]);
+          if (pb.dropout.on && nv > 0) {
+            const uint32_t key = pb.dropout.row_key(b, h, i);
+            const T ks = static_cast<T>(pb.dropout.keep_scale);
+            for (int64_t c = 0; c < nv; ++c) s[c] = pb.dropout.keep(key, j0 + c) ? s[c] * ks : T(0);
+          }
+          if (alpha != T(1)) scale_row(O + r * Dvp, Dvp, alpha);
+        }
+        if (kred > 0) gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Dvp, kNR, O + r0 * Dvp, Dvp, true});
+      };
+      if (pb.visible(b, q0, j0, nk) == nk) {
+        rows_step(0, nq, nkp, nk);
+      } else {
+        // A tile on the causal diagonal: each kMR-row block computes only the keys its last row sees.
+        for (int64_t r0 = 0; r0 < nq; r0 += kMR) {
+          const int64_t rows = std::min(kMR, nq - r0);
+          const int64_t nv_last = pb.visible(b, q0 + r0 + rows - 1, j0, nk);
+          rows_step(r0, rows, round_up(nv_last, kNR), nv_last);
+        }
+      }
     }
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = q0 + r;
@@ -475,7 +490,19 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
           const int64_t row0 = h * sq.total_q + sq.q_start[b] + q0;
           const T* Qt = Qp + row0 * Dp;
           const T* dOt = dOp + row0 * Dvp;
-          gemm(Gemm<T>{nq, nkp, Dp, Qt, Dp, 1, Kpan, kNR, Dp * kNR, P, BK, false});
+          // On the causal diagonal the products skip what the mask hides, in kMR blocks: rows
+          // compute only the keys their block's last row sees, keys only the rows that see them.
+          const bool diagonal = pb.visible(b, q0, j0, nk) < nk;
+          auto row_cols = [&](int64_t r0, int64_t rows) {
+            return diagonal ? pb.visible(b, q0 + r0 + rows - 1, j0, nk) : nk;
+          };
+          const int64_t rstep = diagonal ? kMR : nq;
+          for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
+            const int64_t rows = std::min(rstep, nq - r0), ncb = round_up(row_cols(r0, rows), kNR);
+            if (ncb > 0) {
+              gemm(Gemm<T>{rows, ncb, Dp, Qt + r0 * Dp, Dp, 1, Kpan, kNR, Dp * kNR, P + r0 * BK, BK, false});
+            }
+          }
           for (int64_t r = 0; r < nq; ++r) {
             const int64_t i = q0 + r;
             const int64_t nv = pb.visible(b, i, j0, nk);
@@ -492,10 +519,15 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
               for (int64_t c = 0; c < nkp; ++c) Pd[r * BK + c] = s[c] * z[c];
             }
           }
-          gemm(Gemm<T>{nk, Dvp, nq, Pd, 1, BK, dOt, Dvp, kNR, dV, Dvp, true});
-          gemm(Gemm<T>{nq, nkp, Dvp, dOt, Dvp, 1, Vpan, kNR, Dvp * kNR, dP, BK, false});
-          for (int64_t r = 0; r < nq; ++r) {
-            dscores_row(P + r * BK, dP + r * BK, Z ? Z + r * BK : nullptr, nkp, delta[row0 + r]);
+          for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
+            const int64_t rows = std::min(rstep, nq - r0), ncb = round_up(row_cols(r0, rows), kNR);
+            if (ncb > 0) {
+              gemm(Gemm<T>{rows, ncb, Dvp, dOt + r0 * Dvp, Dvp, 1, Vpan, kNR, Dvp * kNR, dP + r0 * BK, BK, false});
+            }
+            for (int64_t r = r0; r < r0 + rows; ++r) {
+              dscores_row(P + r * BK, dP + r * BK, Z ? Z + r * BK : nullptr, ncb, delta[row0 + r]);
+              std::fill(dP + r * BK + ncb, dP + r * BK + nkp, T(0));
+            }
           }
           if (dmask) {
             for (int64_t r = 0; r < nq; ++r) {
@@ -503,8 +535,22 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
               std::copy(dP + r * BK, dP + r * BK + nk, dst);
             }
           }
-          gemm(Gemm<T>{nk, Dp, nq, dP, 1, BK, Qt, Dp, kNR, dK, Dp, true});
-          gemm(Gemm<T>{nq, Dp, nk, dP, BK, 1, Krows, Dp, kNR, dQs + row0 * Dp, Dp, true});
+          // dV += Pd^T dO and dK += dS^T Q over the rows that see each block of keys.
+          const int64_t kstep = diagonal ? kMR : nk;
+          for (int64_t c0 = 0; c0 < nk; c0 += kstep) {
+            const int64_t keys = std::min(kstep, nk - c0);
+            const int64_t rf = diagonal ? std::clamp<int64_t>(j0 + c0 - pb.shift(b) - q0, 0, nq) : 0;
+            if (rf >= nq) continue;
+            gemm(Gemm<T>{keys, Dvp, nq - rf, Pd + rf * BK + c0, 1, BK, dOt + rf * Dvp, Dvp, kNR, dV + c0 * Dvp, Dvp,
+                         true});
+            gemm(Gemm<T>{keys, Dp, nq - rf, dP + rf * BK + c0, 1, BK, Qt + rf * Dp, Dp, kNR, dK + c0 * Dp, Dp, true});
+          }
+          for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
+            const int64_t rows = std::min(rstep, nq - r0), kred = row_cols(r0, rows);
+            if (kred > 0) {
+              gemm(Gemm<T>{rows, Dp, kred, dP + r0 * BK, BK, 1, Krows, Dp, kNR, dQs + (row0 + r0) * Dp, Dp, true});
+            }
+          }
         }
       }
       for (int64_t r = 0; r < nk; ++r) {
@@ -583,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
     using T = CalcT<scalar_t>;
     Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(3), value.size(3), causal, scale);
     for (int64_t b = 0; b < B; ++b) pb.seq.add(Lq, Lk);
-    pb.mask = make_mask<T>(attn_mask);
+    pb.mask = make_mask<T>(attn_mask, {B, Hq, Lq, Lk});
     pb.dropout = Dropout(dropout_p, seed);
     using CS = const scalar_t;
     at::Tensor lse3 = lse.unsqueeze(-1);
@@ -613,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const auto tdt = c10::CppTypeToScalarType<T>::value;
     Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(3), value.size(3), causal, scale);
     for (int64_t b = 0; b < B; ++b) pb.seq.add(Lq, Lk);
-    pb.mask = make_mask<T>(attn_mask);
+    pb.mask = make_mask<T>(attn_mask, {B, Hq, Lq, Lk});
     pb.dropout = Dropout(dropout_p, seed);
     at::Tensor dmask_t;
     if (mask_grad) dmask_t = at::zeros({B, Hq, Lq, Lk}, query.options().dtype(tdt));

@@ -79,33 +79,62 @@ inline void gemm_portable(const Gemm<T>& g) {
 
 #if SEQFAST_X86
 // kRowMajorA: a_ks == 1 (A rows contiguous, e.g. Q or P); else A is read down columns (P^T, dS^T).
+// The accumulators are named variables, not an array: GCC keeps an array of __m256 in memory and
+// stores it every iteration.
 template <int R, bool kRowMajorA>
 SEQFAST_TARGET_AVX2 inline void tile_avx2(const Gemm<float>& g, int64_t i0, int64_t j0) {
-  __m256 c0[R], c1[R];
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const float* a = g.A + i0 * g.a_rs;
   const float* b = g.B + (j0 / kNR) * g.b_bs;
   const int64_t K = g.K, ldb = g.ldb, a_rs = g.a_rs, a_ks = g.a_ks;
+  // Row r of A at step k.
+  const int64_t rs = kRowMajorA ? a_rs : 1;
+  const float* a0 = a;
+  const float* a1 = a + rs;
+  const float* a2 = a + 2 * rs;
+  const float* a3 = a + 3 * rs;
+  const float* a4 = a + 4 * rs;
+  const float* a5 = a + 5 * rs;
+  const int64_t ks = kRowMajorA ? 1 : a_ks;
+#define SEQFAST_FMA_ROW(r)                               \
+  if constexpr (R > r) {                                 \
+    const __m256 ar = _mm256_broadcast_ss(a##r + k * ks); \
+    c##r##0 = _mm256_fmadd_ps(ar, b0, c##r##0);          \
+    c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);          \
+  }
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b);
     const __m256 b1 = _mm256_loadu_ps(b + 8);
     b += ldb;
-    for (int r = 0; r < R; ++r) {
-      const __m256 ar = _mm256_broadcast_ss(kRowMajorA ? a + r * a_rs + k : a + r);
-      c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(ar, b1, c1[r]);
-    }
-    if (!kRowMajorA) a += a_ks;
+    SEQFAST_FMA_ROW(0)
+    SEQFAST_FMA_ROW(1)
+    SEQFAST_FMA_ROW(2)
+    SEQFAST_FMA_ROW(3)
+    SEQFAST_FMA_ROW(4)
+    SEQFAST_FMA_ROW(5)
   }
-  for (int r = 0; r < R; ++r) {
-    float* c = g.C + (i0 + r) * g.ldc + j0;
-    if (g.accumulate) {
-      c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(c));
-      c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(c + 8));
-    }
-    _mm256_storeu_ps(c, c0[r]);
-    _mm256_storeu_ps(c + 8, c1[r]);
+#undef SEQFAST_FMA_ROW
+  const bool acc = g.accumulate;
+  float* c = g.C + i0 * g.ldc + j0;
+  const int64_t ldc = g.ldc;
+#define SEQFAST_STORE_ROW(r)                                                          \
+  if constexpr (R > r) {                                                              \
+    float* cr = c + r * ldc;                                                          \
+    if (acc) {                                                                        \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(cr));                          \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(cr + 8));                      \
+    }                                                                                 \
+    _mm256_storeu_ps(cr, c##r##0);                                                    \
+    _mm256_storeu_ps(cr + 8, c##r##1);                                                \
   }
+  SEQFAST_STORE_ROW(0)
+  SEQFAST_STORE_ROW(1)
+  SEQFAST_STORE_ROW(2)
+  SEQFAST_STORE_ROW(3)
+  SEQFAST_STORE_ROW(4)
+  SEQFAST_STORE_ROW(5)
+#undef SEQFAST_STORE_ROW
 }
 
 template <bool kRowMajorA>
@@ -132,23 +161,23 @@ SEQFAST_TARGET_AVX2 inline void gemm_avx2(const Gemm<float>& g) {
   }
 }
 
-// 2^x for x <= 128; 0 for x < -126 (including -inf and NaN). Round-to-nearest range reduction,
-// then the degree-6 Taylor polynomial of 2^f on [-1/2, 1/2] (relative error ~1.2e-7).
+// 2^x for x <= 128, 0 for x <= -127 (including -inf and NaN). Rounding by the 1.5 * 2^23 trick:
+// t = x + (1.5 * 2^23 + 127) holds round(x) + 127 in its low mantissa bits, which shifted left by
+// 23 are the exponent field of 2^round(x); then a degree-5 minimax polynomial of 2^f on
+// [-1/2, 1/2] (relative error 2.4e-7 evaluated in fp32).
 SEQFAST_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-126.0f);
-  const __m256 valid = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(127.0f));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), valid);
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));  // the second operand wins over NaN
+  const __m256 t = _mm256_add_ps(x, magic);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
+  __m256 p = _mm256_set1_ps(1.327641773968935e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.675540961325169e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550713464617729e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022120237350464e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469440460205e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 SEQFAST_TARGET_AVX2 inline float hmax_avx2(__m256 v) {
@@ -174,39 +203,83 @@ SEQFAST_TARGET_AVX2 inline __m256 visible_avx2(__m256 x, int64_t c, int64_t nv) 
   return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), x, keep);
 }
 
+// max over the first nv entries of s * f (f may be negative); -inf when nv == 0.
+SEQFAST_TARGET_AVX2 inline float scaled_max_avx2(const float* s, int64_t nv, float f) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (nv <= 0) return -kInf;
+  const bool neg = f < 0.0f;
+  // For f < 0 the max of s * f is f * min(s): take the max of -s and multiply by -f.
+  const __m256 sign = _mm256_set1_ps(neg ? -0.0f : 0.0f);
+  __m256 vmax = _mm256_set1_ps(-kInf);
+  int64_t c = 0;
+  for (; c + 8 <= nv; c += 8) vmax = _mm256_max_ps(vmax, _mm256_xor_ps(_mm256_loadu_ps(s + c), sign));
+  if (c < nv) vmax = _mm256_max_ps(vmax, visible_avx2(_mm256_xor_ps(_mm256_loadu_ps(s + c), sign), c, nv));
+  const float mx = hmax_avx2(vmax);
+  if (mx == -kInf) return -kInf;  // every visible score is masked
+  return mx * (neg ? -f : f);
+}
+
+// exp2_avx2 on N vectors at once, each step applied to all of them: the polynomial is a ~40-cycle
+// dependency chain, and interleaving independent chains in the instruction stream lets them overlap
+// even when the out-of-order window of the floating-point scheduler is small.
+template <int N>
+SEQFAST_TARGET_AVX2 inline void exp2_many_avx2(__m256* x) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f), lo = _mm256_set1_ps(-127.0f);
+  __m256 t[N], f[N], p[N];
+  for (int i = 0; i < N; ++i) x[i] = _mm256_max_ps(x[i], lo);
+  for (int i = 0; i < N; ++i) t[i] = _mm256_add_ps(x[i], magic);
+  for (int i = 0; i < N; ++i) f[i] = _mm256_sub_ps(x[i], _mm256_sub_ps(t[i], magic));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.327641773968935e-3f), f[i],
+                                                     _mm256_set1_ps(9.675540961325169e-3f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(5.550713464617729e-2f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(2.4022120237350464e-1f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(6.931469440460205e-1f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(1.0000001192092896f));
+  for (int i = 0; i < N; ++i) {
+    x[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t[i]), 23)));
+  }
+}
+
+// p = exp2(s * f - m) for the first nv entries, 0 up to ncols; returns the sum of p.
+SEQFAST_TARGET_AVX2 inline float exp2_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float m) {
+  const __m256 vf = _mm256_set1_ps(f), vm = _mm256_set1_ps(m);
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= nv; c += 32) {
+    __m256 x[4];
+    for (int i = 0; i < 4; ++i) x[i] = _mm256_fmsub_ps(_mm256_loadu_ps(s + c + 8 * i), vf, vm);
+    exp2_many_avx2<4>(x);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(s + c + 8 * i, x[i]);
+    sum0 = _mm256_add_ps(sum0, _mm256_add_ps(x[0], x[1]));
+    sum1 = _mm256_add_ps(sum1, _mm256_add_ps(x[2], x[3]));
+  }
+  for (; c < nv; c += 8) {
+    __m256 x = visible_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(s + c), vf, vm), c, nv);
+    exp2_many_avx2<1>(&x);
+    _mm256_storeu_ps(s + c, x);
+    sum0 = _mm256_add_ps(sum0, x);
+  }
+  for (; c < ncols; c += 8) _mm256_storeu_ps(s + c, _mm256_setzero_ps());
+  return hsum_avx2(_mm256_add_ps(sum0, sum1));
+}
+
 SEQFAST_TARGET_AVX2 inline float online_softmax_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float& m,
                                                          float& l) {
-  const __m256 vf = _mm256_set1_ps(f);
-  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t c = 0; c < ncols; c += 8) {
-    const __m256 x = visible_avx2(_mm256_mul_ps(_mm256_loadu_ps(s + c), vf), c, nv);
-    _mm256_storeu_ps(s + c, x);
-    vmax = _mm256_max_ps(vmax, x);
-  }
-  const float m_new = std::max(m, hmax_avx2(vmax));
-  if (m_new == -std::numeric_limits<float>::infinity()) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const float m_new = std::max(m, scaled_max_avx2(s, nv, f));
+  if (m_new == -kInf) {
     for (int64_t c = 0; c < ncols; c += 8) _mm256_storeu_ps(s + c, _mm256_setzero_ps());
     return 1.0f;
   }
-  const float alpha = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp2(m - m_new);
-  const __m256 vm = _mm256_set1_ps(m_new);
-  __m256 vsum = _mm256_setzero_ps();
-  for (int64_t c = 0; c < ncols; c += 8) {
-    const __m256 p = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + c), vm));
-    _mm256_storeu_ps(s + c, p);
-    vsum = _mm256_add_ps(vsum, p);
-  }
-  l = l * alpha + hsum_avx2(vsum);
+  // Exactly 1 while the max holds (no rescaling then); 0 for m = -inf.
+  const float alpha = m == m_new ? 1.0f : _mm256_cvtss_f32(exp2_avx2(_mm256_set1_ps(m - m_new)));
+  l = l * alpha + exp2_row_avx2(s, nv, ncols, f, m_new);
   m = m_new;
   return alpha;
 }
 
 SEQFAST_TARGET_AVX2 inline void probs_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float lse2) {
-  const __m256 vf = _mm256_set1_ps(f), vl = _mm256_set1_ps(lse2);
-  for (int64_t c = 0; c < ncols; c += 8) {
-    const __m256 x = visible_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(s + c), vf, vl), c, nv);
-    _mm256_storeu_ps(s + c, exp2_avx2(x));
-  }
+  exp2_row_avx2(s, nv, ncols, f, lse2);
 }
 
 SEQFAST_TARGET_AVX2 inline void dscores_row_avx2(const float* p, float* dp, const float* z, int64_t ncols,

@@ -1,0 +1,375 @@
+"""The C++ (CPU) attention kernels against the float64 reference and against torch.
+
+Public API (``seqfast.scaled_dot_product_attention`` / ``seqfast.varlen_attention``, auto backend:
+the C++ kernels for CPU tensors) and the ops themselves where the API does not reach (bottom-right
+causal, dropout with a known seed).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfast
+from seqfast import _cpu_dropout
+from seqfast.reference import attention as ref
+
+pytestmark = pytest.mark.skipif(not seqfast.EXTENSION_AVAILABLE, reason="C++ extension not built")
+
+ops = torch.ops.seqfast
+
+
+def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x - y| / max |y| in float64; the scale is floored at 1e-2 for tensors that are (nearly) all
+    zero, such as dQ when every query sees a single key."""
+    x, y = x.detach().double(), y.detach().double()
+    return ((x - y).abs().max() / y.abs().max().clamp_min(1e-2)).item() if y.numel() else 0.0
+
+
+def leaves(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def ref_with_grads(q, k, v, grad_out, mask=None, causal=0, scale=None, dropout_p=0.0, keep=None):
+    """float64 reference output and grads of (q, k, v[, mask])."""
+    ins = leaves(*(t.double() for t in (q, k, v)))
+    m = mask
+    if mask is not None and mask.is_floating_point():
+        m = mask.detach().double().requires_grad_()
+        ins.append(m)
+    out, lse = ref.attention(ins[0], ins[1], ins[2], m, causal, scale, dropout_p, keep)
+    grads = torch.autograd.grad(out, ins, grad_out.double())
+    return out, lse, grads
+
+
+def seqfast_with_grads(q, k, v, grad_out, **kwargs):
+    ins = leaves(q, k, v)
+    mask = kwargs.pop("attn_mask", None)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.detach().clone().requires_grad_()
+        ins.append(mask)
+    out = seqfast.scaled_dot_product_attention(ins[0], ins[1], ins[2], attn_mask=mask, **kwargs)
+    grads = torch.autograd.grad(out, ins, grad_out)
+    return out, grads
+
+
+SHAPES = [  # B, Hq, Hk, Lq, Lk, D, Dv
+    (1, 1, 1, 1, 1, 16, 16),
+    (2, 3, 3, 17, 17, 59, 59),
+    (1, 2, 2, 129, 129, 80, 80),
+    (2, 2, 2, 17, 129, 32, 48),
+    (1, 2, 2, 129, 17, 256, 256),
+    (1, 1, 1, 1000, 1000, 64, 64),
+    (1, 2, 2, 40, 33, 24, 7),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp32_against_reference_and_torch(shape, causal):
+    B, Hq, Hk, Lq, Lk, D, Dv = shape
+    q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, Dv)
+    g = torch.randn(B, Hq, Lq, Dv)
+    out, grads = seqfast_with_grads(q, k, v, g, is_causal=causal)
+    rout, _, rgrads = ref_with_grads(q, k, v, g, causal=int(causal))
+    assert out.dtype == torch.float32 and out.shape == (B, Hq, Lq, Dv)
+    assert rel_err(out, rout) < 1e-4
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < 1e-4
+    tout = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert rel_err(out, tout) < 1e-4
+
+
+def test_float64_matches_reference_closely():
+    q, k, v = torch.randn(2, 2, 37, 40, dtype=torch.float64), torch.randn(2, 2, 50, 40, dtype=torch.float64), \
+        torch.randn(2, 2, 50, 24, dtype=torch.float64)
+    g = torch.randn(2, 2, 37, 24, dtype=torch.float64)
+    for causal in (False, True):
+        out, grads = seqfast_with_grads(q, k, v, g, is_causal=causal)
+        rout, _, rgrads = ref_with_grads(q, k, v, g, causal=int(causal))
+        assert out.dtype == torch.float64
+        assert rel_err(out, rout) < 1e-9
+        for a, b in zip(grads, rgrads):
+            assert rel_err(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_twice_torch_error(dtype):
+    B, H, Lq, Lk, D = 2, 2, 129, 100, 64
+    q, k, v = (torch.randn(B, H, n, D).to(dtype) for n in (Lq, Lk, Lk))
+    g = torch.randn(B, H, Lq, D).to(dtype)
+    out, grads = seqfast_with_grads(q, k, v, g)
+    assert out.dtype == dtype and all(x.dtype == dtype for x in grads)
+    rout, _, rgrads = ref_with_grads(q, k, v, g)
+    tq, tk, tv = leaves(q, k, v)
+    tout = F.scaled_dot_product_attention(tq, tk, tv)
+    tgrads = torch.autograd.grad(tout, (tq, tk, tv), g)
+    eps = torch.finfo(dtype).eps
+    assert rel_err(out, rout) <= 2 * rel_err(tout, rout) + eps
+    for a, t, r in zip(grads, tgrads, rgrads):
+        assert rel_err(a, r) <= 2 * rel_err(t, r) + eps
+
+
+def test_bottom_right_causal_through_the_op():
+    for Lq, Lk in ((17, 40), (40, 17), (129, 129)):
+        q, k, v = torch.randn(2, 2, Lq, 32), torch.randn(2, 1, Lk, 32), torch.randn(2, 1, Lk, 24)
+        g = torch.randn(2, 2, Lq, 24)
+        ins = leaves(q, k, v)
+        out, lse = ops.attention_forward(*ins, None, 0.0, 2, 0.3, 0)
+        grads = torch.autograd.grad(out, ins, g)
+        rout, rlse, rgrads = ref_with_grads(q, k, v, g, causal=2, scale=0.3)
+        assert rel_err(out, rout) < 1e-4
+        assert torch.equal(torch.isinf(lse), torch.isinf(rlse))  # Lq > Lk: leading rows see no key
+        assert rel_err(lse[torch.isfinite(lse)], rlse[torch.isfinite(rlse)]) < 1e-5
+        for a, b in zip(grads, rgrads):
+            assert torch.isfinite(a).all()
+            assert rel_err(a, b) < 1e-4
+
+
+def test_bool_mask_broadcast_and_fully_masked_rows():
+    B, H, Lq, Lk, D = 2, 3, 33, 70, 40
+    q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+    g = torch.randn(B, H, Lq, D)
+    mask = torch.rand(B, 1, Lq, Lk) > 0.4  # broadcast over heads
+    mask[:, :, 5] = False  # a row that sees nothing
+    out, grads = seqfast_with_grads(q, k, v, g, attn_mask=mask)
+    rout, _, rgrads = ref_with_grads(q, k, v, g, mask=mask)
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+    assert rel_err(out, rout) < 1e-4
+    for a, b in zip(grads, rgrads):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4
+    assert torch.equal(grads[0][:, :, 5], torch.zeros_like(grads[0][:, :, 5]))
+    # Broadcast over batch and query rows: a key-padding mask (1, 1, 1, Lk).
+    pad = (torch.arange(Lk) < 50)[None, None, None, :]
+    out, _ = seqfast_with_grads(q, k, v, g, attn_mask=pad)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, attn_mask=pad)) < 1e-4
+
+
+def test_float_mask_values_and_gradient():
+    B, H, Lq, Lk, D = 2, 2, 40, 65, 24
+    q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+    g = torch.randn(B, H, Lq, D)
+    mask = torch.randn(1, H, Lq, Lk)  # broadcast over batch: its gradient sums over it
+    mask[0, 0, 3, ::2] = float("-inf")
+    mask[0, 1, 7] = float("-inf")  # fully masked row
+    out, grads = seqfast_with_grads(q, k, v, g, attn_mask=mask)
+    rout, _, rgrads = ref_with_grads(q, k, v, g, mask=mask)
+    assert rel_err(out, rout) < 1e-4
+    assert len(grads) == 4 and grads[3].shape == mask.shape
+    for a, b in zip(grads, rgrads):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("Hk", [1, 2])
+def test_grouped_query_heads(Hk):
+    B, Hq, L, D = 2, 6, 45, 32
+    q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D)
+    g = torch.randn(B, Hq, L, D)
+    out, grads = seqfast_with_grads(q, k, v, g, is_causal=True, enable_gqa=True)
+    rout, _, rgrads = ref_with_grads(q, k, v, g, causal=1)
+    assert rel_err(out, rout) < 1e-4
+    assert grads[1].shape == k.shape and grads[2].shape == v.shape
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < 1e-4
+    tout = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert rel_err(out, tout) < 1e-4
+
+
+def test_custom_scale():
+    q, k, v = torch.randn(1, 2, 30, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    g = torch.randn(1, 2, 30, 16)
+    for scale in (0.05, 1.7, -0.4):
+        out, grads = seqfast_with_grads(q, k, v, g, scale=scale)
+        rout, _, rgrads = ref_with_grads(q, k, v, g, scale=scale)
+        assert rel_err(out, rout) < 1e-4
+        for a, b in zip(grads, rgrads):
+            assert rel_err(a, b) < 1e-4
+
+
+def test_dropout_matches_reference_given_the_kernel_mask():
+    B, Hq, Hk, Lq, Lk, D, p, seed = 2, 4, 2, 77, 90, 40, 0.3, 2**61 + 12345
+    q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, D)
+    g = torch.randn(B, Hq, Lq, D)
+    keep = _cpu_dropout.keep_mask(seed, (B, Hq, Lq, Lk), p)
+    ins = leaves(q, k, v)
+    out, _ = ops.attention_forward(*ins, None, p, 1, 0.2, seed)
+    grads = torch.autograd.grad(out, ins, g)
+    rout, _, rgrads = ref_with_grads(q, k, v, g, causal=1, scale=0.2, dropout_p=p, keep=keep)
+    assert rel_err(out, rout) < 1e-4
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < 1e-4
+    # Without the right mask the outputs differ: the check above has teeth.
+    other = _cpu_dropout.keep_mask(seed + 1, (B, Hq, Lq, Lk), p)
+    assert rel_err(out, ref.attention(q, k, v, None, 1, 0.2, p, other)[0]) > 1e-2
+
+
+def test_dropout_keep_rate_statistics():
+    for p in (0.1, 0.5, 0.9):
+        keep = _cpu_dropout.keep_mask(7, (2, 3, 100, 200), p)
+        n = keep.numel()
+        rate = keep.double().mean().item()
+        assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+        # no visible structure: per-row and per-column rates stay close too
+        assert keep.double().mean(-1).std().item() < 3 * math.sqrt(p * (1 - p) / 200)
+    # The kernel drops what the mask says: with v = 1 every kept weight shows up in the output.
+    q, k = torch.zeros(1, 1, 64, 8), torch.zeros(1, 1, 256, 8)
+    v = torch.ones(1, 1, 256, 1)
+    out, _ = ops.attention_forward(q, k, v, None, 0.25, 0, 1.0, 99)
+    expect = _cpu_dropout.keep_mask(99, (1, 1, 64, 256), 0.25).double().mean(-1, keepdim=True) / 0.75
+    assert rel_err(out[0, 0], expect[0, 0]) < 1e-5
+
+
+def test_dropout_reproducible_from_torch_seed():
+    q, k, v = torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
+    g = torch.randn(2, 2, 50, 16)
+    torch.manual_seed(123)
+    a, ga = seqfast_with_grads(q, k, v, g, dropout_p=0.4)
+    torch.manual_seed(123)
+    b, gb = seqfast_with_grads(q, k, v, g, dropout_p=0.4)
+    c, _ = seqfast_with_grads(q, k, v, g, dropout_p=0.4)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_against_reference(causal):
+    cu_q = torch.tensor([0, 5, 5, 135, 136], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 20, 150, 151], dtype=torch.int64)
+    q, k, v = torch.randn(136, 4, 24), torch.randn(151, 2, 24), torch.randn(151, 2, 33)
+    g = torch.randn(136, 4, 33)
+    ins = leaves(q, k, v)
+    out = seqfast.varlen_attention(*ins, cu_q, cu_k, 130, 130, causal=causal)
+    grads = torch.autograd.grad(out, ins, g)
+    rins = leaves(q.double(), k.double(), v.double())
+    rout, _ = ref.varlen_attention(*rins, cu_q, cu_k, 2 if causal else 0, 1 / math.sqrt(24))
+    rgrads = torch.autograd.grad(rout, rins, g.double())
+    assert rel_err(out, rout) < 1e-4
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(30, 16), (3, 30, 16), (2, 3, 2, 30, 16)], ids=["2d", "3d", "5d"])
+def test_input_ranks_through_the_public_api(shape):
+    q, k, v = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    g = torch.randn(shape)
+    out, grads = seqfast_with_grads(q, k, v, g, is_causal=True)
+    tq, tk, tv = leaves(q, k, v)
+    tout = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+    tgrads = torch.autograd.grad(tout, (tq, tk, tv), g)
+    assert out.shape == tout.shape
+    assert rel_err(out, tout) < 1e-4
+    for a, b in zip(grads, tgrads):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-4
+
+
+def test_strided_inputs():
+    base = torch.randn(2, 40, 3, 3 * 32)  # (B, L, H, 3*E) projections, as a model produces them
+    q, k, v = (base[..., i * 32:(i + 1) * 32].transpose(1, 2) for i in range(3))
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    out = seqfast.scaled_dot_product_attention(q, k, v)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 1e-4
+
+
+def test_gradcheck_float64():
+    q, k, v = (torch.randn(1, 2, n, 5, dtype=torch.float64, requires_grad=True) for n in (4, 6, 6))
+    mask = torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c, m: seqfast.scaled_dot_product_attention(a, b, c, attn_mask=m),
+                                    (q, k, v, mask))
+    assert torch.autograd.gradcheck(lambda a, b, c: seqfast.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                    (q, k, v))
+
+
+def test_bitwise_deterministic_across_runs_and_threads():
+    q, k, v = torch.randn(1, 4, 300, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    g = torch.randn(1, 4, 300, 32)
+
+    def run():
+        return seqfast_with_grads(q, k, v, g, is_causal=True, enable_gqa=True)
+
+    a, ga = run()
+    b, gb = run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c, gc = run()
+    finally:
+        torch.set_num_threads(threads)
+    for x, y, z in zip((a, *ga), (b, *gb), (c, *gc)):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_opcheck():
+    q, k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 1, 11, 8), torch.randn(1, 1, 11, 8)
+    mask = torch.randn(1, 2, 9, 11)
+    out, lse = ops.attention_forward(q, k, v, mask, 0.0, 0, 0.5, 0)
+    g = torch.randn_like(out)
+    torch.library.opcheck(ops.attention_forward, (q, k, v, mask, 0.0, 1, 0.5, 0))
+    torch.library.opcheck(ops.attention_forward, (q, k, v, None, 0.2, 0, 0.5, 3))
+    torch.library.opcheck(ops.attention_backward, (g, q, k, v, mask, out, lse, 0.0, 0, 0.5, 0, True))
+    cu_q, cu_k = torch.tensor([0, 4, 9]), torch.tensor([0, 6, 11])
+    vq, vk, vv = torch.randn(9, 2, 8), torch.randn(11, 1, 8), torch.randn(11, 1, 8)
+    vout, vlse = ops.varlen_attention_forward(vq, vk, vv, cu_q, cu_k, 5, 6, 2, 0.5)
+    torch.library.opcheck(ops.varlen_attention_forward, (vq, vk, vv, cu_q, cu_k, 5, 6, 2, 0.5))
+    torch.library.opcheck(ops.varlen_attention_backward,
+                          (torch.randn_like(vout), vq, vk, vv, cu_q, cu_k, 5, 6, vout, vlse, 2, 0.5))
+
+
+def _args(**over):
+    a = dict(query=torch.randn(2, 4, 5, 8), key=torch.randn(2, 4, 6, 8), value=torch.randn(2, 4, 6, 3))
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(query=torch.ones(2, 4, 5, 8, dtype=torch.int64)), "query must be a floating tensor"),
+    (dict(key=[1.0]), "key must be a floating tensor"),
+    (dict(value=torch.randn(3)), "value must have at least 2 dims"),
+    (dict(key=torch.randn(2, 4, 6, 8, dtype=torch.float64)), "share a dtype"),
+    (dict(key=torch.randn(2, 4, 6, 8, device="meta")), "one device"),
+    (dict(key=torch.randn(4, 6, 8)), "same number of dims"),
+    (dict(key=torch.randn(2, 4, 6, 9)), "share the last dim"),
+    (dict(value=torch.randn(2, 4, 7, 3)), "share the sequence length"),
+    (dict(dropout_p=1.0), "dropout_p must be in"),
+    (dict(dropout_p=-0.1), "dropout_p must be in"),
+    (dict(is_causal=True, attn_mask=torch.ones(5, 6, dtype=torch.bool)), "cannot both be set"),
+    (dict(key=torch.randn(3, 4, 6, 8), value=torch.randn(3, 4, 6, 3)), "batch dims must match"),
+    (dict(value=torch.randn(2, 2, 6, 3)), "batch dims must match"),
+    (dict(key=torch.randn(2, 3, 6, 8), value=torch.randn(2, 3, 6, 3), enable_gqa=True), "multiple of key/value"),
+    (dict(key=torch.randn(2, 2, 6, 8), value=torch.randn(2, 2, 6, 3)), "pass enable_gqa=True"),
+    (dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), "attn_mask must be bool or of query's dtype"),
+    (dict(attn_mask=torch.ones(5, 7, dtype=torch.bool)), "does not broadcast"),
+])
+def test_validation_errors(case, match):
+    kwargs = _args(**case)
+    with pytest.raises(ValueError, match=match):
+        seqfast.scaled_dot_product_attention(**kwargs)
+
+
+def test_peak_memory_grows_linearly():
+    """Forward + backward at two lengths in fresh processes: extra peak RSS must scale like L, not L^2."""
+    code = textwrap.dedent("""
+        import resource, sys, torch, seqfast
+        torch.set_num_threads(1)
+        L = int(sys.argv[1])
+        q, k, v = (torch.randn(1, 1, L, 16, requires_grad=True) for _ in range(3))
+        small = [t.detach()[..., :64, :].clone().requires_grad_() for t in (q, k, v)]
+        seqfast.scaled_dot_product_attention(*small).sum().backward()  # warm up allocator and kernels
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        seqfast.scaled_dot_product_attention(q, k, v).sum().backward()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """)
+    growth = {}
+    for L in (2048, 8192):
+        res = subprocess.run([sys.executable, "-c", code, str(L)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        growth[L] = int(res.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB
+    # One (L, L) fp32 score matrix at L = 8192 would be 256 MiB; the inputs, outputs and packed
+    # copies are a few MiB.
+    assert growth[8192] < 32 * 2**20, growth
+    assert growth[8192] < 16 * max(growth[2048], 2**20), growth
