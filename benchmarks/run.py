@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = out_dir / f"{device}-{args.size}-{stamp}.json"
 
-    cmd = [sys.executable, "-m", "pytest", *BENCH_FILES, "-v", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", *BENCH_FILES, "-v", "--tb=short", "-p", "no:cacheprovider",
            "--bench-size", args.size, "--bench-device", device, f"--benchmark-json={json_path}",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name", *pytest_extra]
     if args.filter:
