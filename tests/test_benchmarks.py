@@ -90,3 +90,37 @@ def test_tiers():
     assert a.work("fwd") == 4 * 2 * 8 * 512 * 512 * 64 / 2 and a.work("fwd+bwd") == 3.5 * a.work("fwd")
     c = h.CtcShape(500, 16, 32, 100)
     assert c.work("fwd") == 16 * 500 * 201 and c.work("fwd+bwd") == 2 * c.work("fwd")
+
+
+class _StubBenchmark:
+    """pytest-benchmark's fixture reduced to what ``measure`` uses: pedantic runs rounds x iterations calls."""
+
+    def __init__(self):
+        self.extra_info, self.group, self.stats, self.calls = {}, None, None, []
+
+    def pedantic(self, target, rounds, iterations, warmup_rounds):
+        self.calls.append((rounds, iterations, warmup_rounds))
+        for _ in range(rounds * iterations):
+            target()
+
+
+def test_cuda_timing_synchronises_once_per_round(monkeypatch):
+    """Short CUDA calls are repeated within a round and synchronised at its end only (checked without a GPU)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _harness as h
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    syncs, calls = [], []
+    monkeypatch.setattr(h, "synchronize", lambda device: syncs.append(len(calls)))
+    monkeypatch.setattr(h, "peak_memory", lambda fn, device: (fn(), 123)[1])
+    bench = _StubBenchmark()
+    h.measure(bench, lambda: calls.append(1), op="attention", shape=h.AttentionShape(1, 1, 16, 8, False),
+              direction="fwd", provider="seqfast", device="cuda", size="quick")
+    ((rounds, iterations, warmup),) = bench.calls
+    assert warmup == 0 and rounds >= 10 and iterations > 1  # a call of microseconds: many per round
+    timed = syncs[1:]  # the first sync closes the warm-up
+    assert len(timed) == rounds and all(b - a == iterations for a, b in zip(timed, timed[1:]))
+    info = bench.extra_info
+    assert info["peak_mem_bytes"] == 123 and info["iterations"] == iterations and info["device"] == "cuda"
+    assert bench.group == "attention B1_H1_L16_D8 fwd" and info["work"] == 4 * 16 * 16 * 8
