@@ -123,6 +123,12 @@ def bench_device(config) -> str:
     return choice
 
 
+def describe(device: str) -> str:
+    """torch's version and the device: thread count on CPU, the GPU's name on CUDA."""
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    return f"{device} ({where}), torch {torch.__version__}"
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -202,7 +208,7 @@ def measure(benchmark, fn: Callable[[], Any], *, op: str, shape, direction: str,
                 provider=provider, device=device,
                 backend=os.environ.get("SEQFAST_BACKEND", "auto") if provider == "seqfast" else "torch",
                 work=shape.work(direction), work_unit="state updates" if op.startswith("ctc") else "flop",
-                peak_mem_bytes=peak, rounds=rounds, iterations=iterations)
+                peak_mem_bytes=peak, rounds=rounds, iterations=iterations, where=describe(device))
     benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0)
     if benchmark.stats is None:  # --benchmark-disable: the call ran once, untimed
         return

@@ -52,11 +52,13 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _device(choice: str) -> str:
+    if choice == "cpu":
+        return choice  # no need to pay for importing torch here
     import torch
 
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise SystemExit("run.py: --device cuda, but torch sees no CUDA device")
     return choice
 
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pngs = plot_speedups(rows, out_dir, prefix=f"{json_path.stem}-")
     print()
-    print(f"seqfast {args.backend} backend vs torch on {device} ({args.size} shapes); median of each case")
+    where = rows[0].where if rows else device
+    print(f"seqfast {args.backend} backend vs torch on {where}, {args.size} shapes; median of each case")
     print(format_table(rows, device))
     print(f"\nresults: {json_path}")
     for p in pngs:

@@ -32,6 +32,7 @@ def test_run_succeeds(smoke_run):
     proc, _ = smoke_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+    assert "on cpu (" in proc.stdout and "threads), torch " in proc.stdout  # where the numbers come from
 
 
 def test_json_has_paired_cases(smoke_run):
@@ -114,6 +115,7 @@ def test_cuda_timing_synchronises_once_per_round(monkeypatch):
     syncs, calls = [], []
     monkeypatch.setattr(h, "synchronize", lambda device: syncs.append(len(calls)))
     monkeypatch.setattr(h, "peak_memory", lambda fn, device: (fn(), 123)[1])
+    monkeypatch.setattr(h, "describe", lambda device: "cuda (a GPU)")
     bench = _StubBenchmark()
     h.measure(bench, lambda: calls.append(1), op="attention", shape=h.AttentionShape(1, 1, 16, 8, False),
               direction="fwd", provider="seqfast", device="cuda", size="quick")
