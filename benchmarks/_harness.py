@@ -8,9 +8,11 @@ Size tiers (``--bench-size``):
   for torch alone, which would more than double the suite's time); on CUDA, default is everything.
 - ``full``: every shape on every device.
 
-Each benchmark records in ``benchmark.extra_info``: ``op``, ``shape`` (text), ``direction`` (``fwd`` or
-``fwd+bwd``), ``provider`` (``torch`` or ``seqfast``), ``device``, ``backend``, ``work`` and ``work_unit``, ``rate``
-(work / median seconds / 1e9: GFLOP/s, or giga state updates per second for CTC) and ``peak_mem_bytes``.
+Each benchmark records in ``benchmark.extra_info``: ``op``, ``shape`` (text) and ``shape_params``,
+``direction`` (``fwd`` or ``fwd+bwd``), ``provider`` (``torch`` or ``seqfast``), ``device``, ``backend``,
+``where`` (device, threads or GPU, torch version), ``work`` and ``work_unit``, ``gflops`` (work / median
+seconds / 1e9: GFLOP/s, or giga state updates per second for CTC), ``peak_mem_bytes``, ``rounds`` and
+``iterations``.
 """
 
 from __future__ import annotations
@@ -213,4 +215,4 @@ def measure(benchmark, fn: Callable[[], Any], *, op: str, shape, direction: str,
     if benchmark.stats is None:  # --benchmark-disable: the call ran once, untimed
         return
     median = benchmark.stats.stats.median
-    info["rate"] = info["work"] / median / 1e9 if median > 0 else float("nan")
+    info["gflops"] = info["work"] / median / 1e9 if median > 0 else float("nan")

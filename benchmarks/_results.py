@@ -55,7 +55,7 @@ def load_rows(path: str | Path) -> list[Row]:
             row = rows[key] = Row(info["op"], info["shape"], info["direction"], info["device"], info["work"],
                                   info["work_unit"], info.get("shape_params", {}), info.get("where", info["device"]))
         median = bench["stats"]["median"]
-        m = Measurement(median, info.get("rate", row.work / median / 1e9), info["peak_mem_bytes"],
+        m = Measurement(median, info.get("gflops", row.work / median / 1e9), info["peak_mem_bytes"],
                         bench["stats"]["rounds"])
         setattr(row, info["provider"], m)
     return list(rows.values())

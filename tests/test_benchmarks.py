@@ -43,7 +43,7 @@ def test_json_has_paired_cases(smoke_run):
     assert {i["op"] for i in infos} == {*OPS, "matmul"}
     for info in infos:
         assert info["device"] == "cpu"
-        assert info["rate"] > 0 and info["work"] > 0
+        assert info["gflops"] > 0 and info["work"] > 0
         assert info["peak_mem_bytes"] > 0, info  # every case allocates at least its output
         assert info["backend"] == ("reference" if info["provider"] == "seqfast" else "torch")
     for op in OPS:
