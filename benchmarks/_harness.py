@@ -8,9 +8,11 @@ Size tiers (``--bench-size``):
   for torch alone, which would more than double the suite's time); on CUDA, default is everything.
 - ``full``: every shape on every device.
 
-Each benchmark records in ``benchmark.extra_info``: ``op``, ``shape`` (text), ``direction`` (``fwd`` or
-``fwd+bwd``), ``provider`` (``torch`` or ``seqfast``), ``device``, ``backend``, ``work`` and ``work_unit``, ``rate``
-(work / median seconds / 1e9: GFLOP/s, or giga state updates per second for CTC) and ``peak_mem_bytes``.
+Each benchmark records in ``benchmark.extra_info``: ``op``, ``shape`` (text) and ``shape_params``,
+``direction`` (``fwd`` or ``fwd+bwd``), ``provider`` (``torch`` or ``seqfast``), ``device``, ``backend``,
+``where`` (device, threads or GPU, torch version), ``work`` and ``work_unit``, ``gflops`` (work / median
+seconds / 1e9: GFLOP/s, or giga state updates per second for CTC), ``peak_mem_bytes``, ``rounds`` and
+``iterations``.
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ def bench_device(config) -> str:
     return choice
 
 
+def describe(device: str) -> str:
+    """torch's version and the device: thread count on CPU, the GPU's name on CUDA."""
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    return f"{device} ({where}), torch {torch.__version__}"
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -165,25 +173,36 @@ def _round_budget(device: str, size: str) -> tuple[float, int, int]:
     return (target, 10, 1000) if device == "cuda" else (target, 3, 200)
 
 
+# On CUDA a round repeats the call until it lasts about this long, synchronising once at its end, so that
+# short kernels are not timed together with a host-device round trip each.
+CUDA_ROUND_S = 2e-3
+
+
 def measure(benchmark, fn: Callable[[], Any], *, op: str, shape, direction: str, provider: str, device: str,
             size: str) -> None:
-    """Time ``fn`` (synchronised on CUDA) with pytest-benchmark and fill ``extra_info``.
+    """Time ``fn`` with pytest-benchmark (each round synchronised on CUDA) and fill ``extra_info``.
 
-    The first call warms up (allocator, Triton compilation, caches) and a second, under the memory probe,
-    also estimates the cost of a call, from which the number of rounds is chosen so that slow cases stay
-    within the time budget and fast ones get enough rounds for a stable median.
+    Warm-up calls come first (allocator, Triton compilation and autotuning, caches), then one under the
+    memory probe, which also estimates the cost of a call: the number of rounds follows from it, so that
+    slow cases stay within the time budget and fast ones get enough rounds for a stable median.
     """
-
-    def call() -> None:
+    for _ in range(3 if device == "cuda" else 1):
         fn()
-        synchronize(device)
-
-    call()
+    synchronize(device)
     start = time.perf_counter()
     peak = peak_memory(fn, device)
-    estimate = max(time.perf_counter() - start, 1e-6)
+    estimate = max(time.perf_counter() - start, 1e-7)
+    iterations = min(1000, math.ceil(CUDA_ROUND_S / estimate)) if device == "cuda" else 1
     target, least, most = _round_budget(device, size)
-    rounds = int(min(most, max(least, math.ceil(target / estimate))))
+    rounds = int(min(most, max(least, math.ceil(target / (estimate * iterations)))))
+    calls = 0
+
+    def call() -> None:
+        nonlocal calls
+        fn()
+        calls += 1
+        if calls % iterations == 0:  # pedantic runs `iterations` calls per timed round, rounds back to back
+            synchronize(device)
 
     benchmark.group = f"{op} {shape.label} {direction}"
     info = benchmark.extra_info
@@ -191,9 +210,9 @@ def measure(benchmark, fn: Callable[[], Any], *, op: str, shape, direction: str,
                 provider=provider, device=device,
                 backend=os.environ.get("SEQFAST_BACKEND", "auto") if provider == "seqfast" else "torch",
                 work=shape.work(direction), work_unit="state updates" if op.startswith("ctc") else "flop",
-                peak_mem_bytes=peak, rounds=rounds)
-    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+                peak_mem_bytes=peak, rounds=rounds, iterations=iterations, where=describe(device))
+    benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0)
     if benchmark.stats is None:  # --benchmark-disable: the call ran once, untimed
         return
     median = benchmark.stats.stats.median
-    info["rate"] = info["work"] / median / 1e9 if median > 0 else float("nan")
+    info["gflops"] = info["work"] / median / 1e9 if median > 0 else float("nan")

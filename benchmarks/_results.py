@@ -29,6 +29,7 @@ class Row:
     work: float
     work_unit: str
     shape_params: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # torch version, device, threads or GPU name
     torch: Measurement | None = None
     seqfast: Measurement | None = None
 
@@ -52,9 +53,9 @@ def load_rows(path: str | Path) -> list[Row]:
         row = rows.get(key)
         if row is None:
             row = rows[key] = Row(info["op"], info["shape"], info["direction"], info["device"], info["work"],
-                                  info["work_unit"], info.get("shape_params", {}))
+                                  info["work_unit"], info.get("shape_params", {}), info.get("where", info["device"]))
         median = bench["stats"]["median"]
-        m = Measurement(median, info.get("rate", row.work / median / 1e9), info["peak_mem_bytes"],
+        m = Measurement(median, info.get("gflops", row.work / median / 1e9), info["peak_mem_bytes"],
                         bench["stats"]["rounds"])
         setattr(row, info["provider"], m)
     return list(rows.values())

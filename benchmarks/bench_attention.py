@@ -40,8 +40,10 @@ def test_attention(benchmark, shape, direction, provider, device, size):
         grad_out = torch.randn_like(q)
 
         def fn():
-            q.grad = k.grad = v.grad = None
             attend(q, k, v, is_causal=shape.causal).backward(grad_out)
+            # Dropped after the call, not before the next: the memory probe then counts the gradients as
+            # the call's own allocation instead of netting them against the previous call's.
+            q.grad = k.grad = v.grad = None
 
     measure(benchmark, fn, op="attention", shape=shape, direction=direction, provider=provider, device=device,
             size=size)

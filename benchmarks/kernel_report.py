@@ -14,7 +14,9 @@ ptxas / cuobjdump shipped in the triton wheel do it all on the host), then reads
 Discovery: every ``kernels/*.py`` module that defines ``report_configs()``, which returns dicts with keys
 ``kernel`` (name), ``fn`` (the ``triton.jit`` function), ``signature`` ({arg: Triton type such as ``"*fp32"``,
 ``"i32"``, or ``"constexpr"``}), ``constexprs`` ({arg: value}), ``num_warps``, ``num_stages`` and ``config``
-(a label). Kernels must be compiled, not interpreted: the command line switches ``TRITON_INTERPRET`` off.
+(a label); optionally ``attrs`` (ASTSource attributes; default: every pointer 16-byte aligned, as Triton
+specialises them at launch) and ``options`` (more compiler options). Kernels must be compiled, not
+interpreted: the command line switches ``TRITON_INTERPRET`` off.
 
 Usage::
 
@@ -129,6 +131,8 @@ def triton_interprets() -> bool:
 def _jit_function(fn: Any, kernel: str):
     from triton.runtime.jit import JITFunction
 
+    while not isinstance(fn, JITFunction) and type(fn).__name__ in ("Autotuner", "Heuristics"):
+        fn = fn.fn  # triton.autotune / triton.heuristics wrap the jit function
     if isinstance(fn, JITFunction):
         return fn
     raise TypeError(
@@ -136,6 +140,13 @@ def _jit_function(fn: Any, kernel: str):
         "TRITON_INTERPRET=1 cannot be compiled: run the report in a process without it "
         "(python benchmarks/kernel_report.py switches it off)"
     )
+
+
+def aligned_pointers(fn: Any, signature: dict[str, str]) -> dict[tuple[int], list[list[Any]]]:
+    """Triton's launch-time specialisation of 16-byte aligned pointers (torch's allocations are), as ASTSource
+    ``attrs``: without it the kernel compiles for arbitrary alignment, with narrower loads than it runs with."""
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, ty in signature.items() if ty.startswith("*")}
 
 
 def compile_config(cfg: dict[str, Any], arch: str | int) -> dict[str, Any]:
@@ -155,7 +166,8 @@ def compile_config(cfg: dict[str, Any], arch: str | int) -> dict[str, Any]:
         fn = _jit_function(cfg["fn"], cfg["kernel"])
         options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": True}
         options.update(cfg.get("options", {}))
-        src = ASTSource(fn=fn, signature=dict(cfg["signature"]), constexprs=dict(cfg["constexprs"]))
+        src = ASTSource(fn=fn, signature=dict(cfg["signature"]), constexprs=dict(cfg["constexprs"]),
+                        attrs=cfg["attrs"] if "attrs" in cfg else aligned_pointers(fn, cfg["signature"]))
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
         with tempfile.TemporaryDirectory(prefix="seqfast-report-") as tmp:
             workdir = Path(tmp)

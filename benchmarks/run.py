@@ -52,11 +52,13 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _device(choice: str) -> str:
+    if choice == "cpu":
+        return choice  # no need to pay for importing torch here
     import torch
 
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise SystemExit("run.py: --device cuda, but torch sees no CUDA device")
     return choice
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = out_dir / f"{device}-{args.size}-{stamp}.json"
 
-    cmd = [sys.executable, "-m", "pytest", *BENCH_FILES, "-v", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", *BENCH_FILES, "-v", "--tb=short", "-p", "no:cacheprovider",
            "--bench-size", args.size, "--bench-device", device, f"--benchmark-json={json_path}",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name", *pytest_extra]
     if args.filter:
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pngs = plot_speedups(rows, out_dir, prefix=f"{json_path.stem}-")
     print()
-    print(f"seqfast {args.backend} backend vs torch on {device} ({args.size} shapes); median of each case")
+    where = rows[0].where if rows else device
+    print(f"seqfast {args.backend} backend vs torch on {where}, {args.size} shapes; median of each case")
     print(format_table(rows, device))
     print(f"\nresults: {json_path}")
     for p in pngs:

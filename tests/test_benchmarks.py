@@ -32,6 +32,7 @@ def test_run_succeeds(smoke_run):
     proc, _ = smoke_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+    assert "on cpu (" in proc.stdout and "threads), torch " in proc.stdout  # where the numbers come from
 
 
 def test_json_has_paired_cases(smoke_run):
@@ -42,7 +43,7 @@ def test_json_has_paired_cases(smoke_run):
     assert {i["op"] for i in infos} == {*OPS, "matmul"}
     for info in infos:
         assert info["device"] == "cpu"
-        assert info["rate"] > 0 and info["work"] > 0
+        assert info["gflops"] > 0 and info["work"] > 0
         assert info["peak_mem_bytes"] > 0, info  # every case allocates at least its output
         assert info["backend"] == ("reference" if info["provider"] == "seqfast" else "torch")
     for op in OPS:
@@ -90,3 +91,38 @@ def test_tiers():
     assert a.work("fwd") == 4 * 2 * 8 * 512 * 512 * 64 / 2 and a.work("fwd+bwd") == 3.5 * a.work("fwd")
     c = h.CtcShape(500, 16, 32, 100)
     assert c.work("fwd") == 16 * 500 * 201 and c.work("fwd+bwd") == 2 * c.work("fwd")
+
+
+class _StubBenchmark:
+    """pytest-benchmark's fixture reduced to what ``measure`` uses: pedantic runs rounds x iterations calls."""
+
+    def __init__(self):
+        self.extra_info, self.group, self.stats, self.calls = {}, None, None, []
+
+    def pedantic(self, target, rounds, iterations, warmup_rounds):
+        self.calls.append((rounds, iterations, warmup_rounds))
+        for _ in range(rounds * iterations):
+            target()
+
+
+def test_cuda_timing_synchronises_once_per_round(monkeypatch):
+    """Short CUDA calls are repeated within a round and synchronised at its end only (checked without a GPU)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _harness as h
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    syncs, calls = [], []
+    monkeypatch.setattr(h, "synchronize", lambda device: syncs.append(len(calls)))
+    monkeypatch.setattr(h, "peak_memory", lambda fn, device: (fn(), 123)[1])
+    monkeypatch.setattr(h, "describe", lambda device: "cuda (a GPU)")
+    bench = _StubBenchmark()
+    h.measure(bench, lambda: calls.append(1), op="attention", shape=h.AttentionShape(1, 1, 16, 8, False),
+              direction="fwd", provider="seqfast", device="cuda", size="quick")
+    ((rounds, iterations, warmup),) = bench.calls
+    assert warmup == 0 and rounds >= 10 and iterations > 1  # a call of microseconds: many per round
+    timed = syncs[1:]  # the first sync closes the warm-up
+    assert len(timed) == rounds and all(b - a == iterations for a, b in zip(timed, timed[1:]))
+    info = bench.extra_info
+    assert info["peak_mem_bytes"] == 123 and info["iterations"] == iterations and info["device"] == "cuda"
+    assert bench.group == "attention B1_H1_L16_D8 fwd" and info["work"] == 4 * 16 * 16 * 8

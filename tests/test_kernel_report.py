@@ -189,3 +189,12 @@ def test_command_line_fails_on_spills_unless_allowed(kernels_file, tmp_path):
     allowed = _cli(kernels_file, "--arch", "sm_80", "--allow-spills")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert "warning: spill [8192] sm_80 spills" in allowed.stderr
+
+
+def test_pointers_are_compiled_as_aligned_by_default():
+    class Fn:
+        arg_names = ["x_ptr", "n", "y_ptr", "BLOCK"]
+
+    sig = {"x_ptr": "*fp32", "n": "i32", "y_ptr": "*bf16", "BLOCK": "constexpr"}
+    assert kernel_report.aligned_pointers(Fn, sig) == {(0,): [["tt.divisibility", 16]],
+                                                       (2,): [["tt.divisibility", 16]]}
