@@ -192,6 +192,18 @@ struct Sample {
     }
     lpe[2 * L] = b;
   }
+
+  // Start loading the next frame's emissions while this one computes: they are scattered over the row.
+  // With more labels than cache lines in the row, fetch the row's lines in order instead (fewer requests).
+  void prefetch(const scalar_t* row, int64_t blank, int64_t C) const {
+    constexpr int64_t per_line = 64 / sizeof(scalar_t);
+    if (L + 1 > C / per_line) {
+      for (int64_t c = 0; c < C; c += per_line) __builtin_prefetch(row + c);
+    } else {
+      __builtin_prefetch(row + blank);
+      for (int64_t k = 0; k < L; ++k) __builtin_prefetch(row + labels[k]);
+    }
+  }
 };
 
 // (T, N) log-normalisers of the logits rows, computed in parallel over rows.
@@ -282,11 +294,14 @@ float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const flo
   int32_t* pe = rows.e.data() + 2;
   float* cm = rows.m.data() + P + 4;
   int32_t* ce = rows.e.data() + P + 4;
-  std::vector<float> em(P), logrow(P);
+  std::vector<float> em(P), logrow(P, neg_inf<float>());
   std::vector<int32_t> ee(P);
   for (int64_t t = 0; t < len; ++t) {
+    // States above 2t+1 are not reachable yet: they stay 0 (their row cells were never written).
+    const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));
     smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : 0.0f, blank);
-    ctc_simd::emission_ext_avx2(em.data(), ee.data(), smp.lpe.data(), P);
+    if (t + 1 < len) smp.prefetch(lp + ((t + 1) * z.N + n) * z.C, blank, z.C);
+    ctc_simd::emission_ext_avx2(em.data(), ee.data(), smp.lpe.data(), hi);
     if (t == 0) {  // alpha_0: the emissions of states 0 and 1
       std::fill(cm, cm + P, 0.0f);
       std::fill(ce, ce + P, ctc_simd::kZeroE);
@@ -297,7 +312,7 @@ float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const flo
       }
     } else {
       ctc_simd::alpha_ext_row_avx2(cm, ce, logrow.data(), pm, pe, skip.m.data(), skip.e.data(), em.data(), ee.data(),
-                                   P);
+                                   hi);
     }
     float* dst = la_n + t * width;
     std::copy(logrow.data(), logrow.data() + states, dst);
@@ -337,11 +352,15 @@ void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const
   int32_t* ne = rows.e.data();
   float* cm = nm + P + 2;
   int32_t* ce = ne + P + 2;
-  std::vector<float> em(P), alpha(P, neg_inf<float>()), post(P);
+  std::vector<float> em(P), alpha(P, neg_inf<float>()), post(P, 0.0f);
   std::vector<int32_t> ee(P);
   for (int64_t t = len - 1; t >= 0; --t) {
+    // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there
+    // (never written: the bound only decreases).
+    const int64_t lo = std::max<int64_t>(0, states - 2 * (len - t)) / kLanes * kLanes;
     smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : 0.0f, blank);
-    ctc_simd::emission_ext_avx2(em.data(), ee.data(), smp.lpe.data(), P);
+    if (t > 0) smp.prefetch(lp + ((t - 1) * z.N + n) * z.C, blank, z.C);
+    ctc_simd::emission_ext_avx2(em.data() + lo, ee.data() + lo, smp.lpe.data() + lo, P - lo);
     if (t == len - 1) {  // bx = 1 at the two final states, b = their emissions
       std::fill(bx.m.begin(), bx.m.end(), 0.0f);
       std::fill(bx.e.begin(), bx.e.end(), ctc_simd::kZeroE);
@@ -353,13 +372,14 @@ void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const
         set_normalised(em[s], ee[s], cm + s, ce + s);
       }
     } else {
-      ctc_simd::beta_ext_row_avx2(bx.m.data(), bx.e.data(), cm, ce, nm, ne, skip.m.data() + 2, skip.e.data() + 2,
-                                  em.data(), ee.data(), P);
+      ctc_simd::beta_ext_row_avx2(bx.m.data() + lo, bx.e.data() + lo, cm + lo, ce + lo, nm + lo, ne + lo,
+                                  skip.m.data() + 2 + lo, skip.e.data() + 2 + lo, em.data() + lo, ee.data() + lo, P - lo);
     }
     const float* la_row = la + (n * z.T + t) * width;
     std::copy(la_row, la_row + states, alpha.data());
     float* c = comp_n + t * cw;
-    c[0] = ctc_simd::posterior_ext_row_avx2(post.data(), alpha.data(), bx.m.data(), bx.e.data(), nll, P);
+    c[0] = ctc_simd::posterior_ext_row_avx2(post.data() + lo, alpha.data() + lo, bx.m.data() + lo, bx.e.data() + lo,
+                                            nll, P - lo);
     for (int64_t k = 0; k < L; ++k) c[1 + k] = post[2 * k + 1];
     std::swap(nm, cm);
     std::swap(ne, ce);
