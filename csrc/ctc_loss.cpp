@@ -3,7 +3,9 @@
 //
 // Forward: per sample, the log-space alpha recursion over the 2L+1 states of the extended target
 // (blank, l1, blank, ..., lL, blank), one time step per row; a row is a shifted log-add-exp along the
-// states, so it vectorises over s (csrc/ctc_loss_simd.h). Samples run in parallel.
+// states, so it vectorises over s (csrc/ctc_loss_simd.h). Samples run in parallel. float32 on AVX2 runs the
+// same recursion on extended-range linear numbers (mantissa + int32 exponent: no exp / log per state, and
+// rounding relative to the value instead of to |log alpha|); float64 and CPUs without AVX2 run it in log space.
 //
 // Backward, in two passes so that neither needs atomics:
 //  1. per sample (parallel over the batch): beta from t = input_length - 1 down to 0, keeping two rows;
