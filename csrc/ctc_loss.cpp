@@ -3,7 +3,9 @@
 //
 // Forward: per sample, the log-space alpha recursion over the 2L+1 states of the extended target
 // (blank, l1, blank, ..., lL, blank), one time step per row; a row is a shifted log-add-exp along the
-// states, so it vectorises over s (csrc/ctc_loss_simd.h). Samples run in parallel.
+// states, so it vectorises over s (csrc/ctc_loss_simd.h). Samples run in parallel. float32 on AVX2 runs the
+// same recursion on extended-range linear numbers (mantissa + int32 exponent: no exp / log per state, and
+// rounding relative to the value instead of to |log alpha|); float64 and CPUs without AVX2 run it in log space.
 //
 // Backward, in two passes so that neither needs atomics:
 //  1. per sample (parallel over the batch): beta from t = input_length - 1 down to 0, keeping two rows;
@@ -23,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -191,6 +194,18 @@ struct Sample {
     }
     lpe[2 * L] = b;
   }
+
+  // Start loading the next frame's emissions while this one computes: they are scattered over the row.
+  // With more labels than cache lines in the row, fetch the row's lines in order instead (fewer requests).
+  void prefetch(const scalar_t* row, int64_t blank, int64_t C) const {
+    constexpr int64_t per_line = 64 / sizeof(scalar_t);
+    if (L + 1 > C / per_line) {
+      for (int64_t c = 0; c < C; c += per_line) __builtin_prefetch(row + c);
+    } else {
+      __builtin_prefetch(row + blank);
+      for (int64_t k = 0; k < L; ++k) __builtin_prefetch(row + labels[k]);
+    }
+  }
 };
 
 // (T, N) log-normalisers of the logits rows, computed in parallel over rows.
@@ -214,6 +229,166 @@ at::Tensor row_logsumexp(const scalar_t* lp, const Sizes& z, const RowOps<acc_t>
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// float32 with AVX2: the recursions in extended-range linear form (ctc_loss_simd.h), no exp / log per
+// state; log_alpha rows are written as logs, beta stays in extended form.
+
+template <typename T>
+bool use_extended() {
+#if SEQFAST_X86
+  return std::is_same_v<T, float> && has_avx2();
+#else
+  return false;
+#endif
+}
+
+#if SEQFAST_X86
+// Extended rows: mantissas and exponents with `front` zero guard cells before and `back` after.
+struct ExtRows {
+  std::vector<float> m;
+  std::vector<int32_t> e;
+  ExtRows(int64_t n) : m(n, 0.0f), e(n, ctc_simd::kZeroE) {}
+};
+
+struct ExtSkip {
+  std::vector<float> m;    // all-ones bits where the skip s-2 -> s is allowed, else 0
+  std::vector<int32_t> e;  // 0 where allowed, kNoSkipE else
+  template <typename Smp>
+  explicit ExtSkip(const Smp& smp) : m(smp.padded + 2, 0.0f), e(smp.padded + 2, ctc_simd::kNoSkipE) {
+    const float ones = [] {
+      const uint32_t bits = 0xffffffffu;
+      float f;
+      std::memcpy(&f, &bits, sizeof f);
+      return f;
+    }();
+    for (int64_t s = 0; s < smp.padded + 2; ++s) {
+      if (smp.skip[s] == 0.0f) {
+        m[s] = ones;
+        e[s] = 0;
+      }
+    }
+  }
+};
+
+// An emission em 2^ee (em in [0.7, 1.42] or 0) as a normalised extended number.
+inline void set_normalised(float em, int32_t ee, float* m, int32_t* e) {
+  if (em == 0.0f) {
+    *m = 0.0f;
+    *e = ctc_simd::kZeroE;
+  } else if (em < 1.0f) {
+    *m = 2.0f * em;
+    *e = ee - 1;
+  } else {
+    *m = em;
+    *e = ee;
+  }
+}
+
+// Returns the sample's nll; writes its log_alpha rows (all T of them).
+template <typename scalar_t>
+float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const float* lse, const Sizes& z, int64_t n,
+                     int64_t len, int64_t blank, float* la_n, int64_t width) {
+  const int64_t P = smp.padded, states = smp.states, L = smp.L;
+  const ExtSkip skip(smp);
+  ExtRows rows(2 * (P + 2));
+  float* pm = rows.m.data() + 2;
+  int32_t* pe = rows.e.data() + 2;
+  float* cm = rows.m.data() + P + 4;
+  int32_t* ce = rows.e.data() + P + 4;
+  std::vector<float> em(P), logrow(P, neg_inf<float>());
+  std::vector<int32_t> ee(P);
+  for (int64_t t = 0; t < len; ++t) {
+    // States above 2t+1 are not reachable yet: they stay 0 (their row cells were never written).
+    const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));
+    smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : 0.0f, blank);
+    if (t + 1 < len) smp.prefetch(lp + ((t + 1) * z.N + n) * z.C, blank, z.C);
+    ctc_simd::emission_ext_avx2(em.data(), ee.data(), smp.lpe.data(), hi);
+    if (t == 0) {  // alpha_0: the emissions of states 0 and 1
+      std::fill(cm, cm + P, 0.0f);
+      std::fill(ce, ce + P, ctc_simd::kZeroE);
+      std::fill(logrow.begin(), logrow.end(), neg_inf<float>());
+      for (int64_t s = 0; s < std::min<int64_t>(2, states); ++s) {
+        set_normalised(em[s], ee[s], cm + s, ce + s);
+        logrow[s] = cm[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
+      }
+    } else {
+      ctc_simd::alpha_ext_row_avx2(cm, ce, logrow.data(), pm, pe, skip.m.data(), skip.e.data(), em.data(), ee.data(),
+                                   hi);
+    }
+    float* dst = la_n + t * width;
+    std::copy(logrow.data(), logrow.data() + states, dst);
+    std::fill(dst + states, dst + width, neg_inf<float>());
+    std::swap(pm, cm);
+    std::swap(pe, ce);
+  }
+  std::fill(la_n + len * width, la_n + z.T * width, neg_inf<float>());
+  // P(target) = alpha[2L] + alpha[2L-1], summed in double from the extended form.
+  double terms[2] = {0.0, 0.0};
+  int64_t exps[2] = {0, 0};
+  int k = 0;
+  for (int64_t s : {2 * L, 2 * L - 1}) {
+    if (s >= 0 && pm[s] != 0.0f) {
+      terms[k] = pm[s];
+      exps[k] = pe[s];
+      ++k;
+    }
+  }
+  if (k == 0) return std::numeric_limits<float>::infinity();
+  const int64_t E = k == 2 ? std::max(exps[0], exps[1]) : exps[0];
+  double sum = 0;
+  for (int j = 0; j < k; ++j) sum += std::ldexp(terms[j], static_cast<int>(std::max<int64_t>(exps[j] - E, -1100)));
+  return static_cast<float>(-(static_cast<double>(E) * 0.693147180559945309417 + std::log(sum)));
+}
+
+// Pass 1 of backward for one sample: comp[t] = [blank posterior, posterior of position 0, ..., L-1].
+template <typename scalar_t>
+void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const float* lse, const Sizes& z,
+                         int64_t n, int64_t len, int64_t blank, const float* la, float nll, float* comp_n,
+                         int64_t width, int64_t cw) {
+  const int64_t P = smp.padded, states = smp.states, L = smp.L;
+  const ExtSkip skip(smp);
+  // Two beta rows with two zero guard cells behind, and bx.
+  ExtRows rows(2 * (P + 2)), bx(P);
+  float* nm = rows.m.data();
+  int32_t* ne = rows.e.data();
+  float* cm = nm + P + 2;
+  int32_t* ce = ne + P + 2;
+  std::vector<float> em(P), alpha(P, neg_inf<float>()), post(P, 0.0f);
+  std::vector<int32_t> ee(P);
+  for (int64_t t = len - 1; t >= 0; --t) {
+    // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there
+    // (never written: the bound only decreases).
+    const int64_t lo = std::max<int64_t>(0, states - 2 * (len - t)) / kLanes * kLanes;
+    smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : 0.0f, blank);
+    if (t > 0) smp.prefetch(lp + ((t - 1) * z.N + n) * z.C, blank, z.C);
+    ctc_simd::emission_ext_avx2(em.data() + lo, ee.data() + lo, smp.lpe.data() + lo, P - lo);
+    if (t == len - 1) {  // bx = 1 at the two final states, b = their emissions
+      std::fill(bx.m.begin(), bx.m.end(), 0.0f);
+      std::fill(bx.e.begin(), bx.e.end(), ctc_simd::kZeroE);
+      std::fill(cm, cm + P, 0.0f);
+      std::fill(ce, ce + P, ctc_simd::kZeroE);
+      for (int64_t s = std::max<int64_t>(0, 2 * L - 1); s <= 2 * L; ++s) {
+        bx.m[s] = 1.0f;
+        bx.e[s] = 0;
+        set_normalised(em[s], ee[s], cm + s, ce + s);
+      }
+    } else {
+      ctc_simd::beta_ext_row_avx2(bx.m.data() + lo, bx.e.data() + lo, cm + lo, ce + lo, nm + lo, ne + lo,
+                                  skip.m.data() + 2 + lo, skip.e.data() + 2 + lo, em.data() + lo, ee.data() + lo, P - lo);
+    }
+    const float* la_row = la + (n * z.T + t) * width;
+    std::copy(la_row, la_row + states, alpha.data());
+    float* c = comp_n + t * cw;
+    c[0] = ctc_simd::posterior_ext_row_avx2(post.data() + lo, alpha.data() + lo, bx.m.data() + lo, bx.e.data() + lo,
+                                            nll, P - lo);
+    for (int64_t k = 0; k < L; ++k) c[1 + k] = post[2 * k + 1];
+    std::swap(nm, cm);
+    std::swap(ne, ce);
+  }
+}
+#endif
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, const at::Tensor& targets,
                                                 const at::Tensor& input_lengths, const at::Tensor& target_lengths,
@@ -233,11 +408,25 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
   acc_t* la = log_alpha.data_ptr<acc_t>();
   acc_t* out = nll.data_ptr<acc_t>();
 
+  const bool extended = use_extended<acc_t>();
   at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
       const int64_t len = il[n], P = smp.padded, states = smp.states;
       acc_t* la_n = la + n * z.T * width;
+      if (len == 0) {
+        std::fill(la_n, la_n + z.T * width, neg_inf<acc_t>());
+        out[n] = smp.L == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
+        continue;
+      }
+#if SEQFAST_X86
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (extended) {
+          out[n] = alpha_extended(smp, lp, lse, z, n, len, blank, la_n, width);
+          continue;
+        }
+      }
+#endif
       // Two rows with two -inf guard cells in front: prev[s-1], prev[s-2] are plain loads.
       std::vector<acc_t> rows(2 * (P + 2), neg_inf<acc_t>());
       acc_t* prev = rows.data() + 2;
@@ -256,11 +445,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
         std::swap(prev, cur);
       }
       std::fill(la_n + len * width, la_n + z.T * width, neg_inf<acc_t>());
-      if (len == 0) {
-        out[n] = smp.L == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
-      } else {
-        out[n] = -logaddexp2(prev[2 * smp.L], smp.L > 0 ? prev[2 * smp.L - 1] : neg_inf<acc_t>());
-      }
+      out[n] = -logaddexp2(prev[2 * smp.L], smp.L > 0 ? prev[2 * smp.L - 1] : neg_inf<acc_t>());
     }
   });
   return {nll, log_alpha};
@@ -288,11 +473,20 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   // Pass 1: per frame, [blank posterior, posterior of target position 0, 1, ..., L-1].
   at::Tensor comp_t = at::empty({z.N, z.T, cw}, acc_opts);
   acc_t* comp = comp_t.data_ptr<acc_t>();
+  const bool extended = use_extended<acc_t>();
   at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t len = il[n];
       if (len == 0 || std::isinf(nll[n])) continue;  // pass 2 writes these rows without posteriors
       Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
+#if SEQFAST_X86
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (extended) {
+          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], comp + n * z.T * cw, width, cw);
+          continue;
+        }
+      }
+#endif
       const int64_t P = smp.padded, states = smp.states, L = smp.L;
       // beta rows with two -inf guard cells behind: next[s+1], next[s+2] are plain loads.
       std::vector<acc_t> buf(2 * (P + 2) + 3 * P, neg_inf<acc_t>());

@@ -33,8 +33,8 @@ constexpr float kExpHi = 88.3f;
 
 SEQFAST_AVX2_INLINE __m256 splat(float v) { return _mm256_set1_ps(v); }
 
-// exp(x) for x in [kExpLo, kExpHi] (NaN gives NaN). The clamped range keeps 2^n a normal float.
-SEQFAST_AVX2_INLINE __m256 exp_core(__m256 x) {
+// exp(x) = p * 2^n with n = round(x / ln 2) and p in [0.7, 1.42]; accurate for |x| < 2^15 or so.
+SEQFAST_AVX2_INLINE __m256 exp_reduced(__m256 x, __m256* n_out) {
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, splat(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // ln 2 split in two so that n * hi is exact: r = x - n ln2 to ~float precision.
@@ -46,7 +46,14 @@ SEQFAST_AVX2_INLINE __m256 exp_core(__m256 x) {
   p = _mm256_fmadd_ps(p, r, splat(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, splat(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
-  p = _mm256_add_ps(p, splat(1.0f));
+  *n_out = n;
+  return _mm256_add_ps(p, splat(1.0f));
+}
+
+// exp(x) for x in [kExpLo, kExpHi] (NaN gives NaN). The clamped range keeps 2^n a normal float.
+SEQFAST_AVX2_INLINE __m256 exp_core(__m256 x) {
+  __m256 n;
+  const __m256 p = exp_reduced(x, &n);
   const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
 }
@@ -215,6 +222,127 @@ SEQFAST_TARGET_AVX2 static float logsumexp_row_avx2(const float* in, int64_t n) 
                                            _mm256_castsi256_ps(mask)));
   }
   return m + std::log(hsum(acc));
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Extended-range linear arithmetic for the recursions. A probability is held as m * 2^e, m a float in
+// [1, 2) (0 for probability 0) and e an int32: the log-space recursion's range without its transcendental
+// functions. Adding three such numbers aligns them on the largest exponent (a multiply by an exact power
+// of two, built from integer bits) and renormalises; multiplying by an emission adds exponents. A term
+// more than 2^126 below the largest is dropped, as log-space float32 drops anything below 2^-24 of it.
+// Exponents below kLiveE count as 0 (probabilities under 2^-536870912: no real alignment is that unlikely).
+
+constexpr int32_t kZeroE = -(1 << 30);
+constexpr int32_t kLiveE = -(1 << 29);
+constexpr int32_t kNoSkipE = -(1 << 29);  // added to e[s-2] where the skip is not allowed (m is masked too)
+constexpr float kEmitLo = -8.0e7f;  // emissions below e^kEmitLo count as 0 (keeps exponents in int32)
+
+SEQFAST_AVX2_INLINE __m256i loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+SEQFAST_AVX2_INLINE void storei(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+
+// Emissions lpe (natural log) -> em * 2^ee with em in [0.7, 1.42], or em = 0 (and ee = 0) for probability 0.
+SEQFAST_TARGET_AVX2 static void emission_ext_avx2(float* em, int32_t* ee, const float* lpe, int64_t n) {
+  for (int64_t s = 0; s < n; s += 8) {
+    const __m256 x = _mm256_loadu_ps(lpe + s);
+    const __m256 dead = _mm256_cmp_ps(x, splat(kEmitLo), _CMP_LE_OQ);
+    __m256 nf;
+    const __m256 m = exp_reduced(_mm256_min_ps(splat(-kEmitLo), _mm256_max_ps(splat(kEmitLo), x)), &nf);
+    _mm256_storeu_ps(em + s, _mm256_andnot_ps(dead, m));
+    storei(ee + s, _mm256_andnot_si256(_mm256_castps_si256(dead), _mm256_cvtps_epi32(nf)));
+  }
+}
+
+// v * 2^E (v >= 0, finite) -> normalised (m, e); 0 and exponents below kLiveE become (0, kZeroE).
+SEQFAST_AVX2_INLINE void renormalise(__m256 v, __m256i E, __m256* m_out, __m256i* e_out) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i e = _mm256_add_epi32(E, _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)));
+  const __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
+  const __m256i zero = _mm256_or_si256(_mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ)),
+                                       _mm256_cmpgt_epi32(_mm256_set1_epi32(kLiveE), e));
+  *m_out = _mm256_andnot_ps(_mm256_castsi256_ps(zero), m);
+  *e_out = _mm256_blendv_epi8(e, _mm256_set1_epi32(kZeroE), zero);
+}
+
+// 2^(e - E) for e <= E as a float, 0 when e - E < -126 (no subnormals).
+SEQFAST_AVX2_INLINE __m256 pow2_diff(__m256i e, __m256i E) {
+  const __m256i biased = _mm256_max_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, E), _mm256_set1_epi32(127)),
+                                          _mm256_setzero_si256());
+  return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+}
+
+// (ma 2^ea + mb 2^eb + mc 2^ec) = sum * 2^E, sum in [0, 6).
+SEQFAST_AVX2_INLINE __m256 add3(__m256 ma, __m256i ea, __m256 mb, __m256i eb, __m256 mc, __m256i ec, __m256i* E) {
+  *E = _mm256_max_epi32(_mm256_max_epi32(ea, eb), ec);
+  __m256 sum = _mm256_mul_ps(ma, pow2_diff(ea, *E));
+  sum = _mm256_fmadd_ps(mb, pow2_diff(eb, *E), sum);
+  return _mm256_fmadd_ps(mc, pow2_diff(ec, *E), sum);
+}
+
+
+// ln(m 2^e) in float32; -inf for m = 0.
+SEQFAST_AVX2_INLINE __m256 ext_log(__m256 m, __m256i e) {
+  const __m256 is_zero = _mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ);
+  const __m256 safe = _mm256_blendv_ps(m, splat(1.0f), is_zero);
+  const __m256 r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e), splat(0.693147180559945309f), log_normal(safe));
+  return _mm256_blendv_ps(r, splat(-std::numeric_limits<float>::infinity()), is_zero);
+}
+
+// Forward step in extended form: alpha_t[s] = (a[s] + a[s-1] + skip[s] a[s-2]) * emission[s]; also writes
+// ln alpha_t (the log_alpha row). m_prev / e_prev readable at [-2, -1] (zeros).
+SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out, float* log_out, const float* m_prev,
+                                                   const int32_t* e_prev, const float* skip_m, const int32_t* skip_e,
+                                                   const float* em, const int32_t* ee, int64_t n) {
+  for (int64_t s = 0; s < n; s += 8) {
+    __m256i E;
+    const __m256 sum = add3(_mm256_loadu_ps(m_prev + s), loadi(e_prev + s), _mm256_loadu_ps(m_prev + s - 1),
+                            loadi(e_prev + s - 1), _mm256_and_ps(_mm256_loadu_ps(m_prev + s - 2), _mm256_loadu_ps(skip_m + s)),
+                            _mm256_add_epi32(loadi(e_prev + s - 2), loadi(skip_e + s)), &E);
+    __m256 m;
+    __m256i e;
+    renormalise(_mm256_mul_ps(sum, _mm256_loadu_ps(em + s)), _mm256_add_epi32(E, loadi(ee + s)), &m, &e);
+    _mm256_storeu_ps(m_out + s, m);
+    storei(e_out + s, e);
+    _mm256_storeu_ps(log_out + s, ext_log(m, e));
+  }
+}
+
+// Backward step: bx[s] = b[s] + b[s+1] + skip[s] b[s+2] (beta without frame t's emission), then
+// b_t[s] = bx[s] * emission[s]. next arrays readable at [n, n+1] (zeros).
+SEQFAST_TARGET_AVX2 static void beta_ext_row_avx2(float* bxm, int32_t* bxe, float* bm, int32_t* be, const float* nm,
+                                                  const int32_t* ne, const float* skip_m, const int32_t* skip_e,
+                                                  const float* em, const int32_t* ee, int64_t n) {
+  for (int64_t s = 0; s < n; s += 8) {
+    __m256i E;
+    const __m256 sum = add3(_mm256_loadu_ps(nm + s), loadi(ne + s), _mm256_loadu_ps(nm + s + 1), loadi(ne + s + 1),
+                            _mm256_and_ps(_mm256_loadu_ps(nm + s + 2), _mm256_loadu_ps(skip_m + s)),
+                            _mm256_add_epi32(loadi(ne + s + 2), loadi(skip_e + s)), &E);
+    __m256 m;
+    __m256i e;
+    renormalise(sum, E, &m, &e);
+    _mm256_storeu_ps(bxm + s, m);
+    storei(bxe + s, e);
+    renormalise(_mm256_mul_ps(m, _mm256_loadu_ps(em + s)), _mm256_add_epi32(e, loadi(ee + s)), &m, &e);
+    _mm256_storeu_ps(bm + s, m);
+    storei(be + s, e);
+  }
+}
+
+// post[s] = exp(log_alpha[s] + nll) * bx[s], the state posteriors; returns their sum over the even states.
+SEQFAST_TARGET_AVX2 static float posterior_ext_row_avx2(float* post, const float* alpha, const float* bxm,
+                                                        const int32_t* bxe, float nll, int64_t n) {
+  const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 vnll = splat(nll);
+  for (int64_t s = 0; s < n; s += 8) {
+    const __m256 x = _mm256_fmadd_ps(_mm256_cvtepi32_ps(loadi(bxe + s)), splat(0.693147180559945309f),
+                                     _mm256_add_ps(_mm256_loadu_ps(alpha + s), vnll));
+    const __m256 p = _mm256_mul_ps(exp_any(x), _mm256_loadu_ps(bxm + s));
+    _mm256_storeu_ps(post + s, p);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(p, even));
+  }
+  return hsum(acc);
 }
 
 #undef SEQFAST_AVX2_INLINE

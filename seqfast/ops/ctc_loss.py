@@ -62,10 +62,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(log_probs, targets, input_lengths, target_lengths, nll, log_alpha)
     ctx.blank, ctx.zero_infinity, ctx.from_logits = blank, zero_infinity, from_logits
     ctx.backend = _backend.current()
+    # log_alpha is never differentiated: without this autograd would hand backward a zero (N, T, 2S+1) tensor.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_nll, grad_log_alpha):
     log_probs, targets, input_lengths, target_lengths, nll, log_alpha = ctx.saved_tensors
+    if grad_nll is None:  # only log_alpha was used: it carries no gradient
+        return None, None, None, None, None, None, None
     grad = _backend.dispatch(
         ctx.backend, BACKWARD, grad_nll.contiguous(), log_probs, targets, input_lengths, target_lengths,
         nll, log_alpha, ctx.blank, ctx.zero_infinity, ctx.from_logits,
