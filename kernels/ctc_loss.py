@@ -254,13 +254,16 @@ def _tier(num_states: int) -> tuple[int, int]:
     return min(block, MAX_STATE_BLOCK), warps
 
 
-def _blocks(num_states: int) -> dict[str, Any]:
+def _blocks(num_states: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Tile sizes and warps for 2S+1 states and log_probs of ``dtype``."""
     block_s, warps = _tier(num_states)
+    # float64 doubles the registers per element: smaller class and pairing tiles keep it spill-free.
+    wide = dtype == torch.float64
     return {
         "BLOCK_S": block_s,
-        "BLOCK_C": min(128 * warps, MAX_CLASS_BLOCK),
+        "BLOCK_C": min((64 if wide else 128) * warps, MAX_CLASS_BLOCK),
         "BLOCK_L": max(block_s // 2, 1),
-        "BLOCK_J": min(16, max(block_s // 2, 1)),
+        "BLOCK_J": min(8 if wide else 16, max(block_s // 2, 1)),
         "num_warps": warps,
     }
 
@@ -283,7 +286,7 @@ def ctc_loss_forward(
     log_alpha = torch.full((N, T, W), float("-inf"), dtype=cdt, device=log_probs.device)
     if N == 0:
         return nll, log_alpha
-    b = _blocks(W)
+    b = _blocks(W, log_probs.dtype)
     _ctc_forward_kernel[(N,)](
         log_probs.contiguous(), targets.contiguous(), input_lengths.contiguous(), target_lengths.contiguous(),
         nll, log_alpha, N, T, C, S, blank,
@@ -316,7 +319,7 @@ def ctc_loss_backward(
     beta = torch.empty((N, 2, W), dtype=cdt, device=log_probs.device)
     post = torch.empty((N, max(S, 1)), dtype=cdt, device=log_probs.device)
     first = torch.empty((N, max(S, 1)), dtype=torch.int32, device=log_probs.device)
-    b = _blocks(W)
+    b = _blocks(W, log_probs.dtype)
     _ctc_backward_kernel[(N,)](
         grad, grad_nll.to(cdt).contiguous(), log_probs.contiguous(), targets.contiguous(),
         input_lengths.contiguous(), target_lengths.contiguous(), neg_log_likelihood.to(cdt).contiguous(),
@@ -346,7 +349,7 @@ def report_configs() -> list[dict[str, Any]]:
         ct = _TRITON_TYPES[_compute_dtype(dtype)]
         for from_logits in (False, True):
             for block_s, _ in _TIERS:
-                b = _blocks(block_s)
+                b = _blocks(block_s, dtype)
                 label = f"{name}-{'logits' if from_logits else 'logprobs'}-S{b['BLOCK_S']}-w{b['num_warps']}"
                 fwd_const = {"FROM_LOGITS": from_logits, "BLOCK_S": b["BLOCK_S"], "BLOCK_C": b["BLOCK_C"]}
                 fwd_sig = {

@@ -174,7 +174,7 @@ def test_state_and_class_tiling(kernels, monkeypatch, from_logits):
     """2S+1 = 11 states in tiles of 4, label pairs in tiles of 2, classes in tiles of 4."""
     monkeypatch.setattr(kernels, "MAX_STATE_BLOCK", 4)
     monkeypatch.setattr(kernels, "MAX_CLASS_BLOCK", 4)
-    blocks = kernels._blocks(11)
+    blocks = kernels._blocks(11, torch.float64)
     assert blocks["BLOCK_S"] == 4 and blocks["BLOCK_L"] == 2 and blocks["BLOCK_C"] == 4
     T, N, C, S = 9, 2, 6, 5
     log_probs, targets = _problem(T, N, C, S, torch.float64, seed=3)
@@ -239,7 +239,7 @@ def test_report_configs_name_every_argument(kernels):
     labels = [(c["kernel"], c["config"]) for c in configs]
     assert len(labels) == len(set(labels))
     # Every launchable tile: the tiers the launcher picks for short, medium and long targets.
-    launched = {kernels._blocks(2 * S + 1)["BLOCK_S"] for S in (0, 20, 60, 300, 5000)}
+    launched = {kernels._blocks(2 * S + 1, torch.float32)["BLOCK_S"] for S in (0, 20, 60, 300, 5000)}
     assert launched == {c["constexprs"]["BLOCK_S"] for c in configs}
 
 
