@@ -7,6 +7,9 @@
 // same recursion on extended-range linear numbers (mantissa + int32 exponent: no exp / log per state, and
 // rounding relative to the value instead of to |log alpha|); float64 and CPUs without AVX2 run it in log space.
 //
+// Without keep_alpha (a loss that needs no gradient) no log_alpha is stored, and the extended-range path
+// skips the one log per state that the stored rows cost; the loss itself is computed identically.
+//
 // Backward, in two passes so that neither needs atomics:
 //  1. per sample (parallel over the batch): beta from t = input_length - 1 down to 0, keeping two rows;
 //     with the stored alpha it gives the state posteriors, reduced right away to what the gradient
@@ -285,7 +288,7 @@ inline void set_normalised(float em, int32_t ee, float* m, int32_t* e) {
   }
 }
 
-// Returns the sample's nll; writes its log_alpha rows (all T of them).
+// Returns the sample's nll; writes its log_alpha rows (all T of them) unless la_n is null.
 template <typename scalar_t>
 float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const float* lse, const Sizes& z, int64_t n,
                      int64_t len, int64_t blank, float* la_n, int64_t width) {
@@ -313,16 +316,18 @@ float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const flo
         logrow[s] = cm[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
       }
     } else {
-      ctc_simd::alpha_ext_row_avx2(cm, ce, logrow.data(), pm, pe, skip.m.data(), skip.e.data(), em.data(), ee.data(),
-                                   hi);
+      ctc_simd::alpha_ext_row_avx2(cm, ce, la_n ? logrow.data() : nullptr, pm, pe, skip.m.data(), skip.e.data(),
+                                   em.data(), ee.data(), hi);
     }
-    float* dst = la_n + t * width;
-    std::copy(logrow.data(), logrow.data() + states, dst);
-    std::fill(dst + states, dst + width, neg_inf<float>());
+    if (la_n) {
+      float* dst = la_n + t * width;
+      std::copy(logrow.data(), logrow.data() + states, dst);
+      std::fill(dst + states, dst + width, neg_inf<float>());
+    }
     std::swap(pm, cm);
     std::swap(pe, ce);
   }
-  std::fill(la_n + len * width, la_n + z.T * width, neg_inf<float>());
+  if (la_n) std::fill(la_n + len * width, la_n + z.T * width, neg_inf<float>());
   // P(target) = alpha[2L] + alpha[2L-1], summed in double from the extended form.
   double terms[2] = {0.0, 0.0};
   int64_t exps[2] = {0, 0};
@@ -392,20 +397,21 @@ void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, const at::Tensor& targets,
                                                 const at::Tensor& input_lengths, const at::Tensor& target_lengths,
-                                                int64_t blank, bool from_logits, const Sizes& z) {
+                                                int64_t blank, bool from_logits, bool keep_alpha, const Sizes& z) {
   using acc_t = acc_type<scalar_t>;
   const RowOps<acc_t> ops = row_ops<acc_t>();
   const auto acc_opts = log_probs.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t width = 2 * z.S + 1;
   at::Tensor nll = at::empty({z.N}, acc_opts);
-  at::Tensor log_alpha = at::empty({z.N, z.T, width}, acc_opts);
+  // Without keep_alpha only the loss is wanted: the recursion keeps its two rows and nothing else.
+  at::Tensor log_alpha = keep_alpha ? at::empty({z.N, z.T, width}, acc_opts) : at::empty({z.N, 0, 0}, acc_opts);
   const scalar_t* lp = log_probs.const_data_ptr<scalar_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
   const int64_t* il = input_lengths.const_data_ptr<int64_t>();
   const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
-  acc_t* la = log_alpha.data_ptr<acc_t>();
+  acc_t* la = keep_alpha ? log_alpha.data_ptr<acc_t>() : nullptr;
   acc_t* out = nll.data_ptr<acc_t>();
 
   const bool extended = use_extended<acc_t>();
@@ -413,9 +419,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
     for (int64_t n = begin; n < end; ++n) {
       Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
       const int64_t len = il[n], P = smp.padded, states = smp.states;
-      acc_t* la_n = la + n * z.T * width;
+      acc_t* la_n = la ? la + n * z.T * width : nullptr;
       if (len == 0) {
-        std::fill(la_n, la_n + z.T * width, neg_inf<acc_t>());
+        if (la_n) std::fill(la_n, la_n + z.T * width, neg_inf<acc_t>());
         out[n] = smp.L == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
         continue;
       }
@@ -439,12 +445,14 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
         } else {
           ops.alpha_row(cur, prev, smp.skip.data(), smp.lpe.data(), P);
         }
-        acc_t* dst = la_n + t * width;
-        std::copy(cur, cur + states, dst);
-        std::fill(dst + states, dst + width, neg_inf<acc_t>());
+        if (la_n) {
+          acc_t* dst = la_n + t * width;
+          std::copy(cur, cur + states, dst);
+          std::fill(dst + states, dst + width, neg_inf<acc_t>());
+        }
         std::swap(prev, cur);
       }
-      std::fill(la_n + len * width, la_n + z.T * width, neg_inf<acc_t>());
+      if (la_n) std::fill(la_n + len * width, la_n + z.T * width, neg_inf<acc_t>());
       out[n] = -logaddexp2(prev[2 * smp.L], smp.L > 0 ? prev[2 * smp.L - 1] : neg_inf<acc_t>());
     }
   });
@@ -559,14 +567,15 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
 
 std::tuple<at::Tensor, at::Tensor> ctc_loss_forward(const at::Tensor& log_probs, const at::Tensor& targets,
                                                     const at::Tensor& input_lengths, const at::Tensor& target_lengths,
-                                                    int64_t blank, bool zero_infinity, bool from_logits) {
+                                                    int64_t blank, bool zero_infinity, bool from_logits,
+                                                    bool keep_alpha) {
   (void)zero_infinity;  // the loss stays +inf; the flag matters to backward only
   const Sizes z = check_inputs(log_probs, targets, input_lengths, target_lengths, blank);
   const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();
   const at::Tensor il = input_lengths.contiguous(), tl = target_lengths.contiguous();
   check_values(z, il.const_data_ptr<int64_t>(), tl.const_data_ptr<int64_t>(), tg.const_data_ptr<int64_t>(), blank);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ctc_loss_forward", [&] {
-    return forward_impl<scalar_t>(lp, tg, il, tl, blank, from_logits, z);
+    return forward_impl<scalar_t>(lp, tg, il, tl, blank, from_logits, keep_alpha, z);
   });
 }
 
@@ -578,7 +587,8 @@ at::Tensor ctc_loss_backward(const at::Tensor& grad_nll, const at::Tensor& log_p
   const at::ScalarType acc = log_probs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(log_alpha.dim() == 3 && log_alpha.size(0) == z.N && log_alpha.size(1) == z.T &&
                   log_alpha.size(2) == 2 * z.S + 1,
-              "ctc_loss_backward: log_alpha must be (N, T, 2S+1), got ", log_alpha.sizes());
+              "ctc_loss_backward: log_alpha must be (N, T, 2S+1), got ", log_alpha.sizes(),
+              " (a forward with keep_alpha=False keeps none)");
   TORCH_CHECK(grad_nll.numel() == z.N && neg_log_likelihood.numel() == z.N,
               "ctc_loss_backward: grad_nll and neg_log_likelihood must have N = ", z.N, " entries");
   const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();

@@ -270,6 +270,24 @@ def test_op_outputs():
     assert ctc_ops.FORWARD(lp.half(), tg, il, tl, 0, False, False)[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_forward_without_alpha_is_bit_identical(dtype, from_logits):
+    lp, tg, il, tl = make_case(23, 5, 9, 6, short=True, dtype=dtype, seed=11)
+    nll, alpha = ctc_ops.FORWARD(lp, tg, il, tl, 0, False, from_logits, True)
+    nll_only, none = ctc_ops.FORWARD(lp, tg, il, tl, 0, False, from_logits, False)
+    assert alpha.shape == (5, 23, 13) and none.shape == (5, 0, 0) and none.dtype == nll.dtype
+    assert torch.equal(nll, nll_only)
+    torch.library.opcheck(ctc_ops.FORWARD, (lp, tg, il, tl, 0, False, from_logits, False))
+    x = lp.clone().requires_grad_()
+    # The public function skips log_alpha exactly when no gradient can follow.
+    with torch.no_grad():
+        assert torch.equal(seqfast.ctc_loss(x, tg, il, tl, reduction="none"), nll.to(dtype))
+    assert torch.equal(seqfast.ctc_loss(lp, tg, il, tl, reduction="none"), nll.to(dtype))
+    with pytest.raises(RuntimeError, match="keep_alpha=False"):
+        ctc_ops.FORWARD(x, tg, il, tl, 0, False, from_logits, False)[0].sum().backward()
+
+
 def test_deterministic():
     lp, tg, il, tl = make_case(120, 8, 37, 30, short=True, dtype=torch.float32, seed=8)
     runs = [loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl) for _ in range(2)]
