@@ -19,6 +19,8 @@
 //  2. per frame (t, n) (parallel over T*N rows, which balances even for a batch of one):
 //     grad[t, n, :] = g * exp(lp) (a streaming pass), then the posteriors are subtracted at the blank and
 //     at each label, in target order, so repeated labels add up without any shared writes.
+// With float32 on AVX2 and at least one sample per thread, the two are fused: each sample writes its
+// gradient rows right after its beta steps (same row operations, so the same bits), without the buffer.
 // Every element is computed by one thread in a fixed order: results are identical run to run.
 //
 // float16 / bfloat16 are read as float32 and computed in float32; float64 runs a scalar float64 path.
@@ -346,11 +348,12 @@ float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const flo
   return static_cast<float>(-(static_cast<double>(E) * 0.693147180559945309417 + std::log(sum)));
 }
 
-// Pass 1 of backward for one sample: comp[t] = [blank posterior, posterior of position 0, ..., L-1].
-template <typename scalar_t>
+// Pass 1 of backward for one sample: for t = len-1 down to 0, emit(t, c) with c = [blank posterior,
+// posterior of target position 0, ..., L-1].
+template <typename scalar_t, typename Emit>
 void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const float* lse, const Sizes& z,
-                         int64_t n, int64_t len, int64_t blank, const float* la, float nll, float* comp_n,
-                         int64_t width, int64_t cw) {
+                         int64_t n, int64_t len, int64_t blank, const float* la, float nll, int64_t width,
+                         Emit&& emit) {
   const int64_t P = smp.padded, states = smp.states, L = smp.L;
   const ExtSkip skip(smp);
   // Two beta rows with two zero guard cells behind, and bx.
@@ -359,7 +362,7 @@ void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const
   int32_t* ne = rows.e.data();
   float* cm = nm + P + 2;
   int32_t* ce = ne + P + 2;
-  std::vector<float> em(P), alpha(P, neg_inf<float>()), post(P, 0.0f);
+  std::vector<float> em(P), alpha(P, neg_inf<float>()), post(P, 0.0f), c(L + 1);
   std::vector<int32_t> ee(P);
   for (int64_t t = len - 1; t >= 0; --t) {
     // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there
@@ -384,15 +387,44 @@ void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const
     }
     const float* la_row = la + (n * z.T + t) * width;
     std::copy(la_row, la_row + states, alpha.data());
-    float* c = comp_n + t * cw;
     c[0] = ctc_simd::posterior_ext_row_avx2(post.data() + lo, alpha.data() + lo, bx.m.data() + lo, bx.e.data() + lo,
                                             nll, P - lo);
     for (int64_t k = 0; k < L; ++k) c[1 + k] = post[2 * k + 1];
+    emit(t, c.data());
     std::swap(nm, cm);
     std::swap(ne, ce);
   }
 }
 #endif
+
+// One (t, n) row of the gradient: g * exp(lp - off), minus g times the posteriors c (blank first, then one per
+// target position, subtracted in target order so that repeated labels add up the same way on every run).
+template <typename scalar_t, typename acc_t>
+void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, const acc_t* c, const int64_t* labels,
+                  int64_t L, int64_t blank, int64_t C, const RowOps<acc_t>& ops, std::vector<acc_t>& buf) {
+  acc_t* row;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    row = out;
+    ops.exp_row(row, lp_row, off, g, C);
+  } else {
+    buf.assign(lp_row, lp_row + C);
+    row = buf.data();
+    ops.exp_row(row, row, off, g, C);
+  }
+  row[blank] -= g * c[0];
+  for (int64_t k = 0; k < L; ++k) row[labels[k]] -= g * c[1 + k];
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t j = 0; j < C; ++j) out[j] = static_cast<scalar_t>(row[j]);
+  }
+}
+
+// Gradient rows that carry no posterior: frames past the input length (0), and every frame of a sample whose
+// loss is infinite (0 with zero_infinity, NaN otherwise).
+template <typename scalar_t>
+void fill_gradient_row(scalar_t* out, int64_t C, bool past_end, bool zero_infinity) {
+  const scalar_t v = past_end || zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN());
+  std::fill(out, out + C, v);
+}
 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, const at::Tensor& targets,
@@ -478,10 +510,41 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
 
+  at::Tensor grad = at::empty({z.T, z.N, z.C}, log_probs.options());
+  scalar_t* gr = grad.data_ptr<scalar_t>();
+  const bool extended = use_extended<acc_t>();
+#if SEQFAST_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // With a sample per thread at least, each sample's gradient rows are written right after its beta step,
+    // while the frame's log_probs row is still in cache: one pass, no posterior buffer. Every row is still
+    // computed by one thread with the same operations as pass 2 below: identical bits either way.
+    if (extended && z.N >= at::get_num_threads()) {
+      at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf;
+        for (int64_t n = begin; n < end; ++n) {
+          const int64_t len = il[n];
+          const bool dead = std::isinf(nll[n]);
+          for (int64_t t = 0; t < z.T; ++t) {
+            if (t >= len || dead) fill_gradient_row(gr + (t * z.N + n) * z.C, z.C, t >= len, zero_infinity);
+          }
+          if (len == 0 || dead) continue;
+          Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
+          const acc_t g = gn[n];
+          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], width, [&](int64_t t, const float* c) {
+            const int64_t r = t * z.N + n;
+            gradient_row<scalar_t, acc_t>(gr + r * z.C, lp + r * z.C, lse ? lse[r] : acc_t(0), g, c, smp.labels, smp.L,
+                                          blank, z.C, ops, buf);
+          });
+        }
+      });
+      return grad;
+    }
+  }
+#endif
+
   // Pass 1: per frame, [blank posterior, posterior of target position 0, 1, ..., L-1].
   at::Tensor comp_t = at::empty({z.N, z.T, cw}, acc_opts);
   acc_t* comp = comp_t.data_ptr<acc_t>();
-  const bool extended = use_extended<acc_t>();
   at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t len = il[n];
@@ -490,7 +553,10 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
 #if SEQFAST_X86
       if constexpr (std::is_same_v<acc_t, float>) {
         if (extended) {
-          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], comp + n * z.T * cw, width, cw);
+          acc_t* comp_n = comp + n * z.T * cw;
+          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], width, [&](int64_t t, const float* c) {
+            std::copy(c, c + smp.L + 1, comp_n + t * cw);
+          });
           continue;
         }
       }
@@ -526,40 +592,18 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   });
 
   // Pass 2: every (t, n) row of the gradient.
-  at::Tensor grad = at::empty({z.T, z.N, z.C}, log_probs.options());
-  scalar_t* gr = grad.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(z.C, 1));
   at::parallel_for(0, z.T * z.N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / z.N, n = r % z.N;
       scalar_t* out = gr + r * z.C;
-      if (t >= il[n]) {
-        std::fill(out, out + z.C, scalar_t(0));
+      if (t >= il[n] || std::isinf(nll[n])) {
+        fill_gradient_row(out, z.C, t >= il[n], zero_infinity);
         continue;
       }
-      if (std::isinf(nll[n])) {
-        std::fill(out, out + z.C, zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
-        continue;
-      }
-      const acc_t g = gn[n];
-      const acc_t off = lse ? lse[r] : acc_t(0);
-      const acc_t* c = comp + (n * z.T + t) * cw;
-      const int64_t* labels = tg + n * z.S;
-      acc_t* row;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        row = out;
-        ops.exp_row(row, lp + r * z.C, off, g, z.C);
-      } else {
-        buf.assign(lp + r * z.C, lp + (r + 1) * z.C);
-        row = buf.data();
-        ops.exp_row(row, row, off, g, z.C);
-      }
-      row[blank] -= g * c[0];
-      for (int64_t k = 0; k < tl[n]; ++k) row[labels[k]] -= g * c[1 + k];
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        for (int64_t j = 0; j < z.C; ++j) out[j] = static_cast<scalar_t>(row[j]);
-      }
+      gradient_row<scalar_t, acc_t>(out, lp + r * z.C, lse ? lse[r] : acc_t(0), gn[n], comp + (n * z.T + t) * cw,
+                                    tg + n * z.S, tl[n], blank, z.C, ops, buf);
     }
   });
   return grad;
