@@ -4,7 +4,8 @@
 
 float32, reduction="mean", log_probs = log_softmax(randn) as a leaf, random targets, input_lengths = T,
 target_lengths = S. Prints the median seconds of forward and of forward+backward for both, and their
-ratios. --memory runs each measurement in a fresh subprocess and reports the peak resident set growth
+ratios; "nog" is the forward under torch.no_grad() (inference). --memory runs each measurement in a fresh
+subprocess and reports the peak resident set growth
 (Linux: VmHWM after resetting it through /proc/self/clear_refs).
 """
 
@@ -31,18 +32,22 @@ def inputs(T: int, N: int, C: int, S: int):
     return lp, tg, torch.full((N,), T), torch.full((N,), S)
 
 
-def run(fn, lp, tg, il, tl, backward: bool):
+def run(fn, lp, tg, il, tl, backward: bool, no_grad: bool = False):
+    if no_grad:  # inference: no gradient can follow, so seqfast stores no log_alpha (torch always does)
+        with torch.no_grad():
+            fn(lp, tg, il, tl)
+        return
     loss = fn(lp, tg, il, tl)
     if backward:
         loss.backward()
         lp.grad = None
 
 
-def median_time(fn, args, backward: bool, repeat: int) -> float:
+def median_time(fn, args, backward: bool, repeat: int, no_grad: bool = False) -> float:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        run(fn, *args, backward)
+        run(fn, *args, backward, no_grad)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -86,7 +91,8 @@ def main() -> None:
     from seqfast import _C
 
     print(f"threads={torch.get_num_threads()} isa={_C.cpu_isa()}")
-    print(f"{'T,N,C,S':>22} {'torch fwd':>10} {'ours fwd':>10} {'x':>6} {'torch f+b':>10} {'ours f+b':>10} {'x':>6}")
+    print(f"{'T,N,C,S':>22} {'torch fwd':>10} {'ours fwd':>10} {'x':>6} {'torch f+b':>10} {'ours f+b':>10} {'x':>6} "
+          f"{'torch nog':>10} {'ours nog':>10} {'x':>6}")
     for shape in shapes:
         args = inputs(*shape)
         res = {}
@@ -94,9 +100,13 @@ def main() -> None:
             for name, fn in IMPLS.items():
                 run(fn, *args, bwd)  # warm-up
                 res[name, bwd] = median_time(fn, args, bwd, a.repeat)
+        for name, fn in IMPLS.items():
+            run(fn, *args, False, True)
+            res[name, "no_grad"] = median_time(fn, args, False, a.repeat, no_grad=True)
         tf, of, tb, ob = res["torch", False], res["seqfast", False], res["torch", True], res["seqfast", True]
-        print(f"{str(shape):>22} {tf:10.4f} {of:10.4f} {tf / of:6.1f} {tb:10.4f} {ob:10.4f} {tb / ob:6.1f}",
-              flush=True)
+        tn, on = res["torch", "no_grad"], res["seqfast", "no_grad"]
+        print(f"{str(shape):>22} {tf:10.4f} {of:10.4f} {tf / of:6.1f} {tb:10.4f} {ob:10.4f} {tb / ob:6.1f} "
+              f"{tn:10.4f} {on:10.4f} {tn / on:6.1f}", flush=True)
         if a.memory:
             m = {(n, b): peak(n, shape, b) for n in IMPLS for b in (False, True)}
             print(f"{'peak RSS growth MiB':>22} {m['torch', False]:10.0f} {m['seqfast', False]:10.0f} {'':>6} "

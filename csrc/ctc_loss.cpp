@@ -7,6 +7,9 @@
 // same recursion on extended-range linear numbers (mantissa + int32 exponent: no exp / log per state, and
 // rounding relative to the value instead of to |log alpha|); float64 and CPUs without AVX2 run it in log space.
 //
+// Without keep_alpha (a loss that needs no gradient) no log_alpha is stored, and the extended-range path
+// skips the one log per state that the stored rows cost; the loss itself is computed identically.
+//
 // Backward, in two passes so that neither needs atomics:
 //  1. per sample (parallel over the batch): beta from t = input_length - 1 down to 0, keeping two rows;
 //     with the stored alpha it gives the state posteriors, reduced right away to what the gradient
@@ -16,6 +19,8 @@
 //  2. per frame (t, n) (parallel over T*N rows, which balances even for a batch of one):
 //     grad[t, n, :] = g * exp(lp) (a streaming pass), then the posteriors are subtracted at the blank and
 //     at each label, in target order, so repeated labels add up without any shared writes.
+// With float32 on AVX2 and at least one sample per thread, the two are fused: each sample writes its
+// gradient rows right after its beta steps (same row operations, so the same bits), without the buffer.
 // Every element is computed by one thread in a fixed order: results are identical run to run.
 //
 // float16 / bfloat16 are read as float32 and computed in float32; float64 runs a scalar float64 path.
@@ -285,7 +290,7 @@ inline void set_normalised(float em, int32_t ee, float* m, int32_t* e) {
   }
 }
 
-// Returns the sample's nll; writes its log_alpha rows (all T of them).
+// Returns the sample's nll; writes its log_alpha rows (all T of them) unless la_n is null.
 template <typename scalar_t>
 float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const float* lse, const Sizes& z, int64_t n,
                      int64_t len, int64_t blank, float* la_n, int64_t width) {
@@ -313,16 +318,18 @@ float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const flo
         logrow[s] = cm[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
       }
     } else {
-      ctc_simd::alpha_ext_row_avx2(cm, ce, logrow.data(), pm, pe, skip.m.data(), skip.e.data(), em.data(), ee.data(),
-                                   hi);
+      ctc_simd::alpha_ext_row_avx2(cm, ce, la_n ? logrow.data() : nullptr, pm, pe, skip.m.data(), skip.e.data(),
+                                   em.data(), ee.data(), hi);
     }
-    float* dst = la_n + t * width;
-    std::copy(logrow.data(), logrow.data() + states, dst);
-    std::fill(dst + states, dst + width, neg_inf<float>());
+    if (la_n) {
+      float* dst = la_n + t * width;
+      std::copy(logrow.data(), logrow.data() + states, dst);
+      std::fill(dst + states, dst + width, neg_inf<float>());
+    }
     std::swap(pm, cm);
     std::swap(pe, ce);
   }
-  std::fill(la_n + len * width, la_n + z.T * width, neg_inf<float>());
+  if (la_n) std::fill(la_n + len * width, la_n + z.T * width, neg_inf<float>());
   // P(target) = alpha[2L] + alpha[2L-1], summed in double from the extended form.
   double terms[2] = {0.0, 0.0};
   int64_t exps[2] = {0, 0};
@@ -341,11 +348,12 @@ float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const flo
   return static_cast<float>(-(static_cast<double>(E) * 0.693147180559945309417 + std::log(sum)));
 }
 
-// Pass 1 of backward for one sample: comp[t] = [blank posterior, posterior of position 0, ..., L-1].
-template <typename scalar_t>
+// Pass 1 of backward for one sample: for t = len-1 down to 0, emit(t, c) with c = [blank posterior,
+// posterior of target position 0, ..., L-1].
+template <typename scalar_t, typename Emit>
 void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const float* lse, const Sizes& z,
-                         int64_t n, int64_t len, int64_t blank, const float* la, float nll, float* comp_n,
-                         int64_t width, int64_t cw) {
+                         int64_t n, int64_t len, int64_t blank, const float* la, float nll, int64_t width,
+                         Emit&& emit) {
   const int64_t P = smp.padded, states = smp.states, L = smp.L;
   const ExtSkip skip(smp);
   // Two beta rows with two zero guard cells behind, and bx.
@@ -354,7 +362,7 @@ void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const
   int32_t* ne = rows.e.data();
   float* cm = nm + P + 2;
   int32_t* ce = ne + P + 2;
-  std::vector<float> em(P), alpha(P, neg_inf<float>()), post(P, 0.0f);
+  std::vector<float> em(P), alpha(P, neg_inf<float>()), post(P, 0.0f), c(L + 1);
   std::vector<int32_t> ee(P);
   for (int64_t t = len - 1; t >= 0; --t) {
     // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there
@@ -379,33 +387,63 @@ void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const
     }
     const float* la_row = la + (n * z.T + t) * width;
     std::copy(la_row, la_row + states, alpha.data());
-    float* c = comp_n + t * cw;
     c[0] = ctc_simd::posterior_ext_row_avx2(post.data() + lo, alpha.data() + lo, bx.m.data() + lo, bx.e.data() + lo,
                                             nll, P - lo);
     for (int64_t k = 0; k < L; ++k) c[1 + k] = post[2 * k + 1];
+    emit(t, c.data());
     std::swap(nm, cm);
     std::swap(ne, ce);
   }
 }
 #endif
 
+// One (t, n) row of the gradient: g * exp(lp - off), minus g times the posteriors c (blank first, then one per
+// target position, subtracted in target order so that repeated labels add up the same way on every run).
+template <typename scalar_t, typename acc_t>
+void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, const acc_t* c, const int64_t* labels,
+                  int64_t L, int64_t blank, int64_t C, const RowOps<acc_t>& ops, std::vector<acc_t>& buf) {
+  acc_t* row;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    row = out;
+    ops.exp_row(row, lp_row, off, g, C);
+  } else {
+    buf.assign(lp_row, lp_row + C);
+    row = buf.data();
+    ops.exp_row(row, row, off, g, C);
+  }
+  row[blank] -= g * c[0];
+  for (int64_t k = 0; k < L; ++k) row[labels[k]] -= g * c[1 + k];
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t j = 0; j < C; ++j) out[j] = static_cast<scalar_t>(row[j]);
+  }
+}
+
+// Gradient rows that carry no posterior: frames past the input length (0), and every frame of a sample whose
+// loss is infinite (0 with zero_infinity, NaN otherwise).
+template <typename scalar_t>
+void fill_gradient_row(scalar_t* out, int64_t C, bool past_end, bool zero_infinity) {
+  const scalar_t v = past_end || zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN());
+  std::fill(out, out + C, v);
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, const at::Tensor& targets,
                                                 const at::Tensor& input_lengths, const at::Tensor& target_lengths,
-                                                int64_t blank, bool from_logits, const Sizes& z) {
+                                                int64_t blank, bool from_logits, bool keep_alpha, const Sizes& z) {
   using acc_t = acc_type<scalar_t>;
   const RowOps<acc_t> ops = row_ops<acc_t>();
   const auto acc_opts = log_probs.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t width = 2 * z.S + 1;
   at::Tensor nll = at::empty({z.N}, acc_opts);
-  at::Tensor log_alpha = at::empty({z.N, z.T, width}, acc_opts);
+  // Without keep_alpha only the loss is wanted: the recursion keeps its two rows and nothing else.
+  at::Tensor log_alpha = keep_alpha ? at::empty({z.N, z.T, width}, acc_opts) : at::empty({z.N, 0, 0}, acc_opts);
   const scalar_t* lp = log_probs.const_data_ptr<scalar_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
   const int64_t* il = input_lengths.const_data_ptr<int64_t>();
   const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
-  acc_t* la = log_alpha.data_ptr<acc_t>();
+  acc_t* la = keep_alpha ? log_alpha.data_ptr<acc_t>() : nullptr;
   acc_t* out = nll.data_ptr<acc_t>();
 
   const bool extended = use_extended<acc_t>();
@@ -413,9 +451,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
     for (int64_t n = begin; n < end; ++n) {
       Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
       const int64_t len = il[n], P = smp.padded, states = smp.states;
-      acc_t* la_n = la + n * z.T * width;
+      acc_t* la_n = la ? la + n * z.T * width : nullptr;
       if (len == 0) {
-        std::fill(la_n, la_n + z.T * width, neg_inf<acc_t>());
+        if (la_n) std::fill(la_n, la_n + z.T * width, neg_inf<acc_t>());
         out[n] = smp.L == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
         continue;
       }
@@ -439,12 +477,14 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
         } else {
           ops.alpha_row(cur, prev, smp.skip.data(), smp.lpe.data(), P);
         }
-        acc_t* dst = la_n + t * width;
-        std::copy(cur, cur + states, dst);
-        std::fill(dst + states, dst + width, neg_inf<acc_t>());
+        if (la_n) {
+          acc_t* dst = la_n + t * width;
+          std::copy(cur, cur + states, dst);
+          std::fill(dst + states, dst + width, neg_inf<acc_t>());
+        }
         std::swap(prev, cur);
       }
-      std::fill(la_n + len * width, la_n + z.T * width, neg_inf<acc_t>());
+      if (la_n) std::fill(la_n + len * width, la_n + z.T * width, neg_inf<acc_t>());
       out[n] = -logaddexp2(prev[2 * smp.L], smp.L > 0 ? prev[2 * smp.L - 1] : neg_inf<acc_t>());
     }
   });
@@ -470,10 +510,41 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
 
+  at::Tensor grad = at::empty({z.T, z.N, z.C}, log_probs.options());
+  scalar_t* gr = grad.data_ptr<scalar_t>();
+  const bool extended = use_extended<acc_t>();
+#if SEQFAST_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // With a sample per thread at least, each sample's gradient rows are written right after its beta step,
+    // while the frame's log_probs row is still in cache: one pass, no posterior buffer. Every row is still
+    // computed by one thread with the same operations as pass 2 below: identical bits either way.
+    if (extended && z.N >= at::get_num_threads()) {
+      at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf;
+        for (int64_t n = begin; n < end; ++n) {
+          const int64_t len = il[n];
+          const bool dead = std::isinf(nll[n]);
+          for (int64_t t = 0; t < z.T; ++t) {
+            if (t >= len || dead) fill_gradient_row(gr + (t * z.N + n) * z.C, z.C, t >= len, zero_infinity);
+          }
+          if (len == 0 || dead) continue;
+          Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
+          const acc_t g = gn[n];
+          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], width, [&](int64_t t, const float* c) {
+            const int64_t r = t * z.N + n;
+            gradient_row<scalar_t, acc_t>(gr + r * z.C, lp + r * z.C, lse ? lse[r] : acc_t(0), g, c, smp.labels, smp.L,
+                                          blank, z.C, ops, buf);
+          });
+        }
+      });
+      return grad;
+    }
+  }
+#endif
+
   // Pass 1: per frame, [blank posterior, posterior of target position 0, 1, ..., L-1].
   at::Tensor comp_t = at::empty({z.N, z.T, cw}, acc_opts);
   acc_t* comp = comp_t.data_ptr<acc_t>();
-  const bool extended = use_extended<acc_t>();
   at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t len = il[n];
@@ -482,7 +553,10 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
 #if SEQFAST_X86
       if constexpr (std::is_same_v<acc_t, float>) {
         if (extended) {
-          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], comp + n * z.T * cw, width, cw);
+          acc_t* comp_n = comp + n * z.T * cw;
+          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], width, [&](int64_t t, const float* c) {
+            std::copy(c, c + smp.L + 1, comp_n + t * cw);
+          });
           continue;
         }
       }
@@ -518,40 +592,18 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   });
 
   // Pass 2: every (t, n) row of the gradient.
-  at::Tensor grad = at::empty({z.T, z.N, z.C}, log_probs.options());
-  scalar_t* gr = grad.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(z.C, 1));
   at::parallel_for(0, z.T * z.N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / z.N, n = r % z.N;
       scalar_t* out = gr + r * z.C;
-      if (t >= il[n]) {
-        std::fill(out, out + z.C, scalar_t(0));
+      if (t >= il[n] || std::isinf(nll[n])) {
+        fill_gradient_row(out, z.C, t >= il[n], zero_infinity);
         continue;
       }
-      if (std::isinf(nll[n])) {
-        std::fill(out, out + z.C, zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
-        continue;
-      }
-      const acc_t g = gn[n];
-      const acc_t off = lse ? lse[r] : acc_t(0);
-      const acc_t* c = comp + (n * z.T + t) * cw;
-      const int64_t* labels = tg + n * z.S;
-      acc_t* row;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        row = out;
-        ops.exp_row(row, lp + r * z.C, off, g, z.C);
-      } else {
-        buf.assign(lp + r * z.C, lp + (r + 1) * z.C);
-        row = buf.data();
-        ops.exp_row(row, row, off, g, z.C);
-      }
-      row[blank] -= g * c[0];
-      for (int64_t k = 0; k < tl[n]; ++k) row[labels[k]] -= g * c[1 + k];
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        for (int64_t j = 0; j < z.C; ++j) out[j] = static_cast<scalar_t>(row[j]);
-      }
+      gradient_row<scalar_t, acc_t>(out, lp + r * z.C, lse ? lse[r] : acc_t(0), gn[n], comp + (n * z.T + t) * cw,
+                                    tg + n * z.S, tl[n], blank, z.C, ops, buf);
     }
   });
   return grad;
@@ -559,14 +611,15 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
 
 std::tuple<at::Tensor, at::Tensor> ctc_loss_forward(const at::Tensor& log_probs, const at::Tensor& targets,
                                                     const at::Tensor& input_lengths, const at::Tensor& target_lengths,
-                                                    int64_t blank, bool zero_infinity, bool from_logits) {
+                                                    int64_t blank, bool zero_infinity, bool from_logits,
+                                                    bool keep_alpha) {
   (void)zero_infinity;  // the loss stays +inf; the flag matters to backward only
   const Sizes z = check_inputs(log_probs, targets, input_lengths, target_lengths, blank);
   const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();
   const at::Tensor il = input_lengths.contiguous(), tl = target_lengths.contiguous();
   check_values(z, il.const_data_ptr<int64_t>(), tl.const_data_ptr<int64_t>(), tg.const_data_ptr<int64_t>(), blank);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ctc_loss_forward", [&] {
-    return forward_impl<scalar_t>(lp, tg, il, tl, blank, from_logits, z);
+    return forward_impl<scalar_t>(lp, tg, il, tl, blank, from_logits, keep_alpha, z);
   });
 }
 
@@ -578,7 +631,8 @@ at::Tensor ctc_loss_backward(const at::Tensor& grad_nll, const at::Tensor& log_p
   const at::ScalarType acc = log_probs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(log_alpha.dim() == 3 && log_alpha.size(0) == z.N && log_alpha.size(1) == z.T &&
                   log_alpha.size(2) == 2 * z.S + 1,
-              "ctc_loss_backward: log_alpha must be (N, T, 2S+1), got ", log_alpha.sizes());
+              "ctc_loss_backward: log_alpha must be (N, T, 2S+1), got ", log_alpha.sizes(),
+              " (a forward with keep_alpha=False keeps none)");
   TORCH_CHECK(grad_nll.numel() == z.N && neg_log_likelihood.numel() == z.N,
               "ctc_loss_backward: grad_nll and neg_log_likelihood must have N = ", z.N, " entries");
   const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();

@@ -291,6 +291,7 @@ SEQFAST_AVX2_INLINE __m256 ext_log(__m256 m, __m256i e) {
 
 // Forward step in extended form: alpha_t[s] = (a[s] + a[s-1] + skip[s] a[s-2]) * emission[s]; also writes
 // ln alpha_t (the log_alpha row). m_prev / e_prev readable at [-2, -1] (zeros).
+// log_out == nullptr: the row's logs are not wanted (a forward without gradient), and no log is taken.
 SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out, float* log_out, const float* m_prev,
                                                    const int32_t* e_prev, const float* skip_m, const int32_t* skip_e,
                                                    const float* em, const int32_t* ee, int64_t n) {
@@ -304,7 +305,7 @@ SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out,
     renormalise(_mm256_mul_ps(sum, _mm256_loadu_ps(em + s)), _mm256_add_epi32(E, loadi(ee + s)), &m, &e);
     _mm256_storeu_ps(m_out + s, m);
     storei(e_out + s, e);
-    _mm256_storeu_ps(log_out + s, ext_log(m, e));
+    if (log_out != nullptr) _mm256_storeu_ps(log_out + s, ext_log(m, e));
   }
 }
 

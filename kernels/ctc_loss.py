@@ -276,8 +276,10 @@ def ctc_loss_forward(
     blank: int,
     zero_infinity: bool,
     from_logits: bool,
+    keep_alpha: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(neg_log_likelihood (N,), log_alpha (N, T, 2S+1)) in the compute dtype; see the op docstring."""
+    """(neg_log_likelihood (N,), log_alpha (N, T, 2S+1), or (N, 0, 0) without keep_alpha) in the compute
+    dtype; see the op docstring."""
     T, N, C = log_probs.shape
     S = targets.shape[1]
     W = 2 * S + 1
@@ -285,7 +287,7 @@ def ctc_loss_forward(
     nll = torch.empty((N,), dtype=cdt, device=log_probs.device)
     log_alpha = torch.full((N, T, W), float("-inf"), dtype=cdt, device=log_probs.device)
     if N == 0:
-        return nll, log_alpha
+        return nll, log_alpha if keep_alpha else log_alpha.new_empty((N, 0, 0))
     b = _blocks(W, log_probs.dtype)
     _ctc_forward_kernel[(N,)](
         log_probs.contiguous(), targets.contiguous(), input_lengths.contiguous(), target_lengths.contiguous(),
@@ -293,7 +295,8 @@ def ctc_loss_forward(
         FROM_LOGITS=bool(from_logits), BLOCK_S=b["BLOCK_S"], BLOCK_C=b["BLOCK_C"], num_warps=b["num_warps"],
         num_stages=1,
     )
-    return nll, log_alpha
+    # The kernel needs the whole table as its working memory; without keep_alpha it is scratch.
+    return nll, log_alpha if keep_alpha else log_alpha.new_empty((N, 0, 0))
 
 
 def ctc_loss_backward(

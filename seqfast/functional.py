@@ -13,9 +13,11 @@ from seqfast.validation import IntLengths, ctc_arguments, reduction_argument, sd
 def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, from_logits, name):
     reduction = reduction_argument(reduction)
     args = ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank, name)
+    # Without a gradient to come, the kernels need not store log_alpha (the loss is the same bits).
+    keep_alpha = torch.is_grad_enabled() and args.log_probs.requires_grad
     nll, _ = _backend.dispatch(
         None, ctc_ops.FORWARD, args.log_probs, args.targets, args.input_lengths, args.target_lengths,
-        blank, bool(zero_infinity), from_logits,
+        blank, bool(zero_infinity), from_logits, keep_alpha,
     )
     if zero_infinity:
         nll = torch.where(torch.isinf(nll), torch.zeros_like(nll), nll)

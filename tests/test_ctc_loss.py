@@ -270,6 +270,44 @@ def test_op_outputs():
     assert ctc_ops.FORWARD(lp.half(), tg, il, tl, 0, False, False)[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_forward_without_alpha_is_bit_identical(dtype, from_logits):
+    lp, tg, il, tl = make_case(23, 5, 9, 6, short=True, dtype=dtype, seed=11)
+    nll, alpha = ctc_ops.FORWARD(lp, tg, il, tl, 0, False, from_logits, True)
+    nll_only, none = ctc_ops.FORWARD(lp, tg, il, tl, 0, False, from_logits, False)
+    assert alpha.shape == (5, 23, 13) and none.shape == (5, 0, 0) and none.dtype == nll.dtype
+    assert torch.equal(nll, nll_only)
+    torch.library.opcheck(ctc_ops.FORWARD, (lp, tg, il, tl, 0, False, from_logits, False))
+    x = lp.clone().requires_grad_()
+    # The public function skips log_alpha exactly when no gradient can follow.
+    with torch.no_grad():
+        assert torch.equal(seqfast.ctc_loss(x, tg, il, tl, reduction="none"), nll.to(dtype))
+    assert torch.equal(seqfast.ctc_loss(lp, tg, il, tl, reduction="none"), nll.to(dtype))
+    with pytest.raises(RuntimeError, match="keep_alpha=False"):
+        ctc_ops.FORWARD(x, tg, il, tl, 0, False, from_logits, False)[0].sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fn", [seqfast.ctc_loss, seqfast.ctc_loss_from_logits])
+def test_fused_backward_matches_two_pass(dtype, fn):
+    # With a sample per thread the CPU backward fuses its passes; fewer samples than threads take the two-pass
+    # route. Both must give the same bits (zero_infinity off: an infeasible sample's rows are NaN on both).
+    lp, tg, il, tl = make_case(13, 3, 7, 9, short=True, dtype=dtype, seed=16)  # sample 2 is infeasible
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n_threads in (1, 4):
+            torch.set_num_threads(n_threads)
+            results.append(loss_and_grad(fn, lp, tg, il, tl))
+    finally:
+        torch.set_num_threads(threads)
+    (loss1, grad1), (loss4, grad4) = results
+    assert torch.equal(loss1, loss4)
+    assert torch.equal(grad1.nan_to_num(7.0), grad4.nan_to_num(7.0))
+    assert grad1.isnan().equal(grad4.isnan()) and grad1[: il[2], 2].isnan().all() and loss1[2].isinf()
+
+
 def test_deterministic():
     lp, tg, il, tl = make_case(120, 8, 37, 30, short=True, dtype=torch.float32, seed=8)
     runs = [loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl) for _ in range(2)]

@@ -93,6 +93,15 @@ def test_log_alpha_matches_reference(kernels):
         torch.testing.assert_close(alpha[n][used], ref_alpha[n][used], **TOL[torch.float64])
 
 
+def test_forward_without_alpha_is_bit_identical(kernels):
+    log_probs, targets = _problem(6, 3, 5, 2, torch.float32, seed=3)
+    il, tl = torch.tensor([6, 4, 5]), torch.tensor([2, 1, 0])
+    nll, alpha = kernels.ctc_loss_forward(log_probs, targets, il, tl, 0, False, False, True)
+    nll_only, none = kernels.ctc_loss_forward(log_probs, targets, il, tl, 0, False, False, False)
+    assert alpha.shape == (3, 6, 5) and none.shape == (3, 0, 0)
+    assert torch.equal(nll, nll_only)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_input_computes_in_float32(dtype):
     T, N, C, S = 6, 3, 5, 2

@@ -1,7 +1,7 @@
 """The CTC loss ops.
 
 ``seqfast::ctc_loss_forward(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity,
-from_logits) -> (neg_log_likelihood, log_alpha)``
+from_logits, keep_alpha=True) -> (neg_log_likelihood, log_alpha)``
 
 - ``log_probs``: (T, N, C) contiguous, float16 / bfloat16 / float32 / float64. With
   ``from_logits`` it holds unnormalised logits and the kernels apply log_softmax over C.
@@ -10,7 +10,9 @@ from_logits) -> (neg_log_likelihood, log_alpha)``
 - ``neg_log_likelihood``: (N,) in the compute dtype (float64 for float64 input, else float32);
   +inf where no alignment fits, also with ``zero_infinity`` (the public function zeroes the
   loss; the flag is an op argument so that autograd hands it to backward).
-- ``log_alpha``: (N, T, 2S+1) compute dtype, the forward variables kept for backward.
+- ``log_alpha``: (N, T, 2S+1) compute dtype, the forward variables kept for backward. With
+  ``keep_alpha=False`` (a loss that needs no gradient) it is an empty (N, 0, 0) tensor: the kernels
+  keep only two rows of the recursion, and backward refuses it. The loss is bit-identical either way.
 
 ``seqfast::ctc_loss_backward(grad_nll, log_probs, targets, input_lengths, target_lengths,
 neg_log_likelihood, log_alpha, blank, zero_infinity, from_logits) -> grad``: (T, N, C) in
@@ -30,7 +32,7 @@ from seqfast.reference import ctc_loss as reference
 FORWARD = define(
     "ctc_loss_forward",
     "(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
-    "bool zero_infinity, bool from_logits) -> (Tensor, Tensor)",
+    "bool zero_infinity, bool from_logits, bool keep_alpha=True) -> (Tensor, Tensor)",
 )
 BACKWARD = define(
     "ctc_loss_backward",
@@ -44,11 +46,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("seqfast::ctc_loss_forward")
-def _forward_fake(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits):
+def _forward_fake(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
+                  keep_alpha=True):
     T, N, _ = log_probs.shape
     dtype = compute_dtype(log_probs.dtype)
     nll = log_probs.new_empty((N,), dtype=dtype)
-    return nll, log_probs.new_empty((N, T, 2 * targets.shape[1] + 1), dtype=dtype)
+    shape = (N, T, 2 * targets.shape[1] + 1) if keep_alpha else (N, 0, 0)
+    return nll, log_probs.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("seqfast::ctc_loss_backward")
@@ -57,7 +61,8 @@ def _backward_fake(grad_nll, log_probs, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits = inputs
+    log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits = inputs[:7]
+    ctx.keep_alpha = inputs[7] if len(inputs) > 7 else True
     nll, log_alpha = output
     ctx.save_for_backward(log_probs, targets, input_lengths, target_lengths, nll, log_alpha)
     ctx.blank, ctx.zero_infinity, ctx.from_logits = blank, zero_infinity, from_logits
@@ -69,12 +74,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_nll, grad_log_alpha):
     log_probs, targets, input_lengths, target_lengths, nll, log_alpha = ctx.saved_tensors
     if grad_nll is None:  # only log_alpha was used: it carries no gradient
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
+    if not ctx.keep_alpha:
+        raise RuntimeError("seqfast::ctc_loss_forward ran with keep_alpha=False: its loss has no gradient")
     grad = _backend.dispatch(
         ctx.backend, BACKWARD, grad_nll.contiguous(), log_probs, targets, input_lengths, target_lengths,
         nll, log_alpha, ctx.blank, ctx.zero_infinity, ctx.from_logits,
     )
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("seqfast::ctc_loss_forward", _backward, setup_context=_setup_context)

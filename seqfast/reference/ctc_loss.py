@@ -71,10 +71,14 @@ def _normalise(log_probs: torch.Tensor, from_logits: bool) -> torch.Tensor:
     return lp.log_softmax(2) if from_logits else lp
 
 
-def ctc_loss_forward(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits):
+def ctc_loss_forward(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
+                     keep_alpha=True):
     alpha = log_alpha(_normalise(log_probs, from_logits), targets, blank)
     dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
-    return neg_log_likelihood(alpha, input_lengths, target_lengths).to(dtype), alpha.to(dtype)
+    nll = neg_log_likelihood(alpha, input_lengths, target_lengths).to(dtype)
+    if not keep_alpha:
+        return nll, alpha.new_empty((alpha.shape[0], 0, 0), dtype=dtype)
+    return nll, alpha.to(dtype)
 
 
 def ctc_loss_backward(
