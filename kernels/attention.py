@@ -531,9 +531,13 @@ def _config(
         if kernel != "fwd" and width == 256:
             # Even 16x16 tiles spill 250-500 B with two 256-wide FMA contractions (S and dP) per step.
             chunk = 64
-    # ptxas, left to itself, stops at 128 registers for the fp32 dK/dV kernel and spills 8-16 B although
-    # 255 are allowed at 8 warps; an explicit cap lets it allocate what it needs (no spills at 138-240).
-    maxnreg = 255 if kernel == "dkdv" and dtype == torch.float32 else None
+    # ptxas, left to itself, stops at 128 registers for the plain (no mask, no dropout) fp32 dK/dV kernel
+    # at head dims <= 128 and spills 8-56 B although 255 are allowed at 8 warps; an explicit cap lets it
+    # allocate what it needs (138-240, no spills). The masked / dropout variants already go past 128 on
+    # their own, and with the cap ptxas takes all 255 and spills 8-24 B: they, and the 256-wide
+    # bucket, keep the default.
+    plain = not (masked or dropout)
+    maxnreg = 255 if kernel == "dkdv" and dtype == torch.float32 and plain and width <= 128 else None
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
 
@@ -667,7 +671,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
 
     block_m, block_n, warps, stages, maxnreg, chunk = _config("dkdv", c.width, c.dtype, max_q, max_k,
-                                                              mask_kind != _MASK_NONE)
+                                                              mask_kind != _MASK_NONE, dropout)
     dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
     _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, B)](
         query, key, value, mask, grad_out, lse, delta, dk, dv, dmask if mask_grad else query, cu_q_arg, cu_k_arg,
@@ -678,7 +682,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )
     block_m, block_n, warps, stages, maxnreg, chunk = _config("dq", c.width, c.dtype, max_q, max_k,
-                                                              mask_kind != _MASK_NONE)
+                                                              mask_kind != _MASK_NONE, dropout)
     _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, B)](
         query, key, value, mask, grad_out, lse, delta, dq, cu_q_arg, cu_k_arg,
         *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
