@@ -23,6 +23,8 @@ reference and C++ backends serve it).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -55,14 +57,15 @@ def _sequence(Cu, b, L, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _scores(a, b, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
-            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr):
-    """Masked scores in log2 units, ``(a b^T * scale + mask) * log2(e)``, -inf where hidden; and the visibility.
+def _scores(prod, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
+            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Masked scores in log2 units, ``(prod * scale + mask) * log2(e)``, -inf where hidden; and the visibility.
 
-    ``a`` (rows, D), ``b`` (cols, D): queries x keys, or keys x queries when ``TRANSPOSED``. Query i
-    sees key j iff ``j <= i + shift`` under a causal mode; ``mask_blk + mask_offs`` address a (queries, keys) tile.
+    ``prod`` (rows, cols) fp32 is ``q k^T`` (queries x keys), or ``k q^T`` (keys x queries) when ``TRANSPOSED``.
+    Query i sees key j iff ``j <= i + shift`` under a causal mode; ``mask_blk + mask_offs`` address a
+    (queries, keys) tile.
     """
-    s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale
+    s = prod * qk_scale
     visible = row_ok[:, None] & col_ok[None, :]
     if CAUSAL != 0:
         if TRANSPOSED:
@@ -81,6 +84,26 @@ def _scores(a, b, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_of
         else:
             s += m.to(tl.float32) * 1.4426950408889634
     return tl.where(visible, s, float("-inf")), visible
+
+
+@triton.jit
+def _dot_nt_chunked(A, a_offs, a_ok, B, b_offs, b_ok, E: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                    BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """``A[rows, :E] @ B[cols, :E]^T`` as fp32 (ROWS, COLS), contracting CHUNK columns at a time.
+
+    Row r of A starts at ``A + a_offs[r]`` (contiguous along E), likewise B. Both operands are (re)read
+    from memory chunk by chunk: a full-precision fp32 dot runs on FMA units, where each thread holds its
+    rows and columns over the whole contraction, so a 256-wide one alone fills the register file.
+    """
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    arange_e = tl.arange(0, CHUNK)
+    for e0 in range(0, BLOCK_E, CHUNK):
+        offs_e = e0 + arange_e
+        e_ok = offs_e < E
+        a = tl.load(A + (a_offs[:, None] + offs_e[None, :]), mask=a_ok[:, None] & e_ok[None, :], other=0.0)
+        b = tl.load(B + (b_offs[:, None] + offs_e[None, :]), mask=b_ok[:, None] & e_ok[None, :], other=0.0)
+        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    return acc
 
 
 # Loops carry scalar block pointers only; the (tile) offsets are loop-invariant int32, so no tensor of
@@ -152,8 +175,8 @@ def _attn_fwd(
         offs_n = n0 + arange_n
         col_ok = offs_n < seqlen_k
         k = tl.load(k_blk + k_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s, visible = _scores(q, k, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
-                             CAUSAL, MASK_KIND, False, PRECISION)
+        s, visible = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m, offs_n, row_ok, col_ok,
+                             shift, qk_scale, mask_blk, mask_offs, CAUSAL, MASK_KIND, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -230,9 +253,13 @@ def _attn_bwd_dkdv(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr,
 ):
-    """dK, dV for one key tile of one key/value head; loops over the group's query heads and query tiles."""
+    """dK, dV for one key tile of one key/value head; loops over the group's query heads and query tiles.
+
+    ``D_CHUNK < BLOCK_D`` (``DV_CHUNK < BLOCK_DV``): K k q^T (V v dO^T) is contracted chunk by chunk from
+    memory instead of from a resident K (V) tile (see ``_dot_nt_chunked``).
+    """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -251,10 +278,14 @@ def _attn_bwd_dkdv(
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    k = tl.load(K + (b64 * stride_kb + hk64 * stride_kh + (k_start + n0) * stride_kn)
-                + (cols[:, None] * stride_kn + offs_d[None, :]), mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + (b64 * stride_vb + hk64 * stride_vh + (k_start + n0) * stride_vn)
-                + (cols[:, None] * stride_vn + offs_dv[None, :]), mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    k_tile = K + (b64 * stride_kb + hk64 * stride_kh + (k_start + n0) * stride_kn)
+    v_tile = V + (b64 * stride_vb + hk64 * stride_vh + (k_start + n0) * stride_vn)
+    if D_CHUNK == BLOCK_D:
+        k = tl.load(k_tile + (cols[:, None] * stride_kn + offs_d[None, :]), mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+    if DV_CHUNK == BLOCK_DV:
+        v = tl.load(v_tile + (cols[:, None] * stride_vn + offs_dv[None, :]), mask=col_ok[:, None] & dv_ok[None, :],
+                    other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -287,11 +318,20 @@ def _attn_bwd_dkdv(
             q = tl.load(q_blk + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             # lse = +inf for rows that see nothing (and padding rows): their probabilities are 0.
             lse2 = tl.load(Lse + l_off + arange_m * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            sT, visible = _scores(k, q, offs_n, offs_m, col_ok, row_ok, shift, qk_scale, mask_blk, mask_offs,
-                                  CAUSAL, MASK_KIND, True, PRECISION)
+            if D_CHUNK == BLOCK_D:
+                kqT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            else:
+                kqT = _dot_nt_chunked(k_tile, cols * stride_kn, col_ok, q_blk, arange_m * stride_qm, row_ok,
+                                      D, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNK, PRECISION)
+            sT, visible = _scores(kqT, offs_n, offs_m, col_ok, row_ok, shift, qk_scale, mask_blk, mask_offs,
+                                  CAUSAL, MASK_KIND, True)
             pT = tl.where(visible, tl.math.exp2(sT - lse2[None, :]), 0.0)
             do = tl.load(do_blk + do_offs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if DV_CHUNK == BLOCK_DV:
+                dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            else:
+                dpT = _dot_nt_chunked(v_tile, cols * stride_vn, col_ok, do_blk, arange_m * stride_gm, row_ok,
+                                      DV, BLOCK_N, BLOCK_M, BLOCK_DV, DV_CHUNK, PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
                 dv += tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, input_precision=PRECISION)
@@ -335,9 +375,13 @@ def _attn_bwd_dq(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr,
 ):
-    """dQ for one query tile of one query head; loops over the visible key tiles."""
+    """dQ for one query tile of one query head; loops over the visible key tiles.
+
+    ``D_CHUNK < BLOCK_D`` (``DV_CHUNK < BLOCK_DV``): q k^T (dO v^T) is contracted chunk by chunk from
+    memory instead of from a resident Q (dO) tile (see ``_dot_nt_chunked``).
+    """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -356,10 +400,14 @@ def _attn_bwd_dq(
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    q = tl.load(Q + (b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm)
-                + (rows[:, None] * stride_qm + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + (b64 * stride_gb + h64 * stride_gh + (q_start + m0) * stride_gm)
-                 + (rows[:, None] * stride_gm + offs_dv[None, :]), mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    q_tile = Q + (b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm)
+    do_tile = DO + (b64 * stride_gb + h64 * stride_gh + (q_start + m0) * stride_gm)
+    if D_CHUNK == BLOCK_D:
+        q = tl.load(q_tile + (rows[:, None] * stride_qm + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+    if DV_CHUNK == BLOCK_DV:
+        do = tl.load(do_tile + (rows[:, None] * stride_gm + offs_dv[None, :]),
+                     mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     l_off = b64 * stride_lb + h64 * stride_lh + (q_start + m0) * stride_lm
     lse2 = tl.load(Lse + l_off + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + l_off + rows * stride_lm, mask=row_ok, other=0.0)
@@ -385,11 +433,20 @@ def _attn_bwd_dq(
         offs_n = n0 + arange_n
         col_ok = offs_n < seqlen_k
         k = tl.load(k_blk + k_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s, visible = _scores(q, k, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
-                             CAUSAL, MASK_KIND, False, PRECISION)
+        if D_CHUNK == BLOCK_D:
+            qkT = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            qkT = _dot_nt_chunked(q_tile, rows * stride_qm, row_ok, k_blk, arange_n * stride_kn, col_ok,
+                                  D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, PRECISION)
+        s, visible = _scores(qkT, offs_m, offs_n, row_ok, col_ok, shift, qk_scale, mask_blk, mask_offs,
+                             CAUSAL, MASK_KIND, False)
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
-        v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DV_CHUNK == BLOCK_DV:
+            v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        else:
+            dp = _dot_nt_chunked(do_tile, rows * stride_gm, row_ok, v_blk, arange_n * stride_vn, col_ok,
+                                 DV, BLOCK_M, BLOCK_N, BLOCK_DV, DV_CHUNK, PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -443,11 +500,20 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+class _Launch(NamedTuple):
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    maxnreg: int | None  # the PTX .maxnreg cap passed to ptxas (None: its default)
+    chunk: int  # head-dim columns contracted per step in the backward's chunked dots (see _dot_nt_chunked)
+
+
 def _config(
     kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False,
     dropout: bool = False,
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch."""
+) -> _Launch:
+    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch."""
     width = max(64, block_d)
     block_m, block_n, warps, stages = _CONFIGS[kernel][(width, 4 if dtype == torch.float32 else 2)]
     # A mask tile is a gather (any strides, zero included): one address per element; dropout runs Philox
@@ -458,11 +524,22 @@ def _config(
         block_m = max(16, block_m // 2)
     elif kernel == "dkdv" and masked and width == 256:
         block_n = max(16, block_n // 2)
+    chunk = width
     if dtype == torch.float32 and _precision(dtype) == "ieee":
         # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
+        if kernel != "fwd" and width == 256:
+            # Even 16x16 tiles spill 250-500 B with two 256-wide FMA contractions (S and dP) per step.
+            chunk = 64
+    # ptxas, left to itself, stops at 128 registers for the plain (no mask, no dropout) fp32 dK/dV kernel
+    # at head dims <= 128 and spills 8-56 B although 255 are allowed at 8 warps; an explicit cap lets it
+    # allocate what it needs (138-240, no spills). The masked / dropout variants already go past 128 on
+    # their own, and with the cap ptxas takes all 255 and spills 8-24 B: they, and the 256-wide
+    # bucket, keep the default.
+    plain = not (masked or dropout)
+    maxnreg = 255 if kernel == "dkdv" and dtype == torch.float32 and plain and width <= 128 else None
     # Short sequences (decoding, tests) get tiles no taller than needed.
-    return min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages
+    return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -546,7 +623,8 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
         return out, lse
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
-    block_m, block_n, warps, stages = _config("fwd", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE, dropout)
+    block_m, block_n, warps, stages, maxnreg, _ = _config("fwd", c.width, c.dtype, max_q, max_k,
+                                                          mask_kind != _MASK_NONE, dropout)
     grid = (triton.cdiv(max_q, block_m), c.Hq, B)
     _attn_fwd[grid](
         query, key, value, mask, out, lse, cu_q if varlen else query, cu_k if varlen else query,
@@ -556,7 +634,7 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
         c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed),
         D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
         CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )
     return out, lse
 
@@ -592,22 +670,26 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
 
-    block_m, block_n, warps, stages = _config("dkdv", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE)
+    block_m, block_n, warps, stages, maxnreg, chunk = _config("dkdv", c.width, c.dtype, max_q, max_k,
+                                                              mask_kind != _MASK_NONE, dropout)
     dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
     _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, B)](
         query, key, value, mask, grad_out, lse, delta, dk, dv, dmask if mask_grad else query, cu_q_arg, cu_k_arg,
         *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
         *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
         *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
-        num_warps=warps, num_stages=stages,
+        D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )
-    block_m, block_n, warps, stages = _config("dq", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE)
+    block_m, block_n, warps, stages, maxnreg, chunk = _config("dq", c.width, c.dtype, max_q, max_k,
+                                                              mask_kind != _MASK_NONE, dropout)
     _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, B)](
         query, key, value, mask, grad_out, lse, delta, dq, cu_q_arg, cu_k_arg,
         *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
         *_lse_strides(delta, varlen), *_row_strides(dq, varlen),
         *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-        num_warps=warps, num_stages=stages,
+        D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )
     return dq, dk, dv, dmask
 
@@ -719,7 +801,8 @@ def report_configs() -> list[dict]:
 
     One entry per kernel x head-dim bucket (64, 128, 256) x dtype (fp16, bf16, fp32) x variant
     (the causal / mask / dropout / varlen constexprs); short-sequence launches use smaller tiles.
-    Keys: kernel, fn, signature, constexprs, num_warps, num_stages, config.
+    Keys: kernel, fn, signature, constexprs, num_warps, num_stages, config; options ({"maxnreg": ..}) where the
+    launcher caps registers.
     """
     entries = []
     for dtype, dt in _TRITON_DTYPE.items():
@@ -736,10 +819,10 @@ def report_configs() -> list[dict]:
                     tf32 = torch.backends.cuda.matmul.allow_tf32
                     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
                     try:
-                        block_m, block_n, warps, stages = _config(kernel, width, dtype, 1 << 20, 1 << 20,
-                                                                  mask_kind != _MASK_NONE, dropout)
+                        launch = _config(kernel, width, dtype, 1 << 20, 1 << 20, mask_kind != _MASK_NONE, dropout)
                     finally:
                         torch.backends.cuda.matmul.allow_tf32 = tf32
+                    block_m, block_n, warps, stages = launch[:4]
                     constexprs = {
                         "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
                         "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
@@ -747,9 +830,16 @@ def report_configs() -> list[dict]:
                     }
                     if kernel == "dkdv":
                         constexprs["MASK_GRAD"] = mask_grad
-                    entries.append(_entry(fn.__name__, fn, dtype, constexprs, warps, stages,
-                                          f"d{width}-{dt}-{label}-m{block_m}n{block_n}w{warps}s{stages}",
-                                          mask_kind, varlen))
+                    chunked = ""
+                    if kernel != "fwd":
+                        constexprs["D_CHUNK"] = constexprs["DV_CHUNK"] = launch.chunk
+                        chunked = f"c{launch.chunk}" if launch.chunk < width else ""
+                    entry = _entry(fn.__name__, fn, dtype, constexprs, warps, stages,
+                                   f"d{width}-{dt}-{label}-m{block_m}n{block_n}w{warps}s{stages}{chunked}",
+                                   mask_kind, varlen)
+                    if launch.maxnreg is not None:
+                        entry["options"] = {"maxnreg": launch.maxnreg}
+                    entries.append(entry)
     return entries
 
 

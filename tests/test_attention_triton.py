@@ -89,6 +89,8 @@ def qkv(B, Hq, Hk, Lq, Lk, D, Dv):
         (2, 1, 17, 17, 64, 64),
         (1, 2, 70, 129, 80, 80),  # D not a power of two, Lk past two key tiles
         (1, 1, 129, 70, 128, 64),  # q/k and v widths differ
+        (1, 1, 20, 33, 224, 208),  # 256-wide bucket: backward contracts S and dP in 64-column chunks
+        (1, 2, 19, 21, 48, 200),  # only dP chunked (q/k stay resident)
     ],
 )
 def test_matches_reference_float32(B, H, Lq, Lk, D, Dv):
