@@ -220,21 +220,13 @@ struct Problem {
   }
 };
 
-template <typename T, typename S>
-inline T load_as(S v) {
-  if constexpr (std::is_same_v<S, T>) {
+// Element conversion between storage and compute types; half types go through float.
+template <typename To, typename From>
+inline To cast_to(From v) {
+  if constexpr (std::is_same_v<To, From>) {
     return v;
   } else {
-    return static_cast<T>(static_cast<float>(v));
-  }
-}
-
-template <typename S, typename T>
-inline S store_as(T v) {
-  if constexpr (std::is_same_v<S, T>) {
-    return v;
-  } else {
-    return static_cast<S>(static_cast<float>(v));
+    return static_cast<To>(static_cast<float>(v));
   }
 }
 
@@ -249,7 +241,7 @@ void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const 
       for (int64_t i = 0; i < len[b]; ++i) {
         const S* src = v.row(b, h, i);
         T* d = dst + (h * total + start[b] + i) * wpad;
-        for (int64_t c = 0; c < width; ++c) d[c] = load_as<T>(src[c * v.sd]);
+        for (int64_t c = 0; c < width; ++c) d[c] = cast_to<T>(src[c * v.sd]);
         for (int64_t c = width; c < wpad; ++c) d[c] = T(0);
       }
     }
@@ -269,7 +261,7 @@ void pack_panels(const View<const S>& v, const Seqs& seq, int64_t H, int64_t wid
         std::fill(d, d + wpad * kNR, T(0));
         for (int64_t c = 0; c < kNR && p * kNR + c < seq.k_len[b]; ++c) {
           const S* src = v.row(b, h, p * kNR + c);
-          for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = load_as<T>(src[e * v.sd]);
+          for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = cast_to<T>(src[e * v.sd]);
         }
       }
     }
@@ -387,10 +379,10 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       T* lrow = lse.row(b, h, i);
       if (l[r] > T(0)) {
         const T inv = T(1) / l[r];
-        for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = store_as<S>(O[r * Dvp + c] * inv);
+        for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = cast_to<S>(O[r * Dvp + c] * inv);
         *lrow = (m[r] + std::log2(l[r])) * static_cast<T>(kLn2);
       } else {
-        for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = store_as<S>(T(0));
+        for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = cast_to<S>(T(0));
         *lrow = std::numeric_limits<T>::infinity();
       }
     }
@@ -430,7 +422,7 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
         const S* o = out.row(b, h, i);
         const T* g = dOp + row * Dvp;
         T acc = 0;
-        for (int64_t c = 0; c < pb.Dv; ++c) acc += g[c] * load_as<T>(o[c * out.sd]);
+        for (int64_t c = 0; c < pb.Dv; ++c) acc += g[c] * cast_to<T>(o[c * out.sd]);
         delta[row] = acc;
         lse2[row] = *lse.row(b, h, i) * static_cast<T>(kLog2e);
       }
@@ -555,9 +547,9 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
       }
       for (int64_t r = 0; r < nk; ++r) {
         S* gk = dk.row(b, hk, j0 + r);
-        for (int64_t c = 0; c < pb.D; ++c) gk[c * dk.sd] = store_as<S>(dK[r * Dp + c] * pb.scale);
+        for (int64_t c = 0; c < pb.D; ++c) gk[c * dk.sd] = cast_to<S>(dK[r * Dp + c] * pb.scale);
         S* gv = dv.row(b, hk, j0 + r);
-        for (int64_t c = 0; c < pb.Dv; ++c) gv[c * dv.sd] = store_as<S>(dV[r * Dvp + c]);
+        for (int64_t c = 0; c < pb.Dv; ++c) gv[c * dv.sd] = cast_to<S>(dV[r * Dvp + c]);
       }
     }
   });
@@ -571,7 +563,7 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
         for (int64_t c = 0; c < pb.D; ++c) {
           T acc = dQacc[row * Dp + c];
           for (int64_t s = 1; s < splits; ++s) acc += dQacc[(s * pb.Hq * sq.total_q + row) * Dp + c];
-          g[c * dq.sd] = store_as<S>(acc * pb.scale);
+          g[c * dq.sd] = cast_to<S>(acc * pb.scale);
         }
       }
     }
