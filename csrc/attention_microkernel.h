@@ -296,6 +296,215 @@ SEQFAST_TARGET_AVX2 inline void scale_row_avx2(float* o, int64_t n, float alpha)
   const __m256 va = _mm256_set1_ps(alpha);
   for (int64_t c = 0; c < n; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), va));
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 fp32 tiles: kMR512 rows x 32 columns (two zmm per row, 24 accumulators of the 32 zmm
+// registers), or x 16 for an odd last column block. The 32 columns are two adjacent kNR-wide
+// column blocks of B, so the packing is the same as for AVX2.
+
+constexpr int64_t kMR512 = 12;  // rows per AVX-512 register tile
+
+// W zmm columns (1 or 2); R <= kMR512 rows.
+template <int R, int W, bool kRowMajorA>
+SEQFAST_TARGET_AVX512 inline void tile_avx512(const Gemm<float>& g, int64_t i0, int64_t j0) {
+  static_assert(R >= 1 && R <= kMR512 && (W == 1 || W == 2));
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  __m512 c60 = c00, c61 = c00, c70 = c00, c71 = c00, c80 = c00, c81 = c00;
+  __m512 c90 = c00, c91 = c00, cA0 = c00, cA1 = c00, cB0 = c00, cB1 = c00;
+  const float* a = g.A + i0 * g.a_rs;
+  const float* b0p = g.B + (j0 / kNR) * g.b_bs;
+  const float* b1p = b0p + g.b_bs;
+  const int64_t K = g.K, ldb = g.ldb;
+  const int64_t rs = kRowMajorA ? g.a_rs : 1;
+  const int64_t ks = kRowMajorA ? 1 : g.a_ks;
+#define SEQFAST_FMA512_ROW(r, idx)                                          \
+  if constexpr (R > idx) {                                                  \
+    const __m512 ar = _mm512_set1_ps(a[idx * rs + k * ks]);                \
+    c##r##0 = _mm512_fmadd_ps(ar, b0, c##r##0);                             \
+    if constexpr (W == 2) c##r##1 = _mm512_fmadd_ps(ar, b1, c##r##1);       \
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b0p + k * ldb);
+    const __m512 b1 = W == 2 ? _mm512_loadu_ps(b1p + k * ldb) : b0;
+    SEQFAST_FMA512_ROW(0, 0)
+    SEQFAST_FMA512_ROW(1, 1)
+    SEQFAST_FMA512_ROW(2, 2)
+    SEQFAST_FMA512_ROW(3, 3)
+    SEQFAST_FMA512_ROW(4, 4)
+    SEQFAST_FMA512_ROW(5, 5)
+    SEQFAST_FMA512_ROW(6, 6)
+    SEQFAST_FMA512_ROW(7, 7)
+    SEQFAST_FMA512_ROW(8, 8)
+    SEQFAST_FMA512_ROW(9, 9)
+    SEQFAST_FMA512_ROW(A, 10)
+    SEQFAST_FMA512_ROW(B, 11)
+  }
+#undef SEQFAST_FMA512_ROW
+  const bool acc = g.accumulate;
+  float* c = g.C + i0 * g.ldc + j0;
+  const int64_t ldc = g.ldc;
+#define SEQFAST_STORE512_ROW(r, idx)                                                 \
+  if constexpr (R > idx) {                                                           \
+    float* cr = c + idx * ldc;                                                       \
+    if (acc) c##r##0 = _mm512_add_ps(c##r##0, _mm512_loadu_ps(cr));                  \
+    _mm512_storeu_ps(cr, c##r##0);                                                   \
+    if constexpr (W == 2) {                                                          \
+      if (acc) c##r##1 = _mm512_add_ps(c##r##1, _mm512_loadu_ps(cr + 16));           \
+      _mm512_storeu_ps(cr + 16, c##r##1);                                            \
+    }                                                                                \
+  }
+  SEQFAST_STORE512_ROW(0, 0)
+  SEQFAST_STORE512_ROW(1, 1)
+  SEQFAST_STORE512_ROW(2, 2)
+  SEQFAST_STORE512_ROW(3, 3)
+  SEQFAST_STORE512_ROW(4, 4)
+  SEQFAST_STORE512_ROW(5, 5)
+  SEQFAST_STORE512_ROW(6, 6)
+  SEQFAST_STORE512_ROW(7, 7)
+  SEQFAST_STORE512_ROW(8, 8)
+  SEQFAST_STORE512_ROW(9, 9)
+  SEQFAST_STORE512_ROW(A, 10)
+  SEQFAST_STORE512_ROW(B, 11)
+#undef SEQFAST_STORE512_ROW
+}
+
+template <int W, bool kRowMajorA>
+SEQFAST_TARGET_AVX512 inline void column_block_avx512(const Gemm<float>& g, int64_t j0) {
+  int64_t i0 = 0;
+  for (; i0 + kMR512 <= g.M; i0 += kMR512) tile_avx512<kMR512, W, kRowMajorA>(g, i0, j0);
+  switch (g.M - i0) {
+    case 11: tile_avx512<11, W, kRowMajorA>(g, i0, j0); break;
+    case 10: tile_avx512<10, W, kRowMajorA>(g, i0, j0); break;
+    case 9: tile_avx512<9, W, kRowMajorA>(g, i0, j0); break;
+    case 8: tile_avx512<8, W, kRowMajorA>(g, i0, j0); break;
+    case 7: tile_avx512<7, W, kRowMajorA>(g, i0, j0); break;
+    case 6: tile_avx512<6, W, kRowMajorA>(g, i0, j0); break;
+    case 5: tile_avx512<5, W, kRowMajorA>(g, i0, j0); break;
+    case 4: tile_avx512<4, W, kRowMajorA>(g, i0, j0); break;
+    case 3: tile_avx512<3, W, kRowMajorA>(g, i0, j0); break;
+    case 2: tile_avx512<2, W, kRowMajorA>(g, i0, j0); break;
+    case 1: tile_avx512<1, W, kRowMajorA>(g, i0, j0); break;
+    default: break;
+  }
+}
+
+template <bool kRowMajorA>
+SEQFAST_TARGET_AVX512 inline void gemm_avx512_impl(const Gemm<float>& g) {
+  int64_t j0 = 0;
+  for (; j0 + 2 * kNR <= g.N; j0 += 2 * kNR) column_block_avx512<2, kRowMajorA>(g, j0);
+  if (j0 < g.N) column_block_avx512<1, kRowMajorA>(g, j0);
+}
+
+SEQFAST_TARGET_AVX512 inline void gemm_avx512(const Gemm<float>& g) {
+  if (g.a_ks == 1) {
+    gemm_avx512_impl<true>(g);
+  } else {
+    gemm_avx512_impl<false>(g);
+  }
+}
+
+// Same contract and polynomial as exp2_avx2, 16 lanes.
+template <int N>
+SEQFAST_TARGET_AVX512 inline void exp2_many_avx512(__m512* x) {
+  const __m512 magic = _mm512_set1_ps(12582912.0f + 127.0f), lo = _mm512_set1_ps(-127.0f);
+  __m512 t[N], f[N], p[N];
+  for (int i = 0; i < N; ++i) x[i] = _mm512_max_ps(x[i], lo);
+  for (int i = 0; i < N; ++i) t[i] = _mm512_add_ps(x[i], magic);
+  for (int i = 0; i < N; ++i) f[i] = _mm512_sub_ps(x[i], _mm512_sub_ps(t[i], magic));
+  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(_mm512_set1_ps(1.327641773968935e-3f), f[i],
+                                                     _mm512_set1_ps(9.675540961325169e-3f));
+  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(p[i], f[i], _mm512_set1_ps(5.550713464617729e-2f));
+  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(p[i], f[i], _mm512_set1_ps(2.4022120237350464e-1f));
+  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(p[i], f[i], _mm512_set1_ps(6.931469440460205e-1f));
+  for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(p[i], f[i], _mm512_set1_ps(1.0000001192092896f));
+  for (int i = 0; i < N; ++i) {
+    x[i] = _mm512_mul_ps(p[i], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t[i]), 23)));
+  }
+}
+
+// Lanes c + 0..15 that are < nv.
+SEQFAST_TARGET_AVX512 inline __mmask16 visible_mask512(int64_t c, int64_t nv) {
+  const int64_t n = nv - c;
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
+}
+
+SEQFAST_TARGET_AVX512 inline float scaled_max_avx512(const float* s, int64_t nv, float f) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (nv <= 0) return -kInf;
+  const bool neg = f < 0.0f;
+  const __m512 sign = _mm512_set1_ps(neg ? -0.0f : 0.0f), ninf = _mm512_set1_ps(-kInf);
+  __m512 m0 = ninf, m1 = ninf;
+  int64_t c = 0;
+  for (; c + 32 <= nv; c += 32) {
+    m0 = _mm512_max_ps(m0, _mm512_xor_ps(_mm512_loadu_ps(s + c), sign));
+    m1 = _mm512_max_ps(m1, _mm512_xor_ps(_mm512_loadu_ps(s + c + 16), sign));
+  }
+  for (; c < nv; c += 16) {
+    const __m512 x = _mm512_mask_mov_ps(ninf, visible_mask512(c, nv), _mm512_xor_ps(_mm512_loadu_ps(s + c), sign));
+    m0 = _mm512_max_ps(m0, x);
+  }
+  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  if (mx == -kInf) return -kInf;
+  return mx * (neg ? -f : f);
+}
+
+SEQFAST_TARGET_AVX512 inline float exp2_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float m) {
+  const __m512 vf = _mm512_set1_ps(f), vm = _mm512_set1_ps(m);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 64 <= nv; c += 64) {
+    __m512 x[4];
+    for (int i = 0; i < 4; ++i) x[i] = _mm512_fmsub_ps(_mm512_loadu_ps(s + c + 16 * i), vf, vm);
+    exp2_many_avx512<4>(x);
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(s + c + 16 * i, x[i]);
+    sum0 = _mm512_add_ps(sum0, _mm512_add_ps(x[0], x[1]));
+    sum1 = _mm512_add_ps(sum1, _mm512_add_ps(x[2], x[3]));
+  }
+  for (; c < nv; c += 16) {
+    __m512 x = _mm512_mask_mov_ps(ninf, visible_mask512(c, nv), _mm512_fmsub_ps(_mm512_loadu_ps(s + c), vf, vm));
+    exp2_many_avx512<1>(&x);
+    _mm512_storeu_ps(s + c, x);
+    sum0 = _mm512_add_ps(sum0, x);
+  }
+  for (; c < ncols; c += 16) _mm512_storeu_ps(s + c, _mm512_setzero_ps());
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+
+SEQFAST_TARGET_AVX512 inline float online_softmax_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float& m,
+                                                             float& l) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const float m_new = std::max(m, scaled_max_avx512(s, nv, f));
+  if (m_new == -kInf) {
+    for (int64_t c = 0; c < ncols; c += 16) _mm512_storeu_ps(s + c, _mm512_setzero_ps());
+    return 1.0f;
+  }
+  float alpha = 1.0f;  // exactly 1 while the max holds (no rescaling then); 0 for m = -inf
+  if (m != m_new) {
+    __m512 d = _mm512_set1_ps(m - m_new);
+    exp2_many_avx512<1>(&d);
+    alpha = _mm512_cvtss_f32(d);
+  }
+  l = l * alpha + exp2_row_avx512(s, nv, ncols, f, m_new);
+  m = m_new;
+  return alpha;
+}
+
+SEQFAST_TARGET_AVX512 inline void dscores_row_avx512(const float* p, float* dp, const float* z, int64_t ncols,
+                                                     float delta) {
+  const __m512 vd = _mm512_set1_ps(delta);
+  for (int64_t c = 0; c < ncols; c += 16) {
+    __m512 d = _mm512_loadu_ps(dp + c);
+    d = z ? _mm512_fmsub_ps(d, _mm512_loadu_ps(z + c), vd) : _mm512_sub_ps(d, vd);
+    _mm512_storeu_ps(dp + c, _mm512_mul_ps(_mm512_loadu_ps(p + c), d));
+  }
+}
+
+SEQFAST_TARGET_AVX512 inline void scale_row_avx512(float* o, int64_t n, float alpha) {
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int64_t c = 0; c < n; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), va));
+}
 #endif  // SEQFAST_X86
 
 // ---------------------------------------------------------------------------------------------
@@ -341,11 +550,12 @@ inline void dscores_row_portable(const T* p, T* dp, const T* z, int64_t ncols, T
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dispatch: AVX2 for fp32 when the CPU has it.
+// Dispatch: AVX-512, else AVX2, for fp32 when the CPU has it.
 
 inline void gemm(const Gemm<double>& g) { gemm_portable(g); }
 inline void gemm(const Gemm<float>& g) {
 #if SEQFAST_X86
+  if (has_avx512()) return gemm_avx512(g);
   if (has_avx2()) return gemm_avx2(g);
 #endif
   gemm_portable(g);
@@ -356,6 +566,7 @@ inline double online_softmax_row(double* s, int64_t nv, int64_t ncols, double f,
 }
 inline float online_softmax_row(float* s, int64_t nv, int64_t ncols, float f, float& m, float& l) {
 #if SEQFAST_X86
+  if (has_avx512()) return online_softmax_row_avx512(s, nv, ncols, f, m, l);
   if (has_avx2()) return online_softmax_row_avx2(s, nv, ncols, f, m, l);
 #endif
   return online_softmax_row_portable(s, nv, ncols, f, m, l);
@@ -366,6 +577,7 @@ inline void probs_row(double* s, int64_t nv, int64_t ncols, double f, double lse
 }
 inline void probs_row(float* s, int64_t nv, int64_t ncols, float f, float lse2) {
 #if SEQFAST_X86
+  if (has_avx512()) return (void)exp2_row_avx512(s, nv, ncols, f, lse2);
   if (has_avx2()) return probs_row_avx2(s, nv, ncols, f, lse2);
 #endif
   probs_row_portable(s, nv, ncols, f, lse2);
@@ -376,6 +588,7 @@ inline void dscores_row(const double* p, double* dp, const double* z, int64_t nc
 }
 inline void dscores_row(const float* p, float* dp, const float* z, int64_t ncols, float delta) {
 #if SEQFAST_X86
+  if (has_avx512()) return dscores_row_avx512(p, dp, z, ncols, delta);
   if (has_avx2()) return dscores_row_avx2(p, dp, z, ncols, delta);
 #endif
   dscores_row_portable(p, dp, z, ncols, delta);
@@ -386,6 +599,7 @@ inline void scale_row(double* o, int64_t n, double alpha) {
 }
 inline void scale_row(float* o, int64_t n, float alpha) {
 #if SEQFAST_X86
+  if (has_avx512()) return scale_row_avx512(o, n, alpha);
   if (has_avx2()) return scale_row_avx2(o, n, alpha);
 #endif
   for (int64_t c = 0; c < n; ++c) o[c] *= alpha;
