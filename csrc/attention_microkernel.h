@@ -304,6 +304,12 @@ SEQFAST_TARGET_AVX2 inline void scale_row_avx2(float* o, int64_t n, float alpha)
 
 constexpr int64_t kMR512 = 12;  // rows per AVX-512 register tile
 
+// GCC 12 warns about the deliberately undefined vectors inside its own AVX-512 intrinsics
+// (_mm512_undefined_*) once they are inlined into target("avx512f") functions.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 // W zmm columns (1 or 2); R <= kMR512 rows.
 template <int R, int W, bool kRowMajorA>
 SEQFAST_TARGET_AVX512 inline void tile_avx512(const Gemm<float>& g, int64_t i0, int64_t j0) {
@@ -505,6 +511,7 @@ SEQFAST_TARGET_AVX512 inline void scale_row_avx512(float* o, int64_t n, float al
   const __m512 va = _mm512_set1_ps(alpha);
   for (int64_t c = 0; c < n; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), va));
 }
+#pragma GCC diagnostic pop
 #endif  // SEQFAST_X86
 
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the build command (no silent fallback to slower code).
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
@@ -18,6 +19,17 @@ class ExtensionNotBuiltError(RuntimeError):
     pass
 
 
+CPU_ISAS = ("avx512", "avx2", "baseline")
+
+
+def _check_isa_cap() -> None:
+    """SEQFAST_CPU_ISA caps the vector ISA of the CPU kernels (the C++ side reads it once); an unknown
+    value is an error rather than a silent default."""
+    isa = os.environ.get("SEQFAST_CPU_ISA", "")
+    if isa and isa not in CPU_ISAS:
+        raise ValueError(f"SEQFAST_CPU_ISA must be one of {', '.join(CPU_ISAS)} (or unset), got {isa!r}")
+
+
 def _load() -> tuple[bool, str]:
     try:
         importlib.import_module("seqfast._C")
@@ -26,6 +38,7 @@ def _load() -> tuple[bool, str]:
     return True, ""
 
 
+_check_isa_cap()
 AVAILABLE, LOAD_ERROR = _load()
 
 

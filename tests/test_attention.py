@@ -8,6 +8,7 @@ causal, dropout with a known seed).
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -349,6 +350,50 @@ def test_validation_errors(case, match):
     kwargs = _args(**case)
     with pytest.raises(ValueError, match=match):
         seqfast.scaled_dot_product_attention(**kwargs)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_cpu_paths_against_reference(isa):
+    """The AVX2 and portable fp32 kernels, forced with SEQFAST_CPU_ISA in a fresh process (the ISA is
+    chosen once per process), against the float64 reference: odd sizes, causal, a bool mask, GQA."""
+    code = textwrap.dedent("""
+        import sys, torch, seqfast
+        from seqfast import _C
+        from seqfast.reference import attention as ref
+        torch.manual_seed(0)
+        print(_C.cpu_isa())
+        worst = 0.0
+        for B, Hq, Hk, Lq, Lk, D, Dv, causal, masked in [(2, 3, 3, 17, 17, 59, 59, True, False),
+                                                         (1, 2, 1, 129, 97, 80, 48, False, True),
+                                                         (1, 2, 2, 200, 200, 64, 64, True, False)]:
+            q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, Dv)
+            mask = torch.rand(Lq, Lk) > 0.3 if masked else None
+            ins = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = seqfast.scaled_dot_product_attention(*ins, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            g = torch.randn_like(out)
+            grads = torch.autograd.grad(out, ins, g)
+            rins = [t.double().requires_grad_() for t in (q, k, v)]
+            rk, rv = (t.repeat_interleave(Hq // Hk, 1) for t in rins[1:])
+            rmask = None if mask is None else mask.expand(B, Hq, Lq, Lk)
+            rout, _ = ref.attention(rins[0], rk, rv, rmask, int(causal), None, 0.0, None)
+            rgrads = torch.autograd.grad(rout, rins, g.double())
+            for a, b in zip((out, *grads), (rout, *rgrads)):
+                worst = max(worst, ((a.double() - b).abs().max() / b.abs().max()).item())
+        print(worst)
+    """)
+    env = dict(os.environ, SEQFAST_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    used, worst = res.stdout.split()
+    assert used in ((isa, "baseline") if isa == "avx2" else ("baseline",))  # a cap, never more than the CPU has
+    assert float(worst) < 1e-4, worst
+
+
+def test_unknown_cpu_isa_is_an_error():
+    env = dict(os.environ, SEQFAST_CPU_ISA="sse9")
+    res = subprocess.run([sys.executable, "-c", "import seqfast"], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert res.returncode != 0 and "SEQFAST_CPU_ISA" in res.stderr
 
 
 def test_peak_memory_grows_linearly():
