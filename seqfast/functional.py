@@ -111,11 +111,17 @@ def scaled_dot_product_attention(
     Returns:
         (..., Hq, Lq, Ev) in query's dtype. Rows that see no key are 0 (torch gives NaN).
     """
+    return _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                             _dropout_seed(dropout_p))
+
+
+def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed: int):
+    """:func:`scaled_dot_product_attention` with the dropout seed given (callers that need the keep-mask)."""
     args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     causal = attention_ops.CAUSAL_TOP_LEFT if is_causal else attention_ops.NO_CAUSAL
     out, _ = _backend.dispatch(
         None, attention_ops.FORWARD, args.query, args.key, args.value, args.attn_mask, float(dropout_p),
-        causal, args.scale, _dropout_seed(dropout_p),
+        causal, args.scale, seed,
     )
     return out.reshape(args.out_shape)
 

@@ -291,3 +291,17 @@ def test_gradients_bitwise_deterministic():
     _, first = sdpa_with_grads("triton", tensors, torch.float32, grad_out, attn_mask=mask, enable_gqa=True)
     _, second = sdpa_with_grads("triton", tensors, torch.float32, grad_out, attn_mask=mask, enable_gqa=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_mha_dropped_weights_match_the_triton_output():
+    """seqfast.nn.MultiheadAttention on the Triton backend: its need_weights path draws the Triton kernel's
+    dropout keep-mask, so out_proj(weights @ V) reproduces the fused output."""
+    E, H, N, L, S = 8, 2, 2, 5, 7
+    mha = seqfast.nn.MultiheadAttention(E, H, dropout=0.4, batch_first=True).train()
+    q, k, v = torch.randn(N, L, E), torch.randn(N, S, E), torch.randn(N, S, E)
+    with seqfast.backend("triton"):
+        out, w = mha(q, k, v, average_attn_weights=False)
+    assert (w == 0).any() and not torch.allclose(w.sum(-1), torch.ones_like(w[..., 0]))
+    vh = F.linear(v, mha.in_proj_weight[2 * E:], mha.in_proj_bias[2 * E:]).unflatten(-1, (H, E // H)).transpose(1, 2)
+    expected = mha.out_proj((w @ vh).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

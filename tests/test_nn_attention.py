@@ -41,13 +41,13 @@ def seqfast_backend(request):
 def sdpa_calls(monkeypatch):
     """Records the keyword arguments of every seqfast attention call made by seqfast.nn."""
     calls = []
-    inner = mha_module.scaled_dot_product_attention
+    inner = mha_module._seeded_attention
 
-    def spy(q, k, v, **kwargs):
-        calls.append(kwargs)
-        return inner(q, k, v, **kwargs)
+    def spy(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
+        calls.append(dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal))
+        return inner(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed)
 
-    monkeypatch.setattr(mha_module, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(mha_module, "_seeded_attention", spy)
     return calls
 
 
@@ -290,7 +290,28 @@ def test_dropout_train_vs_eval():
     expected = ours.eval()(q[:1], k[:1], v[:1], need_weights=False)[0][0]
     assert (out.std(0) > 1e-3).all()  # dropout really perturbs the output
     assert ((mean - expected).abs() < 5 * se + 1e-12).all()
-    _close(w[0], ref.eval()(q[:1], k[:1], v[:1])[1][0], torch.float64)  # weights carry no dropout
+    # The weights carry the output's own keep-mask, as torch's do: an entry of the head average is 0 when
+    # both heads dropped it (p^2 = 0.25), and the average over draws is the clean weight.
+    clean = ref.eval()(q[:1], k[:1], v[:1])[1][0]
+    assert ((w == 0).double().mean() - 0.25).abs() < 0.05
+    assert torch.allclose(w.mean(0), clean, atol=0.05)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_dropped_weights_reproduce_the_output(batch_first):
+    """In training mode, attn_output = out_proj(weights @ V): the weights hold the kernel's very dropout."""
+    _, ours = _pair(torch.float64, dropout=0.4, batch_first=batch_first)
+    q, k, v = _inputs(torch.float64, batch_first)
+    ours.train()
+    out, w = ours(q, k, v, average_attn_weights=False)
+    assert (w == 0).any() and not torch.allclose(w.sum(-1), torch.ones_like(w[..., 0]))  # really dropped out
+    vin = v if batch_first else v.transpose(0, 1)
+    wv = ours.in_proj_weight[2 * E:]
+    bv = ours.in_proj_bias[2 * E:]
+    vh = torch.nn.functional.linear(vin, wv, bv).unflatten(-1, (H, E // H)).transpose(1, 2)  # (N, H, S, hd)
+    heads = (w @ vh).transpose(1, 2).flatten(2)  # (N, L, E)
+    expected = ours.out_proj(heads)
+    _close(out if batch_first else out.transpose(0, 1), expected, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------- transformer

@@ -15,7 +15,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from seqfast.functional import scaled_dot_product_attention
+from seqfast import _backend
+from seqfast.functional import _dropout_seed, _seeded_attention
+from seqfast.ops import attention as attention_ops
 
 # A mask in seqfast's convention: None, bool (True = attend) or float (added to the scaled scores),
 # broadcastable to (N, H, L, S).
@@ -113,9 +115,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
       with dropout ``self.dropout`` in training mode and none in eval mode.
     - ``attn_weights`` only when ``need_weights``: (N, L, S') averaged over heads, or (N, H, L, S') when
       ``average_attn_weights`` is False (no N for unbatched input); S' = S plus one per ``add_bias_kv`` /
-      ``add_zero_attn`` column. Computed by a separate plain softmax of the masked scores, so they carry no
-      dropout (torch returns its dropped-out weights in training mode); pass ``need_weights=False`` to skip
-      the (N, H, L, S') materialisation entirely.
+      ``add_zero_attn`` column. Computed by a separate plain softmax of the masked scores; in training mode
+      with dropout they carry the same keep-mask as the fused output (as torch returns its dropped-out
+      weights), so ``attn_output`` is exactly these weights applied to the values. Pass ``need_weights=False``
+      to skip the (N, H, L, S') materialisation entirely.
 
     Differences from torch: a query that sees no key (every key masked) gets a zero attention output (as
     torch's own scaled_dot_product_attention path gives), also when ``need_weights`` is True, where torch's
@@ -165,14 +168,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             mask = _append_key(mask)
 
         dropout_p = self.dropout if self.training else 0.0
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal)
+        seed = _dropout_seed(dropout_p)
+        backend = _backend.current()  # the weights' dropout must be the keep-mask this backend draws
+        out = _seeded_attention(q, k, v, mask, dropout_p, use_causal, None, False, seed)
         out = self._merge_heads(out, batch_first)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(0)
         if not need_weights:
             return out, None
-        weights = self._weights(q, k, mask, average_attn_weights)
+        weights = self._weights(q, k, mask, average_attn_weights, dropout_p, seed, backend)
         return out, (weights if batched else weights.squeeze(0))
 
     def _in_projection(self, query, key, value):
@@ -228,10 +233,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return _merge(am, kpm, dtype)
 
     @staticmethod
-    def _weights(q: torch.Tensor, k: torch.Tensor, mask: Mask, average: bool) -> torch.Tensor:
-        """softmax(q k^T / sqrt(head_dim) + mask) without dropout: (N, H, L, S), or (N, L, S) averaged."""
+    def _weights(q: torch.Tensor, k: torch.Tensor, mask: Mask, average: bool, dropout_p: float, seed: int,
+                 backend: str) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim) + mask), dropped out with the very keep-mask the fused kernel used
+        for the output (as torch returns its dropped-out weights): (N, H, L, S), or (N, L, S) averaged."""
         scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            keep = attention_ops.dropout_keep_mask(seed, tuple(weights.shape), dropout_p, weights.device, backend)
+            weights = weights * keep / (1.0 - dropout_p)
         return weights.mean(dim=1) if average else weights

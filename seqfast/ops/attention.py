@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from seqfast import _backend
+from seqfast import _backend, _cpu_dropout, _triton
 from seqfast.ops._registry import define, register_kernels
 from seqfast.reference import attention as reference
 
@@ -60,6 +60,20 @@ VARLEN_BACKWARD = define(
     "int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, int causal, float scale) "
     "-> (Tensor, Tensor, Tensor)",
 )
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], p: float, device: torch.device | str,
+                      backend: str) -> torch.Tensor:
+    """Bool (B, Hq, Lq, Lk) keep-mask that ``backend``'s ``attention_forward`` draws for ``seed`` and
+    ``dropout_p = p`` on ``device`` (``auto``: the backend the dispatcher picks for that device)."""
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "cpp"
+    if backend == "cpp":
+        return _cpu_dropout.keep_mask(seed, shape, p)
+    if backend == "triton":
+        return _triton.kernels("attention", torch.empty(0, device=device)).dropout_keep_mask(seed, *shape, p, device)
+    return reference.dropout_keep(seed, shape, p, device)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
