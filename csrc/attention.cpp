@@ -248,6 +248,23 @@ void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const 
   });
 }
 
+// A row operand of the products (Q, V, K rows, dO): the input itself when its rows already are what
+// packing would make (compute dtype, unit column stride, width a multiple of kNR), else a packed copy
+// held by `holder`. Either way row (b, h, i) starts at view.row(b, h, i), rows i apart by view.si.
+template <typename S, typename T>
+View<const T> row_operand(const View<const S>& v, const std::vector<int64_t>& start, const std::vector<int64_t>& len,
+                          int64_t total, int64_t H, int64_t width, int64_t wpad, at::Tensor& holder) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (v.sd == 1 && width == wpad) return View<const T>{v.ptr, v.base, v.sh, v.si, 1};
+  }
+  holder = at::empty({H * total * wpad}, c10::CppTypeToScalarType<T>::value);
+  T* dst = static_cast<T*>(holder.data_ptr());
+  pack_rows(v, start, len, total, H, width, wpad, dst);
+  View<const T> packed{dst, {}, total * wpad, wpad, 1};
+  for (int64_t s0 : start) packed.base.push_back(s0 * wpad);
+  return packed;
+}
+
 // K^T panels: dst[h][pan_start[b] + p][0:wpad][0:kNR] holds row p*kNR + c, column d at [d][c].
 template <typename S, typename T>
 void pack_panels(const View<const S>& v, const Seqs& seq, int64_t H, int64_t width, int64_t wpad, T* dst) {
@@ -296,15 +313,12 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
              const View<S>& out, const View<T>& lse) {
   const Seqs& sq = pb.seq;
   const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp;
-  auto qp_buf = at::empty({pb.Hq * sq.total_q * Dp}, c10::CppTypeToScalarType<T>::value);
+  at::Tensor qp_buf, vp_buf;
   auto kt_buf = at::empty({pb.Hk * sq.total_kpan * Dp * kNR}, c10::CppTypeToScalarType<T>::value);
-  auto vp_buf = at::empty({pb.Hk * sq.total_k * Dvp}, c10::CppTypeToScalarType<T>::value);
-  T* Qp = static_cast<T*>(qp_buf.data_ptr());
   T* Kt = static_cast<T*>(kt_buf.data_ptr());
-  T* Vp = static_cast<T*>(vp_buf.data_ptr());
-  pack_rows(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, Qp);
+  const View<const T> Qv = row_operand<S, T>(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, qp_buf);
   pack_panels(k, sq, pb.Hk, pb.D, Dp, Kt);
-  pack_rows(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, Vp);
+  const View<const T> Vv = row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
 
   struct Task {
     int64_t b, h, q0;
@@ -335,14 +349,16 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     std::fill(O, O + nq * Dvp, T(0));
     std::fill(m, m + nq, -std::numeric_limits<T>::infinity());
     std::fill(l, l + nq, T(0));
-    const T* Qt = Qp + (h * sq.total_q + sq.q_start[b] + q0) * Dp;
+    const T* Qt = Qv.row(b, h, q0);
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
       const int64_t nk = std::min(BK, kend - j0), nkp = round_up(nk, kNR);
       const T* Kpan = Kt + (hk * sq.total_kpan + sq.kpan_start[b] + j0 / kNR) * Dp * kNR;
-      const T* Vt = Vp + (hk * sq.total_k + sq.k_start[b] + j0) * Dvp;
+      const T* Vt = Vv.row(b, hk, j0);
       // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.
       auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
-        if (ncols > 0) gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Dp, Dp, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false});
+        if (ncols > 0) {
+          gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false});
+        }
         for (int64_t r = r0; r < r0 + rows; ++r) {
           const int64_t i = q0 + r;
           const int64_t nv = pb.visible(b, i, j0, nk);
@@ -360,7 +376,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
           }
           if (alpha != T(1)) scale_row(O + r * Dvp, Dvp, alpha);
         }
-        if (kred > 0) gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Dvp, kNR, O + r0 * Dvp, Dvp, true});
+        if (kred > 0) gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Vv.si, kNR, O + r0 * Dvp, Dvp, true});
       };
       if (pb.visible(b, q0, j0, nk) == nk) {
         rows_step(0, nq, nkp, nk);
@@ -399,20 +415,17 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
   const Seqs& sq = pb.seq;
   const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp;
   const auto dt = c10::CppTypeToScalarType<T>::value;
-  auto qp_buf = at::empty({pb.Hq * sq.total_q * Dp}, dt);
-  auto dop_buf = at::empty({pb.Hq * sq.total_q * Dvp}, dt);
+  at::Tensor qp_buf, dop_buf, kp_buf;
   auto kt_buf = at::empty({pb.Hk * sq.total_kpan * Dp * kNR}, dt);
-  auto kp_buf = at::empty({pb.Hk * sq.total_k * Dp}, dt);
   auto vt_buf = at::empty({pb.Hk * sq.total_kpan * Dvp * kNR}, dt);
   auto row_buf = at::empty({2 * pb.Hq * sq.total_q}, dt);
-  T *Qp = static_cast<T*>(qp_buf.data_ptr()), *dOp = static_cast<T*>(dop_buf.data_ptr()), *Kt = static_cast<T*>(kt_buf.data_ptr());
-  T *Kp = static_cast<T*>(kp_buf.data_ptr()), *Vt = static_cast<T*>(vt_buf.data_ptr());
+  T *Kt = static_cast<T*>(kt_buf.data_ptr()), *Vt = static_cast<T*>(vt_buf.data_ptr());
   T* lse2 = static_cast<T*>(row_buf.data_ptr());              // [Hq][total_q]: lse * log2(e)
   T* delta = lse2 + pb.Hq * sq.total_q;         // [Hq][total_q]: rowsum(dO * O)
-  pack_rows(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, Qp);
-  pack_rows(dout, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.Dv, Dvp, dOp);
+  const View<const T> Qv = row_operand<S, T>(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, qp_buf);
+  const View<const T> dOv = row_operand<S, T>(dout, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.Dv, Dvp, dop_buf);
   pack_panels(k, sq, pb.Hk, pb.D, Dp, Kt);
-  pack_rows(k, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.D, Dp, Kp);
+  const View<const T> Kv = row_operand<S, T>(k, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.D, Dp, kp_buf);
   pack_panels(v, sq, pb.Hk, pb.Dv, Dvp, Vt);
   at::parallel_for(0, pb.Hq * sq.n, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
@@ -420,7 +433,7 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
       for (int64_t i = 0; i < sq.q_len[b]; ++i) {
         const int64_t row = h * sq.total_q + sq.q_start[b] + i;
         const S* o = out.row(b, h, i);
-        const T* g = dOp + row * Dvp;
+        const T* g = dOv.row(b, h, i);
         T acc = 0;
         for (int64_t c = 0; c < pb.Dv; ++c) acc += g[c] * cast_to<T>(o[c * out.sd]);
         delta[row] = acc;
@@ -473,15 +486,15 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
       const int64_t pan = (hk * sq.total_kpan + sq.kpan_start[b] + j0 / kNR);
       const T* Kpan = Kt + pan * Dp * kNR;
       const T* Vpan = Vt + pan * Dvp * kNR;
-      const T* Krows = Kp + (hk * sq.total_k + sq.k_start[b] + j0) * Dp;
+      const T* Krows = Kv.row(b, hk, j0);
       // First query row that sees key j0 under the causal mask.
       const int64_t qbeg = pb.causal ? std::clamp<int64_t>(j0 - pb.shift(b), 0, Lq) / BQ * BQ : 0;
       for (int64_t h = hk * pb.group; h < (hk + 1) * pb.group; ++h) {
         for (int64_t q0 = qbeg; q0 < Lq; q0 += BQ) {
           const int64_t nq = std::min(BQ, Lq - q0);
           const int64_t row0 = h * sq.total_q + sq.q_start[b] + q0;
-          const T* Qt = Qp + row0 * Dp;
-          const T* dOt = dOp + row0 * Dvp;
+          const T* Qt = Qv.row(b, h, q0);
+          const T* dOt = dOv.row(b, h, q0);
           // On the causal diagonal the products skip what the mask hides, in kMR blocks: rows
           // compute only the keys their block's last row sees, keys only the rows that see them.
           const bool diagonal = pb.visible(b, q0, j0, nk) < nk;
@@ -492,7 +505,7 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
           for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
             const int64_t rows = std::min(rstep, nq - r0), ncb = round_up(row_cols(r0, rows), kNR);
             if (ncb > 0) {
-              gemm(Gemm<T>{rows, ncb, Dp, Qt + r0 * Dp, Dp, 1, Kpan, kNR, Dp * kNR, P + r0 * BK, BK, false});
+              gemm(Gemm<T>{rows, ncb, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, P + r0 * BK, BK, false});
             }
           }
           for (int64_t r = 0; r < nq; ++r) {
@@ -514,7 +527,7 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
           for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
             const int64_t rows = std::min(rstep, nq - r0), ncb = round_up(row_cols(r0, rows), kNR);
             if (ncb > 0) {
-              gemm(Gemm<T>{rows, ncb, Dvp, dOt + r0 * Dvp, Dvp, 1, Vpan, kNR, Dvp * kNR, dP + r0 * BK, BK, false});
+              gemm(Gemm<T>{rows, ncb, Dvp, dOt + r0 * dOv.si, dOv.si, 1, Vpan, kNR, Dvp * kNR, dP + r0 * BK, BK, false});
             }
             for (int64_t r = r0; r < r0 + rows; ++r) {
               dscores_row(P + r * BK, dP + r * BK, Z ? Z + r * BK : nullptr, ncb, delta[row0 + r]);
@@ -533,14 +546,14 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
             const int64_t keys = std::min(kstep, nk - c0);
             const int64_t rf = diagonal ? std::clamp<int64_t>(j0 + c0 - pb.shift(b) - q0, 0, nq) : 0;
             if (rf >= nq) continue;
-            gemm(Gemm<T>{keys, Dvp, nq - rf, Pd + rf * BK + c0, 1, BK, dOt + rf * Dvp, Dvp, kNR, dV + c0 * Dvp, Dvp,
+            gemm(Gemm<T>{keys, Dvp, nq - rf, Pd + rf * BK + c0, 1, BK, dOt + rf * dOv.si, dOv.si, kNR, dV + c0 * Dvp, Dvp,
                          true});
-            gemm(Gemm<T>{keys, Dp, nq - rf, dP + rf * BK + c0, 1, BK, Qt + rf * Dp, Dp, kNR, dK + c0 * Dp, Dp, true});
+            gemm(Gemm<T>{keys, Dp, nq - rf, dP + rf * BK + c0, 1, BK, Qt + rf * Qv.si, Qv.si, kNR, dK + c0 * Dp, Dp, true});
           }
           for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
             const int64_t rows = std::min(rstep, nq - r0), kred = row_cols(r0, rows);
             if (kred > 0) {
-              gemm(Gemm<T>{rows, Dp, kred, dP + r0 * BK, BK, 1, Krows, Dp, kNR, dQs + (row0 + r0) * Dp, Dp, true});
+              gemm(Gemm<T>{rows, Dp, kred, dP + r0 * BK, BK, 1, Krows, Kv.si, kNR, dQs + (row0 + r0) * Dp, Dp, true});
             }
           }
         }
