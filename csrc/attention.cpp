@@ -265,22 +265,29 @@ View<const T> row_operand(const View<const S>& v, const std::vector<int64_t>& st
   return packed;
 }
 
-// K^T panels: dst[h][pan_start[b] + p][0:wpad][0:kNR] holds row p*kNR + c, column d at [d][c].
+// K^T panels of the `len` rows of (sequence b, head h): dst[p][0:wpad][0:kNR] holds row p*kNR + c,
+// column d at [d][c]; zero beyond the rows and the width.
+template <typename S, typename T>
+void pack_head_panels(const View<const S>& v, int64_t b, int64_t h, int64_t len, int64_t width, int64_t wpad,
+                      T* dst) {
+  for (int64_t p = 0; p < ceil_div(len, kNR); ++p) {
+    T* d = dst + p * wpad * kNR;
+    std::fill(d, d + wpad * kNR, T(0));
+    for (int64_t c = 0; c < kNR && p * kNR + c < len; ++c) {
+      const S* src = v.row(b, h, p * kNR + c);
+      for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = cast_to<T>(src[e * v.sd]);
+    }
+  }
+}
+
+// Every head's panels: dst[h][pan_start[b] + p] as above.
 template <typename S, typename T>
 void pack_panels(const View<const S>& v, const Seqs& seq, int64_t H, int64_t width, int64_t wpad, T* dst) {
   const int64_t n = seq.n;
   at::parallel_for(0, H * n, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t h = t / n, b = t % n;
-      const int64_t panels = ceil_div(seq.k_len[b], kNR);
-      for (int64_t p = 0; p < panels; ++p) {
-        T* d = dst + (h * seq.total_kpan + seq.kpan_start[b] + p) * wpad * kNR;
-        std::fill(d, d + wpad * kNR, T(0));
-        for (int64_t c = 0; c < kNR && p * kNR + c < seq.k_len[b]; ++c) {
-          const S* src = v.row(b, h, p * kNR + c);
-          for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = cast_to<T>(src[e * v.sd]);
-        }
-      }
+      pack_head_panels(v, b, h, seq.k_len[b], width, wpad, dst + (h * seq.total_kpan + seq.kpan_start[b]) * wpad * kNR);
     }
   });
 }
@@ -314,35 +321,54 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   const Seqs& sq = pb.seq;
   const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp;
   at::Tensor qp_buf, vp_buf;
-  auto kt_buf = at::empty({pb.Hk * sq.total_kpan * Dp * kNR}, c10::CppTypeToScalarType<T>::value);
-  T* Kt = static_cast<T*>(kt_buf.data_ptr());
   const View<const T> Qv = row_operand<S, T>(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, qp_buf);
-  pack_panels(k, sq, pb.Hk, pb.D, Dp, Kt);
   const View<const T> Vv = row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
 
   struct Task {
     int64_t b, h, q0;
   };
   std::vector<Task> tasks;
-  std::vector<int64_t> cost;
+  std::vector<int64_t> cost, group_cost(sq.n * pb.Hk, 0);
+  int64_t max_kpan = 1;
   for (int64_t b = 0; b < sq.n; ++b) {
+    max_kpan = std::max(max_kpan, ceil_div(sq.k_len[b], kNR));
     for (int64_t h = 0; h < pb.Hq; ++h) {
       for (int64_t q0 = 0; q0 < sq.q_len[b]; q0 += BQ) {
         const int64_t nq = std::min(BQ, sq.q_len[b] - q0);
         const int64_t kend = pb.causal ? std::clamp<int64_t>(q0 + nq + pb.shift(b), 0, sq.k_len[b]) : sq.k_len[b];
         tasks.push_back({b, h, q0});
         cost.push_back(kend * nq);
+        group_cost[b * pb.Hk + h / pb.group] += kend * nq;
       }
     }
   }
+  // Tasks of one (sequence, kv head) run back to back, the costliest group first and inside it the
+  // costliest tile first: the threads then share a head's K^T panels, which each packs once into its
+  // own scratch (O(Lk * D) per thread instead of a packed copy of all of K).
+  std::vector<int64_t> order(tasks.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  auto group = [&](int64_t t) { return tasks[t].b * pb.Hk + tasks[t].h / pb.group; };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    const int64_t gx = group(x), gy = group(y);
+    if (gx != gy) return group_cost[gx] != group_cost[gy] ? group_cost[gx] > group_cost[gy] : gx < gy;
+    return cost[x] > cost[y];
+  });
 
   struct Buffers {
-    Scratch<T> s, o, m, l;
+    Scratch<T> s, o, m, l, kt;
+    int64_t kt_group = -1;  // the (sequence, kv head) whose K^T panels kt holds
   };
-  auto make = [&] { return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * Dvp), Scratch<T>(BQ), Scratch<T>(BQ)}; };
-  run_tasks(by_cost(cost), make, [&](int64_t t, Buffers& buf) {
+  auto make = [&] {
+    return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * Dvp), Scratch<T>(BQ), Scratch<T>(BQ),
+                   Scratch<T>(max_kpan * Dp * kNR)};
+  };
+  run_tasks(order, make, [&](int64_t t, Buffers& buf) {
     const auto [b, h, q0] = tasks[t];
     const int64_t hk = h / pb.group;
+    if (buf.kt_group != group(t)) {
+      pack_head_panels(k, b, hk, sq.k_len[b], pb.D, Dp, buf.kt.get());
+      buf.kt_group = group(t);
+    }
     const int64_t nq = std::min(BQ, sq.q_len[b] - q0);
     const int64_t kend = pb.causal ? std::clamp<int64_t>(q0 + nq + pb.shift(b), 0, sq.k_len[b]) : sq.k_len[b];
     T *Sb = buf.s.get(), *O = buf.o.get(), *m = buf.m.get(), *l = buf.l.get();
@@ -352,7 +378,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     const T* Qt = Qv.row(b, h, q0);
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
       const int64_t nk = std::min(BK, kend - j0), nkp = round_up(nk, kNR);
-      const T* Kpan = Kt + (hk * sq.total_kpan + sq.kpan_start[b] + j0 / kNR) * Dp * kNR;
+      const T* Kpan = buf.kt.get() + (j0 / kNR) * Dp * kNR;
       const T* Vt = Vv.row(b, hk, j0);
       // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.
       auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
