@@ -1,15 +1,18 @@
 // CPU kernels of the seqfast attention ops (schemas and semantics: seqfast/ops/attention.py).
 //
-// FlashAttention-2 on the CPU. Inputs are first packed once into zero-padded float / double
-// buffers (any strides and dtypes in, one layout out; O(L * D) memory): Q, V (and K, dO) as
-// rows of width padded to kNR, K (and V for the backward) as kNR-key panels of K^T, the B operand
-// of the score tile. Then
-//   forward : one task per (sequence, query head, query tile); key tiles stream through an
+// FlashAttention-2 on the CPU. Operands reach the register tiles (attention_microkernel.h) as rows
+// of width padded to kNR: Q, V, K and dO are read in place when they already are such rows (compute
+// dtype, unit column stride, width a multiple of kNR), else packed once into zero-padded float /
+// double copies (any strides and dtypes in; O(L * D) memory). K (and V for the backward) also go
+// through kNR-key panels of K^T, the B operand of the score tile, packed into each thread's scratch:
+//   forward : one task per (sequence, query head, query tile); tasks of one (sequence, kv head) run
+//             back to back so each thread packs that head's K^T once; key tiles stream through an
 //             online softmax, only the row log-sum-exp is kept;
-//   backward: one task per (sequence, kv head, key split); each key tile accumulates dK, dV over
-//             its query heads and query tiles, recomputing P from the lse; dQ accumulates in the
-//             task's own buffer, the splits are summed in a fixed order: no atomics, bitwise
-//             deterministic whatever the thread count.
+//   backward: one task per (sequence, kv head, key split); each key tile (its panels packed by the
+//             one task that owns it) accumulates dK, dV over its query heads and query tiles,
+//             recomputing P from the lse; dQ accumulates in per-split slabs summed in a fixed order
+//             (straight into dq when there is one split): no atomics, bitwise deterministic
+//             whatever the thread count.
 // Tiles a causal mask hides completely are skipped. Scores live in base 2 (scale * log2(e) folded
 // into one multiplier) so the softmax uses exp2.
 #include <ATen/Parallel.h>
@@ -108,18 +111,16 @@ struct Dropout {
 
 struct Seqs {
   int64_t n = 0;
-  std::vector<int64_t> q_start, q_len, k_start, k_len, kpan_start;  // kpan: kNR-key panels
-  int64_t total_q = 0, total_k = 0, total_kpan = 0;
+  std::vector<int64_t> q_start, q_len, k_start, k_len;
+  int64_t total_q = 0, total_k = 0;
 
   void add(int64_t lq, int64_t lk) {
     q_start.push_back(total_q);
     q_len.push_back(lq);
     k_start.push_back(total_k);
     k_len.push_back(lk);
-    kpan_start.push_back(total_kpan);
     total_q += lq;
     total_k += lk;
-    total_kpan += ceil_div(lk, kNR);
     ++n;
   }
 };
@@ -265,31 +266,19 @@ View<const T> row_operand(const View<const S>& v, const std::vector<int64_t>& st
   return packed;
 }
 
-// K^T panels of the `len` rows of (sequence b, head h): dst[p][0:wpad][0:kNR] holds row p*kNR + c,
-// column d at [d][c]; zero beyond the rows and the width.
+// K^T panels of rows [row0, row0 + len) of (sequence b, head h): dst[p][0:wpad][0:kNR] holds row
+// row0 + p*kNR + c, column d at [d][c]; zero beyond the rows and the width.
 template <typename S, typename T>
-void pack_head_panels(const View<const S>& v, int64_t b, int64_t h, int64_t len, int64_t width, int64_t wpad,
-                      T* dst) {
+void pack_head_panels(const View<const S>& v, int64_t b, int64_t h, int64_t row0, int64_t len, int64_t width,
+                      int64_t wpad, T* dst) {
   for (int64_t p = 0; p < ceil_div(len, kNR); ++p) {
     T* d = dst + p * wpad * kNR;
     std::fill(d, d + wpad * kNR, T(0));
     for (int64_t c = 0; c < kNR && p * kNR + c < len; ++c) {
-      const S* src = v.row(b, h, p * kNR + c);
+      const S* src = v.row(b, h, row0 + p * kNR + c);
       for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = cast_to<T>(src[e * v.sd]);
     }
   }
-}
-
-// Every head's panels: dst[h][pan_start[b] + p] as above.
-template <typename S, typename T>
-void pack_panels(const View<const S>& v, const Seqs& seq, int64_t H, int64_t width, int64_t wpad, T* dst) {
-  const int64_t n = seq.n;
-  at::parallel_for(0, H * n, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t h = t / n, b = t % n;
-      pack_head_panels(v, b, h, seq.k_len[b], width, wpad, dst + (h * seq.total_kpan + seq.kpan_start[b]) * wpad * kNR);
-    }
-  });
 }
 
 // Runs tasks 0..n-1 on the intra-op threads, biggest first as listed by `order`, each thread
@@ -366,7 +355,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     const auto [b, h, q0] = tasks[t];
     const int64_t hk = h / pb.group;
     if (buf.kt_group != group(t)) {
-      pack_head_panels(k, b, hk, sq.k_len[b], pb.D, Dp, buf.kt.get());
+      pack_head_panels(k, b, hk, 0, sq.k_len[b], pb.D, Dp, buf.kt.get());
       buf.kt_group = group(t);
     }
     const int64_t nq = std::min(BQ, sq.q_len[b] - q0);
@@ -442,17 +431,12 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
   const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp;
   const auto dt = c10::CppTypeToScalarType<T>::value;
   at::Tensor qp_buf, dop_buf, kp_buf;
-  auto kt_buf = at::empty({pb.Hk * sq.total_kpan * Dp * kNR}, dt);
-  auto vt_buf = at::empty({pb.Hk * sq.total_kpan * Dvp * kNR}, dt);
   auto row_buf = at::empty({2 * pb.Hq * sq.total_q}, dt);
-  T *Kt = static_cast<T*>(kt_buf.data_ptr()), *Vt = static_cast<T*>(vt_buf.data_ptr());
   T* lse2 = static_cast<T*>(row_buf.data_ptr());              // [Hq][total_q]: lse * log2(e)
   T* delta = lse2 + pb.Hq * sq.total_q;         // [Hq][total_q]: rowsum(dO * O)
   const View<const T> Qv = row_operand<S, T>(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, qp_buf);
   const View<const T> dOv = row_operand<S, T>(dout, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.Dv, Dvp, dop_buf);
-  pack_panels(k, sq, pb.Hk, pb.D, Dp, Kt);
   const View<const T> Kv = row_operand<S, T>(k, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.D, Dp, kp_buf);
-  pack_panels(v, sq, pb.Hk, pb.Dv, Dvp, Vt);
   at::parallel_for(0, pb.Hq * sq.n, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t h = t / sq.n, b = t % sq.n;
@@ -473,8 +457,28 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
   const int64_t splits =
       std::clamp<int64_t>(ceil_div(kBackwardTasks, std::max<int64_t>(sq.n * pb.Hk, 1)), 1, max_ktiles);
   // dQ partial sums, one slab per split: [split][Hq][total_q][Dp].
-  auto dq_buf = at::zeros({splits * pb.Hq * sq.total_q * Dp}, dt);
-  T* dQacc = static_cast<T*>(dq_buf.data_ptr());
+  // With one split and dq already in the compute layout, the sums go straight into dq (zeroed here,
+  // scaled at the end) instead of a slab.
+  bool in_place = false;
+  if constexpr (std::is_same_v<S, T>) in_place = splits == 1 && dq.sd == 1 && pb.D == Dp;
+  at::Tensor dq_buf;
+  std::vector<View<T>> dQv;  // one per split
+  if (in_place) {
+    dQv.push_back(View<T>{reinterpret_cast<T*>(dq.ptr), dq.base, dq.sh, dq.si, 1});  // S == T here
+    at::parallel_for(0, pb.Hq * sq.n, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t h = t / sq.n, b = t % sq.n;
+        for (int64_t i = 0; i < sq.q_len[b]; ++i) std::fill(dQv[0].row(b, h, i), dQv[0].row(b, h, i) + Dp, T(0));
+      }
+    });
+  } else {
+    dq_buf = at::zeros({splits * pb.Hq * sq.total_q * Dp}, dt);
+    for (int64_t s = 0; s < splits; ++s) {
+      View<T> slab{static_cast<T*>(dq_buf.data_ptr()) + s * pb.Hq * sq.total_q * Dp, {}, sq.total_q * Dp, Dp, 1};
+      for (int64_t q0 : sq.q_start) slab.base.push_back(q0 * Dp);
+      dQv.push_back(slab);
+    }
+  }
 
   struct Task {
     int64_t b, hk, split;
@@ -490,11 +494,11 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
     }
   }
   struct Buffers {
-    Scratch<T> p, dp, z, pd, dk, dv;
+    Scratch<T> p, dp, z, pd, dk, dv, kt, vt;
   };
   auto make = [&] {
     return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * BK), Scratch<T>(BQ * BK), Scratch<T>(BQ * BK),
-                   Scratch<T>(BK * Dp),  Scratch<T>(BK * Dvp)};
+                   Scratch<T>(BK * Dp),  Scratch<T>(BK * Dvp), Scratch<T>(BK * Dp), Scratch<T>(BK * Dvp)};
   };
   const int64_t Lk_mask = sq.n ? sq.k_len[0] : 0;  // masks exist only for the padded ops
   const int64_t Lq_mask = sq.n ? sq.q_len[0] : 0;
@@ -504,14 +508,16 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
     T *P = buf.p.get(), *dP = buf.dp.get(), *dK = buf.dk.get(), *dV = buf.dv.get();
     T* Z = pb.dropout.on ? buf.z.get() : nullptr;
     T* Pd = pb.dropout.on ? buf.pd.get() : P;
-    T* dQs = dQacc + split * pb.Hq * sq.total_q * Dp;
+    const View<T>& dQs = dQv[split];
     for (int64_t j0 = split * BK; j0 < Lk; j0 += splits * BK) {
       const int64_t nk = std::min(BK, Lk - j0), nkp = round_up(nk, kNR);
       std::fill(dK, dK + nk * Dp, T(0));
       std::fill(dV, dV + nk * Dvp, T(0));
-      const int64_t pan = (hk * sq.total_kpan + sq.kpan_start[b] + j0 / kNR);
-      const T* Kpan = Kt + pan * Dp * kNR;
-      const T* Vpan = Vt + pan * Dvp * kNR;
+      // Each key tile belongs to one task: its K^T / V^T panels are packed here, once.
+      const T* Kpan = buf.kt.get();
+      const T* Vpan = buf.vt.get();
+      pack_head_panels(k, b, hk, j0, nk, pb.D, Dp, buf.kt.get());
+      pack_head_panels(v, b, hk, j0, nk, pb.Dv, Dvp, buf.vt.get());
       const T* Krows = Kv.row(b, hk, j0);
       // First query row that sees key j0 under the causal mask.
       const int64_t qbeg = pb.causal ? std::clamp<int64_t>(j0 - pb.shift(b), 0, Lq) / BQ * BQ : 0;
@@ -579,7 +585,8 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
           for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
             const int64_t rows = std::min(rstep, nq - r0), kred = row_cols(r0, rows);
             if (kred > 0) {
-              gemm(Gemm<T>{rows, Dp, kred, dP + r0 * BK, BK, 1, Krows, Kv.si, kNR, dQs + (row0 + r0) * Dp, Dp, true});
+              gemm(Gemm<T>{rows, Dp, kred, dP + r0 * BK, BK, 1, Krows, Kv.si, kNR, dQs.row(b, h, q0 + r0), dQs.si,
+                           true});
             }
           }
         }
@@ -597,11 +604,10 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t h = t / sq.n, b = t % sq.n;
       for (int64_t i = 0; i < sq.q_len[b]; ++i) {
-        const int64_t row = h * sq.total_q + sq.q_start[b] + i;
         S* g = dq.row(b, h, i);
         for (int64_t c = 0; c < pb.D; ++c) {
-          T acc = dQacc[row * Dp + c];
-          for (int64_t s = 1; s < splits; ++s) acc += dQacc[(s * pb.Hq * sq.total_q + row) * Dp + c];
+          T acc = dQv[0].row(b, h, i)[c];
+          for (int64_t s = 1; s < splits; ++s) acc += dQv[s].row(b, h, i)[c];
           g[c * dq.sd] = cast_to<S>(acc * pb.scale);
         }
       }

@@ -68,6 +68,7 @@ SHAPES = [  # B, Hq, Hk, Lq, Lk, D, Dv
     (1, 2, 2, 129, 17, 256, 256),
     (1, 1, 1, 1000, 1000, 64, 64),
     (1, 2, 2, 40, 33, 24, 7),
+    (4, 4, 4, 70, 150, 32, 48),  # B * Hk >= 16 key splits: dQ accumulates in place (no slab)
 ]
 
 
