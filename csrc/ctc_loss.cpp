@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "cpu_features.h"
 #include "ctc_loss_simd.h"
 
@@ -436,7 +437,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
   const int64_t width = 2 * z.S + 1;
   at::Tensor nll = at::empty({z.N}, acc_opts);
   // Without keep_alpha only the loss is wanted: the recursion keeps its two rows and nothing else.
-  at::Tensor log_alpha = keep_alpha ? at::empty({z.N, z.T, width}, acc_opts) : at::empty({z.N, 0, 0}, acc_opts);
+  at::Tensor log_alpha = keep_alpha ? BufferCache::get().empty({z.N, z.T, width}, acc_opts.dtype().toScalarType())
+                                    : at::empty({z.N, 0, 0}, acc_opts);
   const scalar_t* lp = log_probs.const_data_ptr<scalar_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
   const int64_t* il = input_lengths.const_data_ptr<int64_t>();
@@ -510,7 +512,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
 
-  at::Tensor grad = at::empty({z.T, z.N, z.C}, log_probs.options());
+  at::Tensor grad = BufferCache::get().empty({z.T, z.N, z.C}, log_probs.scalar_type());
   scalar_t* gr = grad.data_ptr<scalar_t>();
   const bool extended = use_extended<acc_t>();
 #if SEQFAST_X86

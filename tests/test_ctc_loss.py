@@ -281,9 +281,10 @@ def test_forward_without_alpha_is_bit_identical(dtype, from_logits):
     torch.library.opcheck(ctc_ops.FORWARD, (lp, tg, il, tl, 0, False, from_logits, False))
     x = lp.clone().requires_grad_()
     # The public function skips log_alpha exactly when no gradient can follow.
+    fn = seqfast.ctc_loss_from_logits if from_logits else seqfast.ctc_loss
     with torch.no_grad():
-        assert torch.equal(seqfast.ctc_loss(x, tg, il, tl, reduction="none"), nll.to(dtype))
-    assert torch.equal(seqfast.ctc_loss(lp, tg, il, tl, reduction="none"), nll.to(dtype))
+        assert torch.equal(fn(x, tg, il, tl, reduction="none"), nll.to(dtype))
+    assert torch.equal(fn(lp, tg, il, tl, reduction="none"), nll.to(dtype))
     with pytest.raises(RuntimeError, match="keep_alpha=False"):
         ctc_ops.FORWARD(x, tg, il, tl, 0, False, from_logits, False)[0].sum().backward()
 
@@ -386,3 +387,95 @@ def test_validation_ignores_padding_and_accepts_valid_forms():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="reduction"):
         seqfast.ctc_loss(lp, tg, il, tl, reduction="avg")
+
+
+# ------------------------------------------------------------------------------------------------
+# The cache of large output buffers (csrc/buffer_cache.h): log_alpha and the gradient come from it
+
+
+def _big_case():
+    # log_alpha (4, 300, 201) float32 is ~0.9 MiB: below the cache's 1 MiB floor; the gradient (300, 4, 400) is
+    # ~1.8 MiB: above it.
+    return make_case(300, 4, 400, 100, dtype=torch.float32, seed=21)
+
+
+def test_buffer_cache_reuses_and_gives_same_bits():
+    from seqfast import _C
+
+    lp, tg, il, tl = _big_case()
+    old = _C.buffer_cache_set_limit(0)  # off: plain allocations, idle blocks freed
+    try:
+        assert _C.buffer_cache_stats()["idle_bytes"] == 0
+        plain = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
+        _C.buffer_cache_set_limit(64 << 20)
+        runs = []
+        for _ in range(3):
+            before = _C.buffer_cache_stats()
+            loss, grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
+            after = _C.buffer_cache_stats()
+            runs.append((loss, grad.clone(), after["hits"] - before["hits"], after["misses"] - before["misses"]))
+            del grad
+        # First run: the gradient buffer is new; afterwards the freed one comes back.
+        assert [r[2:] for r in runs] == [(0, 1), (1, 0), (1, 0)]
+        for loss, grad, *_ in runs:
+            assert torch.equal(loss, plain[0]) and torch.equal(grad, plain[1])
+        stats = _C.buffer_cache_stats()
+        assert 0 < stats["idle_bytes"] <= stats["limit_bytes"] == 64 << 20
+        # A cached tensor is ordinary storage: resizable, freed from any thread.
+        x = lp.detach().clone().requires_grad_()
+        seqfast.ctc_loss(x, tg, il, tl).backward()
+        x.grad.resize_(2 * x.grad.numel())
+        x.grad.fill_(1.0)
+    finally:
+        _C.buffer_cache_set_limit(old)
+
+
+def test_buffer_cache_bounded_and_thread_safe():
+    import threading
+
+    from seqfast import _C
+
+    lp, tg, il, tl = _big_case()
+    expected = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)[1]
+    old = _C.buffer_cache_set_limit(3 << 20)  # room for one gradient buffer, not two
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)[1]
+                assert torch.equal(grad, expected)
+                assert _C.buffer_cache_stats()["idle_bytes"] <= 3 << 20
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert 0 < _C.buffer_cache_stats()["idle_bytes"] <= 3 << 20
+    finally:
+        _C.buffer_cache_set_limit(old)
+
+
+def test_buffer_cache_env_opt_out():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, seqfast; from seqfast import _C\n"
+        "lp = torch.randn(300, 4, 400).log_softmax(2).requires_grad_()\n"
+        "for _ in range(2):\n"
+        "    seqfast.ctc_loss(lp, torch.randint(1, 400, (4, 100)), [300] * 4, [100] * 4).backward(); lp.grad = None\n"
+        "s = _C.buffer_cache_stats(); print(s['limit_bytes'], s['idle_bytes'], s['hits'])\n"
+    )
+    env = {**__import__("os").environ, "SEQFAST_CPU_BUFFER_CACHE_MB": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "0", "0"]
+    env["SEQFAST_CPU_BUFFER_CACHE_MB"] = "16"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    limit, idle, hits = map(int, out.split())
+    assert limit == 16 << 20 and 0 < idle <= limit and hits >= 1
