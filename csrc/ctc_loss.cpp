@@ -40,7 +40,9 @@
 
 #include "buffer_cache.h"
 #include "cpu_features.h"
+#include "ctc_isa.h"
 #include "ctc_loss_simd.h"
+#include "ctc_loss_simd512.h"
 
 namespace seqfast {
 namespace {
@@ -139,9 +141,11 @@ template <typename T>
 RowOps<T> row_ops() {
   if constexpr (std::is_same_v<T, float>) {
 #if SEQFAST_X86
-    if (has_avx2()) {
+    const CtcIsa isa = ctc_isa();
+    if (isa >= CtcIsa::avx2) {
       return {&ctc_simd::alpha_row_avx2, &ctc_simd::beta_row_avx2, &ctc_simd::posterior_row_avx2,
-              &ctc_simd::exp_row_avx2, &ctc_simd::logsumexp_row_avx2};
+              isa == CtcIsa::avx512 ? &ctc_simd::exp_row_avx512 : &ctc_simd::exp_row_avx2,
+              &ctc_simd::logsumexp_row_avx2};
     }
 #endif
   }
@@ -254,13 +258,29 @@ at::Tensor row_logsumexp(const scalar_t* lp, const Sizes& z, const RowOps<acc_t>
 template <typename T>
 bool use_extended() {
 #if SEQFAST_X86
-  return std::is_same_v<T, float> && has_avx2();
+  return std::is_same_v<T, float> && ctc_isa() >= CtcIsa::avx2;
 #else
   return false;
 #endif
 }
 
 #if SEQFAST_X86
+struct ExtOps {
+  decltype(&ctc_simd::emission_ext_avx2) emission;
+  decltype(&ctc_simd::alpha_ext_row_avx2) alpha_row;
+  decltype(&ctc_simd::beta_ext_row_avx2) beta_row;
+  decltype(&ctc_simd::posterior_ext_row_avx2) posterior;
+};
+
+ExtOps ext_ops() {
+  if (ctc_isa() == CtcIsa::avx512) {
+    return {&ctc_simd::emission_ext_avx512, &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512,
+            &ctc_simd::posterior_ext_row_avx512};
+  }
+  return {&ctc_simd::emission_ext_avx2, &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2,
+          &ctc_simd::posterior_ext_row_avx2};
+}
+
 // Extended rows: mantissas and exponents with `front` zero guard cells before and `back` after.
 struct ExtRows {
   std::vector<float> m;
@@ -308,8 +328,8 @@ inline void set_normalised(float em, int32_t ee, float* m, int32_t* e) {
 template <typename scalar_t>
 class AlphaExt {
  public:
-  AlphaExt(const int64_t* labels, int64_t L)
-      : smp(labels, L), skip_(smp), rows_(2 * (smp.padded + 2)), em_(smp.padded),
+  AlphaExt(const ExtOps& ops, const int64_t* labels, int64_t L)
+      : smp(labels, L), ops_(ops), skip_(smp), rows_(2 * (smp.padded + 2)), em_(smp.padded),
         logrow_(smp.padded, neg_inf<float>()), ee_(smp.padded) {
     pm_ = rows_.m.data() + 2;
     pe_ = rows_.e.data() + 2;
@@ -324,7 +344,7 @@ class AlphaExt {
     // States above 2t+1 are not reachable yet: they stay 0 (their row cells were never written).
     const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));
     smp.gather(row, lse, blank);
-    ctc_simd::emission_ext_avx2(em_.data(), ee_.data(), smp.lpe.data(), hi);
+    ops_.emission(em_.data(), ee_.data(), smp.lpe.data(), hi);
     if (t == 0) {  // alpha_0: the emissions of states 0 and 1
       std::fill(cm_, cm_ + P, 0.0f);
       std::fill(ce_, ce_ + P, ctc_simd::kZeroE);
@@ -333,8 +353,8 @@ class AlphaExt {
         logrow_[s] = cm_[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
       }
     } else {
-      ctc_simd::alpha_ext_row_avx2(cm_, ce_, la_row ? logrow_.data() : nullptr, pm_, pe_, skip_.m.data(),
-                                   skip_.e.data(), em_.data(), ee_.data(), hi);
+      ops_.alpha_row(cm_, ce_, la_row ? logrow_.data() : nullptr, pm_, pe_, skip_.m.data(), skip_.e.data(),
+                     em_.data(), ee_.data(), hi);
     }
     if (la_row) {
       std::copy(logrow_.data(), logrow_.data() + states, la_row);
@@ -367,6 +387,7 @@ class AlphaExt {
   Sample<scalar_t, float> smp;
 
  private:
+  ExtOps ops_;
   ExtSkip skip_;
   ExtRows rows_;  // alpha rows with two zero guard cells in front
   float *pm_, *cm_;
@@ -380,8 +401,8 @@ class AlphaExt {
 template <typename scalar_t>
 class BetaExt {
  public:
-  BetaExt(const int64_t* labels, int64_t L, int64_t len, float nll)
-      : smp(labels, L), len_(len), nll_(nll), skip_(smp), rows_(2 * (smp.padded + 2)), bx_(smp.padded),
+  BetaExt(const ExtOps& ops, const int64_t* labels, int64_t L, int64_t len, float nll)
+      : smp(labels, L), ops_(ops), len_(len), nll_(nll), skip_(smp), rows_(2 * (smp.padded + 2)), bx_(smp.padded),
         em_(smp.padded), alpha_(smp.padded, neg_inf<float>()), post_(smp.padded, 0.0f), c_(L + 1),
         ee_(smp.padded) {
     nm_ = rows_.m.data();
@@ -397,7 +418,7 @@ class BetaExt {
     // (never written: the bound only decreases).
     const int64_t lo = std::max<int64_t>(0, states - 2 * (len_ - t)) / kLanes * kLanes;
     smp.gather(row, lse, blank);
-    ctc_simd::emission_ext_avx2(em_.data() + lo, ee_.data() + lo, smp.lpe.data() + lo, P - lo);
+    ops_.emission(em_.data() + lo, ee_.data() + lo, smp.lpe.data() + lo, P - lo);
     if (t == len_ - 1) {  // bx = 1 at the two final states, b = their emissions
       std::fill(bx_.m.begin(), bx_.m.end(), 0.0f);
       std::fill(bx_.e.begin(), bx_.e.end(), ctc_simd::kZeroE);
@@ -409,12 +430,12 @@ class BetaExt {
         set_normalised(em_[s], ee_[s], cm_ + s, ce_ + s);
       }
     } else {
-      ctc_simd::beta_ext_row_avx2(bx_.m.data() + lo, bx_.e.data() + lo, cm_ + lo, ce_ + lo, nm_ + lo, ne_ + lo,
+      ops_.beta_row(bx_.m.data() + lo, bx_.e.data() + lo, cm_ + lo, ce_ + lo, nm_ + lo, ne_ + lo,
                                   skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em_.data() + lo, ee_.data() + lo,
                                   P - lo);
     }
     std::copy(la_row, la_row + states, alpha_.data());
-    c_[0] = ctc_simd::posterior_ext_row_avx2(post_.data() + lo, alpha_.data() + lo, bx_.m.data() + lo,
+    c_[0] = ops_.posterior(post_.data() + lo, alpha_.data() + lo, bx_.m.data() + lo,
                                              bx_.e.data() + lo, nll_, P - lo);
     for (int64_t k = 0; k < L; ++k) c_[1 + k] = post_[2 * k + 1];
     std::swap(nm_, cm_);
@@ -425,6 +446,7 @@ class BetaExt {
   Sample<scalar_t, float> smp;
 
  private:
+  ExtOps ops_;
   int64_t len_;
   float nll_;
   ExtSkip skip_;
@@ -489,12 +511,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
 #if SEQFAST_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_extended<acc_t>()) {
+      const ExtOps eops = ext_ops();
       at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<AlphaExt<scalar_t>> alphas;
         alphas.reserve(end - begin);
         int64_t t_end = 0;
         for (int64_t n = begin; n < end; ++n) {
-          alphas.emplace_back(tg + n * z.S, tl[n]);
+          alphas.emplace_back(eops, tg + n * z.S, tl[n]);
           t_end = std::max(t_end, il[n]);
         }
         // Frame-major over the block: see AlphaExt.
@@ -578,6 +601,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   scalar_t* gr = grad.data_ptr<scalar_t>();
   const bool extended = use_extended<acc_t>();
 #if SEQFAST_X86
+  const ExtOps eops = ext_ops();
   if constexpr (std::is_same_v<acc_t, float>) {
     // With a sample per thread at least, each sample's gradient rows are written right after its beta step,
     // while the frame's log_probs row is still in cache: one pass, no posterior buffer. Every row is still
@@ -587,7 +611,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
         std::vector<acc_t> buf;
         std::vector<std::unique_ptr<BetaExt<scalar_t>>> betas(end - begin);
         for (int64_t n = begin; n < end; ++n) {
-          if (il[n] > 0 && !std::isinf(nll[n])) betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(tg + n * z.S, tl[n], il[n], nll[n]);
+          if (il[n] > 0 && !std::isinf(nll[n])) betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(eops, tg + n * z.S, tl[n], il[n], nll[n]);
         }
         // Frame-major over the block, as in forward: the gradient rows are written in memory order too.
         for (int64_t t = z.T - 1; t >= 0; --t) {
@@ -626,7 +650,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
 #if SEQFAST_X86
       if constexpr (std::is_same_v<acc_t, float>) {
         if (extended) {
-          BetaExt<scalar_t> beta(tg + n * z.S, tl[n], len, nll[n]);
+          BetaExt<scalar_t> beta(eops, tg + n * z.S, tl[n], len, nll[n]);
           for (int64_t t = len - 1; t >= 0; --t) {
             const int64_t r = t * z.N + n;
             const float* c = beta.step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank, la + (n * z.T + t) * width);

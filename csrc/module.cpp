@@ -4,10 +4,18 @@
 
 #include "buffer_cache.h"
 #include "cpu_features.h"
+#include "ctc_isa.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return seqfast::has_avx512() ? "avx512" : seqfast::has_avx2() ? "avx2" : "baseline"; },
         "The widest vector ISA the CPU kernels use on this machine.");
+  m.def("ctc_isa", [] { return std::string(seqfast::ctc_isa_name(seqfast::ctc_isa())); },
+        "The ISA the CTC CPU kernels use now (the CPU's widest, capped by SEQFAST_CTC_ISA / ctc_set_isa).");
+  m.def("ctc_set_isa", [](const std::string& name) {
+    const std::string old = seqfast::ctc_set_isa(name);
+    TORCH_CHECK(!old.empty(), "ctc_set_isa: expected avx512, avx2 or scalar, got ", name);
+    return old;
+  }, "Caps the ISA of the CTC CPU kernels (avx512, avx2, scalar); returns the previous cap.");
   m.def("buffer_cache_stats", [] {
     const seqfast::BufferCacheStats s = seqfast::BufferCache::get().stats();
     return pybind11::dict(pybind11::arg("hits") = s.hits, pybind11::arg("misses") = s.misses,

@@ -479,3 +479,60 @@ def test_buffer_cache_env_opt_out():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     limit, idle, hits = map(int, out.split())
     assert limit == 16 << 20 and 0 < idle <= limit and hits >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Every ISA path on one machine (seqfast._C.ctc_set_isa caps it, as SEQFAST_CTC_ISA does)
+
+
+def _with_isa(isa, fn, *args):
+    from seqfast import _C
+
+    old = _C.ctc_set_isa(isa)
+    try:
+        return fn(*args)
+    finally:
+        _C.ctc_set_isa(old)
+
+
+def _isa_cases():
+    # State counts on both sides of 8- and 16-lane multiples, C not a multiple of 16, short inputs, an infeasible
+    # sample (sample 2 of the last case), both input kinds and a frame-major block of more than one sample.
+    for T, N, C, S, seed in [(37, 5, 11, 9, 30), (70, 6, 37, 23, 31), (40, 9, 1001, 15, 32), (13, 3, 7, 9, 16)]:
+        yield make_case(T, N, C, S, short=True, dtype=torch.float32, seed=seed)
+
+
+def test_cpu_isa_paths_avx512_equals_avx2_bitwise():
+    from seqfast import _C
+
+    if _C.cpu_isa() != "avx512":
+        pytest.skip("needs an AVX-512 CPU")
+    for case in _isa_cases():
+        for fn in (seqfast.ctc_loss, seqfast.ctc_loss_from_logits):
+            for threads in (1, 2):
+                prev = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    runs = {isa: _with_isa(isa, loss_and_grad, fn, *case) for isa in ("avx512", "avx2")}
+                    assert _with_isa("avx512", _C.ctc_isa) == "avx512" and _with_isa("avx2", _C.ctc_isa) == "avx2"
+                finally:
+                    torch.set_num_threads(prev)
+                (l5, g5), (l2, g2) = runs["avx512"], runs["avx2"]
+                assert torch.equal(l5, l2)
+                assert torch.equal(g5.nan_to_num(7.0), g2.nan_to_num(7.0)) and g5.isnan().equal(g2.isnan())
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_cpu_isa_paths_against_reference(isa):
+    from seqfast import _C
+
+    for lp, tg, il, tl in list(_isa_cases())[:3]:
+        ours = _with_isa(isa, loss_and_grad, seqfast.ctc_loss, lp, tg, il, tl)
+        t_loss, t_grad = torch_ctc(lp, tg, il, tl)
+        ref_loss, ref_grad = reference(lp.double(), tg, il, tl)
+        torch.testing.assert_close(ours[0].double(), ref_loss, rtol=1e-5, atol=1e-5)
+        ours_err = (ours[1].double() - ref_grad).abs().max().item()
+        torch_err = (t_grad.double() - ref_grad).abs().max().item()
+        assert ours_err <= 2 * torch_err + 1e-6, (isa, ours_err, torch_err)
+    with pytest.raises(RuntimeError, match="ctc_set_isa"):
+        _C.ctc_set_isa("sse9")
