@@ -82,11 +82,17 @@ SEQFAST_AVX512_INLINE __m512 log_normal16(__m512 x) {
   return _mm512_fmadd_ps(e, splat16(0.693359375f), _mm512_add_ps(z, y));
 }
 
+constexpr int64_t kExpRowAhead = 1024;  // floats: 4 KiB (measured best of 1, 2, 4, 8 KiB)
+
 // out[c] = g * exp(in[c] - off) for any n; out may alias in.
 SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, float off, float g, int64_t n) {
   const __m512 voff = splat16(off), vg = splat16(g);
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
+    // Rows are long (C floats) and read once: ask for them well ahead, the stream prefetcher restarts at every
+    // 4 KiB page. Past the row's end this reaches into the next one, which the callers read next.
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead + 16), _MM_HINT_T0);
     const __m512 x0 = _mm512_loadu_ps(in + c), x1 = _mm512_loadu_ps(in + c + 16);
     _mm512_storeu_ps(out + c, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x0, voff))));
     _mm512_storeu_ps(out + c + 16, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x1, voff))));
