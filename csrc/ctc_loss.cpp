@@ -1,27 +1,36 @@
 // CPU kernels of seqfast::ctc_loss_forward / seqfast::ctc_loss_backward (schemas and semantics:
 // seqfast/ops/ctc_loss.py).
 //
-// Forward: per sample, the log-space alpha recursion over the 2L+1 states of the extended target
-// (blank, l1, blank, ..., lL, blank), one time step per row; a row is a shifted log-add-exp along the
-// states, so it vectorises over s (csrc/ctc_loss_simd.h). Samples run in parallel. float32 on AVX2 runs the
-// same recursion on extended-range linear numbers (mantissa + int32 exponent: no exp / log per state, and
-// rounding relative to the value instead of to |log alpha|); float64 and CPUs without AVX2 run it in log space.
+// Forward: per sample, the alpha recursion over the 2L+1 states of the extended target (blank, l1, blank, ...,
+// lL, blank), one frame per step; a step is a shifted three-term sum along the states, so it vectorises over s.
+// float32 on AVX2 / AVX-512 runs it on extended-range linear numbers (mantissa + int32 exponent: no exp / log per
+// state, rounding relative to the value instead of to |log alpha|; ctc_loss_simd.h, ctc_loss_simd512.h);
+// float64 and CPUs without AVX2 run it in log space. The stored log_alpha rows take one log per state (a table
+// log of the mantissa). Without keep_alpha (no gradient to come) nothing is stored and no log is taken; the loss
+// is the same bits either way.
 //
-// Without keep_alpha (a loss that needs no gradient) no log_alpha is stored, and the extended-range path
-// skips the one log per state that the stored rows cost; the loss itself is computed identically.
+// Loop order: samples are split over threads; each thread advances its block of samples frame by frame
+// (t outer, n inner), so that the log_probs rows it reads, (t, n0..n1), are adjacent in memory, and it prefetches
+// the next step's row. GCC deletes __builtin_prefetch in these loops, hence the inline-asm prefetch_line.
 //
 // Backward, in two passes so that neither needs atomics:
-//  1. per sample (parallel over the batch): beta from t = input_length - 1 down to 0, keeping two rows;
-//     with the stored alpha it gives the state posteriors, reduced right away to what the gradient
-//     needs per frame: the blank's total (all even states) and one value per target position
-//     (N, T, S+1) -- half the size of log_alpha, so the peak stays below torch's, which keeps a whole
-//     log_beta.
+//  1. per sample: beta from t = input_length - 1 down to 0, keeping two rows; with the stored alpha it gives
+//     the state posteriors, reduced right away to what the gradient needs per frame: the blank's total (all
+//     even states) and one value per target position, (N, T, S+1) -- half the size of log_alpha, so the peak
+//     stays below torch's, which keeps a whole log_beta.
 //  2. per frame (t, n) (parallel over T*N rows, which balances even for a batch of one):
-//     grad[t, n, :] = g * exp(lp) (a streaming pass), then the posteriors are subtracted at the blank and
-//     at each label, in target order, so repeated labels add up without any shared writes.
-// With float32 on AVX2 and at least one sample per thread, the two are fused: each sample writes its
-// gradient rows right after its beta steps (same row operations, so the same bits), without the buffer.
-// Every element is computed by one thread in a fixed order: results are identical run to run.
+//     grad[t, n, :] = g * exp(lp) (a streaming pass, prefetching 4 KiB ahead), then the posteriors are
+//     subtracted at the blank and at each label, in target order, so repeated labels add up without any
+//     shared writes.
+// With float32 on AVX2 and at least one sample per thread, the two are fused, frame-major like forward: each
+// beta step is followed by its gradient row (same row operations, so the same bits), without the buffer.
+// Every element is computed by one thread in a fixed order: results are identical run to run, and the AVX-512
+// row kernels do per lane exactly what the AVX2 ones do, so the two ISAs give identical bits as well
+// (SEQFAST_CTC_ISA / _C.ctc_set_isa cap the ISA, for tests).
+//
+// Outputs of 1 MiB or more (log_alpha, the gradient) come from BufferCache (buffer_cache.h): freed outputs are
+// kept, bounded, and handed out again, because the page faults of a fresh multi-MiB buffer cost more than the
+// kernels themselves on large shapes.
 //
 // float16 / bfloat16 are read as float32 and computed in float32; float64 runs a scalar float64 path.
 #include <ATen/ATen.h>
@@ -252,8 +261,8 @@ at::Tensor row_logsumexp(const scalar_t* lp, const Sizes& z, const RowOps<acc_t>
 
 
 // ---------------------------------------------------------------------------------------------------
-// float32 with AVX2: the recursions in extended-range linear form (ctc_loss_simd.h), no exp / log per
-// state; log_alpha rows are written as logs, beta stays in extended form.
+// float32 with AVX2 / AVX-512: the recursions in extended-range linear form (ctc_loss_simd.h,
+// ctc_loss_simd512.h), no exp / log per state; log_alpha rows are written as logs, beta stays in extended form.
 
 template <typename T>
 bool use_extended() {
