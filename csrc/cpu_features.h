@@ -4,12 +4,15 @@
 // SEQFAST_TARGET_AVX2 / SEQFAST_TARGET_AVX512 (GCC compiles just that function for the ISA),
 // and callers pick the version with has_avx2() / has_avx512(). No -march=native anywhere.
 //
-// SEQFAST_CPU_ISA=avx2 or =baseline (read once, at the first check) caps what is used, so the
-// narrower paths can be tested and timed on a machine that has more.
+// A cap limits what is used, so that one machine can run, test and time the narrower paths: it
+// starts from SEQFAST_CPU_ISA (avx512 | avx2 | baseline; seqfast/_extension.py rejects other values
+// before this library loads) and set_isa_cap() changes it at run time.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
-#include <cstring>
+#include <string>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define SEQFAST_X86 1
@@ -23,35 +26,50 @@
 
 namespace seqfast {
 
-// 0: baseline, 1: AVX2, 2: AVX-512 (the most the environment allows).
-inline int isa_cap() {
-  static const int cap = [] {
-    const char* v = std::getenv("SEQFAST_CPU_ISA");
-    if (v == nullptr || *v == 0) return 2;
-    if (std::strcmp(v, "baseline") == 0) return 0;
-    if (std::strcmp(v, "avx2") == 0) return 1;
-    return 2;
+// ISA levels: 0 baseline, 1 AVX2 + FMA, 2 AVX-512 (F, DQ, BW, VL).
+inline int isa_level(const std::string& name) {
+  if (name == "baseline") return 0;
+  if (name == "avx2") return 1;
+  if (name == "avx512") return 2;
+  return -1;
+}
+
+inline const char* isa_name(int level) { return level >= 2 ? "avx512" : level == 1 ? "avx2" : "baseline"; }
+
+// The widest level this CPU has.
+inline int cpu_isa_level() {
+#if SEQFAST_X86
+  static const int level = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+      return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
   }();
+  return level;
+#else
+  return 0;
+#endif
+}
+
+inline std::atomic<int>& isa_cap() {
+  static std::atomic<int> cap([] {
+    const char* env = std::getenv("SEQFAST_CPU_ISA");
+    const int level = env != nullptr && *env != 0 ? isa_level(env) : -1;
+    return level < 0 ? 2 : level;
+  }());
   return cap;
 }
 
-inline bool has_avx2() {
-#if SEQFAST_X86
-  static const bool yes = isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
-#endif
-}
+// The level the kernels use now.
+inline int active_isa() { return std::min(cpu_isa_level(), isa_cap().load(std::memory_order_relaxed)); }
+inline bool has_avx2() { return active_isa() >= 1; }
+inline bool has_avx512() { return active_isa() >= 2; }
 
-inline bool has_avx512() {
-#if SEQFAST_X86
-  static const bool yes = isa_cap() >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  return yes;
-#else
-  return false;
-#endif
+// Caps the ISA by name; returns the previous cap's name, or "" (cap unchanged) for an unknown name.
+inline std::string set_isa_cap(const std::string& name) {
+  const int level = isa_level(name);
+  if (level < 0) return "";
+  return isa_name(isa_cap().exchange(level));
 }
 
 }  // namespace seqfast

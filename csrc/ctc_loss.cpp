@@ -1,27 +1,36 @@
 // CPU kernels of seqfast::ctc_loss_forward / seqfast::ctc_loss_backward (schemas and semantics:
 // seqfast/ops/ctc_loss.py).
 //
-// Forward: per sample, the log-space alpha recursion over the 2L+1 states of the extended target
-// (blank, l1, blank, ..., lL, blank), one time step per row; a row is a shifted log-add-exp along the
-// states, so it vectorises over s (csrc/ctc_loss_simd.h). Samples run in parallel. float32 on AVX2 runs the
-// same recursion on extended-range linear numbers (mantissa + int32 exponent: no exp / log per state, and
-// rounding relative to the value instead of to |log alpha|); float64 and CPUs without AVX2 run it in log space.
+// Forward: per sample, the alpha recursion over the 2L+1 states of the extended target (blank, l1, blank, ...,
+// lL, blank), one frame per step; a step is a shifted three-term sum along the states, so it vectorises over s.
+// float32 on AVX2 / AVX-512 runs it on extended-range linear numbers (mantissa + int32 exponent: no exp / log per
+// state, rounding relative to the value instead of to |log alpha|; ctc_loss_simd.h, ctc_loss_simd512.h);
+// float64 and CPUs without AVX2 run it in log space. The stored log_alpha rows take one log per state (a table
+// log of the mantissa). Without keep_alpha (no gradient to come) nothing is stored and no log is taken; the loss
+// is the same bits either way.
 //
-// Without keep_alpha (a loss that needs no gradient) no log_alpha is stored, and the extended-range path
-// skips the one log per state that the stored rows cost; the loss itself is computed identically.
+// Loop order: samples are split over threads; each thread advances its block of samples frame by frame
+// (t outer, n inner), so that the log_probs rows it reads, (t, n0..n1), are adjacent in memory, and it prefetches
+// the next step's row. GCC deletes __builtin_prefetch in these loops, hence the inline-asm prefetch_line.
 //
 // Backward, in two passes so that neither needs atomics:
-//  1. per sample (parallel over the batch): beta from t = input_length - 1 down to 0, keeping two rows;
-//     with the stored alpha it gives the state posteriors, reduced right away to what the gradient
-//     needs per frame: the blank's total (all even states) and one value per target position
-//     (N, T, S+1) -- half the size of log_alpha, so the peak stays below torch's, which keeps a whole
-//     log_beta.
+//  1. per sample: beta from t = input_length - 1 down to 0, keeping two rows; with the stored alpha it gives
+//     the state posteriors, reduced right away to what the gradient needs per frame: the blank's total (all
+//     even states) and one value per target position, (N, T, S+1) -- half the size of log_alpha, so the peak
+//     stays below torch's, which keeps a whole log_beta.
 //  2. per frame (t, n) (parallel over T*N rows, which balances even for a batch of one):
-//     grad[t, n, :] = g * exp(lp) (a streaming pass), then the posteriors are subtracted at the blank and
-//     at each label, in target order, so repeated labels add up without any shared writes.
-// With float32 on AVX2 and at least one sample per thread, the two are fused: each sample writes its
-// gradient rows right after its beta steps (same row operations, so the same bits), without the buffer.
-// Every element is computed by one thread in a fixed order: results are identical run to run.
+//     grad[t, n, :] = g * exp(lp) (a streaming pass, prefetching 4 KiB ahead), then the posteriors are
+//     subtracted at the blank and at each label, in target order, so repeated labels add up without any
+//     shared writes.
+// With float32 on AVX2 and at least one sample per thread, the two are fused, frame-major like forward: each
+// beta step is followed by its gradient row (same row operations, so the same bits), without the buffer.
+// Every element is computed by one thread in a fixed order: results are identical run to run, and the AVX-512
+// row kernels do per lane exactly what the AVX2 ones do, so the two ISAs give identical bits as well
+// (SEQFAST_CPU_ISA / _C.set_cpu_isa cap the ISA, for tests: cpu_features.h).
+//
+// Outputs of 1 MiB or more (log_alpha, the gradient) come from BufferCache (buffer_cache.h): freed outputs are
+// kept, bounded, and handed out again, because the page faults of a fresh multi-MiB buffer cost more than the
+// kernels themselves on large shapes.
 //
 // float16 / bfloat16 are read as float32 and computed in float32; float64 runs a scalar float64 path.
 #include <ATen/ATen.h>
@@ -34,11 +43,14 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "cpu_features.h"
 #include "ctc_loss_simd.h"
+#include "ctc_loss_simd512.h"
 
 namespace seqfast {
 namespace {
@@ -46,6 +58,16 @@ namespace {
 constexpr int64_t kLanes = 8;  // scratch rows are padded to whole AVX2 float vectors
 
 int64_t pad_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// GCC 12 deletes __builtin_prefetch / _mm_prefetch calls inside these loops (a loop whose only effect is a
+// prefetch counts as side-effect free and goes), so the instruction is spelled out.
+inline void prefetch_line(const void* p) {
+#if SEQFAST_X86
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p);
+#endif
+}
 
 template <typename T>
 constexpr T neg_inf() {
@@ -129,7 +151,8 @@ RowOps<T> row_ops() {
 #if SEQFAST_X86
     if (has_avx2()) {
       return {&ctc_simd::alpha_row_avx2, &ctc_simd::beta_row_avx2, &ctc_simd::posterior_row_avx2,
-              &ctc_simd::exp_row_avx2, &ctc_simd::logsumexp_row_avx2};
+              has_avx512() ? &ctc_simd::exp_row_avx512 : &ctc_simd::exp_row_avx2,
+              &ctc_simd::logsumexp_row_avx2};
     }
 #endif
   }
@@ -205,10 +228,10 @@ struct Sample {
   void prefetch(const scalar_t* row, int64_t blank, int64_t C) const {
     constexpr int64_t per_line = 64 / sizeof(scalar_t);
     if (L + 1 > C / per_line) {
-      for (int64_t c = 0; c < C; c += per_line) __builtin_prefetch(row + c);
+      for (int64_t c = 0; c < C; c += per_line) prefetch_line(row + c);
     } else {
-      __builtin_prefetch(row + blank);
-      for (int64_t k = 0; k < L; ++k) __builtin_prefetch(row + labels[k]);
+      prefetch_line(row + blank);
+      for (int64_t k = 0; k < L; ++k) prefetch_line(row + labels[k]);
     }
   }
 };
@@ -236,8 +259,8 @@ at::Tensor row_logsumexp(const scalar_t* lp, const Sizes& z, const RowOps<acc_t>
 
 
 // ---------------------------------------------------------------------------------------------------
-// float32 with AVX2: the recursions in extended-range linear form (ctc_loss_simd.h), no exp / log per
-// state; log_alpha rows are written as logs, beta stays in extended form.
+// float32 with AVX2 / AVX-512: the recursions in extended-range linear form (ctc_loss_simd.h,
+// ctc_loss_simd512.h), no exp / log per state; log_alpha rows are written as logs, beta stays in extended form.
 
 template <typename T>
 bool use_extended() {
@@ -249,6 +272,22 @@ bool use_extended() {
 }
 
 #if SEQFAST_X86
+struct ExtOps {
+  decltype(&ctc_simd::emission_ext_avx2) emission;
+  decltype(&ctc_simd::alpha_ext_row_avx2) alpha_row;
+  decltype(&ctc_simd::beta_ext_row_avx2) beta_row;
+  decltype(&ctc_simd::posterior_ext_row_avx2) posterior;
+};
+
+ExtOps ext_ops() {
+  if (has_avx512()) {
+    return {&ctc_simd::emission_ext_avx512, &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512,
+            &ctc_simd::posterior_ext_row_avx512};
+  }
+  return {&ctc_simd::emission_ext_avx2, &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2,
+          &ctc_simd::posterior_ext_row_avx2};
+}
+
 // Extended rows: mantissas and exponents with `front` zero guard cells before and `back` after.
 struct ExtRows {
   std::vector<float> m;
@@ -290,111 +329,140 @@ inline void set_normalised(float em, int32_t ee, float* m, int32_t* e) {
   }
 }
 
-// Returns the sample's nll; writes its log_alpha rows (all T of them) unless la_n is null.
+// The forward recursion of one sample in extended form, one frame per step() (t = 0, 1, ...), so that a thread
+// can advance its samples frame by frame: the rows (t, n) of its block of samples are adjacent in log_probs,
+// and reading them in that order streams through memory instead of jumping N * C floats per frame.
 template <typename scalar_t>
-float alpha_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const float* lse, const Sizes& z, int64_t n,
-                     int64_t len, int64_t blank, float* la_n, int64_t width) {
-  const int64_t P = smp.padded, states = smp.states, L = smp.L;
-  const ExtSkip skip(smp);
-  ExtRows rows(2 * (P + 2));
-  float* pm = rows.m.data() + 2;
-  int32_t* pe = rows.e.data() + 2;
-  float* cm = rows.m.data() + P + 4;
-  int32_t* ce = rows.e.data() + P + 4;
-  std::vector<float> em(P), logrow(P, neg_inf<float>());
-  std::vector<int32_t> ee(P);
-  for (int64_t t = 0; t < len; ++t) {
+class AlphaExt {
+ public:
+  AlphaExt(const ExtOps& ops, const int64_t* labels, int64_t L)
+      : smp(labels, L), ops_(ops), skip_(smp), rows_(2 * (smp.padded + 2)), em_(smp.padded),
+        logrow_(smp.padded, neg_inf<float>()), ee_(smp.padded) {
+    pm_ = rows_.m.data() + 2;
+    pe_ = rows_.e.data() + 2;
+    cm_ = rows_.m.data() + smp.padded + 4;
+    ce_ = rows_.e.data() + smp.padded + 4;
+  }
+
+  // Frame t from its log_probs row (lse: the row's log-normaliser, 0 for log_probs); writes its log_alpha row
+  // (width floats, -inf past the last state) to la_row unless that is null.
+  void step(int64_t t, const scalar_t* row, float lse, int64_t blank, float* la_row, int64_t width) {
+    const int64_t P = smp.padded, states = smp.states;
     // States above 2t+1 are not reachable yet: they stay 0 (their row cells were never written).
     const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));
-    smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : 0.0f, blank);
-    if (t + 1 < len) smp.prefetch(lp + ((t + 1) * z.N + n) * z.C, blank, z.C);
-    ctc_simd::emission_ext_avx2(em.data(), ee.data(), smp.lpe.data(), hi);
+    smp.gather(row, lse, blank);
+    ops_.emission(em_.data(), ee_.data(), smp.lpe.data(), hi);
     if (t == 0) {  // alpha_0: the emissions of states 0 and 1
-      std::fill(cm, cm + P, 0.0f);
-      std::fill(ce, ce + P, ctc_simd::kZeroE);
-      std::fill(logrow.begin(), logrow.end(), neg_inf<float>());
+      std::fill(cm_, cm_ + P, 0.0f);
+      std::fill(ce_, ce_ + P, ctc_simd::kZeroE);
       for (int64_t s = 0; s < std::min<int64_t>(2, states); ++s) {
-        set_normalised(em[s], ee[s], cm + s, ce + s);
-        logrow[s] = cm[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
+        set_normalised(em_[s], ee_[s], cm_ + s, ce_ + s);
+        logrow_[s] = cm_[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
       }
     } else {
-      ctc_simd::alpha_ext_row_avx2(cm, ce, la_n ? logrow.data() : nullptr, pm, pe, skip.m.data(), skip.e.data(),
-                                   em.data(), ee.data(), hi);
+      ops_.alpha_row(cm_, ce_, la_row ? logrow_.data() : nullptr, pm_, pe_, skip_.m.data(), skip_.e.data(),
+                     em_.data(), ee_.data(), hi);
     }
-    if (la_n) {
-      float* dst = la_n + t * width;
-      std::copy(logrow.data(), logrow.data() + states, dst);
-      std::fill(dst + states, dst + width, neg_inf<float>());
+    if (la_row) {
+      std::copy(logrow_.data(), logrow_.data() + states, la_row);
+      std::fill(la_row + states, la_row + width, neg_inf<float>());
     }
-    std::swap(pm, cm);
-    std::swap(pe, ce);
+    std::swap(pm_, cm_);
+    std::swap(pe_, ce_);
   }
-  if (la_n) std::fill(la_n + len * width, la_n + z.T * width, neg_inf<float>());
-  // P(target) = alpha[2L] + alpha[2L-1], summed in double from the extended form.
-  double terms[2] = {0.0, 0.0};
-  int64_t exps[2] = {0, 0};
-  int k = 0;
-  for (int64_t s : {2 * L, 2 * L - 1}) {
-    if (s >= 0 && pm[s] != 0.0f) {
-      terms[k] = pm[s];
-      exps[k] = pe[s];
-      ++k;
-    }
-  }
-  if (k == 0) return std::numeric_limits<float>::infinity();
-  const int64_t E = k == 2 ? std::max(exps[0], exps[1]) : exps[0];
-  double sum = 0;
-  for (int j = 0; j < k; ++j) sum += std::ldexp(terms[j], static_cast<int>(std::max<int64_t>(exps[j] - E, -1100)));
-  return static_cast<float>(-(static_cast<double>(E) * 0.693147180559945309417 + std::log(sum)));
-}
 
-// Pass 1 of backward for one sample: for t = len-1 down to 0, emit(t, c) with c = [blank posterior,
-// posterior of target position 0, ..., L-1].
-template <typename scalar_t, typename Emit>
-void posteriors_extended(Sample<scalar_t, float>& smp, const scalar_t* lp, const float* lse, const Sizes& z,
-                         int64_t n, int64_t len, int64_t blank, const float* la, float nll, int64_t width,
-                         Emit&& emit) {
-  const int64_t P = smp.padded, states = smp.states, L = smp.L;
-  const ExtSkip skip(smp);
-  // Two beta rows with two zero guard cells behind, and bx.
-  ExtRows rows(2 * (P + 2)), bx(P);
-  float* nm = rows.m.data();
-  int32_t* ne = rows.e.data();
-  float* cm = nm + P + 2;
-  int32_t* ce = ne + P + 2;
-  std::vector<float> em(P), alpha(P, neg_inf<float>()), post(P, 0.0f), c(L + 1);
-  std::vector<int32_t> ee(P);
-  for (int64_t t = len - 1; t >= 0; --t) {
+  // After the last frame: -log P(target) = -log(alpha[2L] + alpha[2L-1]), summed in double from the extended form.
+  float nll() const {
+    const int64_t L = smp.L;
+    double terms[2] = {0.0, 0.0};
+    int64_t exps[2] = {0, 0};
+    int k = 0;
+    for (int64_t s : {2 * L, 2 * L - 1}) {
+      if (s >= 0 && pm_[s] != 0.0f) {
+        terms[k] = pm_[s];
+        exps[k] = pe_[s];
+        ++k;
+      }
+    }
+    if (k == 0) return std::numeric_limits<float>::infinity();
+    const int64_t E = k == 2 ? std::max(exps[0], exps[1]) : exps[0];
+    double sum = 0;
+    for (int j = 0; j < k; ++j) sum += std::ldexp(terms[j], static_cast<int>(std::max<int64_t>(exps[j] - E, -1100)));
+    return static_cast<float>(-(static_cast<double>(E) * 0.693147180559945309417 + std::log(sum)));
+  }
+
+  Sample<scalar_t, float> smp;
+
+ private:
+  ExtOps ops_;
+  ExtSkip skip_;
+  ExtRows rows_;  // alpha rows with two zero guard cells in front
+  float *pm_, *cm_;
+  int32_t *pe_, *ce_;
+  std::vector<float> em_, logrow_;
+  std::vector<int32_t> ee_;
+};
+
+// Pass 1 of backward for one sample, one frame per step() (t = len-1 down to 0): beta in extended form and the
+// posteriors reduced to c = [blank posterior, posterior of target position 0, ..., L-1].
+template <typename scalar_t>
+class BetaExt {
+ public:
+  BetaExt(const ExtOps& ops, const int64_t* labels, int64_t L, int64_t len, float nll)
+      : smp(labels, L), ops_(ops), len_(len), nll_(nll), skip_(smp), rows_(2 * (smp.padded + 2)), bx_(smp.padded),
+        em_(smp.padded), alpha_(smp.padded, neg_inf<float>()), post_(smp.padded, 0.0f), c_(L + 1),
+        ee_(smp.padded) {
+    nm_ = rows_.m.data();
+    ne_ = rows_.e.data();
+    cm_ = nm_ + smp.padded + 2;
+    ce_ = ne_ + smp.padded + 2;
+  }
+
+  // Frame t (row: its log_probs row, la_row: its log_alpha row); returns c.
+  const float* step(int64_t t, const scalar_t* row, float lse, int64_t blank, const float* la_row) {
+    const int64_t P = smp.padded, states = smp.states, L = smp.L;
     // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there
     // (never written: the bound only decreases).
-    const int64_t lo = std::max<int64_t>(0, states - 2 * (len - t)) / kLanes * kLanes;
-    smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : 0.0f, blank);
-    if (t > 0) smp.prefetch(lp + ((t - 1) * z.N + n) * z.C, blank, z.C);
-    ctc_simd::emission_ext_avx2(em.data() + lo, ee.data() + lo, smp.lpe.data() + lo, P - lo);
-    if (t == len - 1) {  // bx = 1 at the two final states, b = their emissions
-      std::fill(bx.m.begin(), bx.m.end(), 0.0f);
-      std::fill(bx.e.begin(), bx.e.end(), ctc_simd::kZeroE);
-      std::fill(cm, cm + P, 0.0f);
-      std::fill(ce, ce + P, ctc_simd::kZeroE);
+    const int64_t lo = std::max<int64_t>(0, states - 2 * (len_ - t)) / kLanes * kLanes;
+    smp.gather(row, lse, blank);
+    ops_.emission(em_.data() + lo, ee_.data() + lo, smp.lpe.data() + lo, P - lo);
+    if (t == len_ - 1) {  // bx = 1 at the two final states, b = their emissions
+      std::fill(bx_.m.begin(), bx_.m.end(), 0.0f);
+      std::fill(bx_.e.begin(), bx_.e.end(), ctc_simd::kZeroE);
+      std::fill(cm_, cm_ + P, 0.0f);
+      std::fill(ce_, ce_ + P, ctc_simd::kZeroE);
       for (int64_t s = std::max<int64_t>(0, 2 * L - 1); s <= 2 * L; ++s) {
-        bx.m[s] = 1.0f;
-        bx.e[s] = 0;
-        set_normalised(em[s], ee[s], cm + s, ce + s);
+        bx_.m[s] = 1.0f;
+        bx_.e[s] = 0;
+        set_normalised(em_[s], ee_[s], cm_ + s, ce_ + s);
       }
     } else {
-      ctc_simd::beta_ext_row_avx2(bx.m.data() + lo, bx.e.data() + lo, cm + lo, ce + lo, nm + lo, ne + lo,
-                                  skip.m.data() + 2 + lo, skip.e.data() + 2 + lo, em.data() + lo, ee.data() + lo, P - lo);
+      ops_.beta_row(bx_.m.data() + lo, bx_.e.data() + lo, cm_ + lo, ce_ + lo, nm_ + lo, ne_ + lo,
+                                  skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em_.data() + lo, ee_.data() + lo,
+                                  P - lo);
     }
-    const float* la_row = la + (n * z.T + t) * width;
-    std::copy(la_row, la_row + states, alpha.data());
-    c[0] = ctc_simd::posterior_ext_row_avx2(post.data() + lo, alpha.data() + lo, bx.m.data() + lo, bx.e.data() + lo,
-                                            nll, P - lo);
-    for (int64_t k = 0; k < L; ++k) c[1 + k] = post[2 * k + 1];
-    emit(t, c.data());
-    std::swap(nm, cm);
-    std::swap(ne, ce);
+    std::copy(la_row, la_row + states, alpha_.data());
+    c_[0] = ops_.posterior(post_.data() + lo, alpha_.data() + lo, bx_.m.data() + lo,
+                                             bx_.e.data() + lo, nll_, P - lo);
+    for (int64_t k = 0; k < L; ++k) c_[1 + k] = post_[2 * k + 1];
+    std::swap(nm_, cm_);
+    std::swap(ne_, ce_);
+    return c_.data();
   }
-}
+
+  Sample<scalar_t, float> smp;
+
+ private:
+  ExtOps ops_;
+  int64_t len_;
+  float nll_;
+  ExtSkip skip_;
+  ExtRows rows_, bx_;  // two beta rows with two zero guard cells behind; bx
+  float *nm_, *cm_;
+  int32_t *ne_, *ce_;
+  std::vector<float> em_, alpha_, post_, c_;
+  std::vector<int32_t> ee_;
+};
 #endif
 
 // One (t, n) row of the gradient: g * exp(lp - off), minus g times the posteriors c (blank first, then one per
@@ -436,7 +504,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
   const int64_t width = 2 * z.S + 1;
   at::Tensor nll = at::empty({z.N}, acc_opts);
   // Without keep_alpha only the loss is wanted: the recursion keeps its two rows and nothing else.
-  at::Tensor log_alpha = keep_alpha ? at::empty({z.N, z.T, width}, acc_opts) : at::empty({z.N, 0, 0}, acc_opts);
+  at::Tensor log_alpha = keep_alpha ? BufferCache::get().empty({z.N, z.T, width}, acc_opts.dtype().toScalarType())
+                                    : at::empty({z.N, 0, 0}, acc_opts);
   const scalar_t* lp = log_probs.const_data_ptr<scalar_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
   const int64_t* il = input_lengths.const_data_ptr<int64_t>();
@@ -446,7 +515,40 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
   acc_t* la = keep_alpha ? log_alpha.data_ptr<acc_t>() : nullptr;
   acc_t* out = nll.data_ptr<acc_t>();
 
-  const bool extended = use_extended<acc_t>();
+#if SEQFAST_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_extended<acc_t>()) {
+      const ExtOps eops = ext_ops();
+      at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
+        std::vector<AlphaExt<scalar_t>> alphas;
+        alphas.reserve(end - begin);
+        int64_t t_end = 0;
+        for (int64_t n = begin; n < end; ++n) {
+          alphas.emplace_back(eops, tg + n * z.S, tl[n]);
+          t_end = std::max(t_end, il[n]);
+        }
+        // Frame-major over the block: see AlphaExt.
+        for (int64_t t = 0; t < t_end; ++t) {
+          for (int64_t n = begin; n < end; ++n) {
+            if (t >= il[n]) continue;
+            // The next step's row (the next sample's, or the block's first in the next frame).
+            const int64_t pn = n + 1 < end ? n + 1 : begin, pt = n + 1 < end ? t : t + 1;
+            if (pt < t_end) alphas[pn - begin].smp.prefetch(lp + (pt * z.N + pn) * z.C, blank, z.C);
+            const int64_t r = t * z.N + n;
+            alphas[n - begin].step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank, la ? la + (n * z.T + t) * width : nullptr,
+                                   width);
+          }
+        }
+        for (int64_t n = begin; n < end; ++n) {
+          const int64_t len = il[n];
+          if (la) std::fill(la + (n * z.T + len) * width, la + (n + 1) * z.T * width, neg_inf<acc_t>());
+          out[n] = len > 0 ? alphas[n - begin].nll() : tl[n] == 0 ? 0.0f : std::numeric_limits<float>::infinity();
+        }
+      });
+      return {nll, log_alpha};
+    }
+  }
+#endif
   at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
@@ -457,14 +559,6 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
         out[n] = smp.L == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
         continue;
       }
-#if SEQFAST_X86
-      if constexpr (std::is_same_v<acc_t, float>) {
-        if (extended) {
-          out[n] = alpha_extended(smp, lp, lse, z, n, len, blank, la_n, width);
-          continue;
-        }
-      }
-#endif
       // Two rows with two -inf guard cells in front: prev[s-1], prev[s-2] are plain loads.
       std::vector<acc_t> rows(2 * (P + 2), neg_inf<acc_t>());
       acc_t* prev = rows.data() + 2;
@@ -510,10 +604,11 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
 
-  at::Tensor grad = at::empty({z.T, z.N, z.C}, log_probs.options());
+  at::Tensor grad = BufferCache::get().empty({z.T, z.N, z.C}, log_probs.scalar_type());
   scalar_t* gr = grad.data_ptr<scalar_t>();
   const bool extended = use_extended<acc_t>();
 #if SEQFAST_X86
+  const ExtOps eops = ext_ops();
   if constexpr (std::is_same_v<acc_t, float>) {
     // With a sample per thread at least, each sample's gradient rows are written right after its beta step,
     // while the frame's log_probs row is still in cache: one pass, no posterior buffer. Every row is still
@@ -521,20 +616,29 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
     if (extended && z.N >= at::get_num_threads()) {
       at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf;
+        std::vector<std::unique_ptr<BetaExt<scalar_t>>> betas(end - begin);
         for (int64_t n = begin; n < end; ++n) {
-          const int64_t len = il[n];
-          const bool dead = std::isinf(nll[n]);
-          for (int64_t t = 0; t < z.T; ++t) {
-            if (t >= len || dead) fill_gradient_row(gr + (t * z.N + n) * z.C, z.C, t >= len, zero_infinity);
-          }
-          if (len == 0 || dead) continue;
-          Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
-          const acc_t g = gn[n];
-          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], width, [&](int64_t t, const float* c) {
+          if (il[n] > 0 && !std::isinf(nll[n])) betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(eops, tg + n * z.S, tl[n], il[n], nll[n]);
+        }
+        // Frame-major over the block, as in forward: the gradient rows are written in memory order too.
+        for (int64_t t = z.T - 1; t >= 0; --t) {
+          for (int64_t n = begin; n < end; ++n) {
             const int64_t r = t * z.N + n;
-            gradient_row<scalar_t, acc_t>(gr + r * z.C, lp + r * z.C, lse ? lse[r] : acc_t(0), g, c, smp.labels, smp.L,
+            BetaExt<scalar_t>* beta = betas[n - begin].get();
+            if (beta == nullptr || t >= il[n]) {
+              fill_gradient_row(gr + r * z.C, z.C, t >= il[n], zero_infinity);
+              continue;
+            }
+            // The next step's row: the next sample's in this frame, else the block's first in the frame before.
+            const int64_t pn = n + 1 < end ? n + 1 : begin, pt = n + 1 < end ? t : t - 1;
+            if (pt >= 0 && betas[pn - begin] && pt < il[pn]) {
+              betas[pn - begin]->smp.prefetch(lp + (pt * z.N + pn) * z.C, blank, z.C);
+            }
+            const acc_t off = lse ? lse[r] : acc_t(0);
+            const float* c = beta->step(t, lp + r * z.C, off, blank, la + (n * z.T + t) * width);
+            gradient_row<scalar_t, acc_t>(gr + r * z.C, lp + r * z.C, off, gn[n], c, beta->smp.labels, beta->smp.L,
                                           blank, z.C, ops, buf);
-          });
+          }
         }
       });
       return grad;
@@ -553,10 +657,12 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
 #if SEQFAST_X86
       if constexpr (std::is_same_v<acc_t, float>) {
         if (extended) {
-          acc_t* comp_n = comp + n * z.T * cw;
-          posteriors_extended(smp, lp, lse, z, n, len, blank, la, nll[n], width, [&](int64_t t, const float* c) {
-            std::copy(c, c + smp.L + 1, comp_n + t * cw);
-          });
+          BetaExt<scalar_t> beta(eops, tg + n * z.S, tl[n], len, nll[n]);
+          for (int64_t t = len - 1; t >= 0; --t) {
+            const int64_t r = t * z.N + n;
+            const float* c = beta.step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank, la + (n * z.T + t) * width);
+            std::copy(c, c + beta.smp.L + 1, comp + (n * z.T + t) * cw);
+          }
           continue;
         }
       }

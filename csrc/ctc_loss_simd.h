@@ -188,6 +188,9 @@ SEQFAST_TARGET_AVX2 static void exp_row_avx2(float* out, const float* in, float 
   const __m256 voff = splat(off), vg = splat(g);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
+    // Long rows read once: prefetch 4 KiB ahead (the stream prefetcher restarts at every page); past the row's
+    // end this reaches into the next row, which the callers read next.
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + 1024), _MM_HINT_T0);
     const __m256 x0 = _mm256_loadu_ps(in + c), x1 = _mm256_loadu_ps(in + c + 8);
     _mm256_storeu_ps(out + c, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x0, voff))));
     _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x1, voff))));
@@ -281,11 +284,45 @@ SEQFAST_AVX2_INLINE __m256 add3(__m256 ma, __m256i ea, __m256 mb, __m256i eb, __
 }
 
 
+// ln m for a normalised mantissa m in [1, 2), by table: the top 4 mantissa bits pick c, the middle of m's 1/16
+// bucket, and ln m = ln c + ln(1 + r), r = (m - c) / c in [-1/33, 1/33] (m - c is exact), with a degree-4
+// polynomial. Absolute error < 6e-8 (the table entries' own rounding, mostly): all a log_alpha entry needs, since
+// backward uses it as exp(entry + ...), and fewer operations than log_normal (this log is taken once per state).
+alignas(32) inline constexpr float kLogInvC[16] = {
+    0x1.f07c2p-1f, 0x1.d41d42p-1f, 0x1.bacf92p-1f, 0x1.a41a42p-1f, 0x1.8f9c18p-1f, 0x1.7d05f4p-1f,
+    0x1.6c16c2p-1f, 0x1.5c9882p-1f, 0x1.4e5e0ap-1f, 0x1.414142p-1f, 0x1.3521dp-1f,  0x1.29e412p-1f,
+    0x1.1f7048p-1f, 0x1.15b1e6p-1f, 0x1.0c9714p-1f, 0x1.041042p-1f};  // 1 / c, c = 1 + (2j + 1) / 32
+alignas(32) inline constexpr float kLogC[16] = {
+    0x1.f829bp-6f,  0x1.6f0d28p-4f, 0x1.29553p-3f,  0x1.9525aap-3f, 0x1.fb9186p-3f, 0x1.2e8e2cp-2f,
+    0x1.5d1bdcp-2f, 0x1.89a338p-2f, 0x1.b44f78p-2f, 0x1.dd46ap-2f,  0x1.02552ap-1f, 0x1.154c3ep-1f,
+    0x1.2795e2p-1f, 0x1.393e0ep-1f, 0x1.4a4f86p-1f, 0x1.5ad404p-1f};  // ln c
+constexpr int32_t kLogBucketMask = static_cast<int32_t>(0xfff80000u);  // sign, exponent, top 4 mantissa bits
+constexpr int32_t kLogBucketMid = 0x00040000;                         // + half a bucket
+
+// One 8-entry half of a 16-entry table each, picked by bit 3 of j.
+SEQFAST_AVX2_INLINE __m256 lookup16(const float* table, __m256i j) {
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(table), j);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(table + 8), j);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(j, _mm256_set1_epi32(7))));
+}
+
+SEQFAST_AVX2_INLINE __m256 log_mantissa(__m256 m) {
+  const __m256i bits = _mm256_castps_si256(m);
+  const __m256i j = _mm256_and_si256(_mm256_srli_epi32(bits, 19), _mm256_set1_epi32(15));
+  const __m256 c = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(kLogBucketMask)), _mm256_set1_epi32(kLogBucketMid)));
+  const __m256 r = _mm256_mul_ps(_mm256_sub_ps(m, c), lookup16(kLogInvC, j));
+  __m256 p = _mm256_fmadd_ps(splat(-0.25f), r, splat(0x1.555556p-2f));
+  p = _mm256_fmadd_ps(p, r, splat(-0.5f));
+  p = _mm256_fmadd_ps(p, r, splat(1.0f));
+  return _mm256_fmadd_ps(p, r, lookup16(kLogC, j));
+}
+
 // ln(m 2^e) in float32; -inf for m = 0.
 SEQFAST_AVX2_INLINE __m256 ext_log(__m256 m, __m256i e) {
   const __m256 is_zero = _mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ);
   const __m256 safe = _mm256_blendv_ps(m, splat(1.0f), is_zero);
-  const __m256 r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e), splat(0.693147180559945309f), log_normal(safe));
+  const __m256 r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e), splat(0.693147180559945309f), log_mantissa(safe));
   return _mm256_blendv_ps(r, splat(-std::numeric_limits<float>::infinity()), is_zero);
 }
 

@@ -2,9 +2,22 @@
 // block of csrc/*.cpp; the op schemas themselves are declared once, in seqfast/ops/.
 #include <torch/extension.h>
 
+#include "buffer_cache.h"
 #include "cpu_features.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cpu_isa", [] { return seqfast::has_avx512() ? "avx512" : seqfast::has_avx2() ? "avx2" : "baseline"; },
-        "The widest vector ISA the CPU kernels use on this machine.");
+  m.def("cpu_isa", [] { return std::string(seqfast::isa_name(seqfast::active_isa())); },
+        "The vector ISA the CPU kernels use now: the CPU's widest, capped by SEQFAST_CPU_ISA / set_cpu_isa.");
+  m.def("set_cpu_isa", [](const std::string& name) {
+    const std::string old = seqfast::set_isa_cap(name);
+    TORCH_CHECK(!old.empty(), "set_cpu_isa: expected avx512, avx2 or baseline, got ", name);
+    return old;
+  }, "Caps the vector ISA of the CPU kernels (avx512, avx2, baseline); returns the previous cap.");
+  m.def("buffer_cache_stats", [] {
+    const seqfast::BufferCacheStats s = seqfast::BufferCache::get().stats();
+    return pybind11::dict(pybind11::arg("hits") = s.hits, pybind11::arg("misses") = s.misses,
+                          pybind11::arg("idle_bytes") = s.idle_bytes, pybind11::arg("limit_bytes") = s.limit_bytes);
+  }, "Counters of the cache of large CPU output buffers (csrc/buffer_cache.h).");
+  m.def("buffer_cache_set_limit", [](int64_t bytes) { return seqfast::BufferCache::get().set_limit(bytes); },
+        "Sets the idle-byte limit of the CPU output buffer cache (0: off, idle blocks are freed); returns the old one.");
 }

@@ -281,9 +281,10 @@ def test_forward_without_alpha_is_bit_identical(dtype, from_logits):
     torch.library.opcheck(ctc_ops.FORWARD, (lp, tg, il, tl, 0, False, from_logits, False))
     x = lp.clone().requires_grad_()
     # The public function skips log_alpha exactly when no gradient can follow.
+    fn = seqfast.ctc_loss_from_logits if from_logits else seqfast.ctc_loss
     with torch.no_grad():
-        assert torch.equal(seqfast.ctc_loss(x, tg, il, tl, reduction="none"), nll.to(dtype))
-    assert torch.equal(seqfast.ctc_loss(lp, tg, il, tl, reduction="none"), nll.to(dtype))
+        assert torch.equal(fn(x, tg, il, tl, reduction="none"), nll.to(dtype))
+    assert torch.equal(fn(lp, tg, il, tl, reduction="none"), nll.to(dtype))
     with pytest.raises(RuntimeError, match="keep_alpha=False"):
         ctc_ops.FORWARD(x, tg, il, tl, 0, False, from_logits, False)[0].sum().backward()
 
@@ -386,3 +387,152 @@ def test_validation_ignores_padding_and_accepts_valid_forms():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="reduction"):
         seqfast.ctc_loss(lp, tg, il, tl, reduction="avg")
+
+
+# ------------------------------------------------------------------------------------------------
+# The cache of large output buffers (csrc/buffer_cache.h): log_alpha and the gradient come from it
+
+
+def _big_case():
+    # log_alpha (4, 300, 201) float32 is ~0.9 MiB: below the cache's 1 MiB floor; the gradient (300, 4, 400) is
+    # ~1.8 MiB: above it.
+    return make_case(300, 4, 400, 100, dtype=torch.float32, seed=21)
+
+
+def test_buffer_cache_reuses_and_gives_same_bits():
+    from seqfast import _C
+
+    lp, tg, il, tl = _big_case()
+    old = _C.buffer_cache_set_limit(0)  # off: plain allocations, idle blocks freed
+    try:
+        assert _C.buffer_cache_stats()["idle_bytes"] == 0
+        plain = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
+        _C.buffer_cache_set_limit(64 << 20)
+        runs = []
+        for _ in range(3):
+            before = _C.buffer_cache_stats()
+            loss, grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
+            after = _C.buffer_cache_stats()
+            runs.append((loss, grad.clone(), after["hits"] - before["hits"], after["misses"] - before["misses"]))
+            del grad
+        # First run: the gradient buffer is new; afterwards the freed one comes back.
+        assert [r[2:] for r in runs] == [(0, 1), (1, 0), (1, 0)]
+        for loss, grad, *_ in runs:
+            assert torch.equal(loss, plain[0]) and torch.equal(grad, plain[1])
+        stats = _C.buffer_cache_stats()
+        assert 0 < stats["idle_bytes"] <= stats["limit_bytes"] == 64 << 20
+        # A cached tensor is ordinary storage: resizable, freed from any thread.
+        x = lp.detach().clone().requires_grad_()
+        seqfast.ctc_loss(x, tg, il, tl).backward()
+        x.grad.resize_(2 * x.grad.numel())
+        x.grad.fill_(1.0)
+    finally:
+        _C.buffer_cache_set_limit(old)
+
+
+def test_buffer_cache_bounded_and_thread_safe():
+    import threading
+
+    from seqfast import _C
+
+    lp, tg, il, tl = _big_case()
+    expected = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)[1]
+    old = _C.buffer_cache_set_limit(3 << 20)  # room for one gradient buffer, not two
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)[1]
+                assert torch.equal(grad, expected)
+                assert _C.buffer_cache_stats()["idle_bytes"] <= 3 << 20
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert 0 < _C.buffer_cache_stats()["idle_bytes"] <= 3 << 20
+    finally:
+        _C.buffer_cache_set_limit(old)
+
+
+def test_buffer_cache_env_opt_out():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, seqfast; from seqfast import _C\n"
+        "lp = torch.randn(300, 4, 400).log_softmax(2).requires_grad_()\n"
+        "for _ in range(2):\n"
+        "    seqfast.ctc_loss(lp, torch.randint(1, 400, (4, 100)), [300] * 4, [100] * 4).backward(); lp.grad = None\n"
+        "s = _C.buffer_cache_stats(); print(s['limit_bytes'], s['idle_bytes'], s['hits'])\n"
+    )
+    env = {**__import__("os").environ, "SEQFAST_CPU_BUFFER_CACHE_MB": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "0", "0"]
+    env["SEQFAST_CPU_BUFFER_CACHE_MB"] = "16"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    limit, idle, hits = map(int, out.split())
+    assert limit == 16 << 20 and 0 < idle <= limit and hits >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Every ISA path on one machine (seqfast._C.set_cpu_isa caps it, as SEQFAST_CPU_ISA does)
+
+
+def _with_isa(isa, fn, *args):
+    from seqfast import _C
+
+    old = _C.set_cpu_isa(isa)
+    try:
+        return fn(*args)
+    finally:
+        _C.set_cpu_isa(old)
+
+
+def _isa_cases():
+    # State counts on both sides of 8- and 16-lane multiples, C not a multiple of 16, short inputs, an infeasible
+    # sample (sample 2 of the last case), both input kinds and a frame-major block of more than one sample.
+    for T, N, C, S, seed in [(37, 5, 11, 9, 30), (70, 6, 37, 23, 31), (40, 9, 1001, 15, 32), (13, 3, 7, 9, 16)]:
+        yield make_case(T, N, C, S, short=True, dtype=torch.float32, seed=seed)
+
+
+def test_cpu_isa_paths_avx512_equals_avx2_bitwise():
+    from seqfast import _C
+
+    if _C.cpu_isa() != "avx512":
+        pytest.skip("needs an AVX-512 CPU")
+    for case in _isa_cases():
+        for fn in (seqfast.ctc_loss, seqfast.ctc_loss_from_logits):
+            for threads in (1, 2):
+                prev = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    runs = {isa: _with_isa(isa, loss_and_grad, fn, *case) for isa in ("avx512", "avx2")}
+                    assert _with_isa("avx512", _C.cpu_isa) == "avx512" and _with_isa("avx2", _C.cpu_isa) == "avx2"
+                finally:
+                    torch.set_num_threads(prev)
+                (l5, g5), (l2, g2) = runs["avx512"], runs["avx2"]
+                assert torch.equal(l5, l2)
+                assert torch.equal(g5.nan_to_num(7.0), g2.nan_to_num(7.0)) and g5.isnan().equal(g2.isnan())
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_cpu_isa_paths_against_reference(isa):
+    from seqfast import _C
+
+    for lp, tg, il, tl in list(_isa_cases())[:3]:
+        ours = _with_isa(isa, loss_and_grad, seqfast.ctc_loss, lp, tg, il, tl)
+        t_loss, t_grad = torch_ctc(lp, tg, il, tl)
+        ref_loss, ref_grad = reference(lp.double(), tg, il, tl)
+        torch.testing.assert_close(ours[0].double(), ref_loss, rtol=1e-5, atol=1e-5)
+        ours_err = (ours[1].double() - ref_grad).abs().max().item()
+        torch_err = (t_grad.double() - ref_grad).abs().max().item()
+        assert ours_err <= 2 * torch_err + 1e-6, (isa, ours_err, torch_err)
+    with pytest.raises(RuntimeError, match="set_cpu_isa"):
+        _C.set_cpu_isa("sse9")

@@ -1,0 +1,237 @@
+// AVX-512 versions (16 lanes) of the hot float32 row kernels of ctc_loss_simd.h, same contracts.
+//
+// Each lane goes through exactly the operations of the AVX2 version (same polynomials, same order, same
+// roundings), so results are bit-identical to the AVX2 path; the one cross-lane sum (the blank posterior) is
+// accumulated in the AVX2 order too. Rows whose length is a multiple of 8 but not of 16 end with a masked
+// half vector. Compiled for AVX-512 only (SEQFAST_TARGET_AVX512): call after has_avx512() said yes.
+#pragma once
+
+#include "ctc_loss_simd.h"
+
+#if SEQFAST_X86
+#include <immintrin.h>
+
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() (a self-initialised variable), which its
+// -Wmaybe-uninitialized reports at every use: a known false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace seqfast::ctc_simd {
+
+#define SEQFAST_AVX512_INLINE SEQFAST_TARGET_AVX512 static inline __attribute__((always_inline))
+
+SEQFAST_AVX512_INLINE __m512 splat16(float v) { return _mm512_set1_ps(v); }
+
+// Lanes [0, rem) of a 16-lane vector (rem <= 16).
+SEQFAST_AVX512_INLINE __mmask16 lanes(int64_t rem) {
+  return rem >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rem) - 1u);
+}
+
+SEQFAST_AVX512_INLINE __m512 exp_reduced16(__m512 x, __m512* n_out) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, splat16(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, splat16(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, splat16(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(splat16(1.9875691500e-4f), r, splat16(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, splat16(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, splat16(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, splat16(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, splat16(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  *n_out = n;
+  return _mm512_add_ps(p, splat16(1.0f));
+}
+
+SEQFAST_AVX512_INLINE __m512 exp_core16(__m512 x) {
+  __m512 n;
+  const __m512 p = exp_reduced16(x, &n);
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(pow2));
+}
+
+// exp_any of ctc_loss_simd.h: 0 below kExpLo (and for -inf), +inf above kExpHi, NaN for NaN.
+SEQFAST_AVX512_INLINE __m512 exp_any16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(splat16(kExpHi), _mm512_max_ps(splat16(kExpLo), x));
+  const __m512 e = exp_core16(xc);
+  const __mmask16 below = _mm512_cmp_ps_mask(x, splat16(kExpLo), _CMP_LT_OQ);
+  const __mmask16 above = _mm512_cmp_ps_mask(x, splat16(kExpHi), _CMP_GT_OQ);
+  return _mm512_mask_blend_ps(above, _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), e),
+                              splat16(std::numeric_limits<float>::infinity()));
+}
+
+SEQFAST_AVX512_INLINE __m512 log_normal16(__m512 x) {
+  const __m512i xi = _mm512_castps_si512(x);
+  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(xi, 23), _mm512_set1_epi32(126)));
+  __m512 m = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_and_si512(xi, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)));
+  const __mmask16 small = _mm512_cmp_ps_mask(m, splat16(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm512_mask_sub_ps(e, small, e, splat16(1.0f));
+  const __m512 z = _mm512_mask_add_ps(_mm512_sub_ps(m, splat16(1.0f)), small, _mm512_sub_ps(m, splat16(1.0f)), m);
+  const __m512 z2 = _mm512_mul_ps(z, z);
+  __m512 p = _mm512_fmadd_ps(splat16(7.0376836292e-2f), z, splat16(-1.1514610310e-1f));
+  p = _mm512_fmadd_ps(p, z, splat16(1.1676998740e-1f));
+  p = _mm512_fmadd_ps(p, z, splat16(-1.2420140846e-1f));
+  p = _mm512_fmadd_ps(p, z, splat16(1.4249322787e-1f));
+  p = _mm512_fmadd_ps(p, z, splat16(-1.6668057665e-1f));
+  p = _mm512_fmadd_ps(p, z, splat16(2.0000714765e-1f));
+  p = _mm512_fmadd_ps(p, z, splat16(-2.4999993993e-1f));
+  p = _mm512_fmadd_ps(p, z, splat16(3.3333331174e-1f));
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, z), z2);
+  y = _mm512_fmadd_ps(e, splat16(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(z2, splat16(0.5f), y);
+  return _mm512_fmadd_ps(e, splat16(0.693359375f), _mm512_add_ps(z, y));
+}
+
+constexpr int64_t kExpRowAhead = 1024;  // floats: 4 KiB (measured best of 1, 2, 4, 8 KiB)
+
+// out[c] = g * exp(in[c] - off) for any n; out may alias in.
+SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, float off, float g, int64_t n) {
+  const __m512 voff = splat16(off), vg = splat16(g);
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    // Rows are long (C floats) and read once: ask for them well ahead, the stream prefetcher restarts at every
+    // 4 KiB page. Past the row's end this reaches into the next one, which the callers read next.
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead + 16), _MM_HINT_T0);
+    const __m512 x0 = _mm512_loadu_ps(in + c), x1 = _mm512_loadu_ps(in + c + 16);
+    _mm512_storeu_ps(out + c, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x0, voff))));
+    _mm512_storeu_ps(out + c + 16, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x1, voff))));
+  }
+  for (; c < n; c += 16) {
+    const __mmask16 k = lanes(n - c);
+    const __m512 x = _mm512_maskz_loadu_ps(k, in + c);
+    _mm512_mask_storeu_ps(out + c, k, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x, voff))));
+  }
+}
+
+SEQFAST_AVX512_INLINE __m512i loadi16(__mmask16 k, const int32_t* p) { return _mm512_maskz_loadu_epi32(k, p); }
+SEQFAST_AVX512_INLINE __m512 loadf16(__mmask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
+
+// emission_ext_avx2 (n a multiple of 8).
+SEQFAST_TARGET_AVX512 static void emission_ext_avx512(float* em, int32_t* ee, const float* lpe, int64_t n) {
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 k = lanes(n - s);
+    const __m512 x = loadf16(k, lpe + s);
+    const __mmask16 live = _mm512_cmp_ps_mask(x, splat16(kEmitLo), _CMP_NLE_UQ);
+    __m512 nf;
+    const __m512 m = exp_reduced16(_mm512_min_ps(splat16(-kEmitLo), _mm512_max_ps(splat16(kEmitLo), x)), &nf);
+    _mm512_mask_storeu_ps(em + s, k, _mm512_maskz_mov_ps(live, m));
+    _mm512_mask_storeu_epi32(ee + s, k, _mm512_maskz_mov_epi32(live, _mm512_cvtps_epi32(nf)));
+  }
+}
+
+SEQFAST_AVX512_INLINE void renormalise16(__m512 v, __m512i E, __m512* m_out, __m512i* e_out) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i e = _mm512_add_epi32(E, _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(127)));
+  const __m512 m = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f800000)));
+  const __mmask16 zero = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_EQ_OQ) |
+                         _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(kLiveE), e);
+  *m_out = _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), m);
+  *e_out = _mm512_mask_mov_epi32(e, zero, _mm512_set1_epi32(kZeroE));
+}
+
+SEQFAST_AVX512_INLINE __m512 pow2_diff16(__m512i e, __m512i E) {
+  const __m512i biased = _mm512_max_epi32(_mm512_add_epi32(_mm512_sub_epi32(e, E), _mm512_set1_epi32(127)),
+                                          _mm512_setzero_si512());
+  return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
+}
+
+SEQFAST_AVX512_INLINE __m512 add3_16(__m512 ma, __m512i ea, __m512 mb, __m512i eb, __m512 mc, __m512i ec,
+                                     __m512i* E) {
+  *E = _mm512_max_epi32(_mm512_max_epi32(ea, eb), ec);
+  __m512 sum = _mm512_mul_ps(ma, pow2_diff16(ea, *E));
+  sum = _mm512_fmadd_ps(mb, pow2_diff16(eb, *E), sum);
+  return _mm512_fmadd_ps(mc, pow2_diff16(ec, *E), sum);
+}
+
+// log_mantissa of ctc_loss_simd.h: the 16-entry tables fit one permute.
+SEQFAST_AVX512_INLINE __m512 log_mantissa16(__m512 m) {
+  const __m512i bits = _mm512_castps_si512(m);
+  const __m512i j = _mm512_and_si512(_mm512_srli_epi32(bits, 19), _mm512_set1_epi32(15));
+  const __m512 c = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(kLogBucketMask)), _mm512_set1_epi32(kLogBucketMid)));
+  const __m512 r = _mm512_mul_ps(_mm512_sub_ps(m, c), _mm512_permutexvar_ps(j, _mm512_loadu_ps(kLogInvC)));
+  __m512 p = _mm512_fmadd_ps(splat16(-0.25f), r, splat16(0x1.555556p-2f));
+  p = _mm512_fmadd_ps(p, r, splat16(-0.5f));
+  p = _mm512_fmadd_ps(p, r, splat16(1.0f));
+  return _mm512_fmadd_ps(p, r, _mm512_permutexvar_ps(j, _mm512_loadu_ps(kLogC)));
+}
+
+SEQFAST_AVX512_INLINE __m512 ext_log16(__m512 m, __m512i e) {
+  const __mmask16 is_zero = _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  const __m512 safe = _mm512_mask_mov_ps(m, is_zero, splat16(1.0f));
+  const __m512 r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), splat16(0.693147180559945309f), log_mantissa16(safe));
+  return _mm512_mask_mov_ps(r, is_zero, splat16(-std::numeric_limits<float>::infinity()));
+}
+
+// The masked loads below read zeros in the lanes past n: those lanes' results are never stored.
+SEQFAST_TARGET_AVX512 static void alpha_ext_row_avx512(float* m_out, int32_t* e_out, float* log_out,
+                                                       const float* m_prev, const int32_t* e_prev, const float* skip_m,
+                                                       const int32_t* skip_e, const float* em, const int32_t* ee,
+                                                       int64_t n) {
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 k = lanes(n - s);
+    __m512i E;
+    const __m512 c = _mm512_and_ps(loadf16(k, m_prev + s - 2), loadf16(k, skip_m + s));
+    const __m512 sum = add3_16(loadf16(k, m_prev + s), loadi16(k, e_prev + s), loadf16(k, m_prev + s - 1),
+                               loadi16(k, e_prev + s - 1), c,
+                               _mm512_add_epi32(loadi16(k, e_prev + s - 2), loadi16(k, skip_e + s)), &E);
+    __m512 m;
+    __m512i e;
+    renormalise16(_mm512_mul_ps(sum, loadf16(k, em + s)), _mm512_add_epi32(E, loadi16(k, ee + s)), &m, &e);
+    _mm512_mask_storeu_ps(m_out + s, k, m);
+    _mm512_mask_storeu_epi32(e_out + s, k, e);
+    if (log_out != nullptr) _mm512_mask_storeu_ps(log_out + s, k, ext_log16(m, e));
+  }
+}
+
+SEQFAST_TARGET_AVX512 static void beta_ext_row_avx512(float* bxm, int32_t* bxe, float* bm, int32_t* be,
+                                                      const float* nm, const int32_t* ne, const float* skip_m,
+                                                      const int32_t* skip_e, const float* em, const int32_t* ee,
+                                                      int64_t n) {
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 k = lanes(n - s);
+    __m512i E;
+    const __m512 c = _mm512_and_ps(loadf16(k, nm + s + 2), loadf16(k, skip_m + s));
+    const __m512 sum = add3_16(loadf16(k, nm + s), loadi16(k, ne + s), loadf16(k, nm + s + 1), loadi16(k, ne + s + 1),
+                               c, _mm512_add_epi32(loadi16(k, ne + s + 2), loadi16(k, skip_e + s)), &E);
+    __m512 m;
+    __m512i e;
+    renormalise16(sum, E, &m, &e);
+    _mm512_mask_storeu_ps(bxm + s, k, m);
+    _mm512_mask_storeu_epi32(bxe + s, k, e);
+    renormalise16(_mm512_mul_ps(m, loadf16(k, em + s)), _mm512_add_epi32(e, loadi16(k, ee + s)), &m, &e);
+    _mm512_mask_storeu_ps(bm + s, k, m);
+    _mm512_mask_storeu_epi32(be + s, k, e);
+  }
+}
+
+SEQFAST_TARGET_AVX512 static float posterior_ext_row_avx512(float* post, const float* alpha, const float* bxm,
+                                                            const int32_t* bxe, float nll, int64_t n) {
+  const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+  __m256 acc = _mm256_setzero_ps();
+  const __m512 vnll = splat16(nll);
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 k = lanes(n - s);
+    const __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(loadi16(k, bxe + s)), splat16(0.693147180559945309f),
+                                     _mm512_add_ps(loadf16(k, alpha + s), vnll));
+    const __m512 p = _mm512_mul_ps(exp_any16(x), loadf16(k, bxm + s));
+    _mm512_mask_storeu_ps(post + s, k, p);
+    // The AVX2 order: one 8-lane accumulator, low half first.
+    acc = _mm256_add_ps(acc, _mm256_and_ps(_mm512_castps512_ps256(p), even));
+    if (n - s > 8) acc = _mm256_add_ps(acc, _mm256_and_ps(_mm512_extractf32x8_ps(p, 1), even));
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+#undef SEQFAST_AVX512_INLINE
+
+}  // namespace seqfast::ctc_simd
+
+#pragma GCC diagnostic pop
+
+#endif  // SEQFAST_X86
