@@ -430,6 +430,27 @@ def test_buffer_cache_reuses_and_gives_same_bits():
         _C.buffer_cache_set_limit(old)
 
 
+def test_buffer_cache_blocks_are_seen_by_the_memory_profiler():
+    """Cached outputs are reported to torch's profiler like the default allocator's (the benchmarks' peak-memory
+    column and users' profiles rely on it), also when the block comes back from the cache."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from seqfast import _C
+
+    lp, tg, il, tl = _big_case()
+    old = _C.buffer_cache_set_limit(64 << 20)
+    try:
+        loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)  # the gradient's block is now idle in the cache
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            _, grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
+            nbytes = grad.numel() * grad.element_size()
+            del grad
+        sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        assert any(n >= nbytes for n in sizes) and any(n <= -nbytes for n in sizes), (nbytes, sizes)
+    finally:
+        _C.buffer_cache_set_limit(old)
+
+
 def test_buffer_cache_bounded_and_thread_safe():
     import threading
 
