@@ -152,7 +152,7 @@ RowOps<T> row_ops() {
     if (has_avx2()) {
       return {&ctc_simd::alpha_row_avx2, &ctc_simd::beta_row_avx2, &ctc_simd::posterior_row_avx2,
               has_avx512() ? &ctc_simd::exp_row_avx512 : &ctc_simd::exp_row_avx2,
-              &ctc_simd::logsumexp_row_avx2};
+              has_avx512() ? &ctc_simd::logsumexp_row_avx512 : &ctc_simd::logsumexp_row_avx2};
     }
 #endif
   }

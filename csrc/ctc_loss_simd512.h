@@ -15,6 +15,7 @@
 // -Wmaybe-uninitialized reports at every use: a known false positive.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace seqfast::ctc_simd {
 
@@ -102,6 +103,35 @@ SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, fl
     const __m512 x = _mm512_maskz_loadu_ps(k, in + c);
     _mm512_mask_storeu_ps(out + c, k, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x, voff))));
   }
+}
+
+// logsumexp_row_avx2, same bits: the max is exact in any order, and the sum of exps runs in the AVX2 order (an
+// 8-lane accumulator taking 8-float chunks in turn) while the exps themselves are computed 16 at a time. The rows
+// are read from memory once (the second pass finds them in L1/L2), prefetched ahead as in exp_row_avx512.
+SEQFAST_TARGET_AVX512 static float logsumexp_row_avx512(const float* in, int64_t n) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  __m512 vm = splat16(-kInf);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead), _MM_HINT_T0);
+    vm = _mm512_max_ps(vm, _mm512_loadu_ps(in + c));
+  }
+  if (c < n) vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(splat16(-kInf), lanes(n - c), in + c));
+  const float m = _mm512_reduce_max_ps(vm);
+  if (!(m > -kInf && m < kInf)) return m;  // all -inf, or an inf / NaN logit: the softmax is undefined, let it show
+  const __m512 vmax = splat16(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (c = 0; c + 16 <= n; c += 16) {
+    const __m512 e = exp_any16(_mm512_sub_ps(_mm512_loadu_ps(in + c), vmax));
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+    acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(e, 1));
+  }
+  for (; c < n; c += 8) {  // the AVX2 version's last full chunk of 8, then its masked tail (exp of 0 - m, zeroed)
+    const __mmask16 k = lanes(std::min<int64_t>(n - c, 8));
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_any16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, in + c), vmax)));
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+  }
+  return m + std::log(hsum(acc));
 }
 
 SEQFAST_AVX512_INLINE __m512i loadi16(__mmask16 k, const int32_t* p) { return _mm512_maskz_loadu_epi32(k, p); }
