@@ -438,12 +438,10 @@ class BetaExt {
       }
     } else {
       ops_.beta_row(bx_.m.data() + lo, bx_.e.data() + lo, cm_ + lo, ce_ + lo, nm_ + lo, ne_ + lo,
-                                  skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em_.data() + lo, ee_.data() + lo,
-                                  P - lo);
+                    skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em_.data() + lo, ee_.data() + lo, P - lo);
     }
     std::copy(la_row, la_row + states, alpha_.data());
-    c_[0] = ops_.posterior(post_.data() + lo, alpha_.data() + lo, bx_.m.data() + lo,
-                                             bx_.e.data() + lo, nll_, P - lo);
+    c_[0] = ops_.posterior(post_.data() + lo, alpha_.data() + lo, bx_.m.data() + lo, bx_.e.data() + lo, nll_, P - lo);
     for (int64_t k = 0; k < L; ++k) c_[1 + k] = post_[2 * k + 1];
     std::swap(nm_, cm_);
     std::swap(ne_, ce_);
@@ -618,7 +616,9 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
         std::vector<acc_t> buf;
         std::vector<std::unique_ptr<BetaExt<scalar_t>>> betas(end - begin);
         for (int64_t n = begin; n < end; ++n) {
-          if (il[n] > 0 && !std::isinf(nll[n])) betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(eops, tg + n * z.S, tl[n], il[n], nll[n]);
+          if (il[n] > 0 && !std::isinf(nll[n])) {
+            betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(eops, tg + n * z.S, tl[n], il[n], nll[n]);
+          }
         }
         // Frame-major over the block, as in forward: the gradient rows are written in memory order too.
         for (int64_t t = z.T - 1; t >= 0; --t) {
@@ -660,6 +660,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
           BetaExt<scalar_t> beta(eops, tg + n * z.S, tl[n], len, nll[n]);
           for (int64_t t = len - 1; t >= 0; --t) {
             const int64_t r = t * z.N + n;
+            if (t > 0) beta.smp.prefetch(lp + ((t - 1) * z.N + n) * z.C, blank, z.C);  // the next step's row
             const float* c = beta.step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank, la + (n * z.T + t) * width);
             std::copy(c, c + beta.smp.L + 1, comp + (n * z.T + t) * cw);
           }
