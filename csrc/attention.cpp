@@ -652,9 +652,17 @@ Problem<T> make_problem(int64_t Hq, int64_t Hk, int64_t D, int64_t Dv, int64_t c
 template <typename S>
 using CalcT = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
+// The dropout seed travels as a one-element int64 CPU tensor, so that torch.compile can draw it in the graph.
+int64_t seed_value(const at::Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "seqfast attention: seed must be a one-element int64 CPU tensor");
+  return seed.item<int64_t>();
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value, const c10::optional<at::Tensor>& attn_mask,
-                                                     double dropout_p, int64_t causal, double scale, int64_t seed) {
+                                                     double dropout_p, int64_t causal, double scale,
+                                                     const at::Tensor& seed) {
   check_inputs(query, key, value, 4);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "seqfast attention: dropout_p must be in [0, 1)");
   const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lk = key.size(2);
@@ -667,7 +675,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
     Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(3), value.size(3), causal, scale);
     for (int64_t b = 0; b < B; ++b) pb.seq.add(Lq, Lk);
     pb.mask = make_mask<T>(attn_mask, {B, Hq, Lq, Lk});
-    pb.dropout = Dropout(dropout_p, seed);
+    pb.dropout = Dropout(dropout_p, seed_value(seed));
     using CS = const scalar_t;
     at::Tensor lse3 = lse.unsqueeze(-1);
     forward<scalar_t, T>(pb, batched_view<CS>(query, query.data_ptr<scalar_t>()),
@@ -682,7 +690,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    int64_t causal, double scale, int64_t seed, bool mask_grad) {
+    int64_t causal, double scale, const at::Tensor& seed, bool mask_grad) {
   check_inputs(query, key, value, 4);
   const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lk = key.size(2);
   TORCH_CHECK(!mask_grad || (attn_mask.has_value() && attn_mask->is_floating_point()),
@@ -697,7 +705,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     Problem<T> pb = make_problem<T>(Hq, key.size(1), query.size(3), value.size(3), causal, scale);
     for (int64_t b = 0; b < B; ++b) pb.seq.add(Lq, Lk);
     pb.mask = make_mask<T>(attn_mask, {B, Hq, Lq, Lk});
-    pb.dropout = Dropout(dropout_p, seed);
+    pb.dropout = Dropout(dropout_p, seed_value(seed));
     at::Tensor dmask_t;
     if (mask_grad) dmask_t = at::zeros({B, Hq, Lq, Lk}, query.options().dtype(tdt));
     using CS = const scalar_t;

@@ -696,7 +696,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
 
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-    dropout_p: float, causal: int, scale: float, seed: int,
+    dropout_p: float, causal: int, scale: float, seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``seqfast::attention_forward``: q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) ->
     (out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32, +inf on rows that see no key)."""
@@ -709,7 +709,7 @@ def attention_forward(
 def attention_backward(
     grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attn_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, dropout_p: float, causal: int,
-    scale: float, seed: int, mask_grad: bool,
+    scale: float, seed: torch.Tensor, mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``seqfast::attention_backward``: (dq, dk, dv) like the inputs, dmask (B, Hq, Lq, Lk) or empty."""
     _check(query, key, value)

@@ -13,11 +13,13 @@ from seqfast.functional import (
     scaled_dot_product_attention,
     varlen_attention,
 )
+from seqfast.validation import ArgumentError
 
 __version__ = "0.1.0"
 EXTENSION_AVAILABLE = _extension.AVAILABLE
 
 __all__ = [
+    "ArgumentError",
     "BACKENDS",
     "EXTENSION_AVAILABLE",
     "backend",

@@ -9,13 +9,18 @@ which wins over the variable.
 Forcing works through a ``TorchDispatchMode`` that intercepts seqfast ops below
 autograd, so the same autograd formulas run for every backend. The backend chosen
 at forward time is saved by each op's autograd context and reused in backward.
+
+The forced backend lives in a ``threading.local`` (per thread, like a context variable) because
+``torch.compile`` traces and guards on it, where it cannot trace ``ContextVar.get``. Inside a compiled
+function ``SEQFAST_BACKEND`` is read when the function is compiled; a forced non-``auto`` backend runs
+outside the graph (a graph break), as the dispatch mode that forces it cannot be traced.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("seqfast_backend", default=None)
+_state = threading.local()  # .forced: the innermost backend() context's name, absent or None outside any
 # (op name without namespace, backend) -> implementation with the op's schema.
 _IMPLS: dict[tuple[str, str], Callable[..., Any]] = {}
 
@@ -37,7 +42,7 @@ def _check_name(name: str, source: str) -> str:
 
 def current() -> str:
     """The backend in force: the innermost :func:`backend` context, else ``$SEQFAST_BACKEND``, else ``auto``."""
-    forced = _forced.get()
+    forced = getattr(_state, "forced", None)
     if forced is not None:
         return forced
     return _check_name(os.environ.get("SEQFAST_BACKEND", "auto").strip().lower() or "auto", "SEQFAST_BACKEND")
@@ -50,11 +55,12 @@ def backend(name: str) -> Iterator[None]:
     >>> with seqfast.backend("reference"):
     ...     loss = seqfast.ctc_loss(log_probs, targets, input_lengths, target_lengths)
     """
-    token = _forced.set(_check_name(name, "seqfast.backend"))
+    outer = getattr(_state, "forced", None)
+    _state.forced = _check_name(name, "seqfast.backend")
     try:
         yield
     finally:
-        _forced.reset(token)
+        _state.forced = outer
 
 
 def register(op_name: str, backend_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -97,5 +103,10 @@ def dispatch(name: str | None, op: Callable[..., Any], *args: Any) -> Any:
     name = current() if name is None else name
     if name == "auto":
         return op(*args)
+    return _dispatch_forced(name, op, *args)
+
+
+@torch._dynamo.disable
+def _dispatch_forced(name: str, op: Callable[..., Any], *args: Any) -> Any:
     with _ForceBackend(name):
         return op(*args)

@@ -38,17 +38,18 @@ def threshold(p: float) -> int:
     return math.ceil(p * 16777216.0)
 
 
-def keep_mask(seed: int, shape: tuple[int, int, int, int], p: float) -> torch.Tensor:
-    """Bool (B, Hq, Lq, Lk) keep-mask the C++ kernels use for ``dropout_p = p`` and ``seed``."""
+def keep_mask(seed: torch.Tensor | int, shape: tuple[int, int, int, int], p: float) -> torch.Tensor:
+    """Bool (B, Hq, Lq, Lk) keep-mask the C++ kernels use for ``dropout_p = p`` and ``seed`` (an int, or the
+    one-element int64 tensor the op takes: then no value leaves the tensor, so ``torch.compile`` traces it)."""
     B, H, Lq, Lk = shape
-    s = seed & ((1 << 64) - 1)
-    t = torch.tensor
-
-    def mix(x: int) -> int:
-        return int(_fmix32(t(x & _M32, dtype=torch.int64)))
-
-    k = mix((s >> 32) ^ 0x9E3779B9)
-    k = mix(k ^ (s & _M32))
+    if isinstance(seed, torch.Tensor):
+        s = seed.reshape(()).to(torch.int64)
+        hi, lo = (s >> 32) & _M32, s & _M32  # two's complement bits, as the kernel's uint64 cast sees them
+    else:
+        s = seed & ((1 << 64) - 1)
+        hi, lo = torch.tensor(s >> 32, dtype=torch.int64), torch.tensor(s & _M32, dtype=torch.int64)
+    k = _fmix32(hi ^ 0x9E3779B9)
+    k = _fmix32(k ^ lo)
     b = _fmix32(k ^ torch.arange(B, dtype=torch.int64))
     h = _fmix32(b[:, None] ^ torch.arange(H, dtype=torch.int64)[None, :])
     rows = _fmix32(h[:, :, None] ^ torch.arange(Lq, dtype=torch.int64)[None, None, :])

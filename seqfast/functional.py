@@ -21,7 +21,7 @@ def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, ze
     )
     if zero_infinity:
         nll = torch.where(torch.isinf(nll), torch.zeros_like(nll), nll)
-    out_dtype = log_probs.dtype
+    out_dtype = args.log_probs.dtype  # float32 under autocast, as torch's ctc_loss
     if reduction == "mean":
         return (nll / args.target_lengths.clamp_min(1).to(nll.dtype)).mean().to(out_dtype)
     if reduction == "sum":
@@ -81,9 +81,13 @@ def ctc_loss_from_logits(
     return _ctc(logits, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, True, "logits")
 
 
-def _dropout_seed(dropout_p: float) -> int:
-    # Drawn from torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p > 0 else 0
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
+
+
+def _dropout_seed(dropout_p: float) -> torch.Tensor:
+    """The op's dropout seed: a one-element int64 CPU tensor drawn from torch's default CPU generator (so
+    ``torch.manual_seed`` makes dropout reproducible), by a tensor op that ``torch.compile`` traces."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else _NO_SEED
 
 
 def scaled_dot_product_attention(
@@ -99,26 +103,36 @@ def scaled_dot_product_attention(
     """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Args:
-        query: (..., Hq, Lq, E); key: (..., Hk, Lk, E); value: (..., Hk, Lk, Ev); one floating dtype.
-        attn_mask: broadcastable to (..., Hq, Lq, Lk); bool (True = attend) or float in query's
-            dtype (added to the scores; gets a gradient when it requires one).
-        dropout_p: dropout on the attention weights, applied whenever > 0 (as torch); the RNG is
-            seeded from torch's default generator.
-        is_causal: top-left causal mask (query i sees keys j <= i); exclusive with attn_mask.
+        query: (..., Hq, Lq, E); key: (..., Hk, Lk, E); value: (..., Hk, Lk, Ev); one floating dtype
+            (under autocast, cast to autocast's dtype as torch does). Batch dims broadcast (so do key/value
+            heads of 1), as in torch.
+        attn_mask: broadcastable to (..., Hq, Lq, Lk); bool (True = attend) or float (float32 or query's
+            dtype; added to the scores; gets a gradient when it requires one).
+        dropout_p: dropout on the attention weights, in [0, 1], applied whenever > 0 (as torch); the RNG
+            is seeded from torch's default generator.
+        is_causal: top-left causal mask (query i sees keys j <= i); with ``attn_mask`` too, a key must pass
+            both (as torch 2.13).
         scale: defaults to 1 / sqrt(E).
         enable_gqa: allow Hq a multiple of Hk (grouped / multi-query attention).
 
     Returns:
-        (..., Hq, Lq, Ev) in query's dtype. Rows that see no key are 0 (torch gives NaN).
+        (..., Hq, Lq, Ev) in query's dtype (contiguous). Rows that see no key are 0 (torch gives NaN).
     """
     return _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              _dropout_seed(dropout_p))
 
 
-def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed: int):
+def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed: torch.Tensor):
     """:func:`scaled_dot_product_attention` with the dropout seed given (callers that need the keep-mask)."""
     args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     causal = attention_ops.CAUSAL_TOP_LEFT if is_causal else attention_ops.NO_CAUSAL
+    if dropout_p == 1.0:
+        # Every weight dropped: torch's result is 0 (NaN where the attention itself is NaN), and so is this.
+        out, _ = _backend.dispatch(
+            None, attention_ops.FORWARD, args.query, args.key, args.value, args.attn_mask, 0.0, causal, args.scale,
+            _NO_SEED,
+        )
+        return (out * 0.0).reshape(args.out_shape)
     out, _ = _backend.dispatch(
         None, attention_ops.FORWARD, args.query, args.key, args.value, args.attn_mask, float(dropout_p),
         causal, args.scale, seed,

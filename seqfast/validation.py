@@ -1,13 +1,17 @@
 """Argument checks and normalisation for every public function, shared by all backends.
 
-Each ``*_arguments`` function raises ``ValueError`` naming the argument and the offending value,
-and returns the canonical tensors the ops take. Checks that need values held on a CUDA device are
-gathered into a single device-to-host copy per call.
+Each ``*_arguments`` function raises :class:`ArgumentError` (both a ``ValueError`` and, like torch's own
+argument errors, a ``RuntimeError``) naming the argument and the offending value, and returns the canonical
+tensors the ops take. The forms torch accepts are accepted with torch's meaning (lengths as lists of numpy
+or 0-d tensor integers, float targets, broadcast batch dims, autocast's casting); checks that need values
+held on a device are gathered into one device-to-host copy per call, and inside ``torch.compile`` they
+become asynchronous device asserts so that the call traces without a graph break.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -19,34 +23,68 @@ REDUCTIONS = ("none", "mean", "sum")
 IntLengths = torch.Tensor | Sequence[int] | int
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """An argument seqfast (like torch) refuses. A ``ValueError``, and a ``RuntimeError`` as torch raises for
+    bad arguments, so code written for either catches it."""
+
+
+def _floating(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+        raise ArgumentError(f"{name} must be a floating tensor of dtype {FLOAT_DTYPES}, got "
+                            f"{getattr(t, 'dtype', type(t))}")
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The lower-precision dtype autocast casts to on ``device`` now, or None when autocast is off there."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CTC
+
+
 class CTCArguments(NamedTuple):
     log_probs: torch.Tensor  # (T, N, C) contiguous
-    targets: torch.Tensor  # (N, S) int64, padded, S = max target length
+    targets: torch.Tensor  # (N, S) int64, padded, S >= max target length
     input_lengths: torch.Tensor  # (N,) int64 on log_probs' device
     target_lengths: torch.Tensor  # (N,) int64 on log_probs' device
     batched: bool
 
 
+def _index(name: str, v: object) -> int:
+    """One length: an int, a numpy integer or a 0-d integer tensor (what torch's int lists take)."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and (v.dtype == torch.bool or v.dim() != 0)):
+        raise ArgumentError(f"{name} must hold integers, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ArgumentError(f"{name} must hold integers, got {v!r}") from None
+
+
 def _lengths(name: str, value: IntLengths, batched: bool, n: int, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integers, got dtype {value.dtype}")
-        t = value.to(device=device, dtype=torch.int64)
+            raise ArgumentError(f"{name} must hold integers, got dtype {value.dtype}")
+        t = value if value.dtype == torch.int64 and value.device == device else value.to(device, torch.int64)
     else:
-        values = [value] if isinstance(value, int) else list(value)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"{name} must hold integers, got {value!r}")
+        if isinstance(value, (list, tuple)):
+            values = value if all(type(v) is int for v in value) else [_index(name, v) for v in value]
+        else:
+            values = [_index(name, value)]
         t = torch.tensor(values, dtype=torch.int64, device=device)
-    t = t.reshape(-1) if (not batched and t.dim() == 0) or t.dim() == 1 else t
-    if t.dim() != 1 or t.numel() != n:
-        raise ValueError(f"{name} must have {n} entr{'y' if n == 1 else 'ies'} (one per batch element), got shape "
-                         f"{tuple(value.shape) if isinstance(value, torch.Tensor) else len(t)}")
+    if t.dim() != 1:
+        t = t.reshape(-1) if (not batched and t.dim() == 0) else t
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ArgumentError(f"{name} must have {n} entr{'y' if n == 1 else 'ies'} (one per batch element), got "
+                            f"shape {tuple(value.shape) if isinstance(value, torch.Tensor) else len(t)}")
     return t
 
 
 def reduction_argument(reduction: str) -> str:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
 
 
@@ -60,34 +98,39 @@ def ctc_arguments(
 ) -> CTCArguments:
     """Validate torch's ``ctc_loss`` arguments, every form, and bring them to the op's canonical form.
 
-    One host sync on CUDA: lengths and label checks travel in one small tensor.
+    Under autocast, float16/bfloat16 ``log_probs`` are computed in float32 (torch's ctc_loss runs in float32
+    there). Targets of a floating or bool dtype are truncated to integers, as torch does.
     """
-    if not isinstance(log_probs, torch.Tensor) or log_probs.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor of dtype {FLOAT_DTYPES}, got "
-                         f"{getattr(log_probs, 'dtype', type(log_probs))}")
+    _floating(name, log_probs)
     if log_probs.dim() not in (2, 3):
-        raise ValueError(f"{name} must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")
+        raise ArgumentError(f"{name} must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")
+    if log_probs.numel() == 0:
+        raise ArgumentError(f"{name} must not be empty (torch refuses it too), got shape {tuple(log_probs.shape)}")
+    if log_probs.dtype in (torch.float16, torch.bfloat16) and _autocast_dtype(log_probs.device) is not None:
+        log_probs = log_probs.float()
     batched = log_probs.dim() == 3
     lp = log_probs if batched else log_probs.unsqueeze(1)
     T, N, C = lp.shape
-    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
-    if not isinstance(blank, int) or not 0 <= blank < C:
-        raise ValueError(f"blank must be in [0, {C}) (C = number of classes), got {blank}")
+    if not isinstance(targets, torch.Tensor) or targets.is_complex():
+        raise ArgumentError(f"targets must be a real tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
+        raise ArgumentError(f"blank must be in [0, {C}) (C = number of classes), got {blank}")
     device = lp.device
     il = _lengths("input_lengths", input_lengths, batched, N, device)
     tl = _lengths("target_lengths", target_lengths, batched, N, device)
-    tg = targets.to(device=device, dtype=torch.int64)
-    padded = (tg.dim() == 2) if batched else False
+    tg = targets if targets.dtype == torch.int64 and targets.device == device else targets.to(device, torch.int64)
     if batched and tg.dim() not in (1, 2):
-        raise ValueError(f"targets must be (N, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
+        raise ArgumentError(f"targets must be (N, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
     if not batched and tg.dim() != 1:
-        raise ValueError(f"unbatched targets must be 1-D (S,), got shape {tuple(targets.shape)}")
+        raise ArgumentError(f"unbatched targets must be 1-D (S,), got shape {tuple(targets.shape)}")
+    padded = batched and tg.dim() == 2
     if padded and tg.shape[0] != N:
-        raise ValueError(f"targets has batch size {tg.shape[0]} but log_probs has {N}")
+        raise ArgumentError(f"targets has batch size {tg.shape[0]} but log_probs has {N}")
     if not batched:
         tg, padded = tg.unsqueeze(0), True
     S = tg.shape[1] if padded else tg.shape[0]
+    if torch.compiler.is_compiling():
+        return _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank)
 
     # Label validity where it counts (padding may hold anything), computed on the device.
     if padded:
@@ -95,31 +138,28 @@ def ctc_arguments(
     else:
         counted = torch.ones_like(tg, dtype=torch.bool)
     bad_label = ((tg < 0) | (tg >= C) | (tg == blank)) & counted
-    stats = torch.stack([
-        il.min() if N else il.new_zeros(()), il.max() if N else il.new_zeros(()),
-        tl.min() if N else tl.new_zeros(()), tl.max() if N else tl.new_zeros(()),
-        tl.sum(), bad_label.sum(),
-    ]).tolist()  # the one host sync
+    stats = torch.stack([il.min(), il.max(), tl.min(), tl.max(), tl.sum(), bad_label.sum()]).tolist()  # one sync
     il_min, il_max, tl_min, tl_max, tl_sum, n_bad = stats
     if il_min < 0:
-        raise ValueError(f"input_lengths must be >= 0, got {il.min().item()} at index {int(il.argmin())}")
+        raise ArgumentError(f"input_lengths must be >= 0, got {il_min} at index {int(il.argmin())}")
     if il_max > T:
-        raise ValueError(f"input_lengths must be <= T = {T}, got {il_max} at index {int(il.argmax())}")
+        raise ArgumentError(f"input_lengths must be <= T = {T}, got {il_max} at index {int(il.argmax())}")
     if tl_min < 0:
-        raise ValueError(f"target_lengths must be >= 0, got {tl_min} at index {int(tl.argmin())}")
+        raise ArgumentError(f"target_lengths must be >= 0, got {tl_min} at index {int(tl.argmin())}")
     if padded and tl_max > S:
-        raise ValueError(f"target_lengths must be <= S = {S} (targets' padded width), got {tl_max} "
-                         f"at index {int(tl.argmax())}")
+        raise ArgumentError(f"target_lengths must be <= S = {S} (targets' padded width), got {tl_max} "
+                            f"at index {int(tl.argmax())}")
     if not padded and tl_sum != S:
-        raise ValueError(f"sum(target_lengths) = {tl_sum} must equal len(targets) = {S} for concatenated targets")
+        raise ArgumentError(f"sum(target_lengths) = {tl_sum} must equal len(targets) = {S} for concatenated "
+                            "targets")
     if n_bad:
         where = bad_label.nonzero()[0].tolist()
         value = int(tg[tuple(where)])
-        raise ValueError(f"targets must hold labels in [0, {C}) other than blank={blank}; got {value} at "
-                         f"position {tuple(where) if padded else where[0]}")
+        raise ArgumentError(f"targets must hold labels in [0, {C}) other than blank={blank}; got {value} at "
+                            f"position {tuple(where) if padded else where[0]}")
 
     if padded:
-        tg = tg[:, :tl_max]
+        tg = tg[:, :tl_max] if tl_max < S else tg
     else:
         starts = torch.cumsum(tl, 0) - tl
         cols = torch.arange(tl_max, device=device)
@@ -129,9 +169,36 @@ def ctc_arguments(
     return CTCArguments(lp.contiguous(), tg.contiguous(), il, tl, batched)
 
 
+def _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank) -> CTCArguments:
+    """The checks of :func:`ctc_arguments` as device asserts (no host sync, no data-dependent shape), for
+    ``torch.compile``. Padded targets keep their width S; concatenated ones are padded to the longest
+    target, whose length depends on the data (a graph break, as the values must be read)."""
+    torch._assert_async(((il >= 0) & (il <= T)).all(), "input_lengths must be in [0, T]")
+    torch._assert_async((tl >= 0).all(), "target_lengths must be >= 0")
+    if padded:
+        torch._assert_async((tl <= S).all(), "target_lengths must be <= S (targets' padded width)")
+        counted = torch.arange(S, device=lp.device)[None, :] < tl[:, None]
+    else:
+        torch._assert_async(tl.sum() == S, "sum(target_lengths) must equal len(targets) for concatenated targets")
+        counted = torch.ones_like(tg, dtype=torch.bool)
+    bad = ((tg < 0) | (tg >= C) | (tg == blank)) & counted
+    torch._assert_async(~bad.any(), "targets must hold labels in [0, C) other than blank")
+    if not padded:
+        tl_max = int(tl.max()) if tl.numel() else 0
+        starts = torch.cumsum(tl, 0) - tl
+        cols = torch.arange(tl_max, device=lp.device)
+        idx = (starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))
+        tg = torch.where(cols[None, :] < tl[:, None], tg[idx], blank) if S else tg.new_zeros((tl.shape[0], tl_max))
+    return CTCArguments(lp.contiguous(), tg.contiguous(), il, tl, batched)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+
+
 class SDPAArguments(NamedTuple):
     query: torch.Tensor  # (B, Hq, Lq, D), stride 1 on the last dim
-    key: torch.Tensor  # (B, Hk, Lk, D)
+    key: torch.Tensor  # (B, Hk, Lk, D), Hq % Hk == 0
     value: torch.Tensor  # (B, Hk, Lk, Dv)
     attn_mask: torch.Tensor | None  # (B, Hq, Lq, Lk) view, bool or query's dtype
     scale: float
@@ -140,6 +207,21 @@ class SDPAArguments(NamedTuple):
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _broadcast(shapes: tuple[torch.Size, ...], what: str, query, key, value) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ArgumentError(f"query, key and value {what} must broadcast, got shapes {tuple(query.shape)}, "
+                            f"{tuple(key.shape)}, {tuple(value.shape)}") from None
+
+
+def _fold(t: torch.Tensor, batch: tuple[int, ...], heads: int, B: int) -> torch.Tensor:
+    """(..., h, L, E) -> (B, heads, L, E), broadcasting the batch dims (and h == 1 to ``heads``)."""
+    if t.dim() != 4 or t.shape[0] != B or t.shape[1] != heads:
+        t = t.expand(*batch, heads, t.shape[-2], t.shape[-1]).reshape(B, heads, t.shape[-2], t.shape[-1])
+    return _last_dim_contiguous(t)
 
 
 def sdpa_arguments(
@@ -152,54 +234,76 @@ def sdpa_arguments(
     scale: float | None,
     enable_gqa: bool,
 ) -> SDPAArguments:
-    """Validate ``scaled_dot_product_attention``'s arguments; fold batch dims into one."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a floating tensor of dtype {FLOAT_DTYPES}, got "
-                             f"{getattr(t, 'dtype', type(t))}")
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    """Validate ``scaled_dot_product_attention``'s arguments as torch does and fold the batch dims into one.
+
+    Batch dims broadcast against each other (and so does a key/value head dim of 1); under autocast the
+    floating inputs (not float64) are cast to autocast's dtype first, as torch casts them.
+    """
+    _floating("query", query)
+    _floating("key", key)
+    _floating("value", value)
+    device = query.device
+    if key.device != device or value.device != device:
+        raise ArgumentError(f"query, key and value must be on one device, got {device}, {key.device}, "
+                            f"{value.device}")
+    cast = _autocast_dtype(device)
+    if cast is not None:
+        query, key, value = (t.to(cast) if t.dtype != torch.float64 else t for t in (query, key, value))
+        if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != torch.float64:
+            attn_mask = attn_mask.to(cast)
     if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
-                         f"{value.device}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same number of dims, got {query.dim()}, "
-                         f"{key.dim()}, {value.dim()}")
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query and key must share the last dim (E), got {query.shape[-1]} and {key.shape[-1]}")
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key and value must share the sequence length, got {key.shape[-2]} and {value.shape[-2]}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask and is_causal=True cannot both be set (is_causal implies the mask)")
-    q4, k4, v4 = (t.reshape(1, 1, *t.shape) if t.dim() == 2 else t for t in (query, key, value))
-    batch, Hq, (Hk, Hv) = q4.shape[:-3], q4.shape[-3], (k4.shape[-3], v4.shape[-3])
-    if k4.shape[:-3] != batch or v4.shape[:-3] != batch or Hk != Hv:
-        raise ValueError(f"query, key and value batch dims must match, got {tuple(query.shape)}, "
-                         f"{tuple(key.shape)}, {tuple(value.shape)}")
-    if enable_gqa:
-        if Hq % Hk:
-            raise ValueError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hk})")
-    elif Hq != Hk:
-        raise ValueError(f"query has {Hq} heads but key/value have {Hk}; pass enable_gqa=True for grouped heads")
-    Lq, Lk, D = q4.shape[-2], k4.shape[-2], q4.shape[-1]
+        raise ArgumentError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+                            f"{value.dtype}")
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) < 2 or len(ks) < 2 or len(vs) < 2:
+        raise ArgumentError(f"query, key and value must have at least 2 dims (..., L, E), got shapes {tuple(qs)}, "
+                            f"{tuple(ks)}, {tuple(vs)}")
+    if qs[-1] != ks[-1]:
+        raise ArgumentError(f"query and key must share the last dim (E), got {qs[-1]} and {ks[-1]}")
+    if ks[-2] != vs[-2]:
+        raise ArgumentError(f"key and value must share the sequence length, got {ks[-2]} and {vs[-2]}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ArgumentError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    Lq, Lk, D = qs[-2], ks[-2], qs[-1]
+
+    if enable_gqa and len(qs) >= 3 and len(ks) >= 3 and len(vs) >= 3:
+        Hq, Hk = qs[-3], ks[-3]
+        if vs[-3] != Hk:
+            raise ArgumentError(f"key and value must have the same number of heads, got {Hk} and {vs[-3]}")
+        if Hk == 0 or Hq % Hk:
+            raise ArgumentError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hk})")
+        batch = tuple(_broadcast((qs[:-3], ks[:-3], vs[:-3]), "batch dims", query, key, value))
+        lead = (*batch, Hq)
+    else:
+        lead = tuple(_broadcast((qs[:-2], ks[:-2], vs[:-2]), "batch and head dims (pass enable_gqa=True for "
+                                "grouped heads)", query, key, value))
+        batch, Hq = (lead[:-1], lead[-1]) if lead else ((), 1)
+        # Key/value heads of 1 broadcast over the query heads are grouped attention with one group.
+        kh, vh = (ks[-3] if len(ks) >= 3 else 1), (vs[-3] if len(vs) >= 3 else 1)
+        Hk = 1 if kh == vh == 1 else Hq
     B = math.prod(batch)
+    q4 = _fold(query, batch, Hq, B)
+    k4 = _fold(key, batch, Hk, B)
+    v4 = _fold(value, batch, Hk, B)
+
     mask = None
     if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise ArgumentError(f"attn_mask must be a tensor or None, got {type(attn_mask)}")
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise ValueError(f"attn_mask must be bool or of query's dtype {query.dtype}, got {attn_mask.dtype}")
-        full = (*batch, Hq, Lq, Lk)
+            if attn_mask.dtype != torch.float32:  # torch takes bool, float32 or query's dtype
+                raise ArgumentError(f"attn_mask must be bool, float32 or of query's dtype {query.dtype}, got "
+                                    f"{attn_mask.dtype}")
+            attn_mask = attn_mask.to(query.dtype)
+        full = (*lead, Lq, Lk)
         try:
-            mask = attn_mask.to(query.device).expand(full).reshape(B, Hq, Lq, Lk)
+            mask = attn_mask.to(device).expand(full).reshape(B, Hq, Lq, Lk)
         except RuntimeError as exc:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {full}") from exc
+            raise ArgumentError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {full}") from exc
+    if D == 0:
+        scale = 1.0  # every score is 0 whatever the scale (torch gives the mean of the values)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q4, k4, v4 = (_last_dim_contiguous(t.reshape(B, t.shape[-3], t.shape[-2], t.shape[-1])) for t in (q4, k4, v4))
-    out_shape = (*query.shape[:-1], value.shape[-1])
-    return SDPAArguments(q4, k4, v4, mask, scale, out_shape)
+    return SDPAArguments(q4, k4, v4, mask, scale, (*lead, Lq, vs[-1]))
 
 
 class VarlenArguments(NamedTuple):
@@ -217,26 +321,31 @@ def varlen_arguments(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> VarlenArgument
     """Validate ``varlen_attention``'s arguments (one host sync on CUDA for the prefix sums)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != 3:
-            raise ValueError(f"{name} must be a 3-D (total, heads, E) floating tensor, got "
-                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+            raise ArgumentError(f"{name} must be a 3-D (total, heads, E) floating tensor, got "
+                                f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    cast = _autocast_dtype(q.device)
+    if cast is not None:
+        q, k, v = (t.to(cast) if t.dtype != torch.float64 else t for t in (q, k, v))
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError("q, k and v must share dtype and device")
-    if q.shape[2] != k.shape[2] or k.shape[:2] != v.shape[:2] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ArgumentError("q, k and v must share dtype and device")
+    if q.shape[2] != k.shape[2] or k.shape[:2] != v.shape[:2] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ArgumentError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     cus = []
     for name, cu, total, mx in (("cu_seqlens_q", cu_q, q.shape[0], max_q), ("cu_seqlens_k", cu_k, k.shape[0], max_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D int32/int64 tensor")
+            raise ArgumentError(f"{name} must be a 1-D int32/int64 tensor")
         c = cu.to(device=q.device, dtype=torch.int64).contiguous()
         host = c.tolist()
         lengths = [b - a for a, b in zip(host, host[1:])]
         if not host or host[0] != 0 or host[-1] != total or min(lengths, default=0) < 0:
-            raise ValueError(f"{name} must rise from 0 to {total} (rows of its tensor), got {host}")
+            raise ArgumentError(f"{name} must rise from 0 to {total} (rows of its tensor), got {host}")
         if max(lengths, default=0) > mx:
-            raise ValueError(f"{name} has a sequence of {max(lengths)} > the max_seqlen given ({mx})")
+            raise ArgumentError(f"{name} has a sequence of {max(lengths)} > the max_seqlen given ({mx})")
         cus.append(c)
     if len(cus[0]) != len(cus[1]):
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+        raise ArgumentError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    if q.shape[2] == 0:
+        scale = 1.0
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     return VarlenArguments(q, k, v, cus[0], cus[1], int(max_q), int(max_k), scale)

@@ -125,7 +125,7 @@ def test_causal_bottom_right_through_the_op(Lq, Lk):
     q, k, v = qkv(1, 2, 2, Lq, Lk, 16, 16)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with seqfast.backend("triton"):
-        out, lse = op_forward(*leaves, None, 0.0, 2, 0.25, 0)
+        out, lse = op_forward(*leaves, None, 0.0, 2, 0.25, torch.tensor(0))
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = reference.attention(*ref_leaves, causal=2, scale=0.25)
@@ -243,7 +243,7 @@ def test_dropout_matches_reference_given_keep_mask(kernels):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     mask_leaf = mask.clone().requires_grad_()
     with seqfast.backend("triton"):
-        out, _ = op_forward(*leaves, mask_leaf.expand(B, H, Lq, Lk), p, 0, scale, seed)
+        out, _ = op_forward(*leaves, mask_leaf.expand(B, H, Lq, Lk), p, 0, scale, torch.tensor(seed))
         grads = torch.autograd.grad(out, leaves + [mask_leaf], grad_out)
     keep = kernels.dropout_keep_mask(seed, B, H, Lq, Lk, p, "cpu")
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v, mask)]

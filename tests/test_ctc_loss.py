@@ -346,7 +346,6 @@ def _valid():
         (lambda a: {**a, "log_probs": a["log_probs"][0, 0]}, "log_probs"),
         (lambda a: {**a, "log_probs": a["log_probs"].long()}, "log_probs"),
         (lambda a: {**a, "targets": a["targets"][None]}, "targets"),
-        (lambda a: {**a, "targets": a["targets"].float()}, "targets"),
         (lambda a: {**a, "targets": torch.tensor([[1, 2]])}, "batch size"),
         (lambda a: {**a, "input_lengths": torch.tensor([6])}, "input_lengths"),
         (lambda a: {**a, "target_lengths": [2, 1, 1]}, "target_lengths"),
@@ -365,7 +364,7 @@ def _valid():
         (lambda a: {**a, "input_lengths": torch.tensor([True, True])}, "input_lengths"),
     ],
     ids=[
-        "rank-1d", "int-log_probs", "targets-3d", "float-targets", "batch-mismatch", "input_lengths-count",
+        "rank-1d", "int-log_probs", "targets-3d", "batch-mismatch", "input_lengths-count",
         "target_lengths-count", "negative-input_length", "input_length>T", "negative-target_length",
         "target_length>S", "concat-sum", "blank>=C", "blank<0", "label>=C", "label<0", "label==blank",
         "float-input_lengths", "float-target_lengths", "bool-input_lengths",

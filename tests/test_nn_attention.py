@@ -22,7 +22,7 @@ DTYPES = [torch.float32, torch.float64]
 def _cpu_kernel_available() -> bool:
     q = torch.zeros(1, 1, 1, 4)
     try:
-        torch.ops.seqfast.attention_forward(q, q, q, None, 0.0, 0, 0.5, 0)
+        torch.ops.seqfast.attention_forward(q, q, q, None, 0.0, 0, 0.5, torch.tensor(0))
     except (RuntimeError, NotImplementedError):
         return False
     return True

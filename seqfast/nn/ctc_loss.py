@@ -8,14 +8,12 @@ from seqfast.functional import ctc_loss
 from seqfast.validation import IntLengths, reduction_argument
 
 
-class CTCLoss(torch.nn.Module):
-    """Same constructor and forward as :class:`torch.nn.CTCLoss`; see :func:`seqfast.ctc_loss`."""
+class CTCLoss(torch.nn.CTCLoss):
+    """:class:`torch.nn.CTCLoss` (a subclass: same constructor, attributes and ``isinstance``) whose forward
+    is :func:`seqfast.ctc_loss`."""
 
     def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
-        super().__init__()
-        self.blank = blank
-        self.reduction = reduction_argument(reduction)
-        self.zero_infinity = zero_infinity
+        super().__init__(blank, reduction_argument(reduction), zero_infinity)
 
     def forward(
         self,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from seqfast import _backend
 from seqfast.functional import _dropout_seed, _seeded_attention
 from seqfast.ops import attention as attention_ops
+from seqfast.validation import ArgumentError
 
 # A mask in seqfast's convention: None, bool (True = attend) or float (added to the scaled scores),
 # broadcastable to (N, H, L, S).
@@ -69,22 +70,22 @@ def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
     """torch's shape rules for MHA inputs; returns whether the input is batched."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.is_nested:
-            raise ValueError(f"seqfast.nn.MultiheadAttention does not take nested tensors ({name} is nested)")
+            raise ArgumentError(f"seqfast.nn.MultiheadAttention does not take nested tensors ({name} is nested)")
     if query.dim() not in (2, 3):
-        raise ValueError(f"query must be 2-D (L, E) unbatched or 3-D batched, got shape {tuple(query.shape)}")
+        raise ArgumentError(f"query must be 2-D (L, E) unbatched or 3-D batched, got shape {tuple(query.shape)}")
     batched = query.dim() == 3
     if key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"query, key and value must all be {query.dim()}-D, got {query.dim()}-D, {key.dim()}-D "
+        raise ArgumentError(f"query, key and value must all be {query.dim()}-D, got {query.dim()}-D, {key.dim()}-D "
                          f"and {value.dim()}-D")
     if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"key and value must agree on source length and batch, got shapes {tuple(key.shape)} and "
+        raise ArgumentError(f"key and value must agree on source length and batch, got shapes {tuple(key.shape)} and "
                          f"{tuple(value.shape)}")
     want = 2 if batched else 1
     if key_padding_mask is not None and key_padding_mask.dim() != want:
-        raise ValueError(f"key_padding_mask must be {want}-D for {query.dim()}-D query, got shape "
+        raise ArgumentError(f"key_padding_mask must be {want}-D for {query.dim()}-D query, got shape "
                          f"{tuple(key_padding_mask.shape)}")
     if attn_mask is not None and attn_mask.dim() not in (2, 3):
-        raise ValueError(f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), got shape "
+        raise ArgumentError(f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), got shape "
                          f"{tuple(attn_mask.shape)}")
     return batched
 
@@ -123,7 +124,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     Differences from torch: a query that sees no key (every key masked) gets a zero attention output (as
     torch's own scaled_dot_product_attention path gives), also when ``need_weights`` is True, where torch's
     weight path gives NaN; its weights are NaN as in torch. There is no nested-tensor fast path: nested
-    inputs raise ``ValueError``.
+    inputs raise ``ArgumentError`` (a ``ValueError`` and a ``RuntimeError``).
     """
 
     def forward(  # type: ignore[override]
@@ -158,7 +159,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
         if self.bias_k is not None or self.bias_v is not None:
             if self.bias_k is None or self.bias_v is None:
-                raise ValueError("bias_k and bias_v must be both set or both None")
+                raise ArgumentError("bias_k and bias_v must be both set or both None")
             k = torch.cat([k, self.bias_k.reshape(1, H, 1, hd).expand(N, H, 1, hd)], dim=2)
             v = torch.cat([v, self.bias_v.reshape(1, H, 1, hd).expand(N, H, 1, hd)], dim=2)
             mask = _append_key(mask)
@@ -215,19 +216,19 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (L, S):
-                    raise ValueError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                    raise ArgumentError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be "
                                      f"{(L, S)}.")
                 am = attn_mask.reshape(1, 1, L, S)
             else:
                 want = (N * H, L, S) if batched else (H, L, S)
                 if tuple(attn_mask.shape) != want:
-                    raise ValueError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                    raise ArgumentError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
                                      f"{want}.")
                 am = attn_mask.reshape(N, H, L, S)
             am = _attend_or_additive(am, "attn_mask")
         if key_padding_mask is not None:
             if tuple(key_padding_mask.shape) != (N, S):
-                raise ValueError(f"key_padding_mask must have shape {(N, S) if batched else (S,)}, got "
+                raise ArgumentError(f"key_padding_mask must have shape {(N, S) if batched else (S,)}, got "
                                  f"{tuple(key_padding_mask.shape if batched else key_padding_mask.shape[1:])}")
             kpm = _attend_or_additive(key_padding_mask.reshape(N, 1, 1, S), "key_padding_mask")
         return _merge(am, kpm, dtype)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from seqfast.nn.multihead_attention import MultiheadAttention
+from seqfast.validation import ArgumentError
 
 Activation = str | Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,9 +82,9 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         if not src.is_nested:
             return _plain_encoder_layer(self, src, src_mask, src_key_padding_mask, is_causal)
         if src_mask is not None or src_key_padding_mask is not None:
-            raise ValueError("a nested src carries its own padding: src_mask and src_key_padding_mask must be None")
+            raise ArgumentError("a nested src carries its own padding: src_mask and src_key_padding_mask must be None")
         if not self.self_attn.batch_first:
-            raise ValueError("nested src needs batch_first=True (each component is one sequence (S_i, E))")
+            raise ArgumentError("nested src needs batch_first=True (each component is one sequence (S_i, E))")
         parts = src.unbind()
         lengths = torch.tensor([p.shape[0] for p in parts], device=src.device)
         padded = torch.nested.to_padded_tensor(src, 0.0)  # (N, max S_i, E)

@@ -9,8 +9,9 @@
   (True = attend) or float in ``query``'s dtype (added to the scaled scores).
 - ``causal``: 0 none; 1 top-left (torch's ``is_causal``: query i sees keys j <= i); 2
   bottom-right (query i sees keys j <= i + Lk - Lq, for KV-cache decoding).
-- ``scale``: multiplies q.k; ``dropout_p`` in [0, 1) with a counter-based RNG keyed by ``seed``
-  (the backward regenerates the same mask, none is stored).
+- ``scale``: multiplies q.k; ``dropout_p`` in [0, 1) with a counter-based RNG keyed by ``seed``, a
+  one-element int64 CPU tensor (a tensor so that ``torch.compile`` draws it inside the graph; the
+  backward regenerates the same mask, none is stored).
 - ``out`` (B, Hq, Lq, Dv) contiguous in ``query``'s dtype; ``lse`` (B, Hq, Lq) float32 (float64 for
   float64 input): log-sum-exp of the masked scaled scores per row, ``+inf`` for rows with no
   visible key, whose output is 0 and whose gradients are 0.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from seqfast import _backend, _cpu_dropout, _triton
+from seqfast.ops import no_double_backward
 from seqfast.ops._registry import define, register_kernels
 from seqfast.reference import attention as reference
 
@@ -42,12 +44,12 @@ NO_CAUSAL, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 FORWARD = define(
     "attention_forward",
     "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, float scale, "
-    "int seed) -> (Tensor, Tensor)",
+    "Tensor seed) -> (Tensor, Tensor)",
 )
 BACKWARD = define(
     "attention_backward",
     "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, Tensor lse, "
-    "float dropout_p, int causal, float scale, int seed, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "float dropout_p, int causal, float scale, Tensor seed, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 VARLEN_FORWARD = define(
     "varlen_attention_forward",
@@ -62,8 +64,8 @@ VARLEN_BACKWARD = define(
 )
 
 
-def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], p: float, device: torch.device | str,
-                      backend: str) -> torch.Tensor:
+def dropout_keep_mask(seed: torch.Tensor | int, shape: tuple[int, int, int, int], p: float,
+                      device: torch.device | str, backend: str) -> torch.Tensor:
     """Bool (B, Hq, Lq, Lk) keep-mask that ``backend``'s ``attention_forward`` draws for ``seed`` and
     ``dropout_p = p`` on ``device`` (``auto``: the backend the dispatcher picks for that device)."""
     device = torch.device(device)
@@ -73,7 +75,7 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], p: float, dev
         return _cpu_dropout.keep_mask(seed, shape, p)
     if backend == "triton":
         return _triton.kernels("attention", torch.empty(0, device=device)).dropout_keep_mask(seed, *shape, p, device)
-    return reference.dropout_keep(seed, shape, p, device)
+    return reference.dropout_keep(int(seed), shape, p, device)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,7 +96,8 @@ def _backward_fake(grad_out, query, key, value, attn_mask, out, lse, dropout_p, 
         if mask_grad
         else query.new_empty((0,))
     )
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_mask
+    # The kernels return contiguous gradients whatever the inputs' strides.
+    return _contiguous_like(query), _contiguous_like(key), _contiguous_like(value), grad_mask
 
 
 @torch.library.register_fake("seqfast::varlen_attention_forward")
@@ -105,24 +108,32 @@ def _varlen_forward_fake(query, key, value, cu_q, cu_k, max_q, max_k, causal, sc
 
 @torch.library.register_fake("seqfast::varlen_attention_backward")
 def _varlen_backward_fake(grad_out, query, key, value, *rest):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    return _contiguous_like(query), _contiguous_like(key), _contiguous_like(value)
+
+
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     query, key, value, attn_mask, dropout_p, causal, scale, seed = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
-    ctx.dropout_p, ctx.causal, ctx.scale, ctx.seed = dropout_p, causal, scale, seed
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
+    ctx.dropout_p, ctx.causal, ctx.scale = dropout_p, causal, scale
     ctx.mask_grad = attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
     ctx.backend = _backend.current()
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, attn_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dmask = _backend.dispatch(
-        ctx.backend, BACKWARD, grad_out.contiguous(), query, key, value, attn_mask, out, lse,
-        ctx.dropout_p, ctx.causal, ctx.scale, ctx.seed, ctx.mask_grad,
-    )
+    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
+    with no_double_backward.guard():
+        dq, dk, dv, dmask = _backend.dispatch(
+            ctx.backend, BACKWARD, grad_out.contiguous(), query, key, value, attn_mask, out, lse,
+            ctx.dropout_p, ctx.causal, ctx.scale, seed, ctx.mask_grad,
+        )
+    grads = no_double_backward.mark("seqfast::attention_backward", (query, key, value, attn_mask, grad_out),
+                                    dq, dk, dv, dmask)
+    dq, dk, dv, dmask = grads
     return dq, dk, dv, (dmask if ctx.mask_grad else None), None, None, None, None
 
 
@@ -136,10 +147,13 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, grad_out, grad_lse):
     query, key, value, cu_q, cu_k, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backend.dispatch(
-        ctx.backend, VARLEN_BACKWARD, grad_out.contiguous(), query, key, value, cu_q, cu_k,
-        ctx.max_q, ctx.max_k, out, lse, ctx.causal, ctx.scale,
-    )
+    with no_double_backward.guard():
+        dq, dk, dv = _backend.dispatch(
+            ctx.backend, VARLEN_BACKWARD, grad_out.contiguous(), query, key, value, cu_q, cu_k,
+            ctx.max_q, ctx.max_k, out, lse, ctx.causal, ctx.scale,
+        )
+    dq, dk, dv = no_double_backward.mark("seqfast::varlen_attention_backward", (query, key, value, grad_out),
+                                         dq, dk, dv)
     return dq, dk, dv, None, None, None, None, None, None
 
 

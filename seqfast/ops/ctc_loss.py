@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from seqfast import _backend
+from seqfast.ops import no_double_backward
 from seqfast.ops._registry import define, register_kernels
 from seqfast.reference import ctc_loss as reference
 
@@ -77,10 +78,12 @@ def _backward(ctx, grad_nll, grad_log_alpha):
         return None, None, None, None, None, None, None, None
     if not ctx.keep_alpha:
         raise RuntimeError("seqfast::ctc_loss_forward ran with keep_alpha=False: its loss has no gradient")
-    grad = _backend.dispatch(
-        ctx.backend, BACKWARD, grad_nll.contiguous(), log_probs, targets, input_lengths, target_lengths,
-        nll, log_alpha, ctx.blank, ctx.zero_infinity, ctx.from_logits,
-    )
+    with no_double_backward.guard():
+        grad = _backend.dispatch(
+            ctx.backend, BACKWARD, grad_nll.contiguous(), log_probs, targets, input_lengths, target_lengths,
+            nll, log_alpha, ctx.blank, ctx.zero_infinity, ctx.from_logits,
+        )
+    (grad,) = no_double_backward.mark("seqfast::ctc_loss_backward", (log_probs, grad_nll), grad)
     return grad, None, None, None, None, None, None, None
 
 

@@ -75,7 +75,7 @@ def attention(
 def _keep_mask(dropout_p, seed, q, k):
     if dropout_p <= 0.0:
         return None
-    return dropout_keep(seed, (*q.shape[:-1], k.shape[-2]), dropout_p, q.device)
+    return dropout_keep(int(seed), (*q.shape[:-1], k.shape[-2]), dropout_p, q.device)
 
 
 def attention_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed):
@@ -94,7 +94,8 @@ def attention_backward(grad_out, query, key, value, attn_mask, out, lse, dropout
             leaves.append(mask)
         o, _ = attention(*leaves[:3], mask, causal, scale, dropout_p, _keep_mask(dropout_p, seed, query, key))
         grads = torch.autograd.grad(o, leaves, grad_out.double(), allow_unused=True)
-    dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads[:3], (query, key, value)))
+    # Contiguous, as every backend returns them (the op's fake says so).
+    dq, dk, dv = (g.to(t.dtype).contiguous() for g, t in zip(grads[:3], (query, key, value)))
     dmask = grads[3].to(attn_mask.dtype) if mask_grad else query.new_empty((0,))
     return dq, dk, dv, dmask
 
@@ -127,6 +128,6 @@ def varlen_attention_backward(grad_out, query, key, value, cu_q, cu_k, max_q, ma
         o, _ = varlen_attention(*leaves, cu_q, cu_k, causal, scale)
         grads = torch.autograd.grad(o, leaves, grad_out.double(), allow_unused=True)
     return tuple(
-        (g if g is not None else torch.zeros_like(t, dtype=torch.float64)).to(t.dtype)
+        (g if g is not None else torch.zeros_like(t, dtype=torch.float64)).to(t.dtype).contiguous()
         for g, t in zip(grads, (query, key, value))
     )
