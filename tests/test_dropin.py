@@ -1,0 +1,509 @@
+"""Drop-in fidelity: what torch 2.13 accepts, refuses, casts and traces, seqfast does the same, compared in the
+same test (input forms, error classes, autocast, double backward, torch.compile and torch.export, opcheck with
+non-contiguous and broadcast inputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfast
+from seqfast import ArgumentError
+
+torch._dynamo.config.cache_size_limit = 256
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+
+
+def grads(fn, *inputs):
+    """fn(*inputs) and the gradients of its weighted sum w.r.t. the inputs that require grad."""
+    out = fn(*inputs)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return out, torch.autograd.grad((out * weight).sum(), leaves)
+
+
+def ctc_case(dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    lp = torch.randn(9, 3, 6, generator=g, dtype=dtype).log_softmax(-1).requires_grad_()
+    tg = torch.tensor([[1, 2, 2, 4], [3, 1, 0, 0], [5, 5, 1, 0]])
+    return lp, tg, [9, 7, 8], [4, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CTC input forms
+
+
+@pytest.mark.parametrize("form", ["numpy-tuple", "0d-tensor-list", "mixed-list"])
+def test_ctc_lengths_in_every_form_torch_accepts(form):
+    lp, tg, il, tl = ctc_case()
+    convert = {
+        "numpy-tuple": lambda xs: tuple(np.array(xs)),
+        "0d-tensor-list": lambda xs: [torch.tensor(x) for x in xs],
+        "mixed-list": lambda xs: [xs[0], np.int32(xs[1]), torch.tensor(xs[2])],
+    }[form]
+    expected = grads(lambda x: F.ctc_loss(x, tg, convert(il), convert(tl)), lp)
+    got = grads(lambda x: seqfast.ctc_loss(x, tg, convert(il), convert(tl)), lp)
+    close(got[0], expected[0])
+    close(got[1][0], expected[1][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.bool])
+@pytest.mark.parametrize("concatenated", [False, True])
+def test_ctc_targets_of_other_dtypes_as_torch(dtype, concatenated):
+    lp, tg, il, tl = ctc_case()
+    if concatenated:
+        tg = torch.cat([tg[i, :n] for i, n in enumerate(tl)])
+    # Fractional float targets are truncated, as torch converts them.
+    t = tg.to(dtype) + (0.7 if dtype.is_floating_point else 0)
+    close(seqfast.ctc_loss(lp, t, il, tl), F.ctc_loss(lp, t, il, tl))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 6), (9, 0, 6), (9, 3, 0), (0, 6)])
+def test_ctc_empty_log_probs_refused_as_torch(shape):
+    lp = torch.zeros(shape)
+    n = shape[1] if len(shape) == 3 else None
+    args = (torch.zeros((n or 1, 1), dtype=torch.long), [0] * (n or 1), [0] * (n or 1)) if n is not None else (
+        torch.zeros(0, dtype=torch.long), torch.tensor(0), torch.tensor(0))
+    with pytest.raises(RuntimeError):
+        F.ctc_loss(lp, *args)
+    with pytest.raises(RuntimeError, match="must not be empty"):
+        seqfast.ctc_loss(lp, *args)
+
+
+def test_ctc_module_is_torchs_class():
+    module = seqfast.nn.CTCLoss(blank=1, reduction="sum", zero_infinity=True)
+    assert isinstance(module, torch.nn.CTCLoss)
+    assert (module.blank, module.reduction, module.zero_infinity) == (1, "sum", True)
+    theirs = torch.nn.CTCLoss(blank=1, reduction="sum", zero_infinity=True)
+    lp, tg, il, tl = ctc_case()
+    tg = tg + (tg == 1).long()  # blank is 1 here
+    tg[tg >= 6] = 2
+    close(module(lp, tg, il, tl), theirs(lp, tg, il, tl))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention input forms
+
+def _qkv(qshape, kshape, vshape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in (qshape, kshape, vshape)]
+
+
+@pytest.mark.parametrize("qshape,kshape,vshape,gqa", [
+    ((3, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 4), False),  # key/value batch 1 broadcast over query's batch
+    ((1, 2, 5, 8), (3, 2, 6, 8), (3, 2, 6, 8), False),  # query batch broadcast over key's
+    ((3, 2, 5, 8), (3, 1, 6, 8), (3, 1, 6, 8), False),  # one key/value head broadcast without enable_gqa
+    ((2, 5, 8), (3, 2, 6, 8), (3, 2, 6, 8), False),  # fewer query dims
+    ((2, 3, 2, 5, 8), (3, 2, 6, 8), (1, 2, 6, 8), False),  # 5-D against 4-D
+    ((5, 8), (6, 8), (6, 3), False),  # 2-D
+    ((2, 4, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8), True),  # GQA with a broadcast batch
+], ids=["kv-batch1", "q-batch1", "kv-head1", "q-3d", "5d-4d", "2d", "gqa-batch1"])
+def test_sdpa_broadcast_shapes_as_torch(qshape, kshape, vshape, gqa):
+    q, k, v = _qkv(qshape, kshape, vshape)
+    expected = grads(lambda *a: F.scaled_dot_product_attention(*a, enable_gqa=gqa), q, k, v)
+    got = grads(lambda *a: seqfast.scaled_dot_product_attention(*a, enable_gqa=gqa), q, k, v)
+    assert got[0].shape == expected[0].shape
+    close(got[0], expected[0])
+    for a, b in zip(got[1], expected[1]):
+        close(a, b)
+
+
+def test_sdpa_causal_with_a_mask_combines_them_as_torch():
+    """torch 2.13's fused CPU path applies both (its math path, taken when a gradient is needed, refuses the
+    pair); seqfast applies both always: forward as torch's fused path, gradients as the explicit combination."""
+    q, k, v = _qkv((2, 2, 6, 8), (2, 2, 6, 8), (2, 2, 6, 8))
+    mask = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[:, 0] = True
+    fmask = torch.randn(6, 6).requires_grad_()
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    for m, combined in ((mask, mask & causal), (fmask, fmask.masked_fill(~causal, float("-inf")))):
+        plain = [t.detach() for t in (q, k, v, m)]
+        close(seqfast.scaled_dot_product_attention(*plain[:3], attn_mask=plain[3], is_causal=True),
+              F.scaled_dot_product_attention(*plain[:3], attn_mask=plain[3], is_causal=True))
+        expected = grads(lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]), q, k, v, combined)
+        got = grads(lambda *a: seqfast.scaled_dot_product_attention(*a[:3], attn_mask=a[3], is_causal=True),
+                    q, k, v, m)
+        close(got[0], expected[0])
+        for a, b in zip(got[1][:3], expected[1][:3]):
+            close(a, b)
+
+
+def test_sdpa_dropout_one_gives_zeros_as_torch():
+    q, k, v = _qkv((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8))
+    expected = grads(lambda *a: F.scaled_dot_product_attention(*a, dropout_p=1.0), q, k, v)
+    got = grads(lambda *a: seqfast.scaled_dot_product_attention(*a, dropout_p=1.0), q, k, v)
+    close(got[0], expected[0])
+    assert not got[0].any()
+    for a, b in zip(got[1], expected[1]):
+        close(a, b)
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_sdpa_head_dim_zero_as_torch(scale):
+    q, k, v = _qkv((2, 2, 5, 0), (2, 2, 6, 0), (2, 2, 6, 3))
+    expected = grads(lambda *a: F.scaled_dot_product_attention(*a, scale=scale), q, k, v)
+    got = grads(lambda *a: seqfast.scaled_dot_product_attention(*a, scale=scale), q, k, v)
+    close(got[0], expected[0])
+    for a, b in zip(got[1], expected[1]):
+        close(a, b)
+
+
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float64])
+def test_sdpa_float32_mask_with_other_query_dtypes_as_torch(qdtype):
+    q, k, v = (t.detach().to(qdtype) for t in _qkv((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8)))
+    mask = torch.randn(5, 6)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = seqfast.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert got.dtype == expected.dtype == qdtype
+    close(got.double(), expected.double(), 2e-2 if qdtype == torch.bfloat16 else 1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: torch refuses, seqfast refuses, with a class code written for either catches
+
+
+SDPA_REFUSED = [
+    dict(dropout_p=1.5),
+    dict(key=torch.randn(2, 2, 6, 8, dtype=torch.float64)),
+    dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)),
+    dict(attn_mask=torch.ones(5, 6, dtype=torch.float64)),
+    dict(key=torch.randn(2, 3, 6, 8), value=torch.randn(2, 3, 6, 8)),
+    dict(key=torch.randn(2, 3, 6, 8), value=torch.randn(2, 3, 6, 8), enable_gqa=True),
+    dict(query=torch.randn(8)),
+]
+
+
+@pytest.mark.parametrize("change", SDPA_REFUSED, ids=[str(sorted(c)) + str(i) for i, c in enumerate(SDPA_REFUSED)])
+def test_sdpa_refuses_what_torch_refuses(change):
+    args = dict(query=torch.randn(2, 2, 5, 8), key=torch.randn(2, 2, 6, 8), value=torch.randn(2, 2, 6, 8))
+    args.update(change)
+    with pytest.raises((RuntimeError, IndexError, ValueError)):
+        F.scaled_dot_product_attention(**args)
+    with pytest.raises(ArgumentError) as info:
+        seqfast.scaled_dot_product_attention(**args)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+
+
+def test_sdpa_refuses_key_value_length_mismatch_that_torch_lets_through():
+    # torch 2.13's fused CPU path returns a result for 6 keys and 7 values; seqfast says which is wrong.
+    with pytest.raises(ArgumentError, match="share the sequence length"):
+        seqfast.scaled_dot_product_attention(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 7, 8))
+
+
+def test_ctc_errors_are_runtime_errors_as_torchs():
+    lp, tg, il, tl = ctc_case()
+    for bad in (dict(blank=6), dict(input_lengths=[10, 7, 8]), dict(targets=tg[:2])):
+        args = dict(log_probs=lp, targets=tg, input_lengths=il, target_lengths=tl) | bad
+        with pytest.raises(RuntimeError):
+            F.ctc_loss(**args)
+        with pytest.raises(RuntimeError):
+            seqfast.ctc_loss(**args)
+    with pytest.raises(RuntimeError):
+        seqfast.nn.CTCLoss(reduction="avg")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autocast
+
+
+def test_sdpa_follows_cpu_autocast_as_torch():
+    q, k, v = (t.detach() for t in _qkv((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8)))
+    mask = torch.randn(5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for args in ((q, k, v), (q.bfloat16(), k, v)):  # mixed bf16 / fp32 inputs are cast too
+            expected = F.scaled_dot_product_attention(*args, attn_mask=mask)
+            got = seqfast.scaled_dot_product_attention(*args, attn_mask=mask)
+            assert got.dtype == expected.dtype == torch.bfloat16
+            close(got.float(), expected.float(), 3e-2)
+        # float64 is left alone by autocast, in both.
+        d = [t.double() for t in (q, k, v)]
+        assert seqfast.scaled_dot_product_attention(*d).dtype == F.scaled_dot_product_attention(*d).dtype
+
+
+def test_sdpa_backward_under_autocast():
+    q, k, v = _qkv((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = grads(F.scaled_dot_product_attention, q, k, v)
+        got = grads(seqfast.scaled_dot_product_attention, q, k, v)
+    for a, b in zip(got[1], expected[1]):
+        assert a.dtype == b.dtype == torch.float32
+        close(a, b, 5e-2)
+
+
+def test_mha_under_autocast_matches_torchs_dtypes():
+    torch_mha = torch.nn.MultiheadAttention(16, 2)
+    ours = seqfast.nn.MultiheadAttention(16, 2)
+    ours.load_state_dict(torch_mha.state_dict())
+    x = torch.randn(5, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (o1, w1), (o2, w2) = torch_mha(x, x, x), ours(x, x, x)
+    assert (o1.dtype, w1.dtype) == (o2.dtype, w2.dtype)
+    close(o2.float(), o1.float(), 5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ctc_stays_float32_under_autocast_as_torch(dtype):
+    lp, tg, il, tl = ctc_case()
+    x = lp.detach().to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if dtype != torch.float16:  # torch's CPU ctc_loss has no float16 kernel even under autocast
+            expected = F.ctc_loss(x, tg, il, tl)
+            assert expected.dtype == torch.float32
+        got = seqfast.ctc_loss(x, tg, il, tl)
+    assert got.dtype == torch.float32
+    close(got, F.ctc_loss(x.float(), tg, il, tl))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Double backward: a clear error, as torch's fused kernels; first-order results with create_graph unchanged
+
+
+def _second_order(fn, x):
+    out = fn(x)
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return g, lambda: torch.autograd.grad(g.pow(2).sum(), x)
+
+
+@pytest.mark.parametrize("case", ["sdpa", "sdpa-mask", "ctc", "ctc-logits", "varlen"])
+def test_double_backward_is_a_clear_error_as_torch(case):
+    q, k, v = _qkv((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8))
+    lp, tg, il, tl = ctc_case()
+    fmask = torch.randn(5, 6)
+    cu_q, cu_k = torch.tensor([0, 2, 5]), torch.tensor([0, 3, 6])
+    vk, vv = torch.randn(6, 1, 8), torch.randn(6, 1, 8)
+    fns = {
+        "sdpa": (lambda m: lambda x: m(x, k, v), F.scaled_dot_product_attention, seqfast.scaled_dot_product_attention,
+                 q),
+        "sdpa-mask": (lambda m: lambda x: m(q, k, v, attn_mask=x), F.scaled_dot_product_attention,
+                      seqfast.scaled_dot_product_attention, fmask.requires_grad_()),
+        "ctc": (lambda m: lambda x: m(x, tg, il, tl), F.ctc_loss, seqfast.ctc_loss, lp),
+        "ctc-logits": (lambda m: lambda x: m(x, tg, il, tl), lambda x, *a: F.ctc_loss(x.log_softmax(-1), *a),
+                       seqfast.ctc_loss_from_logits, lp),
+        "varlen": (lambda m: lambda x: m(x, vk, vv, cu_q, cu_k, 3, 3), None, seqfast.varlen_attention,
+                   torch.randn(5, 2, 8).requires_grad_()),
+    }
+    wrap, theirs, ours, x = fns[case]
+    # torch's own double backward fails in its fused kernels; with a mask that needs a gradient it takes its
+    # differentiable math path instead, where seqfast still refuses clearly.
+    if theirs is not None and case != "sdpa-mask":
+        g_t, again_t = _second_order(wrap(theirs), x)
+        with pytest.raises(RuntimeError, match="derivative for"):
+            again_t()
+    g_o, again_o = _second_order(wrap(ours), x)
+    with pytest.raises(RuntimeError, match="derivative for seqfast::"):
+        again_o()
+    # The first-order gradient taken with create_graph=True is the ordinary one.
+    (plain,) = torch.autograd.grad(wrap(ours)(x).sum(), x)
+    assert torch.equal(g_o.detach(), plain)
+    if theirs is not None and case != "sdpa-mask":
+        close(g_o, g_t, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile and torch.export
+
+
+def graph_breaks(fn, *args) -> int:
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args).graph_break_count
+
+
+def _sdpa_cases():
+    g = torch.Generator().manual_seed(3)
+    B, H, L, S, D = 2, 4, 6, 7, 8
+    bhld = torch.randn(B, L, H, D, generator=g).transpose(1, 2)  # a (B, L, H, D) -> (B, H, L, D) view
+    kv = torch.randn(B, S, 2, D, generator=g).transpose(1, 2)
+    return {
+        "plain": (dict(), torch.randn(B, H, L, D, generator=g), torch.randn(B, H, S, D), torch.randn(B, H, S, D)),
+        "transposed-views": (dict(is_causal=True), bhld, torch.randn(B, L, H, D).transpose(1, 2),
+                             torch.randn(B, L, H, D).transpose(1, 2)),
+        "bool-mask": (dict(attn_mask=torch.rand(L, S, generator=g) > 0.3), bhld, *(torch.randn(B, H, S, D),) * 2),
+        "float-mask": (dict(attn_mask=torch.randn(B, 1, L, S, generator=g)), bhld, *(torch.randn(B, H, S, D),) * 2),
+        "gqa": (dict(enable_gqa=True, is_causal=True), bhld, kv, kv.clone()),
+    }
+
+
+@pytest.mark.parametrize("case", list(_sdpa_cases()))
+def test_compiled_sdpa_fullgraph_equals_eager(case):
+    kwargs, *tensors = _sdpa_cases()[case]
+    inputs = [t.clone().requires_grad_() for t in tensors]
+
+    def fn(q, k, v):
+        return seqfast.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    assert graph_breaks(fn, *inputs) == 0
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    expected = grads(fn, *inputs)
+    got = grads(compiled, *inputs)
+    close(got[0], expected[0])
+    for a, b in zip(got[1], expected[1]):
+        close(a, b)
+
+
+def test_compiled_sdpa_with_dropout_traces_and_trains():
+    q, k, v = _qkv((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8))
+
+    def fn(q, k, v):
+        return seqfast.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+
+    assert graph_breaks(fn, q, k, v) == 0
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    # Dropout really happens: some outputs differ from the no-dropout attention.
+    assert not torch.allclose(out, seqfast.scaled_dot_product_attention(q, k, v))
+
+
+def test_inductor_training_of_transposed_views():
+    """The reported crash: inductor compiled SDPA on (B, L, H, D).transpose(1, 2) views, and the backward op's
+    fake gave the inputs' strides while the kernels return contiguous gradients."""
+    kwargs, *tensors = _sdpa_cases()["transposed-views"]
+    inputs = [t.clone().requires_grad_() for t in tensors]
+
+    def fn(q, k, v):
+        return seqfast.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    got = grads(torch.compile(fn, fullgraph=True), *inputs)
+    expected = grads(fn, *inputs)
+    for a, b in zip(got[1], expected[1]):
+        close(a, b)
+
+
+def _layers():
+    torch.manual_seed(0)
+    return {
+        "mha": (seqfast.nn.MultiheadAttention(16, 2, dropout=0.0), lambda m, x: m(x, x, x)[0]),
+        "mha-weights-batch-first": (seqfast.nn.MultiheadAttention(16, 2, batch_first=True),
+                                    lambda m, x: sum(o.sum() for o in m(x, x, x, average_attn_weights=False))),
+        "encoder": (seqfast.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), lambda m, x: m(x, is_causal=False)),
+        "decoder": (seqfast.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0),
+                    lambda m, x: m(x, x.flip(0), tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(5),
+                                   tgt_is_causal=True)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layers()))
+def test_compiled_layers_fullgraph_train_as_eager(name):
+    module, call = _layers()[name]
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    assert graph_breaks(lambda x: call(module, x), x) == 0
+    compiled = torch.compile(lambda x: call(module, x), fullgraph=True, backend="aot_eager")
+    expected = grads(lambda x: call(module, x), x)
+    got = grads(compiled, x)
+    close(got[0], expected[0])
+    close(got[1][0], expected[1][0])
+
+
+def test_mha_with_dropout_and_weights_compiles_without_breaks():
+    module = seqfast.nn.MultiheadAttention(16, 2, dropout=0.2).train()
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    assert graph_breaks(lambda x: module(x, x, x), x) == 0
+
+
+def test_encoder_layer_trains_under_inductor():
+    torch.manual_seed(0)
+    layer = seqfast.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    expected = grads(layer, x)
+    got = grads(torch.compile(layer, fullgraph=True), x)
+    close(got[0], expected[0])
+    close(got[1][0], expected[1][0])
+
+
+def test_export_strict():
+    layer = seqfast.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(3, 5, 16)
+    program = torch.export.export(layer, (x,), strict=True)
+    assert any("seqfast.attention_forward" in str(n.target) for n in program.graph.nodes)
+    close(program.module()(x), layer(x))
+
+
+def test_compiled_ctc_with_tensor_lengths_fullgraph():
+    lp, tg, il, tl = ctc_case()
+    il, tl = torch.tensor(il), torch.tensor(tl)
+
+    def fn(x):
+        return seqfast.ctc_loss(x, tg, il, tl) + seqfast.ctc_loss_from_logits(x, tg, il, tl, reduction="sum")
+
+    assert graph_breaks(fn, lp) == 0
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    expected = grads(fn, lp)
+    got = grads(compiled, lp)
+    close(got[0], expected[0])
+    close(got[1][0], expected[1][0])
+    # The checks still run inside the graph, on the device.
+    bad_labels = torch.compile(lambda x: seqfast.ctc_loss(x, torch.full_like(tg, 9), il, tl), fullgraph=True,
+                               backend="aot_eager")
+    with pytest.raises(RuntimeError, match="labels"):
+        bad_labels(lp)
+
+
+def test_forced_backend_inside_compile_runs_that_backend():
+    q, k, v = (t.detach().double() for t in _qkv((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)))
+    calls = []
+    from seqfast import _backend
+
+    original = _backend._IMPLS[("attention_forward", "reference")]
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    _backend._IMPLS[("attention_forward", "reference")] = spy
+    try:
+        with seqfast.backend("reference"):
+            out = torch.compile(seqfast.scaled_dot_product_attention, backend="aot_eager")(q, k, v)
+    finally:
+        _backend._IMPLS[("attention_forward", "reference")] = original
+    assert calls
+    close(out, F.scaled_dot_product_attention(q, k, v), 1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# opcheck with non-contiguous and broadcast inputs
+
+
+def test_opcheck_attention_with_strided_and_broadcast_inputs():
+    g = torch.Generator().manual_seed(4)
+    B, H, L, S, D = 2, 2, 5, 6, 8
+    q = torch.randn(B, L, H, D, generator=g).transpose(1, 2).requires_grad_()  # non-contiguous
+    k = torch.randn(1, H, S, D, generator=g).expand(B, H, S, D).requires_grad_()  # stride-0 batch
+    v = torch.randn(B, S, H, 2 * D, generator=g)[..., ::2].transpose(1, 2).contiguous().requires_grad_()
+    mask = torch.randn(L, S, generator=g).expand(B, H, L, S)
+    seed = torch.tensor(7)
+    ops = torch.ops.seqfast
+    for args in ((q, k, v, mask, 0.0, 1, 0.3, seed), (q, k, v, None, 0.25, 0, 0.3, seed)):
+        torch.library.opcheck(ops.attention_forward, args)
+    out, lse = ops.attention_forward(q, k, v, mask, 0.0, 0, 0.3, seed)
+    grad_out = torch.randn(B, L, H, D, generator=g).transpose(1, 2)
+    plain = [t.detach() for t in (q, k, v, mask, out, lse)]  # the backward ops are not differentiable
+    torch.library.opcheck(ops.attention_backward, (grad_out.contiguous(), *plain[:4], *plain[4:], 0.0, 0, 0.3, seed,
+                                                    True))
+    vq = torch.randn(H, 5, D, generator=g).transpose(0, 1).requires_grad_()
+    vk = torch.randn(6, 1, D, generator=g).expand(6, H, D).requires_grad_()
+    cu_q, cu_k = torch.tensor([0, 2, 5]), torch.tensor([0, 4, 6])
+    torch.library.opcheck(ops.varlen_attention_forward, (vq, vk, vk, cu_q, cu_k, 3, 4, 2, 0.5))
+    vout, vlse = ops.varlen_attention_forward(vq, vk, vk, cu_q, cu_k, 3, 4, 2, 0.5)
+    vq, vk, vout, vlse = (t.detach() for t in (vq, vk, vout, vlse))
+    torch.library.opcheck(ops.varlen_attention_backward,
+                          (torch.randn_like(vout), vq, vk, vk, cu_q, cu_k, 3, 4, vout, vlse, 2, 0.5))
+
+
+def test_opcheck_ctc_with_broadcast_lengths():
+    lp, tg, il, tl = ctc_case(torch.float64)
+    il = torch.tensor(9).expand(3)  # stride-0 lengths
+    tl = torch.tensor(tl)
+    ops = torch.ops.seqfast
+    for from_logits in (False, True):
+        args = (lp, tg, il, tl, 0, False, from_logits, True)
+        torch.library.opcheck(ops.ctc_loss_forward, args)
+        nll, alpha = ops.ctc_loss_forward(*args)
+        torch.library.opcheck(ops.ctc_loss_backward,
+                              (torch.ones(1, dtype=torch.float64).expand(3), lp.detach(), tg, il, tl, nll.detach(),
+                               alpha, 0, False, from_logits))
