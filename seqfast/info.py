@@ -97,6 +97,7 @@ def collect() -> dict[str, Any]:
         build = dict(ext.build_info())
     else:  # not loaded, or built before build_info existed
         build = _stamp(ext_path)
+    isa_supported = getattr(ext, "cpu_isa_supported", None)  # None: not loaded, or an older build
     triton_version = _triton_version()
     cuda_available = torch.cuda.is_available()
     cuda_devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda_available else []
@@ -106,7 +107,7 @@ def collect() -> dict[str, Any]:
     elif cuda_available:
         triton_usable, triton_note = True, "on CUDA tensors"
     elif _triton.interpreter_enabled():
-        triton_usable, triton_note = True, "TRITON_INTERPRET=1: through Triton's interpreter on CPU tensors (slow)"
+        triton_usable, triton_note = True, "through Triton's interpreter on CPU tensors (TRITON_INTERPRET=1; slow)"
     else:
         triton_usable, triton_note = False, "no CUDA GPU; TRITON_INTERPRET=1 runs them on CPU tensors (interpreted)"
 
@@ -134,8 +135,7 @@ def collect() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_isa": ext.cpu_isa() if ext is not None else None,
-        "cpu_isa_supported": ext.cpu_isa_supported() if ext is not None and hasattr(ext, "cpu_isa_supported")
-        else None,
+        "cpu_isa_supported": isa_supported() if isa_supported is not None else None,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "settings": {name: os.environ.get(name) for name in SETTINGS},
         "extension_loaded": _extension.AVAILABLE,
