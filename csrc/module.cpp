@@ -5,6 +5,8 @@
 #include "buffer_cache.h"
 #include "cpu_features.h"
 
+namespace seqfast { pybind11::dict build_info(); }  // csrc/build_info.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(seqfast::isa_name(seqfast::active_isa())); },
         "The vector ISA the CPU kernels use now: the CPU's widest, capped by SEQFAST_CPU_ISA / set_cpu_isa.");
@@ -13,6 +15,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(!old.empty(), "set_cpu_isa: expected avx512, avx2 or baseline, got ", name);
     return old;
   }, "Caps the vector ISA of the CPU kernels (avx512, avx2, baseline); returns the previous cap.");
+  m.def("cpu_isa_supported", [] { return std::string(seqfast::isa_name(seqfast::cpu_isa_level())); },
+        "The widest vector ISA this CPU has (avx512, avx2, baseline), whatever the cap.");
+  m.def("build_info", &seqfast::build_info, "How this library was built: versions, compiler, flags, release or debug.");
   m.def("buffer_cache_stats", [] {
     const seqfast::BufferCacheStats s = seqfast::BufferCache::get().stats();
     return pybind11::dict(pybind11::arg("hits") = s.hits, pybind11::arg("misses") = s.misses,

@@ -7,6 +7,7 @@ Triton kernels run CUDA tensors, C++ kernels run CPU tensors, behind torch's sig
 # Importing ops defines torch.ops.seqfast.*; _extension loads the C++ kernels registered for CPU.
 from seqfast import _extension, nn, ops  # noqa: F401
 from seqfast._backend import BACKENDS, backend
+from seqfast._version import __version__ as __version__
 from seqfast.functional import (
     ctc_loss,
     ctc_loss_from_logits,
@@ -15,7 +16,6 @@ from seqfast.functional import (
 )
 from seqfast.validation import ArgumentError
 
-__version__ = "0.1.0"
 EXTENSION_AVAILABLE = _extension.AVAILABLE
 
 __all__ = [
