@@ -5,9 +5,13 @@
 #include "buffer_cache.h"
 #include "cpu_features.h"
 
-namespace seqfast { pybind11::dict build_info(); }  // csrc/build_info.cpp
+namespace seqfast {
+pybind11::dict build_info();                  // csrc/build_info.cpp
+void bind_autograd(pybind11::module& m);  // csrc/autograd.cpp
+}  // namespace seqfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  seqfast::bind_autograd(m);
   m.def("cpu_isa", [] { return std::string(seqfast::isa_name(seqfast::active_isa())); },
         "The vector ISA the CPU kernels use now: the CPU's widest, capped by SEQFAST_CPU_ISA / set_cpu_isa.");
   m.def("set_cpu_isa", [](const std::string& name) {

@@ -32,6 +32,9 @@ BACKENDS = ("auto", "triton", "cpp", "reference")
 _state = threading.local()  # .forced: the innermost backend() context's name, absent or None outside any
 # (op name without namespace, backend) -> implementation with the op's schema.
 _IMPLS: dict[tuple[str, str], Callable[..., Any]] = {}
+# op name -> (setup_context, backward): the op's autograd formula in torch.library.register_autograd's form,
+# run in Python when a backend is forced (the dispatcher's own autograd kernel is C++, csrc/autograd.cpp).
+_FORMULAS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
 
 
 def _check_name(name: str, source: str) -> str:
@@ -40,11 +43,19 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+# os.environ's underlying dict, read directly on the hot path: os.environ.get encodes and decodes every call.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("SEQFAST_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
 def current() -> str:
     """The backend in force: the innermost :func:`backend` context, else ``$SEQFAST_BACKEND``, else ``auto``."""
     forced = getattr(_state, "forced", None)
     if forced is not None:
         return forced
+    if _ENVIRON_DATA is not None and not torch.compiler.is_compiling():
+        if _ENV_KEY not in _ENVIRON_DATA:
+            return "auto"
     return _check_name(os.environ.get("SEQFAST_BACKEND", "auto").strip().lower() or "auto", "SEQFAST_BACKEND")
 
 
@@ -98,15 +109,53 @@ class _ForceBackend(TorchDispatchMode):
             return impl(*args, **kwargs)
 
 
+# op -> the same op with its autograd, callable straight from Python (csrc/autograd.cpp): the eager calls'
+# route, which skips the boxed torch.ops call. Compiled code keeps the op, which Dynamo traces.
+_EAGER: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def register_eager(op: Callable[..., Any], fn: Callable[..., Any]) -> None:
+    _EAGER[op] = fn
+
+
 def dispatch(name: str | None, op: Callable[..., Any], *args: Any) -> Any:
     """Call ``op`` under backend ``name`` (``None`` means :func:`current`)."""
     name = current() if name is None else name
     if name == "auto":
+        eager = _EAGER.get(op)
+        if eager is not None and not torch.compiler.is_compiling():
+            return eager(*args)
         return op(*args)
     return _dispatch_forced(name, op, *args)
 
 
+def register_autograd(op_name: str, setup_context: Callable[..., Any], backward: Callable[..., Any]) -> None:
+    """The autograd formula of ``seqfast::op_name`` for forced backends (see :data:`_FORMULAS`)."""
+    _FORMULAS[op_name] = (setup_context, backward)
+
+
+class _ForcedAutograd(torch.autograd.Function):
+    """Runs an op under a forced backend with its Python autograd formula, so that the backward runs on the
+    backend the forward ran on even after the ``backend()`` block has closed."""
+
+    @staticmethod
+    def forward(ctx, name, op, *args):
+        with _ForceBackend(name):
+            out = op(*args)
+        ctx.formula = _FORMULAS[op._schema.name.split("::", 1)[1]]
+        ctx.formula[0](ctx, args, out)
+        ctx.backend = name
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *ctx.formula[1](ctx, *grads))
+
+
 @torch._dynamo.disable
 def _dispatch_forced(name: str, op: Callable[..., Any], *args: Any) -> Any:
+    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if needs_grad and op._schema.name.split("::", 1)[1] in _FORMULAS:
+        return _ForcedAutograd.apply(name, op, *args)
     with _ForceBackend(name):
         return op(*args)

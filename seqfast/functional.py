@@ -23,7 +23,7 @@ def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, ze
         nll = torch.where(torch.isinf(nll), torch.zeros_like(nll), nll)
     out_dtype = args.log_probs.dtype  # float32 under autocast, as torch's ctc_loss
     if reduction == "mean":
-        return (nll / args.target_lengths.clamp_min(1).to(nll.dtype)).mean().to(out_dtype)
+        return (nll / args.target_lengths.clamp_min(1)).mean().to(out_dtype)  # int lengths promote to nll's dtype
     if reduction == "sum":
         return nll.sum().to(out_dtype)
     return (nll if args.batched else nll[0]).to(out_dtype)
@@ -126,18 +126,15 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     """:func:`scaled_dot_product_attention` with the dropout seed given (callers that need the keep-mask)."""
     args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     causal = attention_ops.CAUSAL_TOP_LEFT if is_causal else attention_ops.NO_CAUSAL
-    if dropout_p == 1.0:
-        # Every weight dropped: torch's result is 0 (NaN where the attention itself is NaN), and so is this.
-        out, _ = _backend.dispatch(
-            None, attention_ops.FORWARD, args.query, args.key, args.value, args.attn_mask, 0.0, causal, args.scale,
-            _NO_SEED,
-        )
-        return (out * 0.0).reshape(args.out_shape)
+    # dropout_p = 1 drops every weight: torch's result is 0 (NaN where the attention itself is NaN), as this.
+    dropped_all = dropout_p == 1.0
     out, _ = _backend.dispatch(
-        None, attention_ops.FORWARD, args.query, args.key, args.value, args.attn_mask, float(dropout_p),
-        causal, args.scale, seed,
+        None, attention_ops.FORWARD, args.query, args.key, args.value, args.attn_mask,
+        0.0 if dropped_all else float(dropout_p), causal, args.scale, _NO_SEED if dropped_all else seed,
     )
-    return out.reshape(args.out_shape)
+    if dropped_all:
+        out = out * 0.0
+    return out if args.out_shape is None else out.reshape(args.out_shape)
 
 
 def varlen_attention(

@@ -36,7 +36,7 @@ def _floating(name: str, t: object) -> None:
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The lower-precision dtype autocast casts to on ``device`` now, or None when autocast is off there."""
-    if torch.is_autocast_enabled(device.type):
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
@@ -132,14 +132,10 @@ def ctc_arguments(
     if torch.compiler.is_compiling():
         return _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank)
 
-    # Label validity where it counts (padding may hold anything), computed on the device.
-    if padded:
-        counted = torch.arange(S, device=device)[None, :] < tl[:, None]
+    if device.type == "cpu" and tg.numel() <= _HOST_CHECK_MAX:
+        il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_host(tg, il, tl, padded, C, blank)
     else:
-        counted = torch.ones_like(tg, dtype=torch.bool)
-    bad_label = ((tg < 0) | (tg >= C) | (tg == blank)) & counted
-    stats = torch.stack([il.min(), il.max(), tl.min(), tl.max(), tl.sum(), bad_label.sum()]).tolist()  # one sync
-    il_min, il_max, tl_min, tl_max, tl_sum, n_bad = stats
+        il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_device(tg, il, tl, padded, C, blank)
     if il_min < 0:
         raise ArgumentError(f"input_lengths must be >= 0, got {il_min} at index {int(il.argmin())}")
     if il_max > T:
@@ -152,11 +148,11 @@ def ctc_arguments(
     if not padded and tl_sum != S:
         raise ArgumentError(f"sum(target_lengths) = {tl_sum} must equal len(targets) = {S} for concatenated "
                             "targets")
-    if n_bad:
-        where = bad_label.nonzero()[0].tolist()
-        value = int(tg[tuple(where)])
+    if bad is not None:
+        where = bad() if callable(bad) else bad
+        value = int(tg[where])
         raise ArgumentError(f"targets must hold labels in [0, {C}) other than blank={blank}; got {value} at "
-                            f"position {tuple(where) if padded else where[0]}")
+                            f"position {where if padded else where[0]}")
 
     if padded:
         tg = tg[:, :tl_max] if tl_max < S else tg
@@ -167,6 +163,43 @@ def ctc_arguments(
         tg = torch.where(valid, tg[(starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))] if S else
                          torch.zeros((N, tl_max), dtype=torch.int64, device=device), blank)
     return CTCArguments(lp.contiguous(), tg.contiguous(), il, tl, batched)
+
+
+# Up to this many target entries on the CPU, the checks read the values into Python: a dozen tiny tensor
+# ops would cost more than the loss of a small batch.
+_HOST_CHECK_MAX = 512
+
+
+def _ctc_stats_on_host(tg, il, tl, padded, C, blank):
+    """(min, max of input_lengths; min, max, sum of target_lengths; position of the first bad label or None)."""
+    il_h, tl_h = il.tolist(), tl.tolist()
+    bad = None
+    if padded:
+        for n, (row, length) in enumerate(zip(tg.tolist(), tl_h)):
+            for s, label in enumerate(row[:max(length, 0)]):
+                if label < 0 or label >= C or label == blank:
+                    bad = (n, s)
+                    break
+            if bad is not None:
+                break
+    else:
+        for i, label in enumerate(tg.tolist()):
+            if label < 0 or label >= C or label == blank:
+                bad = (i,)
+                break
+    return min(il_h), max(il_h), min(tl_h), max(tl_h), sum(tl_h), bad
+
+
+def _ctc_stats_on_device(tg, il, tl, padded, C, blank):
+    """:func:`_ctc_stats_on_host` computed on the device, with one device-to-host copy."""
+    # Label validity where it counts (padding may hold anything).
+    if padded:
+        counted = torch.arange(tg.shape[1], device=tg.device)[None, :] < tl[:, None]
+    else:
+        counted = torch.ones_like(tg, dtype=torch.bool)
+    bad_label = ((tg < 0) | (tg >= C) | (tg == blank)) & counted
+    stats = torch.stack([il.min(), il.max(), tl.min(), tl.max(), tl.sum(), bad_label.sum()]).tolist()  # one sync
+    return (*stats[:5], (lambda: tuple(bad_label.nonzero()[0].tolist())) if stats[5] else None)
 
 
 def _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank) -> CTCArguments:
@@ -202,19 +235,27 @@ class SDPAArguments(NamedTuple):
     value: torch.Tensor  # (B, Hk, Lk, Dv)
     attn_mask: torch.Tensor | None  # (B, Hq, Lq, Lk) view, bool or query's dtype
     scale: float
-    out_shape: tuple[int, ...]
+    out_shape: tuple[int, ...] | None  # None: the op's output already has it
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _broadcast(shapes: tuple[torch.Size, ...], what: str, query, key, value) -> torch.Size:
-    try:
-        return torch.broadcast_shapes(*shapes)
-    except RuntimeError:
-        raise ArgumentError(f"query, key and value {what} must broadcast, got shapes {tuple(query.shape)}, "
-                            f"{tuple(key.shape)}, {tuple(value.shape)}") from None
+def _broadcast(shapes: tuple[tuple[int, ...], ...], what: str, query, key, value) -> tuple[int, ...]:
+    """numpy's broadcasting of the leading dims (torch.broadcast_shapes costs more than a small attention)."""
+    first = shapes[0]
+    if all(s == first for s in shapes):
+        return tuple(first)
+    out = [1] * max(len(s) for s in shapes)
+    for s in shapes:
+        for i, n in enumerate(s, len(out) - len(s)):
+            if n != 1:
+                if out[i] != 1 and out[i] != n:
+                    raise ArgumentError(f"query, key and value {what} must broadcast, got shapes "
+                                        f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+                out[i] = n
+    return tuple(out)
 
 
 def _fold(t: torch.Tensor, batch: tuple[int, ...], heads: int, B: int) -> torch.Tensor:
@@ -239,6 +280,18 @@ def sdpa_arguments(
     Batch dims broadcast against each other (and so does a key/value head dim of 1); under autocast the
     floating inputs (not float64) are cast to autocast's dtype first, as torch casts them.
     """
+    # The common case in few operations (on tiny inputs the checks would cost more than the kernel): 4-D
+    # tensors of one dtype, device and batch, no mask, no autocast. Everything it accepts passes the
+    # general checks below unchanged; ``out_shape`` None means the output needs no reshape.
+    if type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor:
+        qs, ks, vs, dtype = query.shape, key.shape, value.shape, query.dtype
+        if (attn_mask is None and len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and dtype in FLOAT_DTYPES
+                and key.dtype == dtype and value.dtype == dtype and qs[0] == ks[0] == vs[0] and qs[1] == ks[1] == vs[1]
+                and qs[3] == ks[3] and ks[2] == vs[2] and qs[3] > 0 and 0.0 <= dropout_p <= 1.0
+                and query.stride(3) == 1 and key.stride(3) == 1 and value.stride(3) == 1
+                and not torch._C._is_any_autocast_enabled() and query.device == key.device == value.device):
+            return SDPAArguments(query, key, value, None, 1.0 / math.sqrt(qs[3]) if scale is None else float(scale),
+                                 None)
     _floating("query", query)
     _floating("key", key)
     _floating("value", value)
@@ -272,11 +325,11 @@ def sdpa_arguments(
             raise ArgumentError(f"key and value must have the same number of heads, got {Hk} and {vs[-3]}")
         if Hk == 0 or Hq % Hk:
             raise ArgumentError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hk})")
-        batch = tuple(_broadcast((qs[:-3], ks[:-3], vs[:-3]), "batch dims", query, key, value))
+        batch = _broadcast((qs[:-3], ks[:-3], vs[:-3]), "batch dims", query, key, value)
         lead = (*batch, Hq)
     else:
-        lead = tuple(_broadcast((qs[:-2], ks[:-2], vs[:-2]), "batch and head dims (pass enable_gqa=True for "
-                                "grouped heads)", query, key, value))
+        lead = _broadcast((qs[:-2], ks[:-2], vs[:-2]), "batch and head dims (pass enable_gqa=True for grouped "
+                          "heads)", query, key, value)
         batch, Hq = (lead[:-1], lead[-1]) if lead else ((), 1)
         # Key/value heads of 1 broadcast over the query heads are grouped attention with one group.
         kh, vh = (ks[-3] if len(ks) >= 3 else 1), (vs[-3] if len(vs) >= 3 else 1)

@@ -31,3 +31,21 @@ def register_kernels(name: str, kernel_module: str, reference: Callable[..., Any
     torch.library.register_kernel(f"seqfast::{name}", "cuda", triton_kernel)
     _backend.register(name, "triton")(triton_kernel)
     _backend.register(name, "reference")(reference)
+
+
+def register_eager(name: str) -> None:
+    """Eager calls of ``seqfast::name`` through the extension's direct entry ``_C.autograd_<name>``."""
+    if _extension.AVAILABLE:
+        from seqfast import _C
+
+        _backend.register_eager(getattr(torch.ops.seqfast, name).default, getattr(_C, f"autograd_{name}"))
+
+
+def register_autograd(name: str, backward: Callable[..., Any], setup_context: Callable[..., Any]) -> None:
+    """The op's autograd formula, in Python. The dispatcher's autograd kernel is the C++ one
+    (``csrc/autograd.cpp``, same formula) when the extension loaded, else this one (CUDA without the
+    extension); forced backends always use this one (``seqfast._backend``)."""
+    _backend.register_autograd(name, setup_context, backward)
+    if not _extension.AVAILABLE:
+        torch.library.register_autograd(f"seqfast::{name}", backward, setup_context=setup_context)
+    register_eager(name)

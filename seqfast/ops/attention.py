@@ -36,7 +36,7 @@ import torch
 
 from seqfast import _backend, _cpu_dropout, _triton
 from seqfast.ops import no_double_backward
-from seqfast.ops._registry import define, register_kernels
+from seqfast.ops._registry import define, register_autograd, register_kernels
 from seqfast.reference import attention as reference
 
 NO_CAUSAL, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
@@ -120,7 +120,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
     ctx.dropout_p, ctx.causal, ctx.scale = dropout_p, causal, scale
-    ctx.mask_grad = attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
+    ctx.mask_grad = attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
     ctx.backend = _backend.current()
 
 
@@ -157,10 +157,8 @@ def _varlen_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None, None, None
 
 
-torch.library.register_autograd("seqfast::attention_forward", _backward, setup_context=_setup_context)
-torch.library.register_autograd(
-    "seqfast::varlen_attention_forward", _varlen_backward, setup_context=_varlen_setup_context
-)
+register_autograd("attention_forward", _backward, _setup_context)
+register_autograd("varlen_attention_forward", _varlen_backward, _varlen_setup_context)
 register_kernels("attention_forward", "attention", reference.attention_forward)
 register_kernels("attention_backward", "attention", reference.attention_backward)
 register_kernels("varlen_attention_forward", "attention", reference.varlen_attention_forward)

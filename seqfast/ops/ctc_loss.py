@@ -27,7 +27,7 @@ import torch
 
 from seqfast import _backend
 from seqfast.ops import no_double_backward
-from seqfast.ops._registry import define, register_kernels
+from seqfast.ops._registry import define, register_autograd, register_kernels
 from seqfast.reference import ctc_loss as reference
 
 FORWARD = define(
@@ -87,6 +87,6 @@ def _backward(ctx, grad_nll, grad_log_alpha):
     return grad, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("seqfast::ctc_loss_forward", _backward, setup_context=_setup_context)
+register_autograd("ctc_loss_forward", _backward, _setup_context)
 register_kernels("ctc_loss_forward", "ctc_loss", reference.ctc_loss_forward)
 register_kernels("ctc_loss_backward", "ctc_loss", reference.ctc_loss_backward)

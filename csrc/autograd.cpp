@@ -1,0 +1,180 @@
+// Autograd for the seqfast ops, in C++ so that a call stays in C++ from the dispatcher to the kernel and
+// back (a Python autograd formula costs more than a whole small attention). The formulas are the
+// ones seqfast/ops/*.py documents: save the inputs and outputs, call the backward op through the
+// dispatcher (so it runs the kernel of the device: C++ on CPU, Triton on CUDA).
+//
+// The backward ops have no derivative: they get torch's "not implemented" autograd kernel, so a
+// second differentiation through them raises "derivative for seqfast::..._backward is not
+// implemented", as torch's fused attention and ctc_loss kernels do, never silent zeros.
+//
+// A backend forced from Python (seqfast.backend) does not come here for its gradients: it wraps the
+// op in a Python autograd function that runs the backward on the same backend (seqfast/_backend.py).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+namespace seqfast {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = c10::optional<Tensor>;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using AttnFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double,
+                                              int64_t, double, const Tensor&);
+using AttnBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                              const Tensor&, const OptTensor&, const Tensor&,
+                                                              const Tensor&, double, int64_t, double, const Tensor&,
+                                                              bool);
+using VarlenFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const Tensor&, int64_t, int64_t, int64_t, double);
+using VarlenBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                        const Tensor&, const Tensor&, int64_t, int64_t,
+                                                        const Tensor&, const Tensor&, int64_t, double);
+using CtcFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                                             bool, bool, bool);
+using CtcBwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                         const Tensor&, int64_t, bool, bool);
+
+// Autograd materialises an unused output's gradient as zeros; the kernels want a contiguous one.
+Tensor grad_or_zeros(const Tensor& grad, const Tensor& like) {
+  return grad.defined() ? grad.contiguous() : at::zeros_like(like, at::MemoryFormat::Contiguous);
+}
+
+struct Attention : public torch::autograd::Function<Attention> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const OptTensor& mask, double dropout_p, int64_t causal, double scale,
+                               const Tensor& seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op<AttnFwdSig>("seqfast::attention_forward");
+    auto [out, lse] = fwd.call(q, k, v, mask, dropout_p, causal, scale, seed);
+    const bool has_mask = mask.has_value() && mask->defined();
+    ctx->save_for_backward({q, k, v, has_mask ? *mask : Tensor(), out, lse, seed});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["has_mask"] = has_mask;
+    ctx->saved_data["mask_grad"] = has_mask && mask->is_floating_point() && mask->requires_grad();
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<AttnBwdSig>("seqfast::attention_backward");
+    const auto s = ctx->get_saved_variables();
+    const bool mask_grad = ctx->saved_data["mask_grad"].toBool();
+    const OptTensor mask = ctx->saved_data["has_mask"].toBool() ? OptTensor(s[3]) : c10::nullopt;
+    auto [dq, dk, dv, dmask] = bwd.call(grad_or_zeros(grads[0], s[4]), s[0], s[1], s[2], mask, s[4], s[5],
+                                        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["causal"].toInt(),
+                                        ctx->saved_data["scale"].toDouble(), s[6], mask_grad);
+    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct VarlenAttention : public torch::autograd::Function<VarlenAttention> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k, int64_t causal,
+                               double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op<VarlenFwdSig>("seqfast::varlen_attention_forward");
+    auto [out, lse] = fwd.call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale);
+    ctx->save_for_backward({q, k, v, cu_q, cu_k, out, lse});
+    ctx->saved_data["max_q"] = max_q;
+    ctx->saved_data["max_k"] = max_k;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<VarlenBwdSig>("seqfast::varlen_attention_backward");
+    const auto s = ctx->get_saved_variables();
+    auto [dq, dk, dv] = bwd.call(grad_or_zeros(grads[0], s[5]), s[0], s[1], s[2], s[3], s[4],
+                                 ctx->saved_data["max_q"].toInt(), ctx->saved_data["max_k"].toInt(), s[5], s[6],
+                                 ctx->saved_data["causal"].toInt(), ctx->saved_data["scale"].toDouble());
+    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct CtcLoss : public torch::autograd::Function<CtcLoss> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& log_probs, const Tensor& targets,
+                               const Tensor& input_lengths, const Tensor& target_lengths, int64_t blank,
+                               bool zero_infinity, bool from_logits, bool keep_alpha) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op<CtcFwdSig>("seqfast::ctc_loss_forward");
+    auto [nll, log_alpha] =
+        fwd.call(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits, keep_alpha);
+    ctx->save_for_backward({log_probs, targets, input_lengths, target_lengths, nll, log_alpha});
+    ctx->saved_data["blank"] = blank;
+    ctx->saved_data["zero_infinity"] = zero_infinity;
+    ctx->saved_data["from_logits"] = from_logits;
+    ctx->saved_data["keep_alpha"] = keep_alpha;
+    ctx->mark_non_differentiable({log_alpha});
+    // log_alpha never carries a gradient: without this autograd would build a zero (N, T, 2S+1) tensor.
+    ctx->set_materialize_grads(false);
+    return {nll, log_alpha};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(8);
+    if (!grads[0].defined()) return none;  // only log_alpha was used: it carries no gradient
+    TORCH_CHECK(ctx->saved_data["keep_alpha"].toBool(),
+                "seqfast::ctc_loss_forward ran with keep_alpha=False: its loss has no gradient");
+    static auto bwd = op<CtcBwdSig>("seqfast::ctc_loss_backward");
+    const auto s = ctx->get_saved_variables();
+    none[0] = bwd.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["blank"].toInt(),
+                       ctx->saved_data["zero_infinity"].toBool(), ctx->saved_data["from_logits"].toBool());
+    return none;
+  }
+};
+
+std::tuple<Tensor, Tensor> pair(const variable_list& r) { return {r[0], r[1]}; }
+
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask,
+                                             double dropout_p, int64_t causal, double scale, const Tensor& seed) {
+  return pair(Attention::apply(q, k, v, mask, dropout_p, causal, scale, seed));
+}
+
+std::tuple<Tensor, Tensor> varlen_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
+                                                    int64_t max_k, int64_t causal, double scale) {
+  return pair(VarlenAttention::apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale));
+}
+
+std::tuple<Tensor, Tensor> ctc_loss_forward(const Tensor& log_probs, const Tensor& targets,
+                                            const Tensor& input_lengths, const Tensor& target_lengths, int64_t blank,
+                                            bool zero_infinity, bool from_logits, bool keep_alpha) {
+  return pair(CtcLoss::apply(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
+                             keep_alpha));
+}
+
+}  // namespace
+
+// The same autograd kernels called straight from Python (seqfast._C.autograd_*): the eager path of the
+// public functions skips torch.ops' boxed call, which alone costs more than a small kernel.
+void bind_autograd(pybind11::module& m) {
+  m.def("autograd_attention_forward", &attention_forward, "seqfast::attention_forward with autograd");
+  m.def("autograd_varlen_attention_forward", &varlen_attention_forward,
+        "seqfast::varlen_attention_forward with autograd");
+  m.def("autograd_ctc_loss_forward", &ctc_loss_forward, "seqfast::ctc_loss_forward with autograd");
+}
+
+}  // namespace seqfast
+
+TORCH_LIBRARY_IMPL(seqfast, Autograd, m) {
+  m.impl("attention_forward", &seqfast::attention_forward);
+  m.impl("varlen_attention_forward", &seqfast::varlen_attention_forward);
+  m.impl("ctc_loss_forward", &seqfast::ctc_loss_forward);
+  m.impl("attention_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("varlen_attention_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("ctc_loss_backward", torch::autograd::autogradNotImplementedFallback());
+}
