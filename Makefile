@@ -25,7 +25,7 @@ $(VENV)/.ext-built: $(VENV)/.deps-installed $(EXT_SOURCES)
 build: $(VENV)/.ext-built
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench: build
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
