@@ -2,20 +2,18 @@
 
 Losses and gradients are compared with the float64 reference (seqfast/reference/ctc_loss.py) and
 with torch.nn.functional.ctc_loss. Shapes stay tiny: the interpreter runs every program in numpy.
+
+The interpreter is switched on by tests/conftest.py on machines without a GPU (never forced where one is).
 """
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import seqfast  # noqa: E402
-from seqfast import _triton  # noqa: E402
+import seqfast
+from seqfast import _triton
 
 pytestmark = [
     pytest.mark.interpreter,
