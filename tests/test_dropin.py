@@ -304,6 +304,18 @@ def test_double_backward_is_a_clear_error_as_torch(case):
         close(g_o, g_t, 1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_double_backward_on_forced_backends_is_a_clear_error(backend):
+    q, k, v = _qkv((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8), dtype=torch.float64)
+    lp, tg, il, tl = ctc_case(torch.float64)
+    with seqfast.backend(backend):
+        for fn, x in ((lambda x: seqfast.scaled_dot_product_attention(x, k, v), q),
+                      (lambda x: seqfast.ctc_loss(x, tg, il, tl), lp)):
+            g, again = _second_order(fn, x)
+            with pytest.raises(RuntimeError, match="derivative for seqfast::"):
+                again()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile and torch.export
 
