@@ -211,8 +211,9 @@ struct Problem {
     constexpr T kNegInf = -std::numeric_limits<T>::infinity();
     const int64_t off = b * mask.sb + h * mask.sh + i * mask.si + j0 * mask.sj;
     if (mask.flags) {
+      // Added as 0 / -inf, as torch does: a NaN or +inf score stays NaN behind a False.
       const uint8_t* mr = mask.flags + off;
-      for (int64_t c = 0; c < nv; ++c) s[c] = mr[c * mask.sj] ? s[c] * f : kNegInf;
+      for (int64_t c = 0; c < nv; ++c) s[c] = s[c] * f + (mr[c * mask.sj] ? T(0) : kNegInf);
     } else {
       const T* mr = mask.bias + off;
       const T l2e = static_cast<T>(kLog2e);
@@ -407,15 +408,12 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = q0 + r;
       S* dst = out.row(b, h, i);
-      T* lrow = lse.row(b, h, i);
-      if (l[r] > T(0)) {
-        const T inv = T(1) / l[r];
-        for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = cast_to<S>(O[r * Dvp + c] * inv);
-        *lrow = (m[r] + std::log2(l[r])) * static_cast<T>(kLn2);
-      } else {
-        for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = cast_to<S>(T(0));
-        *lrow = std::numeric_limits<T>::infinity();
-      }
+      // l = 0: the row saw no key. O is then 0, unless a NaN or inf in V met a zero weight (NaN, as
+      // in torch's P V). l = NaN (a NaN score) makes the row NaN.
+      const bool empty = l[r] == T(0);
+      const T inv = empty ? T(1) : T(1) / l[r];
+      for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = cast_to<S>(O[r * Dvp + c] * inv);
+      *lse.row(b, h, i) = empty ? std::numeric_limits<T>::infinity() : (m[r] + std::log2(l[r])) * static_cast<T>(kLn2);
     }
   });
 }

@@ -74,6 +74,16 @@ inline void gemm_portable(const Gemm<T>& g) {
   }
 }
 
+// The online softmax's row max m skips NaN scores (x86 max returns its second operand when either is
+// NaN, std::max its first), which is harmless: exp2 of a NaN score stays NaN, so the row's sum and
+// output turn NaN as torch's do. When no visible score is above -inf (all masked, or masked and NaN)
+// the scores are exponentiated against 0 instead of m = -inf: exact zeros for the masked ones (not
+// the NaN of -inf - (-inf)), NaN kept for the NaN ones. One compare per row and key tile.
+template <typename T>
+inline T exp2_offset(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA fp32 tiles.
 
@@ -161,13 +171,13 @@ SEQFAST_TARGET_AVX2 inline void gemm_avx2(const Gemm<float>& g) {
   }
 }
 
-// 2^x for x <= 128, 0 for x <= -127 (including -inf and NaN). Rounding by the 1.5 * 2^23 trick:
+// 2^x for x <= 128, 0 for x <= -127 (including -inf), NaN for NaN. Rounding by the 1.5 * 2^23 trick:
 // t = x + (1.5 * 2^23 + 127) holds round(x) + 127 in its low mantissa bits, which shifted left by
 // 23 are the exponent field of 2^round(x); then a degree-5 minimax polynomial of 2^f on
 // [-1/2, 1/2] (relative error 2.4e-7 evaluated in fp32).
 SEQFAST_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
   const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));  // the second operand wins over NaN
+  x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);  // vmaxps returns its second operand when either is NaN
   const __m256 t = _mm256_add_ps(x, magic);
   const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
   __m256 p = _mm256_set1_ps(1.327641773968935e-3f);
@@ -226,7 +236,7 @@ template <int N>
 SEQFAST_TARGET_AVX2 inline void exp2_many_avx2(__m256* x) {
   const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f), lo = _mm256_set1_ps(-127.0f);
   __m256 t[N], f[N], p[N];
-  for (int i = 0; i < N; ++i) x[i] = _mm256_max_ps(x[i], lo);
+  for (int i = 0; i < N; ++i) x[i] = _mm256_max_ps(lo, x[i]);  // x NaN -> NaN (see exp2_avx2)
   for (int i = 0; i < N; ++i) t[i] = _mm256_add_ps(x[i], magic);
   for (int i = 0; i < N; ++i) f[i] = _mm256_sub_ps(x[i], _mm256_sub_ps(t[i], magic));
   for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.327641773968935e-3f), f[i],
@@ -265,15 +275,12 @@ SEQFAST_TARGET_AVX2 inline float exp2_row_avx2(float* s, int64_t nv, int64_t nco
 
 SEQFAST_TARGET_AVX2 inline float online_softmax_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float& m,
                                                          float& l) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   const float m_new = std::max(m, scaled_max_avx2(s, nv, f));
-  if (m_new == -kInf) {
-    for (int64_t c = 0; c < ncols; c += 8) _mm256_storeu_ps(s + c, _mm256_setzero_ps());
-    return 1.0f;
-  }
   // Exactly 1 while the max holds (no rescaling then); 0 for m = -inf.
   const float alpha = m == m_new ? 1.0f : _mm256_cvtss_f32(exp2_avx2(_mm256_set1_ps(m - m_new)));
-  l = l * alpha + exp2_row_avx2(s, nv, ncols, f, m_new);
+  // One FMA, pinned: the rounding of l (hence the output's last bit) should not depend on what the
+  // compiler contracts.
+  l = std::fma(l, alpha, exp2_row_avx2(s, nv, ncols, f, exp2_offset(m_new)));
   m = m_new;
   return alpha;
 }
@@ -415,7 +422,7 @@ template <int N>
 SEQFAST_TARGET_AVX512 inline void exp2_many_avx512(__m512* x) {
   const __m512 magic = _mm512_set1_ps(12582912.0f + 127.0f), lo = _mm512_set1_ps(-127.0f);
   __m512 t[N], f[N], p[N];
-  for (int i = 0; i < N; ++i) x[i] = _mm512_max_ps(x[i], lo);
+  for (int i = 0; i < N; ++i) x[i] = _mm512_max_ps(lo, x[i]);  // x NaN -> NaN (see exp2_avx2)
   for (int i = 0; i < N; ++i) t[i] = _mm512_add_ps(x[i], magic);
   for (int i = 0; i < N; ++i) f[i] = _mm512_sub_ps(x[i], _mm512_sub_ps(t[i], magic));
   for (int i = 0; i < N; ++i) p[i] = _mm512_fmadd_ps(_mm512_set1_ps(1.327641773968935e-3f), f[i],
@@ -480,19 +487,14 @@ SEQFAST_TARGET_AVX512 inline float exp2_row_avx512(float* s, int64_t nv, int64_t
 
 SEQFAST_TARGET_AVX512 inline float online_softmax_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float& m,
                                                              float& l) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   const float m_new = std::max(m, scaled_max_avx512(s, nv, f));
-  if (m_new == -kInf) {
-    for (int64_t c = 0; c < ncols; c += 16) _mm512_storeu_ps(s + c, _mm512_setzero_ps());
-    return 1.0f;
-  }
   float alpha = 1.0f;  // exactly 1 while the max holds (no rescaling then); 0 for m = -inf
   if (m != m_new) {
     __m512 d = _mm512_set1_ps(m - m_new);
     exp2_many_avx512<1>(&d);
     alpha = _mm512_cvtss_f32(d);
   }
-  l = l * alpha + exp2_row_avx512(s, nv, ncols, f, m_new);
+  l = std::fma(l, alpha, exp2_row_avx512(s, nv, ncols, f, exp2_offset(m_new)));  // see the AVX2 version
   m = m_new;
   return alpha;
 }
@@ -529,14 +531,11 @@ inline T online_softmax_row_portable(T* s, int64_t nv, int64_t ncols, T f, T& m,
     mx = std::max(mx, s[c]);
   }
   const T m_new = std::max(m, mx);
-  if (m_new == kNegInf) {
-    for (int64_t c = 0; c < ncols; ++c) s[c] = T(0);
-    return T(1);
-  }
   const T alpha = m == kNegInf ? T(0) : std::exp2(m - m_new);
+  const T off = exp2_offset(m_new);
   T sum = 0;
   for (int64_t c = 0; c < nv; ++c) {
-    s[c] = std::exp2(s[c] - m_new);
+    s[c] = std::exp2(s[c] - off);
     sum += s[c];
   }
   for (int64_t c = nv; c < ncols; ++c) s[c] = T(0);

@@ -63,7 +63,8 @@ def _scores(prod, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_of
 
     ``prod`` (rows, cols) fp32 is ``q k^T`` (queries x keys), or ``k q^T`` (keys x queries) when ``TRANSPOSED``.
     Query i sees key j iff ``j <= i + shift`` under a causal mode; ``mask_blk + mask_offs`` address a
-    (queries, keys) tile.
+    (queries, keys) tile. A bool mask is added as 0 / -inf, as torch does, so a NaN or +inf score behind a
+    False still makes its row NaN; the visibility covers only the bounds and the causal mode.
     """
     s = prod * qk_scale
     visible = row_ok[:, None] & col_ok[None, :]
@@ -80,7 +81,7 @@ def _scores(prod, rows, cols, row_ok, col_ok, shift, qk_scale, mask_blk, mask_of
         else:
             m = tl.load(mask_blk + mask_offs, mask=visible, other=0)
         if MASK_KIND == 1:
-            visible = visible & (m != 0)
+            s += tl.where(m != 0, 0.0, float("-inf"))
         else:
             s += m.to(tl.float32) * 1.4426950408889634
     return tl.where(visible, s, float("-inf")), visible

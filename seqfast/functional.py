@@ -116,7 +116,7 @@ def scaled_dot_product_attention(
         enable_gqa: allow Hq a multiple of Hk (grouped / multi-query attention).
 
     Returns:
-        (..., Hq, Lq, Ev) in query's dtype (contiguous). Rows that see no key are 0 (torch gives NaN).
+        (..., Hq, Lq, Ev) in query's dtype (contiguous). Rows that see no key are 0, as in torch 2.13.
     """
     return _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              _dropout_seed(dropout_p))

@@ -21,8 +21,6 @@ import seqfast
 from seqfast import _cpu_dropout
 from seqfast.reference import attention as ref
 
-pytestmark = pytest.mark.skipif(not seqfast.EXTENSION_AVAILABLE, reason="C++ extension not built")
-
 ops = torch.ops.seqfast
 
 
@@ -36,6 +34,16 @@ def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
 def seed_tensor(seed: int) -> torch.Tensor:
     """The op's dropout seed argument: a one-element int64 CPU tensor."""
     return torch.tensor(seed, dtype=torch.int64)
+
+
+def within_twice_torch_error(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor) -> tuple[bool, str]:
+    """flash-attention's rule: seqfast's max error against the float64 reference (computed from the same
+    low-precision inputs) is at most twice torch's. Where torch's error is exactly 0, a floor of one unit
+    of the dtype's resolution at the tensor's magnitude, so that a bit-exact torch does not demand more."""
+    err = (ours.double() - ref).abs().max().item()
+    torch_err = (theirs.double() - ref).abs().max().item()
+    bound = 2 * torch_err if torch_err > 0 else torch.finfo(ours.dtype).eps * ref.abs().max().item()
+    return err <= bound, f"seqfast {err:.3g}, torch {torch_err:.3g}, bound {bound:.3g}"
 
 
 def leaves(*ts: torch.Tensor) -> list[torch.Tensor]:
@@ -117,10 +125,9 @@ def test_half_precision_within_twice_torch_error(dtype):
     tq, tk, tv = leaves(q, k, v)
     tout = F.scaled_dot_product_attention(tq, tk, tv)
     tgrads = torch.autograd.grad(tout, (tq, tk, tv), g)
-    eps = torch.finfo(dtype).eps
-    assert rel_err(out, rout) <= 2 * rel_err(tout, rout) + eps
-    for a, t, r in zip(grads, tgrads, rgrads):
-        assert rel_err(a, r) <= 2 * rel_err(t, r) + eps
+    for name, a, t, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (tout, *tgrads), (rout, *rgrads)):
+        ok, figures = within_twice_torch_error(a, t, r)
+        assert ok, (name, figures)
 
 
 def test_bottom_right_causal_through_the_op():

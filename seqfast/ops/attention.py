@@ -14,7 +14,7 @@
   backward regenerates the same mask, none is stored).
 - ``out`` (B, Hq, Lq, Dv) contiguous in ``query``'s dtype; ``lse`` (B, Hq, Lq) float32 (float64 for
   float64 input): log-sum-exp of the masked scaled scores per row, ``+inf`` for rows with no
-  visible key, whose output is 0 and whose gradients are 0.
+  visible key, whose output is 0 (NaN where such a row meets a NaN or inf value) and whose gradients are 0.
 
 ``seqfast::attention_backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal,
 scale, seed, mask_grad) -> (grad_query, grad_key, grad_value, grad_mask)``: grads with the shapes

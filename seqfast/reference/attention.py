@@ -43,8 +43,11 @@ def attention(
 
     q (..., Hq, Lq, D), k (..., Hk, Lk, D), v (..., Hk, Lk, Dv) with Hq a multiple of Hk (GQA);
     attn_mask broadcastable to (..., Hq, Lq, Lk), bool (True = attend) or float (added).
-    Rows that see no key give output 0 and lse +inf. ``dropout_keep_mask`` (bool, broadcastable
-    to the scores) drops weights after the softmax, survivors scaled by 1 / (1 - dropout_p).
+    Rows that see no key (every score -inf) give output 0 and lse +inf. NaN and inf propagate as in
+    torch's CPU kernels: a bool mask is added as 0 / -inf (a NaN score behind a False stays NaN),
+    causal hides keys whatever their scores, a row with a NaN score (or +inf, through inf - inf) is
+    NaN. ``dropout_keep_mask`` (bool, broadcastable to the scores) drops weights after the softmax,
+    survivors scaled by 1 / (1 - dropout_p).
     """
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[-3] // k.shape[-3]
@@ -52,21 +55,28 @@ def attention(
     v = v.repeat_interleave(group, dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
-    visible = torch.ones_like(s, dtype=torch.bool)
-    cm = causal_mask(q.shape[-2], k.shape[-2], causal, q.device)
-    if cm is not None:
-        visible = visible & cm
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            visible = visible & attn_mask
+            s = s + torch.zeros_like(attn_mask, dtype=s.dtype).masked_fill(~attn_mask, float("-inf"))
         else:
             s = s + attn_mask.double()
-            visible = visible & (attn_mask != float("-inf"))
-    s = s.masked_fill(~visible, float("-inf"))
-    empty = ~visible.any(dim=-1)
-    # logsumexp of an all -inf row has a NaN gradient: give it finite scores, then lse = +inf.
-    lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, float("inf"))
-    p = torch.exp(s - lse[..., None])
+    cm = causal_mask(q.shape[-2], k.shape[-2], causal, q.device)
+    if cm is not None:
+        s = s.masked_fill(~cm, float("-inf"))
+    # softmax written out (torch.logsumexp gives +inf, not NaN, for a row holding +inf). The max is a
+    # constant shift (detached); amax keeps NaN. A row that sees no key has max -inf: shift by 0 and
+    # divide by 1 there, so its weights are 0 (torch's _safe_softmax) and its gradient keeps the
+    # softmax form p * (g - sum(p * g)).
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    e = torch.exp(s - m)
+    z = e.sum(dim=-1, keepdim=True)
+    z = z + (z == 0).to(z.dtype)
+    p = e / z
+    if cm is not None:
+        p = p.masked_fill(~cm, 0.0)  # a NaN row would otherwise give NaN weights to hidden keys
+    empty = (s == float("-inf")).all(dim=-1)
+    lse = (m + z.log()).squeeze(-1).masked_fill(empty, float("inf"))
     if dropout_keep_mask is not None:
         p = p * dropout_keep_mask / (1.0 - dropout_p)
     return p @ v, lse
