@@ -1,9 +1,11 @@
 """Property tests of every public function against torch (same run) and the float64 reference: random
 shapes, dtypes, strides, masks, argument forms and special values (NaN, +-inf), 500 examples each.
 
-The comparisons are torch's own results, NaN positions included; the one deliberate difference (attention
-rows that see no key are 0 in seqfast, NaN in torch) is kept out of the drawn cases by keeping one key
-visible per row.
+The comparisons are torch's own results, NaN positions included. Attention is compared with torch's math
+path, the one consistent about special values (its fused float32 CPU kernel drops a NaN from rows shorter
+than one vector); the deliberate difference documented in the README (under a causal mask a NaN or inf value
+in the query, key or value does not reach what the mask hides, where torch's 0 * NaN spreads it) is kept out
+of the drawn cases.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import seqfast
 
@@ -71,6 +74,8 @@ def sdpa_case(draw):
         mask = torch.randn(B, 1, Lq, Lk, generator=g, dtype=dtype)
     target = draw(st.sampled_from(["q", "k", "v", "mask"] if mask_kind == "float" else ["q", "k", "v"]))
     special, where = draw(st.sampled_from(SPECIALS)), draw(st.floats(0, 1))
+    if causal and mask is None and target != "mask":
+        special = None
     if target == "mask":
         mask = _poke(mask, special, where)
     else:
@@ -86,7 +91,8 @@ def test_sdpa_against_torch(case):
     leaves_t = [t.clone().requires_grad_() for t in (q, k, v)]
     leaves_s = [t.clone().requires_grad_() for t in (q, k, v)]
     kwargs = dict(attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
-    theirs = F.scaled_dot_product_attention(*leaves_t, **kwargs)
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = F.scaled_dot_product_attention(*leaves_t, **kwargs)
     ours = seqfast.scaled_dot_product_attention(*leaves_s, **kwargs)
     assert_same(ours, theirs, dtype)
     for a, b in zip(grad_of(ours, leaves_s), grad_of(theirs, leaves_t)):
