@@ -9,6 +9,7 @@
 //
 // A backend forced from Python (seqfast.backend) does not come here for its gradients: it wraps the
 // op in a Python autograd function that runs the backward on the same backend (seqfast/_backend.py).
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -139,22 +140,75 @@ struct CtcLoss : public torch::autograd::Function<CtcLoss> {
 
 std::tuple<Tensor, Tensor> pair(const variable_list& r) { return {r[0], r[1]}; }
 
+// Whether autograd will record this call; when not, the op runs without building a node (no saved state).
+bool records(std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : inputs) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask,
                                              double dropout_p, int64_t causal, double scale, const Tensor& seed) {
+  const Tensor none;
+  if (!records({&q, &k, &v, mask.has_value() ? &*mask : &none})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op<AttnFwdSig>("seqfast::attention_forward");
+    return fwd.call(q, k, v, mask, dropout_p, causal, scale, seed);
+  }
   return pair(Attention::apply(q, k, v, mask, dropout_p, causal, scale, seed));
 }
 
 std::tuple<Tensor, Tensor> varlen_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
                                                     int64_t max_k, int64_t causal, double scale) {
+  if (!records({&q, &k, &v})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op<VarlenFwdSig>("seqfast::varlen_attention_forward");
+    return fwd.call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale);
+  }
   return pair(VarlenAttention::apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale));
 }
 
 std::tuple<Tensor, Tensor> ctc_loss_forward(const Tensor& log_probs, const Tensor& targets,
                                             const Tensor& input_lengths, const Tensor& target_lengths, int64_t blank,
                                             bool zero_infinity, bool from_logits, bool keep_alpha) {
+  if (!records({&log_probs})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op<CtcFwdSig>("seqfast::ctc_loss_forward");
+    return fwd.call(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
+                    keep_alpha);
+  }
   return pair(CtcLoss::apply(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
                              keep_alpha));
+}
+
+// seqfast.scaled_dot_product_attention's common case (4-D tensors of one floating dtype, device, batch and head
+// count, no mask, no dropout, no autocast) checked and run in one call from Python: on small inputs the
+// Python checks alone cost as much as torch's whole call. It accepts only calls that the full checks in
+// seqfast/validation.py accept unchanged (tests/test_dropin.py compares both); for anything else it returns
+// None and the Python path validates, casts, broadcasts and explains.
+c10::optional<Tensor> common_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
+                                       c10::optional<double> scale) {
+  if (!q.defined() || !k.defined() || !v.defined() || q.dim() != 4 || k.dim() != 4 || v.dim() != 4) {
+    return c10::nullopt;
+  }
+  const auto dtype = q.scalar_type();
+  if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16) ||
+      k.scalar_type() != dtype || v.scalar_type() != dtype) {
+    return c10::nullopt;
+  }
+  if (k.device() != q.device() || v.device() != q.device()) return c10::nullopt;
+  if (k.size(0) != q.size(0) || v.size(0) != q.size(0) || k.size(1) != q.size(1) || v.size(1) != q.size(1) ||
+      k.size(3) != q.size(3) || v.size(2) != k.size(2) || q.size(3) == 0) {
+    return c10::nullopt;
+  }
+  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return c10::nullopt;
+  if (at::autocast::is_autocast_enabled(q.device().type())) return c10::nullopt;
+  static const Tensor no_seed = at::zeros({}, at::kLong);
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  return std::get<0>(attention_forward(q, k, v, c10::nullopt, 0.0, is_causal ? 1 : 0, s, no_seed));
 }
 
 }  // namespace
@@ -166,6 +220,8 @@ void bind_autograd(pybind11::module& m) {
   m.def("autograd_varlen_attention_forward", &varlen_attention_forward,
         "seqfast::varlen_attention_forward with autograd");
   m.def("autograd_ctc_loss_forward", &ctc_loss_forward, "seqfast::ctc_loss_forward with autograd");
+  m.def("common_attention", &common_attention,
+        "scaled_dot_product_attention's common case checked and run in one call; None when not that case");
 }
 
 }  // namespace seqfast

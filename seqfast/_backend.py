@@ -59,6 +59,13 @@ def current() -> str:
     return _check_name(os.environ.get("SEQFAST_BACKEND", "auto").strip().lower() or "auto", "SEQFAST_BACKEND")
 
 
+def is_plain_auto() -> bool:
+    """True when nothing forces a backend (no context, no SEQFAST_BACKEND) and no compiler is tracing: the
+    eager common case, where a call may take the extension's direct route."""
+    return (getattr(_state, "forced", None) is None and _ENVIRON_DATA is not None and _ENV_KEY not in _ENVIRON_DATA
+            and not torch.compiler.is_compiling())
+
+
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
     """Force a backend for the seqfast calls made inside the block.

@@ -42,6 +42,11 @@ _check_isa_cap()
 AVAILABLE, LOAD_ERROR = _load()
 
 
+def module():
+    """The loaded extension module ``seqfast._C`` (only when :data:`AVAILABLE`)."""
+    return importlib.import_module("seqfast._C")
+
+
 def missing_kernel(op_name: str):
     """A CPU kernel that explains why the C++ kernel of ``op_name`` is unavailable."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from seqfast import _backend
+from seqfast import _backend, _extension
 from seqfast.ops import attention as attention_ops
 from seqfast.ops import ctc_loss as ctc_ops
 from seqfast.validation import IntLengths, ctc_arguments, reduction_argument, sdpa_arguments, varlen_arguments
@@ -82,6 +82,8 @@ def ctc_loss_from_logits(
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
+# The extension's one-call route for the common eager attention call (csrc/autograd.cpp), when it loaded.
+_COMMON_ATTENTION = getattr(_extension.module(), "common_attention", None) if _extension.AVAILABLE else None
 
 
 def _dropout_seed(dropout_p: float) -> torch.Tensor:
@@ -118,6 +120,13 @@ def scaled_dot_product_attention(
     Returns:
         (..., Hq, Lq, Ev) in query's dtype (contiguous). Rows that see no key are 0, as in torch 2.13.
     """
+    if attn_mask is None and not dropout_p and _COMMON_ATTENTION is not None and _backend.is_plain_auto():
+        try:
+            out = _COMMON_ATTENTION(query, key, value, is_causal, scale)
+        except TypeError:  # not tensors: the checks below say what is wrong
+            out = None
+        if out is not None:
+            return out
     return _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              _dropout_seed(dropout_p))
 

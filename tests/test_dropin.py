@@ -519,3 +519,55 @@ def test_opcheck_ctc_with_broadcast_lengths():
         torch.library.opcheck(ops.ctc_loss_backward,
                               (torch.ones(1, dtype=torch.float64).expand(3), lp.detach(), tg, il, tl, nll.detach(),
                                alpha, 0, False, from_logits))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The extension's one-call route for the common eager attention call accepts only what the checks accept
+
+
+def _route_cases():
+    g = torch.Generator().manual_seed(9)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    base = (r(2, 3, 5, 8), r(2, 3, 6, 8), r(2, 3, 6, 4))
+    yield "plain", base
+    yield "float64", tuple(t.double() for t in base)
+    yield "bfloat16", tuple(t.bfloat16() for t in base)
+    yield "mixed-dtype", (base[0], base[1].double(), base[2])
+    yield "int", tuple(t.long() for t in base)
+    yield "3-d", tuple(t[0] for t in base)
+    yield "kv-batch-1", (base[0], base[1][:1], base[2][:1])
+    yield "kv-heads-1", (base[0], base[1][:, :1], base[2][:, :1])
+    yield "e-mismatch", (base[0], r(2, 3, 6, 7), base[2])
+    yield "len-mismatch", (base[0], base[1], r(2, 3, 7, 4))
+    yield "head-dim-0", (r(2, 3, 5, 0), r(2, 3, 6, 0), base[2])
+    yield "strided-last", (r(2, 3, 5, 16)[..., ::2], base[1], base[2])
+    yield "transposed", (r(2, 5, 3, 8).transpose(1, 2), r(2, 6, 3, 8).transpose(1, 2), r(2, 6, 3, 4).transpose(1, 2))
+    yield "meta-key", (base[0], base[1].to("meta"), base[2])
+    yield "list", ([1.0], base[1], base[2])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", [n for n, _ in _route_cases()])
+def test_common_attention_route_accepts_only_what_the_checks_accept(name, causal, autocast):
+    from seqfast import functional
+
+    q, k, v = dict(_route_cases())[name]
+    route = functional._COMMON_ATTENTION
+    assert route is not None  # the extension is built by `make test`
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        try:
+            out = route(q, k, v, causal, None)
+        except TypeError:  # arguments pybind cannot convert: the public function falls back to the checks
+            out = None
+        try:
+            expected = functional._seeded_attention(q, k, v, None, 0.0, causal, None, False, functional._NO_SEED)
+        except (ArgumentError, RuntimeError):
+            expected = None
+    if out is None:
+        return  # the full path decides
+    assert expected is not None, "the route took a call the checks refuse"
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
