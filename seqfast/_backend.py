@@ -46,6 +46,8 @@ def _check_name(name: str, source: str) -> str:
 # os.environ's underlying dict, read directly on the hot path: os.environ.get encodes and decodes every call.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey("SEQFAST_BACKEND") if hasattr(os.environ, "encodekey") else None
+_AUTO = os.environ.encodevalue("auto") if hasattr(os.environ, "encodevalue") else "auto"
+_AUTO_VALUES = (_AUTO, _AUTO[:0])  # "auto" or empty, as current() reads them
 
 
 def current() -> str:
@@ -54,7 +56,7 @@ def current() -> str:
     if forced is not None:
         return forced
     if _ENVIRON_DATA is not None and not torch.compiler.is_compiling():
-        if _ENV_KEY not in _ENVIRON_DATA:
+        if _ENVIRON_DATA.get(_ENV_KEY, _AUTO) in _AUTO_VALUES:
             return "auto"
     return _check_name(os.environ.get("SEQFAST_BACKEND", "auto").strip().lower() or "auto", "SEQFAST_BACKEND")
 
@@ -62,8 +64,8 @@ def current() -> str:
 def is_plain_auto() -> bool:
     """True when nothing forces a backend (no context, no SEQFAST_BACKEND) and no compiler is tracing: the
     eager common case, where a call may take the extension's direct route."""
-    return (getattr(_state, "forced", None) is None and _ENVIRON_DATA is not None and _ENV_KEY not in _ENVIRON_DATA
-            and not torch.compiler.is_compiling())
+    return (getattr(_state, "forced", None) is None and _ENVIRON_DATA is not None
+            and _ENVIRON_DATA.get(_ENV_KEY, _AUTO) in _AUTO_VALUES and not torch.compiler.is_compiling())
 
 
 @contextlib.contextmanager
