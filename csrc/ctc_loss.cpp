@@ -33,6 +33,10 @@
 // kernels themselves on large shapes.
 //
 // float16 / bfloat16 are read as float32 and computed in float32; float64 runs a scalar float64 path.
+//
+// NaN and +inf log-probs give torch's NaN losses without a test in the recursions: these run with such values as
+// probability 0 and note per sample whether one came by (one add per vector of forward emissions); only for those
+// samples is torch's spread of the NaN replayed (poison_reaches_end).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -124,7 +128,7 @@ template <typename T>
 T logsumexp_row_scalar(const T* in, int64_t n) {
   T m = neg_inf<T>();
   for (int64_t c = 0; c < n; ++c) m = std::max(m, in[c]);
-  if (!std::isfinite(m)) return m;
+  if (!std::isfinite(m)) return std::numeric_limits<T>::quiet_NaN();  // as logsumexp_row_avx2
   T sum = 0;
   for (int64_t c = 0; c < n; ++c) sum += std::exp(in[c] - m);
   return m + std::log(sum);
@@ -236,6 +240,43 @@ struct Sample {
   }
 };
 
+// NaN and +inf emissions ("poison"). torch's log-space recursion makes alpha NaN at a poisoned state (-inf + NaN,
+// inf - inf in its log-sum-exp) from frame 1 on (frame 0 starts states 0 and 1 only), and the NaN then spreads
+// along every transition whatever it meets: the loss is NaN iff it reaches a final state at the last frame. The
+// recursions here treat poison as probability 0, which keeps log_alpha, beta and the posteriors of everything else
+// finite (the gradient shows the poison where it is: exp(NaN), exp(+inf)); they only note whether a sample had any,
+// and poison_reaches_end then replays the spread for those samples alone (rare), on booleans.
+template <typename T>
+bool clear_poison(T* x, int64_t n) {
+  bool any = false;
+  for (int64_t s = 0; s < n; ++s) {
+    if (!(x[s] < std::numeric_limits<T>::infinity())) {
+      x[s] = neg_inf<T>();
+      any = true;
+    }
+  }
+  return any;
+}
+
+template <typename scalar_t, typename acc_t>
+bool poison_reaches_end(const scalar_t* lp, const acc_t* lse, const Sizes& z, int64_t n, const int64_t* labels,
+                        int64_t L, int64_t len, int64_t blank) {
+  const int64_t states = 2 * L + 1;
+  std::vector<char> prev(states, 0), cur(states, 0);
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t r = t * z.N + n;
+    const acc_t off = lse ? lse[r] : acc_t(0);
+    for (int64_t s = 0; s < states; ++s) {
+      const acc_t x = static_cast<acc_t>(lp[r * z.C + (s % 2 ? labels[s / 2] : blank)]) - off;
+      const bool poison = !(x < std::numeric_limits<acc_t>::infinity()) && (t > 0 || s < 2);
+      const bool skip = s % 2 && s >= 3 && labels[s / 2] != labels[s / 2 - 1];
+      cur[s] = poison || (t > 0 && (prev[s] || (s >= 1 && prev[s - 1]) || (skip && prev[s - 2])));
+    }
+    std::swap(prev, cur);
+  }
+  return prev[2 * L] || (L > 0 && prev[2 * L - 1]);
+}
+
 // (T, N) log-normalisers of the logits rows, computed in parallel over rows.
 template <typename scalar_t, typename acc_t>
 at::Tensor row_logsumexp(const scalar_t* lp, const Sizes& z, const RowOps<acc_t>& ops) {
@@ -273,7 +314,9 @@ bool use_extended() {
 
 #if SEQFAST_X86
 struct ExtOps {
-  decltype(&ctc_simd::emission_ext_avx2) emission;
+  decltype(&ctc_simd::emission_ext_avx2<true>) emission_sum;  // forward: notes NaN / +inf emissions
+  decltype(&ctc_simd::emission_ext_avx2<false>) emission;
+  decltype(&ctc_simd::poison_sum_avx2) poison_sum;
   decltype(&ctc_simd::alpha_ext_row_avx2) alpha_row;
   decltype(&ctc_simd::beta_ext_row_avx2) beta_row;
   decltype(&ctc_simd::posterior_ext_row_avx2) posterior;
@@ -281,11 +324,11 @@ struct ExtOps {
 
 ExtOps ext_ops() {
   if (has_avx512()) {
-    return {&ctc_simd::emission_ext_avx512, &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512,
-            &ctc_simd::posterior_ext_row_avx512};
+    return {&ctc_simd::emission_ext_avx512<true>, &ctc_simd::emission_ext_avx512<false>, &ctc_simd::poison_sum_avx512,
+            &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512, &ctc_simd::posterior_ext_row_avx512};
   }
-  return {&ctc_simd::emission_ext_avx2, &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2,
-          &ctc_simd::posterior_ext_row_avx2};
+  return {&ctc_simd::emission_ext_avx2<true>, &ctc_simd::emission_ext_avx2<false>, &ctc_simd::poison_sum_avx2,
+          &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2, &ctc_simd::posterior_ext_row_avx2};
 }
 
 // Extended rows: mantissas and exponents with `front` zero guard cells before and `back` after.
@@ -351,7 +394,8 @@ class AlphaExt {
     // States above 2t+1 are not reachable yet: they stay 0 (their row cells were never written).
     const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));
     smp.gather(row, lse, blank);
-    ops_.emission(em_.data(), ee_.data(), smp.lpe.data(), hi);
+    ops_.emission_sum(em_.data(), ee_.data(), poison_, smp.lpe.data(), hi);
+    if (hi < P) ops_.poison_sum(poison_, smp.lpe.data() + hi, P - hi);  // poison there can still reach the end
     if (t == 0) {  // alpha_0: the emissions of states 0 and 1
       std::fill(cm_, cm_ + P, 0.0f);
       std::fill(ce_, ce_ + P, ctc_simd::kZeroE);
@@ -369,6 +413,13 @@ class AlphaExt {
     }
     std::swap(pm_, cm_);
     std::swap(pe_, ce_);
+  }
+
+  // Whether a step met a NaN or +inf emission (see poison_reaches_end).
+  bool poisoned() const {
+    float sum = 0;
+    for (float v : poison_) sum += v;
+    return !(sum < std::numeric_limits<float>::infinity());
   }
 
   // After the last frame: -log P(target) = -log(alpha[2L] + alpha[2L-1]), summed in double from the extended form.
@@ -401,6 +452,7 @@ class AlphaExt {
   int32_t *pe_, *ce_;
   std::vector<float> em_, logrow_;
   std::vector<int32_t> ee_;
+  float poison_[16] = {};  // the emissions summed lane-wise (emission_ext_avx2)
 };
 
 // Pass 1 of backward for one sample, one frame per step() (t = len-1 down to 0): beta in extended form and the
@@ -425,7 +477,7 @@ class BetaExt {
     // (never written: the bound only decreases).
     const int64_t lo = std::max<int64_t>(0, states - 2 * (len_ - t)) / kLanes * kLanes;
     smp.gather(row, lse, blank);
-    ops_.emission(em_.data() + lo, ee_.data() + lo, smp.lpe.data() + lo, P - lo);
+    ops_.emission(em_.data() + lo, ee_.data() + lo, nullptr, smp.lpe.data() + lo, P - lo);
     if (t == len_ - 1) {  // bx = 1 at the two final states, b = their emissions
       std::fill(bx_.m.begin(), bx_.m.end(), 0.0f);
       std::fill(bx_.e.begin(), bx_.e.end(), ctc_simd::kZeroE);
@@ -484,12 +536,14 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
   }
 }
 
-// Gradient rows that carry no posterior: frames past the input length (0), and every frame of a sample whose
-// loss is infinite (0 with zero_infinity, NaN otherwise).
-template <typename scalar_t>
-void fill_gradient_row(scalar_t* out, int64_t C, bool past_end, bool zero_infinity) {
-  const scalar_t v = past_end || zero_infinity ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN());
-  std::fill(out, out + C, v);
+// Gradient rows that carry no posterior, as torch: frames past the input length (0), and every frame of a sample
+// whose loss is +inf (0 with zero_infinity, NaN otherwise) or NaN (NaN: zero_infinity zeroes infinite losses only).
+// A logits row whose log-normaliser `lse` is not finite is NaN in any case: log_softmax's backward makes it so.
+template <typename scalar_t, typename acc_t>
+void fill_gradient_row(scalar_t* out, int64_t C, bool past_end, acc_t nll, bool zero_infinity, acc_t lse) {
+  const bool inf_loss = nll == std::numeric_limits<acc_t>::infinity();
+  const bool zero = std::isfinite(lse) && (past_end || (zero_infinity && inf_loss));
+  std::fill(out, out + C, zero ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN()));
 }
 
 template <typename scalar_t>
@@ -541,6 +595,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
           const int64_t len = il[n];
           if (la) std::fill(la + (n * z.T + len) * width, la + (n + 1) * z.T * width, neg_inf<acc_t>());
           out[n] = len > 0 ? alphas[n - begin].nll() : tl[n] == 0 ? 0.0f : std::numeric_limits<float>::infinity();
+          if (len > 0 && alphas[n - begin].poisoned() &&
+              poison_reaches_end(lp, lse, z, n, tg + n * z.S, tl[n], len, blank)) {
+            out[n] = std::numeric_limits<float>::quiet_NaN();
+          }
         }
       });
       return {nll, log_alpha};
@@ -561,8 +619,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
       std::vector<acc_t> rows(2 * (P + 2), neg_inf<acc_t>());
       acc_t* prev = rows.data() + 2;
       acc_t* cur = rows.data() + P + 4;
+      bool poisoned = false;
       for (int64_t t = 0; t < len; ++t) {
         smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : acc_t(0), blank);
+        poisoned |= clear_poison(smp.lpe.data(), states);
         if (t == 0) {
           cur[0] = smp.lpe[0];
           if (smp.L > 0) cur[1] = smp.lpe[1];
@@ -578,6 +638,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
       }
       if (la_n) std::fill(la_n + len * width, la_n + z.T * width, neg_inf<acc_t>());
       out[n] = -logaddexp2(prev[2 * smp.L], smp.L > 0 ? prev[2 * smp.L - 1] : neg_inf<acc_t>());
+      if (poisoned && poison_reaches_end(lp, lse, z, n, smp.labels, smp.L, len, blank)) {
+        out[n] = std::numeric_limits<acc_t>::quiet_NaN();
+      }
     }
   });
   return {nll, log_alpha};
@@ -616,7 +679,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
         std::vector<acc_t> buf;
         std::vector<std::unique_ptr<BetaExt<scalar_t>>> betas(end - begin);
         for (int64_t n = begin; n < end; ++n) {
-          if (il[n] > 0 && !std::isinf(nll[n])) {
+          if (il[n] > 0 && std::isfinite(nll[n])) {
             betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(eops, tg + n * z.S, tl[n], il[n], nll[n]);
           }
         }
@@ -626,7 +689,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
             const int64_t r = t * z.N + n;
             BetaExt<scalar_t>* beta = betas[n - begin].get();
             if (beta == nullptr || t >= il[n]) {
-              fill_gradient_row(gr + r * z.C, z.C, t >= il[n], zero_infinity);
+              fill_gradient_row(gr + r * z.C, z.C, t >= il[n], nll[n], zero_infinity, lse ? lse[r] : 0.0f);
               continue;
             }
             // The next step's row: the next sample's in this frame, else the block's first in the frame before.
@@ -652,7 +715,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t len = il[n];
-      if (len == 0 || std::isinf(nll[n])) continue;  // pass 2 writes these rows without posteriors
+      if (len == 0 || !std::isfinite(nll[n])) continue;  // pass 2 writes these rows without posteriors
       Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
 #if SEQFAST_X86
       if constexpr (std::is_same_v<acc_t, float>) {
@@ -680,6 +743,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
       const acc_t nl = nll[n];
       for (int64_t t = len - 1; t >= 0; --t) {
         smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : acc_t(0), blank);
+        clear_poison(smp.lpe.data(), states);  // as forward: the loss is finite, so the poison reaches no end
         if (t == len - 1) {
           std::fill(bx, bx + P, neg_inf<acc_t>());
           bx[2 * L] = 0;
@@ -705,8 +769,8 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / z.N, n = r % z.N;
       scalar_t* out = gr + r * z.C;
-      if (t >= il[n] || std::isinf(nll[n])) {
-        fill_gradient_row(out, z.C, t >= il[n], zero_infinity);
+      if (t >= il[n] || !std::isfinite(nll[n])) {
+        fill_gradient_row(out, z.C, t >= il[n], nll[n], zero_infinity, lse ? lse[r] : acc_t(0));
         continue;
       }
       gradient_row<scalar_t, acc_t>(out, lp + r * z.C, lse ? lse[r] : acc_t(0), gn[n], comp + (n * z.T + t) * cw,
@@ -720,7 +784,7 @@ std::tuple<at::Tensor, at::Tensor> ctc_loss_forward(const at::Tensor& log_probs,
                                                     const at::Tensor& input_lengths, const at::Tensor& target_lengths,
                                                     int64_t blank, bool zero_infinity, bool from_logits,
                                                     bool keep_alpha) {
-  (void)zero_infinity;  // the loss stays +inf; the flag matters to backward only
+  (void)zero_infinity;  // the loss stays +inf (or NaN); the flag matters to backward only
   const Sizes z = check_inputs(log_probs, targets, input_lengths, target_lengths, blank);
   const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();
   const at::Tensor il = input_lengths.contiguous(), tl = target_lengths.contiguous();

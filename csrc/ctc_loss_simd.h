@@ -213,8 +213,10 @@ SEQFAST_TARGET_AVX2 static float logsumexp_row_avx2(const float* in, int64_t n) 
     vm = _mm256_max_ps(vm, _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(in + c, mask), _mm256_castsi256_ps(mask)));
   }
   const float m = hmax(vm);
+  // All -inf, or a +inf / NaN logit: log_softmax is NaN on the whole row (torch: -inf + inf, inf - inf), and so
+  // is every emission taken from it with a NaN normaliser. A NaN the max missed makes the sum below NaN.
   if (!(m > -std::numeric_limits<float>::infinity() && m < std::numeric_limits<float>::infinity())) {
-    return m;  // all -inf, or an inf / NaN logit: the softmax is undefined, let it show
+    return std::numeric_limits<float>::quiet_NaN();
   }
   const __m256 vmax = splat(m);
   __m256 acc = _mm256_setzero_ps();
@@ -245,15 +247,30 @@ SEQFAST_AVX2_INLINE __m256i loadi(const int32_t* p) { return _mm256_loadu_si256(
 SEQFAST_AVX2_INLINE void storei(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
 // Emissions lpe (natural log) -> em * 2^ee with em in [0.7, 1.42], or em = 0 (and ee = 0) for probability 0.
-SEQFAST_TARGET_AVX2 static void emission_ext_avx2(float* em, int32_t* ee, const float* lpe, int64_t n) {
+// NaN counts as probability 0 here (renormalise would turn a NaN into a finite number), +inf as e^-kEmitLo; what
+// either does to the loss is decided per sample afterwards (ctc_loss.cpp, poison_reaches_end). For that, with Sum
+// (forward) the inputs are also summed into poison[0, 8) lane-wise: a NaN or +inf input leaves a NaN or +inf there
+// (-inf plus +inf is NaN), -inf and finite inputs do not (barring a finite overflow, a harmless false alarm).
+template <bool Sum>
+SEQFAST_TARGET_AVX2 static void emission_ext_avx2(float* em, int32_t* ee, float* poison, const float* lpe, int64_t n) {
+  __m256 acc = Sum ? _mm256_loadu_ps(poison) : _mm256_setzero_ps();
   for (int64_t s = 0; s < n; s += 8) {
     const __m256 x = _mm256_loadu_ps(lpe + s);
-    const __m256 dead = _mm256_cmp_ps(x, splat(kEmitLo), _CMP_LE_OQ);
+    if constexpr (Sum) acc = _mm256_add_ps(acc, x);
+    const __m256 dead = _mm256_cmp_ps(x, splat(kEmitLo), _CMP_NGT_UQ);  // x <= kEmitLo, or NaN
     __m256 nf;
     const __m256 m = exp_reduced(_mm256_min_ps(splat(-kEmitLo), _mm256_max_ps(splat(kEmitLo), x)), &nf);
     _mm256_storeu_ps(em + s, _mm256_andnot_ps(dead, m));
     storei(ee + s, _mm256_andnot_si256(_mm256_castps_si256(dead), _mm256_cvtps_epi32(nf)));
   }
+  if constexpr (Sum) _mm256_storeu_ps(poison, acc);
+}
+
+// poison[0, 8) += x[0, n) lane-wise (n a multiple of 8): emission_ext_avx2's check for the states a step skips.
+SEQFAST_TARGET_AVX2 static void poison_sum_avx2(float* poison, const float* x, int64_t n) {
+  __m256 acc = _mm256_loadu_ps(poison);
+  for (int64_t s = 0; s < n; s += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + s));
+  _mm256_storeu_ps(poison, acc);
 }
 
 // v * 2^E (v >= 0, finite) -> normalised (m, e); 0 and exponents below kLiveE become (0, kZeroE).

@@ -118,7 +118,7 @@ SEQFAST_TARGET_AVX512 static float logsumexp_row_avx512(const float* in, int64_t
   }
   if (c < n) vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(splat16(-kInf), lanes(n - c), in + c));
   const float m = _mm512_reduce_max_ps(vm);
-  if (!(m > -kInf && m < kInf)) return m;  // all -inf, or an inf / NaN logit: the softmax is undefined, let it show
+  if (!(m > -kInf && m < kInf)) return std::numeric_limits<float>::quiet_NaN();  // as logsumexp_row_avx2
   const __m512 vmax = splat16(m);
   __m256 acc = _mm256_setzero_ps();
   for (c = 0; c + 16 <= n; c += 16) {
@@ -137,17 +137,29 @@ SEQFAST_TARGET_AVX512 static float logsumexp_row_avx512(const float* in, int64_t
 SEQFAST_AVX512_INLINE __m512i loadi16(__mmask16 k, const int32_t* p) { return _mm512_maskz_loadu_epi32(k, p); }
 SEQFAST_AVX512_INLINE __m512 loadf16(__mmask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
 
-// emission_ext_avx2 (n a multiple of 8).
-SEQFAST_TARGET_AVX512 static void emission_ext_avx512(float* em, int32_t* ee, const float* lpe, int64_t n) {
+// emission_ext_avx2 (n a multiple of 8), summing into poison[0, 16) with Sum.
+template <bool Sum>
+SEQFAST_TARGET_AVX512 static void emission_ext_avx512(float* em, int32_t* ee, float* poison, const float* lpe,
+                                                      int64_t n) {
+  __m512 acc = Sum ? _mm512_loadu_ps(poison) : _mm512_setzero_ps();
   for (int64_t s = 0; s < n; s += 16) {
     const __mmask16 k = lanes(n - s);
     const __m512 x = loadf16(k, lpe + s);
-    const __mmask16 live = _mm512_cmp_ps_mask(x, splat16(kEmitLo), _CMP_NLE_UQ);
+    if constexpr (Sum) acc = _mm512_add_ps(acc, x);
+    const __mmask16 live = _mm512_cmp_ps_mask(x, splat16(kEmitLo), _CMP_GT_OQ);  // not NaN either
     __m512 nf;
     const __m512 m = exp_reduced16(_mm512_min_ps(splat16(-kEmitLo), _mm512_max_ps(splat16(kEmitLo), x)), &nf);
     _mm512_mask_storeu_ps(em + s, k, _mm512_maskz_mov_ps(live, m));
     _mm512_mask_storeu_epi32(ee + s, k, _mm512_maskz_mov_epi32(live, _mm512_cvtps_epi32(nf)));
   }
+  if constexpr (Sum) _mm512_storeu_ps(poison, acc);
+}
+
+// poison_sum_avx2 on poison[0, 16).
+SEQFAST_TARGET_AVX512 static void poison_sum_avx512(float* poison, const float* x, int64_t n) {
+  __m512 acc = _mm512_loadu_ps(poison);
+  for (int64_t s = 0; s < n; s += 16) acc = _mm512_add_ps(acc, loadf16(lanes(n - s), x + s));
+  _mm512_storeu_ps(poison, acc);
 }
 
 SEQFAST_AVX512_INLINE void renormalise16(__m512 v, __m512i E, __m512* m_out, __m512i* e_out) {

@@ -63,6 +63,20 @@ def _row_logsumexp(row_ptr, C, cdt: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _nan_after_log_softmax(row_ptr, C, BLOCK_C: tl.constexpr):
+    """Whether log_softmax is NaN on the C logits at row_ptr: a NaN or +inf among them, or only -inf."""
+    offs = tl.arange(0, BLOCK_C)
+    bad = tl.zeros([BLOCK_C], tl.int32)
+    live = tl.zeros([BLOCK_C], tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + offs
+        x = tl.load(row_ptr + c, mask=c < C, other=float("-inf"))
+        bad = tl.maximum(bad, (~(x < float("inf"))).to(tl.int32))
+        live = tl.maximum(live, (x > float("-inf")).to(tl.int32))
+    return (tl.max(bad, 0) > 0) | (tl.max(live, 0) == 0)
+
+
+@triton.jit
 def _ctc_forward_kernel(
     lp_ptr, tgt_ptr, il_ptr, tl_ptr, nll_ptr, la_ptr,
     N, T, C, S, blank,
@@ -98,6 +112,8 @@ def _ctc_forward_kernel(
             lab2 = tl.load(tgt_row + (s - 3) // 2, mask=active & odd & (s >= 3), other=0).to(tl.int32)
             skip = odd & (s >= 3) & (lab != lab2)
             lp = tl.load(lp_row + lab, mask=active, other=float("-inf")).to(cdt) - lse
+            # Frame 0 starts states 0 and 1 only: the others stay -inf, even for a NaN log-prob (as torch).
+            lp = tl.where(first & (s >= 2), float("-inf"), lp)
             # t = 0 reads a virtual row that is 0 at state 0 only: alpha[0] = lp at states 0 and 1.
             a0 = tl.load(prev + s, mask=active & (t > 0), other=float("-inf")).to(cdt)
             a0 = tl.where(first & (s == 0), 0.0, a0)
@@ -148,16 +164,19 @@ def _ctc_backward_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)
 
-    # Rows the sweep does not cover: frames past the input (0) and, for an impossible alignment,
-    # every frame (0 with zero_infinity, else NaN as torch).
+    # Rows the sweep does not cover: frames past the input (0) and, for a loss that is +inf (no alignment
+    # fits) or NaN, every frame: NaN as torch, or 0 with zero_infinity for a +inf loss only.
     t_sweep = tl.where(finite, Tn, 0)
     if ZERO_INFINITY:
-        bad = 0.0
+        bad = tl.where(nll == float("inf"), 0.0, float("nan"))
     else:
         bad = float("nan")
     for t in range(t_sweep, T):
         value = tl.where(t < Tn, bad, 0.0)
-        g_row = grad_ptr + (tl.cast(t, tl.int64) * N + n64) * C
+        row = (tl.cast(t, tl.int64) * N + n64) * C
+        g_row = grad_ptr + row
+        if FROM_LOGITS:  # log_softmax's backward is NaN on the rows it makes NaN
+            value = tl.where(_nan_after_log_softmax(lp_ptr + row, C, BLOCK_C), float("nan"), value)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + offs_c
             tl.store(g_row + c, tl.zeros([BLOCK_C], gdt) + value.to(gdt), mask=c < C)
@@ -213,8 +232,11 @@ def _ctc_backward_kernel(
             b2 = tl.load(beta_next + s + 2, mask=skip & not_last, other=float("-inf")).to(cdt)
             b_excl = _logaddexp3(b0, b1, b2)
             alpha = tl.load(alpha_row + s, mask=active, other=float("-inf")).to(cdt)
+            alpha = tl.where(alpha < float("inf"), alpha, float("-inf"))  # NaN / +inf: states that reach no end
             post = tl.where(active, tl.exp(alpha + b_excl + nll), 0.0)
-            tl.store(beta_cur + s, b_excl + lp, mask=active)
+            # The loss is finite, so no NaN or +inf log-prob reaches the end: as probability 0 they change nothing
+            # else (as in the C++ kernels), and the gradient shows them through exp(lp) below.
+            tl.store(beta_cur + s, tl.where(lp < float("inf"), b_excl + lp, float("-inf")), mask=active)
             tl.store(post_n + (s - 1) // 2, post, mask=active & odd)
             blank_post += tl.sum(tl.where(odd, 0.0, post), 0)
         # exp(lp) everywhere first; blank and label classes are overwritten after the barrier.

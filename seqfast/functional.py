@@ -20,7 +20,7 @@ def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, ze
         blank, bool(zero_infinity), from_logits, keep_alpha,
     )
     if zero_infinity:
-        nll = torch.where(torch.isinf(nll), torch.zeros_like(nll), nll)
+        nll = torch.where(torch.isposinf(nll), torch.zeros_like(nll), nll)  # as torch: +inf only, NaN stays
     out_dtype = args.log_probs.dtype  # float32 under autocast, as torch's ctc_loss
     if reduction == "mean":
         return (nll / args.target_lengths.clamp_min(1)).mean().to(out_dtype)  # int lengths promote to nll's dtype

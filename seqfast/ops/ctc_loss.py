@@ -9,7 +9,10 @@ from_logits, keep_alpha=True) -> (neg_log_likelihood, log_alpha)``
   Inputs are validated before the op (``seqfast.validation``).
 - ``neg_log_likelihood``: (N,) in the compute dtype (float64 for float64 input, else float32);
   +inf where no alignment fits, also with ``zero_infinity`` (the public function zeroes the
-  loss; the flag is an op argument so that autograd hands it to backward).
+  loss; the flag is an op argument so that autograd hands it to backward). NaN, as torch's, where
+  a NaN or +inf log-prob of the sample's blank or labels (frames t < input_length; frame 0: states
+  0 and 1) sits on a state that can still reach the end of an alignment; from logits, a row with a
+  NaN or +inf logit, or only -inf, is a NaN row (as log_softmax makes it).
 - ``log_alpha``: (N, T, 2S+1) compute dtype, the forward variables kept for backward. With
   ``keep_alpha=False`` (a loss that needs no gradient) it is an empty (N, 0, 0) tensor: the kernels
   keep only two rows of the recursion, and backward refuses it. The loss is bit-identical either way.
@@ -18,7 +21,11 @@ from_logits, keep_alpha=True) -> (neg_log_likelihood, log_alpha)``
 neg_log_likelihood, log_alpha, blank, zero_infinity, from_logits) -> grad``: (T, N, C) in
 ``log_probs``' dtype, ``grad_nll[n] * (exp(lp) - posterior)`` (torch's convention; with
 ``from_logits`` this is softmax - posterior, the true gradient w.r.t. the logits), zero for
-``t >= input_lengths[n]`` and, with ``zero_infinity``, for samples whose loss is infinite.
+``t >= input_lengths[n]`` and, with ``zero_infinity``, for samples whose loss is +inf. Rows
+``t < input_lengths[n]`` of a sample whose loss is NaN or +inf are NaN (+inf: unless
+``zero_infinity``); from logits, so is every row whose log_softmax is NaN. The posteriors count NaN
+and +inf log-probs as probability 0 (with a finite loss none reaches an end), so such a value shows
+at its own entry only, through exp(lp); -inf log-probs get 0 where torch's formula gives NaN.
 """
 
 from __future__ import annotations

@@ -13,12 +13,16 @@ NEG_INF = float("-inf")
 
 
 def _logaddexp(*xs: torch.Tensor) -> torch.Tensor:
-    """log(sum(exp(x))) elementwise whose gradient stays finite (0) where every input is -inf."""
+    """log(sum(exp(x))) elementwise whose gradient stays finite (0) where every input is -inf.
+
+    As torch's CTC recursion: NaN if an input is NaN or +inf (inf - inf), so that a NaN or +inf log-prob
+    spreads NaN along every transition it meets.
+    """
     x = torch.stack(xs)
     m = x.max(dim=0).values
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
+    m_safe = torch.where(m == NEG_INF, torch.zeros_like(m), m).detach()
     total = torch.exp(x - m_safe).sum(dim=0)
-    return torch.where(total > 0, torch.log(total.clamp_min(1e-300)) + m_safe, torch.full_like(m, NEG_INF))
+    return torch.where(total == 0, torch.full_like(m, NEG_INF), torch.log(total.clamp_min(1e-300)) + m_safe)
 
 
 def extended_targets(targets: torch.Tensor, blank: int) -> torch.Tensor:
@@ -84,15 +88,23 @@ def ctc_loss_forward(log_probs, targets, input_lengths, target_lengths, blank, z
 def ctc_loss_backward(
     grad_nll, log_probs, targets, input_lengths, target_lengths, nll, log_alpha_, blank, zero_infinity, from_logits
 ):
+    lp = _normalise(log_probs.detach(), from_logits)
+    # The posteriors count NaN and +inf log-probs as probability 0. Where the loss is finite none of them reaches
+    # the end (else it would be NaN), so the loss is the same; the gradient shows them through exp(lp) alone.
+    clean = lp.masked_fill(~(lp < float("inf")), NEG_INF).requires_grad_()
+    finite = torch.isfinite(nll)
     with torch.enable_grad():
-        lp = _normalise(log_probs.detach(), from_logits).requires_grad_()
-        nll64 = neg_log_likelihood(log_alpha(lp, targets, blank), input_lengths, target_lengths)
-        finite = torch.isfinite(nll64)
-        (dnll,) = torch.autograd.grad(nll64[finite].sum(), lp, allow_unused=True, materialize_grads=True)
+        nll64 = neg_log_likelihood(log_alpha(clean, targets, blank), input_lengths, target_lengths)
+        (dnll,) = torch.autograd.grad(nll64[finite].sum(), clean, allow_unused=True, materialize_grads=True)
     posterior = -dnll
     T = lp.shape[0]
     frames = torch.arange(T, device=lp.device)[:, None] < input_lengths[None, :]  # (T, N)
-    grad = torch.exp(lp.detach()) * frames[..., None] - posterior
-    bad = torch.full_like(grad, 0.0 if zero_infinity else float("nan"))
-    grad = torch.where(finite[None, :, None] | ~frames[..., None], grad, bad)
+    grad = torch.where(frames[..., None], torch.exp(lp), 0.0) - posterior
+    # No posterior: NaN, or 0 where zero_infinity meets a +inf loss (it leaves NaN losses alone, as torch).
+    bad = torch.full(nll.shape, float("nan"), dtype=torch.float64, device=nll.device)
+    if zero_infinity:
+        bad = bad.masked_fill(nll == float("inf"), 0.0)
+    grad = torch.where(finite[None, :, None] | ~frames[..., None], grad, bad[None, :, None])
+    if from_logits:  # rows log_softmax made NaN (a NaN or +inf logit, or all -inf): its backward gives NaN there
+        grad = grad.masked_fill(lp.isnan().any(2, keepdim=True), float("nan"))
     return (grad * grad_nll.double()[None, :, None]).to(log_probs.dtype)
