@@ -63,14 +63,14 @@ def _row_logsumexp(row_ptr, C, cdt: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _nan_after_log_softmax(row_ptr, C, BLOCK_C: tl.constexpr):
+def _nan_after_log_softmax(row_ptr, C, cdt: tl.constexpr, BLOCK_C: tl.constexpr):
     """Whether log_softmax is NaN on the C logits at row_ptr: a NaN or +inf among them, or only -inf."""
     offs = tl.arange(0, BLOCK_C)
     bad = tl.zeros([BLOCK_C], tl.int32)
     live = tl.zeros([BLOCK_C], tl.int32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + offs
-        x = tl.load(row_ptr + c, mask=c < C, other=float("-inf"))
+        x = tl.load(row_ptr + c, mask=c < C, other=float("-inf")).to(cdt)
         bad = tl.maximum(bad, (~(x < float("inf"))).to(tl.int32))
         live = tl.maximum(live, (x > float("-inf")).to(tl.int32))
     return (tl.max(bad, 0) > 0) | (tl.max(live, 0) == 0)
@@ -176,7 +176,7 @@ def _ctc_backward_kernel(
         row = (tl.cast(t, tl.int64) * N + n64) * C
         g_row = grad_ptr + row
         if FROM_LOGITS:  # log_softmax's backward is NaN on the rows it makes NaN
-            value = tl.where(_nan_after_log_softmax(lp_ptr + row, C, BLOCK_C), float("nan"), value)
+            value = tl.where(_nan_after_log_softmax(lp_ptr + row, C, cdt, BLOCK_C), float("nan"), value)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + offs_c
             tl.store(g_row + c, tl.zeros([BLOCK_C], gdt) + value.to(gdt), mask=c < C)
