@@ -13,6 +13,17 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Where the Triton kernels run in the tests: compiled on the GPU when there is one, interpreted on CPU
+# tensors otherwise. The Triton test files create their tensors under this device (one switch).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def on_kernel_device():
+    """Tensors created without a device inside the test land on :data:`KERNEL_DEVICE`."""
+    with torch.device(KERNEL_DEVICE):
+        yield KERNEL_DEVICE
+
 
 @pytest.fixture(autouse=True)
 def _seeded():

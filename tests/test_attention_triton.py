@@ -20,7 +20,7 @@ import seqfast
 from seqfast import _backend, _triton
 from seqfast.reference import attention as reference
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("on_kernel_device")]
 OPS = torch.ops.seqfast
 
 
@@ -29,9 +29,9 @@ def op_forward(*args):
     return _backend.dispatch(None, OPS.attention_forward.default, *args)
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    return _triton.kernels("attention", torch.zeros(1))
+@pytest.fixture
+def kernels(on_kernel_device):
+    return _triton.kernels("attention", torch.zeros(1, device=on_kernel_device))
 
 
 @pytest.fixture(autouse=True)

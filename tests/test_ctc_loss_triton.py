@@ -17,6 +17,7 @@ from seqfast import _triton
 
 pytestmark = [
     pytest.mark.interpreter,
+    pytest.mark.usefixtures("on_kernel_device"),
     # log(0) = -inf is intended in the log-space recursion; numpy warns about it in the interpreter.
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -27,8 +28,8 @@ TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-9
 
 
 @pytest.fixture
-def kernels():
-    return _triton.kernels("ctc_loss", torch.empty(0))
+def kernels(on_kernel_device):
+    return _triton.kernels("ctc_loss", torch.empty(0, device=on_kernel_device))
 
 
 def _loss_and_grad(backend, log_probs, targets, il, tl, weights=None, from_logits=False, **kw):
