@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel; a bare `torch` would pull a multi-GB CUDA build on a CPU box.
-DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff
+DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff espeakng-loader
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py seqfast/_version.py
 
 .PHONY: all venv build test test-fast test-triton36 bench report lint clean
