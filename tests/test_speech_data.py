@@ -127,6 +127,9 @@ def test_place_trim_and_starts():
     word = torch.cat([torch.zeros(800), torch.ones(480), torch.zeros(800)])
     trimmed = audio.trim_silence(word, frame=160)
     assert trimmed.shape[0] == 480 and trimmed.eq(1).all()
+    faded = audio.fade(torch.ones(1000), 80)
+    assert faded[80:-80].eq(1).all() and float(faded[0]) < 1e-3 and float(faded[-1]) < 1e-3
+    assert torch.equal(faded[:80], faded[-80:].flip(0)) and bool((faded[1:80] > faded[:79]).all())
     gen = torch.Generator().manual_seed(0)
     lengths = [3000, 5000, 1000, 4000]
     starts = audio.random_starts(lengths, 20000, 500, gen)

@@ -133,6 +133,20 @@ def trim_silence(wave: torch.Tensor, threshold_db: float = -40.0, frame: int = 1
     return wave[first * frame : end]
 
 
+def fade(wave: torch.Tensor, samples: int) -> torch.Tensor:
+    """wave with raised-cosine ramps of `samples` at both ends (a cut mid-waveform otherwise clicks).
+
+    wave: [n] float; returns a new tensor."""
+    n = min(samples, wave.shape[-1] // 2)
+    if n == 0:
+        return wave.clone()
+    ramp = 0.5 - 0.5 * torch.cos(torch.pi * (torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    out = wave.clone()
+    out[:n] *= ramp.to(wave.dtype)
+    out[-n:] *= ramp.flip(0).to(wave.dtype)
+    return out
+
+
 def place(clip: torch.Tensor, segment: torch.Tensor, start: int) -> torch.Tensor:
     """Adds segment into clip (in place) from sample `start`; the part past the clip's end is dropped.
 

@@ -99,6 +99,11 @@ def _to_int16(wave: torch.Tensor) -> torch.Tensor:
     return (wave.clamp(-1.0, 32767 / 32768) * 32768.0).round().to(torch.int16)
 
 
+def _rms_normalised(wave: torch.Tensor, db: float) -> torch.Tensor:
+    rms = float(audio.power(wave).sqrt())
+    return wave if rms == 0.0 else wave * (0.1 / rms * 10.0 ** (db / 20.0))
+
+
 def _resampled(waves: list[np.ndarray]) -> list[torch.Tensor]:
     rate = synth.sample_rate()
     return [audio.resample(torch.from_numpy(w), rate, SAMPLE_RATE) for w in waves]
@@ -129,7 +134,7 @@ class RecogniserConfig:
     rate: tuple[int, int] = (130, 220)  # words per minute
     pitch: tuple[int, int] = (25, 75)
     snr_db: tuple[float, float] = (10.0, 30.0)
-    gain_db: tuple[float, float] = (-12.0, 0.0)
+    gain_db: tuple[float, float] = (-12.0, 0.0)  # after the speech is scaled to RMS 0.1
     pad_seconds: tuple[float, float] = (0.05, 0.4)  # silence (then noise) before and after the speech
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -175,7 +180,7 @@ def _recogniser_text(rng: np.random.Generator, cfg: RecogniserConfig) -> str:
 
 def _recogniser_utterance(wave: torch.Tensor, plan: dict) -> torch.Tensor:
     before, after = (round(s * SAMPLE_RATE) for s in plan["pad"])
-    clean = torch.nn.functional.pad(wave, (before, after))
+    clean = torch.nn.functional.pad(_rms_normalised(wave, 0.0), (before, after))  # speech at RMS 0.1
     gen = torch.Generator().manual_seed(plan["noise_seed"])
     noise = audio.colored_noise(clean.shape[-1], plan["noise_exponent"], gen)
     return _to_int16(audio.gain_db(audio.mix_at_snr(clean, noise, plan["snr"]), plan["gain"]))
@@ -300,11 +305,6 @@ def trigger_labels(ends: list[int], num_frames: int, hop: int, window: int) -> t
     return labels
 
 
-def _rms_normalised(wave: torch.Tensor, db: float) -> torch.Tensor:
-    rms = float(audio.power(wave).sqrt())
-    return wave if rms == 0.0 else wave * (0.1 / rms * 10.0 ** (db / 20.0))
-
-
 def _trigger_clip(
     config: TriggerConfig, i: int, plan: dict, speech: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[tuple[str, int, int]]]:
@@ -320,7 +320,8 @@ def _trigger_clip(
         offset = int(position * (clip_len + sentence.shape[-1])) - sentence.shape[-1]
         audio.place(clip, sentence[max(0, -offset) :], max(0, offset))
     fg = plan["fg"]
-    segments = [audio.trim_silence(speech[index]) for _, index, _, _ in fg]
+    ramp = round(0.005 * SAMPLE_RATE)
+    segments = [audio.fade(audio.trim_silence(speech[index]), ramp) for _, index, _, _ in fg]
     lengths = [s.shape[-1] + (tail if is_trigger else 0) for s, (_, _, is_trigger, _) in zip(segments, fg)]
     starts = audio.random_starts(lengths, clip_len, gap, gen)
     if starts is None:  # no room for every word: keep the triggers only
