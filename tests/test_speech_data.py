@@ -288,3 +288,22 @@ def test_trigger_set(tmp_path):
         assert clips.features(i).shape == (1001, 80)
     again = datasets.trigger_set(config, cache_dir=tmp_path)
     assert not again.generated and torch.equal(again.labels, clips.labels) and again.words == clips.words
+
+
+def test_generate_and_preview_commands(tmp_path, capsys):
+    import wave
+
+    from examples.speech import generate, preview
+
+    generate.main(["--kind", "recogniser", "--split", "test", "--num", "2", "--cache", str(tmp_path / "c")])
+    generate.main(["--kind", "recogniser", "--split", "test", "--num", "2", "--cache", str(tmp_path / "c")])
+    printed = capsys.readouterr().out
+    assert "2 items" in printed and "generated in" in printed and "loaded from the cache" in printed
+
+    preview.main(["--out", str(tmp_path / "p"), "--cache", str(tmp_path / "c"), "--count", "2"])
+    out = tmp_path / "p"
+    for name in ("recogniser.png", "trigger.png", "recogniser.txt", "trigger.txt"):
+        assert (out / name).stat().st_size > 0
+    with wave.open(str(out / "trigger_1.wav")) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth(), f.getnframes()) == (16000, 1, 2, 160_000)
+    assert (out / "recogniser.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
