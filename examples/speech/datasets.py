@@ -3,7 +3,7 @@
 - `recogniser_set`: utterances of digit strings and short phrases with their transcripts (CTC targets), one
   speaker each, random rate and pitch, coloured noise at a random SNR, random gain.
 - `trigger_set`: fixed-length clips of background (coloured noise and babble: other synthesised speech),
-  distractor words and 0..max_triggers occurrences of a trigger word at random times, with frame labels that
+  distractor words and a few occurrences of a trigger word (0-3 by default) at random times, with frame labels that
   are 1 in a fixed window just after each trigger ends.
 
 Speakers are split by voice variant (`voice_split`): the variants of the test split are never heard in the
@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,13 @@ def voice_split(test_fraction: float = 0.2, seed: int = 0) -> VoiceSplit:
 
 def _cache_path(kind: str, config: object, cache_dir: Path | None) -> Path:
     key = json.dumps(
-        {"kind": kind, "config": asdict(config), "data_version": DATA_VERSION, "espeak": synth.library_version()},
+        {
+            "kind": kind,
+            "config": asdict(config),
+            "data_version": DATA_VERSION,
+            "espeak": synth.library_version(),
+            "words": hashlib.sha256(" ".join(vocabulary.DIGITS + vocabulary.WORDS).encode()).hexdigest(),
+        },
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -259,9 +265,9 @@ class TriggerConfig:
     pitch: tuple[int, int] = (25, 75)
     min_gap_seconds: float = 0.1
     label_window: int = 50  # frames: 0.5 s at a 10 ms hop
+    label_hop: int = features.HOP_LENGTH  # samples per label frame
     test_fraction: float = 0.2
     split_seed: int = 0
-    label_hop: int = field(default=features.HOP_LENGTH)
 
 
 @dataclass
