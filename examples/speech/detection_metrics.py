@@ -1,0 +1,141 @@
+"""Detection rate and false alarms of a trigger-word detector's probability tracks.
+
+A track is the detector's probability per output frame, smoothed by a causal moving average. It *fires* at a
+frame where the smoothed probability rises to the threshold (below it at the frame before, at or above it
+here) at least `refractory` frames after its last firing. A trigger counts as detected when the track fires
+inside its window (the label window: frames `end // hop + 1 .. end // hop + window`) widened by `tolerance`
+frames on each side; a firing inside no widened window is a false alarm. False alarms per hour divide by the
+total duration of the clips scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DetectionRules:
+    """hop: samples per output frame; window: label window in frames; smooth: moving-average length in frames
+    (1 = none); tolerance and refractory in frames."""
+
+    hop: int
+    window: int
+    smooth: int = 3
+    tolerance: int = 5
+    refractory: int = 25
+
+
+@dataclass(frozen=True)
+class Score:
+    """Counts over a set of clips at one threshold."""
+
+    threshold: float
+    triggers: int
+    detected: int
+    false_alarms: int
+    hours: float
+
+    @property
+    def detection_rate(self) -> float:
+        return self.detected / self.triggers if self.triggers else float("nan")
+
+    @property
+    def false_alarms_per_hour(self) -> float:
+        return self.false_alarms / self.hours if self.hours else float("nan")
+
+
+def smooth(probs: np.ndarray, frames: int) -> np.ndarray:
+    """Causal moving average over the last `frames` frames (fewer at the start): float [..., T] -> [..., T]."""
+    p = np.asarray(probs, dtype=np.float64)
+    if frames <= 1:
+        return p
+    c = np.cumsum(p, axis=-1)
+    out = c.copy()
+    out[..., frames:] = c[..., frames:] - c[..., :-frames]
+    counts = np.minimum(np.arange(1, p.shape[-1] + 1), frames)
+    return out / counts
+
+
+def firings(track: np.ndarray, threshold: float, refractory: int) -> list[int]:
+    """Frames where the (already smoothed) track [T] rises to `threshold`, each at least `refractory` frames
+    after the previous firing. A track already at the threshold at frame 0 fires there."""
+    above = np.asarray(track) >= threshold
+    rising = np.flatnonzero(above & ~np.concatenate([[False], above[:-1]]))
+    out: list[int] = []
+    for t in rising:
+        if not out or t - out[-1] >= refractory:
+            out.append(int(t))
+    return out
+
+
+def trigger_windows(ends: Sequence[int], rules: DetectionRules) -> list[tuple[int, int]]:
+    """Per trigger end sample, the frames (first, last) inclusive where a firing detects it."""
+    return [(e // rules.hop + 1 - rules.tolerance, e // rules.hop + rules.window + rules.tolerance) for e in ends]
+
+
+def score_clip(track: np.ndarray, ends: Sequence[int], threshold: float, rules: DetectionRules) -> tuple[int, int]:
+    """(detected triggers, false alarms) of one smoothed track [T] with triggers ending at `ends` (samples)."""
+    windows = trigger_windows(ends, rules)
+    fired = firings(track, threshold, rules.refractory)
+    detected = sum(any(a <= t <= b for t in fired) for a, b in windows)
+    false_alarms = sum(not any(a <= t <= b for a, b in windows) for t in fired)
+    return detected, false_alarms
+
+
+def score(probs: torch.Tensor | np.ndarray, ends: Sequence[Sequence[int]], clip_seconds: float, threshold: float,
+          rules: DetectionRules) -> Score:
+    """Score raw probability tracks float [clips, T] (smoothed here) against their trigger ends."""
+    return _score_tracks(smooth(np.asarray(probs), rules.smooth), ends, clip_seconds, threshold, rules)
+
+
+def _score_tracks(tracks: np.ndarray, ends: Sequence[Sequence[int]], clip_seconds: float, threshold: float,
+                  rules: DetectionRules) -> Score:
+    detected = false_alarms = 0
+    for track, clip_ends in zip(tracks, ends, strict=True):
+        d, f = score_clip(track, clip_ends, threshold, rules)
+        detected += d
+        false_alarms += f
+    triggers = sum(len(e) for e in ends)
+    return Score(threshold, triggers, detected, false_alarms, len(tracks) * clip_seconds / 3600.0)
+
+
+def combine(a: Score, b: Score) -> Score:
+    """Counts of two sets of clips scored at the same threshold (e.g. trigger clips and background clips)."""
+    if a.threshold != b.threshold:
+        raise ValueError(f"scores at different thresholds: {a.threshold} and {b.threshold}")
+    return Score(a.threshold, a.triggers + b.triggers, a.detected + b.detected, a.false_alarms + b.false_alarms,
+                 a.hours + b.hours)
+
+
+def default_thresholds() -> np.ndarray:
+    """0.01 .. 0.99 by 0.01, then finer towards 1 (where a good detector's operating point lies)."""
+    return np.unique(np.round(np.concatenate([np.linspace(0.01, 0.99, 99), 1.0 - np.logspace(-2, -4, 9)]), 6))
+
+
+def roc(sets: Sequence[tuple[torch.Tensor | np.ndarray, Sequence[Sequence[int]], float]], rules: DetectionRules,
+        thresholds: np.ndarray | None = None) -> list[Score]:
+    """One combined `Score` per threshold over every (probs [clips, T], trigger ends, clip seconds) set."""
+    thresholds = default_thresholds() if thresholds is None else thresholds
+    smoothed = [(smooth(np.asarray(probs), rules.smooth), ends, seconds) for probs, ends, seconds in sets]
+    out = []
+    for thr in thresholds:
+        total = None
+        for tracks, ends, seconds in smoothed:
+            s = _score_tracks(tracks, ends, seconds, float(thr), rules)
+            total = s if total is None else combine(total, s)
+        out.append(total)
+    return out
+
+
+def choose_threshold(points: Sequence[Score], max_false_alarms_per_hour: float) -> Score:
+    """The operating point: among the thresholds with at most `max_false_alarms_per_hour`, the best detection
+    rate, and of equals the highest threshold (the widest margin against false alarms). If none qualifies,
+    the fewest false alarms."""
+    ok = [p for p in points if p.false_alarms_per_hour <= max_false_alarms_per_hour]
+    if not ok:
+        return min(points, key=lambda p: (p.false_alarms, -p.threshold))
+    return max(ok, key=lambda p: (np.nan_to_num(p.detection_rate, nan=0.0), p.threshold))

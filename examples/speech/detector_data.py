@@ -1,0 +1,96 @@
+"""The trigger-word detector's data: which synthesised sets a run uses, and their features and labels.
+
+A run uses four sets of `datasets.trigger_set` clips: training (training voices), validation (training voices,
+other clips; picks the threshold), test (held-out voices and noise: the reported figures) and background (held-out
+voices, no trigger word at all: false alarms only). The sizes depend on the run: `smoke` (seconds, for tests),
+`quick` (minutes) or `full`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import datasets, features
+
+SIZES = ("smoke", "quick", "full")
+# Clips per set (train, validation, test, background) for each run size.
+_CLIPS = {
+    "smoke": (24, 6, 6, 4),
+    "quick": (300, 40, 100, 40),
+    "full": (1000, 100, 200, 100),
+}
+
+
+@dataclass(frozen=True)
+class DetectorSets:
+    """The `datasets.TriggerConfig` of each set of a run."""
+
+    train: datasets.TriggerConfig
+    validation: datasets.TriggerConfig
+    test: datasets.TriggerConfig
+    background: datasets.TriggerConfig
+
+    def items(self) -> list[tuple[str, datasets.TriggerConfig]]:
+        return [("train", self.train), ("validation", self.validation), ("test", self.test),
+                ("background", self.background)]
+
+
+def detector_sets(size: str, seed: int = 0) -> DetectorSets:
+    """The four set configurations of a run of `size` ("smoke", "quick" or "full"). Smoke clips are 4 s with
+    at most one trigger and two distractors, so that they synthesise in seconds."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    n_train, n_val, n_test, n_background = _CLIPS[size]
+    base = datasets.TriggerConfig(seed=seed)
+    if size == "smoke":
+        base = replace(base, clip_seconds=4.0, triggers=(0, 1), distractors=(0, 2), babble_sentences=(1, 1))
+    return DetectorSets(
+        train=replace(base, split="train", num_clips=n_train),
+        validation=replace(base, split="train", num_clips=n_val, seed=seed + 1),
+        test=replace(base, split="test", num_clips=n_test),
+        background=replace(base, split="test", num_clips=n_background, seed=seed + 2, triggers=(0, 0)),
+    )
+
+
+@dataclass
+class ClipBatch:
+    """One set ready for the model. features: float32 [clips, frames, 80] log-mel; labels: float32
+    [clips, frames // k] at the model's output rate; trigger_ends: per clip, sample ends of the triggers;
+    seconds: clip duration in seconds."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    trigger_ends: list[list[int]]
+    seconds: float
+    words: list[list[tuple[str, int, int]]]  # per clip, (word, start, end) of every foreground word, for plots
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+def load_clips(config: datasets.TriggerConfig, downsample: int, label_window: int,
+               workers: int | None = None) -> ClipBatch:
+    """The set of `config` (synthesised or from the cache) as features and labels for a model that outputs one
+    frame per `downsample` feature frames; `label_window` is in output frames."""
+    clips = datasets.trigger_set(config, workers=workers)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small STFTs: one thread is faster on a busy machine (see datasets.py)
+    try:
+        feats = torch.stack([clips.features(i) for i in range(len(clips))]) if len(clips) else torch.zeros(0)
+    finally:
+        torch.set_num_threads(before)
+    frames_out = feats.shape[1] // downsample
+    hop = config.label_hop * downsample
+    labels = torch.stack([trigger_labels_for(ends, frames_out, hop, label_window) for ends in clips.trigger_ends])
+    return ClipBatch(feats, labels, clips.trigger_ends, config.clip_seconds, clips.words)
+
+
+def trigger_labels_for(ends: list[int], frames: int, hop: int, window: int) -> torch.Tensor:
+    """float32 [frames]: `datasets.trigger_labels` at the model's output rate."""
+    return datasets.trigger_labels(ends, frames, hop, window).float()
+
+
+def num_feature_frames(config: datasets.TriggerConfig) -> int:
+    return features.num_frames(round(config.clip_seconds * datasets.SAMPLE_RATE), config.label_hop)
