@@ -5,7 +5,8 @@ run streaming (chunked inference with cached keys and values) with the offline p
     python examples/trigger_word.py [--quick | --smoke] [--backend seqfast|torch] [--out DIR]
 
 Writes DIR/metrics.json (detection rate, false alarms per hour at the chosen threshold, the ROC, step times of
-both backends), DIR/curves.png, DIR/roc.png and DIR/clip.png. See examples/speech/README.md.
+both backends), DIR/curves.png, DIR/roc.png, DIR/clip.png and the trained weights DIR/model.pt.
+See examples/speech/README.md.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     own_step = float(np.median(history.step_seconds)) if history.step_seconds else None
 
     out.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": asdict(model_cfg), "state_dict": model.state_dict()}, out / "model.pt")
     plot_curves(out / "curves.png", {
         "training loss (BCE)": history.loss,
         "validation loss": history.val_loss,
@@ -159,7 +161,7 @@ def _presets(size: str) -> tuple[DetectorConfig, TrainConfig, int]:
     model = DetectorConfig(d_model=64, heads=4, layers=3, ffn=128, conv_strides=(2, 2, 2), dropout=0.0)
     if size == "quick":
         return model, TrainConfig(steps=300, batch=16, crop_frames=600, eval_every=50), 5
-    return model, TrainConfig(steps=1000, batch=16, crop_frames=600, eval_every=100), 10
+    return model, TrainConfig(steps=1500, batch=16, crop_frames=600, eval_every=100), 10
 
 
 def _clip_to_plot(ends: list[list[int]]) -> int:

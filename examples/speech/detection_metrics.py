@@ -1,11 +1,13 @@
 """Detection rate and false alarms of a trigger-word detector's probability tracks.
 
-A track is the detector's probability per output frame, smoothed by a causal moving average. It *fires* at a
-frame where the smoothed probability rises to the threshold (below it at the frame before, at or above it
-here) at least `refractory` frames after its last firing. A trigger counts as detected when the track fires
-inside its window (the label window: frames `end // hop + 1 .. end // hop + window`) widened by `tolerance`
-frames on each side; a firing inside no widened window is a false alarm. False alarms per hour divide by the
-total duration of the clips scored.
+A track is the detector's probability per output frame, smoothed by a causal moving average. At a threshold,
+the track *fires* where the smoothed probability rises to it (below at the frame before, at or above here); a
+firing less than `refractory` frames after the previous one belongs to the same event, so an event is a run of
+frames at or above the threshold (several runs merged when they start within the refractory period of the
+event's first firing). A trigger counts as detected when the track is at or above the threshold somewhere in
+its window (the label window: frames `end // hop + 1 .. end // hop + window`) widened by `tolerance` frames on
+each side; an event that touches no widened window is a false alarm. False alarms per hour divide by the total
+duration of the clips scored.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class DetectionRules:
     window: int
     smooth: int = 3
     tolerance: int = 5
-    refractory: int = 25
+    refractory: int = 12
 
 
 @dataclass(frozen=True)
@@ -63,26 +65,37 @@ def smooth(probs: np.ndarray, frames: int) -> np.ndarray:
 def firings(track: np.ndarray, threshold: float, refractory: int) -> list[int]:
     """Frames where the (already smoothed) track [T] rises to `threshold`, each at least `refractory` frames
     after the previous firing. A track already at the threshold at frame 0 fires there."""
+    return [first for first, _ in events(track, threshold, refractory)]
+
+
+def events(track: np.ndarray, threshold: float, refractory: int) -> list[tuple[int, int]]:
+    """(first, last) frames, inclusive, of each event of the track [T] at `threshold`: a firing and every
+    frame at or above the threshold until the next firing (runs that start within `refractory` frames of the
+    event's firing are part of it)."""
     above = np.asarray(track) >= threshold
-    rising = np.flatnonzero(above & ~np.concatenate([[False], above[:-1]]))
-    out: list[int] = []
-    for t in rising:
-        if not out or t - out[-1] >= refractory:
-            out.append(int(t))
+    edges = np.diff(np.concatenate([[0], above.astype(np.int8), [0]]))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    out: list[tuple[int, int]] = []
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        if out and a - out[-1][0] < refractory:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
     return out
 
 
 def trigger_windows(ends: Sequence[int], rules: DetectionRules) -> list[tuple[int, int]]:
-    """Per trigger end sample, the frames (first, last) inclusive where a firing detects it."""
+    """Per trigger end sample, the frames (first, last) inclusive where the track detects it."""
     return [(e // rules.hop + 1 - rules.tolerance, e // rules.hop + rules.window + rules.tolerance) for e in ends]
 
 
 def score_clip(track: np.ndarray, ends: Sequence[int], threshold: float, rules: DetectionRules) -> tuple[int, int]:
     """(detected triggers, false alarms) of one smoothed track [T] with triggers ending at `ends` (samples)."""
     windows = trigger_windows(ends, rules)
-    fired = firings(track, threshold, rules.refractory)
-    detected = sum(any(a <= t <= b for t in fired) for a, b in windows)
-    false_alarms = sum(not any(a <= t <= b for a, b in windows) for t in fired)
+    above = np.asarray(track) >= threshold
+    detected = sum(bool(above[max(a, 0) : b + 1].any()) for a, b in windows)
+    fired = events(track, threshold, rules.refractory)
+    false_alarms = sum(not any(a <= last and first <= b for a, b in windows) for first, last in fired)
     return detected, false_alarms
 
 
