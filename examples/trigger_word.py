@@ -185,8 +185,9 @@ def _print_summary(m: dict, path: Path) -> None:
     print(f"training: {m['train_seconds']:.0f} s, loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}, "
           f"median step {m['train_step_s']:.3f} s ({m['backend']})")
     for b, t in m["step_times"].items():
-        print(f"  {b:8s} train step {t['train_step_s'] * 1e3:8.1f} ms   "
-              f"inference batch {t['inference_batch_s'] * 1e3:8.1f} ms")
+        ms = {key: value * 1e3 for key, value in t.items()}
+        print(f"  {b:8s} train step {ms['train_step_s']:8.1f} ms (CPU {ms['train_step_cpu_s']:7.1f} ms)   "
+              f"inference batch {ms['inference_batch_s']:8.1f} ms (CPU {ms['inference_batch_cpu_s']:7.1f} ms)")
     print(f"wrote {path}")
 
 

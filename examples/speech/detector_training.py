@@ -159,7 +159,8 @@ def time_backends(model: TriggerDetector, train_data: ClipBatch, test_data: Clip
     """Median wall-clock of a training step (on a copy of `model`, so the trained weights stay) and of an
     inference batch (`cfg.batch` whole test clips, no gradient), for each backend, taken in alternation
     (round r times every backend once) so that both see the same machine load. Returns
-    {backend: {"train_step_s", "inference_batch_s"}}."""
+    {backend: {"train_step_s", "inference_batch_s", and the process CPU seconds of each: "train_step_cpu_s",
+    "inference_batch_cpu_s"}}: on a shared machine the wall-clock includes waiting for a core."""
     k = model.cfg.downsample
     copies = {b: set_backend(copy.deepcopy(model), b) for b in backends}
     opts = {b: make_optimizer(copies[b], cfg)[0] for b in backends}
@@ -176,5 +177,6 @@ def time_backends(model: TriggerDetector, train_data: ClipBatch, test_data: Clip
             copies[b].eval()
             with infer_timers[b], torch.no_grad():
                 copies[b].logits(test_feats)
-    return {b: {"train_step_s": train_timers[b].median(), "inference_batch_s": infer_timers[b].median()}
+    return {b: {"train_step_s": train_timers[b].median(), "inference_batch_s": infer_timers[b].median(),
+                "train_step_cpu_s": train_timers[b].cpu_median(), "inference_batch_cpu_s": infer_timers[b].cpu_median()}
             for b in backends}
