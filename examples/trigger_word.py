@@ -63,11 +63,11 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     k = model_cfg.downsample
     sets = detector_data.detector_sets(size, args.seed)
-    window = sets.train.label_window // k
-    data = {name: detector_data.load_clips(cfg, k, window, args.workers) for name, cfg in sets.items()}
+    window = sets.test.label_window // k
+    data = {name: detector_data.load_sets(cfgs, k, window, args.workers) for name, cfgs in sets.items()}
     data_seconds = time.perf_counter() - t0
     print(f"data: {', '.join(f'{n} {len(d)} clips' for n, d in data.items())} ({data_seconds:.1f} s)")
-    rules = detection_metrics.DetectionRules(hop=sets.train.label_hop * k, window=window)
+    rules = detection_metrics.DetectionRules(hop=sets.test.label_hop * k, window=window)
 
     model = TriggerDetector(model_cfg)
     model.set_normalisation(data["train"].features)
@@ -161,7 +161,7 @@ def _presets(size: str) -> tuple[DetectorConfig, TrainConfig, int]:
     model = DetectorConfig(d_model=64, heads=4, layers=3, ffn=128, conv_strides=(2, 2, 2), dropout=0.0)
     if size == "quick":
         return model, TrainConfig(steps=300, batch=16, crop_frames=600, eval_every=50), 5
-    return model, TrainConfig(steps=1500, batch=16, crop_frames=600, eval_every=100), 10
+    return model, TrainConfig(steps=2400, batch=16, crop_frames=600, eval_every=200), 10
 
 
 def _clip_to_plot(ends: list[list[int]]) -> int:

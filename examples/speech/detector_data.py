@@ -15,26 +15,28 @@ import torch
 from . import datasets, features
 
 SIZES = ("smoke", "quick", "full")
-# Clips per set (train, validation, test, background) for each run size.
+# Clips per set (train, validation, test, background) for each run size; the full run's training clips are two
+# sets of 1000 (seeds s and s + 3), so that its first 1000 are the same cache file whatever the total.
 _CLIPS = {
-    "smoke": (24, 6, 6, 4),
-    "quick": (300, 40, 100, 40),
-    "full": (1000, 100, 200, 100),
+    "smoke": ((24,), 6, 6, 4),
+    "quick": ((300,), 40, 100, 40),
+    "full": ((1000, 1000), 100, 200, 100),
 }
+_TRAIN_SEED_OFFSETS = (0, 3)
 
 
 @dataclass(frozen=True)
 class DetectorSets:
-    """The `datasets.TriggerConfig` of each set of a run."""
+    """The `datasets.TriggerConfig` of each set of a run; the training clips may come in several sets."""
 
-    train: datasets.TriggerConfig
+    train: tuple[datasets.TriggerConfig, ...]
     validation: datasets.TriggerConfig
     test: datasets.TriggerConfig
     background: datasets.TriggerConfig
 
-    def items(self) -> list[tuple[str, datasets.TriggerConfig]]:
-        return [("train", self.train), ("validation", self.validation), ("test", self.test),
-                ("background", self.background)]
+    def items(self) -> list[tuple[str, tuple[datasets.TriggerConfig, ...]]]:
+        return [("train", self.train), ("validation", (self.validation,)), ("test", (self.test,)),
+                ("background", (self.background,))]
 
 
 def detector_sets(size: str, seed: int = 0) -> DetectorSets:
@@ -47,7 +49,8 @@ def detector_sets(size: str, seed: int = 0) -> DetectorSets:
     if size == "smoke":
         base = replace(base, clip_seconds=4.0, triggers=(0, 1), distractors=(0, 2), babble_sentences=(1, 1))
     return DetectorSets(
-        train=replace(base, split="train", num_clips=n_train),
+        train=tuple(replace(base, split="train", num_clips=n, seed=seed + offset)
+                    for n, offset in zip(n_train, _TRAIN_SEED_OFFSETS)),
         validation=replace(base, split="train", num_clips=n_val, seed=seed + 1),
         test=replace(base, split="test", num_clips=n_test),
         background=replace(base, split="test", num_clips=n_background, seed=seed + 2, triggers=(0, 0)),
@@ -85,6 +88,16 @@ def load_clips(config: datasets.TriggerConfig, downsample: int, label_window: in
     hop = config.label_hop * downsample
     labels = torch.stack([trigger_labels_for(ends, frames_out, hop, label_window) for ends in clips.trigger_ends])
     return ClipBatch(feats, labels, clips.trigger_ends, config.clip_seconds, clips.words)
+
+
+def load_sets(configs: tuple[datasets.TriggerConfig, ...], downsample: int, label_window: int,
+              workers: int | None = None) -> ClipBatch:
+    """`load_clips` of each configuration (same clip length), concatenated."""
+    parts = [load_clips(c, downsample, label_window, workers) for c in configs]
+    if len({p.seconds for p in parts}) != 1:
+        raise ValueError("sets to concatenate must have one clip length")
+    return ClipBatch(torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts]),
+                     [e for p in parts for e in p.trigger_ends], parts[0].seconds, [w for p in parts for w in p.words])
 
 
 def trigger_labels_for(ends: list[int], frames: int, hop: int, window: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Training, inference and step timing of the trigger-word detector.
 
 Training draws random crops of the training clips (a crop starts on an output frame, so its labels are a slice
-of the clip's), with per-frame binary cross-entropy on the logits. The same code trains either backend: only
+of the clip's), masks random mel bands (SpecAugment's frequency masking), and minimises per-frame binary
+cross-entropy on the logits. The same code trains either backend: only
 the attention function differs (`detector_model.set_backend`).
 """
 
@@ -37,6 +38,8 @@ class TrainConfig:
     clip_grad: float = 1.0
     eval_every: int = 100
     pos_weight: float = 2.0  # the labels are ~5 % ones: weigh them up so that the output rises on them
+    freq_masks: int = 2  # per crop, bands of up to freq_mask_bins mel bins set to their training mean
+    freq_mask_bins: int = 8
 
 
 @dataclass
@@ -60,6 +63,20 @@ def _crops(data: ClipBatch, idx: torch.Tensor, crop_frames: int, k: int, gen: to
     feats = torch.stack([data.features[i, s * k : s * k + crop_frames] for i, s in zip(idx.tolist(), starts.tolist())])
     labels = torch.stack([data.labels[i, s : s + out_frames] for i, s in zip(idx.tolist(), starts.tolist())])
     return feats, labels
+
+
+def mask_frequencies(feats: torch.Tensor, mean: torch.Tensor, masks: int, max_bins: int, gen: torch.Generator
+                     ) -> torch.Tensor:
+    """SpecAugment's frequency masking: in each example of float32 [B, T, n_mels], `masks` bands of 0..max_bins
+    bins replaced by the per-bin `mean` [n_mels] (what the model's normalisation maps to 0). Returns a copy."""
+    out = feats.clone()
+    n_mels = feats.shape[-1]
+    for b in range(feats.shape[0]):
+        for _ in range(masks):
+            width = int(torch.randint(0, max_bins + 1, (), generator=gen))
+            start = int(torch.randint(0, n_mels - width + 1, (), generator=gen))
+            out[b, :, start : start + width] = mean[start : start + width]
+    return out
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float) -> torch.Tensor:
@@ -136,6 +153,8 @@ def train(model: TriggerDetector, train_data: ClipBatch, val_data: ClipBatch, cf
         idx = order[cursor : cursor + min(cfg.batch, n)]
         cursor += cfg.batch
         feats, labels = _crops(train_data, idx, cfg.crop_frames, k, gen)
+        if cfg.freq_masks:
+            feats = mask_frequencies(feats, model.mean, cfg.freq_masks, cfg.freq_mask_bins, gen)
         set_step(step)
         with timer:
             loss = train_step(model, opt, feats, labels, cfg)
