@@ -134,7 +134,8 @@ def test_lower_right_mask():
     mask = lower_right_causal_mask(2, 5)
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
     assert torch.equal(lower_right_causal_mask(4, 4), torch.ones(4, 4, dtype=torch.bool).tril())
-    bias = pytest.importorskip("torch.nn.attention.bias")
+    from torch.nn.attention import bias
+
     q, k = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 7, 8)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=bias.causal_lower_right(3, 7))
     ours = torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=lower_right_causal_mask(3, 7))

@@ -26,7 +26,7 @@ def plot_roc(path: Path, points: Sequence[Score], chosen: Score, title: str) -> 
     plt = _pyplot()
     fa = np.array([p.false_alarms_per_hour for p in points])
     det = np.array([p.detection_rate for p in points])
-    order = np.argsort(fa, kind="stable")
+    order = np.lexsort((det, fa))  # by false alarms, then detection: the curve climbs at equal rates
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     ax.plot(fa[order], det[order], marker=".", lw=1.4)
     ax.plot([chosen.false_alarms_per_hour], [chosen.detection_rate], "o", color="C3",
@@ -35,6 +35,7 @@ def plot_roc(path: Path, points: Sequence[Score], chosen: Score, title: str) -> 
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.axhline(0.95, color="grey", lw=0.8, ls="--")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0.0)  # no negative rates: symlog would otherwise show its mirror image
     ax.set_xlabel("false alarms per hour")
     ax.set_ylabel("detection rate")
     ax.set_title(title)
