@@ -23,6 +23,7 @@ reference and C++ backends serve it).
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -552,6 +553,13 @@ def _precision(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------- launchers
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current device and its current stream,
+    so a kernel on cuda:1 tensors launched while cuda:0 is current would read foreign pointers. Nothing on
+    CPU (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     if query.dtype not in _SUPPORTED:
         raise TypeError(f"seqfast's Triton attention kernels run float16, bfloat16 and float32, got {query.dtype}; "
@@ -704,7 +712,8 @@ def attention_forward(
     _check(query, key, value)
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
-    return _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, None, None, B, Lq, Lk, Lq, Lk)
+    with _on_device(query.device):
+        return _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, None, None, B, Lq, Lk, Lq, Lk)
 
 
 def attention_backward(
@@ -716,8 +725,9 @@ def attention_backward(
     _check(query, key, value)
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
-    return _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad,
-                     None, None, B, Lq, Lk, Lq, Lk)
+    with _on_device(query.device):
+        return _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad,
+                         None, None, B, Lq, Lk, Lq, Lk)
 
 
 def varlen_attention_forward(
@@ -728,8 +738,9 @@ def varlen_attention_forward(
     lse (Hq, total_q))."""
     _check(query, key, value)
     B = cu_seqlens_q.numel() - 1
-    return _forward(query, key, value, None, 0.0, causal, scale, 0, cu_seqlens_q, cu_seqlens_k,
-                    B, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
+    with _on_device(query.device):
+        return _forward(query, key, value, None, 0.0, causal, scale, 0, cu_seqlens_q, cu_seqlens_k,
+                        B, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
 
 
 def varlen_attention_backward(
@@ -740,8 +751,10 @@ def varlen_attention_backward(
     """``seqfast::varlen_attention_backward``: (dq, dk, dv) with the packed inputs' shapes."""
     _check(query, key, value)
     B = cu_seqlens_q.numel() - 1
-    dq, dk, dv, _ = _backward(grad_out, query, key, value, None, out, lse, 0.0, causal, scale, 0, False,
-                              cu_seqlens_q, cu_seqlens_k, B, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
+    with _on_device(query.device):
+        dq, dk, dv, _ = _backward(grad_out, query, key, value, None, out, lse, 0.0, causal, scale, 0, False,
+                                  cu_seqlens_q, cu_seqlens_k, B, query.shape[0], key.shape[0], max_seqlen_q,
+                                  max_seqlen_k)
     return dq, dk, dv
 
 
@@ -753,7 +766,8 @@ def dropout_keep_mask(
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
     if total:
         block = 1024
-        _dropout_mask_kernel[(triton.cdiv(total, block),)](keep, int(seed), float(p), total, BLOCK=block)
+        with _on_device(keep.device):
+            _dropout_mask_kernel[(triton.cdiv(total, block),)](keep, int(seed), float(p), total, BLOCK=block)
     return keep.bool()
 
 
