@@ -544,10 +544,27 @@ def _config(
     return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
 
 
+# report_configs pins the precision it compiles for here instead of touching torch's global flags.
+_PRECISION_OVERRIDE: str | None = None
+
+
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """``tl.dot``'s input_precision for ``dtype``: fp32 dots follow torch's cuBLAS TF32 setting (fp16 / bf16
+    ignore it). torch >= 2.9 has ``matmul.fp32_precision`` ("ieee", "tf32", or "none": inherit the global
+    ``torch.backends.fp32_precision``, whose "none" is torch's default, IEEE); once that API has been used,
+    reading the legacy ``allow_tf32`` raises, so the new one is read wherever it exists."""
+    if dtype != torch.float32:
+        return "tf32"
+    if _PRECISION_OVERRIDE is not None:
+        return _PRECISION_OVERRIDE
+    matmul = torch.backends.cuda.matmul
+    try:
+        setting = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if setting == "none":  # torch 2.13 resolves the parent itself; older releases may return "none"
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if setting == "tf32" else "ieee"
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -831,12 +848,8 @@ def report_configs() -> list[dict]:
                     variants.append(("dense_ieee", _VARIANTS["dense"]))
                 for label, (causal, mask_kind, mask_grad, dropout, varlen) in variants:
                     precision = "ieee" if label.endswith("ieee") else "tf32"
-                    tf32 = torch.backends.cuda.matmul.allow_tf32
-                    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-                    try:
+                    with _pinned_precision(precision):
                         launch = _config(kernel, width, dtype, 1 << 20, 1 << 20, mask_kind != _MASK_NONE, dropout)
-                    finally:
-                        torch.backends.cuda.matmul.allow_tf32 = tf32
                     block_m, block_n, warps, stages = launch[:4]
                     constexprs = {
                         "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
@@ -856,6 +869,16 @@ def report_configs() -> list[dict]:
                         entry["options"] = {"maxnreg": launch.maxnreg}
                     entries.append(entry)
     return entries
+
+
+@contextlib.contextmanager
+def _pinned_precision(precision: str):
+    global _PRECISION_OVERRIDE
+    outer, _PRECISION_OVERRIDE = _PRECISION_OVERRIDE, precision
+    try:
+        yield
+    finally:
+        _PRECISION_OVERRIDE = outer
 
 
 def _entry(name, fn, dtype, constexprs, warps, stages, label, mask_kind, varlen):

@@ -102,3 +102,50 @@ def test_guard_makes_a_cuda_tensors_device_current(kernels, monkeypatch):
     with kernels._on_device(torch.device("cpu")):
         pass
     assert len(entered) == 1  # nothing to make current for CPU tensors (the interpreter)
+
+
+# ------------------------------------------------------------------------------------------- fp32 precision
+
+
+class _NewMatmulFlags:
+    def __init__(self, value):
+        self.fp32_precision = value
+
+    @property
+    def allow_tf32(self):  # as torch >= 2.9 once the new API has been used
+        raise RuntimeError("mix of the legacy and new APIs")
+
+
+class _OldMatmulFlags:
+    def __init__(self, allow_tf32):
+        self.allow_tf32 = allow_tf32
+
+
+@pytest.mark.parametrize("matmul, top, want", [
+    ("ieee", "none", "ieee"), ("tf32", "none", "tf32"), ("none", "none", "ieee"), ("none", "tf32", "tf32"),
+    ("none", "ieee", "ieee"), ("ieee", "tf32", "ieee"),
+])
+def test_precision_reads_fp32_precision(kernels, monkeypatch, matmul, top, want):
+    monkeypatch.setattr(torch.backends.cuda, "matmul", _NewMatmulFlags(matmul))
+    monkeypatch.setattr(torch.backends, "fp32_precision", top, raising=False)
+    assert kernels._precision(torch.float32) == want
+    assert kernels._precision(torch.float16) == kernels._precision(torch.bfloat16) == "tf32"
+
+
+@pytest.mark.parametrize("allow, want", [(True, "tf32"), (False, "ieee")])
+def test_precision_falls_back_to_allow_tf32(kernels, monkeypatch, allow, want):
+    monkeypatch.setattr(torch.backends.cuda, "matmul", _OldMatmulFlags(allow))
+    assert kernels._precision(torch.float32) == want
+
+
+def test_precision_follows_torchs_own_flags(kernels):
+    # Set through the legacy flag only: once the new API sets a value in a process, reading allow_tf32 raises.
+    matmul = torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert kernels._precision(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        assert kernels._precision(torch.float32) == "ieee"
+    finally:
+        matmul.allow_tf32 = old
