@@ -10,7 +10,7 @@ that walks the query tiles of every query head of its group; a dQ kernel with on
 (query tile, query head, batch) that walks the key tiles. The float-mask gradient ``dS`` is written
 by the dK/dV kernel, which visits every (query, key) pair exactly once.
 
-Dropout draws a Philox number per (b, h, i, j) from ``seed`` and the flat element index
+Dropout draws a Philox number per (b, h, i, j) from the seed and the flat element index
 ``((b * H + h) * Lq + i) * Lk + j``: the backward regenerates the forward's mask, and
 :func:`dropout_keep_mask` materialises it for tests.
 
@@ -40,9 +40,11 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _dropout_keep(seed, offsets, dropout_p):
-    # One uniform per element from its global index: forward, backward and dropout_keep_mask agree.
-    return tl.rand(seed, offsets) >= dropout_p
+def _dropout_keep(Seed, offsets, dropout_p):
+    # One uniform per element from its global index: forward, backward and dropout_keep_mask agree. The seed
+    # is read from device memory (a one-element int64 tensor): drawn on the GPU, it never visits the host,
+    # and a CUDA graph replays with whatever the tensor holds.
+    return tl.rand(tl.load(Seed), offsets) >= dropout_p
 
 
 @triton.jit
@@ -122,7 +124,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_lm,
     H, GROUP, Lq, Lk,
-    qk_scale, dropout_p, inv_keep, seed,
+    qk_scale, dropout_p, inv_keep, Seed,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -186,7 +188,7 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+            keep = _dropout_keep(Seed, drop_blk + drop_offs, dropout_p)
             p = tl.where(keep, p * inv_keep, 0.0)
         v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -251,7 +253,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn,
     stride_dmb, stride_dmh, stride_dmm,
     H, GROUP, Lq, Lk,
-    sm_scale, qk_scale, dropout_p, inv_keep, seed,
+    sm_scale, qk_scale, dropout_p, inv_keep, Seed,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
@@ -335,7 +337,7 @@ def _attn_bwd_dkdv(
                 dpT = _dot_nt_chunked(v_tile, cols * stride_vn, col_ok, do_blk, arange_m * stride_gm, row_ok,
                                       DV, BLOCK_N, BLOCK_M, BLOCK_DV, DV_CHUNK, PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+                keep = _dropout_keep(Seed, drop_blk + drop_offs, dropout_p)
                 dv += tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, input_precision=PRECISION)
                 dpT = tl.where(keep, dpT * inv_keep, 0.0)
             else:
@@ -373,7 +375,7 @@ def _attn_bwd_dq(
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Lq, Lk,
-    sm_scale, qk_scale, dropout_p, inv_keep, seed,
+    sm_scale, qk_scale, dropout_p, inv_keep, Seed,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -450,7 +452,7 @@ def _attn_bwd_dq(
             dp = _dot_nt_chunked(do_tile, rows * stride_gm, row_ok, v_blk, arange_n * stride_vn, col_ok,
                                  DV, BLOCK_M, BLOCK_N, BLOCK_DV, DV_CHUNK, PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+            keep = _dropout_keep(Seed, drop_blk + drop_offs, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -466,9 +468,9 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dropout_mask_kernel(Keep, seed, dropout_p, total, BLOCK: tl.constexpr):
+def _dropout_mask_kernel(Keep, Seed, dropout_p, total, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _dropout_keep(seed, offs, dropout_p)
+    keep = _dropout_keep(Seed, offs, dropout_p)
     tl.store(Keep + offs, keep.to(tl.int8), mask=offs < total)
 
 
@@ -577,6 +579,20 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _seed_arg(seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """The dropout seed as the one-element int64 tensor on ``device`` the kernels load it from.
+
+    The public functions draw it on the query's device already. A CPU seed given for CUDA tensors (a direct op
+    call) is copied with ``non_blocking`` (torch adds no stream synchronisation); an int becomes a new tensor.
+    Its value is never read on the host: that would wait for the GPU and break CUDA-graph capture.
+    """
+    if not isinstance(seed, torch.Tensor):
+        return torch.tensor([seed], dtype=torch.int64, device=device)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"the dropout seed must be a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+    return seed.to(device, non_blocking=True) if seed.device != device else seed
+
+
 def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     if query.dtype not in _SUPPORTED:
         raise TypeError(f"seqfast's Triton attention kernels run float16, bfloat16 and float32, got {query.dtype}; "
@@ -657,7 +673,8 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
         *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
         *_row_strides(out, varlen), *_lse_strides(lse, varlen),
         c.Hq, c.group, Lq, Lk,
-        c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed),
+        c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
+        _seed_arg(seed, query.device) if dropout else query,
         D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
         CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
         num_warps=warps, num_stages=stages, maxnreg=maxnreg,
@@ -692,7 +709,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
     common_tail = (c.Hq, c.group, Lq, Lk, c.scale, c.qk_scale, float(dropout_p),
-                   1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed))
+                   1.0 / (1.0 - dropout_p) if dropout else 1.0, _seed_arg(seed, query.device) if dropout else query)
     flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
 
@@ -776,15 +793,17 @@ def varlen_attention_backward(
 
 
 def dropout_keep_mask(
-    seed: int, B: int, H: int, Lq: int, Lk: int, p: float, device: torch.device | str
+    seed: torch.Tensor | int, B: int, H: int, Lq: int, Lk: int, p: float, device: torch.device | str
 ) -> torch.Tensor:
-    """The bool (B, H, Lq, Lk) keep-mask the kernels draw for ``seed`` and dropout probability ``p``."""
+    """The bool (B, H, Lq, Lk) keep-mask the kernels draw for ``seed`` (the op's one-element int64 tensor, on
+    any device, or an int) and dropout probability ``p``."""
     total = B * H * Lq * Lk
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
     if total:
         block = 1024
         with _on_device(keep.device):
-            _dropout_mask_kernel[(triton.cdiv(total, block),)](keep, int(seed), float(p), total, BLOCK=block)
+            _dropout_mask_kernel[(triton.cdiv(total, block),)](keep, _seed_arg(seed, keep.device), float(p), total,
+                                                                BLOCK=block)
     return keep.bool()
 
 
@@ -817,11 +836,13 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
             sig[name] = "*i64" if varlen else f"*{dt}"
         elif name == "Keep":
             sig[name] = "*i8"
+        elif name == "Seed":
+            sig[name] = "*i64"
         elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk"):
             sig[name] = f"*{dt}"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name in ("seed", "total"):
+        elif name == "total":
             sig[name] = "i64"
         else:
             sig[name] = "i32"

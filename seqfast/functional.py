@@ -86,10 +86,19 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is
 _COMMON_ATTENTION = getattr(_extension.module(), "common_attention", None) if _extension.AVAILABLE else None
 
 
-def _dropout_seed(dropout_p: float) -> torch.Tensor:
-    """The op's dropout seed: a one-element int64 CPU tensor drawn from torch's default CPU generator (so
-    ``torch.manual_seed`` makes dropout reproducible), by a tensor op that ``torch.compile`` traces."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else _NO_SEED
+def _dropout_seed(dropout_p: float, device: torch.device | None = None) -> torch.Tensor:
+    """The op's dropout seed, a one-element int64 tensor drawn by a tensor op that ``torch.compile`` traces.
+
+    For CUDA queries it is drawn on their device from that device's generator: the Triton kernels load it
+    from there, so no value crosses to the host (no sync, and a CUDA graph captures the draw), and
+    ``torch.manual_seed`` / ``torch.cuda.manual_seed`` make it reproducible. Elsewhere it is drawn on the CPU
+    from the default generator, where the C++ kernels read it.
+    """
+    if not dropout_p > 0:
+        return _NO_SEED
+    if device is not None and device.type == "cuda":
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def scaled_dot_product_attention(
@@ -128,7 +137,7 @@ def scaled_dot_product_attention(
         if out is not None:
             return out
     return _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                             _dropout_seed(dropout_p))
+                             _dropout_seed(dropout_p, getattr(query, "device", None)))
 
 
 def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed: torch.Tensor):

@@ -12,7 +12,8 @@ import contextlib
 import pytest
 import torch
 
-from seqfast import _triton
+import seqfast
+from seqfast import _backend, _triton
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("on_kernel_device")]
 
@@ -149,3 +150,105 @@ def test_precision_follows_torchs_own_flags(kernels):
         assert kernels._precision(torch.float32) == "ieee"
     finally:
         matmul.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------------------- seed, host syncs
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts the Python-level reads of tensor values (each a device-to-host sync on CUDA tensors) while
+    ``host_reads["on"]`` is set."""
+    state = {"on": False, "calls": [], "depth": 0}
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            # torch's __torch_function__ modes (a default-device context) call the method again: count once.
+            if state["on"] and state["depth"] == 0:
+                state["calls"].append(_name)
+            state["depth"] += 1
+            try:
+                return _real(self, *args, **kwargs)
+            finally:
+                state["depth"] -= 1
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return state
+
+
+def test_sdpa_reads_no_tensor_value_on_the_host(host_reads):
+    """Forward and backward with dropout and a float mask: no .item(), int(seed), bool(tensor)..."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4, 2, 5, 9, 16))
+    mask = torch.randn(2, 1, 5, 9, requires_grad=True)
+    with seqfast.backend("triton"):
+        host_reads["on"] = True
+        out = seqfast.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.3, enable_gqa=True)
+        out.backward(torch.ones_like(out))
+        host_reads["on"] = False
+    assert host_reads["calls"] == []
+    assert q.grad is not None and mask.grad is not None
+
+
+def test_varlen_reads_the_prefix_sums_once(host_reads):
+    pq, pk, pv, cu_q, cu_k, mq, mk = packed([3, 4], [5, 2], 2, 1, 16)
+    pq.requires_grad_()
+    with seqfast.backend("triton"):
+        host_reads["on"] = True
+        out = seqfast.varlen_attention(pq, pk, pv, cu_q, cu_k, mq, mk, causal=True)
+        out.backward(torch.ones_like(out))
+        host_reads["on"] = False
+    assert host_reads["calls"] == ["tolist"]
+
+
+def test_seed_drawn_on_the_querys_device(monkeypatch):
+    from seqfast import functional
+
+    drawn = []
+    real = torch.randint
+
+    def spy(*args, **kwargs):
+        drawn.append(kwargs.get("device"))
+        return real(*args, **{k: v for k, v in kwargs.items() if k != "device"})
+
+    monkeypatch.setattr(torch, "randint", spy)
+    functional._dropout_seed(0.5, torch.device("cuda", 1))
+    functional._dropout_seed(0.5, torch.device("cpu"))
+    functional._dropout_seed(0.5, None)
+    assert drawn == [torch.device("cuda", 1), None, None]
+    assert functional._dropout_seed(0.0, torch.device("cuda", 1)) is functional._NO_SEED
+
+
+def test_kernels_never_read_the_seed_on_the_host(kernels, monkeypatch):
+    """The seed reaches the kernels as a pointer: a tensor whose value cannot be read still works."""
+    seed = torch.tensor(1234, dtype=torch.int64)
+    for name in ("item", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, **k: pytest.fail("seed read on the host"))
+    q, k, v = qkv(1, 2, 2, 5, 9, 16)
+    out, lse = kernels.attention_forward(q, k, v, None, 0.4, 0, 0.25, seed)
+    kernels.attention_backward(torch.ones_like(out), q, k, v, None, out, lse, 0.4, 0, 0.25, seed, False)
+    kernels.dropout_keep_mask(seed, 1, 2, 5, 9, 0.4, q.device)
+
+
+@pytest.mark.parametrize("seed", [torch.tensor(99), torch.tensor([2**62 - 7]), 99])
+def test_dropout_with_a_seed_tensor_matches_the_keep_mask(kernels, seed):
+    from seqfast.reference import attention as reference
+
+    B, H, Lq, Lk, D, p, scale = 1, 2, 6, 21, 16, 0.3, 0.3
+    q, k, v = qkv(B, H, H, Lq, Lk, D)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    op_seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed)
+    with seqfast.backend("triton"):
+        out, _ = _backend.dispatch(None, torch.ops.seqfast.attention_forward.default, *leaves, None, p, 0, scale,
+                                   op_seed)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    keep = kernels.dropout_keep_mask(seed, B, H, Lq, Lk, p, q.device)
+    assert 0 < keep.float().mean() < 1
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = reference.attention(*ref_leaves, scale=scale, dropout_p=p, dropout_keep_mask=keep)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, torch.ones_like(ref_out))
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=1e-5, rtol=1e-5)
