@@ -17,6 +17,10 @@ Dropout draws a Philox number per (b, h, i, j) from the seed and the flat elemen
 Varlen (packed) sequences reuse the same kernels: the batch stride is 0 and each program reads its
 sequence's row range from ``cu_seqlens``.
 
+Grids are (tiles, heads, batch). CUDA caps grid y and z at 65535, so the launchers split a larger batch (or
+sequence count) into launches over batch slices (``cu_seqlens`` slices when packed); ``drop_base`` carries
+the slice's first dropout element index, so every slice draws the mask of the whole.
+
 Launchers take the op schemas exactly (float16 / bfloat16 / float32; float64 is refused, the
 reference and C++ backends serve it).
 """
@@ -124,7 +128,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_lm,
     H, GROUP, Lq, Lk,
-    qk_scale, dropout_p, inv_keep, Seed,
+    qk_scale, dropout_p, inv_keep, Seed, drop_base,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -161,7 +165,7 @@ def _attn_fwd(
     v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
     mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm)
     mask_offs = rows[:, None] * stride_mm + arange_n[None, :] * stride_mn
-    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk
+    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk + drop_base
     drop_offs = rows[:, None] * Lk + arange_n[None, :]
 
     shift = 0
@@ -253,7 +257,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn,
     stride_dmb, stride_dmh, stride_dmm,
     H, GROUP, Lq, Lk,
-    sm_scale, qk_scale, dropout_p, inv_keep, Seed,
+    sm_scale, qk_scale, dropout_p, inv_keep, Seed, drop_base,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
@@ -315,7 +319,7 @@ def _attn_bwd_dkdv(
         l_off = b64 * stride_lb + h64 * stride_lh + (q_start + lo64) * stride_lm
         mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + lo64 * stride_mm + n0 * stride_mn)
         dmask_blk = DMask + (b64 * stride_dmb + h64 * stride_dmh + lo64 * stride_dmm + n0)
-        drop_blk = ((b64 * H + h64) * Lq + lo64) * Lk + n0
+        drop_blk = ((b64 * H + h64) * Lq + lo64) * Lk + n0 + drop_base
         for m0 in range(lo, seqlen_q, BLOCK_M):
             offs_m = m0 + arange_m
             row_ok = offs_m < seqlen_q
@@ -375,7 +379,7 @@ def _attn_bwd_dq(
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Lq, Lk,
-    sm_scale, qk_scale, dropout_p, inv_keep, Seed,
+    sm_scale, qk_scale, dropout_p, inv_keep, Seed, drop_base,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -422,7 +426,7 @@ def _attn_bwd_dq(
     v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
     mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm)
     mask_offs = rows[:, None] * stride_mm + arange_n[None, :] * stride_mn
-    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk
+    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk + drop_base
     drop_offs = rows[:, None] * Lk + arange_n[None, :]
 
     shift = 0
@@ -637,6 +641,8 @@ class _Common:
             self.v_strides = tuple(value.stride()[:3])
         if self.Hq % self.Hk:
             raise ValueError(f"query heads ({self.Hq}) must be a multiple of key/value heads ({self.Hk})")
+        if self.Hq > 65535:  # grid y: the launchers split the batch, not the heads
+            raise ValueError(f"the Triton attention kernels take at most 65535 heads, got {self.Hq}")
         self.group = self.Hq // self.Hk
 
 
@@ -648,6 +654,36 @@ def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """lse / delta are (B, H, L), or (H, total) when packed."""
     return (0, lse.stride(0), lse.stride(1)) if varlen else tuple(lse.stride())
+
+
+# CUDA's limit on gridDim.y and gridDim.z (x goes to 2**31 - 1); a module constant so tests can lower it.
+_MAX_GRID_YZ = 65535
+
+
+def _batch_parts(B: int) -> list[tuple[int, int]]:
+    """[b0, b1) batch (or packed sequence) ranges of at most ``_MAX_GRID_YZ``, one launch each."""
+    return [(b0, min(B, b0 + _MAX_GRID_YZ)) for b0 in range(0, B, _MAX_GRID_YZ)]
+
+
+class _Part:
+    """One launch's slice of the batch: dense tensors are sliced along dim 0 (views: the strides stay, so do the
+    kernels); packed ones stay whole and their ``cu_seqlens`` are sliced instead (they hold absolute rows)."""
+
+    def __init__(self, b0: int, b1: int, B: int, varlen: bool):
+        self.b0, self.b1, self.varlen = b0, b1, varlen
+        self.whole = b0 == 0 and b1 == B  # the common case: no views made
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.whole or self.varlen else t[self.b0:self.b1]
+
+    def cu(self, cu: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+        if cu is None:
+            return placeholder
+        return cu if self.whole else cu[self.b0:self.b1 + 1]
+
+    def drop_base(self, H: int, Lq: int, Lk: int) -> int:
+        """The flat dropout index of the slice's first element (dense layout, as the kernels number them)."""
+        return self.b0 * H * Lq * Lk
 
 
 def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q, cu_k, B, Lq, Lk, max_q, max_k):
@@ -667,18 +703,20 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
     dropout = dropout_p > 0.0
     block_m, block_n, warps, stages, maxnreg, _ = _config("fwd", c.width, c.dtype, max_q, max_k,
                                                           mask_kind != _MASK_NONE, dropout)
-    grid = (triton.cdiv(max_q, block_m), c.Hq, B)
-    _attn_fwd[grid](
-        query, key, value, mask, out, lse, cu_q if varlen else query, cu_k if varlen else query,
-        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
-        *_row_strides(out, varlen), *_lse_strides(lse, varlen),
-        c.Hq, c.group, Lq, Lk,
-        c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
-        _seed_arg(seed, query.device) if dropout else query,
-        D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-        CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
-        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-    )
+    seed_arg = _seed_arg(seed, query.device) if dropout else query
+    for b0, b1 in _batch_parts(B):
+        p = _Part(b0, b1, B, varlen)
+        _attn_fwd[(triton.cdiv(max_q, block_m), c.Hq, b1 - b0)](
+            p(query), p(key), p(value), p(mask), p(out), p(lse), p.cu(cu_q, query), p.cu(cu_k, query),
+            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
+            *_row_strides(out, varlen), *_lse_strides(lse, varlen),
+            c.Hq, c.group, Lq, Lk,
+            c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
+            seed_arg, p.drop_base(c.Hq, Lq, Lk),
+            D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+            CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
+            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+        )
     return out, lse
 
 
@@ -698,42 +736,45 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     lse = lse.float() if lse.dtype != torch.float32 else lse
     delta = torch.empty_like(lse)
-    cu_q_arg = cu_q if varlen else query
-    cu_k_arg = cu_k if varlen else query
     pre_m = _preprocess_block_m(c.block_dv)
-    _attn_bwd_preprocess[(triton.cdiv(max_q, pre_m), c.Hq, B)](
-        out, grad_out, delta, cu_q_arg,
-        *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
-        Lq, DV=c.DV, BLOCK_M=pre_m, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=8, num_stages=1,
-    )
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
-    common_tail = (c.Hq, c.group, Lq, Lk, c.scale, c.qk_scale, float(dropout_p),
-                   1.0 / (1.0 - dropout_p) if dropout else 1.0, _seed_arg(seed, query.device) if dropout else query)
+    seed_arg = _seed_arg(seed, query.device) if dropout else query
     flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
-
-    block_m, block_n, warps, stages, maxnreg, chunk = _config("dkdv", c.width, c.dtype, max_q, max_k,
-                                                              mask_kind != _MASK_NONE, dropout)
+    dkdv = _config("dkdv", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE, dropout)
+    dq_launch = _config("dq", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE, dropout)
     dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
-    _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, B)](
-        query, key, value, mask, grad_out, lse, delta, dk, dv, dmask if mask_grad else query, cu_q_arg, cu_k_arg,
-        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
-        *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
-        *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
-        D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
-        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-    )
-    block_m, block_n, warps, stages, maxnreg, chunk = _config("dq", c.width, c.dtype, max_q, max_k,
-                                                              mask_kind != _MASK_NONE, dropout)
-    _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, B)](
-        query, key, value, mask, grad_out, lse, delta, dq, cu_q_arg, cu_k_arg,
-        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
-        *_lse_strides(delta, varlen), *_row_strides(dq, varlen),
-        *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-        D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
-        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-    )
+    for b0, b1 in _batch_parts(B):
+        p = _Part(b0, b1, B, varlen)
+        cu_q_arg, cu_k_arg = p.cu(cu_q, query), p.cu(cu_k, query)
+        _attn_bwd_preprocess[(triton.cdiv(max_q, pre_m), c.Hq, b1 - b0)](
+            p(out), p(grad_out), p(delta), cu_q_arg,
+            *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
+            Lq, DV=c.DV, BLOCK_M=pre_m, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=8, num_stages=1,
+        )
+        common_tail = (c.Hq, c.group, Lq, Lk, c.scale, c.qk_scale, float(dropout_p),
+                       1.0 / (1.0 - dropout_p) if dropout else 1.0, seed_arg, p.drop_base(c.Hq, Lq, Lk))
+
+        block_m, block_n, warps, stages, maxnreg, chunk = dkdv
+        _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, b1 - b0)](
+            p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dk), p(dv),
+            p(dmask) if mask_grad else query, cu_q_arg, cu_k_arg,
+            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
+            *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
+            *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
+            D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+        )
+        block_m, block_n, warps, stages, maxnreg, chunk = dq_launch
+        _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, b1 - b0)](
+            p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dq), cu_q_arg, cu_k_arg,
+            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
+            *_lse_strides(delta, varlen), *_row_strides(dq, varlen),
+            *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+            D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+        )
     return dq, dk, dv, dmask
 
 
@@ -842,7 +883,7 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
             sig[name] = f"*{dt}"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name == "total":
+        elif name in ("total", "drop_base"):
             sig[name] = "i64"
         else:
             sig[name] = "i32"

@@ -252,3 +252,48 @@ def test_dropout_with_a_seed_tensor_matches_the_keep_mask(kernels, seed):
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), rg, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- grid limits
+
+
+def _dense_run(kernels, q, k, v, mask, seed):
+    out, lse = kernels.attention_forward(q, k, v, mask, 0.3, 1, 0.25, seed)
+    grads = kernels.attention_backward(torch.randn_like(out, generator=torch.Generator().manual_seed(5)).to(out),
+                                       q, k, v, mask, out, lse, 0.3, 1, 0.25, seed, mask is not None)
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_batch_past_the_grid_limit_is_split_dense(kernels, guarded, monkeypatch, limit):
+    """Batch 5 against a limit of 1 / 2 on grid y / z: the same bits as one launch, dropout and masks included."""
+    q, k, v = qkv(5, 2, 1, 6, 11, 16)
+    mask = torch.randn(5, 2, 6, 11)
+    seed = torch.tensor(77)
+    whole = _dense_run(kernels, q, k, v, mask, seed)
+    guarded["launches"].clear()
+    monkeypatch.setattr(kernels, "_MAX_GRID_YZ", limit)
+    split = _dense_run(kernels, q, k, v, mask, seed)
+    grids = [grid for _, grid in guarded["launches"]]
+    assert len(grids) == 4 * -(-5 // limit) and all(g[1] <= 2 and g[2] <= limit for g in grids)
+    assert torch.equal(whole[0], split[0]) and torch.equal(whole[1], split[1])
+    for a, b in zip(whole[2], split[2]):
+        assert torch.equal(a, b)
+
+
+def test_sequences_past_the_grid_limit_are_split_varlen(kernels, guarded, monkeypatch):
+    pq, pk, pv, cu_q, cu_k, mq, mk = packed([3, 0, 7, 1, 4], [5, 2, 9, 1, 6], 4, 2, 16)
+
+    def run():
+        out, lse = kernels.varlen_attention_forward(pq, pk, pv, cu_q, cu_k, mq, mk, 2, 0.25)
+        grads = kernels.varlen_attention_backward(torch.ones_like(out), pq, pk, pv, cu_q, cu_k, mq, mk, out, lse,
+                                                  2, 0.25)
+        return out, lse, *grads
+
+    whole = run()
+    guarded["launches"].clear()
+    monkeypatch.setattr(kernels, "_MAX_GRID_YZ", 2)
+    split = run()
+    assert len(guarded["launches"]) == 4 * 3 and all(g[2] <= 2 for _, g in guarded["launches"])
+    for a, b in zip(whole, split):
+        assert torch.equal(a, b)
