@@ -17,6 +17,11 @@ Dropout draws a Philox number per (b, h, i, j) from the seed and the flat elemen
 Varlen (packed) sequences reuse the same kernels: the batch stride is 0 and each program reads its
 sequence's row range from ``cu_seqlens``.
 
+Decoding (at most 16 query rows, at least 1024 keys, no dropout, and batch x key/value heads too few to fill
+the GPU) takes a split-KV forward instead, as FlashDecoding: the key range is split across programs, each
+leaving fp32 partials (row max, row sum, unnormalised output), and a combine kernel merges them into the same
+out and lse; the backward is the same. See ``_decode_launch``.
+
 Grids are (tiles, heads, batch). CUDA caps grid y and z at 65535, so the launchers split a larger batch (or
 sequence count) into launches over batch slices (``cu_seqlens`` slices when packed); ``drop_base`` carries
 the slice's first dropout element index, so every slice draws the mask of the whole.
@@ -478,6 +483,122 @@ def _dropout_mask_kernel(Keep, Seed, dropout_p, total, BLOCK: tl.constexpr):
     tl.store(Keep + offs, keep.to(tl.int8), mask=offs < total)
 
 
+# Split-KV decode forward (few query rows, many keys). One program per (key range, key/value head, batch):
+# the rows of its tile are (query head of the group, query row) pairs, so K and V stream through once per
+# key/value head however many query heads share them. Each program leaves its range's row max, row sum and
+# unnormalised output (fp32); _attn_fwd_combine rescales them to the common max and normalises.
+
+
+@triton.jit
+def _attn_fwd_split(
+    Q, K, V, Mask, PartO, PartML,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, Lq, Lk, n_rows, blocks_per_split, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Partials of key range ``split`` for every (query head of the group, query row): PartO (rows, S, DV),
+    PartML (2, rows, S) = (max, sum) in log2 units, rows numbered ``(b * H + h) * Lq + i`` over the launch."""
+    split = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    S = tl.num_programs(0)
+    b64 = b.to(tl.int64)
+    slot = tl.arange(0, BLOCK_M)
+    row_ok = slot < GROUP * Lq
+    g = slot // Lq
+    i = slot % Lq  # query row of each tile row
+    h64 = hk.to(tl.int64) * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    arange_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    q = tl.load(Q + b64 * stride_qb + (h64 * stride_qh + i * stride_qm)[:, None] + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    shift = 0
+    hi = Lk
+    if CAUSAL != 0:
+        if CAUSAL == 2:
+            shift = Lk - Lq
+        hi = tl.minimum(Lk, Lq + shift)  # the last row's last visible key, plus one
+    n_lo = split * blocks_per_split * BLOCK_N
+    n_hi = tl.minimum(hi, n_lo + blocks_per_split * BLOCK_N)
+    k_blk = K + (b64 * stride_kb + hk.to(tl.int64) * stride_kh + n_lo.to(tl.int64) * stride_kn)
+    v_blk = V + (b64 * stride_vb + hk.to(tl.int64) * stride_vh + n_lo.to(tl.int64) * stride_vn)
+    k_offs = arange_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
+    # Mask rows differ in head and row: a column of row pointers, each tile adds the key offsets.
+    mask_blk = (Mask + b64 * stride_mb + (h64 * stride_mh + i * stride_mm + n_lo.to(tl.int64) * stride_mn))[:, None]
+    mask_offs = arange_n[None, :] * stride_mn
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + arange_n
+        col_ok = offs_n < Lk
+        k = tl.load(k_blk + k_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), i, offs_n, row_ok, col_ok, shift,
+                       qk_scale, mask_blk, mask_offs, CAUSAL, MASK_KIND, False)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: exp2 gives 0, not NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        k_blk += BLOCK_N * stride_kn
+        v_blk += BLOCK_N * stride_vn
+        mask_blk += BLOCK_N * stride_mn
+
+    row64 = (b64 * H + h64) * Lq + i
+    tl.store(PartO + (row64 * S + split)[:, None] * DV + offs_dv[None, :], acc,
+             mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(PartML + row64 * S + split, m_i, mask=row_ok)
+    tl.store(PartML + (n_rows + row64) * S + split, l_i, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_combine(
+    PartO, PartML, Out, Lse,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh, stride_lm,
+    H, Lq, S, n_rows,
+    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One output row from its S partials: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), lse in
+    natural log (+inf, output 0, where no key is visible)."""
+    r = tl.program_id(0).to(tl.int64)
+    i = r % Lq
+    h = (r // Lq) % H
+    b = r // (Lq * H)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < S
+    dv_ok = offs_dv < DV
+    m = tl.load(PartML + r * S + offs_s, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(PartML + (n_rows + r) * S + offs_s, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    l_sum = tl.sum(l_s * w, 0)
+    o = tl.load(PartO + (r * S + offs_s)[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :],
+                other=0.0)
+    acc = tl.sum(o * w[:, None], 0)
+    empty = l_sum == 0.0
+    l_safe = tl.where(empty, 1.0, l_sum)
+    tl.store(Out + b * stride_ob + h * stride_oh + i * stride_om + offs_dv, (acc / l_safe).to(Out.dtype.element_ty),
+             mask=dv_ok)
+    tl.store(Lse + b * stride_lb + h * stride_lh + i * stride_lm,
+             tl.where(empty, float("inf"), (m_max + tl.math.log2(l_safe)) * 0.6931471805599453))
+
+
 # --------------------------------------------------------------------------------------------- configs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim tile width (power of two >= 16,
@@ -778,6 +899,116 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     return dq, dk, dv, dmask
 
 
+# --------------------------------------------------------------------------------------------- split-KV decode
+
+# The forward splits the key range across programs when the query is this short and the keys this long (and
+# the batch x key/value heads alone would leave SMs idle); module constants so tests can lower them.
+_DECODE_MAX_LQ = 16
+_DECODE_MIN_LK = 1024
+_DECODE_MAX_ROWS = 32  # query heads per key/value head x query rows held in one tile (16 or 32 rows)
+_DECODE_MAX_SPLITS = 64
+# Candidate launches of the "decode" kernel for tuning: key tile, key ranges (0: from the SM count and the
+# work), warps, stages. Not measured on a GPU yet; each compiles without spills on sm_90 for fp16 / bf16 at
+# 16 and 32 tile rows and head dims up to 128 (BLOCK_N 32 up to 256).
+DECODE_CONFIG_SPACE: list[dict] = [
+    {"BLOCK_N": 64, "SPLITS": 0, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 32, "SPLITS": 0, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 64, "SPLITS": 0, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 32, "SPLITS": 0, "num_warps": 4, "num_stages": 2},
+]
+# kernel name -> the config every launch of it takes instead of the built-in choice (see DECODE_CONFIG_SPACE).
+_FORCED_CONFIGS: dict[str, dict] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached); 4 on CPU, so the interpreter splits small problems."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _decode_block_n(width: int, dtype: torch.dtype, rows: int, masked: bool) -> int | None:
+    """The split kernel's key tile at 8 warps, 2 stages: the largest that compiles without spills on sm_90
+    (kernel_report) for this head-dim width, dtype, tile rows and mask; None where none does."""
+    if dtype != torch.float32:
+        if width <= 64 or (width == 128 and not (masked and rows > 16)):
+            return 64
+        return 32
+    if _precision(dtype) == "ieee":
+        return 16 if width == 256 and rows > 16 else 32
+    if width == 256 and rows > 16 and masked:
+        return None
+    return 32 if width == 128 or (width <= 64 and rows > 16) else 16
+
+
+def _decode_launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                   dropout_p: float, causal: int):
+    """(BLOCK_N, splits, warps, stages) of the split-KV forward, or None where the normal forward serves."""
+    B, Hq, Lq, _ = query.shape
+    Hk, Lk = key.shape[1], key.shape[2]
+    group = Hq // max(1, Hk)
+    width = max(_pow2(query.shape[-1]), _pow2(value.shape[-1]))
+    # Keys any row sees: top-left causal rows see only the first Lq (the normal forward skips the rest).
+    seen = min(Lk, Lq) if causal == _TOP_LEFT else Lk
+    if dropout_p > 0.0 or B == 0 or Lq == 0 or Lq > _DECODE_MAX_LQ or seen < _DECODE_MIN_LK:
+        return None
+    if group * Lq > _DECODE_MAX_ROWS or Hk > 65535:
+        return None
+    forced = _FORCED_CONFIGS.get("decode")
+    if forced is not None:
+        block_n, splits = forced["BLOCK_N"], forced.get("SPLITS", 0)
+        warps, stages = forced.get("num_warps", 8), forced.get("num_stages", 2)
+    else:
+        block_n = _decode_block_n(width, query.dtype, _pow2(group * Lq), attn_mask is not None)
+        if block_n is None:
+            return None
+        splits, warps, stages = 0, 8, 2
+    n_blocks = triton.cdiv(seen, block_n)
+    if splits <= 0:
+        # About two programs per SM over the batch and key/value heads, and at least two key tiles per range.
+        splits = min(triton.cdiv(2 * _sm_count(query.device), B * Hk), n_blocks // 2)
+    splits = min(splits, n_blocks, _DECODE_MAX_SPLITS)
+    if splits <= 1:
+        return None
+    return block_n, splits, warps, stages
+
+
+def _decode_forward(query, key, value, attn_mask, causal, scale, launch):
+    """The split-KV forward of :func:`attention_forward` (no dropout): same out and lse."""
+    block_n, splits, warps, stages = launch
+    B, Hq, Lq, _ = query.shape
+    Lk = key.shape[2]
+    c = _Common(query, key, value, scale, False)
+    out = torch.empty((B, Hq, Lq, c.DV), dtype=query.dtype, device=query.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device)
+    mask, m_strides, mask_kind = _mask_args(attn_mask, query)
+    n_blocks = triton.cdiv(min(Lk, Lq) if causal == _TOP_LEFT else Lk, block_n)
+    per_split = triton.cdiv(n_blocks, splits)
+    splits = triton.cdiv(n_blocks, per_split)  # no range left empty by the rounding
+    block_m = _pow2(c.group * Lq)
+    for b0, b1 in _batch_parts(B):
+        p = _Part(b0, b1, B, False)
+        n_rows = (b1 - b0) * Hq * Lq
+        part_o = torch.empty((n_rows, splits, c.DV), dtype=torch.float32, device=query.device)
+        part_ml = torch.empty((2, n_rows, splits), dtype=torch.float32, device=query.device)
+        _attn_fwd_split[(splits, c.Hk, b1 - b0)](
+            p(query), p(key), p(value), p(mask), part_o, part_ml,
+            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
+            Hq, c.group, Lq, Lk, n_rows, per_split, c.qk_scale,
+            D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+            CAUSAL=int(causal), MASK_KIND=mask_kind, PRECISION=c.precision, num_warps=warps, num_stages=stages,
+        )
+        _attn_fwd_combine[(n_rows,)](
+            part_o, part_ml, p(out), p(lse), *_row_strides(out, False), *_lse_strides(lse, False),
+            Hq, Lq, splits, n_rows, DV=c.DV, BLOCK_S=_pow2(splits), BLOCK_DV=c.block_dv, num_warps=4, num_stages=1,
+        )
+    return out, lse
+
+
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
     dropout_p: float, causal: int, scale: float, seed: torch.Tensor,
@@ -787,7 +1018,10 @@ def attention_forward(
     _check(query, key, value)
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
+    decode = _decode_launch(query, key, value, attn_mask, dropout_p, causal)
     with _on_device(query.device):
+        if decode is not None:
+            return _decode_forward(query, key, value, attn_mask, causal, scale, decode)
         return _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, None, None, B, Lq, Lk, Lq, Lk)
 
 
@@ -869,7 +1103,7 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta", "PartO", "PartML"):
             sig[name] = "*fp32"
         elif name == "Mask":
             sig[name] = "*i1" if mask_kind == _MASK_BOOL else f"*{dt}"
@@ -879,7 +1113,7 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
             sig[name] = "*i8"
         elif name == "Seed":
             sig[name] = "*i64"
-        elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk"):
+        elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk", "S"):
             sig[name] = f"*{dt}"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
@@ -930,6 +1164,31 @@ def report_configs() -> list[dict]:
                     if launch.maxnreg is not None:
                         entry["options"] = {"maxnreg": launch.maxnreg}
                     entries.append(entry)
+        entries += _decode_report_configs(dtype, dt)
+    return entries
+
+
+def _decode_report_configs(dtype: torch.dtype, dt: str) -> list[dict]:
+    """The split-KV decode kernels at their default launches: 16 and 32 tile rows (query heads of a group x
+    query rows), no mask / bool mask / causal, fp32 at both dot precisions; the combine at 64 key ranges."""
+    entries = []
+    for width in (64, 128, 256):
+        for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+            for rows in (16, 32):
+                for label, (causal, mask_kind) in (("dense", (0, _MASK_NONE)), ("mask_bool", (0, _MASK_BOOL)),
+                                                   ("causal", (2, _MASK_NONE))):
+                    with _pinned_precision(precision):
+                        block_n = _decode_block_n(width, dtype, rows, mask_kind != _MASK_NONE)
+                    if block_n is None:
+                        continue
+                    constexprs = {"D": width, "DV": width, "BLOCK_M": rows, "BLOCK_N": block_n, "BLOCK_D": width,
+                                  "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "PRECISION": precision}
+                    entries.append(_entry("_attn_fwd_split", _attn_fwd_split, dtype, constexprs, 8, 2,
+                                          f"d{width}-{dt}-{label}-{precision}-m{rows}n{block_n}w8s2", mask_kind,
+                                          False))
+        entries.append(_entry("_attn_fwd_combine", _attn_fwd_combine, dtype,
+                              {"DV": width, "BLOCK_S": _DECODE_MAX_SPLITS, "BLOCK_DV": width}, 4, 1,
+                              f"d{width}-{dt}-s{_DECODE_MAX_SPLITS}", _MASK_NONE, False))
     return entries
 
 

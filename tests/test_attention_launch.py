@@ -37,7 +37,8 @@ def packed(lengths_q, lengths_k, Hq, Hk, D):
 
 # ------------------------------------------------------------------------------------------- device guard
 
-LAUNCHED = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_dropout_mask_kernel")
+LAUNCHED = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_dropout_mask_kernel",
+            "_attn_fwd_split", "_attn_fwd_combine")
 
 
 class _Recorder:
@@ -75,7 +76,10 @@ def guarded(kernels, monkeypatch):
     return state
 
 
-def test_every_launch_runs_under_the_tensors_device(kernels, guarded):
+def test_every_launch_runs_under_the_tensors_device(kernels, guarded, monkeypatch):
+    monkeypatch.setattr(kernels, "_DECODE_MIN_LK", 64)
+    monkeypatch.setitem(kernels._FORCED_CONFIGS, "decode", {"BLOCK_N": 16, "SPLITS": 2})
+    kernels.attention_forward(*qkv(1, 2, 1, 1, 80, 16), None, 0.0, 0, 0.25, torch.tensor(0))  # split-KV decode
     q, k, v = qkv(2, 2, 1, 5, 9, 16)
     out, lse = kernels.attention_forward(q, k, v, None, 0.2, 1, 0.25, torch.tensor(3))
     kernels.attention_backward(torch.ones_like(out), q, k, v, None, out, lse, 0.2, 1, 0.25, torch.tensor(3), False)
@@ -297,3 +301,112 @@ def test_sequences_past_the_grid_limit_are_split_varlen(kernels, guarded, monkey
     assert len(guarded["launches"]) == 4 * 3 and all(g[2] <= 2 for _, g in guarded["launches"])
     for a, b in zip(whole, split):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------- split-KV decode
+
+
+@pytest.fixture
+def small_decode(kernels, monkeypatch):
+    """The split-KV forward on short keys, with small key tiles and a given number of key ranges."""
+    monkeypatch.setattr(kernels, "_DECODE_MIN_LK", 64)
+
+    def force(splits, block_n=16):
+        monkeypatch.setitem(kernels._FORCED_CONFIGS, "decode", {"BLOCK_N": block_n, "SPLITS": splits})
+
+    force(3)
+    return force
+
+
+def _reference(q, k, v, mask=None, causal=0, scale=0.25):
+    from seqfast.reference import attention as reference
+
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return reference.attention(q.double(), k.double(), v.double(), None if mask is None else
+                               (mask if mask.dtype == torch.bool else mask.double()), causal=causal, scale=scale)
+
+
+@pytest.mark.parametrize("Lq, Lk, Hq, Hk, causal, splits", [
+    (1, 100, 2, 2, 0, 3),
+    (2, 333, 4, 1, 2, 5),  # multi-query, bottom-right causal
+    (3, 700, 4, 2, 2, 7),
+    (4, 517, 8, 2, 2, 4),
+    (1, 129, 2, 1, 0, 32),  # more ranges than key tiles: clipped
+])
+def test_decode_forward_matches_reference(kernels, small_decode, guarded, Lq, Lk, Hq, Hk, causal, splits):
+    small_decode(splits)
+    q, k, v = qkv(2, Hq, Hk, Lq, Lk, 64, 48)
+    out, lse = kernels.attention_forward(q, k, v, None, 0.0, causal, 0.25, torch.tensor(0))
+    assert "_attn_fwd_split" in {name for name, _ in guarded["launches"]}
+    assert "_attn_fwd" not in {name for name, _ in guarded["launches"]}
+    ref_out, ref_lse = _reference(q, k, v, causal=causal)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_decode_forward_with_masks(kernels, small_decode, kind):
+    q, k, v = qkv(2, 4, 2, 3, 200, 32)
+    mask = torch.rand(2, 1, 3, 200) > 0.3 if kind == "bool" else torch.randn(1, 4, 3, 200)
+    if kind == "bool":
+        mask[0, 0, 1] = False  # a row that sees nothing: output 0, lse +inf
+    full = mask.expand(2, 4, 3, 200)
+    out, lse = kernels.attention_forward(q, k, v, full, 0.0, 0, 0.25, torch.tensor(0))
+    ref_out, ref_lse = _reference(q, k, v, full)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+    if kind == "bool":
+        assert (out[0, :, 1] == 0).all() and torch.isinf(lse[0, :, 1]).all()
+
+
+def test_decode_gradients_through_the_normal_backward(kernels, small_decode, guarded):
+    q, k, v = qkv(2, 4, 2, 2, 150, 32)
+    mask = torch.randn(1, 4, 2, 150)
+    grad_out = torch.randn(2, 4, 2, 32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    with seqfast.backend("triton"):
+        out = seqfast.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], enable_gqa=True)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert {"_attn_fwd_split", "_attn_bwd_dkdv"} <= {name for name, _ in guarded["launches"]}
+    assert "_attn_fwd" not in {name for name, _ in guarded["launches"]}
+    ref = [t.double().requires_grad_() for t in (q, k, v, mask)]
+    with seqfast.backend("reference"):
+        ref_out = seqfast.scaled_dot_product_attention(*ref[:3], attn_mask=ref[3], enable_gqa=True)
+        ref_grads = torch.autograd.grad(ref_out, ref, grad_out.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=5e-5)
+
+
+def test_decode_kernel_top_left_causal(kernels):
+    """Top-left causal decoding goes to the normal forward (its rows see Lq keys); the split kernel still
+    handles the alignment when launched."""
+    q, k, v = qkv(2, 4, 2, 3, 200, 32)
+    out, lse = kernels._decode_forward(q, k, v, None, 1, 0.25, (16, 3, 4, 1))
+    ref_out, ref_lse = _reference(q, k, v, causal=1)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_is_chosen_only_where_it_serves(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    q, k, v = (t.half() for t in qkv(1, 8, 1, 1, 4096, 128))
+    block_n, splits, warps, stages = kernels._decode_launch(q, k, v, None, 0.0, 0)
+    assert splits > 1 and block_n * splits <= 4096
+    assert kernels._decode_launch(q, k, v, torch.ones(1, 8, 1, 4096, dtype=torch.bool), 0.0, 2) is not None
+    assert kernels._decode_launch(q, k, v, None, 0.1, 0) is None  # dropout: the normal forward
+    assert kernels._decode_launch(q, k, v, None, 0.0, 1) is None  # top-left causal: one key visible
+    assert kernels._decode_launch(*qkv(1, 8, 1, 32, 4096, 128), None, 0.0, 0) is None  # not a decode
+    assert kernels._decode_launch(*qkv(1, 64, 1, 1, 4096, 128), None, 0.0, 0) is None  # 64 rows in a tile
+    assert kernels._decode_launch(*qkv(1, 8, 1, 1, 512, 128), None, 0.0, 0) is None  # short keys
+    assert kernels._decode_launch(*qkv(256, 8, 8, 1, 4096, 128), None, 0.0, 0) is None  # the batch fills the GPU
+
+
+def test_decode_batch_past_the_grid_limit(kernels, small_decode, monkeypatch):
+    q, k, v = qkv(3, 4, 2, 2, 90, 16)
+    mask = torch.randn(3, 4, 2, 90)
+    whole = kernels.attention_forward(q, k, v, mask, 0.0, 2, 0.25, torch.tensor(0))
+    monkeypatch.setattr(kernels, "_MAX_GRID_YZ", 1)
+    split = kernels.attention_forward(q, k, v, mask, 0.0, 2, 0.25, torch.tensor(0))
+    assert torch.equal(whole[0], split[0]) and torch.equal(whole[1], split[1])
