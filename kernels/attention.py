@@ -940,7 +940,7 @@ def _decode_block_n(width: int, dtype: torch.dtype, rows: int, masked: bool) -> 
         return 32
     if _precision(dtype) == "ieee":
         return 16 if width == 256 and rows > 16 else 32
-    if width == 256 and rows > 16 and masked:
+    if width == 256 and rows > 16:
         return None
     return 32 if width == 128 or (width <= 64 and rows > 16) else 16
 

@@ -391,16 +391,24 @@ def test_decode_kernel_top_left_causal(kernels):
 
 def test_decode_is_chosen_only_where_it_serves(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
-    q, k, v = (t.half() for t in qkv(1, 8, 1, 1, 4096, 128))
+
+    def shapes(B, Hq, Hk, Lq, Lk, D=128, dtype=torch.float16):  # the choice reads shapes only: no memory
+        return [torch.empty(s, dtype=dtype, device="meta") for s in ((B, Hq, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D))]
+
+    q, k, v = shapes(1, 8, 1, 1, 4096)
     block_n, splits, warps, stages = kernels._decode_launch(q, k, v, None, 0.0, 0)
     assert splits > 1 and block_n * splits <= 4096
     assert kernels._decode_launch(q, k, v, torch.ones(1, 8, 1, 4096, dtype=torch.bool), 0.0, 2) is not None
     assert kernels._decode_launch(q, k, v, None, 0.1, 0) is None  # dropout: the normal forward
     assert kernels._decode_launch(q, k, v, None, 0.0, 1) is None  # top-left causal: one key visible
-    assert kernels._decode_launch(*qkv(1, 8, 1, 32, 4096, 128), None, 0.0, 0) is None  # not a decode
-    assert kernels._decode_launch(*qkv(1, 64, 1, 1, 4096, 128), None, 0.0, 0) is None  # 64 rows in a tile
-    assert kernels._decode_launch(*qkv(1, 8, 1, 1, 512, 128), None, 0.0, 0) is None  # short keys
-    assert kernels._decode_launch(*qkv(256, 8, 8, 1, 4096, 128), None, 0.0, 0) is None  # the batch fills the GPU
+    assert kernels._decode_launch(*shapes(1, 8, 1, 32, 4096), None, 0.0, 0) is None  # not a decode
+    assert kernels._decode_launch(*shapes(1, 64, 1, 1, 4096), None, 0.0, 0) is None  # 64 rows in a tile
+    assert kernels._decode_launch(*shapes(1, 8, 1, 1, 512), None, 0.0, 0) is None  # short keys
+    assert kernels._decode_launch(*shapes(256, 8, 8, 1, 4096), None, 0.0, 0) is None  # the batch fills the GPU
+    fp32_wide = shapes(1, 32, 1, 1, 4096, 256, torch.float32)
+    assert kernels._decode_launch(*fp32_wide, None, 0.0, 0)[0] == 16  # IEEE fp32 dots: a 16-key tile
+    monkeypatch.setattr(kernels, "_PRECISION_OVERRIDE", "tf32")
+    assert kernels._decode_launch(*fp32_wide, None, 0.0, 0) is None  # TF32 at 32 rows spills: normal forward
 
 
 def test_decode_batch_past_the_grid_limit(kernels, small_decode, monkeypatch):

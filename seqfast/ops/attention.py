@@ -77,7 +77,7 @@ def dropout_keep_mask(seed: torch.Tensor | int, shape: tuple[int, int, int, int]
         return _cpu_dropout.keep_mask(seed, shape, p)
     if backend == "triton":
         return _triton.kernels("attention", torch.empty(0, device=device)).dropout_keep_mask(seed, *shape, p, device)
-    return reference.dropout_keep(int(seed), shape, p, device)
+    return reference.dropout_keep(int(seed), shape, p, device)  # the reference seeds a host generator: one read
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
