@@ -939,7 +939,7 @@ def _decode_block_n(width: int, dtype: torch.dtype, rows: int, masked: bool) -> 
             return 64
         return 32
     if _precision(dtype) == "ieee":
-        return 16 if width == 256 and rows > 16 else 32
+        return 16 if width >= 128 and rows > 16 else 32
     if width == 256 and rows > 16:
         return None
     return 32 if width == 128 or (width <= 64 and rows > 16) else 16
