@@ -263,8 +263,8 @@ def test_dropout_with_a_seed_tensor_matches_the_keep_mask(kernels, seed):
 
 def _dense_run(kernels, q, k, v, mask, seed):
     out, lse = kernels.attention_forward(q, k, v, mask, 0.3, 1, 0.25, seed)
-    grads = kernels.attention_backward(torch.randn_like(out, generator=torch.Generator().manual_seed(5)).to(out),
-                                       q, k, v, mask, out, lse, 0.3, 1, 0.25, seed, mask is not None)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), device="cpu").to(out)
+    grads = kernels.attention_backward(grad_out, q, k, v, mask, out, lse, 0.3, 1, 0.25, seed, mask is not None)
     return out, lse, grads
 
 
