@@ -324,6 +324,8 @@ def parent_main(args: argparse.Namespace) -> int:
             later = len(groups) - i - 1
             left = end - time.time() - SUMMARY_RESERVE_S
             share = group.dry_share if args.dry_run else group.share
+            if len(groups) < len(GROUPS):  # a chosen few share the budget more evenly
+                share = max(share, 1.0 / len(groups))
             timeout = min(share * args.budget_s, left - later * reserve)
             if timeout < (2.0 if args.dry_run else 5.0):
                 append_record(args.out, {"group": group.name, "name": "group", "status": "skip", "metrics": {},
