@@ -179,9 +179,15 @@ class _Worker:
         self.status: int | None = None
 
     def start_fork(self, args: argparse.Namespace, deadline: float, log_path: Path) -> None:
+        import warnings
+
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12 warns when forking a process with native threads (torch starts one at import); the
+            # child runs no code of those threads, and a child that hangs is stopped at its time limit anyway.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the worker: never returns into the parent's code
             code = 70
             try:
@@ -244,7 +250,8 @@ class _Worker:
                 time.sleep(0.05)
 
 
-def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> None:
+def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> bool:
+    """Run one group's workers to the end or to ``timeout``; True when every worker exited cleanly."""
     from gpu.runtime import append_record
 
     shards = group.shards if not args.dry_run else min(group.shards, 2)
@@ -266,8 +273,10 @@ def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> None:
         for w in workers:
             if not w.poll():
                 w.stop()
+    clean = True
     for w in workers:
         code, text = _describe_exit(w.status if w.status is not None else 0)
+        clean = clean and code == 0
         timed_out = time.time() > hard_deadline and code != 0
         if timed_out:
             text += f" (time limit {timeout:.0f} s)"
@@ -278,6 +287,7 @@ def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> None:
             "seconds": round(time.time() - w.started, 3), "error": None if code == 0 else f"worker {text}",
             "shard": w.shard if shards > 1 else None, "dry_run": args.dry_run, "time": round(time.time(), 3),
         })
+    return clean
 
 
 def parent_main(args: argparse.Namespace) -> int:
@@ -334,7 +344,13 @@ def parent_main(args: argparse.Namespace) -> int:
                 state = "budget ran out"
                 continue
             print(f"[{time.time() - start:6.1f} s] {group.name}: up to {timeout:.0f} s", flush=True)
-            _run_group(args, group, timeout, fork, log_path)
+            ok = _run_group(args, group, timeout, fork, log_path)
+            if fork and not ok and not any(r["group"] == group.name and not r["name"].startswith("worker")
+                                           for r in read_records(args.out)):
+                # Forked workers that die before writing anything: fork itself may be the problem (a lock held
+                # by an import-time thread). The remaining groups start as fresh processes instead.
+                fork = False
+                run_info["workers"] = f"fork, then spawn after {group.name} left no record"
             summary("running" if i < len(groups) - 1 else state)
     except Interrupted as exc:
         state = f"interrupted ({exc})"

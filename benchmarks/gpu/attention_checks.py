@@ -366,7 +366,7 @@ def attention_correctness(ctx: Context) -> None:
     drop = [_spec("bf16 dropout 0.2 D64 L129x1037", "bf16", 1, 4, 4, 129, 1037, 64, dropout=0.2),
             _spec("fp32 dropout 0.3 D64 causal L129", "fp32", 1, 2, 2, 129, 129, 64, causal=1, dropout=0.3)]
     drop = [shrink(s) if ctx.dry_run else s for s in drop]
-    lq, lk = ([1, 17, 0, 129, 1037, 1], [17, 17, 2, 129, 1000, 1037]) if not ctx.dry_run else \
+    lq, lk = ([1, 17, 0, 129, 1000, 1], [17, 17, 2, 129, 1037, 1037]) if not ctx.dry_run else \
         ([1, 9, 0, 12], [9, 9, 2, 14])
     d_varlen = 16 if ctx.dry_run else 64
     ordered = []

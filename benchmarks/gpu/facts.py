@@ -64,10 +64,12 @@ def device(c: Case, ctx: Context) -> None:
             c.metrics[name] = value
     c.metrics["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(0))
     c.metrics["total_memory_gib"] = round(props.total_memory / 2**30, 1)
-    smi = _run(["nvidia-smi", f"--query-gpu={','.join(_SMI_FIELDS)}", "--format=csv,noheader"])
-    if smi:
-        first = smi.splitlines()[0].split(", ")
-        c.metrics.update({f"smi_{k}": v for k, v in zip(_SMI_FIELDS, first)})
+    for fields in (_SMI_FIELDS, _SMI_FIELDS[:6]):  # an older driver may refuse a field: then the basic ones
+        smi = _run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"])
+        if smi:
+            first = smi.splitlines()[0].split(", ")
+            c.metrics.update({f"smi_{k}": v for k, v in zip(fields, first)})
+            break
     else:
         c.metrics["smi"] = "nvidia-smi not available"
     free, total = torch.cuda.mem_get_info()
