@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py seqfast/_version.py
 
-.PHONY: all venv build test test-fast bench report lint clean
+.PHONY: all venv build test test-fast bench report lint clean gpu-check
 
 all: build
 
@@ -32,6 +32,12 @@ bench: build
 
 report: venv
 	$(PY) benchmarks/kernel_report.py $(REPORT_ARGS)
+
+# One-shot GPU validation and timing (benchmarks/gpu_validate.py): the system python3 with its own torch and triton
+# (no venv, no built extension needed); GPU_CHECK_ARGS=--dry-run proves it on CPU.
+OUT ?= gpu_validate_out
+gpu-check:
+	python3 benchmarks/gpu_validate.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 lint: venv
 	$(PY) -m ruff check .
