@@ -177,6 +177,7 @@ class _Worker:
         self.popen = None
         self.started = time.time()
         self.status: int | None = None
+        self._alive_fd: int | None = None  # read end of the pipe a forked worker writes one byte to on starting
 
     def start_fork(self, args: argparse.Namespace, deadline: float, log_path: Path) -> None:
         import warnings
@@ -187,10 +188,14 @@ class _Worker:
             # Python 3.12 warns when forking a process with native threads (torch starts one at import); the
             # child runs no code of those threads, and a child that hangs is stopped at its time limit anyway.
             warnings.simplefilter("ignore", DeprecationWarning)
+            read_fd, write_fd = os.pipe()
             pid = os.fork()
         if pid == 0:  # the worker: never returns into the parent's code
             code = 70
             try:
+                os.close(read_fd)
+                os.write(write_fd, b"1")
+                os.close(write_fd)
                 fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
@@ -202,7 +207,22 @@ class _Worker:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self._alive_fd = read_fd
         self.pid = pid
+
+    def reached_worker(self) -> bool:
+        """Whether the worker got past the fork (spawned workers: always counted as started)."""
+        if self._alive_fd is None:
+            return True
+        try:
+            return os.read(self._alive_fd, 1) == b"1"
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(self._alive_fd)
+            self._alive_fd = None
 
     def start_spawn(self, args: argparse.Namespace, deadline: float, log_path: Path) -> None:
         import subprocess
@@ -251,7 +271,7 @@ class _Worker:
 
 
 def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> bool:
-    """Run one group's workers to the end or to ``timeout``; True when every worker exited cleanly."""
+    """Run one group's workers to the end or to ``timeout``; False when a worker never started its own code."""
     from gpu.runtime import append_record
 
     shards = group.shards if not args.dry_run else min(group.shards, 2)
@@ -273,10 +293,9 @@ def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> bool:
         for w in workers:
             if not w.poll():
                 w.stop()
-    clean = True
+    alive = all(w.reached_worker() for w in workers)
     for w in workers:
         code, text = _describe_exit(w.status if w.status is not None else 0)
-        clean = clean and code == 0
         timed_out = time.time() > hard_deadline and code != 0
         if timed_out:
             text += f" (time limit {timeout:.0f} s)"
@@ -287,7 +306,7 @@ def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> bool:
             "seconds": round(time.time() - w.started, 3), "error": None if code == 0 else f"worker {text}",
             "shard": w.shard if shards > 1 else None, "dry_run": args.dry_run, "time": round(time.time(), 3),
         })
-    return clean
+    return alive
 
 
 def parent_main(args: argparse.Namespace) -> int:
@@ -344,13 +363,12 @@ def parent_main(args: argparse.Namespace) -> int:
                 state = "budget ran out"
                 continue
             print(f"[{time.time() - start:6.1f} s] {group.name}: up to {timeout:.0f} s", flush=True)
-            ok = _run_group(args, group, timeout, fork, log_path)
-            if fork and not ok and not any(r["group"] == group.name and not r["name"].startswith("worker")
-                                           for r in read_records(args.out)):
-                # Forked workers that die before writing anything: fork itself may be the problem (a lock held
-                # by an import-time thread). The remaining groups start as fresh processes instead.
+            alive = _run_group(args, group, timeout, fork, log_path)
+            if fork and not alive:
+                # A forked worker that never reached its own code: fork itself is the problem (a lock held by an
+                # import-time thread). The remaining groups start as fresh processes instead.
                 fork = False
-                run_info["workers"] = f"fork, then spawn after {group.name} left no record"
+                run_info["workers"] = f"fork, then spawn after a forked {group.name} worker never started"
             summary("running" if i < len(groups) - 1 else state)
     except Interrupted as exc:
         state = f"interrupted ({exc})"
