@@ -44,15 +44,23 @@ def _first_error_line(text: str | None) -> str:
     return lines[-1] if lines else ""
 
 
-def _compact(metrics: dict[str, Any], limit: int = 6) -> str:
+def _compact(metrics: dict[str, Any], limit: int = 8) -> str:
+    """The shape first, then seqfast / torch error ratios, then the rest."""
     items = [(k, v) for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    items.sort(key=lambda kv: 0 if kv[0] == "shape" else 1 if kv[0].endswith("_ratio") else 2)
     return ", ".join(f"{k}={_cell(v, 40)}" for k, v in items[:limit])
+
+
+def _shown(rec: dict) -> bool:
+    """Per-group tables leave out the bookkeeping: variant inventories, and workers that ended cleanly (the
+    overview has those)."""
+    return rec["name"] not in HIDDEN and not (rec["name"].startswith("worker") and rec["status"] == "ok")
 
 
 def _facts(records: list[dict]) -> list[str]:
     lines = ["## Facts", ""]
     for rec in records:
-        if rec["group"] != "facts":
+        if rec["group"] != "facts" or not _shown(rec) or rec["name"].startswith("worker"):
             continue
         if rec["name"].startswith("torch SDPA backends"):
             continue
@@ -89,13 +97,15 @@ def _group_section(group: str, recs: list[dict]) -> list[str]:
     if group in TABLE_GROUPS:
         keys: list[str] = []
         for r in recs:
+            if not _shown(r) or r["name"].startswith("worker"):
+                continue
             for k, v in r.get("metrics", {}).items():
                 if k not in keys and not isinstance(v, (dict, list)) and k != "timer":
                     keys.append(k)
-        keys = keys[:14]
+        keys = keys[:16]
         rows = [[r["name"], r["status"]] + [r.get("metrics", {}).get(k) for k in keys]
-                + [_first_error_line(r.get("error"))] for r in recs if r["name"] not in HIDDEN]
-        lines += _table(["case", "status"] + keys + ["error"], rows, 120)
+                + [_first_error_line(r.get("error"))] for r in recs if _shown(r)]
+        lines += _table(["case", "status"] + keys + ["error"], rows, 70)
         timers = sorted({r.get("metrics", {}).get("timer") for r in recs} - {None})
         if timers:
             lines += ["", "Timer: " + "; ".join(timers)]
@@ -106,7 +116,7 @@ def _group_section(group: str, recs: list[dict]) -> list[str]:
                     lines += ["", f"{r['name']}: {k}", ""] + _table(cols, [[row.get(c) for c in cols] for row in v])
     else:
         rows = [[r["name"], r["status"], r.get("seconds"), _compact(r.get("metrics", {})),
-                 _first_error_line(r.get("error"))] for r in recs if r["name"] not in HIDDEN]
+                 _first_error_line(r.get("error"))] for r in recs if _shown(r)]
         lines += _table(["check", "status", "s", "metrics", "error"], rows, 220)
     lines.append("")
     return lines
