@@ -78,6 +78,14 @@ def _set_triton_mode(dry_run: bool) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)
+    # Triton's on-disk cache (~/.triton/cache) is what the workers share compiled kernels through: where the
+    # home folder is not writable, one under the temporary folder instead.
+    if "TRITON_CACHE_DIR" not in os.environ:
+        home = Path.home()
+        if not os.access(home / ".triton" if (home / ".triton").exists() else home, os.W_OK):
+            import tempfile
+
+            os.environ["TRITON_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "seqfast_triton_cache")
 
 
 # --------------------------------------------------------------------------------------------- worker
@@ -327,7 +335,8 @@ def parent_main(args: argparse.Namespace) -> int:
     preload_error = None if args.spawn else _preload()
     fork = not args.spawn and preload_error is None and hasattr(os, "fork")
     run_info = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start)), "budget_s": args.budget_s,
-                "dry_run": args.dry_run, "workers": "fork" if fork else "spawn", "groups": ",".join(names)}
+                "dry_run": args.dry_run, "workers": "fork" if fork else "spawn", "groups": ",".join(names),
+                "triton_cache": os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")}
     if preload_error:
         run_info["preload_error"] = preload_error
     append_record(args.out, {"group": "run", "name": "start", "status": "ok", "metrics": run_info, "seconds": None,

@@ -235,8 +235,14 @@ def ctc_timing(ctx: Context) -> None:
 
 def _split(prof, device_events: bool) -> dict:
     """{kernel or op name: microseconds} of the profiled step, largest first, with the share of the total."""
+    events = list(prof.key_averages())
+    if device_events:
+        # The kernels themselves: an op that launches a kernel carries the same device time as its own
+        # "self" time, so CPU-side entries would count it twice.
+        kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        events = kernels or events
     rows = []
-    for evt in prof.key_averages():
+    for evt in events:
         if device_events:
             us = getattr(evt, "self_device_time_total", None)
             if us is None:
