@@ -44,6 +44,7 @@ LOG = "gpu_validate_workers.log"
 DEFAULT_BUDGET_S = 450.0  # ends well inside 8 minutes, also when every group runs to its limit
 DRY_RUN_BUDGET_S = 120.0  # the dry run ends when its work is done, about a minute on 2 cores
 SUMMARY_RESERVE_S = 3.0  # kept back at the end for the last summary
+STOP_GRACE_S = 3.0  # between SIGTERM and SIGKILL of a worker past its time limit
 
 
 class Interrupted(Exception):
@@ -262,7 +263,7 @@ class _Worker:
         self.status = status
         return True
 
-    def stop(self, grace_s: float = 3.0) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM (the worker records where it stopped), then SIGKILL after ``grace_s``."""
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
             if self.poll():
@@ -284,8 +285,9 @@ def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> bool:
 
     shards = group.shards if not args.dry_run else min(group.shards, 2)
     start = time.time()
-    hard_deadline = start + timeout
-    # The worker stops starting new cases a little before the parent stops it.
+    # The parent stops the workers early enough that SIGTERM's grace still ends inside the time limit; the
+    # workers stop starting new cases a little before that.
+    hard_deadline = start + timeout - STOP_GRACE_S
     soft_deadline = hard_deadline - min(8.0, max(1.5, 0.1 * timeout))
     workers = [_Worker(group.name, i, shards) for i in range(shards)]
     try:
@@ -355,7 +357,8 @@ def parent_main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Every later group keeps at least this much back, so a slow group cannot take the time of all the rest.
-    reserve = max(3.0, 0.02 * args.budget_s)
+    min_group_s = STOP_GRACE_S + (2.0 if args.dry_run else 5.0)
+    reserve = max(min_group_s, 0.02 * args.budget_s)
     state = "complete"
     try:
         for i, group in enumerate(groups):
@@ -365,7 +368,7 @@ def parent_main(args: argparse.Namespace) -> int:
             if len(groups) < len(GROUPS):  # a chosen few share the budget more evenly
                 share = max(share, 1.0 / len(groups))
             timeout = min(share * args.budget_s, left - later * reserve)
-            if timeout < (2.0 if args.dry_run else 5.0):
+            if timeout < min_group_s:
                 append_record(args.out, {"group": group.name, "name": "group", "status": "skip", "metrics": {},
                                          "seconds": None, "error": f"budget exhausted ({left:.0f} s left)",
                                          "shard": None, "dry_run": args.dry_run, "time": round(time.time(), 3)})
