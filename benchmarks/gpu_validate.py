@@ -112,6 +112,14 @@ def worker_main(group: str, out: str, deadline: float, dry_run: bool, shard: int
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    try:
+        import faulthandler
+        import resource
+
+        faulthandler.enable()  # a segfault prints the Python stack to the workers' log
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump of a process holding GiBs of GPU state
+    except (ImportError, OSError, ValueError):
+        pass
     code = 0
     try:
         mode = _crash_mode(crash, group)
