@@ -287,6 +287,21 @@ class _Worker:
                 time.sleep(0.05)
 
 
+def _log_tail(log_path: Path, pid: int, lines: int = 12) -> str:
+    """The last lines a forked worker wrote to the log (its section starts with a header naming its pid)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    marker = f" pid {pid} (fork)"
+    at = text.rfind(marker)
+    if at < 0:
+        return ""
+    section = [ln for ln in text[at:].split("\n==== ", 1)[0].splitlines()[1:]
+               if ln.strip() and not ln.startswith("Extension modules:")]
+    return "\n".join(section[-lines:])[-1500:]
+
+
 def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> bool:
     """Run one group's workers to the end or to ``timeout``; False when a worker never started its own code."""
     from gpu.runtime import append_record
@@ -317,6 +332,10 @@ def _run_group(args, group, timeout: float, fork: bool, log_path: Path) -> bool:
         timed_out = time.time() > hard_deadline and code != 0
         if timed_out:
             text += f" (time limit {timeout:.0f} s)"
+        if code < 0:  # killed by a signal: what it printed last (faulthandler's stack, a CUDA message)
+            tail = _log_tail(log_path, w.pid)
+            if tail:
+                text += "; last output:\n" + tail
         append_record(args.out, {
             "group": group.name, "name": "worker" + (f" {w.shard}/{shards}" if shards > 1 else ""),
             "status": "ok" if code == 0 else "error", "metrics": {"exit": code, "time_limit_s": round(timeout, 1),

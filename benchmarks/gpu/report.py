@@ -38,9 +38,12 @@ def _table(header: list[str], rows: list[list[Any]], limit: int = 160) -> list[s
 
 
 def _first_error_line(text: str | None) -> str:
+    """The line that says what went wrong: a traceback's last line, or a worker's own first line."""
     if not text:
         return ""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith("worker "):
+        return lines[0]
     return lines[-1] if lines else ""
 
 
