@@ -394,7 +394,9 @@ def determinism(ctx: Context) -> None:
 
     import seqfast
 
-    B, H, L, D, dtype = (2, 8, 4096, 128, torch.bfloat16) if not ctx.dry_run else (1, 2, 24, 16, torch.float32)
+    # H=16: the timing and big_tensor shapes' head count, so all three share compiled variants (Triton
+    # specialises integer arguments on divisibility by 16).
+    B, H, L, D, dtype = (1, 16, 4096, 128, torch.bfloat16) if not ctx.dry_run else (1, 2, 24, 16, torch.float32)
     g = torch.Generator().manual_seed(3)
     base = [torch.randn(B, H, L, D, generator=g).to(ctx.device, dtype) for _ in range(4)]
     for causal in (False, True):
