@@ -8,6 +8,15 @@ then its median time. A summary record per (launch, shape) gives the ranking and
 
 A module without the interface is recorded as "skip: not offered". ``gpu.fake_tunable`` (a tiny module with
 a deliberately wrong and a non-launchable config) runs first as a self-test of this engine.
+
+Which op a launch name is timed through (the launch itself cannot be called alone):
+- attention: "fwd", names starting with "fwd" or containing "forward" -> ``attention_forward`` on the training
+  shapes (and the decode shape when no launch is named "decode"); names containing "decode" ->
+  ``attention_forward`` on the decode shape (Lq=1) only; any other name ("dkdv", "dq", "dq_atomic", ...) ->
+  ``attention_backward`` (out / lse from the default forward) on the training shapes.
+- ctc_loss: names containing "back" or "bwd" -> ``ctc_loss_backward``; others -> ``ctc_loss_forward``.
+Outputs must match the default config's within 2e-2 (bf16 forward) / 5e-2 (bf16 gradients) / 1e-4 (fp32) of
+their max |value|.
 """
 
 from __future__ import annotations
