@@ -17,9 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_validate.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
 from gpu import report, runtime  # noqa: E402
 from gpu.groups import GROUPS  # noqa: E402
+
+sys.path.remove(str(ROOT / "benchmarks"))
 
 CRASHED = {"determinism": "killed by SIGSEGV", "big_tensor": "forced crash"}
 # Groups whose work needs CUDA: on CPU they record skips (with the reason) and nothing else.
