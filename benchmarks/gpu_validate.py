@@ -402,7 +402,18 @@ def parent_main(args: argparse.Namespace) -> int:
                 state = "budget ran out"
                 continue
             print(f"[{time.time() - start:6.1f} s] {group.name}: up to {timeout:.0f} s", flush=True)
-            alive = _run_group(args, group, timeout, fork, log_path)
+            try:
+                alive = _run_group(args, group, timeout, fork, log_path)
+            except Interrupted:
+                raise
+            except Exception as exc:  # noqa: BLE001 (a fault of this script's own: that group is lost, not the run)
+                import traceback
+
+                append_record(args.out, {"group": group.name, "name": "parent", "status": "error", "metrics": {},
+                                         "seconds": None, "error": traceback.format_exc()[-1500:],
+                                         "shard": None, "dry_run": args.dry_run, "time": round(time.time(), 3)})
+                print(f"{group.name}: {exc!r}", file=sys.stderr)
+                alive = True
             if fork and not alive:
                 # A forked worker that never reached its own code: fork itself is the problem (a lock held by an
                 # import-time thread). The remaining groups start as fresh processes instead.
