@@ -79,6 +79,7 @@ def _set_triton_mode(dry_run: bool) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, said once (3.9 warns otherwise)
     # Triton's on-disk cache (~/.triton/cache) is what the workers share compiled kernels through: where the
     # home folder is not writable, one under the temporary folder instead.
     if "TRITON_CACHE_DIR" not in os.environ:
