@@ -53,7 +53,7 @@ class Interrupted(Exception):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--out", help="output folder (created); required except with --list")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, CPU timer")
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"wall-clock budget of the whole run (default {DEFAULT_BUDGET_S:g}; dry run "
@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # GROUP[:segv|raise|hang],...: make a group's workers crash, to test that only that group is lost.
     p.add_argument("--crash-group", default=os.environ.get("SEQFAST_GPU_VALIDATE_CRASH", ""), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.out and not args.list:
+        p.error("the following arguments are required: --out")
     if args.budget_s is None:
         args.budget_s = DRY_RUN_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S
     return args
