@@ -90,7 +90,7 @@ _DRY_D = {64: 16, 80: 24, 128: 32, 256: 48}
 
 def shrink(spec: Spec) -> Spec:
     """Interpreter sizes; bfloat16 becomes float16 (Triton's interpreter mishandles bfloat16: a bf16 load-store
-    copy comes back wrong under triton 3.9's TRITON_INTERPRET=1)."""
+    copy comes back wrong under triton 3.9, and 3.6 refuses bf16 arithmetic)."""
     gqa = spec.Hq != spec.Hk
     return replace(spec, dtype="fp16" if spec.dtype == "bf16" else spec.dtype, B=1, Hq=2, Hk=1 if gqa else 2,
                    Lq=_DRY_L.get(spec.Lq, min(spec.Lq, 33)), Lk=_DRY_L.get(spec.Lk, min(spec.Lk, 33)),
