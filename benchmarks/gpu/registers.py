@@ -66,6 +66,8 @@ def registers(ctx: Context) -> None:
                                              "constexprs", "hash")}
         metrics["seen_in"] = ",".join(entry["seen_in"])
         spills = entry.get("spills")
+        # Triton's n_spills is the kernel's local memory (CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES) / 4.
+        metrics["local_bytes"] = spills * 4 if isinstance(spills, int) else None
         status = "fail" if isinstance(spills, int) and spills > 0 else "ok"
         note = f"{spills} spilled (Triton n_spills: local memory, 4-byte words)" if status == "fail" else None
         ctx.record(f"{entry.get('kernel')} {entry.get('hash')}", status, metrics, error=note)
