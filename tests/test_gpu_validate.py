@@ -171,3 +171,20 @@ def test_summary_from_records(tmp_path):
     md = path.read_text()
     assert md.index("| c | fail |") < md.index("| a \\| b | ok |")  # failures first, pipes escaped
     assert "| case | status | seqfast_ms | flash_ms | error |" in md and "worse" in md
+
+
+def test_registers_merges_the_workers_inventories(tmp_path):
+    from gpu import registers
+
+    variant = {"kernel": "_attn_fwd", "hash": "abc", "regs": 168, "spills": 0, "shared": 49152, "warps": 8,
+               "stages": 3, "maxnreg": None, "constexprs": "BLOCK_M=128"}
+    spilling = dict(variant, kernel="_attn_bwd_dkdv", hash="def", spills=6)
+    for group, variants in (("attention_correctness", [variant]), ("determinism", [variant, spilling])):
+        runtime.Context(tmp_path, group, time.time() + 60, dry_run=True).record(
+            registers.VARIANTS_RECORD, "ok", {"variants": variants})
+    registers.registers(runtime.Context(tmp_path, "registers", time.time() + 60, dry_run=True))
+    got = {r["name"]: r for r in runtime.read_records(tmp_path) if r["group"] == "registers"}
+    assert got["_attn_fwd abc"]["status"] == "ok"
+    assert got["_attn_fwd abc"]["metrics"]["seen_in"] == "attention_correctness,determinism"
+    assert got["_attn_bwd_dkdv def"]["status"] == "fail" and got["_attn_bwd_dkdv def"]["metrics"]["local_bytes"] == 24
+    assert got["variants counted"]["metrics"]["distinct_variants"] == 2
