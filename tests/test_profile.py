@@ -116,3 +116,30 @@ def test_import_seqfast_stays_light():
             "print(seqfast.profile.compare.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.split() == ["[]", "compare"]
+
+
+def test_triton_kernel_rows_read_compiled_kernels(monkeypatch):
+    """The CUDA kernel rows, from what Triton keeps of its compiled kernels (faked here: no GPU needed)."""
+    import types
+
+    from seqfast.profile._triton_rows import kernel_rows
+
+    class Compiled:
+        n_regs, n_spills = 128, 0
+        metadata = types.SimpleNamespace(num_warps=4, num_stages=3, shared=32768)
+        asm = {"sass": "        /*0a30*/                   HMMA.16816.F32 R4, R8, R12, R4 ;\n"
+                       "        /*0a40*/              @P0  HMMA.16816.F32 R8, R8, R12, R8 ;\n"
+                       "        /*0a50*/                   FFMA R1, R2, R3, R1 ;\n"}
+
+    class Jit:
+        __name__ = "_fake_fwd"
+        device_caches = {0: ({"key": Compiled()}, {}, None, None, None)}
+
+    module = types.ModuleType("seqfast.kernels.fake")
+    module._fake_fwd = Jit()
+    monkeypatch.setitem(sys.modules, "seqfast.kernels.fake", module)
+    assert kernel_rows({"_fake_fwd", "ampere_sgemm_128x64_nn"}) == [{
+        "kernel": "_fake_fwd", "num_warps": 4, "num_stages": 3, "registers": 128, "spills": 0,
+        "shared_bytes": 32768, "mma_instructions": 2,
+    }]
+    assert kernel_rows({"other_kernel"}) == []

@@ -18,7 +18,7 @@ STEP_RANGE = "profile.step"  # the record_function range around each profiled st
 _MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul",
                "aten::linear", "aten::mv", "aten::dot", "aten::_addmm_activation", "aten::addmv"}
 _ATTENTION_WORDS = ("attention", "sdpa", "_attn", "flash", "fmha")
-_MATMUL_WORDS = ("gemm", "cutlass", "xmma", "matmul", "wgmma")
+_MATMUL_WORDS = ("gemm", "cutlass", "xmma", "matmul", "wgmma", "nvjet")
 
 
 def group_of(name: str) -> str:
