@@ -46,12 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each (default: %(default)s)")
     parser.add_argument("--profiled-steps", type=int, default=3, help="steps of each under the profiler "
                         "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: "
+                        "torch's own choice)")
     parser.add_argument("--top", type=int, default=10, help="ops listed per side (default: %(default)s)")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
     args = parser.parse_args(argv)
     if args.list or not args.workload:
         print(_listing())
         return 0 if args.list else 2
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     shape: dict[str, int] = {}
     for part in args.shape:
         shape.update(part)

@@ -36,6 +36,8 @@ class Workload:
     seqfast_steps: int = 0
     cleanup: Callable[[], None] | None = None
     extra_notes: list[str] = field(default_factory=list)
+    model: torch.nn.Module | None = None  # the model both steps run, where they share one (Hugging Face)
+    batch: dict[str, Any] | None = None  # its inputs (keyword arguments, labels included)
 
     def notes(self) -> list[str]:
         notes = list(self.extra_notes)
@@ -270,7 +272,8 @@ def build_workload(name: str, shape: dict[str, Any], *, device: str | None = Non
         def step():
             model(**batch).loss.backward()
 
-        w = Workload(label, f"{desc}, {n_params / 1e6:.2f} M parameters", device, step, step)
+        w = Workload(label, f"{desc}, {n_params / 1e6:.2f} M parameters", device, step, step, model=model,
+                     batch=batch)
         w.seqfast_step = _routed(w, step)
         return w
     builder = {"sdpa": _sdpa, "ctc": _ctc, "mha": _mha, "encoder": _encoder}[name]
