@@ -142,7 +142,7 @@ def profile_step(step: Callable[[], Any], device: str, steps: int, trace: Path |
         cpu_us, dev_us = float(avg.self_cpu_time_total), _self_device_us(avg)
         if getattr(avg, "device_type", None) == torch.autograd.DeviceType.CUDA:
             kernels.add(avg.key)
-        if cpu_us == 0.0 and dev_us == 0.0:
+        if (cpu_us == 0.0 and dev_us == 0.0) or avg.key.startswith("ProfilerStep"):  # the schedule's own marker
             continue
         ops.append(OpRow(avg.key, group_of(avg.key), cpu_us / 1e6 / steps, dev_us / 1e6 / steps, avg.count / steps))
     peak = _cuda_peak(step) if device == "cuda" else _cpu_peak(prof)
