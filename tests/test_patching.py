@@ -12,6 +12,19 @@ import seqfast.patching as patching
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 
 
+@pytest.fixture(autouse=True)
+def _torch_functions_back():
+    """A failing test must not leave torch's functions patched for the tests that follow it."""
+    yield
+    leaked = patching.is_functional_patched()
+    with patching._lock:
+        patching._active.clear()
+        for name, (before, _) in patching._installed.items():
+            setattr(F, name, before)
+        patching._installed.clear()
+    assert not leaked, "a patch_functional was left active"
+
+
 class SpeechModel(torch.nn.Module):
     """A small CTC recogniser: a Transformer encoder, a cross-attention MHA, a CTCLoss (torch's classes)."""
 
