@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function
 
 from seqfast import _backend, _extension
 from seqfast import nn as seqfast_nn
@@ -248,14 +249,34 @@ def _no_kernel_reason(t: Any, dtypes: tuple[torch.dtype, ...]) -> str | None:
 
 _SDPA = "scaled_dot_product_attention"
 _CTC = "ctc_loss"
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _sdpa_reason(query, key, value, attn_mask) -> str | None:
+    """Why seqfast cannot serve this attention call (None when it can)."""
+    # The Triton attention kernels have no float64; the C++ ones do.
+    on_cpu = isinstance(query, torch.Tensor) and query.device.type == "cpu"
+    reason = _no_kernel_reason(query, FLOAT_DTYPES if on_cpu else (torch.float16, torch.bfloat16, torch.float32))
+    if reason is not None or torch.compiler.is_compiling():
+        return reason
+    for name, t in (("key", key), ("value", value)):
+        if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or t.is_nested):
+            return f"{name} is a {type(t).__name__}"
+    if isinstance(attn_mask, torch.Tensor) and type(attn_mask) not in _PLAIN:
+        return f"attn_mask is a {type(attn_mask).__name__}"
+    return None
 
 
 def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False):
-    # The Triton attention kernels have no float64; the C++ ones do.
-    dtypes = FLOAT_DTYPES if getattr(query, "device", None) is None or query.device.type == "cpu" \
-        else (torch.float16, torch.bfloat16, torch.float32)
-    reason = _no_kernel_reason(query, dtypes)
+    # Tensor subclasses first get their __torch_function__, as torch's own functions give it: theirs sees this
+    # function as F.scaled_dot_product_attention (torch's CausalBias turns itself into plain calls there). One
+    # that defers comes back here with its override disabled, and goes to torch's function below.
+    if has_torch_function((query, key, value, attn_mask)):
+        return handle_torch_function(_patched_sdpa, (query, key, value, attn_mask), query, key, value,
+                                     attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                     enable_gqa=enable_gqa)
+    reason = _sdpa_reason(query, key, value, attn_mask)
     if reason is None:
         try:
             out = _seqfast_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -276,6 +297,10 @@ def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
 
 def _patched_ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean",
                       zero_infinity=False):
+    if has_torch_function((log_probs, targets, input_lengths, target_lengths)):  # as torch's ctc_loss does
+        return handle_torch_function(_patched_ctc_loss, (log_probs, targets, input_lengths, target_lengths),
+                                     log_probs, targets, input_lengths, target_lengths, blank=blank,
+                                     reduction=reduction, zero_infinity=zero_infinity)
     # float16/bfloat16 go to torch: seqfast would compute them, torch refuses them (outside autocast, where
     # torch's own casting applies), and a patched program must behave as the unpatched one.
     reason = _no_kernel_reason(log_probs, (torch.float32, torch.float64))
@@ -360,10 +385,11 @@ def patch_functional(sdpa: bool = True, ctc_loss: bool = True) -> FunctionalPatc
     CUDA tensors, a floating dtype (float64 attention on CPU only; CTC float32 / float64, as torch), every
     mask, causal, scale, broadcast and ``enable_gqa`` form torch accepts. Otherwise the call goes to torch's
     own function, unchanged, and is counted in the report with its reason: another device, a tensor
-    subclass or nested tensor, float16 / bfloat16 CTC, or arguments seqfast refuses (then torch's function
-    decides: it computes what it accepts, and raises its own error for what it refuses). Attention dropout
-    is served, drawing its keep-mask from seqfast's generator (seeded from torch's): the same distribution
-    as torch's dropout, not the same mask.
+    subclass (after its own ``__torch_function__``, which sees this function as torch's: ``CausalBias`` masks
+    become plain calls that seqfast serves) or nested tensor, float16 / bfloat16 CTC, or arguments seqfast
+    refuses (then torch's function decides: it computes what it accepts, and raises its own error for what
+    it refuses). Attention dropout is served, drawing its keep-mask from seqfast's generator (seeded from
+    torch's): the same distribution as torch's dropout, not the same mask.
 
     The functions are module attributes: code that looks them up at call time (``F.scaled_dot_product_attention``,
     ``torch.nn.functional.ctc_loss``, Hugging Face models, ``torch.nn.MultiheadAttention``'s non-fast

@@ -279,3 +279,35 @@ def test_patched_sdpa_compiles_without_graph_break():
         out = compiled(q)
     torch.testing.assert_close(out, patching.TORCH_SDPA(q, q, q, is_causal=True), **TOL)
     assert len(graphs) == 1 and "seqfast.attention_forward" in graphs[0]
+
+
+def test_causal_bias_masks_give_torchs_result():
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8)
+    for bias in (causal_lower_right(4, 6), causal_upper_left(4, 6)):
+        ref = patching.TORCH_SDPA(q, k, k, attn_mask=bias)
+        with seqfast.patch_functional() as report:
+            out = F.scaled_dot_product_attention(q, k, k, attn_mask=bias)
+        torch.testing.assert_close(out, ref, **TOL)
+        # CausalBias's __torch_function__ sees the patched function and calls it again with plain arguments.
+        assert report.served == {"scaled_dot_product_attention": 1} and not report.fell_through
+
+
+def test_tensor_subclasses_get_their_torch_function_then_torch():
+    class Logged(torch.Tensor):
+        seen = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    q = torch.randn(1, 2, 4, 8)
+    lq = q.as_subclass(Logged)
+    ref = patching.TORCH_SDPA(q, q, q)
+    with seqfast.patch_functional() as report:
+        out = F.scaled_dot_product_attention(lq, lq, lq)
+    assert Logged.seen[0] is patching._patched_sdpa
+    assert type(out) is Logged and torch.equal(out.as_subclass(torch.Tensor), ref)
+    assert report.fell_through == {("scaled_dot_product_attention", "tensor subclass Logged"): 1}
