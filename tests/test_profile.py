@@ -73,6 +73,9 @@ def test_cli_ctc(tmp_path, capsys):
                                                     f"{name}.md", f"{name}.json", f"{name}.groups.png"}
     assert "seqfast::ctc_loss_backward" in _trace_names(tmp_path / f"{name}.seqfast.trace.json")
     assert main(["ctc", "--shape", "X=3", "--out", str(tmp_path)]) == 2  # unknown shape key: a clear error
+    if not torch.cuda.is_available():
+        assert main(["ctc", "--device", "cuda"]) == 2
+    assert "no shape key ['X']" in capsys.readouterr().err
 
 
 def test_user_callable_with_model(tmp_path):

@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.list or not args.workload:
         print(_listing())
         return 0 if args.list else 2
-    if args.threads is not None:
-        import torch
+    import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     shape: dict[str, int] = {}
     for part in args.shape:
