@@ -146,3 +146,15 @@ def test_triton_kernel_rows_read_compiled_kernels(monkeypatch):
         "shared_bytes": 32768, "mma_instructions": 2,
     }]
     assert kernel_rows({"other_kernel"}) == []
+
+
+def test_cuda_groups_count_gpu_activities_once():
+    """On CUDA torch books a kernel's time both on the kernel and as its launching op's self device time."""
+    from seqfast.profile._measure import Measurement, OpRow
+
+    ops = [OpRow("aten::mm", "matmul", 1e-5, 2e-3, 1), OpRow("ampere_sgemm_128x64_nn", "matmul", 0.0, 2e-3, 1, True),
+           OpRow("seqfast::attention_forward", "attention", 3e-5, 1e-3, 1),
+           OpRow("_attn_fwd", "attention", 0.0, 1e-3, 1, True)]
+    m = Measurement([1e-2], 0, ops)
+    assert m.group_s("cuda")["matmul"] == 2e-3 and m.group_s("cuda")["attention"] == 1e-3
+    assert m.group_s("cpu")["matmul"] == 1e-5

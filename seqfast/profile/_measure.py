@@ -37,16 +37,22 @@ def group_of(name: str) -> str:
 
 @dataclass
 class OpRow:
-    """One op (or CUDA kernel) of a profiled step: self times in seconds and calls, per step."""
+    """One op (or, ``on_device``, a GPU kernel, copy or memset) of a profiled step: self times in seconds and
+    calls, per step."""
 
     name: str
     group: str
     self_cpu_s: float
     self_device_s: float
     calls: float
+    on_device: bool = False
 
     def time_s(self, device: str) -> float:
-        return self.self_device_s if device == "cuda" else self.self_cpu_s
+        """The time this row adds to its group: on CUDA the GPU activities' own time only (torch also books each
+        kernel's time as the launching CPU op's self device time, which would count it twice), else CPU time."""
+        if device == "cuda":
+            return self.self_device_s if self.on_device else 0.0
+        return self.self_cpu_s
 
 
 @dataclass
@@ -140,10 +146,12 @@ def profile_step(step: Callable[[], Any], device: str, steps: int, trace: Path |
     kernels = set()
     for avg in prof.key_averages():
         cpu_us, dev_us = float(avg.self_cpu_time_total), _self_device_us(avg)
-        if getattr(avg, "device_type", None) == torch.autograd.DeviceType.CUDA:
+        on_device = getattr(avg, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if on_device:
             kernels.add(avg.key)
         if (cpu_us == 0.0 and dev_us == 0.0) or avg.key.startswith("ProfilerStep"):  # the schedule's own marker
             continue
-        ops.append(OpRow(avg.key, group_of(avg.key), cpu_us / 1e6 / steps, dev_us / 1e6 / steps, avg.count / steps))
+        ops.append(OpRow(avg.key, group_of(avg.key), cpu_us / 1e6 / steps, dev_us / 1e6 / steps, avg.count / steps,
+                         on_device))
     peak = _cuda_peak(step) if device == "cuda" else _cpu_peak(prof)
     return Measurement([], peak, ops, str(trace) if trace is not None else None, kernels)
