@@ -215,7 +215,7 @@ class FunctionalReport:
 _REJECTED = "invalid arguments (torch's error raised)"
 _lock = threading.Lock()
 _active: list[FunctionalReport] = []  # the reports of every open patch, each counts every call
-_installed: dict[str, Any] = {}  # attribute name -> what was there before seqfast's function
+_installed: dict[str, tuple[Any, int]] = {}  # attribute -> (what was there before, active patches of it)
 
 
 def _count(name: str, reason: str | None) -> None:
@@ -341,12 +341,11 @@ class FunctionalPatch:
     def _install(self) -> None:
         with _lock:
             for name in self.names:
-                key = name
-                if _installed.get(key, (None, 0))[1] == 0:
-                    _installed[key] = (getattr(F, name), 0)
+                if name not in _installed:  # the first active patch of this function installs it
+                    _installed[name] = (getattr(F, name), 0)
                     setattr(F, name, _REPLACEMENTS[name])
-                before, depth = _installed[key]
-                _installed[key] = (before, depth + 1)
+                before, depth = _installed[name]
+                _installed[name] = (before, depth + 1)
             _active.append(self.report)
             self.active = True
 
