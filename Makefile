@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel; a bare `torch` would pull a multi-GB CUDA build on a CPU box.
 # espeakng-loader: espeak-ng and its voices for examples/speech and its tests (seqfast never imports it).
-DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff espeakng-loader tqdm
+# transformers: for the tests and benchmarks on third-party models only (seqfast itself does not need it).
+DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff espeakng-loader tqdm transformers==5.24.0
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py seqfast/_version.py
 
 .PHONY: all venv build test test-fast test-triton36 bench report lint clean gpu-check
