@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel; a bare `torch` would pull a multi-GB CUDA build on a CPU box.
-DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff
+# espeakng-loader: espeak-ng and its voices for examples/speech and its tests (seqfast never imports it).
+# transformers: for the tests and benchmarks on third-party models only (seqfast itself does not need it).
+DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff espeakng-loader tqdm transformers==5.24.0
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py seqfast/_version.py
 
-.PHONY: all venv build test test-fast bench report lint clean
+.PHONY: all venv build test test-fast test-triton36 bench report lint clean gpu-check
 
 all: build
 
@@ -27,14 +29,36 @@ build: $(VENV)/.ext-built
 test: build
 	$(PY) -m pytest -q -n 2 tests
 
+# The GPU machine's stack pins triton 3.6.0: the interpreter tests and the kernel report run under it too,
+# in a venv of their own beside the default one (same torch, so the built extension loads in both).
+# triton 3.6's interpreter converts one-element arrays with int(), which numpy 2.4 refuses: numpy<2.4 there.
+VENV36 := .venv-triton36
+TRITON36_TESTS := tests/test_attention_triton.py tests/test_ctc_loss_triton.py tests/test_kernel_report.py \
+	tests/test_gpu_validate.py
+
+$(VENV36)/.deps-installed: Makefile
+	@test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest pytest-xdist hypothesis expecttest
+	@touch $@
+
+test-triton36: build $(VENV36)/.deps-installed
+	$(VENV36)/bin/python -c "import triton; assert triton.__version__ == '3.6.0', triton.__version__"
+	$(VENV36)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(TRITON36_TESTS)
+
 bench: build
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 report: venv
 	$(PY) benchmarks/kernel_report.py $(REPORT_ARGS)
 
+# One-shot GPU validation and timing (benchmarks/gpu_validate.py): the system python3 with its own torch and triton
+# (no venv, no built extension needed); GPU_CHECK_ARGS=--dry-run proves it on CPU.
+OUT ?= gpu_validate_out
+gpu-check:
+	python3 benchmarks/gpu_validate.py --out $(OUT) $(GPU_CHECK_ARGS)
+
 lint: venv
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf build seqfast/*.so $(VENV)/.ext-built
+	rm -rf build seqfast/*.so $(VENV)/.ext-built $(VENV36)

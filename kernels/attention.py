@@ -916,8 +916,9 @@ DECODE_CONFIG_SPACE: list[dict] = [
     {"BLOCK_N": 64, "SPLITS": 0, "num_warps": 8, "num_stages": 3},
     {"BLOCK_N": 32, "SPLITS": 0, "num_warps": 4, "num_stages": 2},
 ]
-# kernel name -> the config every launch of it takes instead of the built-in choice (see DECODE_CONFIG_SPACE).
-_FORCED_CONFIGS: dict[str, dict] = {}
+# launch name -> the config every launch of it takes instead of the built-in choice: the store a
+# forced_config(name, config) context manager fills (the shared tuning interface; "decode" reads it here).
+_FORCED: dict[str, dict] = {}
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -958,7 +959,7 @@ def _decode_launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         return None
     if group * Lq > _DECODE_MAX_ROWS or Hk > 65535:
         return None
-    forced = _FORCED_CONFIGS.get("decode")
+    forced = _FORCED.get("decode")
     if forced is not None:
         block_n, splits = forced["BLOCK_N"], forced.get("SPLITS", 0)
         warps, stages = forced.get("num_warps", 8), forced.get("num_stages", 2)

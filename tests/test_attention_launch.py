@@ -78,7 +78,7 @@ def guarded(kernels, monkeypatch):
 
 def test_every_launch_runs_under_the_tensors_device(kernels, guarded, monkeypatch):
     monkeypatch.setattr(kernels, "_DECODE_MIN_LK", 64)
-    monkeypatch.setitem(kernels._FORCED_CONFIGS, "decode", {"BLOCK_N": 16, "SPLITS": 2})
+    monkeypatch.setitem(kernels._FORCED, "decode", {"BLOCK_N": 16, "SPLITS": 2})
     kernels.attention_forward(*qkv(1, 2, 1, 1, 80, 16), None, 0.0, 0, 0.25, torch.tensor(0))  # split-KV decode
     q, k, v = qkv(2, 2, 1, 5, 9, 16)
     out, lse = kernels.attention_forward(q, k, v, None, 0.2, 1, 0.25, torch.tensor(3))
@@ -312,7 +312,7 @@ def small_decode(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "_DECODE_MIN_LK", 64)
 
     def force(splits, block_n=16):
-        monkeypatch.setitem(kernels._FORCED_CONFIGS, "decode", {"BLOCK_N": block_n, "SPLITS": splits})
+        monkeypatch.setitem(kernels._FORCED, "decode", {"BLOCK_N": block_n, "SPLITS": splits})
 
     force(3)
     return force

@@ -1,0 +1,1 @@
+"""Runnable examples of seqfast: the seed's models on data made on the spot."""
