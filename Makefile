@@ -4,10 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel; a bare `torch` would pull a multi-GB CUDA build on a CPU box.
 # espeakng-loader: espeak-ng and its voices for examples/speech and its tests (seqfast never imports it).
-DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff espeakng-loader tqdm
+# transformers: for the tests and benchmarks on third-party models only (seqfast itself does not need it).
+DEPS := torch==2.13.0 triton ninja setuptools wheel pytest pytest-xdist pytest-benchmark hypothesis expecttest numpy matplotlib ruff espeakng-loader tqdm transformers==5.24.0
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py seqfast/_version.py
 
-.PHONY: all venv build test test-fast test-triton36 bench report lint clean
+.PHONY: all venv build test test-fast test-triton36 bench report lint clean gpu-check
 
 all: build
 
@@ -32,7 +33,8 @@ test: build
 # in a venv of their own beside the default one (same torch, so the built extension loads in both).
 # triton 3.6's interpreter converts one-element arrays with int(), which numpy 2.4 refuses: numpy<2.4 there.
 VENV36 := .venv-triton36
-TRITON36_TESTS := tests/test_attention_triton.py tests/test_ctc_loss_triton.py tests/test_kernel_report.py
+TRITON36_TESTS := tests/test_attention_triton.py tests/test_ctc_loss_triton.py tests/test_kernel_report.py \
+	tests/test_gpu_validate.py
 
 $(VENV36)/.deps-installed: Makefile
 	@test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
@@ -48,6 +50,12 @@ bench: build
 
 report: venv
 	$(PY) benchmarks/kernel_report.py $(REPORT_ARGS)
+
+# One-shot GPU validation and timing (benchmarks/gpu_validate.py): the system python3 with its own torch and triton
+# (no venv, no built extension needed); GPU_CHECK_ARGS=--dry-run proves it on CPU.
+OUT ?= gpu_validate_out
+gpu-check:
+	python3 benchmarks/gpu_validate.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 lint: venv
 	$(PY) -m ruff check .

@@ -88,7 +88,7 @@ if __name__ == "__main__":  # also under pip: setuptools' build backend runs thi
     setup(
         version=seqfast_version(),
         install_requires=[torch_requirement(torch.__version__)],
-        packages=["seqfast", "seqfast.ops", "seqfast.reference", "seqfast.nn", "seqfast.kernels"],
+        packages=["seqfast", "seqfast.ops", "seqfast.reference", "seqfast.nn", "seqfast.profile", "seqfast.kernels"],
         package_dir={"seqfast": "seqfast", "seqfast.kernels": "kernels"},
         ext_modules=[
             CppExtension(

@@ -10,12 +10,21 @@ that walks the query tiles of every query head of its group; a dQ kernel with on
 (query tile, query head, batch) that walks the key tiles. The float-mask gradient ``dS`` is written
 by the dK/dV kernel, which visits every (query, key) pair exactly once.
 
-Dropout draws a Philox number per (b, h, i, j) from ``seed`` and the flat element index
+Dropout draws a Philox number per (b, h, i, j) from the seed and the flat element index
 ``((b * H + h) * Lq + i) * Lk + j``: the backward regenerates the forward's mask, and
 :func:`dropout_keep_mask` materialises it for tests.
 
 Varlen (packed) sequences reuse the same kernels: the batch stride is 0 and each program reads its
 sequence's row range from ``cu_seqlens``.
+
+Decoding (at most 16 query rows, at least 1024 keys, no dropout, and batch x key/value heads too few to fill
+the GPU) takes a split-KV forward instead, as FlashDecoding: the key range is split across programs, each
+leaving fp32 partials (row max, row sum, unnormalised output), and a combine kernel merges them into the same
+out and lse; the backward is the same. See ``_decode_launch``.
+
+Grids are (tiles, heads, batch). CUDA caps grid y and z at 65535, so the launchers split a larger batch (or
+sequence count) into launches over batch slices (``cu_seqlens`` slices when packed); ``drop_base`` carries
+the slice's first dropout element index, so every slice draws the mask of the whole.
 
 Launchers take the op schemas exactly (float16 / bfloat16 / float32; float64 is refused, the
 reference and C++ backends serve it).
@@ -23,6 +32,7 @@ reference and C++ backends serve it).
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -39,9 +49,11 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _dropout_keep(seed, offsets, dropout_p):
-    # One uniform per element from its global index: forward, backward and dropout_keep_mask agree.
-    return tl.rand(seed, offsets) >= dropout_p
+def _dropout_keep(Seed, offsets, dropout_p):
+    # One uniform per element from its global index: forward, backward and dropout_keep_mask agree. The seed
+    # is read from device memory (a one-element int64 tensor): drawn on the GPU, it never visits the host,
+    # and a CUDA graph replays with whatever the tensor holds.
+    return tl.rand(tl.load(Seed), offsets) >= dropout_p
 
 
 @triton.jit
@@ -121,7 +133,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_lm,
     H, GROUP, Lq, Lk,
-    qk_scale, dropout_p, inv_keep, seed,
+    qk_scale, dropout_p, inv_keep, Seed, drop_base,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -158,7 +170,7 @@ def _attn_fwd(
     v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
     mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm)
     mask_offs = rows[:, None] * stride_mm + arange_n[None, :] * stride_mn
-    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk
+    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk + drop_base
     drop_offs = rows[:, None] * Lk + arange_n[None, :]
 
     shift = 0
@@ -185,7 +197,7 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+            keep = _dropout_keep(Seed, drop_blk + drop_offs, dropout_p)
             p = tl.where(keep, p * inv_keep, 0.0)
         v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -250,7 +262,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn,
     stride_dmb, stride_dmh, stride_dmm,
     H, GROUP, Lq, Lk,
-    sm_scale, qk_scale, dropout_p, inv_keep, seed,
+    sm_scale, qk_scale, dropout_p, inv_keep, Seed, drop_base,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
@@ -312,7 +324,7 @@ def _attn_bwd_dkdv(
         l_off = b64 * stride_lb + h64 * stride_lh + (q_start + lo64) * stride_lm
         mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + lo64 * stride_mm + n0 * stride_mn)
         dmask_blk = DMask + (b64 * stride_dmb + h64 * stride_dmh + lo64 * stride_dmm + n0)
-        drop_blk = ((b64 * H + h64) * Lq + lo64) * Lk + n0
+        drop_blk = ((b64 * H + h64) * Lq + lo64) * Lk + n0 + drop_base
         for m0 in range(lo, seqlen_q, BLOCK_M):
             offs_m = m0 + arange_m
             row_ok = offs_m < seqlen_q
@@ -334,7 +346,7 @@ def _attn_bwd_dkdv(
                 dpT = _dot_nt_chunked(v_tile, cols * stride_vn, col_ok, do_blk, arange_m * stride_gm, row_ok,
                                       DV, BLOCK_N, BLOCK_M, BLOCK_DV, DV_CHUNK, PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+                keep = _dropout_keep(Seed, drop_blk + drop_offs, dropout_p)
                 dv += tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, input_precision=PRECISION)
                 dpT = tl.where(keep, dpT * inv_keep, 0.0)
             else:
@@ -372,7 +384,7 @@ def _attn_bwd_dq(
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Lq, Lk,
-    sm_scale, qk_scale, dropout_p, inv_keep, seed,
+    sm_scale, qk_scale, dropout_p, inv_keep, Seed, drop_base,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -419,7 +431,7 @@ def _attn_bwd_dq(
     v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
     mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm)
     mask_offs = rows[:, None] * stride_mm + arange_n[None, :] * stride_mn
-    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk
+    drop_blk = ((b64 * H + h64) * Lq + m0) * Lk + drop_base
     drop_offs = rows[:, None] * Lk + arange_n[None, :]
 
     shift = 0
@@ -449,7 +461,7 @@ def _attn_bwd_dq(
             dp = _dot_nt_chunked(do_tile, rows * stride_gm, row_ok, v_blk, arange_n * stride_vn, col_ok,
                                  DV, BLOCK_M, BLOCK_N, BLOCK_DV, DV_CHUNK, PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, drop_blk + drop_offs, dropout_p)
+            keep = _dropout_keep(Seed, drop_blk + drop_offs, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -465,10 +477,126 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dropout_mask_kernel(Keep, seed, dropout_p, total, BLOCK: tl.constexpr):
+def _dropout_mask_kernel(Keep, Seed, dropout_p, total, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _dropout_keep(seed, offs, dropout_p)
+    keep = _dropout_keep(Seed, offs, dropout_p)
     tl.store(Keep + offs, keep.to(tl.int8), mask=offs < total)
+
+
+# Split-KV decode forward (few query rows, many keys). One program per (key range, key/value head, batch):
+# the rows of its tile are (query head of the group, query row) pairs, so K and V stream through once per
+# key/value head however many query heads share them. Each program leaves its range's row max, row sum and
+# unnormalised output (fp32); _attn_fwd_combine rescales them to the common max and normalises.
+
+
+@triton.jit
+def _attn_fwd_split(
+    Q, K, V, Mask, PartO, PartML,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, Lq, Lk, n_rows, blocks_per_split, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Partials of key range ``split`` for every (query head of the group, query row): PartO (rows, S, DV),
+    PartML (2, rows, S) = (max, sum) in log2 units, rows numbered ``(b * H + h) * Lq + i`` over the launch."""
+    split = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    S = tl.num_programs(0)
+    b64 = b.to(tl.int64)
+    slot = tl.arange(0, BLOCK_M)
+    row_ok = slot < GROUP * Lq
+    g = slot // Lq
+    i = slot % Lq  # query row of each tile row
+    h64 = hk.to(tl.int64) * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    arange_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    q = tl.load(Q + b64 * stride_qb + (h64 * stride_qh + i * stride_qm)[:, None] + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    shift = 0
+    hi = Lk
+    if CAUSAL != 0:
+        if CAUSAL == 2:
+            shift = Lk - Lq
+        hi = tl.minimum(Lk, Lq + shift)  # the last row's last visible key, plus one
+    n_lo = split * blocks_per_split * BLOCK_N
+    n_hi = tl.minimum(hi, n_lo + blocks_per_split * BLOCK_N)
+    k_blk = K + (b64 * stride_kb + hk.to(tl.int64) * stride_kh + n_lo.to(tl.int64) * stride_kn)
+    v_blk = V + (b64 * stride_vb + hk.to(tl.int64) * stride_vh + n_lo.to(tl.int64) * stride_vn)
+    k_offs = arange_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :]
+    # Mask rows differ in head and row: a column of row pointers, each tile adds the key offsets.
+    mask_blk = (Mask + b64 * stride_mb + (h64 * stride_mh + i * stride_mm + n_lo.to(tl.int64) * stride_mn))[:, None]
+    mask_offs = arange_n[None, :] * stride_mn
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + arange_n
+        col_ok = offs_n < Lk
+        k = tl.load(k_blk + k_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), i, offs_n, row_ok, col_ok, shift,
+                       qk_scale, mask_blk, mask_offs, CAUSAL, MASK_KIND, False)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: exp2 gives 0, not NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_blk + v_offs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        k_blk += BLOCK_N * stride_kn
+        v_blk += BLOCK_N * stride_vn
+        mask_blk += BLOCK_N * stride_mn
+
+    row64 = (b64 * H + h64) * Lq + i
+    tl.store(PartO + (row64 * S + split)[:, None] * DV + offs_dv[None, :], acc,
+             mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(PartML + row64 * S + split, m_i, mask=row_ok)
+    tl.store(PartML + (n_rows + row64) * S + split, l_i, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_combine(
+    PartO, PartML, Out, Lse,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh, stride_lm,
+    H, Lq, S, n_rows,
+    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One output row from its S partials: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), lse in
+    natural log (+inf, output 0, where no key is visible)."""
+    r = tl.program_id(0).to(tl.int64)
+    i = r % Lq
+    h = (r // Lq) % H
+    b = r // (Lq * H)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < S
+    dv_ok = offs_dv < DV
+    m = tl.load(PartML + r * S + offs_s, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(PartML + (n_rows + r) * S + offs_s, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    l_sum = tl.sum(l_s * w, 0)
+    o = tl.load(PartO + (r * S + offs_s)[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :],
+                other=0.0)
+    acc = tl.sum(o * w[:, None], 0)
+    empty = l_sum == 0.0
+    l_safe = tl.where(empty, 1.0, l_sum)
+    tl.store(Out + b * stride_ob + h * stride_oh + i * stride_om + offs_dv, (acc / l_safe).to(Out.dtype.element_ty),
+             mask=dv_ok)
+    tl.store(Lse + b * stride_lb + h * stride_lh + i * stride_lm,
+             tl.where(empty, float("inf"), (m_max + tl.math.log2(l_safe)) * 0.6931471805599453))
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -543,13 +671,51 @@ def _config(
     return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
 
 
+# report_configs pins the precision it compiles for here instead of touching torch's global flags.
+_PRECISION_OVERRIDE: str | None = None
+
+
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """``tl.dot``'s input_precision for ``dtype``: fp32 dots follow torch's cuBLAS TF32 setting (fp16 / bf16
+    ignore it). torch >= 2.9 has ``matmul.fp32_precision`` ("ieee", "tf32", or "none": inherit the global
+    ``torch.backends.fp32_precision``, whose "none" is torch's default, IEEE); once that API has been used,
+    reading the legacy ``allow_tf32`` raises, so the new one is read wherever it exists."""
+    if dtype != torch.float32:
+        return "tf32"
+    if _PRECISION_OVERRIDE is not None:
+        return _PRECISION_OVERRIDE
+    matmul = torch.backends.cuda.matmul
+    try:
+        setting = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if setting == "none":  # torch 2.13 resolves the parent itself; older releases may return "none"
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if setting == "tf32" else "ieee"
 
 
 # --------------------------------------------------------------------------------------------- launchers
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current device and its current stream,
+    so a kernel on cuda:1 tensors launched while cuda:0 is current would read foreign pointers. Nothing on
+    CPU (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _seed_arg(seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """The dropout seed as the one-element int64 tensor on ``device`` the kernels load it from.
+
+    The public functions draw it on the query's device already. A CPU seed given for CUDA tensors (a direct op
+    call) is copied with ``non_blocking`` (torch adds no stream synchronisation); an int becomes a new tensor.
+    Its value is never read on the host: that would wait for the GPU and break CUDA-graph capture.
+    """
+    if not isinstance(seed, torch.Tensor):
+        return torch.tensor([seed], dtype=torch.int64, device=device)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"the dropout seed must be a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+    return seed.to(device, non_blocking=True) if seed.device != device else seed
 
 
 def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -596,6 +762,8 @@ class _Common:
             self.v_strides = tuple(value.stride()[:3])
         if self.Hq % self.Hk:
             raise ValueError(f"query heads ({self.Hq}) must be a multiple of key/value heads ({self.Hk})")
+        if self.Hq > 65535:  # grid y: the launchers split the batch, not the heads
+            raise ValueError(f"the Triton attention kernels take at most 65535 heads, got {self.Hq}")
         self.group = self.Hq // self.Hk
 
 
@@ -607,6 +775,36 @@ def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """lse / delta are (B, H, L), or (H, total) when packed."""
     return (0, lse.stride(0), lse.stride(1)) if varlen else tuple(lse.stride())
+
+
+# CUDA's limit on gridDim.y and gridDim.z (x goes to 2**31 - 1); a module constant so tests can lower it.
+_MAX_GRID_YZ = 65535
+
+
+def _batch_parts(B: int) -> list[tuple[int, int]]:
+    """[b0, b1) batch (or packed sequence) ranges of at most ``_MAX_GRID_YZ``, one launch each."""
+    return [(b0, min(B, b0 + _MAX_GRID_YZ)) for b0 in range(0, B, _MAX_GRID_YZ)]
+
+
+class _Part:
+    """One launch's slice of the batch: dense tensors are sliced along dim 0 (views: the strides stay, so do the
+    kernels); packed ones stay whole and their ``cu_seqlens`` are sliced instead (they hold absolute rows)."""
+
+    def __init__(self, b0: int, b1: int, B: int, varlen: bool):
+        self.b0, self.b1, self.varlen = b0, b1, varlen
+        self.whole = b0 == 0 and b1 == B  # the common case: no views made
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.whole or self.varlen else t[self.b0:self.b1]
+
+    def cu(self, cu: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+        if cu is None:
+            return placeholder
+        return cu if self.whole else cu[self.b0:self.b1 + 1]
+
+    def drop_base(self, H: int, Lq: int, Lk: int) -> int:
+        """The flat dropout index of the slice's first element (dense layout, as the kernels number them)."""
+        return self.b0 * H * Lq * Lk
 
 
 def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q, cu_k, B, Lq, Lk, max_q, max_k):
@@ -626,17 +824,20 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
     dropout = dropout_p > 0.0
     block_m, block_n, warps, stages, maxnreg, _ = _config("fwd", c.width, c.dtype, max_q, max_k,
                                                           mask_kind != _MASK_NONE, dropout)
-    grid = (triton.cdiv(max_q, block_m), c.Hq, B)
-    _attn_fwd[grid](
-        query, key, value, mask, out, lse, cu_q if varlen else query, cu_k if varlen else query,
-        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
-        *_row_strides(out, varlen), *_lse_strides(lse, varlen),
-        c.Hq, c.group, Lq, Lk,
-        c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed),
-        D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-        CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
-        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-    )
+    seed_arg = _seed_arg(seed, query.device) if dropout else query
+    for b0, b1 in _batch_parts(B):
+        p = _Part(b0, b1, B, varlen)
+        _attn_fwd[(triton.cdiv(max_q, block_m), c.Hq, b1 - b0)](
+            p(query), p(key), p(value), p(mask), p(out), p(lse), p.cu(cu_q, query), p.cu(cu_k, query),
+            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
+            *_row_strides(out, varlen), *_lse_strides(lse, varlen),
+            c.Hq, c.group, Lq, Lk,
+            c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
+            seed_arg, p.drop_base(c.Hq, Lq, Lk),
+            D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+            CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
+            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+        )
     return out, lse
 
 
@@ -656,43 +857,157 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     lse = lse.float() if lse.dtype != torch.float32 else lse
     delta = torch.empty_like(lse)
-    cu_q_arg = cu_q if varlen else query
-    cu_k_arg = cu_k if varlen else query
     pre_m = _preprocess_block_m(c.block_dv)
-    _attn_bwd_preprocess[(triton.cdiv(max_q, pre_m), c.Hq, B)](
-        out, grad_out, delta, cu_q_arg,
-        *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
-        Lq, DV=c.DV, BLOCK_M=pre_m, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=8, num_stages=1,
-    )
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
-    common_tail = (c.Hq, c.group, Lq, Lk, c.scale, c.qk_scale, float(dropout_p),
-                   1.0 / (1.0 - dropout_p) if dropout else 1.0, int(seed))
+    seed_arg = _seed_arg(seed, query.device) if dropout else query
     flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
-
-    block_m, block_n, warps, stages, maxnreg, chunk = _config("dkdv", c.width, c.dtype, max_q, max_k,
-                                                              mask_kind != _MASK_NONE, dropout)
+    dkdv = _config("dkdv", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE, dropout)
+    dq_launch = _config("dq", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE, dropout)
     dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
-    _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, B)](
-        query, key, value, mask, grad_out, lse, delta, dk, dv, dmask if mask_grad else query, cu_q_arg, cu_k_arg,
-        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
-        *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
-        *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
-        D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
-        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-    )
-    block_m, block_n, warps, stages, maxnreg, chunk = _config("dq", c.width, c.dtype, max_q, max_k,
-                                                              mask_kind != _MASK_NONE, dropout)
-    _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, B)](
-        query, key, value, mask, grad_out, lse, delta, dq, cu_q_arg, cu_k_arg,
-        *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
-        *_lse_strides(delta, varlen), *_row_strides(dq, varlen),
-        *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-        D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
-        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-    )
+    for b0, b1 in _batch_parts(B):
+        p = _Part(b0, b1, B, varlen)
+        cu_q_arg, cu_k_arg = p.cu(cu_q, query), p.cu(cu_k, query)
+        _attn_bwd_preprocess[(triton.cdiv(max_q, pre_m), c.Hq, b1 - b0)](
+            p(out), p(grad_out), p(delta), cu_q_arg,
+            *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
+            Lq, DV=c.DV, BLOCK_M=pre_m, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=8, num_stages=1,
+        )
+        common_tail = (c.Hq, c.group, Lq, Lk, c.scale, c.qk_scale, float(dropout_p),
+                       1.0 / (1.0 - dropout_p) if dropout else 1.0, seed_arg, p.drop_base(c.Hq, Lq, Lk))
+
+        block_m, block_n, warps, stages, maxnreg, chunk = dkdv
+        _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, b1 - b0)](
+            p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dk), p(dv),
+            p(dmask) if mask_grad else query, cu_q_arg, cu_k_arg,
+            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
+            *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
+            *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
+            D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+        )
+        block_m, block_n, warps, stages, maxnreg, chunk = dq_launch
+        _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, b1 - b0)](
+            p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dq), cu_q_arg, cu_k_arg,
+            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
+            *_lse_strides(delta, varlen), *_row_strides(dq, varlen),
+            *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+            D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+        )
     return dq, dk, dv, dmask
+
+
+# --------------------------------------------------------------------------------------------- split-KV decode
+
+# The forward splits the key range across programs when the query is this short and the keys this long (and
+# the batch x key/value heads alone would leave SMs idle); module constants so tests can lower them.
+_DECODE_MAX_LQ = 16
+_DECODE_MIN_LK = 1024
+_DECODE_MAX_ROWS = 32  # query heads per key/value head x query rows held in one tile (16 or 32 rows)
+_DECODE_MAX_SPLITS = 64
+# Candidate launches of the "decode" kernel for tuning: key tile, key ranges (0: from the SM count and the
+# work), warps, stages. Not measured on a GPU yet; each compiles without spills on sm_90 for fp16 / bf16 at
+# 16 and 32 tile rows and head dims up to 128 (BLOCK_N 32 up to 256).
+DECODE_CONFIG_SPACE: list[dict] = [
+    {"BLOCK_N": 64, "SPLITS": 0, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 32, "SPLITS": 0, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 64, "SPLITS": 0, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 32, "SPLITS": 0, "num_warps": 4, "num_stages": 2},
+]
+# launch name -> the config every launch of it takes instead of the built-in choice: the store a
+# forced_config(name, config) context manager fills (the shared tuning interface; "decode" reads it here).
+_FORCED: dict[str, dict] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached); 4 on CPU, so the interpreter splits small problems."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _decode_block_n(width: int, dtype: torch.dtype, rows: int, masked: bool) -> int | None:
+    """The split kernel's key tile at 8 warps, 2 stages: the largest that compiles without spills on sm_90
+    (kernel_report) for this head-dim width, dtype, tile rows and mask; None where none does."""
+    if dtype != torch.float32:
+        if width <= 64 or (width == 128 and not (masked and rows > 16)):
+            return 64
+        return 32
+    if _precision(dtype) == "ieee":
+        return 16 if width >= 128 and rows > 16 else 32
+    if width == 256 and rows > 16:
+        return None
+    return 32 if width == 128 or (width <= 64 and rows > 16) else 16
+
+
+def _decode_launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                   dropout_p: float, causal: int):
+    """(BLOCK_N, splits, warps, stages) of the split-KV forward, or None where the normal forward serves."""
+    B, Hq, Lq, _ = query.shape
+    Hk, Lk = key.shape[1], key.shape[2]
+    group = Hq // max(1, Hk)
+    width = max(_pow2(query.shape[-1]), _pow2(value.shape[-1]))
+    # Keys any row sees: top-left causal rows see only the first Lq (the normal forward skips the rest).
+    seen = min(Lk, Lq) if causal == _TOP_LEFT else Lk
+    if dropout_p > 0.0 or B == 0 or Lq == 0 or Lq > _DECODE_MAX_LQ or seen < _DECODE_MIN_LK:
+        return None
+    if group * Lq > _DECODE_MAX_ROWS or Hk > 65535:
+        return None
+    forced = _FORCED.get("decode")
+    if forced is not None:
+        block_n, splits = forced["BLOCK_N"], forced.get("SPLITS", 0)
+        warps, stages = forced.get("num_warps", 8), forced.get("num_stages", 2)
+    else:
+        block_n = _decode_block_n(width, query.dtype, _pow2(group * Lq), attn_mask is not None)
+        if block_n is None:
+            return None
+        splits, warps, stages = 0, 8, 2
+    n_blocks = triton.cdiv(seen, block_n)
+    if splits <= 0:
+        # About two programs per SM over the batch and key/value heads, and at least two key tiles per range.
+        splits = min(triton.cdiv(2 * _sm_count(query.device), B * Hk), n_blocks // 2)
+    splits = min(splits, n_blocks, _DECODE_MAX_SPLITS)
+    if splits <= 1:
+        return None
+    return block_n, splits, warps, stages
+
+
+def _decode_forward(query, key, value, attn_mask, causal, scale, launch):
+    """The split-KV forward of :func:`attention_forward` (no dropout): same out and lse."""
+    block_n, splits, warps, stages = launch
+    B, Hq, Lq, _ = query.shape
+    Lk = key.shape[2]
+    c = _Common(query, key, value, scale, False)
+    out = torch.empty((B, Hq, Lq, c.DV), dtype=query.dtype, device=query.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device)
+    mask, m_strides, mask_kind = _mask_args(attn_mask, query)
+    n_blocks = triton.cdiv(min(Lk, Lq) if causal == _TOP_LEFT else Lk, block_n)
+    per_split = triton.cdiv(n_blocks, splits)
+    splits = triton.cdiv(n_blocks, per_split)  # no range left empty by the rounding
+    block_m = _pow2(c.group * Lq)
+    for b0, b1 in _batch_parts(B):
+        p = _Part(b0, b1, B, False)
+        n_rows = (b1 - b0) * Hq * Lq
+        part_o = torch.empty((n_rows, splits, c.DV), dtype=torch.float32, device=query.device)
+        part_ml = torch.empty((2, n_rows, splits), dtype=torch.float32, device=query.device)
+        _attn_fwd_split[(splits, c.Hk, b1 - b0)](
+            p(query), p(key), p(value), p(mask), part_o, part_ml,
+            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
+            Hq, c.group, Lq, Lk, n_rows, per_split, c.qk_scale,
+            D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+            CAUSAL=int(causal), MASK_KIND=mask_kind, PRECISION=c.precision, num_warps=warps, num_stages=stages,
+        )
+        _attn_fwd_combine[(n_rows,)](
+            part_o, part_ml, p(out), p(lse), *_row_strides(out, False), *_lse_strides(lse, False),
+            Hq, Lq, splits, n_rows, DV=c.DV, BLOCK_S=_pow2(splits), BLOCK_DV=c.block_dv, num_warps=4, num_stages=1,
+        )
+    return out, lse
 
 
 def attention_forward(
@@ -704,7 +1019,11 @@ def attention_forward(
     _check(query, key, value)
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
-    return _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, None, None, B, Lq, Lk, Lq, Lk)
+    decode = _decode_launch(query, key, value, attn_mask, dropout_p, causal)
+    with _on_device(query.device):
+        if decode is not None:
+            return _decode_forward(query, key, value, attn_mask, causal, scale, decode)
+        return _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, None, None, B, Lq, Lk, Lq, Lk)
 
 
 def attention_backward(
@@ -716,8 +1035,9 @@ def attention_backward(
     _check(query, key, value)
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
-    return _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad,
-                     None, None, B, Lq, Lk, Lq, Lk)
+    with _on_device(query.device):
+        return _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad,
+                         None, None, B, Lq, Lk, Lq, Lk)
 
 
 def varlen_attention_forward(
@@ -728,8 +1048,9 @@ def varlen_attention_forward(
     lse (Hq, total_q))."""
     _check(query, key, value)
     B = cu_seqlens_q.numel() - 1
-    return _forward(query, key, value, None, 0.0, causal, scale, 0, cu_seqlens_q, cu_seqlens_k,
-                    B, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
+    with _on_device(query.device):
+        return _forward(query, key, value, None, 0.0, causal, scale, 0, cu_seqlens_q, cu_seqlens_k,
+                        B, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
 
 
 def varlen_attention_backward(
@@ -740,20 +1061,25 @@ def varlen_attention_backward(
     """``seqfast::varlen_attention_backward``: (dq, dk, dv) with the packed inputs' shapes."""
     _check(query, key, value)
     B = cu_seqlens_q.numel() - 1
-    dq, dk, dv, _ = _backward(grad_out, query, key, value, None, out, lse, 0.0, causal, scale, 0, False,
-                              cu_seqlens_q, cu_seqlens_k, B, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
+    with _on_device(query.device):
+        dq, dk, dv, _ = _backward(grad_out, query, key, value, None, out, lse, 0.0, causal, scale, 0, False,
+                                  cu_seqlens_q, cu_seqlens_k, B, query.shape[0], key.shape[0], max_seqlen_q,
+                                  max_seqlen_k)
     return dq, dk, dv
 
 
 def dropout_keep_mask(
-    seed: int, B: int, H: int, Lq: int, Lk: int, p: float, device: torch.device | str
+    seed: torch.Tensor | int, B: int, H: int, Lq: int, Lk: int, p: float, device: torch.device | str
 ) -> torch.Tensor:
-    """The bool (B, H, Lq, Lk) keep-mask the kernels draw for ``seed`` and dropout probability ``p``."""
+    """The bool (B, H, Lq, Lk) keep-mask the kernels draw for ``seed`` (the op's one-element int64 tensor, on
+    any device, or an int) and dropout probability ``p``."""
     total = B * H * Lq * Lk
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
     if total:
         block = 1024
-        _dropout_mask_kernel[(triton.cdiv(total, block),)](keep, int(seed), float(p), total, BLOCK=block)
+        with _on_device(keep.device):
+            _dropout_mask_kernel[(triton.cdiv(total, block),)](keep, _seed_arg(seed, keep.device), float(p), total,
+                                                                BLOCK=block)
     return keep.bool()
 
 
@@ -778,7 +1104,7 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta", "PartO", "PartML"):
             sig[name] = "*fp32"
         elif name == "Mask":
             sig[name] = "*i1" if mask_kind == _MASK_BOOL else f"*{dt}"
@@ -786,11 +1112,13 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
             sig[name] = "*i64" if varlen else f"*{dt}"
         elif name == "Keep":
             sig[name] = "*i8"
-        elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk"):
+        elif name == "Seed":
+            sig[name] = "*i64"
+        elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk", "S"):
             sig[name] = f"*{dt}"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name in ("seed", "total"):
+        elif name in ("total", "drop_base"):
             sig[name] = "i64"
         else:
             sig[name] = "i32"
@@ -817,12 +1145,8 @@ def report_configs() -> list[dict]:
                     variants.append(("dense_ieee", _VARIANTS["dense"]))
                 for label, (causal, mask_kind, mask_grad, dropout, varlen) in variants:
                     precision = "ieee" if label.endswith("ieee") else "tf32"
-                    tf32 = torch.backends.cuda.matmul.allow_tf32
-                    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-                    try:
+                    with _pinned_precision(precision):
                         launch = _config(kernel, width, dtype, 1 << 20, 1 << 20, mask_kind != _MASK_NONE, dropout)
-                    finally:
-                        torch.backends.cuda.matmul.allow_tf32 = tf32
                     block_m, block_n, warps, stages = launch[:4]
                     constexprs = {
                         "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
@@ -841,7 +1165,42 @@ def report_configs() -> list[dict]:
                     if launch.maxnreg is not None:
                         entry["options"] = {"maxnreg": launch.maxnreg}
                     entries.append(entry)
+        entries += _decode_report_configs(dtype, dt)
     return entries
+
+
+def _decode_report_configs(dtype: torch.dtype, dt: str) -> list[dict]:
+    """The split-KV decode kernels at their default launches: 16 and 32 tile rows (query heads of a group x
+    query rows), no mask / bool mask / causal, fp32 at both dot precisions; the combine at 64 key ranges."""
+    entries = []
+    for width in (64, 128, 256):
+        for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+            for rows in (16, 32):
+                for label, (causal, mask_kind) in (("dense", (0, _MASK_NONE)), ("mask_bool", (0, _MASK_BOOL)),
+                                                   ("causal", (2, _MASK_NONE))):
+                    with _pinned_precision(precision):
+                        block_n = _decode_block_n(width, dtype, rows, mask_kind != _MASK_NONE)
+                    if block_n is None:
+                        continue
+                    constexprs = {"D": width, "DV": width, "BLOCK_M": rows, "BLOCK_N": block_n, "BLOCK_D": width,
+                                  "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "PRECISION": precision}
+                    entries.append(_entry("_attn_fwd_split", _attn_fwd_split, dtype, constexprs, 8, 2,
+                                          f"d{width}-{dt}-{label}-{precision}-m{rows}n{block_n}w8s2", mask_kind,
+                                          False))
+        entries.append(_entry("_attn_fwd_combine", _attn_fwd_combine, dtype,
+                              {"DV": width, "BLOCK_S": _DECODE_MAX_SPLITS, "BLOCK_DV": width}, 4, 1,
+                              f"d{width}-{dt}-s{_DECODE_MAX_SPLITS}", _MASK_NONE, False))
+    return entries
+
+
+@contextlib.contextmanager
+def _pinned_precision(precision: str):
+    global _PRECISION_OVERRIDE
+    outer, _PRECISION_OVERRIDE = _PRECISION_OVERRIDE, precision
+    try:
+        yield
+    finally:
+        _PRECISION_OVERRIDE = outer
 
 
 def _entry(name, fn, dtype, constexprs, warps, stages, label, mask_kind, varlen):

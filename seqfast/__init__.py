@@ -1,7 +1,8 @@
 """seqfast: fused attention and CTC loss kernels for sequence models, drop-in for PyTorch.
 
 Triton kernels run CUDA tensors, C++ kernels run CPU tensors, behind torch's signatures:
-:func:`scaled_dot_product_attention`, :func:`ctc_loss`, :mod:`seqfast.nn`.
+:func:`scaled_dot_product_attention`, :func:`ctc_loss`, :mod:`seqfast.nn`. :func:`patch` and
+:func:`patch_functional` run an existing model on seqfast; :mod:`seqfast.profile` compares the two.
 """
 
 # Importing ops defines torch.ops.seqfast.*; _extension loads the C++ kernels registered for CPU.
@@ -14,6 +15,7 @@ from seqfast.functional import (
     scaled_dot_product_attention,
     varlen_attention,
 )
+from seqfast.patching import FunctionalReport, PatchReport, patch, patch_functional, unpatch
 from seqfast.validation import ArgumentError
 
 EXTENSION_AVAILABLE = _extension.AVAILABLE
@@ -25,7 +27,22 @@ __all__ = [
     "backend",
     "ctc_loss",
     "ctc_loss_from_logits",
+    "FunctionalReport",
+    "PatchReport",
     "nn",
+    "patch",
+    "patch_functional",
+    "profile",
     "scaled_dot_product_attention",
+    "unpatch",
     "varlen_attention",
 ]
+
+
+def __getattr__(name: str):
+    # seqfast.profile pulls in the profiler and matplotlib: imported on first use, not by `import seqfast`.
+    if name == "profile":
+        import importlib
+
+        return importlib.import_module("seqfast.profile")
+    raise AttributeError(f"module 'seqfast' has no attribute {name!r}")

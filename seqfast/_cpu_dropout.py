@@ -40,10 +40,11 @@ def threshold(p: float) -> int:
 
 def keep_mask(seed: torch.Tensor | int, shape: tuple[int, int, int, int], p: float) -> torch.Tensor:
     """Bool (B, Hq, Lq, Lk) keep-mask the C++ kernels use for ``dropout_p = p`` and ``seed`` (an int, or the
-    one-element int64 tensor the op takes: then no value leaves the tensor, so ``torch.compile`` traces it)."""
+    one-element int64 tensor the op takes, on any device: then no value leaves the tensor, so ``torch.compile``
+    traces it)."""
     B, H, Lq, Lk = shape
     if isinstance(seed, torch.Tensor):
-        s = seed.reshape(()).to(torch.int64)
+        s = seed.reshape(()).to("cpu", torch.int64)  # the C++ kernels' mask lives on the CPU
         hi, lo = (s >> 32) & _M32, s & _M32  # two's complement bits, as the kernel's uint64 cast sees them
     else:
         s = seed & ((1 << 64) - 1)

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from seqfast import _backend, _extension
 from seqfast.ops import attention as attention_ops
 from seqfast.ops import ctc_loss as ctc_ops
-from seqfast.validation import IntLengths, ctc_arguments, reduction_argument, sdpa_arguments, varlen_arguments
+from seqfast.validation import (
+    ArgumentError,
+    IntLengths,
+    ctc_arguments,
+    reduction_argument,
+    sdpa_arguments,
+    varlen_arguments,
+)
 
 
 def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, from_logits, name):
@@ -86,10 +94,19 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is
 _COMMON_ATTENTION = getattr(_extension.module(), "common_attention", None) if _extension.AVAILABLE else None
 
 
-def _dropout_seed(dropout_p: float) -> torch.Tensor:
-    """The op's dropout seed: a one-element int64 CPU tensor drawn from torch's default CPU generator (so
-    ``torch.manual_seed`` makes dropout reproducible), by a tensor op that ``torch.compile`` traces."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else _NO_SEED
+def _dropout_seed(dropout_p: float, device: torch.device | None = None) -> torch.Tensor:
+    """The op's dropout seed, a one-element int64 tensor drawn by a tensor op that ``torch.compile`` traces.
+
+    For CUDA queries it is drawn on their device from that device's generator: the Triton kernels load it
+    from there, so no value crosses to the host (no sync, and a CUDA graph captures the draw), and
+    ``torch.manual_seed`` / ``torch.cuda.manual_seed`` make it reproducible. Elsewhere it is drawn on the CPU
+    from the default generator, where the C++ kernels read it.
+    """
+    if not dropout_p > 0:
+        return _NO_SEED
+    if device is not None and device.type == "cuda":
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def scaled_dot_product_attention(
@@ -109,7 +126,10 @@ def scaled_dot_product_attention(
             (under autocast, cast to autocast's dtype as torch does). Batch dims broadcast (so do key/value
             heads of 1), as in torch.
         attn_mask: broadcastable to (..., Hq, Lq, Lk); bool (True = attend) or float (float32 or query's
-            dtype; added to the scores; gets a gradient when it requires one).
+            dtype; added to the scores; gets a gradient when it requires one); or a
+            ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``), run as
+            the kernels' causal modes with no mask tensor (lower-right: query i sees keys j <= i + Lk - Lq,
+            the alignment of decoding with cached keys and values).
         dropout_p: dropout on the attention weights, in [0, 1], applied whenever > 0 (as torch); the RNG
             is seeded from torch's default generator.
         is_causal: top-left causal mask (query i sees keys j <= i); with ``attn_mask`` too, a key must pass
@@ -120,7 +140,11 @@ def scaled_dot_product_attention(
     Returns:
         (..., Hq, Lq, Ev) in query's dtype (contiguous). Rows that see no key are 0, as in torch 2.13.
     """
-    if attn_mask is None and not dropout_p and _COMMON_ATTENTION is not None and _backend.is_plain_auto():
+    bottom_right = False
+    if isinstance(attn_mask, CausalBias):
+        is_causal, bottom_right = _causal_bias(attn_mask, query, key, is_causal)
+        attn_mask = None
+    elif attn_mask is None and not dropout_p and _COMMON_ATTENTION is not None and _backend.is_plain_auto():
         try:
             out = _COMMON_ATTENTION(query, key, value, is_causal, scale)
         except TypeError:  # not tensors: the checks below say what is wrong
@@ -128,13 +152,35 @@ def scaled_dot_product_attention(
         if out is not None:
             return out
     return _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                             _dropout_seed(dropout_p))
+                             _dropout_seed(dropout_p, getattr(query, "device", None)), bottom_right)
 
 
-def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed: torch.Tensor):
-    """:func:`scaled_dot_product_attention` with the dropout seed given (callers that need the keep-mask)."""
+def _causal_bias(bias: CausalBias, query: torch.Tensor, key: torch.Tensor, is_causal: bool) -> tuple[bool, bool]:
+    """(is_causal, bottom_right) for a ``CausalBias`` mask, with torch's rules: not with ``is_causal``; upper-left,
+    or equal lengths, is ``is_causal`` on the inputs' own lengths; lower-right must match the inputs' lengths
+    (torch materialises it as a (Lq, Lk) mask there)."""
+    if is_causal:
+        raise ArgumentError("CausalBias should not be used with causal=True (as torch)")
+    if bias.seq_len_q == bias.seq_len_kv or bias.variant == CausalVariant.UPPER_LEFT:
+        return True, False
+    if bias.variant != CausalVariant.LOWER_RIGHT:
+        raise ArgumentError(f"CausalBias.variant must be a CausalVariant, got {bias.variant}")
+    lq, lk = query.shape[-2] if query.dim() >= 2 else None, key.shape[-2] if key.dim() >= 2 else None
+    if (lq, lk) != (bias.seq_len_q, bias.seq_len_kv):
+        raise ArgumentError(f"causal_lower_right({bias.seq_len_q}, {bias.seq_len_kv}) does not match the query and "
+                            f"key lengths ({lq}, {lk})")
+    return False, True
+
+
+def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed: torch.Tensor,
+                      bottom_right: bool = False):
+    """:func:`scaled_dot_product_attention` with the dropout seed given (callers that need the keep-mask);
+    ``bottom_right``: the lower-right causal alignment (``is_causal`` is then False)."""
     args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    causal = attention_ops.CAUSAL_TOP_LEFT if is_causal else attention_ops.NO_CAUSAL
+    if bottom_right:
+        causal = attention_ops.CAUSAL_BOTTOM_RIGHT
+    else:
+        causal = attention_ops.CAUSAL_TOP_LEFT if is_causal else attention_ops.NO_CAUSAL
     # dropout_p = 1 drops every weight: torch's result is 0 (NaN where the attention itself is NaN), as this.
     dropped_all = dropout_p == 1.0
     out, _ = _backend.dispatch(

@@ -383,18 +383,26 @@ def varlen_arguments(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> VarlenArgument
         raise ArgumentError("q, k and v must share dtype and device")
     if q.shape[2] != k.shape[2] or k.shape[:2] != v.shape[:2] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ArgumentError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    cus = []
-    for name, cu, total, mx in (("cu_seqlens_q", cu_q, q.shape[0], max_q), ("cu_seqlens_k", cu_k, k.shape[0], max_k)):
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
             raise ArgumentError(f"{name} must be a 1-D int32/int64 tensor")
-        c = cu.to(device=q.device, dtype=torch.int64).contiguous()
-        host = c.tolist()
+    # The attention path's one host sync (none when the prefix sums are CPU tensors): they decide the launch
+    # (the sequence count) and are checked against the tensors' rows and max_seqlen, as a bad one would read
+    # out of bounds. Both travel in one copy.
+    if cu_q.device == cu_k.device:
+        both = torch.cat((cu_q.to(torch.int64), cu_k.to(torch.int64))).tolist()
+        hosts = (both[:len(cu_q)], both[len(cu_q):])
+    else:
+        hosts = (cu_q.tolist(), cu_k.tolist())
+    # non_blocking: torch adds no stream synchronisation to the copy of CPU prefix sums.
+    cus = [cu.to(device=q.device, dtype=torch.int64, non_blocking=True).contiguous() for cu in (cu_q, cu_k)]
+    for name, host, total, mx in (("cu_seqlens_q", hosts[0], q.shape[0], max_q),
+                                  ("cu_seqlens_k", hosts[1], k.shape[0], max_k)):
         lengths = [b - a for a, b in zip(host, host[1:])]
         if not host or host[0] != 0 or host[-1] != total or min(lengths, default=0) < 0:
             raise ArgumentError(f"{name} must rise from 0 to {total} (rows of its tensor), got {host}")
         if max(lengths, default=0) > mx:
             raise ArgumentError(f"{name} has a sequence of {max(lengths)} > the max_seqlen given ({mx})")
-        cus.append(c)
     if len(cus[0]) != len(cus[1]):
         raise ArgumentError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     if q.shape[2] == 0:

@@ -1,6 +1,7 @@
 """Modules built on seqfast's kernels, with torch.nn's constructors and forward signatures."""
 
 from seqfast.nn.ctc_loss import CTCLoss
+from seqfast.nn.kv_cache import KVCache
 from seqfast.nn.multihead_attention import MultiheadAttention
 from seqfast.nn.transformer import (
     TransformerDecoderLayer,
@@ -11,6 +12,7 @@ from seqfast.nn.transformer import (
 
 __all__ = [
     "CTCLoss",
+    "KVCache",
     "MultiheadAttention",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",

@@ -169,7 +169,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             mask = _append_key(mask)
 
         dropout_p = self.dropout if self.training else 0.0
-        seed = _dropout_seed(dropout_p)
+        seed = _dropout_seed(dropout_p, q.device)
         backend = _backend.current()  # the weights' dropout must be the keep-mask this backend draws
         out = _seeded_attention(q, k, v, mask, dropout_p, use_causal, None, False, seed)
         out = self._merge_heads(out, batch_first)
@@ -234,7 +234,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return _merge(am, kpm, dtype)
 
     @staticmethod
-    def _weights(q: torch.Tensor, k: torch.Tensor, mask: Mask, average: bool, dropout_p: float, seed: int,
+    def _weights(q: torch.Tensor, k: torch.Tensor, mask: Mask, average: bool, dropout_p: float, seed: torch.Tensor,
                  backend: str) -> torch.Tensor:
         """softmax(q k^T / sqrt(head_dim) + mask), dropped out with the very keep-mask the fused kernel used
         for the output (as torch returns its dropped-out weights): (N, H, L, S), or (N, L, S) averaged."""

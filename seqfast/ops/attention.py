@@ -10,8 +10,10 @@
 - ``causal``: 0 none; 1 top-left (torch's ``is_causal``: query i sees keys j <= i); 2
   bottom-right (query i sees keys j <= i + Lk - Lq, for KV-cache decoding).
 - ``scale``: multiplies q.k; ``dropout_p`` in [0, 1) with a counter-based RNG keyed by ``seed``, a
-  one-element int64 CPU tensor (a tensor so that ``torch.compile`` draws it inside the graph; the
-  backward regenerates the same mask, none is stored).
+  one-element int64 tensor (a tensor so that ``torch.compile`` draws it inside the graph; the
+  backward regenerates the same mask, none is stored): on the CPU for CPU tensors (the C++ kernels read
+  it), on the query's device for CUDA tensors (the Triton kernels load it there: no host sync, and CUDA
+  graphs capture it; a CPU seed is copied over). The keep-mask helpers and the reference take either.
 - ``out`` (B, Hq, Lq, Dv) contiguous in ``query``'s dtype; ``lse`` (B, Hq, Lq) float32 (float64 for
   float64 input): log-sum-exp of the masked scaled scores per row, ``+inf`` for rows with no
   visible key, whose output is 0 (NaN where such a row meets a NaN or inf value) and whose gradients are 0.
@@ -75,7 +77,7 @@ def dropout_keep_mask(seed: torch.Tensor | int, shape: tuple[int, int, int, int]
         return _cpu_dropout.keep_mask(seed, shape, p)
     if backend == "triton":
         return _triton.kernels("attention", torch.empty(0, device=device)).dropout_keep_mask(seed, *shape, p, device)
-    return reference.dropout_keep(int(seed), shape, p, device)
+    return reference.dropout_keep(int(seed), shape, p, device)  # the reference seeds a host generator: one read
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
