@@ -160,7 +160,7 @@ def _presets(size: str) -> tuple[DetectorConfig, TrainConfig, int]:
                 TrainConfig(steps=40, batch=8, crop_frames=200, lr=3e-3, warmup=5, eval_every=20, freq_masks=0), 2)
     model = DetectorConfig(d_model=64, heads=4, layers=3, ffn=128, conv_strides=(2, 2, 2), dropout=0.0)
     if size == "quick":
-        return model, TrainConfig(steps=300, batch=16, crop_frames=600, eval_every=50), 5
+        return model, TrainConfig(steps=1000, batch=16, crop_frames=600, eval_every=100), 5
     return model, TrainConfig(steps=2400, batch=16, crop_frames=600, eval_every=200), 10
 
 

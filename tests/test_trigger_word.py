@@ -14,7 +14,6 @@ from examples.speech.detector_model import (
     CausalConv1d,
     DetectorConfig,
     TriggerDetector,
-    lower_right_causal_mask,
     set_backend,
 )
 from examples.speech.streaming import StreamingDetector, stream_in_chunks
@@ -130,16 +129,21 @@ def test_causal_conv_any_chunking():
     torch.testing.assert_close(torch.cat(outs, -1), full, atol=1e-6, rtol=1e-6)
 
 
-def test_lower_right_mask():
-    mask = lower_right_causal_mask(2, 5)
-    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
-    assert torch.equal(lower_right_causal_mask(4, 4), torch.ones(4, 4, dtype=torch.bool).tril())
-    from torch.nn.attention import bias
-
-    q, k = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 7, 8)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=bias.causal_lower_right(3, 7))
-    ours = torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=lower_right_causal_mask(3, 7))
-    torch.testing.assert_close(ours, ref)
+@pytest.mark.parametrize("backend", ["seqfast", "torch"])
+def test_chunk_attention_is_bottom_right_causal(backend):
+    # A chunk of 3 queries after 4 cached keys: query i sees keys 0 .. 4 + i, as an explicit bool mask says.
+    torch.manual_seed(0)
+    attn = set_backend(_model(), backend).layers[0].attn
+    past = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        y, (k, v) = attn(x, past)
+        q = attn.qkv(x).view(1, 3, 3, 4, 8).permute(2, 0, 3, 1, 4)[0]
+        mask = torch.arange(7)[None, :] <= torch.arange(3)[:, None] + 4
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        ref = attn.out(ref.transpose(1, 2).reshape(1, 3, 32))
+    assert k.shape == (1, 4, 7, 8)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_backends_agree_on_the_same_weights():

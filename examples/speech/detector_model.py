@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 import seqfast
 
@@ -45,14 +46,6 @@ class DetectorConfig:
         for s in self.conv_strides:
             k *= s
         return k
-
-
-def lower_right_causal_mask(lq: int, lk: int, device: torch.device | None = None) -> torch.Tensor:
-    """bool [lq, lk], True = attend: query i sees keys j <= i + lk - lq (the last query sees every key), the
-    alignment of queries that come after lk - lq cached keys."""
-    q = torch.arange(lq, device=device)[:, None]
-    k = torch.arange(lk, device=device)[None, :]
-    return k <= q + (lk - lq)
 
 
 class CausalConv1d(nn.Module):
@@ -108,8 +101,8 @@ class CausalSelfAttention(nn.Module):
             y = self.attention(q, k, v, is_causal=True)
         elif t == 1:  # one new query sees every key
             y = self.attention(q, k, v)
-        else:
-            y = self.attention(q, k, v, attn_mask=lower_right_causal_mask(t, k.shape[2], x.device))
+        else:  # queries after P cached keys: query i sees keys 0 .. P + i (both backends run it without a mask)
+            y = self.attention(q, k, v, attn_mask=causal_lower_right(t, k.shape[2]))
         return self.out(y.transpose(1, 2).reshape(b, t, d)), (k, v)
 
 
