@@ -23,6 +23,11 @@ reference and C++ backends serve it).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -239,7 +244,7 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Mask, DO, Lse, Delta, DK, DV_, DMask, CuQ, CuK,
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV_, DMask, DQ, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -249,14 +254,19 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_dmb, stride_dmh, stride_dmm,
+    stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Lq, Lk,
     sm_scale, qk_scale, dropout_p, inv_keep, seed,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     """dK, dV for one key tile of one key/value head; loops over the group's query heads and query tiles.
+
+    ``ATOMIC_DQ``: also adds this key tile's share of dQ, ``scale * ds k``, to the zeroed fp32 (like Q) buffer
+    ``DQ`` with atomics (the order of the additions varies from run to run, so dQ's rounding does too).
 
     ``D_CHUNK < BLOCK_D`` (``DV_CHUNK < BLOCK_DV``): K k q^T (V v dO^T) is contracted chunk by chunk from
     memory instead of from a resident K (V) tile (see ``_dot_nt_chunked``).
@@ -305,6 +315,8 @@ def _attn_bwd_dkdv(
     mask_offs = arange_m[:, None] * stride_mm + cols[None, :] * stride_mn
     dmask_offs = arange_m[:, None] * stride_dmm + cols[None, :]
     drop_offs = arange_m[None, :] * Lk + cols[:, None]
+    # dQ^T = K^T dS^T: the head dim is the product's M (wgmma needs M in 64-row slabs; the query tile is small).
+    dq_offs = offs_d[:, None] + arange_m[None, :] * stride_dqm
     for g in range(0, GROUP):
         h64 = hk64 * GROUP + g
         q_blk = Q + (b64 * stride_qb + h64 * stride_qh + (q_start + lo64) * stride_qm)
@@ -313,6 +325,7 @@ def _attn_bwd_dkdv(
         mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + lo64 * stride_mm + n0 * stride_mn)
         dmask_blk = DMask + (b64 * stride_dmb + h64 * stride_dmh + lo64 * stride_dmm + n0)
         drop_blk = ((b64 * H + h64) * Lq + lo64) * Lk + n0
+        dq_blk = DQ + (b64 * stride_dqb + h64 * stride_dqh + (q_start + lo64) * stride_dqm)
         for m0 in range(lo, seqlen_q, BLOCK_M):
             offs_m = m0 + arange_m
             row_ok = offs_m < seqlen_q
@@ -345,6 +358,15 @@ def _attn_bwd_dkdv(
                 tl.store(dmask_blk + dmask_offs, tl.trans(dsT).to(DMask.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+            if ATOMIC_DQ:
+                if D_CHUNK == BLOCK_D:
+                    k_dq = k
+                else:
+                    k_dq = tl.load(k_tile + (cols[:, None] * stride_kn + offs_d[None, :]),
+                                   mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                dqT = tl.dot(tl.trans(k_dq), dsT.to(k_dq.dtype), input_precision=PRECISION) * sm_scale
+                tl.atomic_add(dq_blk + dq_offs, dqT, mask=d_ok[:, None] & row_ok[None, :], sem="relaxed")
+                dq_blk += BLOCK_M * stride_dqm
             q_blk += BLOCK_M * stride_qm
             do_blk += BLOCK_M * stride_gm
             l_off += BLOCK_M * stride_lm
@@ -501,6 +523,123 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+# sm_90 (Hopper), fp16 / bf16 at head dims <= 128: (BLOCK_M, BLOCK_N, num_warps, num_stages, chunk) per kernel,
+# head-dim tile width and variant (see _variant; "dense" serves every variant without an entry of its own).
+# wgmma (HGMMA) takes 64-row slabs per warpgroup of 4 warps: the M of every product must be a multiple of 64
+# -- the query tile in fwd / dQ, the key tile in dK/dV (k q^T, p^T dO, ds^T q), and the head dim for the
+# atomic dQ term (k^T ds^T). A smaller M compiles to sm_80's HMMA. Each entry compiles with 0 spills (the
+# kernel report checks them); chunk < width contracts S^T and dP^T from memory chunk by chunk (the masked
+# dK/dV with a mask gradient at width 128 spills 16-24 B with resident K and V tiles). fp32 and the 256-wide
+# bucket use the sm_80 table.
+_CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] = {
+    "fwd": {
+        (64, "dense"): (128, 64, 8, 3, 64), (64, "mask"): (64, 32, 4, 3, 64), (64, "dropout"): (64, 32, 4, 3, 64),
+        (128, "dense"): (64, 64, 8, 3, 128), (128, "mask"): (64, 32, 4, 3, 128),
+        (128, "dropout"): (64, 32, 4, 3, 128),
+    },
+    "dkdv": {
+        (64, "dense"): (64, 128, 8, 2, 64), (64, "mask"): (32, 64, 8, 2, 64), (64, "mask_grad"): (32, 64, 8, 2, 64),
+        (64, "dropout"): (32, 64, 8, 2, 64),
+        (128, "dense"): (16, 64, 8, 2, 128), (128, "mask_grad"): (16, 64, 8, 2, 32),
+        (128, "dropout"): (16, 64, 8, 2, 64),
+    },
+    "dq": {
+        (64, "dense"): (128, 32, 8, 2, 64), (64, "mask"): (64, 32, 4, 2, 64), (64, "dropout"): (64, 32, 4, 2, 64),
+        (128, "dense"): (64, 16, 8, 2, 128), (128, "mask"): (64, 16, 4, 2, 128),
+        (128, "dropout"): (64, 16, 4, 2, 128),
+    },
+    "dkdv_atomic": {
+        (64, "dense"): (32, 64, 8, 2, 64),
+        (128, "dense"): (16, 64, 8, 2, 64), (128, "mask_grad"): (16, 64, 8, 2, 32),
+    },
+}
+
+# Launch names forced_config and CONFIG_SPACE know; "dkdv_atomic" is _attn_bwd_dkdv with ATOMIC_DQ (one backward
+# kernel adding dQ with atomics, SEQFAST_ATTENTION_BWD=atomic).
+_KERNELS = ("fwd", "dkdv", "dq", "dkdv_atomic")
+
+# Candidates for tuning sweeps on hardware: each compiles with 0 spills on sm_90 in fp16 and bf16 at head dims
+# 64 and 128 (dense variant; the masked / dropout variants need the smaller ones).
+CONFIG_SPACE: dict[str, list[dict]] = {
+    "fwd": [
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    ],
+    "dkdv": [
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "chunk": 64},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 32},
+    ],
+    "dq": [
+        {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+    ],
+    "dkdv_atomic": [
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 64},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 32},
+    ],
+}
+
+_FORCED: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: dict) -> Iterator[None]:
+    """Every launch of ``kernel`` ("fwd", "dkdv", "dq", "dkdv_atomic") inside the block uses ``config``.
+
+    ``config`` holds BLOCK_M, BLOCK_N, num_warps, num_stages, and optionally maxnreg and chunk (head-dim
+    columns per step of the chunked S / dP contraction; default: the whole head dim, or the launcher's choice
+    where it needs chunks). Tiles are still clipped to short sequences. Nesting restores the outer choice.
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {', '.join(_KERNELS)}")
+    missing = [k for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k not in config]
+    if missing:
+        raise ValueError(f"config for {kernel!r} lacks {missing}: {config!r}")
+    had, previous = kernel in _FORCED, _FORCED.get(kernel)
+    _FORCED[kernel] = dict(config)
+    try:
+        yield
+    finally:
+        if had:
+            _FORCED[kernel] = previous
+        else:
+            del _FORCED[kernel]
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, _ = torch.cuda.get_device_capability(index)
+    return 90 if major == 9 else 80
+
+
+def _arch(device: torch.device) -> int:
+    """Which config table a launch on ``device`` takes: 90 on Hopper, 80 elsewhere (interpreter included)."""
+    if device.type != "cuda":
+        return 80
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _variant(causal: bool, masked: bool, mask_grad: bool, dropout: bool) -> str:
+    """The config key of a launch's constexpr variant, the costliest first (dropout runs Philox per element)."""
+    if dropout:
+        return "dropout"
+    if mask_grad:
+        return "mask_grad"
+    if masked:
+        return "mask"
+    return "causal" if causal else "dense"
+
+
 class _Launch(NamedTuple):
     block_m: int
     block_n: int
@@ -512,18 +651,32 @@ class _Launch(NamedTuple):
 
 def _config(
     kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False,
-    dropout: bool = False,
+    dropout: bool = False, causal: bool = False, mask_grad: bool = False, arch: int = 80,
 ) -> _Launch:
-    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch."""
+    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch on ``arch`` (80 or 90)."""
     width = max(64, block_d)
-    block_m, block_n, warps, stages = _CONFIGS[kernel][(width, 4 if dtype == torch.float32 else 2)]
+    variant = _variant(causal, masked, mask_grad and masked, dropout)
+    sm90 = _CONFIGS_SM90[kernel] if arch == 90 and dtype != torch.float32 and width <= 128 else None
+    if kernel in _FORCED:
+        forced = _FORCED[kernel]
+        block_m, block_n, warps, stages = (forced[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+        default_chunk = width if dtype != torch.float32 or _precision(dtype) != "ieee" or width < 256 else 64
+        chunk = forced.get("chunk", default_chunk)
+        return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages,
+                       forced.get("maxnreg"), min(chunk, width))
+    if sm90 is not None:
+        fallback = "mask" if variant == "mask_grad" and (width, "mask") in sm90 else "dense"
+        block_m, block_n, warps, stages, chunk = sm90.get((width, variant), sm90.get((width, fallback)))
+        return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, None, chunk)
+    block_m, block_n, warps, stages = _CONFIGS["dkdv" if kernel == "dkdv_atomic" else kernel][
+        (width, 4 if dtype == torch.float32 else 2)]
     # A mask tile is a gather (any strides, zero included): one address per element; dropout runs Philox
     # per element. Both need registers beside the score tile, so those launches take smaller tiles.
     if kernel == "fwd" and (masked or dropout):
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
     elif kernel == "dq" and masked:
         block_m = max(16, block_m // 2)
-    elif kernel == "dkdv" and masked and width == 256:
+    elif kernel in ("dkdv", "dkdv_atomic") and masked and width == 256:
         block_n = max(16, block_n // 2)
     chunk = width
     if dtype == torch.float32 and _precision(dtype) == "ieee":
@@ -625,7 +778,8 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
     block_m, block_n, warps, stages, maxnreg, _ = _config("fwd", c.width, c.dtype, max_q, max_k,
-                                                          mask_kind != _MASK_NONE, dropout)
+                                                          mask_kind != _MASK_NONE, dropout, bool(causal),
+                                                          arch=_arch(query.device))
     grid = (triton.cdiv(max_q, block_m), c.Hq, B)
     _attn_fwd[grid](
         query, key, value, mask, out, lse, cu_q if varlen else query, cu_k if varlen else query,
@@ -638,6 +792,29 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
         num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )
     return out, lse
+
+
+_BACKWARD_MODES = ("deterministic", "atomic")
+
+
+def _backward_mode() -> str:
+    """``SEQFAST_ATTENTION_BWD``, read on every backward: "deterministic" (default; FA2 split, no atomics) or
+    "atomic" (one kernel adds dQ with fp32 atomics: faster, not bitwise reproducible). Under
+    ``torch.use_deterministic_algorithms(True)`` "atomic" raises, or with ``warn_only=True`` warns and runs the
+    deterministic backward."""
+    mode = os.environ.get("SEQFAST_ATTENTION_BWD", "deterministic").strip().lower() or "deterministic"
+    if mode not in _BACKWARD_MODES:
+        raise ValueError(f"SEQFAST_ATTENTION_BWD must be one of {', '.join(_BACKWARD_MODES)}, got "
+                         f"{os.environ['SEQFAST_ATTENTION_BWD']!r}")
+    if mode == "atomic" and torch.are_deterministic_algorithms_enabled():
+        message = ("seqfast's attention backward with SEQFAST_ATTENTION_BWD=atomic adds dQ with atomics and is not "
+                   "deterministic, but torch.use_deterministic_algorithms(True) is set; unset "
+                   "SEQFAST_ATTENTION_BWD (or set it to 'deterministic') to use the deterministic backward")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message + "; running the deterministic backward", UserWarning, stacklevel=2)
+            return "deterministic"
+        raise RuntimeError(message)
+    return mode
 
 
 def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad,
@@ -671,19 +848,27 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
 
-    block_m, block_n, warps, stages, maxnreg, chunk = _config("dkdv", c.width, c.dtype, max_q, max_k,
-                                                              mask_kind != _MASK_NONE, dropout)
+    atomic = _backward_mode() == "atomic"
+    variant = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal), mask_grad=bool(mask_grad),
+                   arch=_arch(query.device))
+    block_m, block_n, warps, stages, maxnreg, chunk = _config("dkdv_atomic" if atomic else "dkdv", c.width,
+                                                              c.dtype, max_q, max_k, **variant)
     dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
+    # The atomic path sums dQ in fp32 (zeros: rows no key tile reaches keep a zero gradient).
+    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else None
     _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, B)](
-        query, key, value, mask, grad_out, lse, delta, dk, dv, dmask if mask_grad else query, cu_q_arg, cu_k_arg,
+        query, key, value, mask, grad_out, lse, delta, dk, dv, dmask if mask_grad else query,
+        dq_acc if atomic else query, cu_q_arg, cu_k_arg,
         *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
         *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
+        *(_row_strides(dq_acc, varlen) if atomic else (0, 0, 0)),
         *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
-        D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+        D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv), ATOMIC_DQ=atomic,
         num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )
-    block_m, block_n, warps, stages, maxnreg, chunk = _config("dq", c.width, c.dtype, max_q, max_k,
-                                                              mask_kind != _MASK_NONE, dropout)
+    if atomic:
+        return dq.copy_(dq_acc), dk, dv, dmask
+    block_m, block_n, warps, stages, maxnreg, chunk = _config("dq", c.width, c.dtype, max_q, max_k, **variant)
     _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, B)](
         query, key, value, mask, grad_out, lse, delta, dq, cu_q_arg, cu_k_arg,
         *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
