@@ -359,13 +359,21 @@ def _attn_bwd_dkdv(
                          mask=row_ok[:, None] & col_ok[None, :])
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
             if ATOMIC_DQ:
+                ds = dsT.to(q.dtype)
                 if D_CHUNK == BLOCK_D:
-                    k_dq = k
+                    dqT = tl.dot(tl.trans(k), ds, input_precision=PRECISION) * sm_scale
+                    tl.atomic_add(dq_blk + dq_offs, dqT, mask=d_ok[:, None] & row_ok[None, :], sem="relaxed")
                 else:
-                    k_dq = tl.load(k_tile + (cols[:, None] * stride_kn + offs_d[None, :]),
-                                   mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                dqT = tl.dot(tl.trans(k_dq), dsT.to(k_dq.dtype), input_precision=PRECISION) * sm_scale
-                tl.atomic_add(dq_blk + dq_offs, dqT, mask=d_ok[:, None] & row_ok[None, :], sem="relaxed")
+                    # K is not resident: its columns are re-read chunk by chunk, like the chunked dots'. (64-column
+                    # chunks would make this product wgmma-sized on sm_90, but spill 4-12 B at width 128.)
+                    for e0 in range(0, BLOCK_D, D_CHUNK):
+                        offs_e = e0 + tl.arange(0, D_CHUNK)
+                        e_ok = offs_e < D
+                        k_e = tl.load(k_tile + (cols[:, None] * stride_kn + offs_e[None, :]),
+                                      mask=col_ok[:, None] & e_ok[None, :], other=0.0)
+                        dqT = tl.dot(tl.trans(k_e), ds, input_precision=PRECISION) * sm_scale
+                        tl.atomic_add(dq_blk + (offs_e[:, None] + arange_m[None, :] * stride_dqm), dqT,
+                                      mask=e_ok[:, None] & row_ok[None, :], sem="relaxed")
                 dq_blk += BLOCK_M * stride_dqm
             q_blk += BLOCK_M * stride_qm
             do_blk += BLOCK_M * stride_gm
@@ -534,8 +542,8 @@ def _pow2(n: int) -> int:
 _CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] = {
     "fwd": {
         (64, "dense"): (128, 64, 8, 3, 64), (64, "mask"): (64, 32, 4, 3, 64), (64, "dropout"): (64, 32, 4, 3, 64),
-        (128, "dense"): (64, 64, 8, 3, 128), (128, "mask"): (64, 32, 4, 3, 128),
-        (128, "dropout"): (64, 32, 4, 3, 128),
+        (128, "dense"): (64, 64, 8, 3, 128), (128, "mask"): (64, 32, 8, 3, 128),
+        (128, "dropout"): (64, 32, 8, 3, 128),
     },
     "dkdv": {
         (64, "dense"): (64, 128, 8, 2, 64), (64, "mask"): (32, 64, 8, 2, 64), (64, "mask_grad"): (32, 64, 8, 2, 64),
@@ -543,14 +551,11 @@ _CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] 
         (128, "dense"): (16, 64, 8, 2, 128), (128, "mask_grad"): (16, 64, 8, 2, 32),
         (128, "dropout"): (16, 64, 8, 2, 64),
     },
-    "dq": {
-        (64, "dense"): (128, 32, 8, 2, 64), (64, "mask"): (64, 32, 4, 2, 64), (64, "dropout"): (64, 32, 4, 2, 64),
-        (128, "dense"): (64, 16, 8, 2, 128), (128, "mask"): (64, 16, 4, 2, 128),
-        (128, "dropout"): (64, 16, 4, 2, 128),
+    "dq": {  # sm_80's tiles, without halving the query tile for masks: 113-205 registers in every variant
+        (64, "dense"): (128, 32, 8, 2, 64), (128, "dense"): (64, 16, 8, 2, 128),
     },
     "dkdv_atomic": {
-        (64, "dense"): (32, 64, 8, 2, 64),
-        (128, "dense"): (16, 64, 8, 2, 64), (128, "mask_grad"): (16, 64, 8, 2, 32),
+        (64, "dense"): (32, 64, 8, 2, 64), (128, "dense"): (16, 64, 8, 2, 32),
     },
 }
 
@@ -558,34 +563,32 @@ _CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] 
 # kernel adding dQ with atomics, SEQFAST_ATTENTION_BWD=atomic).
 _KERNELS = ("fwd", "dkdv", "dq", "dkdv_atomic")
 
-# Candidates for tuning sweeps on hardware: each compiles with 0 spills on sm_90 in fp16 and bf16 at head dims
-# 64 and 128 (dense variant; the masked / dropout variants need the smaller ones).
+# Candidates for tuning sweeps on hardware (forced_config): each compiles with 0 spills and to wgmma on sm_90 for
+# fp16 at head dims 64 and 128 in the dense variant (bf16 gave the same registers wherever both were compiled);
+# masked / dropout variants can need the smaller ones. "chunk": see _Launch.
 CONFIG_SPACE: dict[str, list[dict]] = {
     "fwd": [
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
     ],
     "dkdv": [
         {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
         {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "chunk": 64},
-        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 32},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 64},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 32},
     ],
     "dq": [
         {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},
-        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 128, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
     ],
     "dkdv_atomic": [
         {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 64},
-        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 32},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 32},
     ],
 }
 
@@ -691,7 +694,7 @@ def _config(
     # their own, and with the cap ptxas takes all 255 and spills 8-24 B: they, and the 256-wide
     # bucket, keep the default.
     plain = not (masked or dropout)
-    maxnreg = 255 if kernel == "dkdv" and dtype == torch.float32 and plain and width <= 128 else None
+    maxnreg = 255 if kernel in ("dkdv", "dkdv_atomic") and dtype == torch.float32 and plain and width <= 128 else None
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
 
@@ -952,9 +955,13 @@ _VARIANTS = {
     "causal": (1, _MASK_NONE, False, False, False),
     "mask_bool": (0, _MASK_BOOL, False, False, False),
     "mask_float": (0, _MASK_FLOAT, True, False, False),
+    "mask_float_nograd": (0, _MASK_FLOAT, False, False, False),  # differs from mask_float in dK/dV only
     "dropout": (0, _MASK_NONE, False, True, False),
     "varlen_causal": (2, _MASK_NONE, False, False, True),
 }
+_REPORT_KERNELS = (("fwd", "_attn_fwd"), ("dkdv", "_attn_bwd_dkdv"), ("dq", "_attn_bwd_dq"),
+                   ("dkdv_atomic", "_attn_bwd_dkdv"))
+_ARCHS = {80: "sm_80", 90: "sm_90"}
 
 
 def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen: bool) -> dict[str, str]:
@@ -971,6 +978,8 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
             sig[name] = "*i64" if varlen else f"*{dt}"
         elif name == "Keep":
             sig[name] = "*i8"
+        elif name == "DQ" and constexprs.get("ATOMIC_DQ"):
+            sig[name] = "*fp32"
         elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk"):
             sig[name] = f"*{dt}"
         elif name in _FLOAT_ARGS:
@@ -985,10 +994,12 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
 def report_configs() -> list[dict]:
     """Every (kernel, config) the launchers can launch at full tile size, for compiling ahead of time.
 
-    One entry per kernel x head-dim bucket (64, 128, 256) x dtype (fp16, bf16, fp32) x variant
-    (the causal / mask / dropout / varlen constexprs); short-sequence launches use smaller tiles.
-    Keys: kernel, fn, signature, constexprs, num_warps, num_stages, config; options ({"maxnreg": ..}) where the
-    launcher caps registers.
+    One entry per launch ("fwd", "dkdv", "dq", "dkdv_atomic") x head-dim bucket (64, 128, 256) x dtype (fp16,
+    bf16, fp32) x variant (the causal / mask / dropout / varlen constexprs) x config table: where the sm_90
+    table picks another launch than the sm_80 one, each gets its own entry with ``archs`` naming the one
+    architecture it runs on and the label prefixed ``sm80:`` / ``sm90:``; otherwise one entry serves both.
+    Short-sequence launches use smaller tiles. Keys: kernel, fn, signature, constexprs, num_warps, num_stages,
+    config; options ({"maxnreg": ..}) where the launcher caps registers; archs where the entry is arch-specific.
     """
     entries = []
     for dtype, dt in _TRITON_DTYPE.items():
@@ -996,36 +1007,51 @@ def report_configs() -> list[dict]:
             entries.append(_entry("_attn_bwd_preprocess", _attn_bwd_preprocess, dtype, {
                 "DV": width, "BLOCK_M": _preprocess_block_m(width), "BLOCK_DV": width, "VARLEN": False,
             }, 8, 1, f"d{width}-{dt}", _MASK_NONE, False))
-            for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+            for kernel, fn_name in _REPORT_KERNELS:
+                fn = globals()[fn_name]
                 variants = list(_VARIANTS.items())
                 if dtype == torch.float32:  # allow_tf32 off (torch's default): full-precision fp32 dots
                     variants.append(("dense_ieee", _VARIANTS["dense"]))
                 for label, (causal, mask_kind, mask_grad, dropout, varlen) in variants:
+                    if label == "mask_float_nograd" and not kernel.startswith("dkdv"):
+                        continue
                     precision = "ieee" if label.endswith("ieee") else "tf32"
+                    flags = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal),
+                                 mask_grad=mask_grad)
                     tf32 = torch.backends.cuda.matmul.allow_tf32
                     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
                     try:
-                        launch = _config(kernel, width, dtype, 1 << 20, 1 << 20, mask_kind != _MASK_NONE, dropout)
+                        launches = {arch: _config(kernel, width, dtype, 1 << 20, 1 << 20, arch=arch, **flags)
+                                    for arch in _ARCHS}
                     finally:
                         torch.backends.cuda.matmul.allow_tf32 = tf32
-                    block_m, block_n, warps, stages = launch[:4]
-                    constexprs = {
-                        "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
-                        "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
-                        "VARLEN": varlen, "PRECISION": precision,
-                    }
-                    if kernel == "dkdv":
-                        constexprs["MASK_GRAD"] = mask_grad
-                    chunked = ""
-                    if kernel != "fwd":
-                        constexprs["D_CHUNK"] = constexprs["DV_CHUNK"] = launch.chunk
-                        chunked = f"c{launch.chunk}" if launch.chunk < width else ""
-                    entry = _entry(fn.__name__, fn, dtype, constexprs, warps, stages,
-                                   f"d{width}-{dt}-{label}-m{block_m}n{block_n}w{warps}s{stages}{chunked}",
-                                   mask_kind, varlen)
-                    if launch.maxnreg is not None:
-                        entry["options"] = {"maxnreg": launch.maxnreg}
-                    entries.append(entry)
+                    shared = launches[80] == launches[90]
+                    for arch, launch in launches.items():
+                        if shared and arch != 80:
+                            continue
+                        block_m, block_n, warps, stages = launch[:4]
+                        constexprs = {
+                            "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
+                            "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
+                            "VARLEN": varlen, "PRECISION": precision,
+                        }
+                        if kernel.startswith("dkdv"):
+                            constexprs["MASK_GRAD"] = mask_grad
+                            constexprs["ATOMIC_DQ"] = kernel == "dkdv_atomic"
+                        chunked = ""
+                        if kernel != "fwd":
+                            constexprs["D_CHUNK"] = constexprs["DV_CHUNK"] = launch.chunk
+                            chunked = f"c{launch.chunk}" if launch.chunk < width else ""
+                        prefix = "" if shared else f"sm{arch}:"
+                        tag = "atomic-" if kernel == "dkdv_atomic" else ""
+                        entry = _entry(fn.__name__, fn, dtype, constexprs, warps, stages,
+                                       f"{prefix}d{width}-{dt}-{tag}{label}-m{block_m}n{block_n}w{warps}s{stages}"
+                                       f"{chunked}", mask_kind, varlen)
+                        if launch.maxnreg is not None:
+                            entry["options"] = {"maxnreg": launch.maxnreg}
+                        if not shared:
+                            entry["archs"] = [_ARCHS[arch]]
+                        entries.append(entry)
     return entries
 
 
