@@ -537,12 +537,13 @@ def _pow2(n: int) -> int:
 # -- the query tile in fwd / dQ, the key tile in dK/dV (k q^T, p^T dO, ds^T q), and the head dim for the
 # atomic dQ term (k^T ds^T). A smaller M compiles to sm_80's HMMA. Each entry compiles with 0 spills (the
 # kernel report checks them); chunk < width contracts S^T and dP^T from memory chunk by chunk (the masked
-# dK/dV with a mask gradient at width 128 spills 16-24 B with resident K and V tiles). fp32 and the 256-wide
-# bucket use the sm_80 table.
+# dK/dV with a mask gradient at width 128 spills 16-24 B with resident K and V tiles). The tile that stays put
+# (queries in fwd / dQ, keys in dK/dV) sets how often the streamed ones are re-read from L2: 128 rows wherever
+# that compiles without spills. fp32 and the 256-wide bucket use the sm_80 table.
 _CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] = {
     "fwd": {
         (64, "dense"): (128, 64, 8, 3, 64), (64, "mask"): (64, 32, 4, 3, 64), (64, "dropout"): (64, 32, 4, 3, 64),
-        (128, "dense"): (64, 64, 8, 3, 128), (128, "mask"): (64, 32, 8, 3, 128),
+        (128, "dense"): (128, 64, 8, 3, 128), (128, "mask"): (64, 32, 8, 3, 128),
         (128, "dropout"): (64, 32, 8, 3, 128),
     },
     "dkdv": {
