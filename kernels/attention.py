@@ -549,7 +549,7 @@ _CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] 
     "dkdv": {
         (64, "dense"): (64, 128, 8, 2, 64), (64, "mask"): (32, 64, 8, 2, 64), (64, "mask_grad"): (32, 64, 8, 2, 64),
         (64, "dropout"): (32, 64, 8, 2, 64),
-        (128, "dense"): (16, 64, 8, 2, 128), (128, "mask_grad"): (16, 64, 8, 2, 32),
+        (128, "dense"): (16, 64, 8, 2, 128), (128, "mask"): (16, 64, 8, 2, 32), (128, "mask_grad"): (16, 64, 8, 2, 32),
         (128, "dropout"): (16, 64, 8, 2, 64),
     },
     "dq": {  # sm_80's tiles, without halving the query tile for masks: 113-205 registers in every variant
