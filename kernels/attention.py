@@ -683,6 +683,13 @@ def _config(
     elif kernel in ("dkdv", "dkdv_atomic") and masked and width == 256:
         block_n = max(16, block_n // 2)
     chunk = width
+    if kernel == "dkdv_atomic":
+        # The atomic dQ product needs registers beside dK/dV's: with sm_80's dK/dV tiles it spilled 8-48 B (16-bit
+        # types) and 40-160 B (tf32 at width 128). 8 warps and S, dP contracted 32 columns at a time fit. (The
+        # 256-wide bucket still spilled 48-800 B: the launcher runs the deterministic backward there.)
+        warps = max(warps, 8)
+        if dtype != torch.float32 or (width == 128 and _precision(dtype) == "tf32"):
+            chunk = 32
     if dtype == torch.float32 and _precision(dtype) == "ieee":
         # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
@@ -803,7 +810,8 @@ _BACKWARD_MODES = ("deterministic", "atomic")
 
 def _backward_mode() -> str:
     """``SEQFAST_ATTENTION_BWD``, read on every backward: "deterministic" (default; FA2 split, no atomics) or
-    "atomic" (one kernel adds dQ with fp32 atomics: faster, not bitwise reproducible). Under
+    "atomic" (one kernel adds dQ with fp32 atomics: faster, not bitwise reproducible; head dims <= 128, larger
+    ones run the deterministic backward). Under
     ``torch.use_deterministic_algorithms(True)`` "atomic" raises, or with ``warn_only=True`` warns and runs the
     deterministic backward."""
     mode = os.environ.get("SEQFAST_ATTENTION_BWD", "deterministic").strip().lower() or "deterministic"
@@ -852,7 +860,8 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
 
-    atomic = _backward_mode() == "atomic"
+    # Head dims > 128 keep the deterministic backward: the atomic kernel spills there (benchmarks/NOTES.md).
+    atomic = _backward_mode() == "atomic" and c.width <= 128
     variant = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal), mask_grad=bool(mask_grad),
                    arch=_arch(query.device))
     block_m, block_n, warps, stages, maxnreg, chunk = _config("dkdv_atomic" if atomic else "dkdv", c.width,
@@ -1015,6 +1024,8 @@ def report_configs() -> list[dict]:
                     variants.append(("dense_ieee", _VARIANTS["dense"]))
                 for label, (causal, mask_kind, mask_grad, dropout, varlen) in variants:
                     if label == "mask_float_nograd" and not kernel.startswith("dkdv"):
+                        continue
+                    if kernel == "dkdv_atomic" and width > 128:  # the launcher never runs it there
                         continue
                     precision = "ieee" if label.endswith("ieee") else "tf32"
                     flags = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal),

@@ -182,7 +182,9 @@ def test_float64_refused_clearly():
 # ------------------------------------------------------------------------------------------- float16
 
 
-def test_float16_within_twice_torch_error():
+@pytest.mark.parametrize("mode", ["deterministic", "atomic"])
+def test_float16_within_twice_torch_error(monkeypatch, mode):
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", mode)  # atomic: S and dP in 32-column chunks, dQ in fp32 atomics
     q, k, v = qkv(1, 2, 2, 70, 70, 64, 64)
     mask = torch.randn(1, 1, 70, 70)
     grad_out = torch.randn(1, 2, 70, 64)
@@ -306,11 +308,20 @@ def atomic_bwd(monkeypatch):
     [
         (1, 2, 2, 70, 129, 80, 80, {}),  # several query and key tiles, D not a power of two
         (1, 4, 2, 129, 70, 128, 64, {"is_causal": True, "enable_gqa": True}),  # GQA heads add into one dQ tile
-        (1, 1, 1, 20, 33, 224, 208, {}),  # 256-wide bucket: the chunked dots, K reloaded for dQ
     ],
 )
 def test_atomic_backward_matches_reference(B, Hq, Hk, Lq, Lk, D, Dv, kwargs):
     check_against_reference(qkv(B, Hq, Hk, Lq, Lk, D, Dv), grad_out=torch.randn(B, Hq, Lq, Dv), **kwargs)
+
+
+def test_atomic_backward_falls_back_past_head_dim_128(monkeypatch):
+    """The 256-wide bucket runs the deterministic backward under SEQFAST_ATTENTION_BWD=atomic: same bits."""
+    tensors, grad_out = qkv(1, 1, 1, 20, 33, 224, 208), torch.randn(1, 1, 20, 208)
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", "atomic")
+    _, atomic = sdpa_with_grads("triton", tensors, torch.float32, grad_out)
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", "deterministic")
+    _, deterministic = sdpa_with_grads("triton", tensors, torch.float32, grad_out)
+    assert all(torch.equal(a, d) for a, d in zip(atomic, deterministic))
 
 
 @pytest.mark.usefixtures("atomic_bwd")
