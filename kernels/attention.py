@@ -686,11 +686,14 @@ def _config(
     if kernel == "dkdv_atomic":
         # The atomic dQ product needs registers beside dK/dV's: with sm_80's dK/dV tiles it spilled 8-48 B (16-bit
         # types) and 40-160 B (tf32 at width 128 on sm_80; on sm_90 resident tiles fit and chunks spill). 8 warps
-        # and S, dP contracted 32 columns at a time fit. (The 256-wide bucket still spilled 48-800 B: the launcher
-        # runs the deterministic backward there.)
+        # and S, dP contracted 32 columns at a time fit (tf32: with 16-row key tiles; 32 rows still spilled 28 B
+        # for varlen). (The 256-wide bucket still spilled 48-800 B: the launcher runs the deterministic backward
+        # there.)
         warps = max(warps, 8)
-        if dtype != torch.float32 or (width == 128 and _precision(dtype) == "tf32" and arch == 80):
+        if dtype != torch.float32:
             chunk = 32
+        elif width == 128 and _precision(dtype) == "tf32" and arch == 80:
+            chunk, block_n = 32, 16
     if dtype == torch.float32 and _precision(dtype) == "ieee":
         # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
