@@ -16,7 +16,7 @@ Four launches; only the two recursions are serial in time, and they touch O(S) e
   entries of its rows (``grad_nll * (exp(lp) - posterior)``); it runs after ``grad`` on the stream.
 
 Inside a recursion program, the states of a time step are processed in tiles of ``BLOCK_S`` (one tile
-when 2S+1 fits, the default up to 2048 states); the s-1 / s-2 (forward) and s+1 / s+2 (backward)
+when 2S+1 fits: up to 4096 states forward, 2048 backward); the s-1 / s-2 (forward) and s+1 / s+2 (backward)
 neighbours of a state may sit in another thread or tile, so every step reads the previous step's row
 back from global memory (``log_alpha`` forward, a two-row beta scratch backward). One program owns
 every state of its sample, so a CTA barrier between time steps is the only synchronisation needed,
@@ -39,6 +39,7 @@ the tensors' device, whatever the current device is.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,27 +49,34 @@ import triton.language as tl
 
 # Largest state tile; targets with 2S+1 above it are processed in several tiles per time step.
 # Tests lower it to exercise the tiling on small shapes.
-MAX_STATE_BLOCK = 2048
+MAX_STATE_BLOCK = 4096
 # Largest class tile of the loops over C (row normalisers, gradient rows); lowered by tests likewise.
 MAX_CLASS_BLOCK = 1024
 # Most programs of one launch (grid axis 0 allows 2**31 - 1); more run as several launches. Tests lower it.
 MAX_GRID_PROGRAMS = 2**31 - 1
 
 # (state tile, warps) of the recursions: the launchers pick the first tier whose tile holds all 2S+1 states.
-_TIERS = ((32, 1), (128, 4), (512, 8), (2048, 16))
+# The backward sweep holds more per state: its widest spill-free tile is 2048 states (kernel_report.py).
+# float64 holds twice the registers per state: its widest spill-free tile is 2048 states, forward too.
+_FLOAT64_STATE_BLOCK = 2048
+_TIERS = {
+    "forward": ((32, 1), (128, 4), (512, 8), (2048, 16), (4096, 16)),
+    "backward": ((32, 1), (128, 4), (512, 8), (2048, 16)),
+}
 # (largest C, rows per program, class tile, warps) of the row-parallel launches, first match wins.
-_ROW_TIERS = ((64, 32, 64, 4), (512, 4, 512, 4), (None, 2, 1024, 8))
+# Tiles of 1024 entries at most, 8 per thread (float64 from logits holds 5 live values per entry: spill-free).
+_ROW_TIERS = ((64, 8, 64, 4), (512, 2, 512, 4), (None, 1, 1024, 8))
 
 # The tunable launches and their candidate configs (``forced_config`` replaces the built-in choice).
 # "forward" / "backward": BLOCK_S (state tile) and num_warps; "lse" / "grad": BLOCK_R (rows per program),
 # BLOCK_C (class tile) and num_warps. All compile without spills on sm_80 and sm_90 (kernel_report.py).
 CONFIG_SPACE: dict[str, list[dict[str, int]]] = {
-    "forward": [{"BLOCK_S": b, "num_warps": w} for b, w in _TIERS] + [{"BLOCK_S": 1024, "num_warps": 8}],
-    "backward": [{"BLOCK_S": b, "num_warps": w} for b, w in _TIERS] + [{"BLOCK_S": 1024, "num_warps": 8}],
+    "forward": [{"BLOCK_S": b, "num_warps": w} for b, w in _TIERS["forward"]] + [{"BLOCK_S": 1024, "num_warps": 8}],
+    "backward": [{"BLOCK_S": b, "num_warps": w} for b, w in _TIERS["backward"]] + [{"BLOCK_S": 1024, "num_warps": 8}],
     "lse": [{"BLOCK_R": r, "BLOCK_C": c, "num_warps": w} for _, r, c, w in _ROW_TIERS]
-    + [{"BLOCK_R": 8, "BLOCK_C": 256, "num_warps": 4}],
+    + [{"BLOCK_R": 4, "BLOCK_C": 256, "num_warps": 4}],
     "grad": [{"BLOCK_R": r, "BLOCK_C": c, "num_warps": w} for _, r, c, w in _ROW_TIERS]
-    + [{"BLOCK_R": 8, "BLOCK_C": 256, "num_warps": 4}],
+    + [{"BLOCK_R": 4, "BLOCK_C": 256, "num_warps": 4}],
 }
 _FORCED: dict[str, dict[str, int]] = {}
 
@@ -132,14 +140,50 @@ def _ctc_row_lse_kernel(x_ptr, lse_ptr, R, C, pid_base, BLOCK_R: tl.constexpr, B
 
 
 @triton.jit
+def _forward_labels(tgt_row, s, n_states, blank):
+    """Per state s: whether it is used (s < 2L+1), its class, and whether it may skip from s-2."""
+    active = s < n_states
+    odd = (s % 2) == 1
+    lab = tl.load(tgt_row + (s - 1) // 2, mask=active & odd, other=0).to(tl.int32)
+    lab = tl.where(odd, lab, blank)
+    lab2 = tl.load(tgt_row + (s - 3) // 2, mask=active & odd & (s >= 3), other=0).to(tl.int32)
+    return active, lab, odd & (s >= 3) & (lab != lab2)
+
+
+@triton.jit
+def _emissions(lp_ptr, lse_ptr, t, n64, N, C, lab, mask, row_ok, cdt: tl.constexpr, FROM_LOGITS: tl.constexpr):
+    """log-probs of classes lab at frame t of sample n (-inf where not mask; row_ok: frame t exists), in cdt."""
+    row = tl.cast(t, tl.int64) * N + n64
+    lp = tl.load(lp_ptr + row * C + lab, mask=mask, other=float("-inf")).to(cdt)
+    if FROM_LOGITS:
+        lp = lp - tl.load(lse_ptr + row, mask=row_ok, other=0.0).to(cdt)
+    return lp
+
+
+@triton.jit
+def _alpha_states(prev, s, active, skip, lp, t, cdt: tl.constexpr):
+    """alpha of frame t at states s from the previous frame's row at prev and the emissions lp."""
+    first = t == 0
+    # Frame 0 starts states 0 and 1 only: the others stay -inf, even for a NaN log-prob (as torch).
+    lp = tl.where(first & (s >= 2), float("-inf"), lp)
+    # t = 0 reads a virtual row that is 0 at state 0 only: alpha[0] = lp at states 0 and 1.
+    a0 = tl.load(prev + s, mask=active & (t > 0), other=float("-inf")).to(cdt)
+    a0 = tl.where(first & (s == 0), 0.0, a0)
+    a1 = tl.load(prev + s - 1, mask=active & (s >= 1) & (t > 0), other=float("-inf")).to(cdt)
+    a1 = tl.where(first & (s == 1), 0.0, a1)
+    a2 = tl.load(prev + s - 2, mask=active & skip & (t > 0), other=float("-inf")).to(cdt)
+    return _logaddexp3(a0, a1, a2) + lp
+
+
+@triton.jit
 def _ctc_forward_kernel(
     lp_ptr, lse_ptr, tgt_ptr, il_ptr, tl_ptr, nll_ptr, la_ptr,
     N, T, C, S, blank, pid_base,
-    FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     """Program n: alpha rows t < input_length[n] over states s <= 2L (log_alpha arrives filled with -inf).
 
-    lse_ptr: (T, N) row normalisers (from logits; unused otherwise).
+    lse_ptr: (T, N) row normalisers (from logits; unused otherwise). ONE_TILE: 2S+1 <= BLOCK_S.
     """
     n = tl.program_id(0) + pid_base
     n64 = tl.cast(n, tl.int64)
@@ -151,36 +195,31 @@ def _ctc_forward_kernel(
     tgt_row = tgt_ptr + n64 * S
     la_n = la_ptr + n64 * T * W
     offs = tl.arange(0, BLOCK_S)
-    for t in range(0, Tn):
-        t64 = tl.cast(t, tl.int64)
-        lp_row = lp_ptr + (t64 * N + n64) * C
-        if FROM_LOGITS:
-            lse = tl.load(lse_ptr + t64 * N + n64).to(cdt)
-        else:
-            lse = tl.zeros([], cdt)
-        cur = la_n + t64 * W
-        prev = cur - W
-        first = t == 0
-        for s0 in range(0, n_states, BLOCK_S):
-            s = s0 + offs
-            active = s < n_states
-            odd = (s % 2) == 1
-            lab = tl.load(tgt_row + (s - 1) // 2, mask=active & odd, other=0).to(tl.int32)
-            lab = tl.where(odd, lab, blank)
-            lab2 = tl.load(tgt_row + (s - 3) // 2, mask=active & odd & (s >= 3), other=0).to(tl.int32)
-            skip = odd & (s >= 3) & (lab != lab2)
-            lp = tl.load(lp_row + lab, mask=active, other=float("-inf")).to(cdt) - lse
-            # Frame 0 starts states 0 and 1 only: the others stay -inf, even for a NaN log-prob (as torch).
-            lp = tl.where(first & (s >= 2), float("-inf"), lp)
-            # t = 0 reads a virtual row that is 0 at state 0 only: alpha[0] = lp at states 0 and 1.
-            a0 = tl.load(prev + s, mask=active & (t > 0), other=float("-inf")).to(cdt)
-            a0 = tl.where(first & (s == 0), 0.0, a0)
-            a1 = tl.load(prev + s - 1, mask=active & (s >= 1) & (t > 0), other=float("-inf")).to(cdt)
-            a1 = tl.where(first & (s == 1), 0.0, a1)
-            a2 = tl.load(prev + s - 2, mask=active & skip & (t > 0), other=float("-inf")).to(cdt)
-            tl.store(cur + s, _logaddexp3(a0, a1, a2) + lp, mask=active)
-        # The next step reads states written by other threads of this program.
-        tl.debug_barrier()
+    if ONE_TILE:
+        # The labels stay in registers, and frame t+1's log-probs are gathered while frame t is computed:
+        # the gather's memory latency overlaps the recursion's instead of adding to it.
+        active, lab, skip = _forward_labels(tgt_row, offs, n_states, blank)
+        # Per-lane flags: the interpreter mishandles a scalar bool combined with a vector one.
+        lanes = offs * 0
+        lp_next = _emissions(lp_ptr, lse_ptr, 0, n64, N, C, lab, active & (lanes < Tn), Tn > 0, cdt, FROM_LOGITS)
+        for t in range(0, Tn):
+            lp = lp_next
+            more = t + 1 < Tn
+            lp_next = _emissions(lp_ptr, lse_ptr, t + 1, n64, N, C, lab, active & (lanes + t + 1 < Tn), more, cdt,
+                                 FROM_LOGITS)
+            cur = la_n + tl.cast(t, tl.int64) * W
+            tl.store(cur + offs, _alpha_states(cur - W, offs, active, skip, lp, t, cdt), mask=active)
+            # The next step reads states written by other threads of this program.
+            tl.debug_barrier()
+    else:
+        for t in range(0, Tn):
+            cur = la_n + tl.cast(t, tl.int64) * W
+            for s0 in range(0, n_states, BLOCK_S):
+                s = s0 + offs
+                active, lab, skip = _forward_labels(tgt_row, s, n_states, blank)
+                lp = _emissions(lp_ptr, lse_ptr, t, n64, N, C, lab, active, t < Tn, cdt, FROM_LOGITS)
+                tl.store(cur + s, _alpha_states(cur - W, s, active, skip, lp, t, cdt), mask=active)
+            tl.debug_barrier()
     last = la_n + tl.cast(tl.maximum(Tn, 1) - 1, tl.int64) * W
     a_end = tl.load(last + 2 * L, mask=Tn > 0, other=float("-inf")).to(cdt)
     a_lab = tl.load(last + 2 * L - 1, mask=(Tn > 0) & (L > 0), other=float("-inf")).to(cdt)
@@ -235,10 +274,40 @@ def _ctc_grad_fill_kernel(
 
 
 @triton.jit
+def _backward_labels(tgt_row, s, n_states, blank):
+    """Per state s: whether it is used, whether it is a label state, its class, and whether s+2 may skip to it."""
+    active = s < n_states
+    odd = (s % 2) == 1
+    lab = tl.load(tgt_row + (s - 1) // 2, mask=active & odd, other=0).to(tl.int32)
+    lab = tl.where(odd, lab, blank)
+    lab2 = tl.load(tgt_row + (s + 1) // 2, mask=odd & (s + 2 < n_states), other=0).to(tl.int32)
+    return active, odd, lab, odd & (s + 2 < n_states) & (lab != lab2)
+
+
+@triton.jit
+def _beta_states(beta_next, s, active, skip, lp, alpha, nll, is_last, not_last, n_states):
+    """(beta including the emission at t, posterior) at states s, from the next frame's beta row at beta_next,
+    the emissions lp and alpha of frame t."""
+    cdt: tl.constexpr = lp.dtype
+    # beta excluding the emission at t; at the last frame 1 on the two final states.
+    b0 = tl.load(beta_next + s, mask=active & not_last, other=float("-inf")).to(cdt)
+    b0 = tl.where(is_last & active & (s >= n_states - 2), 0.0, b0)
+    b1 = tl.load(beta_next + s + 1, mask=(s + 1 < n_states) & not_last, other=float("-inf")).to(cdt)
+    b2 = tl.load(beta_next + s + 2, mask=skip & not_last, other=float("-inf")).to(cdt)
+    b_excl = _logaddexp3(b0, b1, b2)
+    alpha = tl.where(alpha < float("inf"), alpha, float("-inf"))  # NaN / +inf: states that reach no end
+    post = tl.where(active, tl.exp(alpha + b_excl + nll), 0.0)
+    # The loss is finite, so no NaN or +inf log-prob reaches the end: as probability 0 they change nothing
+    # else (as in the C++ kernels), and the gradient shows them through exp(lp).
+    return tl.where(lp < float("inf"), b_excl + lp, float("-inf")), post
+
+
+@triton.jit
 def _ctc_backward_kernel(
     grad_ptr, gn_ptr, lp_ptr, lse_ptr, tgt_ptr, il_ptr, tl_ptr, nll_ptr, la_ptr, beta_ptr, post_ptr, first_ptr,
     N, T, C, S, blank, pid_base,
     FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     """Program n: beta by a downward sweep over the frames t < input_length[n] of a finite loss, and the
     blank and label entries of grad[t, n, :] (the others were written by ``_ctc_grad_fill_kernel``).
@@ -247,6 +316,7 @@ def _ctc_backward_kernel(
     beta_ptr: (N, 2, W) scratch, beta (including the emission at t) of rows t and t+1 alternately.
     post_ptr: (N, max(S, 1)) scratch, posterior of each label position at the current t.
     first_ptr: (N, max(S, 1)) int32 scratch, 1 where a label position holds the first occurrence of its label.
+    ONE_TILE: 2S+1 <= BLOCK_S.
     """
     n = tl.program_id(0) + pid_base
     n64 = tl.cast(n, tl.int64)
@@ -285,6 +355,16 @@ def _ctc_backward_kernel(
         tl.store(first_n + li_idx, (earlier == 0).to(tl.int32), mask=li_ok)
         gather_end = tl.maximum(gather_end, tl.max(tl.where(li_ok & (earlier > 0), li_idx + 1, 0), 0))
 
+    if ONE_TILE:
+        # As forward: labels in registers, and the next frame's (t-1) log-probs and alpha row are loaded while
+        # frame t is computed.
+        s = offs_s
+        active, odd, lab, skip = _backward_labels(tgt_row, s, n_states, blank)
+        t_top = offs_s * 0 + t_sweep - 1
+        lp_next = _emissions(lp_ptr, lse_ptr, t_sweep - 1, n64, N, C, lab, active & (t_top >= 0), t_sweep > 0,
+                             cdt, FROM_LOGITS)
+        alpha_next = tl.load(la_n + tl.cast(t_sweep - 1, tl.int64) * W + s, mask=active & (t_top >= 0),
+                             other=float("-inf")).to(cdt)
     for i in range(0, t_sweep):
         t = t_sweep - 1 - i
         t64 = tl.cast(t, tl.int64)
@@ -301,30 +381,27 @@ def _ctc_backward_kernel(
         t_lanes = offs_s * 0 + t
         is_last = t_lanes == Tn - 1
         not_last = t_lanes != Tn - 1
-        blank_post = tl.zeros([], cdt)
-        for s0 in range(0, n_states, BLOCK_S):
-            s = s0 + offs_s
-            active = s < n_states
-            odd = (s % 2) == 1
-            lab = tl.load(tgt_row + (s - 1) // 2, mask=active & odd, other=0).to(tl.int32)
-            lab = tl.where(odd, lab, blank)
-            lab2 = tl.load(tgt_row + (s + 1) // 2, mask=odd & (s + 2 < n_states), other=0).to(tl.int32)
-            skip = odd & (s + 2 < n_states) & (lab != lab2)
-            lp = tl.load(lp_row + lab, mask=active, other=float("-inf")).to(cdt) - lse
-            # beta excluding the emission at t; at the last frame 1 on the two final states.
-            b0 = tl.load(beta_next + s, mask=active & not_last, other=float("-inf")).to(cdt)
-            b0 = tl.where(is_last & active & (s >= n_states - 2), 0.0, b0)
-            b1 = tl.load(beta_next + s + 1, mask=(s + 1 < n_states) & not_last, other=float("-inf")).to(cdt)
-            b2 = tl.load(beta_next + s + 2, mask=skip & not_last, other=float("-inf")).to(cdt)
-            b_excl = _logaddexp3(b0, b1, b2)
-            alpha = tl.load(alpha_row + s, mask=active, other=float("-inf")).to(cdt)
-            alpha = tl.where(alpha < float("inf"), alpha, float("-inf"))  # NaN / +inf: states that reach no end
-            post = tl.where(active, tl.exp(alpha + b_excl + nll), 0.0)
-            # The loss is finite, so no NaN or +inf log-prob reaches the end: as probability 0 they change nothing
-            # else (as in the C++ kernels), and the gradient shows them through exp(lp) below.
-            tl.store(beta_cur + s, tl.where(lp < float("inf"), b_excl + lp, float("-inf")), mask=active)
+        if ONE_TILE:
+            lp = lp_next
+            alpha = alpha_next
+            earlier = active & (t_lanes > 0)
+            lp_next = _emissions(lp_ptr, lse_ptr, t - 1, n64, N, C, lab, earlier, t > 0, cdt, FROM_LOGITS)
+            alpha_next = tl.load(alpha_row - W + s, mask=earlier, other=float("-inf")).to(cdt)
+            beta, post = _beta_states(beta_next, s, active, skip, lp, alpha, nll, is_last, not_last, n_states)
+            tl.store(beta_cur + s, beta, mask=active)
             tl.store(post_n + (s - 1) // 2, post, mask=active & odd)
-            blank_post += tl.sum(tl.where(odd, 0.0, post), 0)
+            blank_post = tl.sum(tl.where(odd, 0.0, post), 0)
+        else:
+            blank_post = tl.zeros([], cdt)
+            for s0 in range(0, n_states, BLOCK_S):
+                s = s0 + offs_s
+                active, odd, lab, skip = _backward_labels(tgt_row, s, n_states, blank)
+                lp = tl.load(lp_row + lab, mask=active, other=float("-inf")).to(cdt) - lse
+                alpha = tl.load(alpha_row + s, mask=active, other=float("-inf")).to(cdt)
+                beta, post = _beta_states(beta_next, s, active, skip, lp, alpha, nll, is_last, not_last, n_states)
+                tl.store(beta_cur + s, beta, mask=active)
+                tl.store(post_n + (s - 1) // 2, post, mask=active & odd)
+                blank_post += tl.sum(tl.where(odd, 0.0, post), 0)
         # The label gather reads posteriors written by other threads.
         tl.debug_barrier()
         lp_blank = tl.load(lp_row + blank).to(cdt) - lse
@@ -352,9 +429,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tier(num_states: int) -> tuple[int, int]:
-    """(BLOCK_S, num_warps) for 2S+1 states, capped by MAX_STATE_BLOCK."""
-    block, warps = next(((b, w) for b, w in _TIERS if num_states <= b), _TIERS[-1])
+def _tier(num_states: int, kernel: str) -> tuple[int, int]:
+    """(BLOCK_S, num_warps) of ``kernel`` ("forward" / "backward") for 2S+1 states, capped by MAX_STATE_BLOCK."""
+    tiers = _TIERS[kernel]
+    block, warps = next(((b, w) for b, w in tiers if num_states <= b), tiers[-1])
     return min(block, MAX_STATE_BLOCK), warps
 
 
@@ -373,7 +451,8 @@ def _blocks(num_states: int, dtype: torch.dtype, kernel: str = "forward") -> dic
     if forced is not None:
         block_s, warps = min(int(forced["BLOCK_S"]), MAX_STATE_BLOCK), int(forced["num_warps"])
     else:
-        block_s, warps = _tier(num_states)
+        block_s, warps = _tier(num_states, kernel)
+    block_s = min(block_s, _FLOAT64_STATE_BLOCK) if dtype == torch.float64 else block_s
     return {"BLOCK_S": block_s, **_pairing_blocks(block_s, dtype), "num_warps": warps}
 
 
@@ -439,7 +518,8 @@ def ctc_loss_forward(
             _ctc_forward_kernel, N,
             (log_probs, lse, targets.contiguous(), input_lengths.contiguous(), target_lengths.contiguous(),
              nll, log_alpha, N, T, C, S, blank),
-            FROM_LOGITS=bool(from_logits), BLOCK_S=b["BLOCK_S"], num_warps=b["num_warps"], num_stages=1,
+            FROM_LOGITS=bool(from_logits), BLOCK_S=b["BLOCK_S"], ONE_TILE=W <= b["BLOCK_S"],
+            num_warps=b["num_warps"], num_stages=1,
         )
     # The kernel needs the whole table as its working memory; without keep_alpha it is scratch.
     return nll, log_alpha if keep_alpha else log_alpha.new_empty((N, 0, 0))
@@ -488,7 +568,7 @@ def ctc_loss_backward(
             (grad, gn, log_probs, lse, targets.contiguous(), input_lengths, target_lengths.contiguous(), nll,
              log_alpha.contiguous(), beta, post, first, N, T, C, S, blank),
             FROM_LOGITS=bool(from_logits), BLOCK_S=b["BLOCK_S"], BLOCK_L=b["BLOCK_L"], BLOCK_J=b["BLOCK_J"],
-            num_warps=b["num_warps"], num_stages=1,
+            ONE_TILE=W <= b["BLOCK_S"], num_warps=b["num_warps"], num_stages=1,
         )
     return grad
 
@@ -543,11 +623,14 @@ def report_configs() -> list[dict[str, Any]]:
         for from_logits in (False, True):
             src = "logits" if from_logits else "logprobs"
             for kernel, fn in (("forward", _ctc_forward_kernel), ("backward", _ctc_backward_kernel)):
-                for cfg in CONFIG_SPACE[kernel]:
+                for cfg, one_tile in itertools.product(CONFIG_SPACE[kernel], (True, False)):
+                    if dtype == torch.float64 and cfg["BLOCK_S"] > _FLOAT64_STATE_BLOCK:
+                        continue  # clipped by the launcher
                     const = {"FROM_LOGITS": from_logits, "BLOCK_S": cfg["BLOCK_S"]}
                     if kernel == "backward":
                         const.update(_pairing_blocks(cfg["BLOCK_S"], dtype))
-                    label = f"{src}-S{cfg['BLOCK_S']}-w{cfg['num_warps']}"
+                    const["ONE_TILE"] = one_tile
+                    label = f"{src}-S{cfg['BLOCK_S']}{'' if one_tile else 'x'}-w{cfg['num_warps']}"
                     configs.append(_entry(f"ctc_{kernel}", fn, dtype, const, cfg["num_warps"], label))
             for cfg in CONFIG_SPACE["grad"]:
                 const = {"FROM_LOGITS": from_logits, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": cfg["BLOCK_C"]}

@@ -250,8 +250,12 @@ def test_report_configs_name_every_argument(kernels):
     labels = [(c["kernel"], c["config"]) for c in configs]
     assert len(labels) == len(set(labels))
     # Every launchable tile: the tiers the launcher picks for short, medium and long targets and rows.
-    launched = {kernels._blocks(2 * S + 1, torch.float32)["BLOCK_S"] for S in (0, 20, 60, 200, 1000, 5000)}
-    assert launched == {c["constexprs"]["BLOCK_S"] for c in configs if "BLOCK_S" in c["constexprs"]} - {1024}
+    for kernel in ("forward", "backward"):
+        for dtype, name in ((torch.float32, "fp32"), (torch.float64, "fp64")):
+            launched = {kernels._blocks(2 * S + 1, dtype, kernel)["BLOCK_S"] for S in (0, 20, 60, 200, 1000, 2000)}
+            listed = {c["constexprs"]["BLOCK_S"] for c in configs
+                      if c["kernel"] == f"ctc_{kernel}" and c["config"].startswith(name)}
+            assert launched == listed - {1024}, (kernel, dtype)
     for kernel in ("lse", "grad"):
         rows = {tuple(kernels._row_blocks(C, kernel).values()) for C in (64, 512, 1024, 5000)}
         assert rows == {(c["BLOCK_R"], c["BLOCK_C"], c["num_warps"]) for c in kernels.CONFIG_SPACE[kernel][:3]}
