@@ -137,13 +137,15 @@ def ctc_arguments(
 
     # Checked where the values are: all on the host (lists, CPU tensors), no device sync at all; else on the
     # device, the host ones copied there asynchronously first, with one device-to-host read.
-    if any(t.device.type != "cpu" for t in (tg, il, tl)):
+    on_host = tg.device.type == "cpu" and il.device.type == "cpu" and tl.device.type == "cpu"
+    if not on_host:
         il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
-    if tg.device.type == "cpu" and tg.numel() <= _HOST_CHECK_MAX:
+    if on_host and tg.numel() <= _HOST_CHECK_MAX:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_host(tg, il, tl, padded, C, blank)
     else:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_device(tg, il, tl, padded, C, blank)
-    il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
+    if on_host and device.type != "cpu":
+        il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
     if il_min < 0:
         raise ArgumentError(f"input_lengths must be >= 0, got {il_min} at index {int(il.argmin())}")
     if il_max > T:
