@@ -144,8 +144,6 @@ def ctc_arguments(
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_host(tg, il, tl, padded, C, blank)
     else:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_device(tg, il, tl, padded, C, blank)
-    if on_host and device.type != "cpu":
-        il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
     if il_min < 0:
         raise ArgumentError(f"input_lengths must be >= 0, got {il_min} at index {int(il.argmin())}")
     if il_max > T:
@@ -164,6 +162,8 @@ def ctc_arguments(
         raise ArgumentError(f"targets must hold labels in [0, {C}) other than blank={blank}; got {value} at "
                             f"position {where if padded else where[0]}")
 
+    if on_host and device.type != "cpu":
+        il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
     if padded:
         tg = tg[:, :tl_max] if tl_max < S else tg
     else:
