@@ -56,12 +56,13 @@ MAX_CLASS_BLOCK = 1024
 MAX_GRID_PROGRAMS = 2**31 - 1
 
 # (state tile, warps) of the recursions: the launchers pick the first tier whose tile holds all 2S+1 states.
-# The backward sweep holds more per state: its widest spill-free tile is 2048 states (kernel_report.py).
+# The backward sweep holds more per state: its widest spill-free tile is 2048 states (kernel_report.py), and
+# ptxas spills float64's 512-state tile at 8 warps (80 registers) but not at 16.
 # float64 holds twice the registers per state: its widest spill-free tile is 2048 states, forward too.
 _FLOAT64_STATE_BLOCK = 2048
 _TIERS = {
     "forward": ((32, 1), (128, 4), (512, 8), (2048, 16), (4096, 16)),
-    "backward": ((32, 1), (128, 4), (512, 8), (2048, 16)),
+    "backward": ((32, 1), (128, 4), (512, 16), (2048, 16)),
 }
 # (largest C, rows per program, class tile, warps) of the row-parallel launches, first match wins.
 # Tiles of 1024 entries at most, 8 per thread (float64 from logits holds 5 live values per entry: spill-free).
@@ -72,7 +73,8 @@ _ROW_TIERS = ((64, 8, 64, 4), (512, 2, 512, 4), (None, 1, 1024, 8))
 # BLOCK_C (class tile) and num_warps. All compile without spills on sm_80 and sm_90 (kernel_report.py).
 CONFIG_SPACE: dict[str, list[dict[str, int]]] = {
     "forward": [{"BLOCK_S": b, "num_warps": w} for b, w in _TIERS["forward"]] + [{"BLOCK_S": 1024, "num_warps": 8}],
-    "backward": [{"BLOCK_S": b, "num_warps": w} for b, w in _TIERS["backward"]] + [{"BLOCK_S": 1024, "num_warps": 8}],
+    # No 1024-state candidate backward: ptxas spills float64's at 8 and at 16 warps.
+    "backward": [{"BLOCK_S": b, "num_warps": w} for b, w in _TIERS["backward"]],
     "lse": [{"BLOCK_R": r, "BLOCK_C": c, "num_warps": w} for _, r, c, w in _ROW_TIERS]
     + [{"BLOCK_R": 4, "BLOCK_C": 256, "num_warps": 4}],
     "grad": [{"BLOCK_R": r, "BLOCK_C": c, "num_warps": w} for _, r, c, w in _ROW_TIERS]
@@ -439,9 +441,9 @@ def _tier(num_states: int, kernel: str) -> tuple[int, int]:
 def _pairing_blocks(block_s: int, dtype: torch.dtype) -> dict[str, int]:
     """Label-pairing tiles of the backward sweep for a state tile of block_s."""
     # float64 doubles the registers per element, the widest tile has 128 registers a thread (16 warps):
-    # a narrower pairing tile keeps both spill-free.
-    narrow = dtype == torch.float64 or block_s >= 2048
-    return {"BLOCK_L": max(block_s // 2, 1), "BLOCK_J": min(8 if narrow else 16, max(block_s // 2, 1))}
+    # narrower pairing tiles keep both spill-free (kernel_report.py, sm_80 and sm_90).
+    pair = 4 if dtype == torch.float64 else 8 if block_s >= 2048 else 16
+    return {"BLOCK_L": max(block_s // 2, 1), "BLOCK_J": min(pair, max(block_s // 2, 1))}
 
 
 def _blocks(num_states: int, dtype: torch.dtype, kernel: str = "forward") -> dict[str, Any]:
