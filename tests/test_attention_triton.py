@@ -422,10 +422,15 @@ def test_forced_config_is_used_and_restored(kernels):
 
 
 def test_config_space_names_every_launch(kernels):
-    assert set(kernels.CONFIG_SPACE) == {"fwd", "dkdv", "dq", "dkdv_atomic"}
+    assert set(kernels.CONFIG_SPACE) == {"fwd", "dkdv", "dq", "dkdv_atomic", "decode"}
     for name, configs in kernels.CONFIG_SPACE.items():
         assert 0 < len(configs) <= 8
         for cfg in configs:
+            if name == "decode":  # the split-KV launcher reads its forced config itself
+                with kernels.forced_config(name, cfg):
+                    assert kernels._FORCED["decode"] == cfg
+                assert "decode" not in kernels._FORCED
+                continue
             with kernels.forced_config(name, cfg):
                 launch = kernels._config(name, 128, torch.bfloat16, 1 << 20, 1 << 20, arch=90)
             assert (launch.block_m, launch.block_n, launch.warps, launch.stages) == (
