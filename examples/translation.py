@@ -35,7 +35,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         cfg = RunConfig(size="smoke", steps=40, batch_size=32, peak_lr=3e-3, warmup=10, eval_every=20,
                         val_examples=32, test_examples=64, beam_examples=16, speed_examples=16, base_timing=False)
     elif args.small or args.quick:
-        cfg = RunConfig(size="small", steps=600 if args.quick else 3000, batch_size=64, peak_lr=1e-3, warmup=300)
+        cfg = RunConfig(size="small", steps=600 if args.quick else 2000, batch_size=64, peak_lr=1.5e-3, warmup=200)
     else:
         cfg = RunConfig()
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
@@ -47,7 +47,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, default_out="runs/translation")
-    parser.add_argument("--small", action="store_true", help="d_model 128, 4 heads, 2+2 layers (the default is "
+    parser.add_argument("--small", action="store_true", help="d_model 128, 4 heads, d_ff 256, 2+2 layers (default: "
                         "the paper's base: d_model 512, 8 heads, 6+6 layers)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (overrides the size's default)")
     parser.add_argument("--batch-size", type=int, default=None)

@@ -43,7 +43,7 @@ class ModelConfig:
 
 def small_config(vocab: int) -> ModelConfig:
     """CPU-friendly sizes that still learn the date task to the last character."""
-    return ModelConfig(vocab, d_model=128, heads=4, encoder_layers=2, decoder_layers=2, d_ff=512)
+    return ModelConfig(vocab, d_model=128, heads=4, encoder_layers=2, decoder_layers=2, d_ff=256)
 
 
 def smoke_config(vocab: int) -> ModelConfig:
