@@ -15,7 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from examples.common import add_common_arguments, seed_everything, write_metrics  # noqa: E402
 from examples.translation.dates import DateData  # noqa: E402
 from examples.translation.model import Seq2SeqTransformer  # noqa: E402
+from examples.translation.speed import interleaved  # noqa: E402
 from examples.translation.train import RunConfig, model_config, run  # noqa: E402
 
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-base-timing", action="store_true", help="skip timing the base-shape model's step")
     parser.add_argument("--compare", action="store_true",
                         help="run both backends, each in its own process, from the same initial weights")
+    parser.add_argument("--speed", action="store_true",
+                        help="no training: time both backends on the --init weights in one process, alternating")
+    parser.add_argument("--rounds", type=int, default=5, help="--speed / --compare timing rounds")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.compare:
         return compare(args, cfg, out, argv if argv is not None else sys.argv[1:])
+    if args.speed:
+        speed = interleaved(cfg, args.seed, args.init, args.rounds, cfg.base_timing)
+        write_metrics(out, {"interleaved": speed, "rounds": args.rounds, "run": asdict(cfg), "weights": str(args.init)})
+        print(json.dumps(speed, indent=2))
+        return 0
     metrics = run(args.backend, cfg, out, args.seed, args.init)
     path = write_metrics(out, metrics)
     print(f"{args.backend}: exact match {metrics['exact_match']:.4f} on {metrics['test_examples']} held-out dates, "
@@ -87,7 +96,11 @@ def compare(args: argparse.Namespace, cfg: RunConfig, out: Path, argv: list[str]
         if subprocess.run(cmd).returncode != 0:
             return 1
         results[backend] = json.loads((out / backend / "metrics.json").read_text())
-    table = comparison_table(results)
+    # The runs trained one after the other; their timings met different loads. Time again on the trained
+    # weights, the backends alternating in one process.
+    speed = interleaved(cfg, args.seed, out / "seqfast" / "model.pt", args.rounds, cfg.base_timing)
+    (out / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+    table = comparison_table(results, speed)
     (out / "comparison.md").write_text(table)
     print(table)
     return 0
@@ -106,25 +119,29 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
     return kept
 
 
-def comparison_table(results: dict[str, dict]) -> str:
-    """A Markdown table of the two runs' figures."""
+def comparison_table(results: dict[str, dict], speed: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: timings from ``speed`` (:func:`interleaved`), memory and accuracy from the runs."""
     def ms(x):
         return "–" if x is None else f"{x * 1e3:.1f} ms"
 
+    def tps(key):
+        return lambda n: f"{speed[n][key]:.0f} tokens/s"
+
     rows = [
-        ("training step (median)", lambda m: ms(m["step_time_s"])),
-        ("greedy decoding, KV cache", lambda m: f"{m['decode_tokens_per_s']['greedy_cached']:.0f} tokens/s"),
-        ("greedy decoding, no cache", lambda m: f"{m['decode_tokens_per_s']['greedy_uncached']:.0f} tokens/s"),
-        ("beam 3 decoding, KV cache", lambda m: f"{m['decode_tokens_per_s']['beam3_cached']:.0f} tokens/s"),
-        ("beam 3 decoding, no cache", lambda m: f"{m['decode_tokens_per_s']['beam3_uncached']:.0f} tokens/s"),
-        ("peak RSS (ru_maxrss)", lambda m: f"{m['peak_rss_mib']:.0f} MiB"),
-        ("exact match, greedy", lambda m: f"{m['exact_match'] * 100:.2f}% of {m['test_examples']}"),
-        ("exact match, beam 3", lambda m: f"{m['exact_match_beam3'] * 100:.2f}% of {m['beam_examples']}"),
-        ("base shape fwd+bwd, one batch", lambda m: ms(m["base_fwd_bwd_step_s"])),
+        ("training step (median)", lambda n: ms(speed[n]["step_time_s"])),
+        ("greedy decoding, KV cache", tps("greedy_cached")),
+        ("greedy decoding, no cache", tps("greedy_uncached")),
+        ("beam 3 decoding, KV cache", tps("beam3_cached")),
+        ("beam 3 decoding, no cache", tps("beam3_uncached")),
+        ("peak RSS (ru_maxrss), training + decoding", lambda n: f"{results[n]['peak_rss_mib']:.0f} MiB"),
+        ("exact match, greedy", lambda n: f"{results[n]['exact_match'] * 100:.2f}% of {results[n]['test_examples']}"),
+        ("exact match, beam 3",
+         lambda n: f"{results[n]['exact_match_beam3'] * 100:.2f}% of {results[n]['beam_examples']}"),
+        ("base shape fwd+bwd, one batch", lambda n: ms(speed[n].get("base_fwd_bwd_step_s"))),
     ]
     names = list(results)
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {label} | " + " | ".join(f(results[n]) for n in names) + " |" for label, f in rows]
+    lines += [f"| {label} | " + " | ".join(f(n) for n in names) + " |" for label, f in rows]
     return "\n".join(lines) + "\n"
 
 

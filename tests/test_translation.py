@@ -176,3 +176,15 @@ def test_smoke_run_learns(tmp_path):
     assert set(metrics["decode_tokens_per_s"]) == {"greedy_cached", "greedy_uncached", "beam3_cached",
                                                    "beam3_uncached"}
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "cross_attention.png").stat().st_size > 0
+
+
+def test_interleaved_timing_reports_every_figure_for_both_backends():
+    from examples.translation.speed import interleaved
+    from examples.translation.train import RunConfig
+
+    cfg = RunConfig(size="smoke", batch_size=8, speed_examples=4)
+    speed = interleaved(cfg, seed=0, weights=None, rounds=1, base=False)
+    assert set(speed) == set(BACKENDS)
+    for figures in speed.values():
+        assert set(figures) == {"step_time_s", "greedy_cached", "greedy_uncached", "beam3_cached", "beam3_uncached"}
+        assert all(x > 0 for x in figures.values())

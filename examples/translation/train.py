@@ -112,11 +112,11 @@ def decoding_speed(model: Seq2SeqTransformer, data: DateData, pairs: list[tuple[
         key = "cached" if cached else "uncached"
         out[f"greedy_{key}"], _ = decoding.tokens_per_second(
             lambda c=cached: decoding.greedy(model, b.src, b.src_padding, TARGET_LENGTH + 1, v.BOS, v.EOS, cached=c),
-            lambda r: decoding.generated_tokens(r.tokens, v.EOS))
+            lambda r: decoding.generated_tokens(r.tokens))
         out[f"beam{beam}_{key}"], _ = decoding.tokens_per_second(
             lambda c=cached: decoding.beam_search(model, b.src, b.src_padding, TARGET_LENGTH + 1, v.BOS, v.EOS,
                                                   beam=beam, alpha=alpha, cached=c),
-            lambda r: decoding.generated_tokens(r.tokens, v.EOS))
+            lambda r: decoding.generated_tokens(r.tokens))
     return out
 
 
@@ -161,6 +161,8 @@ def run(backend: str, cfg: RunConfig, out: Path, seed: int, init: Path | None = 
     beam_accuracy = exact_match(model, data, beam_pairs, beam=cfg.beam, alpha=cfg.length_alpha)
     speed = decoding_speed(model, data, test[: cfg.speed_examples], cfg.beam, cfg.length_alpha)
     peak = _peak_rss_mib()  # before the base-shape timing, which would dominate it
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.pt")  # the trained weights (--compare times decoding on them)
     example = "thursday, may the third, 1979" if cfg.size != "smoke" else "3 may 1979"
     weights, text = attention_example(model, data, example)
     plots.cross_attention_heatmaps(out / "cross_attention.png", weights, example, text,
