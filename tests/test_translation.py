@@ -94,7 +94,7 @@ def test_cached_steps_equal_the_causal_forward(data, backend, batch, chunks, nor
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [3])
 def test_greedy_and_beam_equal_with_and_without_cache(data, backend, batch):
     model = _model(len(data.vocab), backend)
     b = _batch(data, batch, seed=7)
@@ -188,3 +188,16 @@ def test_interleaved_timing_reports_every_figure_for_both_backends():
     for figures in speed.values():
         assert set(figures) == {"step_time_s", "greedy_cached", "greedy_uncached", "beam3_cached", "beam3_uncached"}
         assert all(x > 0 for x in figures.values())
+
+
+def test_kv_cache_reorder_moves_rows():
+    from seqfast.nn import KVCache
+
+    cache = KVCache(batch=3, heads=2, capacity=5, head_dim=4)
+    k, v = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    cache.append(k, v)
+    index = torch.tensor([2, 2, 0])
+    cache.reorder(index)
+    assert torch.equal(cache.keys[:, :, :4], k[index]) and torch.equal(cache.values[:, :, :4], v[index])
+    with pytest.raises(ValueError, match="reorder index"):
+        cache.reorder(torch.tensor([0, 1]))
