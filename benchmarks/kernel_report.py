@@ -16,12 +16,13 @@ Discovery: every ``kernels/*.py`` module that defines ``report_configs()``, whic
 ``"i32"``, or ``"constexpr"``}), ``constexprs`` ({arg: value}), ``num_warps``, ``num_stages`` and ``config``
 (a label); optionally ``attrs`` (ASTSource attributes; default: every pointer 16-byte aligned, as Triton
 specialises them at launch) and ``options`` (more compiler options). Kernels must be compiled, not
-interpreted: the command line switches ``TRITON_INTERPRET`` off.
+interpreted: the command line switches ``TRITON_INTERPRET`` off. A config with ``archs`` (e.g. ``["sm_90"]``: an
+entry of a per-architecture config table) is compiled only for those of the requested architectures.
 
 Usage::
 
     python benchmarks/kernel_report.py [--arch sm_80,sm_90] [--json PATH] [--module NAME_OR_FILE ...]
-                                       [--allow-spills]
+                                       [--allow-spills] [--filter REGEX]
 
 Exits non-zero when a config fails to compile or spills (``--allow-spills``: spills only warn). As a
 library: ``report(modules_or_configs, archs) -> list[dict]``.
@@ -229,7 +230,13 @@ def report(modules_or_configs: ModuleType | dict | Iterable[ModuleType | dict],
             "triton was imported with TRITON_INTERPRET=1, so its kernels cannot be compiled in this process: "
             "run the report in a process without it (python benchmarks/kernel_report.py switches it off)"
         )
-    return [compile_config(cfg, arch) for cfg in configs_of(modules_or_configs) for arch in archs]
+    return [compile_config(cfg, arch) for cfg in configs_of(modules_or_configs) for arch in archs
+            if targets(cfg, arch)]
+
+
+def targets(cfg: dict[str, Any], arch: str | int) -> bool:
+    """Whether ``cfg`` is compiled for ``arch``: every arch, or only those its ``archs`` key names."""
+    return "archs" not in cfg or parse_arch(arch) in {parse_arch(a) for a in cfg["archs"]}
 
 
 def discover_modules() -> list[ModuleType]:
@@ -291,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", action="append", default=[],
                         help="report this module (file.py or dotted name) instead of kernels/; repeatable")
     parser.add_argument("--allow-spills", action="store_true", help="spills warn instead of failing")
+    parser.add_argument("--filter", default=None,
+                        help="only configs whose 'kernel config' matches this regex (re.search), e.g. 'dkdv.*sm90:'")
     args = parser.parse_args(argv)
     archs = [a for a in args.arch.split(",") if a.strip()]
     for a in archs:
@@ -300,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
     modules = [load_module(m) for m in args.module] if args.module else discover_modules()
     configs = configs_of(modules)
+    if args.filter:
+        configs = [c for c in configs if re.search(args.filter, f"{c['kernel']} {c['config']}")]
     if not configs:
         print("kernel_report: no kernel configs: no kernels/*.py module defines report_configs()", file=sys.stderr)
         return 1

@@ -33,6 +33,10 @@ reference and C++ backends serve it).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -251,7 +255,7 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Mask, DO, Lse, Delta, DK, DV_, DMask, CuQ, CuK,
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV_, DMask, DQ, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -261,14 +265,19 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_dmb, stride_dmh, stride_dmm,
+    stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Lq, Lk,
     sm_scale, qk_scale, dropout_p, inv_keep, Seed, drop_base,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     """dK, dV for one key tile of one key/value head; loops over the group's query heads and query tiles.
+
+    ``ATOMIC_DQ``: also adds this key tile's share of dQ, ``scale * ds k``, to the zeroed fp32 (like Q) buffer
+    ``DQ`` with atomics (the order of the additions varies from run to run, so dQ's rounding does too).
 
     ``D_CHUNK < BLOCK_D`` (``DV_CHUNK < BLOCK_DV``): K k q^T (V v dO^T) is contracted chunk by chunk from
     memory instead of from a resident K (V) tile (see ``_dot_nt_chunked``).
@@ -317,6 +326,8 @@ def _attn_bwd_dkdv(
     mask_offs = arange_m[:, None] * stride_mm + cols[None, :] * stride_mn
     dmask_offs = arange_m[:, None] * stride_dmm + cols[None, :]
     drop_offs = arange_m[None, :] * Lk + cols[:, None]
+    # dQ^T = K^T dS^T: the head dim is the product's M (wgmma needs M in 64-row slabs; the query tile is small).
+    dq_offs = offs_d[:, None] + arange_m[None, :] * stride_dqm
     for g in range(0, GROUP):
         h64 = hk64 * GROUP + g
         q_blk = Q + (b64 * stride_qb + h64 * stride_qh + (q_start + lo64) * stride_qm)
@@ -325,6 +336,7 @@ def _attn_bwd_dkdv(
         mask_blk = Mask + (b64 * stride_mb + h64 * stride_mh + lo64 * stride_mm + n0 * stride_mn)
         dmask_blk = DMask + (b64 * stride_dmb + h64 * stride_dmh + lo64 * stride_dmm + n0)
         drop_blk = ((b64 * H + h64) * Lq + lo64) * Lk + n0 + drop_base
+        dq_blk = DQ + (b64 * stride_dqb + h64 * stride_dqh + (q_start + lo64) * stride_dqm)
         for m0 in range(lo, seqlen_q, BLOCK_M):
             offs_m = m0 + arange_m
             row_ok = offs_m < seqlen_q
@@ -357,6 +369,23 @@ def _attn_bwd_dkdv(
                 tl.store(dmask_blk + dmask_offs, tl.trans(dsT).to(DMask.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+            if ATOMIC_DQ:
+                ds = dsT.to(q.dtype)
+                if D_CHUNK == BLOCK_D:
+                    dqT = tl.dot(tl.trans(k), ds, input_precision=PRECISION) * sm_scale
+                    tl.atomic_add(dq_blk + dq_offs, dqT, mask=d_ok[:, None] & row_ok[None, :], sem="relaxed")
+                else:
+                    # K is not resident: its columns are re-read chunk by chunk, like the chunked dots'. (64-column
+                    # chunks would make this product wgmma-sized on sm_90, but spill 4-12 B at width 128.)
+                    for e0 in range(0, BLOCK_D, D_CHUNK):
+                        offs_e = e0 + tl.arange(0, D_CHUNK)
+                        e_ok = offs_e < D
+                        k_e = tl.load(k_tile + (cols[:, None] * stride_kn + offs_e[None, :]),
+                                      mask=col_ok[:, None] & e_ok[None, :], other=0.0)
+                        dqT = tl.dot(tl.trans(k_e), ds, input_precision=PRECISION) * sm_scale
+                        tl.atomic_add(dq_blk + (offs_e[:, None] + arange_m[None, :] * stride_dqm), dqT,
+                                      mask=e_ok[:, None] & row_ok[None, :], sem="relaxed")
+                dq_blk += BLOCK_M * stride_dqm
             q_blk += BLOCK_M * stride_qm
             do_blk += BLOCK_M * stride_gm
             l_off += BLOCK_M * stride_lm
@@ -629,6 +658,121 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+# sm_90 (Hopper), fp16 / bf16 at head dims <= 128: (BLOCK_M, BLOCK_N, num_warps, num_stages, chunk) per kernel,
+# head-dim tile width and variant (see _variant; "dense" serves every variant without an entry of its own).
+# wgmma (HGMMA) takes 64-row slabs per warpgroup of 4 warps: the M of every product must be a multiple of 64
+# -- the query tile in fwd / dQ, the key tile in dK/dV (k q^T, p^T dO, ds^T q), and the head dim for the
+# atomic dQ term (k^T ds^T). A smaller M compiles to sm_80's HMMA. Each entry compiles with 0 spills (the
+# kernel report checks them); chunk < width contracts S^T and dP^T from memory chunk by chunk (the masked
+# dK/dV with a mask gradient at width 128 spills 16-24 B with resident K and V tiles). The tile that stays put
+# (queries in fwd / dQ, keys in dK/dV) sets how often the streamed ones are re-read from L2: 128 rows wherever
+# that compiles without spills. fp32 and the 256-wide bucket use the sm_80 table.
+_CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] = {
+    "fwd": {
+        (64, "dense"): (128, 64, 8, 3, 64), (64, "mask"): (64, 32, 4, 3, 64), (64, "dropout"): (64, 32, 4, 3, 64),
+        (128, "dense"): (128, 64, 8, 3, 128), (128, "mask"): (64, 32, 8, 3, 128),
+        (128, "dropout"): (64, 32, 8, 3, 128),
+    },
+    "dkdv": {
+        (64, "dense"): (64, 128, 8, 2, 64), (64, "mask"): (32, 64, 8, 2, 64), (64, "mask_grad"): (32, 64, 8, 2, 64),
+        (64, "dropout"): (32, 64, 8, 2, 64),
+        (128, "dense"): (16, 64, 8, 2, 128), (128, "mask"): (16, 64, 8, 2, 32), (128, "mask_grad"): (16, 64, 8, 2, 32),
+        (128, "dropout"): (16, 64, 8, 2, 64),
+    },
+    "dq": {  # sm_80's tiles, without halving the query tile for masks: 113-205 registers in every variant
+        (64, "dense"): (128, 32, 8, 2, 64), (128, "dense"): (64, 16, 8, 2, 128),
+    },
+    "dkdv_atomic": {
+        (64, "dense"): (32, 64, 8, 2, 64), (128, "dense"): (16, 64, 8, 2, 32),
+    },
+}
+
+# Launch names forced_config and CONFIG_SPACE know; "dkdv_atomic" is _attn_bwd_dkdv with ATOMIC_DQ (one backward
+# kernel adding dQ with atomics, SEQFAST_ATTENTION_BWD=atomic).
+_KERNELS = ("fwd", "dkdv", "dq", "dkdv_atomic", "decode")
+
+# Candidates for tuning sweeps on hardware (forced_config): each compiles with 0 spills and to wgmma on sm_90 for
+# fp16 at head dims 64 and 128 in the dense variant (bf16 gave the same registers wherever both were compiled);
+# masked / dropout variants can need the smaller ones. "chunk": see _Launch.
+CONFIG_SPACE: dict[str, list[dict]] = {
+    "fwd": [
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+    ],
+    "dkdv": [
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 64},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 32},
+    ],
+    "dq": [
+        {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    ],
+    "dkdv_atomic": [
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "chunk": 32},
+    ],
+}
+
+_FORCED: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: dict) -> Iterator[None]:
+    """Every launch of ``kernel`` ("fwd", "dkdv", "dq", "dkdv_atomic", "decode") inside the block uses ``config``.
+
+    ``config`` holds BLOCK_M, BLOCK_N, num_warps, num_stages, and optionally maxnreg and chunk (head-dim
+    columns per step of the chunked S / dP contraction; default: the whole head dim, or the launcher's choice
+    where it needs chunks); for "decode", BLOCK_N, SPLITS (0: from the SM count), num_warps, num_stages. Tiles
+    are still clipped to short sequences. Nesting restores the outer choice.
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {', '.join(_KERNELS)}")
+    needed = ("BLOCK_N", "SPLITS") if kernel == "decode" else ("BLOCK_M", "BLOCK_N")
+    missing = [k for k in (*needed, "num_warps", "num_stages") if k not in config]
+    if missing:
+        raise ValueError(f"config for {kernel!r} lacks {missing}: {config!r}")
+    had, previous = kernel in _FORCED, _FORCED.get(kernel)
+    _FORCED[kernel] = dict(config)
+    try:
+        yield
+    finally:
+        if had:
+            _FORCED[kernel] = previous
+        else:
+            del _FORCED[kernel]
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, _ = torch.cuda.get_device_capability(index)
+    return 90 if major == 9 else 80
+
+
+def _arch(device: torch.device) -> int:
+    """Which config table a launch on ``device`` takes: 90 on Hopper, 80 elsewhere (interpreter included)."""
+    if device.type != "cuda":
+        return 80
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _variant(causal: bool, masked: bool, mask_grad: bool, dropout: bool) -> str:
+    """The config key of a launch's constexpr variant, the costliest first (dropout runs Philox per element)."""
+    if dropout:
+        return "dropout"
+    if mask_grad:
+        return "mask_grad"
+    if masked:
+        return "mask"
+    return "causal" if causal else "dense"
+
+
 class _Launch(NamedTuple):
     block_m: int
     block_n: int
@@ -640,20 +784,45 @@ class _Launch(NamedTuple):
 
 def _config(
     kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False,
-    dropout: bool = False,
+    dropout: bool = False, causal: bool = False, mask_grad: bool = False, arch: int = 80,
 ) -> _Launch:
-    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch."""
+    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch on ``arch`` (80 or 90)."""
     width = max(64, block_d)
-    block_m, block_n, warps, stages = _CONFIGS[kernel][(width, 4 if dtype == torch.float32 else 2)]
+    variant = _variant(causal, masked, mask_grad and masked, dropout)
+    sm90 = _CONFIGS_SM90[kernel] if arch == 90 and dtype != torch.float32 and width <= 128 else None
+    if kernel in _FORCED:
+        forced = _FORCED[kernel]
+        block_m, block_n, warps, stages = (forced[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+        default_chunk = width if dtype != torch.float32 or _precision(dtype) != "ieee" or width < 256 else 64
+        chunk = forced.get("chunk", default_chunk)
+        return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages,
+                       forced.get("maxnreg"), min(chunk, width))
+    if sm90 is not None:
+        fallback = "mask" if variant == "mask_grad" and (width, "mask") in sm90 else "dense"
+        block_m, block_n, warps, stages, chunk = sm90.get((width, variant), sm90.get((width, fallback)))
+        return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, None, chunk)
+    block_m, block_n, warps, stages = _CONFIGS["dkdv" if kernel == "dkdv_atomic" else kernel][
+        (width, 4 if dtype == torch.float32 else 2)]
     # A mask tile is a gather (any strides, zero included): one address per element; dropout runs Philox
     # per element. Both need registers beside the score tile, so those launches take smaller tiles.
     if kernel == "fwd" and (masked or dropout):
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
     elif kernel == "dq" and masked:
         block_m = max(16, block_m // 2)
-    elif kernel == "dkdv" and masked and width == 256:
+    elif kernel in ("dkdv", "dkdv_atomic") and masked and width == 256:
         block_n = max(16, block_n // 2)
     chunk = width
+    if kernel == "dkdv_atomic":
+        # The atomic dQ product needs registers beside dK/dV's: with sm_80's dK/dV tiles it spilled 8-48 B (16-bit
+        # types) and 40-160 B (tf32 at width 128 on sm_80; on sm_90 resident tiles fit and chunks spill). 8 warps
+        # and S, dP contracted 32 columns at a time fit (tf32: with 16-row key tiles; 32 rows still spilled 28 B
+        # for varlen). (The 256-wide bucket still spilled 48-800 B: the launcher runs the deterministic backward
+        # there.)
+        warps = max(warps, 8)
+        if dtype != torch.float32:
+            chunk = 32
+        elif width == 128 and _precision(dtype) == "tf32" and arch == 80:
+            chunk, block_n = 32, 16
     if dtype == torch.float32 and _precision(dtype) == "ieee":
         # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
@@ -666,7 +835,11 @@ def _config(
     # their own, and with the cap ptxas takes all 255 and spills 8-24 B: they, and the 256-wide
     # bucket, keep the default.
     plain = not (masked or dropout)
-    maxnreg = 255 if kernel == "dkdv" and dtype == torch.float32 and plain and width <= 128 else None
+    maxnreg = 255 if kernel in ("dkdv", "dkdv_atomic") and dtype == torch.float32 and plain and width <= 128 else None
+    if kernel == "fwd" and dtype == torch.float32 and dropout and width == 64 and _precision(dtype) == "tf32":
+        # Loading the dropout seed through a pointer tipped this launch over ptxas's default (4 B spilled on
+        # sm_80); with the cap it takes 177 registers and spills nothing.
+        maxnreg = 255
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
 
@@ -823,7 +996,8 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
     block_m, block_n, warps, stages, maxnreg, _ = _config("fwd", c.width, c.dtype, max_q, max_k,
-                                                          mask_kind != _MASK_NONE, dropout)
+                                                          mask_kind != _MASK_NONE, dropout, bool(causal),
+                                                          arch=_arch(query.device))
     seed_arg = _seed_arg(seed, query.device) if dropout else query
     for b0, b1 in _batch_parts(B):
         p = _Part(b0, b1, B, varlen)
@@ -839,6 +1013,30 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
             num_warps=warps, num_stages=stages, maxnreg=maxnreg,
         )
     return out, lse
+
+
+_BACKWARD_MODES = ("deterministic", "atomic")
+
+
+def _backward_mode() -> str:
+    """``SEQFAST_ATTENTION_BWD``, read on every backward: "deterministic" (default; FA2 split, no atomics) or
+    "atomic" (one kernel adds dQ with fp32 atomics: faster, not bitwise reproducible; head dims <= 128, larger
+    ones run the deterministic backward). Under
+    ``torch.use_deterministic_algorithms(True)`` "atomic" raises, or with ``warn_only=True`` warns and runs the
+    deterministic backward."""
+    mode = os.environ.get("SEQFAST_ATTENTION_BWD", "deterministic").strip().lower() or "deterministic"
+    if mode not in _BACKWARD_MODES:
+        raise ValueError(f"SEQFAST_ATTENTION_BWD must be one of {', '.join(_BACKWARD_MODES)}, got "
+                         f"{os.environ['SEQFAST_ATTENTION_BWD']!r}")
+    if mode == "atomic" and torch.are_deterministic_algorithms_enabled():
+        message = ("seqfast's attention backward with SEQFAST_ATTENTION_BWD=atomic adds dQ with atomics and is not "
+                   "deterministic, but torch.use_deterministic_algorithms(True) is set; unset "
+                   "SEQFAST_ATTENTION_BWD (or set it to 'deterministic') to use the deterministic backward")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message + "; running the deterministic backward", UserWarning, stacklevel=2)
+            return "deterministic"
+        raise RuntimeError(message)
+    return mode
 
 
 def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad,
@@ -863,9 +1061,16 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     seed_arg = _seed_arg(seed, query.device) if dropout else query
     flags = dict(D=c.D, DV=c.DV, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, CAUSAL=int(causal), MASK_KIND=mask_kind,
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
-    dkdv = _config("dkdv", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE, dropout)
-    dq_launch = _config("dq", c.width, c.dtype, max_q, max_k, mask_kind != _MASK_NONE, dropout)
+    # Head dims > 128 keep the deterministic backward: the atomic kernel spills there (benchmarks/NOTES.md).
+    atomic = _backward_mode() == "atomic" and c.width <= 128
+    variant = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal), mask_grad=bool(mask_grad),
+                   arch=_arch(query.device))
+    dkdv = _config("dkdv_atomic" if atomic else "dkdv", c.width, c.dtype, max_q, max_k, **variant)
+    dq_launch = _config("dq", c.width, c.dtype, max_q, max_k, **variant)
     dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
+    # The atomic path sums dQ in fp32 (zeros: rows no key tile reaches keep a zero gradient).
+    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else None
+    dq_acc_strides = _row_strides(dq_acc, varlen) if atomic else (0, 0, 0)
     for b0, b1 in _batch_parts(B):
         p = _Part(b0, b1, B, varlen)
         cu_q_arg, cu_k_arg = p.cu(cu_q, query), p.cu(cu_k, query)
@@ -880,13 +1085,16 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         block_m, block_n, warps, stages, maxnreg, chunk = dkdv
         _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, b1 - b0)](
             p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dk), p(dv),
-            p(dmask) if mask_grad else query, cu_q_arg, cu_k_arg,
+            p(dmask) if mask_grad else query, p(dq_acc) if atomic else query, cu_q_arg, cu_k_arg,
             *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
             *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
+            *dq_acc_strides,
             *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
-            D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+            D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv), ATOMIC_DQ=atomic,
             num_warps=warps, num_stages=stages, maxnreg=maxnreg,
         )
+        if atomic:
+            continue
         block_m, block_n, warps, stages, maxnreg, chunk = dq_launch
         _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, b1 - b0)](
             p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dq), cu_q_arg, cu_k_arg,
@@ -896,6 +1104,8 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
             D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
             num_warps=warps, num_stages=stages, maxnreg=maxnreg,
         )
+    if atomic:
+        dq.copy_(dq_acc)
     return dq, dk, dv, dmask
 
 
@@ -916,9 +1126,7 @@ DECODE_CONFIG_SPACE: list[dict] = [
     {"BLOCK_N": 64, "SPLITS": 0, "num_warps": 8, "num_stages": 3},
     {"BLOCK_N": 32, "SPLITS": 0, "num_warps": 4, "num_stages": 2},
 ]
-# launch name -> the config every launch of it takes instead of the built-in choice: the store a
-# forced_config(name, config) context manager fills (the shared tuning interface; "decode" reads it here).
-_FORCED: dict[str, dict] = {}
+CONFIG_SPACE["decode"] = DECODE_CONFIG_SPACE
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -1093,9 +1301,13 @@ _VARIANTS = {
     "causal": (1, _MASK_NONE, False, False, False),
     "mask_bool": (0, _MASK_BOOL, False, False, False),
     "mask_float": (0, _MASK_FLOAT, True, False, False),
+    "mask_float_nograd": (0, _MASK_FLOAT, False, False, False),  # differs from mask_float in dK/dV only
     "dropout": (0, _MASK_NONE, False, True, False),
     "varlen_causal": (2, _MASK_NONE, False, False, True),
 }
+_REPORT_KERNELS = (("fwd", "_attn_fwd"), ("dkdv", "_attn_bwd_dkdv"), ("dq", "_attn_bwd_dq"),
+                   ("dkdv_atomic", "_attn_bwd_dkdv"))
+_ARCHS = {80: "sm_80", 90: "sm_90"}
 
 
 def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen: bool) -> dict[str, str]:
@@ -1114,6 +1326,8 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
             sig[name] = "*i8"
         elif name == "Seed":
             sig[name] = "*i64"
+        elif name == "DQ" and constexprs.get("ATOMIC_DQ"):
+            sig[name] = "*fp32"
         elif name[0].isupper() and name not in ("H", "GROUP", "Lq", "Lk", "S"):
             sig[name] = f"*{dt}"
         elif name in _FLOAT_ARGS:
@@ -1128,10 +1342,12 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, mask_kind: int, varlen:
 def report_configs() -> list[dict]:
     """Every (kernel, config) the launchers can launch at full tile size, for compiling ahead of time.
 
-    One entry per kernel x head-dim bucket (64, 128, 256) x dtype (fp16, bf16, fp32) x variant
-    (the causal / mask / dropout / varlen constexprs); short-sequence launches use smaller tiles.
-    Keys: kernel, fn, signature, constexprs, num_warps, num_stages, config; options ({"maxnreg": ..}) where the
-    launcher caps registers.
+    One entry per launch ("fwd", "dkdv", "dq", "dkdv_atomic") x head-dim bucket (64, 128, 256) x dtype (fp16,
+    bf16, fp32) x variant (the causal / mask / dropout / varlen constexprs) x config table: where the sm_90
+    table picks another launch than the sm_80 one, each gets its own entry with ``archs`` naming the one
+    architecture it runs on and the label prefixed ``sm80:`` / ``sm90:``; otherwise one entry serves both.
+    Short-sequence launches use smaller tiles. Keys: kernel, fn, signature, constexprs, num_warps, num_stages,
+    config; options ({"maxnreg": ..}) where the launcher caps registers; archs where the entry is arch-specific.
     """
     entries = []
     for dtype, dt in _TRITON_DTYPE.items():
@@ -1139,32 +1355,49 @@ def report_configs() -> list[dict]:
             entries.append(_entry("_attn_bwd_preprocess", _attn_bwd_preprocess, dtype, {
                 "DV": width, "BLOCK_M": _preprocess_block_m(width), "BLOCK_DV": width, "VARLEN": False,
             }, 8, 1, f"d{width}-{dt}", _MASK_NONE, False))
-            for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+            for kernel, fn_name in _REPORT_KERNELS:
+                fn = globals()[fn_name]
                 variants = list(_VARIANTS.items())
                 if dtype == torch.float32:  # allow_tf32 off (torch's default): full-precision fp32 dots
                     variants.append(("dense_ieee", _VARIANTS["dense"]))
                 for label, (causal, mask_kind, mask_grad, dropout, varlen) in variants:
+                    if label == "mask_float_nograd" and not kernel.startswith("dkdv"):
+                        continue
+                    if kernel == "dkdv_atomic" and width > 128:  # the launcher never runs it there
+                        continue
                     precision = "ieee" if label.endswith("ieee") else "tf32"
+                    flags = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal),
+                                 mask_grad=mask_grad)
                     with _pinned_precision(precision):
-                        launch = _config(kernel, width, dtype, 1 << 20, 1 << 20, mask_kind != _MASK_NONE, dropout)
-                    block_m, block_n, warps, stages = launch[:4]
-                    constexprs = {
-                        "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
-                        "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
-                        "VARLEN": varlen, "PRECISION": precision,
-                    }
-                    if kernel == "dkdv":
-                        constexprs["MASK_GRAD"] = mask_grad
-                    chunked = ""
-                    if kernel != "fwd":
-                        constexprs["D_CHUNK"] = constexprs["DV_CHUNK"] = launch.chunk
-                        chunked = f"c{launch.chunk}" if launch.chunk < width else ""
-                    entry = _entry(fn.__name__, fn, dtype, constexprs, warps, stages,
-                                   f"d{width}-{dt}-{label}-m{block_m}n{block_n}w{warps}s{stages}{chunked}",
-                                   mask_kind, varlen)
-                    if launch.maxnreg is not None:
-                        entry["options"] = {"maxnreg": launch.maxnreg}
-                    entries.append(entry)
+                        launches = {arch: _config(kernel, width, dtype, 1 << 20, 1 << 20, arch=arch, **flags)
+                                    for arch in _ARCHS}
+                    shared = launches[80] == launches[90]
+                    for arch, launch in launches.items():
+                        if shared and arch != 80:
+                            continue
+                        block_m, block_n, warps, stages = launch[:4]
+                        constexprs = {
+                            "D": width, "DV": width, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": width,
+                            "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "DROPOUT": dropout,
+                            "VARLEN": varlen, "PRECISION": precision,
+                        }
+                        if kernel.startswith("dkdv"):
+                            constexprs["MASK_GRAD"] = mask_grad
+                            constexprs["ATOMIC_DQ"] = kernel == "dkdv_atomic"
+                        chunked = ""
+                        if kernel != "fwd":
+                            constexprs["D_CHUNK"] = constexprs["DV_CHUNK"] = launch.chunk
+                            chunked = f"c{launch.chunk}" if launch.chunk < width else ""
+                        prefix = "" if shared else f"sm{arch}:"
+                        tag = "atomic-" if kernel == "dkdv_atomic" else ""
+                        entry = _entry(fn.__name__, fn, dtype, constexprs, warps, stages,
+                                       f"{prefix}d{width}-{dt}-{tag}{label}-m{block_m}n{block_n}w{warps}s{stages}"
+                                       f"{chunked}", mask_kind, varlen)
+                        if launch.maxnreg is not None:
+                            entry["options"] = {"maxnreg": launch.maxnreg}
+                        if not shared:
+                            entry["archs"] = [_ARCHS[arch]]
+                        entries.append(entry)
         entries += _decode_report_configs(dtype, dt)
     return entries
 

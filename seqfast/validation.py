@@ -4,7 +4,8 @@ Each ``*_arguments`` function raises :class:`ArgumentError` (both a ``ValueError
 argument errors, a ``RuntimeError``) naming the argument and the offending value, and returns the canonical
 tensors the ops take. The forms torch accepts are accepted with torch's meaning (lengths as lists of numpy
 or 0-d tensor integers, float targets, broadcast batch dims, autocast's casting); checks that need values
-held on a device are gathered into one device-to-host copy per call, and inside ``torch.compile`` they
+held on a device are gathered into one device-to-host copy per call (values given on the host are checked
+there and copied to the device without a sync, see :func:`to_device`), and inside ``torch.compile`` they
 become asynchronous device asserts so that the call traces without a graph break.
 """
 
@@ -63,17 +64,18 @@ def _index(name: str, v: object) -> int:
         raise ArgumentError(f"{name} must hold integers, got {v!r}") from None
 
 
-def _lengths(name: str, value: IntLengths, batched: bool, n: int, device: torch.device) -> torch.Tensor:
+def _lengths(name: str, value: IntLengths, batched: bool, n: int) -> torch.Tensor:
+    """(n,) int64 lengths where they are: a tensor stays on its device, a list becomes a CPU tensor."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise ArgumentError(f"{name} must hold integers, got dtype {value.dtype}")
-        t = value if value.dtype == torch.int64 and value.device == device else value.to(device, torch.int64)
+        t = value if value.dtype == torch.int64 else value.to(torch.int64)
     else:
         if isinstance(value, (list, tuple)):
             values = value if all(type(v) is int for v in value) else [_index(name, v) for v in value]
         else:
             values = [_index(name, value)]
-        t = torch.tensor(values, dtype=torch.int64, device=device)
+        t = torch.tensor(values, dtype=torch.int64)
     if t.dim() != 1:
         t = t.reshape(-1) if (not batched and t.dim() == 0) else t
     if t.dim() != 1 or t.shape[0] != n:
@@ -116,9 +118,9 @@ def ctc_arguments(
     if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
         raise ArgumentError(f"blank must be in [0, {C}) (C = number of classes), got {blank}")
     device = lp.device
-    il = _lengths("input_lengths", input_lengths, batched, N, device)
-    tl = _lengths("target_lengths", target_lengths, batched, N, device)
-    tg = targets if targets.dtype == torch.int64 and targets.device == device else targets.to(device, torch.int64)
+    il = _lengths("input_lengths", input_lengths, batched, N)
+    tl = _lengths("target_lengths", target_lengths, batched, N)
+    tg = targets if targets.dtype == torch.int64 else targets.to(torch.int64)
     if batched and tg.dim() not in (1, 2):
         raise ArgumentError(f"targets must be (N, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
     if not batched and tg.dim() != 1:
@@ -130,9 +132,15 @@ def ctc_arguments(
         tg, padded = tg.unsqueeze(0), True
     S = tg.shape[1] if padded else tg.shape[0]
     if torch.compiler.is_compiling():
+        il, tl, tg = il.to(device), tl.to(device), tg.to(device)
         return _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank)
 
-    if device.type == "cpu" and tg.numel() <= _HOST_CHECK_MAX:
+    # Checked where the values are: all on the host (lists, CPU tensors), no device sync at all; else on the
+    # device, the host ones copied there asynchronously first, with one device-to-host read.
+    on_host = tg.device.type == "cpu" and il.device.type == "cpu" and tl.device.type == "cpu"
+    if not on_host:
+        il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
+    if on_host and tg.numel() <= _HOST_CHECK_MAX:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_host(tg, il, tl, padded, C, blank)
     else:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_device(tg, il, tl, padded, C, blank)
@@ -154,6 +162,8 @@ def ctc_arguments(
         raise ArgumentError(f"targets must hold labels in [0, {C}) other than blank={blank}; got {value} at "
                             f"position {where if padded else where[0]}")
 
+    if on_host and device.type != "cpu":
+        il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
     if padded:
         tg = tg[:, :tl_max] if tl_max < S else tg
     else:
@@ -163,6 +173,22 @@ def ctc_arguments(
         tg = torch.where(valid, tg[(starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))] if S else
                          torch.zeros((N, tl_max), dtype=torch.int64, device=device), blank)
     return CTCArguments(lp.contiguous(), tg.contiguous(), il, tl, batched)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without blocking the host where the copy can avoid it.
+
+    A host-to-CUDA copy with ``non_blocking=False`` (``t.to(device)``, ``torch.tensor(values, device=...)``)
+    synchronises the stream: torch issues it as an asynchronous copy followed by ``cudaStreamSynchronize``,
+    so the host waits for all queued work. From pinned memory with ``non_blocking=True`` the copy is queued
+    on the stream like a kernel, and torch's caching host allocator keeps the pinned buffer alive until the
+    copy has run; pinning costs one host memcpy of the (small) tensor.
+    """
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # Up to this many target entries on the CPU, the checks read the values into Python: a dozen tiny tensor

@@ -182,7 +182,9 @@ def test_float64_refused_clearly():
 # ------------------------------------------------------------------------------------------- float16
 
 
-def test_float16_within_twice_torch_error():
+@pytest.mark.parametrize("mode", ["deterministic", "atomic"])
+def test_float16_within_twice_torch_error(monkeypatch, mode):
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", mode)  # atomic: S and dP in 32-column chunks, dQ in fp32 atomics
     q, k, v = qkv(1, 2, 2, 70, 70, 64, 64)
     mask = torch.randn(1, 1, 70, 70)
     grad_out = torch.randn(1, 2, 70, 64)
@@ -290,6 +292,165 @@ def test_gradients_bitwise_deterministic():
     _, first = sdpa_with_grads("triton", tensors, torch.float32, grad_out, attn_mask=mask, enable_gqa=True)
     _, second = sdpa_with_grads("triton", tensors, torch.float32, grad_out, attn_mask=mask, enable_gqa=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ------------------------------------------------------------------------------------------- atomic backward
+
+
+@pytest.fixture
+def atomic_bwd(monkeypatch):
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", "atomic")
+
+
+@pytest.mark.usefixtures("atomic_bwd")
+@pytest.mark.parametrize(
+    "B, Hq, Hk, Lq, Lk, D, Dv, kwargs",
+    [
+        (1, 2, 2, 70, 129, 80, 80, {}),  # several query and key tiles, D not a power of two
+        (1, 4, 2, 129, 70, 128, 64, {"is_causal": True, "enable_gqa": True}),  # GQA heads add into one dQ tile
+    ],
+)
+def test_atomic_backward_matches_reference(B, Hq, Hk, Lq, Lk, D, Dv, kwargs):
+    check_against_reference(qkv(B, Hq, Hk, Lq, Lk, D, Dv), grad_out=torch.randn(B, Hq, Lq, Dv), **kwargs)
+
+
+def test_atomic_backward_falls_back_past_head_dim_128(monkeypatch):
+    """The 256-wide bucket runs the deterministic backward under SEQFAST_ATTENTION_BWD=atomic: same bits."""
+    tensors, grad_out = qkv(1, 1, 1, 20, 33, 224, 208), torch.randn(1, 1, 20, 208)
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", "atomic")
+    _, atomic = sdpa_with_grads("triton", tensors, torch.float32, grad_out)
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", "deterministic")
+    _, deterministic = sdpa_with_grads("triton", tensors, torch.float32, grad_out)
+    assert all(torch.equal(a, d) for a, d in zip(atomic, deterministic))
+
+
+@pytest.mark.usefixtures("atomic_bwd")
+def test_atomic_backward_float_mask_gradient_and_empty_rows():
+    q, k, v = qkv(2, 2, 2, 70, 17, 16, 16)
+    mask = torch.randn(1, 2, 70, 17)
+    mask[..., 5, :] = float("-inf")
+    out, grads = check_against_reference([q, k, v], attn_mask=mask, grad_out=torch.randn(2, 2, 70, 16))
+    assert (grads[0][:, :, 5] == 0).all() and grads[3].abs().max() > 0
+
+
+@pytest.mark.usefixtures("atomic_bwd")
+@pytest.mark.parametrize("Lq, Lk", [(17, 70), (70, 17)])
+def test_atomic_backward_causal_bottom_right(Lq, Lk):
+    q, k, v = qkv(1, 2, 2, Lq, Lk, 16, 16)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with seqfast.backend("triton"):
+        out, _ = op_forward(*leaves, None, 0.0, 2, 0.25, torch.tensor(0))
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = reference.attention(*ref_leaves, causal=2, scale=0.25)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, torch.ones_like(ref_out))
+    for g, rg in zip(grads, ref_grads):
+        assert torch.isfinite(g).all() and rel_err(g, rg) <= 1e-4
+
+
+@pytest.mark.usefixtures("atomic_bwd")
+def test_atomic_backward_dropout_matches_the_deterministic_one(monkeypatch):
+    tensors = qkv(1, 2, 2, 17, 70, 16, 16)
+    torch.manual_seed(5)
+    _, atomic = sdpa_with_grads("triton", tensors, torch.float32, dropout_p=0.3)
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", "deterministic")
+    torch.manual_seed(5)
+    _, deterministic = sdpa_with_grads("triton", tensors, torch.float32, dropout_p=0.3)
+    for a, d in zip(atomic, deterministic):
+        assert rel_err(a, d) <= 1e-5
+
+
+@pytest.mark.usefixtures("atomic_bwd")
+@pytest.mark.parametrize("causal", [False, True])
+def test_atomic_backward_varlen(causal):
+    cu_q = torch.tensor([0, 1, 18, 18, 88], dtype=torch.int32)
+    cu_k = torch.tensor([0, 17, 34, 36, 165], dtype=torch.int32)
+    tensors = [torch.randn(88, 2, 64), torch.randn(165, 1, 64), torch.randn(165, 1, 64)]
+    grad_out = torch.randn(88, 2, 64)
+    _, ref_grads = varlen_with_grads("reference", tensors, torch.float64, cu_q, cu_k, causal, grad_out)
+    _, grads = varlen_with_grads("triton", tensors, torch.float32, cu_q, cu_k, causal, grad_out)
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= 1e-4
+
+
+def test_atomic_backward_refused_under_deterministic_algorithms(atomic_bwd):
+    tensors = qkv(1, 2, 2, 17, 17, 16, 16)
+    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="SEQFAST_ATTENTION_BWD=atomic.*not deterministic"):
+            sdpa_with_grads("triton", tensors, torch.float32)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="running the deterministic backward"):
+            _, first = sdpa_with_grads("triton", tensors, torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=old_warn)
+    _, second = sdpa_with_grads("triton", tensors, torch.float32, **{})
+    for a, b in zip(first, second):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("value", ["Atomic ", "deterministic", ""])
+def test_backward_mode_env_accepts(kernels, monkeypatch, value):
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", value)
+    assert kernels._backward_mode() == (value.strip().lower() or "deterministic")
+
+
+def test_backward_mode_env_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", "fast")
+    with pytest.raises(ValueError, match="SEQFAST_ATTENTION_BWD must be one of deterministic, atomic, got 'fast'"):
+        sdpa_with_grads("triton", qkv(1, 1, 1, 4, 4, 16, 16), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+def test_forced_config_is_used_and_restored(kernels):
+    base = kernels._config("dq", 64, torch.float16, 4096, 4096, arch=90)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    with kernels.forced_config("dq", cfg):
+        assert kernels._config("dq", 64, torch.float16, 4096, 4096, arch=90)[:4] == (64, 16, 4, 2)
+        with kernels.forced_config("dq", dict(cfg, BLOCK_M=128)):
+            assert kernels._config("dq", 64, torch.float16, 4096, 4096)[:4] == (128, 16, 4, 2)
+            assert kernels._config("dq", 64, torch.float16, 20, 4096)[0] == 32  # still clipped to the sequence
+        assert kernels._config("dq", 64, torch.float16, 4096, 4096)[:4] == (64, 16, 4, 2)
+        # The forced tiles run and give the same gradients (interpreter: any tile size is exact enough).
+        check_against_reference(qkv(1, 1, 1, 70, 40, 64, 64))
+    assert kernels._config("dq", 64, torch.float16, 4096, 4096, arch=90) == base
+    with pytest.raises(ValueError, match="unknown attention kernel 'bwd'"), kernels.forced_config("bwd", cfg):
+        pass
+
+
+def test_config_space_names_every_launch(kernels):
+    assert set(kernels.CONFIG_SPACE) == {"fwd", "dkdv", "dq", "dkdv_atomic", "decode"}
+    for name, configs in kernels.CONFIG_SPACE.items():
+        assert 0 < len(configs) <= 8
+        for cfg in configs:
+            if name == "decode":  # the split-KV launcher reads its forced config itself
+                with kernels.forced_config(name, cfg):
+                    assert kernels._FORCED["decode"] == cfg
+                assert "decode" not in kernels._FORCED
+                continue
+            with kernels.forced_config(name, cfg):
+                launch = kernels._config(name, 128, torch.bfloat16, 1 << 20, 1 << 20, arch=90)
+            assert (launch.block_m, launch.block_n, launch.warps, launch.stages) == (
+                cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", [64, 128])
+def test_sm90_backward_tiles_are_wgmma_sized(kernels, dtype, width):
+    """Every Hopper fp16 / bf16 launch at head dims <= 128: the M of each tensor-core product in 64-row slabs
+    per warpgroup (key tile for dK/dV, query tile for fwd / dQ), whole warpgroups; the sm_80 table unchanged."""
+    for causal, masked, mask_grad, dropout in [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 1, 1, 0),
+                                               (0, 0, 0, 1)]:
+        flags = dict(masked=bool(masked), dropout=bool(dropout), causal=bool(causal), mask_grad=bool(mask_grad))
+        for kernel in ("fwd", "dkdv", "dq", "dkdv_atomic"):
+            launch = kernels._config(kernel, width, dtype, 1 << 20, 1 << 20, arch=90, **flags)
+            rows = launch.block_n if kernel.startswith("dkdv") else launch.block_m
+            assert launch.warps % 4 == 0 and rows % 64 == 0 and rows // 64 <= launch.warps // 4, (kernel, flags)
+        assert kernels._config("dkdv", width, dtype, 1 << 20, 1 << 20, arch=80, **flags)[:4] == \
+            kernels._config("dkdv", width, dtype, 1 << 20, 1 << 20, **flags)[:4]
 
 
 def test_mha_dropped_weights_match_the_triton_output():

@@ -557,3 +557,44 @@ def test_cpu_isa_paths_against_reference(isa):
         assert ours_err <= 2 * torch_err + 1e-6, (isa, ours_err, torch_err)
     with pytest.raises(RuntimeError, match="set_cpu_isa"):
         _C.set_cpu_isa("sse9")
+
+
+# Device reads of the argument checks, on the meta device: any read of a meta tensor's values raises, so a call
+# that succeeds there read nothing from the device.
+
+
+@pytest.mark.parametrize("form", ["list", "cpu-tensor"])
+@pytest.mark.parametrize("concatenated", [False, True])
+def test_ctc_checks_of_host_values_read_nothing_from_the_device(form, concatenated):
+    from seqfast import validation
+
+    lp = torch.empty(6, 2, 5, device="meta")
+    il, tl = [6, 4], [3, 2]
+    if form == "cpu-tensor":
+        il, tl = torch.tensor(il, dtype=torch.int32), torch.tensor(tl)
+    targets = torch.tensor([1, 2, 3, 4, 1]) if concatenated else torch.tensor([[1, 2, 3], [4, 1, 0]])
+    args = validation.ctc_arguments(lp, targets, il, tl, 0)
+    assert {t.device.type for t in (args.targets, args.input_lengths, args.target_lengths)} == {"meta"}
+    assert args.targets.shape == (2, 3) and args.input_lengths.dtype == torch.int64
+    with pytest.raises(validation.ArgumentError, match="input_lengths must be <= T"):
+        validation.ctc_arguments(lp, targets, [7, 4], tl, 0)  # still checked, on the host
+
+
+def test_ctc_checks_of_device_values_read_once(monkeypatch):
+    """Lengths and targets held on the device: one read, the statistics' (counted here; any other raises)."""
+    from seqfast import validation
+
+    reads = []
+
+    def one_read(tg, il, tl, padded, C, blank):
+        reads.append(tg.device.type)
+        return 6, 6, 2, 3, 5, None  # the statistics of the values below
+
+    monkeypatch.setattr(validation, "_ctc_stats_on_device", one_read)
+    lp = torch.empty(6, 2, 5, device="meta")
+    targets = torch.empty(2, 3, dtype=torch.int64, device="meta")
+    il = torch.empty(2, dtype=torch.int64, device="meta")
+    for tl in ([3, 2], torch.tensor([3, 2]), torch.empty(2, dtype=torch.int64, device="meta")):
+        reads.clear()
+        args = validation.ctc_arguments(lp, targets, il, tl, 0)
+        assert reads == ["meta"] and args.target_lengths.device.type == "meta"

@@ -8,6 +8,8 @@ The interpreter is switched on by tests/conftest.py on machines without a GPU (n
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,7 +185,8 @@ def test_state_and_class_tiling(kernels, monkeypatch, from_logits):
     monkeypatch.setattr(kernels, "MAX_STATE_BLOCK", 4)
     monkeypatch.setattr(kernels, "MAX_CLASS_BLOCK", 4)
     blocks = kernels._blocks(11, torch.float64)
-    assert blocks["BLOCK_S"] == 4 and blocks["BLOCK_L"] == 2 and blocks["BLOCK_C"] == 4
+    assert blocks["BLOCK_S"] == 4 and blocks["BLOCK_L"] == 2
+    assert kernels._row_blocks(6, "grad")["BLOCK_C"] == kernels._row_blocks(6, "lse")["BLOCK_C"] == 4
     T, N, C, S = 9, 2, 6, 5
     log_probs, targets = _problem(T, N, C, S, torch.float64, seed=3)
     if from_logits:
@@ -239,16 +242,23 @@ def test_deterministic(kernels, monkeypatch):
 
 def test_report_configs_name_every_argument(kernels):
     configs = kernels.report_configs()
-    assert {c["kernel"] for c in configs} == {"ctc_forward", "ctc_backward"}
+    assert {c["kernel"] for c in configs} == {"ctc_row_lse", "ctc_forward", "ctc_grad_fill", "ctc_backward"}
     for c in configs:
         assert list(c["signature"]) == c["fn"].arg_names, c["config"]
         assert {k for k, v in c["signature"].items() if v == "constexpr"} == set(c["constexprs"]), c["config"]
-        assert c["num_warps"] in (1, 2, 4, 8) and c["num_stages"] == 1
+        assert c["num_warps"] in (1, 2, 4, 8, 16) and c["num_stages"] == 1
     labels = [(c["kernel"], c["config"]) for c in configs]
     assert len(labels) == len(set(labels))
-    # Every launchable tile: the tiers the launcher picks for short, medium and long targets.
-    launched = {kernels._blocks(2 * S + 1, torch.float32)["BLOCK_S"] for S in (0, 20, 60, 300, 5000)}
-    assert launched == {c["constexprs"]["BLOCK_S"] for c in configs}
+    # Every launchable tile: the tiers the launcher picks for short, medium and long targets and rows.
+    for kernel in ("forward", "backward"):
+        for dtype, name in ((torch.float32, "fp32"), (torch.float64, "fp64")):
+            launched = {kernels._blocks(2 * S + 1, dtype, kernel)["BLOCK_S"] for S in (0, 20, 60, 200, 1000, 2000)}
+            listed = {c["constexprs"]["BLOCK_S"] for c in configs
+                      if c["kernel"] == f"ctc_{kernel}" and c["config"].startswith(name)}
+            assert launched == listed - {1024}, (kernel, dtype)
+    for kernel in ("lse", "grad"):
+        rows = {tuple(kernels._row_blocks(C, kernel).values()) for C in (64, 512, 1024, 5000)}
+        assert rows == {(c["BLOCK_R"], c["BLOCK_C"], c["num_warps"]) for c in kernels.CONFIG_SPACE[kernel][:3]}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -271,3 +281,124 @@ def test_random_awkward_problems(kernels, monkeypatch, seed):
     t_loss, t_grad = _loss_and_grad(None, log_probs, targets, il, tl, w, **kw)
     torch.testing.assert_close(loss, t_loss, **TOL[torch.float64])
     torch.testing.assert_close(grad, t_grad, **TOL[torch.float64])
+
+
+def _awkward_batch(T, N, C, S, dtype=torch.float64, seed=7):
+    """log_probs and a batch with a repeat, an empty target, a short input and a target that cannot fit."""
+    log_probs, targets = _problem(T, N, C, S, dtype, seed=seed)
+    if S >= 3 and C >= 3:
+        targets[0, :3] = torch.tensor([2, 2, 1])
+    il = torch.tensor([T, T - 2, T, 1, T][:N])
+    tl = torch.tensor([min(S, 3), 0, S, min(S, 1) + (S > 1), 1][:N])  # sample 3: 2 labels in 1 frame
+    return log_probs, targets, il, tl
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_grid_chunks_match_one_launch(kernels, monkeypatch, from_logits):
+    """Launches split into chunks of 1 and 2 programs (the kernels offset their program ids) are bit-identical
+    to single launches: every batch size works whatever the grid limit."""
+    log_probs, targets, il, tl = _awkward_batch(6, 5, 4, 3)
+    if from_logits:
+        log_probs = log_probs * 2 + 1
+    kw = {"reduction": "none", "from_logits": from_logits, "zero_infinity": True}
+    w = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    whole = _loss_and_grad("triton", log_probs, targets, il, tl, w, **kw)
+    for limit in (1, 2):
+        monkeypatch.setattr(kernels, "MAX_GRID_PROGRAMS", limit)
+        chunked = _loss_and_grad("triton", log_probs, targets, il, tl, w, **kw)
+        assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+        # Row tiles that do not divide the T*N = 30 rows, in chunks too (other class tiles: other roundings).
+        with kernels.forced_config("grad", {"BLOCK_R": 4, "BLOCK_C": 4, "num_warps": 4}), \
+                kernels.forced_config("lse", {"BLOCK_R": 4, "BLOCK_C": 2, "num_warps": 4}):
+            tiled = _loss_and_grad("triton", log_probs, targets, il, tl, w, **kw)
+        torch.testing.assert_close(tiled[0], whole[0], **TOL[torch.float64])
+        torch.testing.assert_close(tiled[1], whole[1], **TOL[torch.float64])
+
+
+def test_forced_config_is_used_nested_and_checked(kernels):
+    assert set(kernels.CONFIG_SPACE) == {"forward", "backward", "lse", "grad"}
+    with pytest.raises(ValueError, match="unknown CTC kernel"):
+        with kernels.forced_config("fwd", {"BLOCK_S": 32, "num_warps": 1}):
+            pass
+    default = kernels._blocks(11, torch.float32, "forward")
+    with kernels.forced_config("forward", {"BLOCK_S": 2, "num_warps": 1}):
+        assert kernels._blocks(11, torch.float32, "forward")["BLOCK_S"] == 2
+        assert kernels._blocks(11, torch.float32, "backward") == kernels._blocks(11, torch.float32, "backward")
+        with kernels.forced_config("forward", {"BLOCK_S": 8, "num_warps": 2}):
+            assert kernels._blocks(11, torch.float32, "forward")["num_warps"] == 2
+        assert kernels._blocks(11, torch.float32, "forward")["BLOCK_S"] == 2
+    assert kernels._blocks(11, torch.float32, "forward") == default
+    with kernels.forced_config("grad", {"BLOCK_R": 16, "BLOCK_C": 1024, "num_warps": 8}):
+        assert kernels._row_blocks(37, "grad") == {"BLOCK_R": 16, "BLOCK_C": 64, "num_warps": 8}  # clipped to C
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_every_config_of_the_space(kernels, from_logits):
+    """Each candidate config of every launch (states in one or several tiles) gives the default's result."""
+    log_probs, targets, il, tl = _awkward_batch(5, 4, 6, 4)
+    kw = {"reduction": "none", "from_logits": from_logits, "zero_infinity": True}
+    base = _loss_and_grad("triton", log_probs, targets, il, tl, **kw)
+    for kernel, space in kernels.CONFIG_SPACE.items():
+        for cfg in space[:2] + [{**space[0], "BLOCK_S": 2} if "BLOCK_S" in space[0] else space[-1]]:
+            with kernels.forced_config(kernel, cfg):
+                loss, grad = _loss_and_grad("triton", log_probs, targets, il, tl, **kw)
+            torch.testing.assert_close(loss, base[0], **TOL[torch.float64], msg=f"{kernel} {cfg}")
+            torch.testing.assert_close(grad, base[1], **TOL[torch.float64], msg=f"{kernel} {cfg}")
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 37, 1000])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_awkward_class_counts(C, from_logits):
+    """Row normalisers and gradient rows over C = 1 (blank only), 2, 3, 37 (a partial class tile) and 1000."""
+    T, N = 4, 3
+    S = 0 if C == 1 else 2
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(T, N, C, generator=g, dtype=torch.float64) * 3
+    log_probs = x if from_logits else x.log_softmax(-1)
+    targets = torch.randint(1, max(C, 2), (N, S), generator=g)
+    il, tl = torch.tensor([4, 3, 2]), torch.tensor([S, min(S, 1), S])
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    kw = {"reduction": "none", "from_logits": from_logits, "zero_infinity": True}
+    loss, grad = _loss_and_grad("triton", log_probs, targets, il, tl, w, **kw)
+    t_loss, t_grad = _loss_and_grad(None, log_probs, targets, il, tl, w, **kw)
+    torch.testing.assert_close(loss, t_loss, **TOL[torch.float64])
+    torch.testing.assert_close(grad, t_grad, **TOL[torch.float64])
+
+
+def test_cuda_launches_under_the_tensors_device(kernels):
+    """Triton launches on torch's current device: the launchers enter the tensors' device, and nothing on CPU."""
+    guard = kernels._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # built, not entered: no CUDA needed
+    assert not isinstance(kernels._device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA stream synchronisations (GPU machines)")
+@pytest.mark.parametrize("form", ["list", "cpu-tensor", "cuda-tensor", "all-on-host"])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_host_syncs_per_call_on_cuda(form, from_logits):
+    """Loss and gradient make at most one host synchronisation (the length and label checks' one read), none
+    when lengths and targets are given on the host; torch's sync debug mode warns at each one."""
+    log_probs, targets = _problem(50, 4, 7, 5, torch.float32)
+    lengths = ([50, 40, 30, 50], [5, 4, 0, 3])
+    if form == "list":
+        il, tl = lengths
+    else:
+        il, tl = (torch.tensor(v, device="cpu" if form != "cuda-tensor" else "cuda") for v in lengths)
+    targets = targets.cpu() if form == "all-on-host" else targets.cuda()
+    fn = seqfast.ctc_loss_from_logits if from_logits else seqfast.ctc_loss
+    x = log_probs.cuda().requires_grad_()
+
+    def call():
+        fn(x, targets, il, tl).backward()
+
+    call()  # compiles the kernels; the count starts warm
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= (0 if form == "all-on-host" else 1), syncs

@@ -198,3 +198,31 @@ def test_pointers_are_compiled_as_aligned_by_default():
     sig = {"x_ptr": "*fp32", "n": "i32", "y_ptr": "*bf16", "BLOCK": "constexpr"}
     assert kernel_report.aligned_pointers(Fn, sig) == {(0,): [["tt.divisibility", 16]],
                                                        (2,): [["tt.divisibility", 16]]}
+
+
+# The attention module's sm_90 table: the dK/dV kernel's key tile is the M of its three products, so it must come in
+# 64-row wgmma slabs. The dense variant is the cheapest to compile (a few seconds per entry).
+ATTENTION_RUN = textwrap.dedent('''
+    import json, re, sys
+    sys.path.insert(0, sys.argv[1])
+    import kernel_report as kr
+
+    attention = kr.load_module(sys.argv[2])
+    entries = [e for e in attention.report_configs() if e["kernel"] == "_attn_bwd_dkdv"
+               and re.fullmatch(r"sm90:d(64|128)-fp16-dense-.*", e["config"])]
+    print(json.dumps(kr.report(entries, ["sm_80", "sm_90"])))
+''')
+
+
+def test_attention_sm90_dkdv_compiles_to_wgmma_without_spilling():
+    proc = subprocess.run([sys.executable, "-c", ATTENTION_RUN, str(ROOT / "benchmarks"),
+                           str(ROOT / "kernels" / "attention.py")],
+                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    # One entry per head dim, compiled for sm_90 only (its "archs"), although sm_80 was asked for too.
+    assert sorted(r["config"].split("-")[0] for r in rows) == ["sm90:d128", "sm90:d64"]
+    for row in rows:
+        assert row["error"] is None, row["error"]
+        assert row["arch"] == "sm_90" and row["spill_bytes"] == 0, row
+        assert row["mma_by_opcode"].get("HGMMA", 0) > 0 and "HMMA" not in row["mma_by_opcode"], row

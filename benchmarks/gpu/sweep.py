@@ -14,7 +14,9 @@ Which op a launch name is timed through (the launch itself cannot be called alon
   shapes (and the decode shape when no launch is named "decode"); names containing "decode" ->
   ``attention_forward`` on the decode shape (Lq=1) only; any other name ("dkdv", "dq", "dq_atomic", ...) ->
   ``attention_backward`` (out / lse from the default forward) on the training shapes.
-- ctc_loss: names containing "back" or "bwd" -> ``ctc_loss_backward``; others -> ``ctc_loss_forward``.
+- ctc_loss: names containing "back", "bwd" or "grad" -> ``ctc_loss_backward``; "lse" -> ``ctc_loss_forward`` from
+  logits; others -> ``ctc_loss_forward``. Attention names containing "atomic" run the backward with
+  ``SEQFAST_ATTENTION_BWD=atomic``.
 Outputs must match the default config's within 2e-2 (bf16 forward) / 5e-2 (bf16 gradients) / 1e-4 (fp32) of
 their max |value|.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -207,13 +210,26 @@ def _attention_targets(ctx: Context, module: Any) -> Callable[[str], list[Target
 
     has_decode = any("decode" in k for k in getattr(module, "CONFIG_SPACE", {}))
 
+    def atomic_backward(s):
+        # The atomic dK/dV launch runs only when the backward is switched to it.
+        old = os.environ.get("SEQFAST_ATTENTION_BWD")
+        os.environ["SEQFAST_ATTENTION_BWD"] = "atomic"
+        try:
+            return backward(s)
+        finally:
+            if old is None:
+                del os.environ["SEQFAST_ATTENTION_BWD"]
+            else:
+                os.environ["SEQFAST_ATTENTION_BWD"] = old
+
     def targets(kernel: str) -> list[Target]:
         if "decode" in kernel:
             return [Target(s[0], prepare_for(s, False), forward, tol(s, False)) for s in decode]
         if _is_forward(kernel):
             chosen = shapes + ([] if has_decode else decode)
             return [Target(s[0], prepare_for(s, False), forward, tol(s, False)) for s in chosen]
-        return [Target(s[0], prepare_for(s, True), backward, tol(s, True)) for s in shapes]
+        run = atomic_backward if "atomic" in kernel else backward
+        return [Target(s[0], prepare_for(s, True), run, tol(s, True)) for s in shapes]
 
     return targets
 
@@ -244,14 +260,19 @@ def _ctc_targets(ctx: Context, module: Any) -> Callable[[str], list[Target]]:
     def forward(s):
         return ctx.op(ops.FORWARD, *s["args"], 0, False, False, True)[:1]
 
+    def forward_from_logits(s):
+        # The row log-sum-exp launch ("lse") runs only for logits.
+        return ctx.op(ops.FORWARD, *s["args"], 0, False, True, True)[:1]
+
     def backward(s):
         lp, tg, il, tl = s["args"]
         return (ctx.op(ops.BACKWARD, s["g"], lp, tg, il, tl, s["nll"], s["alpha"], 0, False, False),)
 
     def targets(kernel: str) -> list[Target]:
-        bwd = "back" in kernel or "bwd" in kernel
-        return [Target("T{} N{} C{} S{}".format(*s), prepare_for(s, bwd), backward if bwd else forward, 1e-4)
-                for s in shapes]
+        # The gradient rows ("grad") are written by the backward op.
+        bwd = "back" in kernel or "bwd" in kernel or "grad" in kernel
+        run = backward if bwd else (forward_from_logits if "lse" in kernel else forward)
+        return [Target("T{} N{} C{} S{}".format(*s), prepare_for(s, bwd), run, 1e-4) for s in shapes]
 
     return targets
 

@@ -65,3 +65,13 @@ class KVCache:
         keys, values = self.append(key, value)
         bias = causal_lower_right(query.shape[2], keys.shape[2])
         return scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale, enable_gqa=enable_gqa)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row ``i`` of the cached positions becomes row ``index[i]`` of before, in place: (batch,) int64
+        ``index``. Beam search calls it after each step so every surviving hypothesis keeps its parent's
+        keys and values."""
+        if index.shape != (self.keys.shape[0],):
+            raise ValueError(f"reorder index must have shape ({self.keys.shape[0]},), got {tuple(index.shape)}")
+        n = self.length
+        self.keys[:, :, :n] = self.keys[index, :, :n]
+        self.values[:, :, :n] = self.values[index, :, :n]
