@@ -73,16 +73,22 @@ class _Quiet:
 
 @dataclass
 class StepTimer:
-    """Wall-clock seconds per step (synchronising the GPU when there is one), skipping warm-up steps."""
+    """Wall-clock seconds per step (synchronising the GPU when there is one), skipping warm-up steps.
+
+    Also the process's CPU seconds per step (all its threads): on a machine shared with other work the
+    wall-clock includes time spent waiting for a core, the CPU time does not."""
 
     warmup: int = 3
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     _seen: int = 0
     _start: float = 0.0
+    _cpu_start: float = 0.0
 
     def __enter__(self) -> StepTimer:
         _sync()
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -90,9 +96,13 @@ class StepTimer:
         self._seen += 1
         if self._seen > self.warmup:
             self.seconds.append(time.perf_counter() - self._start)
+            self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
     def median(self) -> float | None:
         return statistics.median(self.seconds) if self.seconds else None
+
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else None
 
 
 def _sync() -> None:
