@@ -109,7 +109,9 @@ class Recogniser(torch.nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, out_lengths = self.subsample(features, lengths)
-        x = self.dropout(x + sinusoidal_positions(x.shape[1], x.shape[2]).to(x))
+        # Content scaled by sqrt(d_model) before the unit-amplitude positions are added: the subsampler's
+        # outputs start near 0.3 in size, and unscaled the positions would swamp them early in training.
+        x = self.dropout(x * math.sqrt(self.config.d_model) + sinusoidal_positions(x.shape[1], x.shape[2]).to(x))
         padding = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]  # True = pad
         for layer in self.layers:
             x = layer(x, src_key_padding_mask=padding)

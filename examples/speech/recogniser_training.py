@@ -58,8 +58,8 @@ SIZES = {
                      steps=40, batch_size=8, peak_lr=2e-3, warmup_steps=5, eval_every=20),
     "quick": RunSize(_train(1500), _valid(200), _test(500), _MODEL, steps=600, batch_size=16, peak_lr=1.5e-3,
                      warmup_steps=100, eval_every=100),
-    "default": RunSize(_train(4000), _valid(200), _test(500), _MODEL, steps=2000, batch_size=16, peak_lr=1.5e-3,
-                       warmup_steps=200, eval_every=250),
+    "default": RunSize(_train(4000), _valid(200), _test(500), _MODEL, steps=2400, batch_size=16, peak_lr=1.5e-3,
+                       warmup_steps=200, eval_every=300),
 }
 
 
