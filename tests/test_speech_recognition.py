@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from examples import speech_recognition
-from examples.speech import ctc_metrics, recogniser_model, recogniser_training
+from examples.speech import ctc_metrics, recogniser_model, recogniser_training, time_recogniser_steps
 
 # ------------------------------------------------------------------------------------- edit distance
 
@@ -145,3 +145,11 @@ def test_smoke_run_end_to_end(cache, tmp_path):
     for name in ("curves.png", "posteriors.png", "comparison.md", "model.pt"):
         assert (out / name).stat().st_size > 0, name
     assert "| training step, wall-clock (ms, median) |" in (out / "comparison.md").read_text()
+
+
+def test_interleaved_step_timer(cache):
+    medians = time_recogniser_steps.measure(rounds=2, num_batches=3, batch_size=4, size="smoke", cache_dir=cache)
+    assert set(medians) == {"seqfast", "torch"}
+    for backend, m in medians.items():
+        assert set(m) == {"train_wall", "train_cpu", "infer_wall", "infer_cpu"}, backend
+        assert all(v > 0 for v in m.values()), backend

@@ -21,11 +21,12 @@ from .recogniser_model import ctc_loss
 BACKENDS = ("torch", "seqfast")
 
 
-def measure(rounds: int, num_batches: int, batch_size: int, size: str = "quick") -> dict[str, dict[str, float]]:
-    """Median seconds per backend: keys train_wall, train_cpu, infer_wall, infer_cpu. The first 2 batches of
-    every round are warm-up and not counted."""
+def measure(rounds: int, num_batches: int, batch_size: int, size: str = "quick",
+            cache_dir: str | None = None) -> dict[str, dict[str, float]]:
+    """Median seconds per backend: keys train_wall, train_cpu, infer_wall, infer_cpu, over the validation set
+    of run size `size`. The first 2 batches of every round are warm-up and not counted."""
     run = rt.SIZES[size]
-    data = rt.load_utterances(run.valid)
+    data = rt.load_utterances(run.valid, cache_dir)
     order = rt.length_sorted_batches(data, batch_size, torch.Generator().manual_seed(0))
     batches = [rt.collate(data, next(order)) for _ in range(num_batches)]
     models = {b: rt.build_model(run.model, b, seed=0) for b in BACKENDS}
