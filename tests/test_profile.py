@@ -158,3 +158,17 @@ def test_cuda_groups_count_gpu_activities_once():
     m = Measurement([1e-2], 0, ops)
     assert m.group_s("cuda")["matmul"] == 2e-3 and m.group_s("cuda")["attention"] == 1e-3
     assert m.group_s("cpu")["matmul"] == 1e-5
+
+
+@pytest.mark.parametrize("name,shape,ops", [
+    ("translation", {"B": 2, "Ls": 9, "Lt": 5, "d_model": 16, "heads": 2, "layers": 1, "ff": 32},
+     {"seqfast::attention_forward", "seqfast::attention_backward"}),
+    ("recogniser", {"B": 2, "frames": 60, "S": 4, "d_model": 16, "heads": 2, "layers": 1, "ff": 32},
+     {"seqfast::attention_forward", "seqfast::ctc_loss_forward", "seqfast::ctc_loss_backward"}),
+])
+def test_seed_model_workloads(name, shape, ops):
+    """The seed models' training steps (examples/) profile side by side, seqfast's ops only on its side."""
+    c = profile_workload(name, shape, device="cpu", **FAST)
+    seqfast_ops = {op.name for op in c.seqfast.ops}
+    assert ops <= seqfast_ops
+    assert not any(op.name.startswith("seqfast::") for op in c.torch.ops)

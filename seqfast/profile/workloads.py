@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import seqfast
 from seqfast import patching
@@ -71,6 +72,13 @@ WORKLOADS: dict[str, tuple[dict[str, int], str]] = {
     "gpt2": ({"B": 4, "L": 128, "hidden": 256, "layers": 4, "heads": 4},
              "Hugging Face GPT2LMHeadModel (sdpa attention, random weights) training step, vs the same model "
              "under seqfast.patch_functional"),
+    "translation": ({"B": 64, "Ls": 24, "Lt": 11, "d_model": 128, "heads": 4, "layers": 2, "ff": 256},
+                    "the seed's Transformer (examples/translation, date normalisation; --small sizes) training step "
+                    "with torch's layers vs seqfast's, same weights (needs the seqfast checkout's examples/)"),
+    "recogniser": ({"B": 16, "frames": 400, "S": 30, "d_model": 144, "heads": 4, "layers": 4, "ff": 576},
+                   "the seed's CTC speech recogniser (examples/speech, conv subsampling + Transformer encoder + "
+                   "CTC from logits) training step with torch's layers and F.ctc_loss vs seqfast's, same weights "
+                   "(needs the seqfast checkout's examples/)"),
     "wav2vec2": ({"B": 2, "samples": 16000, "hidden": 256, "layers": 4, "heads": 4, "vocab": 32, "S": 60},
                  "Hugging Face Wav2Vec2ForCTC (sdpa attention, CTC loss, random weights) training step, vs the "
                  "same model under seqfast.patch_functional"),
@@ -154,6 +162,63 @@ def _encoder(s, device, dtype):
         return run
 
     return step(theirs), step(ours), None
+
+
+def _examples(module: str):
+    """A module of the checkout's ``examples/`` package (the seed models live there, not in the wheel)."""
+    import sys
+
+    root = Path(seqfast.__file__).resolve().parent.parent
+    if not (root / "examples" / "__init__.py").is_file():
+        raise RuntimeError(f"the seed-model workloads need the seqfast source checkout's examples/ (not found "
+                           f"beside {Path(seqfast.__file__).parent})")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(module)
+
+
+def _translation(s, device, dtype):
+    model_mod = _examples("examples.translation.model")
+    config = model_mod.ModelConfig(vocab=40, d_model=s["d_model"], heads=s["heads"], encoder_layers=s["layers"],
+                                   decoder_layers=s["layers"], d_ff=s["ff"], dropout=0.0)
+    ours = model_mod.Seq2SeqTransformer(config, "seqfast").to(device=device, dtype=dtype)
+    theirs = model_mod.twin(ours, "torch").to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(1, 40, (s["B"], s["Ls"]), generator=g).to(device)
+    src_padding = torch.zeros(s["B"], s["Ls"], dtype=torch.bool, device=device)
+    src_padding[: s["B"] // 2, s["Ls"] * 3 // 4:] = True  # half the batch shorter, as real batches are
+    tgt = torch.randint(1, 40, (s["B"], s["Lt"] + 1), generator=g).to(device)
+
+    def step(m):
+        def run():
+            logits = m(src, src_padding, tgt[:, :-1])
+            _backward(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1)))
+        return run
+
+    return step(theirs), step(ours), None
+
+
+def _recogniser(s, device, dtype):
+    rec = _examples("examples.speech.recogniser_model")
+    config = rec.ModelConfig(d_model=s["d_model"], num_layers=s["layers"], num_heads=s["heads"],
+                             dim_feedforward=s["ff"], dropout=0.0)
+    ours = rec.Recogniser(config, "seqfast").to(device=device, dtype=dtype)
+    theirs = rec.Recogniser(config, "torch").to(device=device, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(s["B"], s["frames"], config.n_mels, generator=g).to(device=device, dtype=dtype)
+    lengths = torch.full((s["B"],), s["frames"], dtype=torch.long)
+    lengths[: s["B"] // 2] = s["frames"] * 3 // 4
+    targets = torch.randint(1, rec.NUM_CLASSES, (s["B"], s["S"]), generator=g)
+    target_lengths = torch.full((s["B"],), s["S"], dtype=torch.long)
+
+    def step(m, backend):
+        def run():
+            logits, out_lengths = m(feats, lengths.to(device))
+            _backward(rec.ctc_loss(backend, logits, targets.to(device), out_lengths, target_lengths.to(device)))
+        return run
+
+    return step(theirs, "torch"), step(ours, "seqfast"), None
 
 
 def _transformers():
@@ -276,6 +341,7 @@ def build_workload(name: str, shape: dict[str, Any], *, device: str | None = Non
                      batch=batch)
         w.seqfast_step = _routed(w, step)
         return w
-    builder = {"sdpa": _sdpa, "ctc": _ctc, "mha": _mha, "encoder": _encoder}[name]
+    builder = {"sdpa": _sdpa, "ctc": _ctc, "mha": _mha, "encoder": _encoder, "translation": _translation,
+               "recogniser": _recogniser}[name]
     t, q, _ = builder(s, device, torch_dtype)
     return Workload(label, desc, device, t, q)
