@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -142,3 +143,14 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
+    """float32 (length, d_model): the Transformer's positions, sin on even and cos on odd features at
+    wavelengths 2*pi ... 10000*2*pi."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    inverse = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * inverse)
+    table[:, 1::2] = torch.cos(position * inverse)
+    return table

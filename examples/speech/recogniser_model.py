@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..common import sinusoidal_positions
 from . import vocabulary
 
 NUM_CLASSES = len(vocabulary.CHARACTERS) + 1  # the characters and CTC's blank (0)
@@ -65,15 +66,6 @@ class ConvSubsampling(torch.nn.Module):
         n, c, t, m = x.shape
         return self.proj(x.permute(0, 2, 1, 3).reshape(n, t, c * m)), subsampled_lengths(lengths)
 
-
-def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
-    """float32 [length, d_model]: sin on even and cos on odd channels at geometric wavelengths 2pi..10000*2pi."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    inverse = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(length, d_model)
-    table[:, 0::2] = torch.sin(position * inverse)
-    table[:, 1::2] = torch.cos(position * inverse)
-    return table
 
 
 def encoder_layer_class(backend: str) -> type[torch.nn.TransformerEncoderLayer]:

@@ -25,6 +25,8 @@ from torch.nn.attention.bias import causal_lower_right
 import seqfast
 from seqfast.nn import KVCache
 
+from ..common import sinusoidal_positions
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -53,15 +55,6 @@ def smoke_config(vocab: int) -> ModelConfig:
 def base_config(vocab: int) -> ModelConfig:
     return ModelConfig(vocab)
 
-
-def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
-    """(length, d_model) float32: sin at even features, cos at odd, wavelengths 2*pi ... 10000*2*pi."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(length, d_model)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)
-    return table
 
 
 def _torch_cached_attention(cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,13 @@ seqfast's ops appear in traces under their own names (``seqfast::attention_forwa
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from seqfast.info import _cpu_model
 from seqfast.profile._measure import GROUPS, Measurement, OpRow, group_of, profile_step, timed
 from seqfast.profile._report import Comparison
 from seqfast.profile.workloads import WORKLOADS, Workload, build_workload
@@ -36,18 +36,9 @@ __all__ = ["GROUPS", "Comparison", "Measurement", "OpRow", "WORKLOADS", "Workloa
 def _where(device: str) -> str:
     if device == "cuda":
         return f"cuda ({torch.cuda.get_device_name()}), torch {torch.__version__}"
-    return f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def compare(
