@@ -676,16 +676,19 @@ _CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] 
     "dkdv": {
         # Dense tiles that also compile without spills under triton 3.6 (the GPU machine's): 3.9 took m64n128 at
         # D=64 and whole-width contractions at D=128, which 3.6 spills (772 B and 24 B; benchmarks/NOTES.md).
-        (64, "dense"): (32, 64, 8, 2, 64), (64, "mask"): (32, 64, 8, 2, 64), (64, "mask_grad"): (32, 64, 8, 2, 64),
-        (64, "dropout"): (32, 64, 8, 2, 64),
+        # Masks and dropout at D=64 take 16-row query steps: m32n64 spilled 8-668 B there under 3.6.
+        (64, "dense"): (32, 64, 8, 2, 64), (64, "mask"): (16, 64, 8, 2, 64), (64, "mask_grad"): (16, 64, 8, 2, 64),
+        (64, "dropout"): (16, 64, 8, 2, 64),
         (128, "dense"): (16, 64, 8, 2, 32), (128, "mask"): (16, 64, 8, 2, 32), (128, "mask_grad"): (16, 64, 8, 2, 32),
-        (128, "dropout"): (16, 64, 8, 2, 64),
+        (128, "dropout"): (16, 64, 8, 2, 32),  # 64-column chunks spilled 12 B once the seed became a pointer
     },
     "dq": {  # sm_80's tiles, without halving the query tile for masks: 113-205 registers in every variant
         (64, "dense"): (128, 32, 8, 2, 64), (128, "dense"): (64, 16, 8, 2, 128),
     },
+    # D=64: m32n64 spilled 8-756 B under triton 3.6; 16-row steps with 32-column chunks do not (a float mask's
+    # gradient needs 16-column chunks: 4 B spilled under 3.9 at 32).
     "dkdv_atomic": {
-        (64, "dense"): (32, 64, 8, 2, 64), (128, "dense"): (16, 64, 8, 2, 32),
+        (64, "dense"): (16, 64, 8, 2, 32), (64, "mask_grad"): (16, 64, 8, 2, 16), (128, "dense"): (16, 64, 8, 2, 32),
     },
 }
 
