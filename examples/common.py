@@ -138,11 +138,7 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title:
         if log_y and name in log_y:
             ax.set_yscale("log")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
@@ -154,3 +150,14 @@ def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(position * inverse)
     table[:, 1::2] = torch.cos(position * inverse)
     return table
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it to ``path`` (making its folder) and close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -29,3 +29,13 @@ def on_kernel_device():
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: small tensor ops on a busy 2-core machine run far faster on one
+    (examples/speech/datasets.py measures it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,14 +10,7 @@ import torch
 # Needs espeakng-loader (in the Makefile's DEPS): without it this file fails to import, loudly.
 from examples.speech import audio, datasets, features, synth, vocabulary
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensor ops on a busy 2-core machine: one thread is far faster than two (see datasets.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------ synthesis

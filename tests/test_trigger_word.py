@@ -18,14 +18,7 @@ from examples.speech.detector_model import (
 )
 from examples.speech.streaming import StreamingDetector, stream_in_chunks
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensor ops on a busy shared machine: one thread is much faster than several (see datasets.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed: int = 0, **kwargs) -> TriggerDetector:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common import save_figure
 from .detection_metrics import Score
 
 
@@ -41,11 +42,7 @@ def plot_roc(path: Path, points: Sequence[Score], chosen: Score, title: str) -> 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_clip(path: Path, feats: torch.Tensor, probs: torch.Tensor, smoothed: np.ndarray, ends: Sequence[int],
@@ -73,8 +70,4 @@ def plot_clip(path: Path, feats: torch.Tensor, probs: torch.Tensor, smoothed: np
     ax2.set_ylabel("P(trigger)")
     ax2.legend(loc="upper left", fontsize=8, ncol=4)
     ax1.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..common import save_figure
 from . import ctc_metrics, vocabulary
 from .recogniser_model import Recogniser
 
@@ -54,8 +55,4 @@ def plot_posteriors(path: Path, model: Recogniser, raw_features: torch.Tensor, f
         previous = label
     bottom.set_title("per-frame posteriors (40 ms frames); circles: the greedy path's characters", loc="left",
                      fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from examples.common import plot_curves
+from examples.common import plot_curves, save_figure
 
 
 def training_curves(path: Path, losses: list[tuple[float, float]], accuracy: list[tuple[float, float]],
@@ -38,8 +38,4 @@ def cross_attention_heatmaps(path: Path, weights: torch.Tensor, source: str, out
         ax.set_yticks(range(T), list(output), fontsize=7)
         ax.set_title(f"head {h}", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
