@@ -1,7 +1,8 @@
 """seqfast: fused attention and CTC loss kernels for sequence models, drop-in for PyTorch.
 
 Triton kernels run CUDA tensors, C++ kernels run CPU tensors, behind torch's signatures:
-:func:`scaled_dot_product_attention`, :func:`ctc_loss`, :mod:`seqfast.nn`. :func:`patch` and
+:func:`scaled_dot_product_attention`, :func:`ctc_loss`, :mod:`seqfast.nn`; CTC decoding:
+:func:`ctc_greedy_decode`, :func:`ctc_forced_align` (with :func:`ctc_token_spans`). :func:`patch` and
 :func:`patch_functional` run an existing model on seqfast; :mod:`seqfast.profile` compares the two.
 """
 
@@ -9,7 +10,10 @@ Triton kernels run CUDA tensors, C++ kernels run CPU tensors, behind torch's sig
 from seqfast import _extension, nn, ops  # noqa: F401
 from seqfast._backend import BACKENDS, backend
 from seqfast._version import __version__ as __version__
+from seqfast.ctc_spans import TokenSpan, ctc_token_spans
 from seqfast.functional import (
+    ctc_forced_align,
+    ctc_greedy_decode,
     ctc_loss,
     ctc_loss_from_logits,
     scaled_dot_product_attention,
@@ -25,6 +29,8 @@ __all__ = [
     "BACKENDS",
     "EXTENSION_AVAILABLE",
     "backend",
+    "ctc_forced_align",
+    "ctc_greedy_decode",
     "ctc_loss",
     "ctc_loss_from_logits",
     "FunctionalReport",
@@ -34,6 +40,8 @@ __all__ = [
     "patch_functional",
     "profile",
     "scaled_dot_product_attention",
+    "ctc_token_spans",
+    "TokenSpan",
     "unpatch",
     "varlen_attention",
 ]

@@ -7,11 +7,14 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from seqfast import _backend, _extension
 from seqfast.ops import attention as attention_ops
+from seqfast.ops import ctc_decode as decode_ops
 from seqfast.ops import ctc_loss as ctc_ops
 from seqfast.validation import (
     ArgumentError,
     IntLengths,
+    ctc_align_arguments,
     ctc_arguments,
+    ctc_greedy_arguments,
     reduction_argument,
     sdpa_arguments,
     varlen_arguments,
@@ -87,6 +90,64 @@ def ctc_loss_from_logits(
     arguments as :func:`ctc_loss`.
     """
     return _ctc(logits, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, True, "logits")
+
+
+def ctc_greedy_decode(
+    log_probs: torch.Tensor,
+    input_lengths: IntLengths,
+    blank: int = 0,
+    return_frames: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Best-path CTC decoding: per frame the most probable class, runs merged, blanks dropped.
+
+    Args:
+        log_probs: (T, N, C) or unbatched (T, C), as for :func:`ctc_loss` (any strides); float16, bfloat16,
+            float32 or float64. The argmax is ``torch.argmax``'s: the first maximum, or the first NaN.
+        input_lengths: (N,) frames per sample (tensor, list or int, as :func:`ctc_loss` takes).
+        blank: the blank class.
+        return_frames: also return the first frame of each token's run.
+
+    Returns:
+        ``(tokens, lengths)``, or ``(tokens, lengths, frames)``: ``tokens`` (N, T) int64 with sample n's labels
+        in ``tokens[n, :lengths[n]]`` and ``blank`` after them; ``lengths`` (N,) int64; ``frames`` (N, T)
+        int64, -1 after the tokens. Unbatched input gives (T,), 0-d and (T,).
+    """
+    args = ctc_greedy_arguments(log_probs, input_lengths, blank)
+    tokens, lengths, frames = _backend.dispatch(None, decode_ops.GREEDY, args.log_probs, args.input_lengths, blank)
+    if not args.batched:
+        tokens, lengths, frames = tokens[0], lengths[0], frames[0]
+    return (tokens, lengths, frames) if return_frames else (tokens, lengths)
+
+
+def ctc_forced_align(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: IntLengths,
+    target_lengths: IntLengths,
+    blank: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTC forced alignment: the best (Viterbi) frame-level path that collapses to the target, batched.
+
+    torchaudio's ``forced_align`` semantics (equal neighbouring labels need a blank between them) in
+    :func:`ctc_loss`'s layout: ``log_probs`` (T, N, C) or unbatched (T, C), any strides (torchaudio's
+    batch-first (N, T, C) is ``log_probs.transpose(0, 1)``); ``targets`` (N, S) padded or 1-D concatenated;
+    lengths as :func:`ctc_loss` takes them. A target that cannot fit its frames raises
+    :class:`~seqfast.ArgumentError`. Ties between equally scored paths: the one ending on the last label rather
+    than a trailing blank, then, from the last frame backwards, the one further along the target at each
+    frame; NaN log-probs count as -inf there (``seqfast/ops/ctc_decode.py``).
+
+    Returns:
+        ``(paths, scores)``, both (N, T) ((T,) unbatched): ``paths`` int64, the class per frame (``blank``
+        past ``input_lengths[n]``); ``scores`` in log_probs' dtype, the frame's log-prob on the path (0 past
+        the input). A path's total score is ``scores.sum(-1)``.
+    """
+    args = ctc_align_arguments(log_probs, targets, input_lengths, target_lengths, blank)
+    paths, scores = _backend.dispatch(
+        None, decode_ops.ALIGN, args.log_probs, args.targets, args.input_lengths, args.target_lengths, blank,
+    )
+    if not args.batched:
+        paths, scores = paths[0], scores[0]
+    return paths, scores
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout

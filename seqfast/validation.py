@@ -97,6 +97,7 @@ def ctc_arguments(
     target_lengths: IntLengths,
     blank: int,
     name: str = "log_probs",
+    allow_empty: bool = False,
 ) -> CTCArguments:
     """Validate torch's ``ctc_loss`` arguments, every form, and bring them to the op's canonical form.
 
@@ -106,7 +107,7 @@ def ctc_arguments(
     _floating(name, log_probs)
     if log_probs.dim() not in (2, 3):
         raise ArgumentError(f"{name} must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")
-    if log_probs.numel() == 0:
+    if log_probs.numel() == 0 and not allow_empty:
         raise ArgumentError(f"{name} must not be empty (torch refuses it too), got shape {tuple(log_probs.shape)}")
     if log_probs.dtype in (torch.float16, torch.bfloat16) and _autocast_dtype(log_probs.device) is not None:
         log_probs = log_probs.float()
@@ -140,7 +141,10 @@ def ctc_arguments(
     on_host = tg.device.type == "cpu" and il.device.type == "cpu" and tl.device.type == "cpu"
     if not on_host:
         il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
-    if on_host and tg.numel() <= _HOST_CHECK_MAX:
+    if N == 0:  # nothing to check (min / max of no lengths)
+        il_min = il_max = tl_min = tl_max = tl_sum = 0
+        bad = None
+    elif on_host and tg.numel() <= _HOST_CHECK_MAX:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_host(tg, il, tl, padded, C, blank)
     else:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_device(tg, il, tl, padded, C, blank)
@@ -249,6 +253,86 @@ def _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank) -> CTCArguments
         idx = (starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))
         tg = torch.where(cols[None, :] < tl[:, None], tg[idx], blank) if S else tg.new_zeros((tl.shape[0], tl_max))
     return CTCArguments(lp.contiguous(), tg.contiguous(), il, tl, batched)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CTC decoding and forced alignment
+
+# Appended to batch-size errors of 3-D input: the likeliest cause is torchaudio's batch-first layout.
+LAYOUT_HINT = ("log_probs is (T, N, C) as for ctc_loss; for torchaudio's (N, T, C) pass log_probs.transpose(0, 1)")
+
+
+class CTCGreedyArguments(NamedTuple):
+    log_probs: torch.Tensor  # (T, N, C), any strides
+    input_lengths: torch.Tensor  # (N,) int64 on log_probs' device
+    batched: bool
+
+
+def _decoder_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    _floating("log_probs", log_probs)
+    if log_probs.dim() not in (2, 3):
+        raise ArgumentError(f"log_probs must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")
+    return log_probs if log_probs.dim() == 3 else log_probs.unsqueeze(1)
+
+
+def ctc_greedy_arguments(log_probs: torch.Tensor, input_lengths: IntLengths, blank: int) -> CTCGreedyArguments:
+    """Validate ``ctc_greedy_decode``'s arguments (lengths in every form ``ctc_loss`` takes; N = 0 and T = 0
+    allowed). ``log_probs`` keeps its strides: the kernels read any layout."""
+    lp = _decoder_log_probs(log_probs)
+    batched = log_probs.dim() == 3
+    T, N, C = lp.shape
+    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
+        raise ArgumentError(f"blank must be in [0, {C}) (C = number of classes), got {blank}")
+    try:
+        il = _lengths("input_lengths", input_lengths, batched, N)
+    except ArgumentError as exc:
+        raise ArgumentError(f"{exc}; {LAYOUT_HINT}" if batched and "entr" in str(exc) else str(exc)) from None
+    if torch.compiler.is_compiling():
+        il = il.to(lp.device)
+        torch._assert_async(((il >= 0) & (il <= T)).all(), "input_lengths must be in [0, T]")
+        return CTCGreedyArguments(lp, il, batched)
+    if N:
+        lo, hi = (il.min().item(), il.max().item()) if il.device.type == "cpu" else \
+            torch.stack([il.min(), il.max()]).tolist()  # one sync
+        if lo < 0:
+            raise ArgumentError(f"input_lengths must be >= 0, got {lo} at index {int(il.argmin())}")
+        if hi > T:
+            raise ArgumentError(f"input_lengths must be <= T = {T}, got {hi} at index {int(il.argmax())}")
+    return CTCGreedyArguments(lp, to_device(il, lp.device), batched)
+
+
+def ctc_align_arguments(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: IntLengths,
+    target_lengths: IntLengths,
+    blank: int,
+) -> CTCArguments:
+    """Validate ``ctc_forced_align``'s arguments: ``ctc_loss``'s checks and forms (N = 0 and T = 0 allowed), and
+    every target must fit its frames (one per label plus a blank between equal neighbours), as torchaudio
+    refuses what cannot be aligned. ``log_probs`` keeps its strides."""
+    lp = _decoder_log_probs(log_probs)
+    try:
+        args = ctc_arguments(lp if log_probs.dim() == 3 else log_probs, targets, input_lengths, target_lengths, blank,
+                             allow_empty=True)
+    except ArgumentError as exc:
+        text = str(exc)
+        if log_probs.dim() == 3 and ("entr" in text or "batch size" in text):
+            text = f"{text}; {LAYOUT_HINT}"
+        raise ArgumentError(text) from None
+    tg, il, tl = args.targets, args.input_lengths, args.target_lengths
+    S = tg.shape[1]
+    repeats = ((tg[:, 1:] == tg[:, :-1]) & (torch.arange(1, max(S, 1), device=tg.device)[None, :] < tl[:, None])
+               ).sum(1) if S > 1 else torch.zeros_like(tl)
+    short = tl + repeats > il
+    if torch.compiler.is_compiling():
+        torch._assert_async(~short.any(), "a target needs more frames than its input_lengths")
+    elif bool(short.any()):
+        n = int(short.nonzero()[0, 0])
+        raise ArgumentError(
+            f"targets[{n}] cannot be aligned: its {int(tl[n])} labels with {int(repeats[n])} repeat(s) (a blank "
+            f"must separate equal labels) need {int(tl[n] + repeats[n])} frames, but input_lengths[{n}] = {int(il[n])}")
+    return args._replace(log_probs=lp)
 
 
 # --------------------------------------------------------------------------------------------------------------
