@@ -24,6 +24,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_features.h"
+
 namespace seqfast {
 namespace {
 
@@ -53,13 +55,73 @@ at::Tensor checked_lengths(const at::Tensor& lengths, int64_t N, int64_t hi, con
   return l;
 }
 
-// torch.argmax of one row: the first NaN if there is one, else the first maximum.
+// torch.argmax of one row: the first NaN if there is one, else the first maximum. Two passes: the maximum and
+// whether a NaN came by, then the first index holding it. The first pass keeps kLanes independent running
+// maxima (elementwise selects, which GCC vectorises; a single running max is a reduction it leaves scalar).
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+__attribute__((always_inline)) inline int64_t row_argmax_body(const T* __restrict x, int64_t C) {
+  T m[kLanes];
+  int32_t nan[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) {
+    m[j] = -std::numeric_limits<T>::infinity();
+    nan[j] = 0;
+  }
+  const int64_t whole = C / kLanes * kLanes;
+  for (int64_t c = 0; c < whole; c += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T v = x[c + j];
+      m[j] = v > m[j] ? v : m[j];
+      nan[j] |= v != v;
+    }
+  }
+  T best = -std::numeric_limits<T>::infinity();
+  bool any_nan = false;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    best = m[j] > best ? m[j] : best;
+    any_nan |= nan[j] != 0;
+  }
+  for (int64_t c = whole; c < C; ++c) {
+    best = x[c] > best ? x[c] : best;
+    any_nan |= x[c] != x[c];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    if (any_nan ? x[c] != x[c] : x[c] == best) return c;
+  }
+  return 0;  // unreachable: some entry is the maximum (all -inf included)
+}
+
+template <typename T>
+int64_t row_argmax_baseline(const T* x, int64_t C) {
+  return row_argmax_body(x, C);
+}
+
+#if SEQFAST_X86
+template <typename T>
+SEQFAST_TARGET_AVX512 int64_t row_argmax_avx512(const T* x, int64_t C) {
+  return row_argmax_body(x, C);
+}
+#endif
+
+template <typename T>
+using ArgmaxFn = int64_t (*)(const T*, int64_t);
+
+template <typename T>
+ArgmaxFn<T> contiguous_argmax() {
+#if SEQFAST_X86
+  if (has_avx512()) return &row_argmax_avx512<T>;
+#endif
+  return &row_argmax_baseline<T>;
+}
+
+// Any dtype and class stride: read as acc_type (float16 / bfloat16 as float32).
 template <typename scalar_t>
 int64_t row_argmax(const scalar_t* x, int64_t C, int64_t sc) {
   using acc_t = acc_type<scalar_t>;
-  acc_t m = static_cast<acc_t>(x[0]);
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
   bool nan = false;
-  for (int64_t c = 0; c < C; ++c) {  // no early exit: the loop stays a plain max reduction
+  for (int64_t c = 0; c < C; ++c) {
     const acc_t v = static_cast<acc_t>(x[c * sc]);
     m = v > m ? v : m;
     nan |= v != v;
@@ -82,10 +144,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_impl(const at::Tensor& log
   at::Tensor lengths = at::empty({N}, at::kLong);
   std::vector<int32_t> best(static_cast<size_t>(T * N));
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  ArgmaxFn<scalar_t> fast = nullptr;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    if (st.c == 1) fast = contiguous_argmax<scalar_t>();
+  }
   at::parallel_for(0, T * N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / N, n = r % N;
-      if (t < len[n]) best[r] = static_cast<int32_t>(row_argmax(lp + t * st.t + n * st.n, C, st.c));
+      if (t >= len[n]) continue;
+      const scalar_t* x = lp + t * st.t + n * st.n;
+      best[r] = static_cast<int32_t>(fast != nullptr ? fast(x, C) : row_argmax(x, C, st.c));
     }
   });
   int64_t* tok = tokens.data_ptr<int64_t>();
@@ -125,10 +193,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ctc_greedy_decode(const at::Tenso
 // ---------------------------------------------------------------------------------------------------
 // Forced alignment
 
-// Whether candidate a beats the best so far: strictly greater, or best is unreachable (NaN) and a is not.
+// One frame of the recursion over states [lo, hi): cur[s] = best of prev[s], prev[s-1], prev[s-2] (the last only
+// where skip_nan[s] is 0, NaN otherwise) + emit[s], and the step taken into b[s]. A candidate wins when it is
+// strictly greater, or the best so far is unreached (NaN) and it is not: ties keep the smaller step. Written with
+// the NaN flags of the inputs, not of intermediate selects, so that GCC vectorises it; the step goes through
+// an int32 row (kk) first, as a loop storing bytes next to floats does not vectorise.
 template <typename T>
-inline bool beats(T a, T best) {
-  return a > best || (best != best && a == a);
+__attribute__((always_inline)) inline void viterbi_row_body(T* __restrict cur, const T* __restrict prev,
+                                                            const T* __restrict skip_nan, const T* __restrict emit,
+                                                            int32_t* __restrict kk, uint8_t* __restrict b, int64_t lo,
+                                                            int64_t hi) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t s = lo; s < hi; ++s) {
+    const T a0 = prev[s], a1 = prev[s - 1], a2 = prev[s - 2] + skip_nan[s];
+    const bool n0 = a0 != a0, n1 = a1 != a1, n2 = a2 != a2;
+    const bool c1 = (a1 > a0) | (n0 & !n1);
+    const T b1 = c1 ? a1 : a0;
+    const bool c2 = (a2 > b1) | (n0 & n1 & !n2);
+    const T best = c2 ? a2 : b1;
+    const bool unreached = n0 & n1 & n2;
+    const T v = best + emit[s];
+    cur[s] = ((v != v) & !unreached) ? kNegInf : v;  // a NaN log-prob, or +inf meeting -inf: -inf
+    kk[s] = c2 ? 2 : (c1 ? 1 : 0);
+  }
+  for (int64_t s = lo; s < hi; ++s) b[s] = static_cast<uint8_t>(kk[s]);
+}
+
+template <typename T>
+using RowFn = void (*)(T*, const T*, const T*, const T*, int32_t*, uint8_t*, int64_t, int64_t);
+
+template <typename T>
+void viterbi_row_baseline(T* cur, const T* prev, const T* skip_nan, const T* emit, int32_t* kk, uint8_t* b,
+                          int64_t lo, int64_t hi) {
+  viterbi_row_body(cur, prev, skip_nan, emit, kk, b, lo, hi);
+}
+
+#if SEQFAST_X86
+template <typename T>
+SEQFAST_TARGET_AVX2 void viterbi_row_avx2(T* cur, const T* prev, const T* skip_nan, const T* emit, int32_t* kk,
+                                          uint8_t* b, int64_t lo, int64_t hi) {
+  viterbi_row_body(cur, prev, skip_nan, emit, kk, b, lo, hi);
+}
+
+template <typename T>
+SEQFAST_TARGET_AVX512 void viterbi_row_avx512(T* cur, const T* prev, const T* skip_nan, const T* emit, int32_t* kk,
+                                              uint8_t* b, int64_t lo, int64_t hi) {
+  viterbi_row_body(cur, prev, skip_nan, emit, kk, b, lo, hi);
+}
+#endif
+
+// The same operations in every version (compares and selects, no FMA to contract): identical results.
+template <typename T>
+RowFn<T> viterbi_row() {
+#if SEQFAST_X86
+  if (has_avx512()) return &viterbi_row_avx512<T>;
+  if (has_avx2()) return &viterbi_row_avx2<T>;
+#endif
+  return &viterbi_row_baseline<T>;
 }
 
 // One sample's Viterbi pass and walk back. ext: the 2L+1 states' classes; skip_nan: 0 where a state may be
@@ -136,8 +257,8 @@ inline bool beats(T a, T best) {
 template <typename scalar_t>
 void align_sample(const scalar_t* lp, const Strides& st, int64_t Tn, const int64_t* ext,
                   const acc_type<scalar_t>* skip_nan, int64_t W, std::vector<acc_type<scalar_t>>& rows,
-                  std::vector<acc_type<scalar_t>>& emit, std::vector<uint8_t>& bp, int64_t* path, scalar_t* score,
-                  int64_t path_stride) {
+                  std::vector<acc_type<scalar_t>>& emit, std::vector<int32_t>& kk, std::vector<uint8_t>& bp,
+                  RowFn<acc_type<scalar_t>> row_fn, int64_t* path, scalar_t* score, int64_t path_stride) {
   using acc_t = acc_type<scalar_t>;
   constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -145,6 +266,7 @@ void align_sample(const scalar_t* lp, const Strides& st, int64_t Tn, const int64
   // Two rows of W + 2 scores; the two leading entries stay NaN (states -2 and -1).
   rows.assign(2 * (W + 2), kNaN);
   emit.resize(W);
+  kk.resize(W);
   bp.resize(static_cast<size_t>(Tn * W));
   acc_t* prev = rows.data() + 2;
   acc_t* cur = rows.data() + W + 4;
@@ -155,22 +277,13 @@ void align_sample(const scalar_t* lp, const Strides& st, int64_t Tn, const int64
   for (int64_t t = 1; t < Tn; ++t) {
     const int64_t lo = std::max<int64_t>(0, W - 2 * (Tn - t)), hi = std::min<int64_t>(W, 2 * t + 2);
     const scalar_t* row = lp + t * st.t;
-    for (int64_t s = lo; s < hi; ++s) emit[s] = static_cast<acc_t>(row[ext[s] * st.c]);
-    uint8_t* b = bp.data() + t * W;
-    for (int64_t s = lo; s < hi; ++s) {
-      const acc_t a0 = prev[s], a1 = prev[s - 1], a2 = prev[s - 2] + skip_nan[s];
-      acc_t best = a0;
-      uint8_t k = 0;
-      const bool c1 = beats(a1, best);
-      best = c1 ? a1 : best;
-      k = c1 ? 1 : k;
-      const bool c2 = beats(a2, best);
-      best = c2 ? a2 : best;
-      k = c2 ? 2 : k;
-      const acc_t v = best + emit[s];
-      cur[s] = (v != v && best == best) ? kNegInf : v;
-      b[s] = k;
+    // Every even state is the blank: one read for them all, a gather for the labels only.
+    const acc_t blank_lp = static_cast<acc_t>(row[ext[0] * st.c]);
+    for (int64_t s = lo & ~int64_t{1}; s < hi; s += 2) {
+      emit[s] = blank_lp;
+      if (s + 1 < W) emit[s + 1] = static_cast<acc_t>(row[ext[s + 1] * st.c]);
     }
+    row_fn(cur, prev, skip_nan, emit.data(), kk.data(), bp.data() + t * W, lo, hi);
     std::swap(prev, cur);
   }
   int64_t s = 0;
@@ -197,9 +310,13 @@ std::tuple<at::Tensor, at::Tensor> align_impl(const at::Tensor& log_probs, const
   at::Tensor scores = at::zeros({N, T}, log_probs.options().memory_format(at::MemoryFormat::Contiguous));
   int64_t* path = paths.data_ptr<int64_t>();
   scalar_t* score = scores.data_ptr<scalar_t>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  const RowFn<acc_t> row_fn = viterbi_row<acc_t>();
+  // Threads only for enough work: waking a second thread costs more than a small batch.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, T * (2 * S + 1)));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> ext;
     std::vector<acc_t> skip_nan, rows, emit;
+    std::vector<int32_t> kk;
     std::vector<uint8_t> bp;
     for (int64_t n = begin; n < end; ++n) {
       const int64_t L = tg_len[n], W = 2 * L + 1;
@@ -209,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> align_impl(const at::Tensor& log_probs, const
         ext[2 * k + 1] = labels[n * S + k];
         if (k > 0 && labels[n * S + k] != labels[n * S + k - 1]) skip_nan[2 * k + 1] = 0;
       }
-      align_sample<scalar_t>(lp + n * st.n, st, in_len[n], ext.data(), skip_nan.data(), W, rows, emit, bp,
+      align_sample<scalar_t>(lp + n * st.n, st, in_len[n], ext.data(), skip_nan.data(), W, rows, emit, kk, bp, row_fn,
                              path + n * T, score + n * T, 1);
     }
   });

@@ -35,7 +35,7 @@ def _host(*tensors):
     return [t.cpu() for t in tensors]
 
 
-@pytest.mark.parametrize("T,N,C", [(1, 1, 2), (7, 3, 29), (23, 2, 2), (5, 2, 1000)])
+@pytest.mark.parametrize("T,N,C", [(1, 1, 2), (7, 3, 29), (13, 2, 2), (5, 2, 1000)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_against_reference(T, N, C, dtype, on_kernel_device):
     lp = _log_probs(T, N, C, dtype, seed=T + C).to(on_kernel_device)
@@ -59,12 +59,12 @@ def test_tiles_transposed_views_ties_and_nan(monkeypatch, on_kernel_device):
     kernels = _triton.kernels("ctc_loss", torch.empty(0, device=on_kernel_device))
     monkeypatch.setattr(kernels, "MAX_STATE_BLOCK", 4)
     monkeypatch.setattr(kernels, "MAX_CLASS_BLOCK", 4)
-    T, N, C = 11, 3, 7
+    T, N, C = 9, 3, 7
     lp = _log_probs(T, N, C, torch.float32, seed=3)
     lp[:, 2] = -torch.randint(0, 2, (T, C)).float()  # sample 2: integer log-probs, many exact ties
     lp[4, 0, 5] = lp[4, 0, 2] = float("nan")
     lp[6, 1, :] = float("-inf")
-    il = torch.tensor([11, 9, 11])
+    il = torch.tensor([9, 8, 9])
     tg, tl = torch.tensor([[1, 1, 2, 5], [3, 4, 4, 0], [2, 3, 3, 2]]), torch.tensor([4, 3, 4])
     ntc = lp.transpose(0, 1).contiguous().transpose(0, 1)
     expected = (*seqfast.ctc_forced_align(lp, tg, il, tl), *seqfast.ctc_greedy_decode(lp, il, return_frames=True))
