@@ -283,6 +283,11 @@ void align_sample(const scalar_t* lp, const Strides& st, int64_t Tn, const int64
       emit[s] = blank_lp;
       if (s + 1 < W) emit[s + 1] = static_cast<acc_t>(row[ext[s + 1] * st.c]);
     }
+    if (t + 1 < Tn) {  // the next frame's reads are scattered over its row: start them now
+      const scalar_t* next = row + st.t;
+      prefetch_line(next + ext[0] * st.c);
+      for (int64_t s = lo | 1; s < hi; s += 2) prefetch_line(next + ext[s] * st.c);
+    }
     row_fn(cur, prev, skip_nan, emit.data(), kk.data(), bp.data() + t * W, lo, hi);
     std::swap(prev, cur);
   }

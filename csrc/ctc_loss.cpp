@@ -63,16 +63,6 @@ constexpr int64_t kLanes = 8;  // scratch rows are padded to whole AVX2 float ve
 
 int64_t pad_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// GCC 12 deletes __builtin_prefetch / _mm_prefetch calls inside these loops (a loop whose only effect is a
-// prefetch counts as side-effect free and goes), so the instruction is spelled out.
-inline void prefetch_line(const void* p) {
-#if SEQFAST_X86
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  __builtin_prefetch(p);
-#endif
-}
-
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();

@@ -302,3 +302,33 @@ def test_reference_backend_equals_brute_force_on_many_small_cases():
             for backend in ("cpp", "reference"):
                 with seqfast.backend(backend):
                     assert seqfast.ctc_forced_align(lp, tg, [4], [L])[0][0].tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_isa_paths_give_the_same_results(dtype):
+    """The AVX-512, AVX2 and baseline builds of the Viterbi row and the argmax: identical outputs (the ISAs this
+    CPU lacks run the baseline), on row lengths around the vector widths, with NaN, -inf and exact ties."""
+    from seqfast import _C
+
+    T, N, C = 41, 4, 37
+    lp = _log_probs(T, N, C, dtype, seed=9)
+    lp[:, 3] = -torch.randint(0, 2, (T, C)).to(dtype)  # exact ties
+    lp[5, 0, 7] = lp[9, 1, :] = float("nan")
+    lp[11, 2, :] = float("-inf")
+    il = torch.tensor([41, 40, 33, 41])
+    tg, tl = _targets(N, C, il.tolist(), seed=9)
+    old = _C.set_cpu_isa("avx512")
+    runs = []
+    try:
+        for isa in ("avx512", "avx2", "baseline"):
+            _C.set_cpu_isa(isa)
+            runs.append((*seqfast.ctc_forced_align(lp, tg, il, tl), *seqfast.ctc_greedy_decode(lp, il)))
+    finally:
+        _C.set_cpu_isa(old)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    paths, scores = runs[0][:2]
+    e_paths, _ = ref.ctc_forced_align(lp, tg, il, tl, 0)
+    if dtype == torch.float64:
+        assert torch.equal(paths, e_paths)
