@@ -143,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_impl(const at::Tensor& log
   at::Tensor tokens = at::empty({N, T}, at::kLong), frames = at::empty({N, T}, at::kLong);
   at::Tensor lengths = at::empty({N}, at::kLong);
   std::vector<int32_t> best(static_cast<size_t>(T * N));
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  // Rows of at least 256K entries per thread: waking a second thread costs more than a shorter scan.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(C, 1));
   ArgmaxFn<scalar_t> fast = nullptr;
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     if (st.c == 1) fast = contiguous_argmax<scalar_t>();
