@@ -19,10 +19,21 @@ same paths. The tiling, grid chunking and device guard are the CTC loss kernels'
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
-from seqfast.kernels.ctc_loss import _compute_dtype, _device_guard, _forward_labels, _launch, _row_blocks, _tier
+from seqfast.kernels.ctc_loss import (
+    _ROW_TIERS,
+    _TIERS,
+    _compute_dtype,
+    _device_guard,
+    _forward_labels,
+    _launch,
+    _row_blocks,
+    _tier,
+)
 
 _BLOCK_T = 128  # frames per tile of the greedy collapse
 _NO_INDEX = 2**31 - 1
@@ -194,3 +205,40 @@ def ctc_forced_align(
             BLOCK_S=block_s, num_warps=warps, num_stages=1,
         )
     return paths, scores
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _signature(fn: Any, types: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
+    """Triton types of fn's arguments: ``types`` for the pointers, i32 for the integer scalars."""
+    return {arg: "constexpr" if arg in constexprs else types.get(arg, "i32") for arg in fn.arg_names}
+
+
+def report_configs() -> list[dict[str, Any]]:
+    """Every (kernel, config) the launchers can launch, for benchmarks/kernel_report.py (see ctc_loss.py's)."""
+    configs = []
+    for dtype, name in _TRITON_TYPES.items():
+        cdt = _compute_dtype(dtype)
+        ct = _TRITON_TYPES[cdt]
+        for _, rows, block_c, warps in _ROW_TIERS:
+            const = {"cdt": tl.float64 if dtype == torch.float64 else tl.float32, "BLOCK_R": rows,
+                     "BLOCK_C": block_c}
+            sig = _signature(_ctc_row_argmax_kernel, {"lp_ptr": f"*{name}", "il_ptr": "*i64", "best_ptr": "*i32"},
+                             const)
+            configs.append({"kernel": "ctc_row_argmax", "fn": _ctc_row_argmax_kernel, "signature": sig,
+                            "constexprs": const, "num_warps": warps, "num_stages": 1,
+                            "config": f"{name}-r{rows}-c{block_c}-w{warps}"})
+        for block_s, warps in _TIERS["forward"]:
+            const = {"BLOCK_S": block_s}
+            sig = _signature(_ctc_viterbi_kernel, {
+                "lp_ptr": f"*{name}", "tgt_ptr": "*i64", "il_ptr": "*i64", "tl_ptr": "*i64", "alpha_ptr": f"*{ct}",
+                "bp_ptr": "*i8", "path_ptr": "*i64", "score_ptr": f"*{name}"}, const)
+            configs.append({"kernel": "ctc_viterbi", "fn": _ctc_viterbi_kernel, "signature": sig, "constexprs": const,
+                            "num_warps": warps, "num_stages": 1, "config": f"{name}-S{block_s}-w{warps}"})
+    const = {"BLOCK_T": _BLOCK_T}
+    sig = _signature(_ctc_greedy_collapse_kernel, {"best_ptr": "*i32", "il_ptr": "*i64", "tok_ptr": "*i64",
+                                                   "len_ptr": "*i64", "fr_ptr": "*i64"}, const)
+    configs.append({"kernel": "ctc_greedy_collapse", "fn": _ctc_greedy_collapse_kernel, "signature": sig,
+                    "constexprs": const, "num_warps": 4, "num_stages": 1, "config": f"t{_BLOCK_T}-w4"})
+    return configs
