@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ("attention", "ctc_loss", "ctc_loss_from_logits", "overhead_attention", "overhead_ctc_loss")
+FORWARD_ONLY_OPS = ("ctc_greedy_decode", "ctc_forced_align")  # no gradient: timed forward only
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_json_has_paired_cases(smoke_run):
     (path,) = out.glob("cpu-smoke-*.json")
     benches = json.loads(path.read_text())["benchmarks"]
     infos = [b["extra_info"] for b in benches]
-    assert {i["op"] for i in infos} == {*OPS, "matmul"}
+    assert {i["op"] for i in infos} == {*OPS, *FORWARD_ONLY_OPS, "matmul"}
     for info in infos:
         assert info["device"] == "cpu"
         assert info["gflops"] > 0 and info["work"] > 0
@@ -50,6 +51,9 @@ def test_json_has_paired_cases(smoke_run):
         for direction in ("fwd", "fwd+bwd"):
             providers = [i["provider"] for i in infos if i["op"] == op and i["direction"] == direction]
             assert providers.count("torch") == providers.count("seqfast") > 0, (op, direction)
+    for op in FORWARD_ONLY_OPS:
+        providers = [i["provider"] for i in infos if i["op"] == op and i["direction"] == "fwd"]
+        assert providers.count("torch") == providers.count("seqfast") > 0, op
     groups = {b["group"] for b in benches}
     assert "attention B1_H2_L16_D8_causal fwd+bwd" in groups
 
