@@ -55,41 +55,51 @@ at::Tensor checked_lengths(const at::Tensor& lengths, int64_t N, int64_t hi, con
   return l;
 }
 
-// torch.argmax of one row: the first NaN if there is one, else the first maximum. Two passes: the maximum and
-// whether a NaN came by, then the first index holding it. The first pass keeps kLanes independent running
-// maxima (elementwise selects, which GCC vectorises; a single running max is a reduction it leaves scalar).
+// torch.argmax of one row: the first NaN if there is one, else the first maximum. One pass with kLanes
+// independent lanes (lane j sees entries j, j + kLanes, ...), each keeping its running maximum, the first index
+// holding it and its first NaN: elementwise selects, which GCC vectorises (a single running maximum is a
+// reduction it leaves scalar). The lanes are merged at the end, ties to the smaller index.
 constexpr int64_t kLanes = 16;
+constexpr int32_t kNoIndex = std::numeric_limits<int32_t>::max();
 
 template <typename T>
 __attribute__((always_inline)) inline int64_t row_argmax_body(const T* __restrict x, int64_t C) {
   T m[kLanes];
-  int32_t nan[kLanes];
+  int32_t at[kLanes], nan_at[kLanes];
   for (int64_t j = 0; j < kLanes; ++j) {
     m[j] = -std::numeric_limits<T>::infinity();
-    nan[j] = 0;
+    at[j] = kNoIndex;
+    nan_at[j] = kNoIndex;
   }
   const int64_t whole = C / kLanes * kLanes;
   for (int64_t c = 0; c < whole; c += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) {
       const T v = x[c + j];
-      m[j] = v > m[j] ? v : m[j];
-      nan[j] |= v != v;
+      const int32_t i = static_cast<int32_t>(c + j);
+      const bool up = v > m[j];
+      m[j] = up ? v : m[j];
+      at[j] = up ? i : at[j];
+      nan_at[j] = ((v != v) & (nan_at[j] == kNoIndex)) ? i : nan_at[j];
     }
   }
   T best = -std::numeric_limits<T>::infinity();
-  bool any_nan = false;
+  int32_t best_at = kNoIndex, first_nan = kNoIndex;
   for (int64_t j = 0; j < kLanes; ++j) {
-    best = m[j] > best ? m[j] : best;
-    any_nan |= nan[j] != 0;
+    if (m[j] > best || (m[j] == best && at[j] < best_at)) {
+      best = m[j];
+      best_at = at[j];
+    }
+    first_nan = std::min(first_nan, nan_at[j]);
   }
   for (int64_t c = whole; c < C; ++c) {
-    best = x[c] > best ? x[c] : best;
-    any_nan |= x[c] != x[c];
+    if (x[c] > best) {
+      best = x[c];
+      best_at = static_cast<int32_t>(c);
+    }
+    if (x[c] != x[c] && first_nan == kNoIndex) first_nan = static_cast<int32_t>(c);
   }
-  for (int64_t c = 0; c < C; ++c) {
-    if (any_nan ? x[c] != x[c] : x[c] == best) return c;
-  }
-  return 0;  // unreachable: some entry is the maximum (all -inf included)
+  if (first_nan != kNoIndex) return first_nan;
+  return best_at == kNoIndex ? 0 : best_at;  // kNoIndex: every entry is -inf, and torch answers 0
 }
 
 template <typename T>

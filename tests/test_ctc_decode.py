@@ -332,3 +332,19 @@ def test_cpu_isa_paths_give_the_same_results(dtype):
     e_paths, _ = ref.ctc_forced_align(lp, tg, il, tl, 0)
     if dtype == torch.float64:
         assert torch.equal(paths, e_paths)
+
+
+@pytest.mark.parametrize("C", [1, 15, 16, 17, 33, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_greedy_matches_torch_argmax_on_awkward_rows(C, dtype):
+    """Rows of integers (exact ties), scattered NaN and -inf, an all -inf frame, C around the 16 vector lanes:
+    the decoded labels are torch.argmax's, collapsed."""
+    g = torch.Generator().manual_seed(C)
+    x = torch.randint(-3, 1, (20, 5, C), generator=g).to(dtype)
+    x[torch.rand(x.shape, generator=g) < 0.02] = float("nan")
+    x[torch.rand(x.shape, generator=g) < 0.3] = float("-inf")
+    x[3] = float("-inf")
+    am = x.argmax(-1)
+    tokens, lengths = seqfast.ctc_greedy_decode(x, [20] * 5)
+    for n in range(5):
+        assert tokens[n, : lengths[n]].tolist() == ref.collapse(am[:, n].tolist(), 0)[0]
