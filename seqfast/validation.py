@@ -98,11 +98,14 @@ def ctc_arguments(
     blank: int,
     name: str = "log_probs",
     allow_empty: bool = False,
+    keep_strides: bool = False,
 ) -> CTCArguments:
     """Validate torch's ``ctc_loss`` arguments, every form, and bring them to the op's canonical form.
 
     Under autocast, float16/bfloat16 ``log_probs`` are computed in float32 (torch's ctc_loss runs in float32
-    there). Targets of a floating or bool dtype are truncated to integers, as torch does.
+    there). Targets of a floating or bool dtype are truncated to integers, as torch does. ``allow_empty``: accept
+    N = 0 and T = 0 (the decoders do; torch's ctc_loss refuses them). ``keep_strides``: return ``log_probs`` as
+    given (for kernels that read any layout) instead of a contiguous copy.
     """
     _floating(name, log_probs)
     if log_probs.dim() not in (2, 3):
@@ -176,7 +179,7 @@ def ctc_arguments(
         valid = cols[None, :] < tl[:, None]
         tg = torch.where(valid, tg[(starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))] if S else
                          torch.zeros((N, tl_max), dtype=torch.int64, device=device), blank)
-    return CTCArguments(lp.contiguous(), tg.contiguous(), il, tl, batched)
+    return CTCArguments(lp if keep_strides else lp.contiguous(), tg.contiguous(), il, tl, batched)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -314,7 +317,7 @@ def ctc_align_arguments(
     lp = _decoder_log_probs(log_probs)
     try:
         args = ctc_arguments(lp if log_probs.dim() == 3 else log_probs, targets, input_lengths, target_lengths, blank,
-                             allow_empty=True)
+                             allow_empty=True, keep_strides=True)
     except ArgumentError as exc:
         text = str(exc)
         if log_probs.dim() == 3 and ("entr" in text or "batch size" in text):
