@@ -10,11 +10,14 @@ from seqfast import _extension, nn, ops  # noqa: F401
 from seqfast._backend import BACKENDS, backend
 from seqfast._version import __version__ as __version__
 from seqfast.functional import (
+    Hypothesis,
+    ctc_beam_search,
     ctc_loss,
     ctc_loss_from_logits,
     scaled_dot_product_attention,
     varlen_attention,
 )
+from seqfast.ngram_lm import CharNGramLM
 from seqfast.patching import FunctionalReport, PatchReport, patch, patch_functional, unpatch
 from seqfast.validation import ArgumentError
 
@@ -23,11 +26,14 @@ EXTENSION_AVAILABLE = _extension.AVAILABLE
 __all__ = [
     "ArgumentError",
     "BACKENDS",
+    "CharNGramLM",
     "EXTENSION_AVAILABLE",
     "backend",
+    "ctc_beam_search",
     "ctc_loss",
     "ctc_loss_from_logits",
     "FunctionalReport",
+    "Hypothesis",
     "PatchReport",
     "nn",
     "patch",

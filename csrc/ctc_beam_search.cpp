@@ -1,0 +1,466 @@
+// CPU kernel of seqfast::ctc_beam_search (schema and semantics: seqfast/ops/ctc_beam_search.py).
+//
+// CTC prefix beam search, one sample per task (at::parallel_for over the batch, grain 1): a sample is decoded by
+// one thread from start to end, so results do not depend on the thread count and are identical run to run.
+//
+// Each beam entry is a prefix (a node of an append-only trie: parent, token, frame, LM context, hot-word state)
+// with two log-probabilities, pb (all paths so far that end in blank) and pnb (end in the prefix's last token).
+// A frame updates them in log space:
+//   blank:               pb'(l)    += pb(l) + pnb(l) + lp[blank]
+//   repeat of last e:    pnb'(l)   += pnb(l) + lp[e]                   (collapses into l)
+//   extension by c:      pnb'(l+c) += (c == e ? pb(l) : pb(l) + pnb(l)) + lp[c]
+// An extension whose prefix l+c is already in the beam is added to that entry; the others are new candidates.
+// A prefix's rank is log(pb + pnb) plus its "extra": lm_weight * its LM log-prob, insertion_bonus per token and
+// its hot-word bonus, all properties of the prefix fixed when its node is created.
+//
+// Selection is exact: the beam after a frame is the beam_size best of all entries and all candidates (ties: the
+// lexicographically smaller token sequence first, a proper prefix before its extensions). Candidates of one
+// parent are visited in decreasing lp[c]; an upper bound of their rank (the LM log-prob is <= 0, a hot-word gains
+// at most hotword_bonus per token) stops the visit once it falls below the beam_size-th best rank so far. Without
+// LM and hot-words that bound is the rank itself, so at most beam_size + 1 tokens per parent are looked at.
+// Candidate pruning (top_k_tokens, token_min_logp) limits the extensions only: blank and repeats always count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <queue>
+#include <unordered_map>
+#include <vector>
+
+namespace seqfast {
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+constexpr int64_t kNoKey = -1;  // an LM context longer than the prefix (and its BOS) can fill
+
+// log(exp(a) + exp(b)); the reference (seqfast/reference/ctc_beam_search.py) computes it the same way.
+inline double log_add(double a, double b) {
+  if (a < b) std::swap(a, b);
+  if (b == kNegInf) return a;
+  return a + std::log1p(std::exp(b - a));
+}
+
+// A backoff n-gram LM over the model's tokens (seqfast/ngram_lm.py builds the tables). Symbols: tokens 0..C-1,
+// C = BOS in contexts and EOS when predicted. A context (s1..sk) has key fold(key * (C+2) + s + 1).
+struct NGramLM {
+  int64_t order = 0;  // 0: no LM
+  int64_t C = 0;
+  const double* unigram = nullptr;  // (C+1,) log P(s)
+  const double* backoff = nullptr;  // (M,)
+  const int64_t* offsets = nullptr;  // (M+1,) into the entries of each context
+  const int64_t* tokens = nullptr;  // (E,) ascending within a context
+  const double* logp = nullptr;  // (E,)
+  std::unordered_map<int64_t, int32_t> index;  // context key -> context row
+
+  explicit NGramLM(const std::vector<at::Tensor>& t) {
+    if (t.empty()) return;
+    TORCH_CHECK(t.size() == 7, "ctc_beam_search: lm_tables must hold 7 tensors, got ", t.size());
+    const int64_t* meta = t[0].const_data_ptr<int64_t>();
+    order = meta[0];
+    C = meta[1];
+    unigram = t[1].const_data_ptr<double>();
+    const int64_t* keys = t[2].const_data_ptr<int64_t>();
+    backoff = t[3].const_data_ptr<double>();
+    offsets = t[4].const_data_ptr<int64_t>();
+    tokens = t[5].const_data_ptr<int64_t>();
+    logp = t[6].const_data_ptr<double>();
+    const int64_t M = t[2].numel();
+    index.reserve(M);
+    for (int64_t i = 0; i < M; ++i) index.emplace(keys[i], static_cast<int32_t>(i));
+  }
+  bool active() const { return order > 0; }
+  int64_t base() const { return C + 2; }
+  int32_t find(int64_t key) const {
+    if (key == kNoKey) return -1;
+    auto it = index.find(key);
+    return it == index.end() ? -1 : it->second;
+  }
+  // log P(sym | context), ctx[k - 1] the row of the length-k context (-1: not in the model).
+  double score(const int32_t* ctx, int64_t sym) const {
+    double acc = 0.0;
+    for (int64_t k = order - 1; k >= 1; --k) {
+      const int32_t row = ctx[k - 1];
+      if (row < 0) continue;
+      const int64_t* b = tokens + offsets[row];
+      const int64_t* e = tokens + offsets[row + 1];
+      const int64_t* it = std::lower_bound(b, e, sym);
+      if (it != e && *it == sym) return acc + logp[it - tokens];
+      acc += backoff[row];
+    }
+    return acc + unigram[sym];
+  }
+};
+
+// Hot-words: a trie of token sequences (node 0 the root) with Aho-Corasick failure links
+// (seqfast/ngram_lm.py's hotword_tables). A prefix's hot-word score is bonus * (tokens in completed hot-words +
+// depth of the partial match at its end); a partial match that breaks off loses its bonus.
+struct HotWords {
+  const int64_t* offsets = nullptr;  // (H+1,)
+  const int64_t* child_token = nullptr;  // ascending within a node
+  const int64_t* child_node = nullptr;
+  const int64_t* fail = nullptr;
+  const int64_t* depth = nullptr;
+  const int64_t* end_depth = nullptr;  // the longest hot-word that ends on this node's path from the root
+  double bonus = 0.0;
+  bool active_ = false;
+
+  HotWords(const std::vector<at::Tensor>& t, double bonus_) : bonus(bonus_) {
+    if (t.empty()) return;
+    TORCH_CHECK(t.size() == 6, "ctc_beam_search: hotword_tables must hold 6 tensors, got ", t.size());
+    offsets = t[0].const_data_ptr<int64_t>();
+    child_token = t[1].const_data_ptr<int64_t>();
+    child_node = t[2].const_data_ptr<int64_t>();
+    fail = t[3].const_data_ptr<int64_t>();
+    depth = t[4].const_data_ptr<int64_t>();
+    end_depth = t[5].const_data_ptr<int64_t>();
+    active_ = true;
+  }
+  bool active() const { return active_; }
+  int64_t child(int64_t s, int64_t c) const {
+    const int64_t* b = child_token + offsets[s];
+    const int64_t* e = child_token + offsets[s + 1];
+    const int64_t* it = std::lower_bound(b, e, c);
+    return (it != e && *it == c) ? child_node[it - child_token] : -1;
+  }
+  bool leaf(int64_t s) const { return offsets[s] == offsets[s + 1]; }
+  // (state, committed) after token c.
+  void step(int64_t s, double committed, int64_t c, int32_t& s_out, double& committed_out) const {
+    int64_t next = child(s, c);
+    if (next < 0) {
+      committed += bonus * static_cast<double>(end_depth[s]);
+      // After a completed hot-word the match restarts from the root, else from the longest proper suffix.
+      int64_t u = end_depth[s] > 0 ? 0 : fail[s];
+      while (true) {
+        next = child(u, c);
+        if (next >= 0 || u == 0) break;
+        u = fail[u];
+      }
+      if (next < 0) next = 0;
+    }
+    if (next != 0 && leaf(next)) {  // a hot-word completed with nothing longer to continue into
+      committed += bonus * static_cast<double>(depth[next]);
+      next = 0;
+    }
+    s_out = static_cast<int32_t>(next);
+    committed_out = committed;
+  }
+  double score(int32_t s, double committed) const { return committed + bonus * static_cast<double>(depth[s]); }
+  double final_score(int32_t s, double committed) const {
+    return committed + bonus * static_cast<double>(end_depth[s]);
+  }
+};
+
+struct Node {
+  int32_t parent;
+  int32_t token;
+  int32_t frame;
+  int32_t length;
+  int32_t hw_state;
+  double hw_committed;
+  double extra;  // lm_weight * LM log-prob + insertion_bonus * length + hot-word score
+};
+
+struct Entry {
+  int32_t node;
+  double pb, pnb, rank;
+};
+
+// An existing entry (node >= 0) or a new prefix parent + token (node == -1).
+struct Candidate {
+  double rank;
+  double pb, pnb;
+  int32_t node;
+  int32_t parent;
+  int32_t token;
+  int32_t hw_state;
+  double hw_committed;
+  double extra;
+};
+
+struct Options {
+  int64_t blank, beam, top_k;
+  double token_min_logp, beam_prune_logp, lm_weight, insertion_bonus;
+  bool frames;
+};
+
+struct Hyp {
+  std::vector<int64_t> tokens, frames;
+  double score, acoustic;
+};
+
+class Search {
+ public:
+  Search(const NGramLM& lm, const HotWords& hw, const Options& o, int64_t C) : lm_(lm), hw_(hw), o_(o), C_(C) {
+    nk_ = lm_.active() ? lm_.order - 1 : 0;
+  }
+
+  template <typename scalar_t>
+  std::vector<Hyp> run(const scalar_t* lp0, int64_t row_stride, int64_t T) {
+    nodes_.clear();
+    keys_.clear();
+    ctx_.clear();
+    add_root();
+    std::vector<Entry> beam{{0, 0.0, kNegInf, nodes_[0].extra}};
+    std::vector<double> lp(C_);
+    std::vector<int32_t> order;
+    std::vector<Candidate> cands;
+    // Per beam slot: the beam slots of its children in the beam (token, slot).
+    std::vector<std::vector<std::pair<int32_t, int32_t>>> kids;
+    std::vector<int32_t> slot_of;  // node -> beam slot at this frame, -1 if none
+    std::vector<char> allowed(C_, 0);
+    for (int64_t t = 0; t < T && !beam.empty(); ++t) {
+      const scalar_t* row = lp0 + t * row_stride;
+      for (int64_t c = 0; c < C_; ++c) lp[c] = static_cast<double>(row[c]);
+      candidate_tokens(lp, order, allowed);
+      slot_of.resize(nodes_.size(), -1);
+      for (size_t i = 0; i < beam.size(); ++i) slot_of[beam[i].node] = static_cast<int32_t>(i);
+      kids.assign(beam.size(), {});
+      cands.clear();
+      std::priority_queue<double, std::vector<double>, std::greater<double>> best;  // the beam best ranks
+      auto admit = [&](double rank) {
+        if (static_cast<int64_t>(best.size()) < o_.beam) {
+          best.push(rank);
+        } else if (rank > best.top()) {
+          best.pop();
+          best.push(rank);
+        }
+      };
+      auto threshold = [&] { return static_cast<int64_t>(best.size()) < o_.beam ? kNegInf : best.top(); };
+      const double lp_blank = lp[o_.blank];
+      // 1. The entries themselves: blank, repeat, and the extension from their parent when it is in the beam.
+      for (size_t i = 0; i < beam.size(); ++i) {
+        const Entry& e = beam[i];
+        const Node& nd = nodes_[e.node];
+        double pb = log_add(e.pb, e.pnb) + lp_blank;
+        double pnb = e.node == 0 ? kNegInf : e.pnb + lp[nd.token];
+        if (e.node != 0) {
+          const int32_t ps = slot_of[nd.parent];
+          if (ps >= 0) {
+            kids[ps].emplace_back(nd.token, static_cast<int32_t>(i));
+            if (allowed[nd.token]) {
+              const Entry& p = beam[ps];
+              const bool repeat = nd.parent != 0 && nodes_[nd.parent].token == nd.token;
+              pnb = log_add(pnb, (repeat ? p.pb : log_add(p.pb, p.pnb)) + lp[nd.token]);
+            }
+          }
+        }
+        const double rank = log_add(pb, pnb) + nd.extra;
+        if (rank == kNegInf) continue;
+        cands.push_back({rank, pb, pnb, e.node, -1, -1, 0, 0.0, 0.0});
+        admit(rank);
+      }
+      // 2. New prefixes, best parents first.
+      const double gain_bound = o_.insertion_bonus + (hw_.active() ? std::max(hw_.bonus, 0.0) : 0.0);
+      for (size_t i = 0; i < beam.size(); ++i) {
+        const Entry& e = beam[i];
+        const Node& nd = nodes_[e.node];
+        const double total = log_add(e.pb, e.pnb);
+        for (int32_t c : order) {
+          const double bound = total + lp[c] + nd.extra + gain_bound;
+          if (bound < threshold()) break;
+          bool in_beam = false;
+          for (const auto& kid : kids[i]) in_beam |= kid.first == c;
+          if (in_beam) continue;
+          const double acoustic = ((e.node != 0 && nd.token == c) ? e.pb : total) + lp[c];
+          if (acoustic == kNegInf) continue;
+          Candidate cand{0.0, kNegInf, acoustic, -1, e.node, c, 0, 0.0, nd.extra + o_.insertion_bonus};
+          if (lm_.active()) cand.extra += o_.lm_weight * lm_.score(&ctx_[e.node * nk_], c);
+          if (hw_.active()) {
+            hw_.step(nd.hw_state, nd.hw_committed, c, cand.hw_state, cand.hw_committed);
+            cand.extra += hw_.score(cand.hw_state, cand.hw_committed) - hw_.score(nd.hw_state, nd.hw_committed);
+          }
+          cand.rank = acoustic + cand.extra;
+          if (cand.rank < threshold()) continue;
+          cands.push_back(cand);
+          admit(cand.rank);
+        }
+      }
+      // 3. The beam_size best, ties to the smaller token sequence.
+      const size_t keep = std::min(cands.size(), static_cast<size_t>(o_.beam));
+      auto better = [&](const Candidate& a, const Candidate& b) {
+        if (a.rank != b.rank) return a.rank > b.rank;
+        return sequence(a) < sequence(b);
+      };
+      std::partial_sort(cands.begin(), cands.begin() + keep, cands.end(), better);
+      std::vector<Entry> next;
+      next.reserve(keep);
+      for (size_t j = 0; j < keep; ++j) {
+        const Candidate& cd = cands[j];
+        if (!next.empty() && cd.rank < next.front().rank + o_.beam_prune_logp) break;
+        const int32_t node = cd.node >= 0 ? cd.node : add_child(cd, static_cast<int32_t>(t));
+        next.push_back({node, cd.pb, cd.pnb, cd.rank});
+      }
+      for (const Entry& e : beam) slot_of[e.node] = -1;
+      beam.swap(next);
+    }
+    return finish(beam);
+  }
+
+ private:
+  // Non-blank tokens that may extend a prefix at this frame (candidate pruning), flagged in `allowed`; `order`
+  // holds those a parent may need to visit, by decreasing lp (ties: smaller id first).
+  void candidate_tokens(const std::vector<double>& lp, std::vector<int32_t>& order, std::vector<char>& allowed) const {
+    order.clear();
+    for (int64_t c = 0; c < C_; ++c) {
+      if (c != o_.blank && lp[c] > kNegInf && lp[c] >= o_.token_min_logp) order.push_back(static_cast<int32_t>(c));
+    }
+    auto by_lp = [&](int32_t a, int32_t b) { return lp[a] != lp[b] ? lp[a] > lp[b] : a < b; };
+    if (o_.top_k > 0 && static_cast<size_t>(o_.top_k) < order.size()) {
+      std::partial_sort(order.begin(), order.begin() + o_.top_k, order.end(), by_lp);
+      order.resize(o_.top_k);
+    }
+    std::fill(allowed.begin(), allowed.end(), 0);
+    for (int32_t c : order) allowed[c] = 1;
+    // Without LM and hot-words no parent looks past its beam + 1 best tokens (see the top of the file).
+    size_t need = order.size();
+    if (!lm_.active() && !hw_.active()) need = std::min(need, static_cast<size_t>(o_.beam + 1));
+    std::partial_sort(order.begin(), order.begin() + need, order.end(), by_lp);
+    order.resize(need);
+  }
+
+  std::vector<int64_t> sequence(const Candidate& c) const {
+    std::vector<int64_t> out;
+    int32_t n = c.node >= 0 ? c.node : c.parent;
+    for (; n != 0; n = nodes_[n].parent) out.push_back(nodes_[n].token);
+    std::reverse(out.begin(), out.end());
+    if (c.node < 0) out.push_back(c.token);
+    return out;
+  }
+
+  void add_root() {
+    nodes_.push_back({-1, -1, -1, 0, 0, 0.0, 0.0});
+    for (int64_t k = 1; k <= nk_; ++k) {
+      const int64_t key = k == 1 ? lm_.C + 1 : kNoKey;  // (BOS)
+      keys_.push_back(key);
+      ctx_.push_back(lm_.find(key));
+    }
+  }
+
+  int32_t add_child(const Candidate& c, int32_t frame) {
+    const Node& p = nodes_[c.parent];
+    nodes_.push_back({c.parent, c.token, frame, p.length + 1, c.hw_state, c.hw_committed, c.extra});
+    const int64_t base = c.parent * nk_;
+    for (int64_t k = 1; k <= nk_; ++k) {
+      int64_t key = c.token + 1;
+      if (k > 1) {
+        const int64_t shorter = keys_[base + k - 2];
+        key = shorter == kNoKey ? kNoKey : shorter * lm_.base() + c.token + 1;
+      }
+      keys_.push_back(key);
+      ctx_.push_back(lm_.find(key));
+    }
+    return static_cast<int32_t>(nodes_.size() - 1);
+  }
+
+  std::vector<Hyp> finish(const std::vector<Entry>& beam) const {
+    std::vector<Hyp> out;
+    for (const Entry& e : beam) {
+      const Node& nd = nodes_[e.node];
+      const double acoustic = log_add(e.pb, e.pnb);
+      double score = acoustic + nd.extra;
+      if (lm_.active()) score += o_.lm_weight * lm_.score(&ctx_[e.node * nk_], lm_.C);
+      if (hw_.active()) {
+        score += hw_.final_score(nd.hw_state, nd.hw_committed) - hw_.score(nd.hw_state, nd.hw_committed);
+      }
+      Hyp h;
+      h.score = score;
+      h.acoustic = acoustic;
+      for (int32_t n = e.node; n != 0; n = nodes_[n].parent) {
+        h.tokens.push_back(nodes_[n].token);
+        h.frames.push_back(nodes_[n].frame);
+      }
+      std::reverse(h.tokens.begin(), h.tokens.end());
+      std::reverse(h.frames.begin(), h.frames.end());
+      out.push_back(std::move(h));
+    }
+    std::sort(out.begin(), out.end(), [](const Hyp& a, const Hyp& b) {
+      return a.score != b.score ? a.score > b.score : a.tokens < b.tokens;
+    });
+    return out;
+  }
+
+  const NGramLM& lm_;
+  const HotWords& hw_;
+  const Options& o_;
+  int64_t C_;
+  int64_t nk_ = 0;  // LM context lengths kept per node: 1 .. order - 1
+  std::vector<Node> nodes_;
+  std::vector<int64_t> keys_;  // (nodes, nk_) context keys
+  std::vector<int32_t> ctx_;  // (nodes, nk_) context rows in the LM, -1 if absent
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_search(
+    const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t blank, int64_t beam_size,
+    int64_t top_k_tokens, double token_min_logp, double beam_prune_logp, bool return_frames,
+    at::TensorList lm_tables, double lm_weight, double insertion_bonus, at::TensorList hotword_tables,
+    double hotword_bonus) {
+  TORCH_CHECK(log_probs.dim() == 3, "ctc_beam_search: log_probs must be (T, N, C), got ", log_probs.sizes());
+  TORCH_CHECK(log_probs.scalar_type() == at::kFloat || log_probs.scalar_type() == at::kDouble,
+              "ctc_beam_search: log_probs must be float32 or float64, got ", log_probs.scalar_type());
+  const int64_t T = log_probs.size(0), N = log_probs.size(1), C = log_probs.size(2);
+  TORCH_CHECK(0 <= blank && blank < C, "ctc_beam_search: blank must be in [0, ", C, "), got ", blank);
+  TORCH_CHECK(beam_size >= 1, "ctc_beam_search: beam_size must be >= 1, got ", beam_size);
+  TORCH_CHECK(input_lengths.dim() == 1 && input_lengths.size(0) == N && input_lengths.scalar_type() == at::kLong,
+              "ctc_beam_search: input_lengths must be (N,) int64");
+  const at::Tensor lp = log_probs.contiguous();
+  const at::Tensor il = input_lengths.contiguous();
+  const int64_t* len = il.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(0 <= len[n] && len[n] <= T, "ctc_beam_search: input_lengths[", n, "] = ", len[n],
+                " is not in [0, ", T, "]");
+  }
+  std::vector<at::Tensor> lm_t, hw_t;
+  for (const at::Tensor& t : lm_tables) lm_t.push_back(t.contiguous());
+  for (const at::Tensor& t : hotword_tables) hw_t.push_back(t.contiguous());
+  const NGramLM lm(lm_t);
+  TORCH_CHECK(!lm.active() || lm.C == C, "ctc_beam_search: the LM has ", lm.C, " classes, log_probs ", C);
+  const HotWords hw(hw_t, hotword_bonus);
+  const Options o{blank, beam_size, top_k_tokens, token_min_logp, beam_prune_logp, lm_weight, insertion_bonus,
+                  return_frames};
+
+  std::vector<std::vector<Hyp>> results(N);
+  AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "ctc_beam_search", [&] {
+    const scalar_t* data = lp.const_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Search search(lm, hw, o, C);
+      for (int64_t n = begin; n < end; ++n) results[n] = search.run(data + n * C, N * C, len[n]);
+    });
+  });
+
+  const int64_t K = beam_size;
+  at::Tensor tokens = at::full({N, K, T}, -1, at::kLong);
+  at::Tensor lengths = at::full({N, K}, -1, at::kLong);
+  at::Tensor scores = at::full({N, K}, kNegInf, at::kDouble);
+  at::Tensor acoustic = at::full({N, K}, kNegInf, at::kDouble);
+  at::Tensor frames = return_frames ? at::full({N, K, T}, -1, at::kLong) : at::empty({N, K, 0}, at::kLong);
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  int64_t* lens = lengths.data_ptr<int64_t>();
+  double* sc = scores.data_ptr<double>();
+  double* ac = acoustic.data_ptr<double>();
+  int64_t* fr = frames.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    for (size_t k = 0; k < results[n].size(); ++k) {
+      const Hyp& h = results[n][k];
+      const int64_t at = n * K + static_cast<int64_t>(k);
+      lens[at] = static_cast<int64_t>(h.tokens.size());
+      sc[at] = h.score;
+      ac[at] = h.acoustic;
+      std::copy(h.tokens.begin(), h.tokens.end(), tok + at * T);
+      if (return_frames) std::copy(h.frames.begin(), h.frames.end(), fr + at * T);
+    }
+  }
+  return {tokens, lengths, scores, acoustic, frames};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqfast, CPU, m) {
+  m.impl("ctc_beam_search", &ctc_beam_search);
+}
+
+}  // namespace seqfast
