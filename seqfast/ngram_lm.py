@@ -89,6 +89,21 @@ class CharNGramLM:
         return lm
 
     @classmethod
+    def from_tables(cls, tables: Sequence[torch.Tensor]) -> CharNGramLM:
+        """The model back from :meth:`tables` (the op's form)."""
+        meta, unigram, keys, backoff, offsets, tokens, logp = (t.tolist() for t in tables)
+        order, C = meta
+        contexts = {}
+        for i, key in enumerate(keys):
+            context = []
+            while key:
+                key, digit = divmod(key, C + 2)
+                context.append(digit - 1)
+            span = slice(offsets[i], offsets[i + 1])
+            contexts[tuple(reversed(context))] = (backoff[i], dict(zip(tokens[span], logp[span])))
+        return cls(order, C, unigram, contexts)
+
+    @classmethod
     def from_text(cls, text: str, labels: Sequence[str], order: int = 3, blank: int = 0) -> CharNGramLM:
         """Train on ``text``, one sentence per line; ``labels[i]`` is the one-character text of token i (the
         blank's label is ignored). Characters no label names are left out of the sentences."""

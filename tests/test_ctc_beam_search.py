@@ -233,11 +233,11 @@ def test_language_model_arguments():
 def test_char_ngram_lm_is_a_distribution_and_the_op_tables_agree():
     labels = ["_", "a", "b", "c", " "]
     lm = CharNGramLM.from_text("abc ab\nbca\n\ncab cab a\n", labels, order=3)
-    tables = ref._LM(lm.tables())
+    tables = CharNGramLM.from_tables(lm.tables())
     for prefix in ([], [1], [1, 2], [3, 3], [2, 1], [4, 4], [3, 1, 2, 4]):
         probs = [lm.score([5] + prefix, s) for s in range(6)]  # 5 = beginning of sentence
         assert math.fsum(math.exp(p) for p in probs) == pytest.approx(1.0, abs=1e-12)
-        assert [tables.score(prefix, s) for s in range(6)] == pytest.approx(probs, abs=1e-12)
+        assert [tables.score([5] + prefix, s) for s in range(6)] == pytest.approx(probs, abs=1e-12)
     # Seen text is likelier than its reversal.
     assert lm.log_prob([1, 2, 3]) > lm.log_prob([3, 2, 1])
 

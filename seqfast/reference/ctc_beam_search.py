@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from seqfast.ngram_lm import CharNGramLM
+
 NEG_INF = -math.inf
 
 
@@ -26,39 +28,6 @@ def log_add(a: float, b: float) -> float:
     if b == NEG_INF:
         return a
     return a + math.log1p(math.exp(b - a))
-
-
-class _LM:
-    """log P(symbol | context) of the backoff tables of ``CharNGramLM.tables()`` (the op's form)."""
-
-    def __init__(self, tables: Sequence[torch.Tensor]):
-        meta, unigram, keys, backoff, offsets, tokens, logp = (t.tolist() for t in tables)
-        self.order, self.C = meta
-        self.unigram = unigram
-        self.rows = {}
-        for i, key in enumerate(keys):
-            entries = dict(zip(tokens[offsets[i]:offsets[i + 1]], logp[offsets[i]:offsets[i + 1]]))
-            self.rows[key] = (backoff[i], entries)
-
-    def _key(self, context: Sequence[int]) -> int:
-        key = 0
-        for s in context:
-            key = key * (self.C + 2) + s + 1
-        return key
-
-    def score(self, prefix: Sequence[int], symbol: int) -> float:
-        history = [self.C] + list(prefix)  # BOS first
-        acc = 0.0
-        for k in range(self.order - 1, 0, -1):
-            if k > len(history):
-                continue
-            row = self.rows.get(self._key(history[-k:]))
-            if row is None:
-                continue
-            if symbol in row[1]:
-                return acc + row[1][symbol]
-            acc += row[0]
-        return acc + self.unigram[symbol]
 
 
 class _HotWords:
@@ -110,7 +79,7 @@ def beam_search(
     """One sample's search: ``log_probs`` (T, C) -> [(tokens, score, acoustic log-prob, frames)], best first."""
     lp_rows = log_probs.double().tolist()
     C = log_probs.shape[1]
-    lm = _LM(lm_tables) if lm_tables else None
+    lm = CharNGramLM.from_tables(lm_tables) if lm_tables else None
     hw = _HotWords(hotword_tables, hotword_bonus) if hotword_tables else None
     # prefix -> (pb, pnb, extra, hot-word state, committed, frames)
     beam = {(): (0.0, NEG_INF, 0.0, 0, 0.0, ())}
@@ -140,7 +109,7 @@ def beam_search(
                     continue
                 child_extra = extra + insertion_bonus
                 if lm is not None:
-                    child_extra += lm_weight * lm.score(prefix, c)
+                    child_extra += lm_weight * lm.score((lm.num_classes, *prefix), c)
                 chs, chc = hs, hc
                 if hw is not None:
                     chs, chc = hw.step(hs, hc, c)
@@ -156,7 +125,7 @@ def beam_search(
         acoustic = log_add(pb, pnb)
         score = acoustic + extra
         if lm is not None:
-            score += lm_weight * lm.score(prefix, lm.C)
+            score += lm_weight * lm.score((lm.num_classes, *prefix), lm.num_classes)
         if hw is not None:
             score += hw.final(hs, hc) - hw.score(hs, hc)
         out.append((prefix, score, acoustic, frames))
