@@ -28,7 +28,6 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
-#include <queue>
 #include <unordered_map>
 #include <vector>
 
@@ -167,13 +166,13 @@ struct Node {
 
 struct Entry {
   int32_t node;
-  double pb, pnb, rank;
+  double pb, pnb, total, rank;  // total = log_add(pb, pnb)
 };
 
 // An existing entry (node >= 0) or a new prefix parent + token (node == -1).
 struct Candidate {
   double rank;
-  double pb, pnb;
+  double pb, pnb, total;
   int32_t node;
   int32_t parent;
   int32_t token;
@@ -205,106 +204,118 @@ class Search {
     keys_.clear();
     ctx_.clear();
     add_root();
-    std::vector<Entry> beam{{0, 0.0, kNegInf, nodes_[0].extra}};
-    std::vector<double> lp(C_);
-    std::vector<int32_t> order;
-    std::vector<Candidate> cands;
-    // Per beam slot: the beam slots of its children in the beam (token, slot).
-    std::vector<std::vector<std::pair<int32_t, int32_t>>> kids;
-    std::vector<int32_t> slot_of;  // node -> beam slot at this frame, -1 if none
-    std::vector<char> allowed(C_, 0);
-    for (int64_t t = 0; t < T && !beam.empty(); ++t) {
+    beam_.assign(1, {0, 0.0, kNegInf, 0.0, nodes_[0].extra});
+    lp_.resize(C_);
+    allowed_.assign(C_, -1);
+    for (int64_t t = 0; t < T && !beam_.empty(); ++t) {
       const scalar_t* row = lp0 + t * row_stride;
-      for (int64_t c = 0; c < C_; ++c) lp[c] = static_cast<double>(row[c]);
-      candidate_tokens(lp, order, allowed);
-      slot_of.resize(nodes_.size(), -1);
-      for (size_t i = 0; i < beam.size(); ++i) slot_of[beam[i].node] = static_cast<int32_t>(i);
-      kids.assign(beam.size(), {});
-      cands.clear();
-      std::priority_queue<double, std::vector<double>, std::greater<double>> best;  // the beam best ranks
-      auto admit = [&](double rank) {
-        if (static_cast<int64_t>(best.size()) < o_.beam) {
-          best.push(rank);
-        } else if (rank > best.top()) {
-          best.pop();
-          best.push(rank);
-        }
-      };
-      auto threshold = [&] { return static_cast<int64_t>(best.size()) < o_.beam ? kNegInf : best.top(); };
-      const double lp_blank = lp[o_.blank];
-      // 1. The entries themselves: blank, repeat, and the extension from their parent when it is in the beam.
-      for (size_t i = 0; i < beam.size(); ++i) {
-        const Entry& e = beam[i];
-        const Node& nd = nodes_[e.node];
-        double pb = log_add(e.pb, e.pnb) + lp_blank;
-        double pnb = e.node == 0 ? kNegInf : e.pnb + lp[nd.token];
-        if (e.node != 0) {
-          const int32_t ps = slot_of[nd.parent];
-          if (ps >= 0) {
-            kids[ps].emplace_back(nd.token, static_cast<int32_t>(i));
-            if (allowed[nd.token]) {
-              const Entry& p = beam[ps];
-              const bool repeat = nd.parent != 0 && nodes_[nd.parent].token == nd.token;
-              pnb = log_add(pnb, (repeat ? p.pb : log_add(p.pb, p.pnb)) + lp[nd.token]);
-            }
-          }
-        }
-        const double rank = log_add(pb, pnb) + nd.extra;
-        if (rank == kNegInf) continue;
-        cands.push_back({rank, pb, pnb, e.node, -1, -1, 0, 0.0, 0.0});
-        admit(rank);
-      }
-      // 2. New prefixes, best parents first.
-      const double gain_bound = o_.insertion_bonus + (hw_.active() ? std::max(hw_.bonus, 0.0) : 0.0);
-      for (size_t i = 0; i < beam.size(); ++i) {
-        const Entry& e = beam[i];
-        const Node& nd = nodes_[e.node];
-        const double total = log_add(e.pb, e.pnb);
-        for (int32_t c : order) {
-          const double bound = total + lp[c] + nd.extra + gain_bound;
-          if (bound < threshold()) break;
-          bool in_beam = false;
-          for (const auto& kid : kids[i]) in_beam |= kid.first == c;
-          if (in_beam) continue;
-          const double acoustic = ((e.node != 0 && nd.token == c) ? e.pb : total) + lp[c];
-          if (acoustic == kNegInf) continue;
-          Candidate cand{0.0, kNegInf, acoustic, -1, e.node, c, 0, 0.0, nd.extra + o_.insertion_bonus};
-          if (lm_.active()) cand.extra += o_.lm_weight * lm_.score(&ctx_[e.node * nk_], c);
-          if (hw_.active()) {
-            hw_.step(nd.hw_state, nd.hw_committed, c, cand.hw_state, cand.hw_committed);
-            cand.extra += hw_.score(cand.hw_state, cand.hw_committed) - hw_.score(nd.hw_state, nd.hw_committed);
-          }
-          cand.rank = acoustic + cand.extra;
-          if (cand.rank < threshold()) continue;
-          cands.push_back(cand);
-          admit(cand.rank);
-        }
-      }
-      // 3. The beam_size best, ties to the smaller token sequence.
-      const size_t keep = std::min(cands.size(), static_cast<size_t>(o_.beam));
-      auto better = [&](const Candidate& a, const Candidate& b) {
-        if (a.rank != b.rank) return a.rank > b.rank;
-        return sequence(a) < sequence(b);
-      };
-      std::partial_sort(cands.begin(), cands.begin() + keep, cands.end(), better);
-      std::vector<Entry> next;
-      next.reserve(keep);
-      for (size_t j = 0; j < keep; ++j) {
-        const Candidate& cd = cands[j];
-        if (!next.empty() && cd.rank < next.front().rank + o_.beam_prune_logp) break;
-        const int32_t node = cd.node >= 0 ? cd.node : add_child(cd, static_cast<int32_t>(t));
-        next.push_back({node, cd.pb, cd.pnb, cd.rank});
-      }
-      for (const Entry& e : beam) slot_of[e.node] = -1;
-      beam.swap(next);
+      for (int64_t c = 0; c < C_; ++c) lp_[c] = static_cast<double>(row[c]);
+      step(static_cast<int32_t>(t));
     }
-    return finish(beam);
+    return finish(beam_);
   }
 
  private:
-  // Non-blank tokens that may extend a prefix at this frame (candidate pruning), flagged in `allowed`; `order`
+  void admit(double rank) {  // best_: a min-heap of the beam_size best ranks so far
+    if (static_cast<int64_t>(best_.size()) < o_.beam) {
+      best_.push_back(rank);
+      std::push_heap(best_.begin(), best_.end(), std::greater<double>());
+    } else if (rank > best_.front()) {
+      std::pop_heap(best_.begin(), best_.end(), std::greater<double>());
+      best_.back() = rank;
+      std::push_heap(best_.begin(), best_.end(), std::greater<double>());
+    }
+  }
+  double threshold() const { return static_cast<int64_t>(best_.size()) < o_.beam ? kNegInf : best_.front(); }
+
+  void step(int32_t t) {
+    const std::vector<double>& lp = lp_;
+    candidate_tokens(t);
+    slot_of_.resize(nodes_.size(), -1);
+    const int32_t B = static_cast<int32_t>(beam_.size());
+    for (int32_t i = 0; i < B; ++i) slot_of_[beam_[i].node] = i;
+    kid_head_.assign(B, -1);  // per beam slot, a list (through kid_next_) of its children's slots
+    kid_next_.assign(B, -1);
+    cands_.clear();
+    best_.clear();
+    const double lp_blank = lp[o_.blank];
+    // 1. The entries themselves: blank, repeat, and the extension from their parent when it is in the beam.
+    for (int32_t i = 0; i < B; ++i) {
+      const Entry& e = beam_[i];
+      const Node& nd = nodes_[e.node];
+      const double pb = e.total + lp_blank;
+      double pnb = e.node == 0 ? kNegInf : e.pnb + lp[nd.token];
+      if (e.node != 0) {
+        const int32_t ps = slot_of_[nd.parent];
+        if (ps >= 0) {
+          kid_next_[i] = kid_head_[ps];
+          kid_head_[ps] = i;
+          if (allowed_[nd.token] == t) {
+            const Entry& p = beam_[ps];
+            const bool repeat = nd.parent != 0 && nodes_[nd.parent].token == nd.token;
+            pnb = log_add(pnb, (repeat ? p.pb : p.total) + lp[nd.token]);
+          }
+        }
+      }
+      const double total = log_add(pb, pnb);
+      const double rank = total + nd.extra;
+      if (rank == kNegInf) continue;
+      cands_.push_back({rank, pb, pnb, total, e.node, -1, -1, 0, 0.0, 0.0});
+      admit(rank);
+    }
+    // 2. New prefixes, best parents first.
+    const double gain_bound = o_.insertion_bonus + (hw_.active() ? std::max(hw_.bonus, 0.0) : 0.0);
+    for (int32_t i = 0; i < B; ++i) {
+      const Entry& e = beam_[i];
+      const Node& nd = nodes_[e.node];
+      for (int32_t c : order_) {
+        if (e.total + lp[c] + nd.extra + gain_bound < threshold()) break;
+        bool in_beam = false;
+        for (int32_t k = kid_head_[i]; k >= 0 && !in_beam; k = kid_next_[k]) in_beam = nodes_[beam_[k].node].token == c;
+        if (in_beam) continue;
+        const double acoustic = ((e.node != 0 && nd.token == c) ? e.pb : e.total) + lp[c];
+        if (acoustic == kNegInf) continue;
+        Candidate cand{0.0, kNegInf, acoustic, acoustic, -1, e.node, c, 0, 0.0, nd.extra + o_.insertion_bonus};
+        if (lm_.active()) cand.extra += o_.lm_weight * lm_.score(&ctx_[e.node * nk_], c);
+        if (hw_.active()) {
+          hw_.step(nd.hw_state, nd.hw_committed, c, cand.hw_state, cand.hw_committed);
+          cand.extra += hw_.score(cand.hw_state, cand.hw_committed) - hw_.score(nd.hw_state, nd.hw_committed);
+        }
+        cand.rank = acoustic + cand.extra;
+        if (cand.rank < threshold()) continue;
+        cands_.push_back(cand);
+        admit(cand.rank);
+      }
+    }
+    // 3. The beam_size best, ties to the smaller token sequence. Below the final threshold none can be.
+    const double floor = threshold();
+    order_of_cands_.clear();
+    for (int32_t j = 0; j < static_cast<int32_t>(cands_.size()); ++j) {
+      if (cands_[j].rank >= floor) order_of_cands_.push_back(j);
+    }
+    std::sort(order_of_cands_.begin(), order_of_cands_.end(), [&](int32_t i, int32_t j) {
+      const Candidate& a = cands_[i];
+      const Candidate& b = cands_[j];
+      if (a.rank != b.rank) return a.rank > b.rank;
+      return sequence(a) < sequence(b);
+    });
+    const size_t keep = std::min(order_of_cands_.size(), static_cast<size_t>(o_.beam));
+    next_.clear();
+    for (size_t j = 0; j < keep; ++j) {
+      const Candidate& cd = cands_[order_of_cands_[j]];
+      if (!next_.empty() && cd.rank < next_.front().rank + o_.beam_prune_logp) break;
+      const int32_t node = cd.node >= 0 ? cd.node : add_child(cd, t);
+      next_.push_back({node, cd.pb, cd.pnb, cd.total, cd.rank});
+    }
+    for (const Entry& e : beam_) slot_of_[e.node] = -1;
+    beam_.swap(next_);
+  }
+
+  // Non-blank tokens that may extend a prefix at frame t (candidate pruning): allowed_[c] == t; `order_`
   // holds those a parent may need to visit, by decreasing lp (ties: smaller id first).
-  void candidate_tokens(const std::vector<double>& lp, std::vector<int32_t>& order, std::vector<char>& allowed) const {
+  void candidate_tokens(int32_t t) {
+    const std::vector<double>& lp = lp_;
+    std::vector<int32_t>& order = order_;
     order.clear();
     for (int64_t c = 0; c < C_; ++c) {
       if (c != o_.blank && lp[c] > kNegInf && lp[c] >= o_.token_min_logp) order.push_back(static_cast<int32_t>(c));
@@ -314,8 +325,7 @@ class Search {
       std::partial_sort(order.begin(), order.begin() + o_.top_k, order.end(), by_lp);
       order.resize(o_.top_k);
     }
-    std::fill(allowed.begin(), allowed.end(), 0);
-    for (int32_t c : order) allowed[c] = 1;
+    for (int32_t c : order) allowed_[c] = t;
     // Without LM and hot-words no parent looks past its beam + 1 best tokens (see the top of the file).
     size_t need = order.size();
     if (!lm_.active() && !hw_.active()) need = std::min(need, static_cast<size_t>(o_.beam + 1));
@@ -361,7 +371,7 @@ class Search {
     std::vector<Hyp> out;
     for (const Entry& e : beam) {
       const Node& nd = nodes_[e.node];
-      const double acoustic = log_add(e.pb, e.pnb);
+      const double acoustic = e.total;
       double score = acoustic + nd.extra;
       if (lm_.active()) score += o_.lm_weight * lm_.score(&ctx_[e.node * nk_], lm_.C);
       if (hw_.active()) {
@@ -392,6 +402,11 @@ class Search {
   std::vector<Node> nodes_;
   std::vector<int64_t> keys_;  // (nodes, nk_) context keys
   std::vector<int32_t> ctx_;  // (nodes, nk_) context rows in the LM, -1 if absent
+  // Per frame, kept to reuse their memory.
+  std::vector<Entry> beam_, next_;
+  std::vector<Candidate> cands_;
+  std::vector<double> lp_, best_;
+  std::vector<int32_t> order_, allowed_, slot_of_, kid_head_, kid_next_, order_of_cands_;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_search(

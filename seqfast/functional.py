@@ -291,14 +291,19 @@ def ctc_beam_search(
         a.beam_prune_logp, bool(return_frames), a.lm_tables, float(lm_weight), float(insertion_bonus),
         a.hotword_tables, float(hotword_bonus),
     )
+    # Every token of every hypothesis in one list (one gather, one conversion), then cut per hypothesis.
+    valid = torch.arange(tokens.shape[2]) < lengths[..., None]
+    flat_tokens = tokens[valid].tolist()
+    flat_frames = frames[valid].tolist() if return_frames else None
     lengths_l, scores_l, acoustic_l = lengths.tolist(), scores.tolist(), acoustic.tolist()
-    out = []
+    out, at = [], 0
     for n, row in enumerate(lengths_l):
         hyps = []
         for k, length in enumerate(row):
             if length < 0:
                 break
-            hyps.append(Hypothesis(tokens[n, k, :length].tolist(), scores_l[n][k],
-                                   frames[n, k, :length].tolist() if return_frames else None, acoustic_l[n][k]))
+            hyps.append(Hypothesis(flat_tokens[at:at + length], scores_l[n][k],
+                                   flat_frames[at:at + length] if return_frames else None, acoustic_l[n][k]))
+            at += length
         out.append(hyps)
     return out if a.batched else out[0]

@@ -565,6 +565,7 @@ def ctc_beam_search_arguments(
                 raise ArgumentError(f"input_lengths must be <= T = {T}, got {hi} at index {int(il.argmax())}")
     if lp.dtype in (torch.float16, torch.bfloat16):
         lp = lp.float()
-    if lp.numel() and bool(torch.isnan(lp).any() | torch.isposinf(lp).any()):
+    # One reduction: the max is NaN where any entry is, +inf where one is and none is NaN.
+    if lp.numel() and not float(lp.max()) < math.inf:
         raise ArgumentError("log_probs must not hold NaN or +inf (the beam search cannot rank them)")
     return BeamSearchArguments(lp, il.contiguous(), batched, top_k, min_logp, prune, lm_tables, hotword_tables)
