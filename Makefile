@@ -26,7 +26,7 @@ $(VENV)/.ext-built: $(VENV)/.deps-installed $(EXT_SOURCES)
 
 build: $(VENV)/.ext-built
 
-test: build
+test: build $(VENV)/.bench-deps-installed
 	$(PY) -m pytest -q -n 2 tests
 
 # The GPU machine's stack pins triton 3.6.0: the interpreter tests and the kernel report run under it too,

@@ -209,7 +209,8 @@ class Search {
     allowed_.assign(C_, -1);
     for (int64_t t = 0; t < T && !beam_.empty(); ++t) {
       const scalar_t* row = lp0 + t * row_stride;
-      for (int64_t c = 0; c < C_; ++c) lp_[c] = static_cast<double>(row[c]);
+      double* lp = lp_.data();
+      for (int64_t c = 0; c < C_; ++c) lp[c] = static_cast<double>(row[c]);
       step(static_cast<int32_t>(t));
     }
     return finish(beam_);
@@ -316,10 +317,21 @@ class Search {
   void candidate_tokens(int32_t t) {
     const std::vector<double>& lp = lp_;
     std::vector<int32_t>& order = order_;
-    order.clear();
-    for (int64_t c = 0; c < C_; ++c) {
-      if (c != o_.blank && lp[c] > kNegInf && lp[c] >= o_.token_min_logp) order.push_back(static_cast<int32_t>(c));
+    // Branch-free compaction with the bounds in locals (the loop runs over all C tokens every frame);
+    // lp >= max(token_min_logp, lowest) also leaves out -inf.
+    const double floor = std::max(o_.token_min_logp, std::numeric_limits<double>::lowest());
+    const double* v = lp.data();
+    const int32_t C = static_cast<int32_t>(C_);
+    order.resize(C);
+    int32_t* out = order.data();
+    int32_t kept = 0;
+    for (int32_t c = 0; c < C; ++c) {
+      out[kept] = c;
+      kept += v[c] >= floor;
     }
+    order.resize(kept);
+    auto blank_at = std::lower_bound(order.begin(), order.end(), static_cast<int32_t>(o_.blank));
+    if (blank_at != order.end() && *blank_at == o_.blank) order.erase(blank_at);
     auto by_lp = [&](int32_t a, int32_t b) { return lp[a] != lp[b] ? lp[a] > lp[b] : a < b; };
     if (o_.top_k > 0 && static_cast<size_t>(o_.top_k) < order.size()) {
       std::partial_sort(order.begin(), order.begin() + o_.top_k, order.end(), by_lp);
