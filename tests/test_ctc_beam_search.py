@@ -294,6 +294,12 @@ def test_op_fake_shapes():
     real = torch.ops.seqfast.ctc_beam_search(args.log_probs, args.input_lengths, 0, 3, 0, -math.inf, -math.inf,
                                              True, [], 0.0, 0.0, [], 0.0)
     assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in real]
+    lm = CharNGramLM.from_sequences([[1, 2, 3]], 5)
+    hw = seqfast.ngram_lm.hotword_tables([[2, 3]], 5, 0)
+    result = torch.library.opcheck(torch.ops.seqfast.ctc_beam_search.default,
+                                   (args.log_probs, args.input_lengths, 0, 3, 2, -3.0, -5.0, True, lm.tables(), 0.5,
+                                    0.1, hw, 1.0))
+    assert set(result.values()) == {"SUCCESS"}, result
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
