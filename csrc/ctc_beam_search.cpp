@@ -154,6 +154,22 @@ struct HotWords {
   }
 };
 
+// A lexicon constraint: only words of the list (a trie in hotword_tables' form; state 0 = between words) may
+// be formed, separated by the word delimiter token. A prefix that leaves the trie is never a candidate; at the
+// end a prefix must be between words or at a word's end.
+struct Lexicon {
+  HotWords trie;
+  int64_t delimiter;
+  Lexicon(const std::vector<at::Tensor>& t, int64_t delimiter_) : trie(t, 0.0), delimiter(delimiter_) {}
+  bool active() const { return trie.active(); }
+  bool word_end(int32_t s) const { return s == 0 || trie.end_depth[s] == trie.depth[s]; }
+  // The state after token c, -1 where c may not follow.
+  int32_t step(int32_t s, int64_t c) const {
+    if (c == delimiter) return word_end(s) ? 0 : -1;
+    return static_cast<int32_t>(trie.child(s, c));
+  }
+};
+
 struct Node {
   int32_t parent;
   int32_t token;
@@ -162,6 +178,7 @@ struct Node {
   int32_t hw_state;
   double hw_committed;
   double extra;  // lm_weight * LM log-prob + insertion_bonus * length + hot-word score
+  int32_t lex_state;
 };
 
 struct Entry {
@@ -179,6 +196,7 @@ struct Candidate {
   int32_t hw_state;
   double hw_committed;
   double extra;
+  int32_t lex_state;
 };
 
 struct Options {
@@ -194,7 +212,8 @@ struct Hyp {
 
 class Search {
  public:
-  Search(const NGramLM& lm, const HotWords& hw, const Options& o, int64_t C) : lm_(lm), hw_(hw), o_(o), C_(C) {
+  Search(const NGramLM& lm, const HotWords& hw, const Lexicon& lex, const Options& o, int64_t C)
+      : lm_(lm), hw_(hw), lex_(lex), o_(o), C_(C) {
     nk_ = lm_.active() ? lm_.order - 1 : 0;
   }
 
@@ -261,7 +280,7 @@ class Search {
       const double total = log_add(pb, pnb);
       const double rank = total + nd.extra;
       if (rank == kNegInf) continue;
-      cands_.push_back({rank, pb, pnb, total, e.node, -1, -1, 0, 0.0, 0.0});
+      cands_.push_back({rank, pb, pnb, total, e.node, -1, -1, 0, 0.0, 0.0, 0});
       admit(rank);
     }
     // 2. New prefixes, best parents first.
@@ -274,9 +293,11 @@ class Search {
         bool in_beam = false;
         for (int32_t k = kid_head_[i]; k >= 0 && !in_beam; k = kid_next_[k]) in_beam = nodes_[beam_[k].node].token == c;
         if (in_beam) continue;
+        const int32_t lex = lex_.active() ? lex_.step(nd.lex_state, c) : 0;
+        if (lex < 0) continue;
         const double acoustic = ((e.node != 0 && nd.token == c) ? e.pb : e.total) + lp[c];
         if (acoustic == kNegInf) continue;
-        Candidate cand{0.0, kNegInf, acoustic, acoustic, -1, e.node, c, 0, 0.0, nd.extra + o_.insertion_bonus};
+        Candidate cand{0.0, kNegInf, acoustic, acoustic, -1, e.node, c, 0, 0.0, nd.extra + o_.insertion_bonus, lex};
         if (lm_.active()) cand.extra += o_.lm_weight * lm_.score(&ctx_[e.node * nk_], c);
         if (hw_.active()) {
           hw_.step(nd.hw_state, nd.hw_committed, c, cand.hw_state, cand.hw_committed);
@@ -340,7 +361,7 @@ class Search {
     for (int32_t c : order) allowed_[c] = t;
     // Without LM and hot-words no parent looks past its beam + 1 best tokens (see the top of the file).
     size_t need = order.size();
-    if (!lm_.active() && !hw_.active()) need = std::min(need, static_cast<size_t>(o_.beam + 1));
+    if (!lm_.active() && !hw_.active() && !lex_.active()) need = std::min(need, static_cast<size_t>(o_.beam + 1));
     std::partial_sort(order.begin(), order.begin() + need, order.end(), by_lp);
     order.resize(need);
   }
@@ -355,7 +376,7 @@ class Search {
   }
 
   void add_root() {
-    nodes_.push_back({-1, -1, -1, 0, 0, 0.0, 0.0});
+    nodes_.push_back({-1, -1, -1, 0, 0, 0.0, 0.0, 0});
     for (int64_t k = 1; k <= nk_; ++k) {
       const int64_t key = k == 1 ? lm_.C + 1 : kNoKey;  // (BOS)
       keys_.push_back(key);
@@ -365,7 +386,8 @@ class Search {
 
   int32_t add_child(const Candidate& c, int32_t frame) {
     const Node& p = nodes_[c.parent];
-    nodes_.push_back({c.parent, c.token, frame, p.length + 1, c.hw_state, c.hw_committed, c.extra});
+    nodes_.push_back({c.parent, c.token, frame, p.length + 1, c.hw_state, c.hw_committed, c.extra,
+                      c.lex_state});
     const int64_t base = c.parent * nk_;
     for (int64_t k = 1; k <= nk_; ++k) {
       int64_t key = c.token + 1;
@@ -383,6 +405,7 @@ class Search {
     std::vector<Hyp> out;
     for (const Entry& e : beam) {
       const Node& nd = nodes_[e.node];
+      if (lex_.active() && !lex_.word_end(nd.lex_state)) continue;
       const double acoustic = e.total;
       double score = acoustic + nd.extra;
       if (lm_.active()) score += o_.lm_weight * lm_.score(&ctx_[e.node * nk_], lm_.C);
@@ -408,6 +431,7 @@ class Search {
 
   const NGramLM& lm_;
   const HotWords& hw_;
+  const Lexicon& lex_;
   const Options& o_;
   int64_t C_;
   int64_t nk_ = 0;  // LM context lengths kept per node: 1 .. order - 1
@@ -425,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_
     const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t blank, int64_t beam_size,
     int64_t top_k_tokens, double token_min_logp, double beam_prune_logp, bool return_frames,
     at::TensorList lm_tables, double lm_weight, double insertion_bonus, at::TensorList hotword_tables,
-    double hotword_bonus) {
+    double hotword_bonus, at::TensorList lexicon_tables, int64_t word_delimiter) {
   TORCH_CHECK(log_probs.dim() == 3, "ctc_beam_search: log_probs must be (T, N, C), got ", log_probs.sizes());
   TORCH_CHECK(log_probs.scalar_type() == at::kFloat || log_probs.scalar_type() == at::kDouble,
               "ctc_beam_search: log_probs must be float32 or float64, got ", log_probs.scalar_type());
@@ -447,6 +471,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_
   const NGramLM lm(lm_t);
   TORCH_CHECK(!lm.active() || lm.C == C, "ctc_beam_search: the LM has ", lm.C, " classes, log_probs ", C);
   const HotWords hw(hw_t, hotword_bonus);
+  std::vector<at::Tensor> lex_t;
+  for (const at::Tensor& t : lexicon_tables) lex_t.push_back(t.contiguous());
+  const Lexicon lex(lex_t, word_delimiter);
+  TORCH_CHECK(!lex.active() || (0 <= word_delimiter && word_delimiter < C && word_delimiter != blank),
+              "ctc_beam_search: word_delimiter must be a token in [0, ", C, ") other than blank, got ", word_delimiter);
   const Options o{blank, beam_size, top_k_tokens, token_min_logp, beam_prune_logp, lm_weight, insertion_bonus,
                   return_frames};
 
@@ -454,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_
   AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "ctc_beam_search", [&] {
     const scalar_t* data = lp.const_data_ptr<scalar_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Search search(lm, hw, o, C);
+      Search search(lm, hw, lex, o, C);
       for (int64_t n = begin; n < end; ++n) results[n] = search.run(data + n * C, N * C, len[n]);
     });
   });

@@ -255,6 +255,8 @@ def ctc_beam_search(
     insertion_bonus: float = 0.0,
     hotwords: Sequence[Sequence[int]] | None = None,
     hotword_bonus: float = 2.0,
+    lexicon: Sequence[Sequence[int]] | None = None,
+    word_delimiter: int | None = None,
 ) -> list[list[Hypothesis]] | list[Hypothesis]:
     """CTC prefix beam search: the n-best labellings of each sample, best first.
 
@@ -276,6 +278,9 @@ def ctc_beam_search(
             added per token. With ``lm_weight=0`` the result does not depend on ``lm``.
         hotwords: token sequences (not blank) that earn ``hotword_bonus`` (>= 0) per token while a prefix is
             inside one; a partial match that breaks off loses its bonus, a completed one keeps it.
+        lexicon, word_delimiter: a constraint: hypotheses spell only the lexicon's words (token sequences),
+            separated by the ``word_delimiter`` token (repeated or leading delimiters allowed); a hypothesis
+            ends between words or at a word's end.
 
     Returns:
         Per sample (batched) a list of up to ``beam_size`` :class:`Hypothesis`, best score first (ties: the
@@ -285,11 +290,12 @@ def ctc_beam_search(
         sample has one hypothesis, the empty labelling. Results do not depend on the thread count.
     """
     a = ctc_beam_search_arguments(log_probs, input_lengths, beam_size, blank, top_k_tokens, token_min_logp,
-                                  beam_prune_logp, lm, lm_weight, insertion_bonus, hotwords, hotword_bonus)
+                                  beam_prune_logp, lm, lm_weight, insertion_bonus, hotwords, hotword_bonus, lexicon,
+                                  word_delimiter)
     tokens, lengths, scores, acoustic, frames = _backend.dispatch(
         None, beam_ops.SEARCH, a.log_probs, a.input_lengths, blank, beam_size, a.top_k_tokens, a.token_min_logp,
         a.beam_prune_logp, bool(return_frames), a.lm_tables, float(lm_weight), float(insertion_bonus),
-        a.hotword_tables, float(hotword_bonus),
+        a.hotword_tables, float(hotword_bonus), a.lexicon_tables, a.word_delimiter,
     )
     # Cut through numpy views (no copy): a slice and tolist per hypothesis cost far less than tensor indexing.
     tokens_np = tokens.numpy()

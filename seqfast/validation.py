@@ -451,6 +451,8 @@ class BeamSearchArguments(NamedTuple):
     beam_prune_logp: float  # -inf: off
     lm_tables: list[torch.Tensor]
     hotword_tables: list[torch.Tensor]
+    lexicon_tables: list[torch.Tensor]
+    word_delimiter: int  # -1 without a lexicon
 
 
 def _int_at_least(name: str, value: object, least: int) -> int:
@@ -474,6 +476,26 @@ def _real(name: str, value: object, finite: bool = True, at_least: float | None 
     if at_most is not None and v > at_most:
         raise ArgumentError(f"{name} must be <= {at_most}, got {v}")
     return v
+
+
+def _token_sequences(name: str, value: object, C: int, blank: int) -> list[list[int]]:
+    """A list of non-empty token sequences (hot-words, lexicon words): tokens in [0, C), not blank."""
+    if value is None:
+        return []
+    if isinstance(value, (str, torch.Tensor)) or not isinstance(value, Sequence):
+        raise ArgumentError(f"{name} must be a list of token sequences, got {type(value).__name__}")
+    words = []
+    for i, word in enumerate(value):
+        if isinstance(word, torch.Tensor):
+            word = word.tolist()
+        if isinstance(word, str) or not isinstance(word, Sequence) or len(word) == 0:
+            raise ArgumentError(f"{name}[{i}] must be a non-empty sequence of tokens, got {word!r}")
+        tokens = [_index(f"{name}[{i}]", c) for c in word]
+        bad = [c for c in tokens if not 0 <= c < C or c == blank]
+        if bad:
+            raise ArgumentError(f"{name}[{i}] must hold tokens in [0, {C}) other than blank={blank}, got {bad[0]}")
+        words.append(tokens)
+    return words
 
 
 def _to_host(log_probs: torch.Tensor, lengths: object) -> tuple[torch.Tensor, object]:
@@ -502,6 +524,8 @@ def ctc_beam_search_arguments(
     insertion_bonus: float,
     hotwords: Sequence[Sequence[int]] | None,
     hotword_bonus: float,
+    lexicon: Sequence[Sequence[int]] | None = None,
+    word_delimiter: int | None = None,
 ) -> BeamSearchArguments:
     """Validate :func:`seqfast.ctc_beam_search`'s arguments and bring them to the op's form (on the CPU;
     float16/bfloat16 read as float32). ``log_probs`` may not hold NaN or +inf (there is no torch result to
@@ -529,26 +553,26 @@ def ctc_beam_search_arguments(
         if lm.num_classes != C:
             raise ArgumentError(f"lm has {lm.num_classes} classes but log_probs has C = {C}")
         lm_tables = lm.tables()
-    hotword_tables: list[torch.Tensor] = []
-    if hotwords is not None:
-        if isinstance(hotwords, (str, torch.Tensor)) or not isinstance(hotwords, Sequence):
-            raise ArgumentError(f"hotwords must be a list of token sequences, got {type(hotwords).__name__}")
-        words = []
-        for i, word in enumerate(hotwords):
-            if isinstance(word, torch.Tensor):
-                word = word.tolist()
-            if isinstance(word, str) or not isinstance(word, Sequence) or len(word) == 0:
-                raise ArgumentError(f"hotwords[{i}] must be a non-empty sequence of tokens, got {word!r}")
-            tokens = [_index(f"hotwords[{i}]", c) for c in word]
-            bad = [c for c in tokens if not 0 <= c < C or c == blank]
-            if bad:
-                raise ArgumentError(f"hotwords[{i}] must hold tokens in [0, {C}) other than blank={blank}, "
-                                    f"got {bad[0]}")
-            words.append(tokens)
-        if words:
-            from seqfast.ngram_lm import hotword_tables as build
+    from seqfast.ngram_lm import hotword_tables as trie_tables
 
-            hotword_tables = build(words, C, blank)
+    words = _token_sequences("hotwords", hotwords, C, blank)
+    hotword_tables = trie_tables(words, C, blank) if words else []
+    lexicon_words = _token_sequences("lexicon", lexicon, C, blank)
+    lexicon_tables: list[torch.Tensor] = []
+    delimiter = -1
+    if lexicon is not None:
+        if not lexicon_words:
+            raise ArgumentError("lexicon must hold at least one word (or be None)")
+        if isinstance(word_delimiter, bool) or not isinstance(word_delimiter, int) or not 0 <= word_delimiter < C \
+                or word_delimiter == blank:
+            raise ArgumentError(f"word_delimiter must be a token in [0, {C}) other than blank={blank} when a lexicon "
+                                f"is given, got {word_delimiter!r}")
+        for i, word in enumerate(lexicon_words):
+            if word_delimiter in word:
+                raise ArgumentError(f"lexicon[{i}] holds the word delimiter {word_delimiter}")
+        lexicon_tables, delimiter = trie_tables(lexicon_words, C, blank), word_delimiter
+    elif word_delimiter is not None:
+        raise ArgumentError("word_delimiter is only used with a lexicon; got a word_delimiter without one")
 
     lp, lengths = _to_host(log_probs, input_lengths)
     lp = lp if batched else lp.unsqueeze(1)
@@ -568,4 +592,5 @@ def ctc_beam_search_arguments(
     # One reduction: the max is NaN where any entry is, +inf where one is and none is NaN.
     if lp.numel() and not float(lp.max()) < math.inf:
         raise ArgumentError("log_probs must not hold NaN or +inf (the beam search cannot rank them)")
-    return BeamSearchArguments(lp, il.contiguous(), batched, top_k, min_logp, prune, lm_tables, hotword_tables)
+    return BeamSearchArguments(lp, il.contiguous(), batched, top_k, min_logp, prune, lm_tables, hotword_tables,
+                               lexicon_tables, delimiter)

@@ -209,6 +209,12 @@ GOOD = dict(input_lengths=[4, 3], beam_size=2, blank=0)
     (dict(hotwords=[[1, 3]]), "hotwords[0]"),
     (dict(hotwords="ab"), "hotwords"),
     (dict(hotwords=[[1]], hotword_bonus=-1.0), "hotword_bonus"),
+    (dict(lexicon=[[1]]), "word_delimiter"),
+    (dict(lexicon=[[1]], word_delimiter=0), "word_delimiter"),
+    (dict(lexicon=[[1, 2]], word_delimiter=2), "lexicon[0]"),
+    (dict(lexicon=[], word_delimiter=2), "lexicon"),
+    (dict(lexicon=[[1], [5]], word_delimiter=2), "lexicon[1]"),
+    (dict(word_delimiter=2), "word_delimiter"),
 ])
 def test_bad_arguments_raise_argument_error_naming_them(change, name):
     kwargs = dict(GOOD, log_probs=random_log_probs(4, 2, 3, dtype=torch.float32))
@@ -279,6 +285,34 @@ def test_hotwords_boost_their_tokens_and_match_the_reference():
         assert [h.score for h in got[n]] == pytest.approx([w[1] for w in want], abs=1e-12)
 
 
+def _spells_lexicon(tokens, words, delimiter):
+    parts, word = [], []
+    for c in tokens + [delimiter]:
+        if c == delimiter:
+            if word:
+                parts.append(tuple(word))
+            word = []
+        else:
+            word.append(c)
+    return all(p in words for p in parts)
+
+
+def test_lexicon_wide_beam_equals_the_exhaustive_search_over_lexicon_labellings():
+    T, C, delimiter = 5, 4, 3
+    words = [[1, 2], [2], [1, 1, 2]]
+    lp = random_log_probs(T, 1, C, seed=14, scale=1.0)
+    hyps = ctc_beam_search(lp, beam_size=200, lexicon=words, word_delimiter=delimiter)[0]
+    exact = [(list(seq), score) for seq, score in ref.exhaustive_search(lp[:, 0])
+             if _spells_lexicon(list(seq), {tuple(w) for w in words}, delimiter)]
+    assert [h.tokens for h in hyps] == [seq for seq, _ in exact]
+    assert [h.score for h in hyps] == pytest.approx([s for _, s in exact], abs=1e-9)
+    assert len(exact) < len(ref.exhaustive_search(lp[:, 0]))  # the constraint removes labellings
+    narrow = ctc_beam_search(lp, beam_size=3, lexicon=words, word_delimiter=delimiter, return_frames=True)[0]
+    want = ref.beam_search(lp[:, 0], 3, lexicon_tables=seqfast.ngram_lm.hotword_tables(words, C, 0),
+                           word_delimiter=delimiter)
+    assert [(tuple(h.tokens), tuple(h.frames)) for h in narrow] == [(w[0], w[3]) for w in want]
+
+
 # ------------------------------------------------------------------------------------------------
 # The op and devices
 
@@ -290,15 +324,15 @@ def test_op_fake_shapes():
                                      None, 0.0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = torch.ops.seqfast.ctc_beam_search(args.log_probs, args.input_lengths, 0, 3, 0, -math.inf, -math.inf,
-                                                True, [], 0.0, 0.0, [], 0.0)
+                                                True, [], 0.0, 0.0, [], 0.0, [], -1)
     real = torch.ops.seqfast.ctc_beam_search(args.log_probs, args.input_lengths, 0, 3, 0, -math.inf, -math.inf,
-                                             True, [], 0.0, 0.0, [], 0.0)
+                                             True, [], 0.0, 0.0, [], 0.0, [], -1)
     assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in real]
     lm = CharNGramLM.from_sequences([[1, 2, 3]], 5)
     hw = seqfast.ngram_lm.hotword_tables([[2, 3]], 5, 0)
     result = torch.library.opcheck(torch.ops.seqfast.ctc_beam_search.default,
                                    (args.log_probs, args.input_lengths, 0, 3, 2, -3.0, -5.0, True, lm.tables(), 0.5,
-                                    0.1, hw, 1.0))
+                                    0.1, hw, 1.0, hw, 4))
     assert set(result.values()) == {"SUCCESS"}, result
 
 

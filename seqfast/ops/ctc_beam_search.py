@@ -2,8 +2,8 @@
 ``seqfast.ctc_beam_search``).
 
 ``seqfast::ctc_beam_search(log_probs, input_lengths, blank, beam_size, top_k_tokens, token_min_logp,
-beam_prune_logp, return_frames, lm_tables, lm_weight, insertion_bonus, hotword_tables, hotword_bonus)
--> (tokens, lengths, scores, acoustic, frames)``
+beam_prune_logp, return_frames, lm_tables, lm_weight, insertion_bonus, hotword_tables, hotword_bonus,
+lexicon_tables, word_delimiter) -> (tokens, lengths, scores, acoustic, frames)``
 
 - ``log_probs``: (T, N, C) float32 or float64 (contiguous or not), no NaN or +inf (checked before the op);
   ``input_lengths``: (N,) int64 in [0, T].
@@ -11,7 +11,8 @@ beam_prune_logp, return_frames, lm_tables, lm_weight, insertion_bonus, hotword_t
   ``token_min_logp``: -inf (off) or the least log-prob of such a token; ``beam_prune_logp``: -inf (off) or how
   far below the frame's best rank a prefix may stay in the beam.
 - ``lm_tables``: [] or the 7 tensors of :meth:`seqfast.ngram_lm.CharNGramLM.tables`; ``hotword_tables``: [] or
-  the 6 of :func:`seqfast.ngram_lm.hotword_tables`.
+  the 6 of :func:`seqfast.ngram_lm.hotword_tables`; ``lexicon_tables``: [] or the same 6 for the lexicon's
+  words, with ``word_delimiter`` the token between words (a prefix may only spell lexicon words).
 - ``tokens``: (N, K, T) int64, hypothesis k of sample n in ``tokens[n, k, :lengths[n, k]]``, padded with -1;
   ``lengths``: (N, K) int64, -1 where a sample has fewer than K hypotheses; ``scores``: (N, K) float64, the
   rank (best first): log P_ctc + lm_weight * log P_lm (end of sentence included) + insertion_bonus * length +
@@ -34,13 +35,15 @@ SEARCH = define(
     "ctc_beam_search",
     "(Tensor log_probs, Tensor input_lengths, int blank, int beam_size, int top_k_tokens, float token_min_logp, "
     "float beam_prune_logp, bool return_frames, Tensor[] lm_tables, float lm_weight, float insertion_bonus, "
-    "Tensor[] hotword_tables, float hotword_bonus) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor[] hotword_tables, float hotword_bonus, Tensor[] lexicon_tables, int word_delimiter) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
 
 @torch.library.register_fake("seqfast::ctc_beam_search")
 def _search_fake(log_probs, input_lengths, blank, beam_size, top_k_tokens, token_min_logp, beam_prune_logp,
-                 return_frames, lm_tables, lm_weight, insertion_bonus, hotword_tables, hotword_bonus):
+                 return_frames, lm_tables, lm_weight, insertion_bonus, hotword_tables, hotword_bonus, lexicon_tables,
+                 word_delimiter):
     T, N, _ = log_probs.shape
     tokens = log_probs.new_empty((N, beam_size, T), dtype=torch.int64)
     lengths = log_probs.new_empty((N, beam_size), dtype=torch.int64)

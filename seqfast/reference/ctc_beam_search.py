@@ -63,6 +63,22 @@ class _HotWords:
         return committed + self.bonus * self.end_depth[state]
 
 
+class _Lexicon:
+    """Only words of the trie (``hotword_tables``' form; state 0 = between words), separated by ``delimiter``."""
+
+    def __init__(self, tables: Sequence[torch.Tensor], delimiter: int):
+        self.trie = _HotWords(tables, 0.0)
+        self.delimiter = delimiter
+
+    def word_end(self, state: int) -> bool:
+        return state == 0 or self.trie.end_depth[state] == self.trie.depth[state]
+
+    def step(self, state: int, c: int) -> int | None:
+        if c == self.delimiter:
+            return 0 if self.word_end(state) else None
+        return self.trie.children[state].get(c)
+
+
 def beam_search(
     log_probs: torch.Tensor,
     beam_size: int,
@@ -75,14 +91,17 @@ def beam_search(
     insertion_bonus: float = 0.0,
     hotword_tables: Sequence[torch.Tensor] = (),
     hotword_bonus: float = 0.0,
+    lexicon_tables: Sequence[torch.Tensor] = (),
+    word_delimiter: int = -1,
 ) -> list[tuple[tuple[int, ...], float, float, tuple[int, ...]]]:
     """One sample's search: ``log_probs`` (T, C) -> [(tokens, score, acoustic log-prob, frames)], best first."""
     lp_rows = log_probs.double().tolist()
     C = log_probs.shape[1]
     lm = CharNGramLM.from_tables(lm_tables) if lm_tables else None
     hw = _HotWords(hotword_tables, hotword_bonus) if hotword_tables else None
-    # prefix -> (pb, pnb, extra, hot-word state, committed, frames)
-    beam = {(): (0.0, NEG_INF, 0.0, 0, 0.0, ())}
+    lex = _Lexicon(lexicon_tables, word_delimiter) if lexicon_tables else None
+    # prefix -> (pb, pnb, extra, hot-word state, committed, frames, lexicon state)
+    beam = {(): (0.0, NEG_INF, 0.0, 0, 0.0, (), 0)}
     for t, lp in enumerate(lp_rows):
         tokens = [c for c in range(C) if c != blank and lp[c] > NEG_INF and lp[c] >= token_min_logp]
         tokens.sort(key=lambda c: (-lp[c], c))
@@ -90,7 +109,7 @@ def beam_search(
             tokens = tokens[:top_k_tokens]
         allowed = set(tokens)
         nxt = {}
-        for prefix, (pb, pnb, extra, hs, hc, frames) in beam.items():
+        for prefix, (pb, pnb, extra, hs, hc, frames, ls) in beam.items():
             new_pb = log_add(pb, pnb) + lp[blank]
             new_pnb = pnb + lp[prefix[-1]] if prefix else NEG_INF
             parent = beam.get(prefix[:-1]) if prefix else None
@@ -98,11 +117,14 @@ def beam_search(
                 c = prefix[-1]
                 repeat = len(prefix) > 1 and prefix[-2] == c
                 new_pnb = log_add(new_pnb, (parent[0] if repeat else log_add(parent[0], parent[1])) + lp[c])
-            nxt[prefix] = (new_pb, new_pnb, extra, hs, hc, frames)
-        for prefix, (pb, pnb, extra, hs, hc, frames) in beam.items():
+            nxt[prefix] = (new_pb, new_pnb, extra, hs, hc, frames, ls)
+        for prefix, (pb, pnb, extra, hs, hc, frames, ls) in beam.items():
             for c in tokens:
                 child = prefix + (c,)
                 if child in beam:
+                    continue
+                child_ls = lex.step(ls, c) if lex is not None else 0
+                if child_ls is None:
                     continue
                 acoustic = (pb if prefix and prefix[-1] == c else log_add(pb, pnb)) + lp[c]
                 if acoustic == NEG_INF:
@@ -114,14 +136,16 @@ def beam_search(
                 if hw is not None:
                     chs, chc = hw.step(hs, hc, c)
                     child_extra += hw.score(chs, chc) - hw.score(hs, hc)
-                nxt[child] = (NEG_INF, acoustic, child_extra, chs, chc, frames + (t,))
+                nxt[child] = (NEG_INF, acoustic, child_extra, chs, chc, frames + (t,), child_ls)
         ranked = [(log_add(v[0], v[1]) + v[2], p) for p, v in nxt.items()]
         ranked = [r for r in ranked if r[0] > NEG_INF]
         ranked.sort(key=lambda r: (-r[0], r[1]))
         ranked = ranked[:beam_size]
         beam = {p: nxt[p] for rank, p in ranked if rank >= ranked[0][0] + beam_prune_logp}
     out = []
-    for prefix, (pb, pnb, extra, hs, hc, frames) in beam.items():
+    for prefix, (pb, pnb, extra, hs, hc, frames, ls) in beam.items():
+        if lex is not None and not lex.word_end(ls):
+            continue
         acoustic = log_add(pb, pnb)
         score = acoustic + extra
         if lm is not None:
@@ -134,7 +158,8 @@ def beam_search(
 
 
 def ctc_beam_search_op(log_probs, input_lengths, blank, beam_size, top_k_tokens, token_min_logp, beam_prune_logp,
-                       return_frames, lm_tables, lm_weight, insertion_bonus, hotword_tables, hotword_bonus):
+                       return_frames, lm_tables, lm_weight, insertion_bonus, hotword_tables, hotword_bonus,
+                       lexicon_tables=(), word_delimiter=-1):
     """``seqfast::ctc_beam_search`` (schema: seqfast/ops/ctc_beam_search.py) through :func:`beam_search`."""
     T, N, _ = log_probs.shape
     K = beam_size
@@ -146,7 +171,7 @@ def ctc_beam_search_op(log_probs, input_lengths, blank, beam_size, top_k_tokens,
     for n in range(N):
         hyps = beam_search(log_probs[: int(input_lengths[n]), n].cpu(), beam_size, blank, top_k_tokens,
                            token_min_logp, beam_prune_logp, lm_tables, lm_weight, insertion_bonus, hotword_tables,
-                           hotword_bonus)
+                           hotword_bonus, lexicon_tables, word_delimiter)
         for k, (seq, score, ac, fr) in enumerate(hyps):
             lengths[n, k] = len(seq)
             tokens[n, k, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
