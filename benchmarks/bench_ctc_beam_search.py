@@ -136,8 +136,8 @@ def labels_for(C: int) -> list[str]:
     return [""] + ["▁" + chr(0x4E00 + c) for c in range(1, C)]
 
 
-def build_lm(C: int) -> seqfast.CharNGramLM:
-    return seqfast.CharNGramLM.from_sequences(sentences(markov_chain(C), 2000), C, order=LM_ORDER)
+def build_lm(C: int, count: int = 2000) -> seqfast.CharNGramLM:
+    return seqfast.CharNGramLM.from_sequences(sentences(markov_chain(C), count), C, order=LM_ORDER)
 
 
 def pyctcdecode_decoder(C: int, lm: seqfast.CharNGramLM | None, folder: str):
@@ -184,7 +184,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def test_ctc_beam_search(benchmark, beam_shape: BeamShape, provider: str, size: str, tmp_path) -> None:
-    lm = build_lm(beam_shape.C) if beam_shape.lm else None
+    lm = build_lm(beam_shape.C, 100 if size == "smoke" else 2000) if beam_shape.lm else None
     lp = make_inputs(beam_shape, markov_chain(beam_shape.C))
     if provider == "torch":  # the baseline's column: pyctcdecode
         if beam_shape.lm and kenlm is None:
