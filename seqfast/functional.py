@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -250,7 +250,7 @@ def ctc_beam_search(
     token_min_logp: float | None = None,
     beam_prune_logp: float | None = None,
     return_frames: bool = False,
-    lm: CharNGramLM | None = None,
+    lm: CharNGramLM | Callable[[tuple[int, ...], int | None], float] | None = None,
     lm_weight: float = 0.5,
     insertion_bonus: float = 0.0,
     hotwords: Sequence[Sequence[int]] | None = None,
@@ -275,7 +275,10 @@ def ctc_beam_search(
         return_frames: fill :attr:`Hypothesis.frames`.
         lm: a :class:`seqfast.CharNGramLM` over the same C tokens, evaluated inside the search;
             ``lm_weight`` (>= 0) scales its log-prob (end of sentence included) and ``insertion_bonus`` is
-            added per token. With ``lm_weight=0`` the result does not depend on ``lm``.
+            added per token. With ``lm_weight=0`` the result does not depend on ``lm``. Or any Python
+            ``scorer(prefix, token) -> log-prob`` (``token=None``: end of sentence; it sees the whole prefix, so
+            a word-level LM can score a word when its delimiter comes): a slow path, the same search in
+            Python (seqfast.reference.ctc_beam_search), one scorer call per distinct (prefix, token).
         hotwords: token sequences (not blank) that earn ``hotword_bonus`` (>= 0) per token while a prefix is
             inside one; a partial match that breaks off loses its bonus, a completed one keeps it.
         lexicon, word_delimiter: a constraint: hypotheses spell only the lexicon's words (token sequences),
@@ -292,6 +295,9 @@ def ctc_beam_search(
     a = ctc_beam_search_arguments(log_probs, input_lengths, beam_size, blank, top_k_tokens, token_min_logp,
                                   beam_prune_logp, lm, lm_weight, insertion_bonus, hotwords, hotword_bonus, lexicon,
                                   word_delimiter)
+    if lm is not None and not isinstance(lm, CharNGramLM):
+        return _beam_search_with_scorer(a, beam_size, blank, return_frames, lm, lm_weight, insertion_bonus,
+                                        hotword_bonus)
     tokens, lengths, scores, acoustic, frames = _backend.dispatch(
         None, beam_ops.SEARCH, a.log_probs, a.input_lengths, blank, beam_size, a.top_k_tokens, a.token_min_logp,
         a.beam_prune_logp, bool(return_frames), a.lm_tables, float(lm_weight), float(insertion_bonus),
@@ -310,4 +316,26 @@ def ctc_beam_search(
             hyps.append(Hypothesis(tokens_np[n, k, :length].tolist(), scores_l[n][k],
                                    frames_np[n, k, :length].tolist() if return_frames else None, acoustic_l[n][k]))
         out.append(hyps)
+    return out if a.batched else out[0]
+
+
+def _beam_search_with_scorer(a, beam_size, blank, return_frames, scorer, lm_weight, insertion_bonus, hotword_bonus):
+    """:func:`ctc_beam_search` with a Python LM scorer: the reference search, sample by sample."""
+    from seqfast.reference.ctc_beam_search import beam_search
+
+    cache: dict[tuple[tuple[int, ...], int | None], float] = {}  # shared by the samples of this call
+
+    def cached(prefix, token):
+        key = (prefix, token)
+        if key not in cache:
+            cache[key] = float(scorer(prefix, token))
+        return cache[key]
+
+    out = []
+    for n, length in enumerate(a.input_lengths.tolist()):
+        hyps = beam_search(a.log_probs[:length, n], beam_size, blank, a.top_k_tokens, a.token_min_logp,
+                           a.beam_prune_logp, (), float(lm_weight), float(insertion_bonus), a.hotword_tables,
+                           float(hotword_bonus), a.lexicon_tables, a.word_delimiter, cached)
+        out.append([Hypothesis(list(seq), score, list(frames) if return_frames else None, acoustic)
+                    for seq, score, acoustic, frames in hyps])
     return out if a.batched else out[0]

@@ -548,11 +548,13 @@ def ctc_beam_search_arguments(
     if lm is not None:
         from seqfast.ngram_lm import CharNGramLM
 
-        if not isinstance(lm, CharNGramLM):
-            raise ArgumentError(f"lm must be a seqfast.CharNGramLM or None, got {type(lm).__name__}")
-        if lm.num_classes != C:
-            raise ArgumentError(f"lm has {lm.num_classes} classes but log_probs has C = {C}")
-        lm_tables = lm.tables()
+        if isinstance(lm, CharNGramLM):
+            if lm.num_classes != C:
+                raise ArgumentError(f"lm has {lm.num_classes} classes but log_probs has C = {C}")
+            lm_tables = lm.tables()
+        elif not callable(lm):
+            raise ArgumentError(f"lm must be a seqfast.CharNGramLM, a scorer(prefix, token) -> log-prob or None, got "
+                                f"{type(lm).__name__}")
     from seqfast.ngram_lm import hotword_tables as trie_tables
 
     words = _token_sequences("hotwords", hotwords, C, blank)

@@ -200,6 +200,7 @@ GOOD = dict(input_lengths=[4, 3], beam_size=2, blank=0)
     (dict(beam_prune_logp=1.0), "beam_prune_logp"),
     (dict(beam_prune_logp=math.nan), "beam_prune_logp"),
     (dict(lm=object()), "lm"),
+    (dict(lm="3-gram"), "lm"),
     (dict(lm=CharNGramLM.from_sequences([[1, 2]], 5)), "lm"),
     (dict(lm_weight=-1.0), "lm_weight"),
     (dict(lm_weight=math.inf), "lm_weight"),
@@ -264,6 +265,25 @@ def test_lm_steers_the_search_and_scores_add_up():
     assert best.tokens == [2, 1]
     assert best.score == pytest.approx(best.acoustic_score + lm.log_prob([2, 1]) + 0.5, abs=1e-12)
     assert best.acoustic_score == pytest.approx(ref.labelling_log_prob(lp[:, 0], [2, 1]), abs=1e-12)
+
+
+def test_python_scorer_hook_equals_the_native_lm():
+    lp = random_log_probs(10, 2, 5, seed=15, scale=1.0)
+    lm = CharNGramLM.from_sequences([[1, 2, 3], [2, 2, 4, 1], [4, 3]], 5, order=3)
+    calls = []
+
+    def scorer(prefix, token):
+        calls.append((prefix, token))
+        return lm.score((5, *prefix), 5 if token is None else token)
+
+    kwargs = dict(beam_size=4, lm_weight=0.8, insertion_bonus=0.2, return_frames=True, token_min_logp=-3.0)
+    native = ctc_beam_search(lp, [10, 7], lm=lm, **kwargs)
+    hooked = ctc_beam_search(lp, [10, 7], lm=scorer, **kwargs)
+    assert calls and len(calls) == len(set(calls))  # one call per distinct (prefix, token) in a call
+    for ours, theirs in zip(native, hooked):
+        assert [(h.tokens, h.frames) for h in ours] == [(h.tokens, h.frames) for h in theirs]
+        assert [h.score for h in ours] == pytest.approx([h.score for h in theirs], abs=1e-12)
+    assert ctc_beam_search(lp[:7, 1], lm=scorer, **kwargs) == hooked[1]  # unbatched, through the same path
 
 
 def test_hotwords_boost_their_tokens_and_match_the_reference():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -93,11 +93,22 @@ def beam_search(
     hotword_bonus: float = 0.0,
     lexicon_tables: Sequence[torch.Tensor] = (),
     word_delimiter: int = -1,
+    scorer: Callable[[tuple[int, ...], int | None], float] | None = None,
 ) -> list[tuple[tuple[int, ...], float, float, tuple[int, ...]]]:
-    """One sample's search: ``log_probs`` (T, C) -> [(tokens, score, acoustic log-prob, frames)], best first."""
+    """One sample's search: ``log_probs`` (T, C) -> [(tokens, score, acoustic log-prob, frames)], best first.
+
+    The LM is ``lm_tables`` (``CharNGramLM.tables()``) or ``scorer(prefix, token)``: the log-prob of ``token``
+    after ``prefix``, ``token=None`` for the end of sentence."""
     lp_rows = log_probs.double().tolist()
     C = log_probs.shape[1]
-    lm = CharNGramLM.from_tables(lm_tables) if lm_tables else None
+    if lm_tables:
+        table = CharNGramLM.from_tables(lm_tables)
+        bos = eos = table.num_classes
+
+        def scorer(prefix, token):
+            return table.score((bos, *prefix), eos if token is None else token)
+
+    lm = scorer
     hw = _HotWords(hotword_tables, hotword_bonus) if hotword_tables else None
     lex = _Lexicon(lexicon_tables, word_delimiter) if lexicon_tables else None
     # prefix -> (pb, pnb, extra, hot-word state, committed, frames, lexicon state)
@@ -131,7 +142,7 @@ def beam_search(
                     continue
                 child_extra = extra + insertion_bonus
                 if lm is not None:
-                    child_extra += lm_weight * lm.score((lm.num_classes, *prefix), c)
+                    child_extra += lm_weight * lm(prefix, c)
                 chs, chc = hs, hc
                 if hw is not None:
                     chs, chc = hw.step(hs, hc, c)
@@ -149,7 +160,7 @@ def beam_search(
         acoustic = log_add(pb, pnb)
         score = acoustic + extra
         if lm is not None:
-            score += lm_weight * lm.score((lm.num_classes, *prefix), lm.num_classes)
+            score += lm_weight * lm(prefix, None)
         if hw is not None:
             score += hw.final(hs, hc) - hw.score(hs, hc)
         out.append((prefix, score, acoustic, frames))
