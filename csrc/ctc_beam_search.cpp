@@ -201,7 +201,7 @@ struct Candidate {
 
 struct Options {
   int64_t blank, beam, top_k;
-  double token_min_logp, beam_prune_logp, lm_weight, insertion_bonus;
+  double token_min_logp, beam_prune_logp, lm_weight, insertion_bonus, blank_skip_logp;
   bool frames;
 };
 
@@ -340,7 +340,10 @@ class Search {
     std::vector<int32_t>& order = order_;
     // Branch-free compaction with the bounds in locals (the loop runs over all C tokens every frame);
     // lp >= max(token_min_logp, lowest) also leaves out -inf.
-    const double floor = std::max(o_.token_min_logp, std::numeric_limits<double>::lowest());
+    // A frame whose blank log-prob reaches blank_skip_logp extends nothing (floor +inf: no token passes).
+    const double floor = lp[o_.blank] >= o_.blank_skip_logp
+                             ? std::numeric_limits<double>::infinity()
+                             : std::max(o_.token_min_logp, std::numeric_limits<double>::lowest());
     const double* v = lp.data();
     const int32_t C = static_cast<int32_t>(C_);
     order.resize(C);
@@ -449,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_
     const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t blank, int64_t beam_size,
     int64_t top_k_tokens, double token_min_logp, double beam_prune_logp, bool return_frames,
     at::TensorList lm_tables, double lm_weight, double insertion_bonus, at::TensorList hotword_tables,
-    double hotword_bonus, at::TensorList lexicon_tables, int64_t word_delimiter) {
+    double hotword_bonus, at::TensorList lexicon_tables, int64_t word_delimiter, double blank_skip_logp) {
   TORCH_CHECK(log_probs.dim() == 3, "ctc_beam_search: log_probs must be (T, N, C), got ", log_probs.sizes());
   TORCH_CHECK(log_probs.scalar_type() == at::kFloat || log_probs.scalar_type() == at::kDouble,
               "ctc_beam_search: log_probs must be float32 or float64, got ", log_probs.scalar_type());
@@ -476,8 +479,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_
   const Lexicon lex(lex_t, word_delimiter);
   TORCH_CHECK(!lex.active() || (0 <= word_delimiter && word_delimiter < C && word_delimiter != blank),
               "ctc_beam_search: word_delimiter must be a token in [0, ", C, ") other than blank, got ", word_delimiter);
-  const Options o{blank, beam_size, top_k_tokens, token_min_logp, beam_prune_logp, lm_weight, insertion_bonus,
-                  return_frames};
+  const Options o{blank,           beam_size, top_k_tokens,    token_min_logp, beam_prune_logp,
+                  lm_weight,       insertion_bonus, blank_skip_logp, return_frames};
 
   std::vector<std::vector<Hyp>> results(N);
   AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "ctc_beam_search", [&] {

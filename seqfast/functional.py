@@ -257,6 +257,7 @@ def ctc_beam_search(
     hotword_bonus: float = 2.0,
     lexicon: Sequence[Sequence[int]] | None = None,
     word_delimiter: int | None = None,
+    blank_skip_logp: float | None = None,
 ) -> list[list[Hypothesis]] | list[Hypothesis]:
     """CTC prefix beam search: the n-best labellings of each sample, best first.
 
@@ -272,6 +273,8 @@ def ctc_beam_search(
             likely non-blank tokens, and only those with log-prob >= ``token_min_logp``, may extend a prefix
             (blank and repeats of a prefix's last token always count).
         beam_prune_logp: (<= 0) drop prefixes ranked this far below the frame's best; off by default.
+        blank_skip_logp: (<= 0) a frame whose blank log-prob is at least this extends no prefix (blank and
+            repeats only): fewer candidates on the many blank frames of a trained model; off by default.
         return_frames: fill :attr:`Hypothesis.frames`.
         lm: a :class:`seqfast.CharNGramLM` over the same C tokens, evaluated inside the search;
             ``lm_weight`` (>= 0) scales its log-prob (end of sentence included) and ``insertion_bonus`` is
@@ -294,14 +297,14 @@ def ctc_beam_search(
     """
     a = ctc_beam_search_arguments(log_probs, input_lengths, beam_size, blank, top_k_tokens, token_min_logp,
                                   beam_prune_logp, lm, lm_weight, insertion_bonus, hotwords, hotword_bonus, lexicon,
-                                  word_delimiter)
+                                  word_delimiter, blank_skip_logp)
     if lm is not None and not isinstance(lm, CharNGramLM):
         return _beam_search_with_scorer(a, beam_size, blank, return_frames, lm, lm_weight, insertion_bonus,
                                         hotword_bonus)
     tokens, lengths, scores, acoustic, frames = _backend.dispatch(
         None, beam_ops.SEARCH, a.log_probs, a.input_lengths, blank, beam_size, a.top_k_tokens, a.token_min_logp,
         a.beam_prune_logp, bool(return_frames), a.lm_tables, float(lm_weight), float(insertion_bonus),
-        a.hotword_tables, float(hotword_bonus), a.lexicon_tables, a.word_delimiter,
+        a.hotword_tables, float(hotword_bonus), a.lexicon_tables, a.word_delimiter, a.blank_skip_logp,
     )
     # Cut through numpy views (no copy): a slice and tolist per hypothesis cost far less than tensor indexing.
     tokens_np = tokens.numpy()
@@ -335,7 +338,8 @@ def _beam_search_with_scorer(a, beam_size, blank, return_frames, scorer, lm_weig
     for n, length in enumerate(a.input_lengths.tolist()):
         hyps = beam_search(a.log_probs[:length, n], beam_size, blank, a.top_k_tokens, a.token_min_logp,
                            a.beam_prune_logp, (), float(lm_weight), float(insertion_bonus), a.hotword_tables,
-                           float(hotword_bonus), a.lexicon_tables, a.word_delimiter, cached)
+                           float(hotword_bonus), a.lexicon_tables, a.word_delimiter, cached,
+                           a.blank_skip_logp)
         out.append([Hypothesis(list(seq), score, list(frames) if return_frames else None, acoustic)
                     for seq, score, acoustic, frames in hyps])
     return out if a.batched else out[0]

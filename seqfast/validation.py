@@ -453,6 +453,7 @@ class BeamSearchArguments(NamedTuple):
     hotword_tables: list[torch.Tensor]
     lexicon_tables: list[torch.Tensor]
     word_delimiter: int  # -1 without a lexicon
+    blank_skip_logp: float  # +inf: off
 
 
 def _int_at_least(name: str, value: object, least: int) -> int:
@@ -526,6 +527,7 @@ def ctc_beam_search_arguments(
     hotword_bonus: float,
     lexicon: Sequence[Sequence[int]] | None = None,
     word_delimiter: int | None = None,
+    blank_skip_logp: float | None = None,
 ) -> BeamSearchArguments:
     """Validate :func:`seqfast.ctc_beam_search`'s arguments and bring them to the op's form (on the CPU;
     float16/bfloat16 read as float32). ``log_probs`` may not hold NaN or +inf (there is no torch result to
@@ -544,6 +546,7 @@ def ctc_beam_search_arguments(
     lm_weight = _real("lm_weight", lm_weight, at_least=0.0)
     insertion_bonus = _real("insertion_bonus", insertion_bonus)
     hotword_bonus = _real("hotword_bonus", hotword_bonus, at_least=0.0)
+    blank_skip = math.inf if blank_skip_logp is None else _real("blank_skip_logp", blank_skip_logp, at_most=0.0)
     lm_tables: list[torch.Tensor] = []
     if lm is not None:
         from seqfast.ngram_lm import CharNGramLM
@@ -595,4 +598,4 @@ def ctc_beam_search_arguments(
     if lp.numel() and not float(lp.max()) < math.inf:
         raise ArgumentError("log_probs must not hold NaN or +inf (the beam search cannot rank them)")
     return BeamSearchArguments(lp, il.contiguous(), batched, top_k, min_logp, prune, lm_tables, hotword_tables,
-                               lexicon_tables, delimiter)
+                               lexicon_tables, delimiter, blank_skip)

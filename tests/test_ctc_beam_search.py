@@ -75,7 +75,8 @@ def test_narrow_beam_matches_the_python_reference():
     lp = random_log_probs(T, N, C, seed=3, scale=1.5)
     lengths = [14, 9, 0, 1]
     for beam in (1, 2, 5):
-        for prune in ({}, dict(top_k_tokens=2), dict(token_min_logp=-2.0), dict(beam_prune_logp=-1.5)):
+        for prune in ({}, dict(top_k_tokens=2), dict(token_min_logp=-2.0), dict(beam_prune_logp=-1.5),
+                      dict(blank_skip_logp=-1.0)):
             got = ctc_beam_search(lp, lengths, beam_size=beam, blank=3, return_frames=True, **prune)
             ref_prune = {k: v for k, v in prune.items()}
             for n in range(N):
@@ -103,6 +104,9 @@ def test_pruning_is_off_by_default_and_changes_results_when_asked():
     assert ctc_beam_search(lp, beam_size=8, top_k_tokens=5, token_min_logp=-1e9) == wide  # all non-blank: a no-op
     pruned = ctc_beam_search(lp, beam_size=8, top_k_tokens=1)
     assert as_tuples(pruned[0]) != as_tuples(wide[0])
+    assert ctc_beam_search(lp, beam_size=8, blank_skip_logp=0.0) == wide  # no blank reaches probability 1
+    skipped = ctc_beam_search(lp, beam_size=8, blank_skip_logp=-3.0)
+    assert as_tuples(skipped[0]) != as_tuples(wide[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +203,8 @@ GOOD = dict(input_lengths=[4, 3], beam_size=2, blank=0)
     (dict(token_min_logp="x"), "token_min_logp"),
     (dict(beam_prune_logp=1.0), "beam_prune_logp"),
     (dict(beam_prune_logp=math.nan), "beam_prune_logp"),
+    (dict(blank_skip_logp=0.5), "blank_skip_logp"),
+    (dict(blank_skip_logp="x"), "blank_skip_logp"),
     (dict(lm=object()), "lm"),
     (dict(lm="3-gram"), "lm"),
     (dict(lm=CharNGramLM.from_sequences([[1, 2]], 5)), "lm"),
@@ -344,15 +350,15 @@ def test_op_fake_shapes():
                                      None, 0.0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = torch.ops.seqfast.ctc_beam_search(args.log_probs, args.input_lengths, 0, 3, 0, -math.inf, -math.inf,
-                                                True, [], 0.0, 0.0, [], 0.0, [], -1)
+                                                True, [], 0.0, 0.0, [], 0.0, [], -1, math.inf)
     real = torch.ops.seqfast.ctc_beam_search(args.log_probs, args.input_lengths, 0, 3, 0, -math.inf, -math.inf,
-                                             True, [], 0.0, 0.0, [], 0.0, [], -1)
+                                             True, [], 0.0, 0.0, [], 0.0, [], -1, math.inf)
     assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in real]
     lm = CharNGramLM.from_sequences([[1, 2, 3]], 5)
     hw = seqfast.ngram_lm.hotword_tables([[2, 3]], 5, 0)
     result = torch.library.opcheck(torch.ops.seqfast.ctc_beam_search.default,
                                    (args.log_probs, args.input_lengths, 0, 3, 2, -3.0, -5.0, True, lm.tables(), 0.5,
-                                    0.1, hw, 1.0, hw, 4))
+                                    0.1, hw, 1.0, hw, 4, -0.5))
     assert set(result.values()) == {"SUCCESS"}, result
 
 

@@ -94,6 +94,7 @@ def beam_search(
     lexicon_tables: Sequence[torch.Tensor] = (),
     word_delimiter: int = -1,
     scorer: Callable[[tuple[int, ...], int | None], float] | None = None,
+    blank_skip_logp: float = math.inf,
 ) -> list[tuple[tuple[int, ...], float, float, tuple[int, ...]]]:
     """One sample's search: ``log_probs`` (T, C) -> [(tokens, score, acoustic log-prob, frames)], best first.
 
@@ -118,6 +119,8 @@ def beam_search(
         tokens.sort(key=lambda c: (-lp[c], c))
         if top_k_tokens > 0:
             tokens = tokens[:top_k_tokens]
+        if lp[blank] >= blank_skip_logp:
+            tokens = []
         allowed = set(tokens)
         nxt = {}
         for prefix, (pb, pnb, extra, hs, hc, frames, ls) in beam.items():
@@ -170,7 +173,7 @@ def beam_search(
 
 def ctc_beam_search_op(log_probs, input_lengths, blank, beam_size, top_k_tokens, token_min_logp, beam_prune_logp,
                        return_frames, lm_tables, lm_weight, insertion_bonus, hotword_tables, hotword_bonus,
-                       lexicon_tables=(), word_delimiter=-1):
+                       lexicon_tables=(), word_delimiter=-1, blank_skip_logp=math.inf):
     """``seqfast::ctc_beam_search`` (schema: seqfast/ops/ctc_beam_search.py) through :func:`beam_search`."""
     T, N, _ = log_probs.shape
     K = beam_size
@@ -182,7 +185,7 @@ def ctc_beam_search_op(log_probs, input_lengths, blank, beam_size, top_k_tokens,
     for n in range(N):
         hyps = beam_search(log_probs[: int(input_lengths[n]), n].cpu(), beam_size, blank, top_k_tokens,
                            token_min_logp, beam_prune_logp, lm_tables, lm_weight, insertion_bonus, hotword_tables,
-                           hotword_bonus, lexicon_tables, word_delimiter)
+                           hotword_bonus, lexicon_tables, word_delimiter, None, blank_skip_logp)
         for k, (seq, score, ac, fr) in enumerate(hyps):
             lengths[n, k] = len(seq)
             tokens[n, k, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
