@@ -26,6 +26,7 @@ $(VENV)/.ext-built: $(VENV)/.deps-installed $(EXT_SOURCES)
 
 build: $(VENV)/.ext-built
 
+# tests/test_benchmarks.py runs the benchmark suite on smoke shapes, pyctcdecode's case included.
 test: build $(VENV)/.bench-deps-installed
 	$(PY) -m pytest -q -n 2 tests
 
