@@ -26,7 +26,8 @@ $(VENV)/.ext-built: $(VENV)/.deps-installed $(EXT_SOURCES)
 
 build: $(VENV)/.ext-built
 
-test: build
+# tests/test_benchmarks.py runs the benchmark suite on smoke shapes, pyctcdecode's case included.
+test: build $(VENV)/.bench-deps-installed
 	$(PY) -m pytest -q -n 2 tests
 
 # The GPU machine's stack pins triton 3.6.0: the interpreter tests and the kernel report run under it too,
@@ -46,7 +47,14 @@ test-triton36: build $(VENV36)/.deps-installed
 	$(VENV36)/bin/python -c "import triton; assert triton.__version__ == '3.6.0', triton.__version__"
 	$(VENV36)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(TRITON36_TESTS)
 
-bench: build
+# The CTC beam search benchmark's baseline: pyctcdecode pins numpy<2 but runs on numpy 2, hence --no-deps;
+# kenlm (its LM) builds from source and may fail: then the benchmark times pyctcdecode without an LM and says so.
+$(VENV)/.bench-deps-installed: $(VENV)/.deps-installed
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps pyctcdecode==0.5.0 pygtrie
+	-timeout 300 $(PY) -m pip install -q --disable-pip-version-check kenlm
+	@touch $@
+
+bench: build $(VENV)/.bench-deps-installed
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 report: venv

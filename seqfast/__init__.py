@@ -12,6 +12,8 @@ from seqfast._backend import BACKENDS, backend
 from seqfast._version import __version__ as __version__
 from seqfast.ctc_spans import TokenSpan, ctc_token_spans
 from seqfast.functional import (
+    Hypothesis,
+    ctc_beam_search,
     ctc_forced_align,
     ctc_greedy_decode,
     ctc_loss,
@@ -19,6 +21,7 @@ from seqfast.functional import (
     scaled_dot_product_attention,
     varlen_attention,
 )
+from seqfast.ngram_lm import CharNGramLM
 from seqfast.patching import FunctionalReport, PatchReport, patch, patch_functional, unpatch
 from seqfast.validation import ArgumentError
 
@@ -27,13 +30,16 @@ EXTENSION_AVAILABLE = _extension.AVAILABLE
 __all__ = [
     "ArgumentError",
     "BACKENDS",
+    "CharNGramLM",
     "EXTENSION_AVAILABLE",
     "backend",
     "ctc_forced_align",
     "ctc_greedy_decode",
+    "ctc_beam_search",
     "ctc_loss",
     "ctc_loss_from_logits",
     "FunctionalReport",
+    "Hypothesis",
     "PatchReport",
     "nn",
     "patch",

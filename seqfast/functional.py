@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import torch
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from seqfast import _backend, _extension
+from seqfast.ngram_lm import CharNGramLM
 from seqfast.ops import attention as attention_ops
+from seqfast.ops import ctc_beam_search as beam_ops
 from seqfast.ops import ctc_decode as decode_ops
 from seqfast.ops import ctc_loss as ctc_ops
 from seqfast.validation import (
@@ -14,6 +19,7 @@ from seqfast.validation import (
     IntLengths,
     ctc_align_arguments,
     ctc_arguments,
+    ctc_beam_search_arguments,
     ctc_greedy_arguments,
     reduction_argument,
     sdpa_arguments,
@@ -284,3 +290,117 @@ def varlen_attention(
         a.max_seqlen_q, a.max_seqlen_k, mode, a.scale,
     )
     return out
+
+
+class Hypothesis(NamedTuple):
+    """One of :func:`ctc_beam_search`'s n-best labellings."""
+
+    tokens: list[int]
+    score: float  # the search's rank: acoustic_score + LM, insertion and hot-word terms (= acoustic_score without)
+    frames: list[int] | None  # per token, the frame at which its prefix entered the beam (return_frames)
+    acoustic_score: float  # log P_ctc(tokens | log_probs): the sum over the labelling's alignments
+
+
+def ctc_beam_search(
+    log_probs: torch.Tensor,
+    input_lengths: IntLengths | None = None,
+    beam_size: int = 16,
+    blank: int = 0,
+    *,
+    top_k_tokens: int | None = None,
+    token_min_logp: float | None = None,
+    beam_prune_logp: float | None = None,
+    return_frames: bool = False,
+    lm: CharNGramLM | Callable[[tuple[int, ...], int | None], float] | None = None,
+    lm_weight: float = 0.5,
+    insertion_bonus: float = 0.0,
+    hotwords: Sequence[Sequence[int]] | None = None,
+    hotword_bonus: float = 2.0,
+    lexicon: Sequence[Sequence[int]] | None = None,
+    word_delimiter: int | None = None,
+    blank_skip_logp: float | None = None,
+) -> list[list[Hypothesis]] | list[Hypothesis]:
+    """CTC prefix beam search: the n-best labellings of each sample, best first.
+
+    Args:
+        log_probs: (T, N, C) or unbatched (T, C) log-probabilities (as for ``ctc_loss``); float16, bfloat16
+            (read as float32), float32 or float64, any strides; no NaN or +inf. CUDA input is copied to the
+            CPU (one wait for the device): the search is sequential per sample and runs in C++ on the CPU,
+            parallel over the batch.
+        input_lengths: (N,) lengths in [0, T] as ``ctc_loss`` takes them (0-d / int unbatched); None: T.
+        beam_size: prefixes kept per frame (K), and the most hypotheses returned per sample.
+        blank: the blank label, in [0, C).
+        top_k_tokens, token_min_logp: candidate pruning, off by default: only a frame's ``top_k_tokens`` most
+            likely non-blank tokens, and only those with log-prob >= ``token_min_logp``, may extend a prefix
+            (blank and repeats of a prefix's last token always count).
+        beam_prune_logp: (<= 0) drop prefixes ranked this far below the frame's best; off by default.
+        blank_skip_logp: (<= 0) a frame whose blank log-prob is at least this extends no prefix (blank and
+            repeats only): fewer candidates on the many blank frames of a trained model; off by default.
+        return_frames: fill :attr:`Hypothesis.frames`.
+        lm: a :class:`seqfast.CharNGramLM` over the same C tokens, evaluated inside the search;
+            ``lm_weight`` (>= 0) scales its log-prob (end of sentence included) and ``insertion_bonus`` is
+            added per token. With ``lm_weight=0`` the result does not depend on ``lm``. Or any Python
+            ``scorer(prefix, token) -> log-prob`` (``token=None``: end of sentence; it sees the whole prefix, so
+            a word-level LM can score a word when its delimiter comes): a slow path, the same search in
+            Python (seqfast.reference.ctc_beam_search), one scorer call per distinct (prefix, token).
+        hotwords: token sequences (not blank) that earn ``hotword_bonus`` (>= 0) per token while a prefix is
+            inside one; a partial match that breaks off loses its bonus, a completed one keeps it.
+        lexicon, word_delimiter: a constraint: hypotheses spell only the lexicon's words (token sequences),
+            separated by the ``word_delimiter`` token (repeated or leading delimiters allowed); a hypothesis
+            ends between words or at a word's end.
+
+    Returns:
+        Per sample (batched) a list of up to ``beam_size`` :class:`Hypothesis`, best score first (ties: the
+        smaller token sequence); unbatched, the list of the one sample. Without ``lm`` and ``hotwords``,
+        ``score`` is log P(tokens): the sum over the labelling's alignments, as ``-ctc_loss`` computes it;
+        with ``beam_size`` at least the number of prefixes (and no pruning) the n-best are exact. A zero-length
+        sample has one hypothesis, the empty labelling. Results do not depend on the thread count.
+    """
+    a = ctc_beam_search_arguments(log_probs, input_lengths, beam_size, blank, top_k_tokens, token_min_logp,
+                                  beam_prune_logp, lm, lm_weight, insertion_bonus, hotwords, hotword_bonus, lexicon,
+                                  word_delimiter, blank_skip_logp)
+    if lm is not None and not isinstance(lm, CharNGramLM):
+        return _beam_search_with_scorer(a, beam_size, blank, return_frames, lm, lm_weight, insertion_bonus,
+                                        hotword_bonus)
+    tokens, lengths, scores, acoustic, frames = _backend.dispatch(
+        None, beam_ops.SEARCH, a.log_probs, a.input_lengths, blank, beam_size, a.top_k_tokens, a.token_min_logp,
+        a.beam_prune_logp, bool(return_frames), a.lm_tables, float(lm_weight), float(insertion_bonus),
+        a.hotword_tables, float(hotword_bonus), a.lexicon_tables, a.word_delimiter, a.blank_skip_logp,
+    )
+    # Cut through numpy views (no copy): a slice and tolist per hypothesis cost far less than tensor indexing.
+    tokens_np = tokens.numpy()
+    frames_np = frames.numpy() if return_frames else None
+    lengths_l, scores_l, acoustic_l = lengths.tolist(), scores.tolist(), acoustic.tolist()
+    out = []
+    for n, row in enumerate(lengths_l):
+        hyps = []
+        for k, length in enumerate(row):
+            if length < 0:
+                break
+            hyps.append(Hypothesis(tokens_np[n, k, :length].tolist(), scores_l[n][k],
+                                   frames_np[n, k, :length].tolist() if return_frames else None, acoustic_l[n][k]))
+        out.append(hyps)
+    return out if a.batched else out[0]
+
+
+def _beam_search_with_scorer(a, beam_size, blank, return_frames, scorer, lm_weight, insertion_bonus, hotword_bonus):
+    """:func:`ctc_beam_search` with a Python LM scorer: the reference search, sample by sample."""
+    from seqfast.reference.ctc_beam_search import beam_search
+
+    cache: dict[tuple[tuple[int, ...], int | None], float] = {}  # shared by the samples of this call
+
+    def cached(prefix, token):
+        key = (prefix, token)
+        if key not in cache:
+            cache[key] = float(scorer(prefix, token))
+        return cache[key]
+
+    out = []
+    for n, length in enumerate(a.input_lengths.tolist()):
+        hyps = beam_search(a.log_probs[:length, n], beam_size, blank, a.top_k_tokens, a.token_min_logp,
+                           a.beam_prune_logp, (), float(lm_weight), float(insertion_bonus), a.hotword_tables,
+                           float(hotword_bonus), a.lexicon_tables, a.word_delimiter, cached,
+                           a.blank_skip_logp)
+        out.append([Hypothesis(list(seq), score, list(frames) if return_frames else None, acoustic)
+                    for seq, score, acoustic, frames in hyps])
+    return out if a.batched else out[0]

@@ -523,3 +523,166 @@ def varlen_arguments(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> VarlenArgument
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     return VarlenArguments(q, k, v, cus[0], cus[1], int(max_q), int(max_k), scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CTC beam search
+
+
+class BeamSearchArguments(NamedTuple):
+    log_probs: torch.Tensor  # (T, N, C) float32/float64 on the CPU
+    input_lengths: torch.Tensor  # (N,) int64 on the CPU, in [0, T]
+    batched: bool
+    top_k_tokens: int  # 0: off
+    token_min_logp: float  # -inf: off
+    beam_prune_logp: float  # -inf: off
+    lm_tables: list[torch.Tensor]
+    hotword_tables: list[torch.Tensor]
+    lexicon_tables: list[torch.Tensor]
+    word_delimiter: int  # -1 without a lexicon
+    blank_skip_logp: float  # +inf: off
+
+
+def _int_at_least(name: str, value: object, least: int) -> int:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ArgumentError(f"{name} must be an int >= {least}, got {value!r}")
+    v = _index(name, value)
+    if v < least:
+        raise ArgumentError(f"{name} must be an int >= {least}, got {v}")
+    return v
+
+
+def _real(name: str, value: object, finite: bool = True, at_least: float | None = None,
+          at_most: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or (finite and math.isinf(v)):
+        raise ArgumentError(f"{name} must be a {'finite ' if finite else ''}number, got {v}")
+    if at_least is not None and v < at_least:
+        raise ArgumentError(f"{name} must be >= {at_least}, got {v}")
+    if at_most is not None and v > at_most:
+        raise ArgumentError(f"{name} must be <= {at_most}, got {v}")
+    return v
+
+
+def _token_sequences(name: str, value: object, C: int, blank: int) -> list[list[int]]:
+    """A list of non-empty token sequences (hot-words, lexicon words): tokens in [0, C), not blank."""
+    if value is None:
+        return []
+    if isinstance(value, (str, torch.Tensor)) or not isinstance(value, Sequence):
+        raise ArgumentError(f"{name} must be a list of token sequences, got {type(value).__name__}")
+    words = []
+    for i, word in enumerate(value):
+        if isinstance(word, torch.Tensor):
+            word = word.tolist()
+        if isinstance(word, str) or not isinstance(word, Sequence) or len(word) == 0:
+            raise ArgumentError(f"{name}[{i}] must be a non-empty sequence of tokens, got {word!r}")
+        tokens = [_index(f"{name}[{i}]", c) for c in word]
+        bad = [c for c in tokens if not 0 <= c < C or c == blank]
+        if bad:
+            raise ArgumentError(f"{name}[{i}] must hold tokens in [0, {C}) other than blank={blank}, got {bad[0]}")
+        words.append(tokens)
+    return words
+
+
+def _to_host(log_probs: torch.Tensor, lengths: object) -> tuple[torch.Tensor, object]:
+    """log_probs (and device-held lengths) on the CPU, with one wait for the device: the beam search runs on
+    the CPU (it is sequential per sample)."""
+    if log_probs.device.type == "cpu" and not (isinstance(lengths, torch.Tensor) and lengths.device.type != "cpu"):
+        return log_probs, lengths
+    lp = log_probs.to("cpu", non_blocking=True)
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.to("cpu", non_blocking=True)
+    if torch.accelerator.is_available():
+        torch.accelerator.synchronize()
+    return lp, lengths
+
+
+def ctc_beam_search_arguments(
+    log_probs: torch.Tensor,
+    input_lengths: IntLengths | None,
+    beam_size: int,
+    blank: int,
+    top_k_tokens: int | None,
+    token_min_logp: float | None,
+    beam_prune_logp: float | None,
+    lm: object,
+    lm_weight: float,
+    insertion_bonus: float,
+    hotwords: Sequence[Sequence[int]] | None,
+    hotword_bonus: float,
+    lexicon: Sequence[Sequence[int]] | None = None,
+    word_delimiter: int | None = None,
+    blank_skip_logp: float | None = None,
+) -> BeamSearchArguments:
+    """Validate :func:`seqfast.ctc_beam_search`'s arguments and bring them to the op's form (on the CPU;
+    float16/bfloat16 read as float32). ``log_probs`` may not hold NaN or +inf (there is no torch result to
+    follow, and no ranking of NaN scores): refused, as are lengths outside [0, T]."""
+    _floating("log_probs", log_probs)
+    if log_probs.dim() not in (2, 3):
+        raise ArgumentError(f"log_probs must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")
+    batched = log_probs.dim() == 3
+    C = log_probs.shape[-1]
+    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
+        raise ArgumentError(f"blank must be an int in [0, {C}) (C = number of classes), got {blank!r}")
+    beam_size = _int_at_least("beam_size", beam_size, 1)
+    top_k = 0 if top_k_tokens is None else _int_at_least("top_k_tokens", top_k_tokens, 1)
+    min_logp = -math.inf if token_min_logp is None else _real("token_min_logp", token_min_logp)
+    prune = -math.inf if beam_prune_logp is None else _real("beam_prune_logp", beam_prune_logp, at_most=0.0)
+    lm_weight = _real("lm_weight", lm_weight, at_least=0.0)
+    insertion_bonus = _real("insertion_bonus", insertion_bonus)
+    hotword_bonus = _real("hotword_bonus", hotword_bonus, at_least=0.0)
+    blank_skip = math.inf if blank_skip_logp is None else _real("blank_skip_logp", blank_skip_logp, at_most=0.0)
+    lm_tables: list[torch.Tensor] = []
+    if lm is not None:
+        from seqfast.ngram_lm import CharNGramLM
+
+        if isinstance(lm, CharNGramLM):
+            if lm.num_classes != C:
+                raise ArgumentError(f"lm has {lm.num_classes} classes but log_probs has C = {C}")
+            lm_tables = lm.tables()
+        elif not callable(lm):
+            raise ArgumentError(f"lm must be a seqfast.CharNGramLM, a scorer(prefix, token) -> log-prob or None, got "
+                                f"{type(lm).__name__}")
+    from seqfast.ngram_lm import hotword_tables as trie_tables
+
+    words = _token_sequences("hotwords", hotwords, C, blank)
+    hotword_tables = trie_tables(words, C, blank) if words else []
+    lexicon_words = _token_sequences("lexicon", lexicon, C, blank)
+    lexicon_tables: list[torch.Tensor] = []
+    delimiter = -1
+    if lexicon is not None:
+        if not lexicon_words:
+            raise ArgumentError("lexicon must hold at least one word (or be None)")
+        if isinstance(word_delimiter, bool) or not isinstance(word_delimiter, int) or not 0 <= word_delimiter < C \
+                or word_delimiter == blank:
+            raise ArgumentError(f"word_delimiter must be a token in [0, {C}) other than blank={blank} when a lexicon "
+                                f"is given, got {word_delimiter!r}")
+        for i, word in enumerate(lexicon_words):
+            if word_delimiter in word:
+                raise ArgumentError(f"lexicon[{i}] holds the word delimiter {word_delimiter}")
+        lexicon_tables, delimiter = trie_tables(lexicon_words, C, blank), word_delimiter
+    elif word_delimiter is not None:
+        raise ArgumentError("word_delimiter is only used with a lexicon; got a word_delimiter without one")
+
+    lp, lengths = _to_host(log_probs, input_lengths)
+    lp = lp if batched else lp.unsqueeze(1)
+    T, N, _ = lp.shape
+    if lengths is None:
+        il = torch.full((N,), T, dtype=torch.int64)
+    else:
+        il = _lengths("input_lengths", lengths, batched, N)
+        if il.numel():
+            lo, hi = int(il.min()), int(il.max())
+            if lo < 0:
+                raise ArgumentError(f"input_lengths must be >= 0, got {lo} at index {int(il.argmin())}")
+            if hi > T:
+                raise ArgumentError(f"input_lengths must be <= T = {T}, got {hi} at index {int(il.argmax())}")
+    if lp.dtype in (torch.float16, torch.bfloat16):
+        lp = lp.float()
+    # One reduction: the max is NaN where any entry is, +inf where one is and none is NaN.
+    if lp.numel() and not float(lp.max()) < math.inf:
+        raise ArgumentError("log_probs must not hold NaN or +inf (the beam search cannot rank them)")
+    return BeamSearchArguments(lp, il.contiguous(), batched, top_k, min_logp, prune, lm_tables, hotword_tables,
+                               lexicon_tables, delimiter, blank_skip)

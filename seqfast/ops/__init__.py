@@ -6,6 +6,6 @@ by the C++ extension (``csrc/``), the CUDA kernels launch the Triton kernels
 ``reference`` backend.
 """
 
-from seqfast.ops import attention, ctc_decode, ctc_loss
+from seqfast.ops import attention, ctc_beam_search, ctc_decode, ctc_loss
 
-__all__ = ["attention", "ctc_decode", "ctc_loss"]
+__all__ = ["attention", "ctc_beam_search", "ctc_decode", "ctc_loss"]

@@ -3,6 +3,6 @@
 They are the yardstick of the tests and the ``reference`` backend.
 """
 
-from seqfast.reference import attention, ctc_decode, ctc_loss
+from seqfast.reference import attention, ctc_beam_search, ctc_decode, ctc_loss
 
-__all__ = ["attention", "ctc_decode", "ctc_loss"]
+__all__ = ["attention", "ctc_beam_search", "ctc_decode", "ctc_loss"]
