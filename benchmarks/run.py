@@ -86,6 +86,8 @@ def _bytes(n: int | None) -> str:
 def _cpu_machine_line() -> str | None:
     """CPU model, ISA in use and the FMA-loop peak measured now (``_harness.cpu_record``), so every CPU ratio
     of the run can be read against the machine's limit; None when the extension does not load."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the checkout's seqfast, as the benchmarks themselves get it
     try:
         from _harness import cpu_record
 
