@@ -370,8 +370,14 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     std::fill(m, m + nq, -std::numeric_limits<T>::infinity());
     std::fill(l, l + nq, T(0));
     const T* Qt = Qv.row(b, h, q0);
-    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-      const int64_t nk = std::min(BK, kend - j0), nkp = round_up(nk, kNR);
+    for (int64_t j0 = 0, nk = 0; j0 < kend; j0 += nk) {
+      nk = std::min(BK, kend - j0);
+      // Causal: keys every row of the tile sees go through the full-tile path as a chunk of their own (kNR
+      // aligned); only the rest, at most about nq keys, takes the 6-row diagonal path below, whose products
+      // re-read the key panels and V rows for every 6 rows.
+      const int64_t seen_by_all = pb.visible(b, q0, j0, nk) / kNR * kNR;
+      if (seen_by_all > 0 && seen_by_all < nk) nk = seen_by_all;
+      const int64_t nkp = round_up(nk, kNR);
       const T* Kpan = buf.kt.get() + (j0 / kNR) * Dp * kNR;
       const T* Vt = Vv.row(b, hk, j0);
       // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.
