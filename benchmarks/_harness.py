@@ -131,6 +131,32 @@ def describe(device: str) -> str:
     return f"{device} ({where}), torch {torch.__version__}"
 
 
+def _cpuinfo_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def cpu_record() -> str:
+    """One line that lets a CPU figure be read against its limit: the CPU model and family, the ISA the
+    kernels use, the fp32 FMA-loop peak of that ISA measured now (``seqfast._C.fma_peak``: all threads on
+    the wall clock, and one core on its own CPU time), torch's thread count and the load average."""
+    from seqfast import _C
+
+    peak = _C.fma_peak("", 0, 10_000_000, 5)
+    load = os.getloadavg()
+    return (f"cpu: {_cpuinfo_field('model name')} (family {_cpuinfo_field('cpu family')} model "
+            f"{_cpuinfo_field('model')}), isa {_C.cpu_isa()} (cpu has {_C.cpu_isa_supported()}), "
+            f"{torch.get_num_threads()} threads; FMA loop ({peak['isa']}, {peak['lanes']} lanes): "
+            f"{peak['gflops']:.0f} GFLOP/s on {peak['threads']} threads wall, {peak['gflops_per_core']:.0f} "
+            f"per core on CPU time; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -1,12 +1,18 @@
 """Timing of seqfast's CPU CTC loss against torch.nn.functional.ctc_loss, in one process.
 
     .venv/bin/python benchmarks/ctc_cpu_timing.py [--repeat 5] [--shapes T,N,C,S ...] [--memory]
+        [--threads N] [--cpu-time] [--isa avx2] [--torch-isa avx2] [--dtype fp32|bf16|fp16]
 
-float32, reduction="mean", log_probs = log_softmax(randn) as a leaf, random targets, input_lengths = T,
-target_lengths = S. Prints the median seconds of forward and of forward+backward for both, and their
-ratios; "nog" is the forward under torch.no_grad() (inference). --memory runs each measurement in a fresh
-subprocess and reports the peak resident set growth
-(Linux: VmHWM after resetting it through /proc/self/clear_refs).
+float32 (--dtype bf16 / fp16: the same values rounded; torch then gets them as float32, converted inside the
+timed call, since its CPU kernel takes no half types), reduction="mean", log_probs = log_softmax(randn) as a
+leaf, random targets, input_lengths = T, target_lengths = S. Prints the median seconds of forward and of
+forward+backward for both, and their ratios; "nog" is the forward under torch.no_grad() (inference). Each
+round runs torch and seqfast back to back, alternating which goes first, so both see the same machine. The
+first line records the machine (CPU model, ISA in use, the FMA-loop peak measured now, load average).
+--memory runs each measurement in a fresh subprocess and reports the peak resident set growth (Linux: VmHWM
+after resetting it through /proc/self/clear_refs). --cpu-time times process CPU time instead of wall time
+(steadier on a shared machine, best with --threads 1); --isa caps seqfast's ISA, --torch-isa torch's
+(benchmarks/_cpu_isa.py).
 """
 
 from __future__ import annotations
@@ -16,18 +22,26 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpu_isa import cap_torch_isa  # noqa: E402  (before torch is imported)
 
-import seqfast
+cap_torch_isa()
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import seqfast  # noqa: E402
 
 SHAPES = [(500, 16, 32, 100), (1000, 32, 1000, 200), (200, 64, 5000, 50), (4000, 8, 64, 1200)]
 
 
+DTYPE = torch.float32  # --dtype
+
+
 def inputs(T: int, N: int, C: int, S: int):
     g = torch.Generator().manual_seed(0)
-    lp = torch.randn(T, N, C, generator=g).log_softmax(2).requires_grad_()
+    lp = torch.randn(T, N, C, generator=g).log_softmax(2).to(DTYPE).requires_grad_()
     tg = torch.randint(1, C, (N, S), generator=g)
     return lp, tg, torch.full((N,), T), torch.full((N,), S)
 
@@ -43,16 +57,27 @@ def run(fn, lp, tg, il, tl, backward: bool, no_grad: bool = False):
         lp.grad = None
 
 
-def median_time(fn, args, backward: bool, repeat: int, no_grad: bool = False) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        run(fn, *args, backward, no_grad)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+CLOCK = time.perf_counter
 
 
-IMPLS = {"torch": F.ctc_loss, "seqfast": seqfast.ctc_loss}
+def alternating_medians(impls, args, backward: bool, repeat: int, no_grad: bool = False) -> list[float]:
+    """Median seconds of each implementation; every round runs each once, in rotating order."""
+    times = [[] for _ in impls]
+    for r in range(repeat):
+        for k in range(len(impls)):
+            i = (r + k) % len(impls)
+            t0 = CLOCK()
+            run(impls[i], *args, backward, no_grad)
+            times[i].append(CLOCK() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def torch_ctc(lp, tg, il, tl):
+    # torch's CPU kernel takes float32 / float64 only: a bf16 / fp16 caller converts first (timed with it).
+    return F.ctc_loss(lp if lp.dtype in (torch.float32, torch.float64) else lp.float(), tg, il, tl)
+
+
+IMPLS = {"torch": torch_ctc, "seqfast": seqfast.ctc_loss}
 
 
 def _status_kib(field: str) -> int:
@@ -70,9 +95,9 @@ def peak_child(impl: str, shape: str, backward: bool) -> None:
     print((_status_kib("VmHWM") - base) / 1024)  # MiB
 
 
-def peak(impl: str, shape, backward: bool) -> float:
-    cmd = [sys.executable, __file__, "--peak-child", impl, ",".join(map(str, shape))] + (["--backward"] if backward
-                                                                                          else [])
+def peak(impl: str, shape, backward: bool, extra: list[str]) -> float:
+    cmd = [sys.executable, __file__, "--peak-child", impl, ",".join(map(str, shape)), *extra] + (
+        ["--backward"] if backward else [])
     return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
@@ -83,32 +108,55 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--peak-child", nargs=2)
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave)")
+    ap.add_argument("--cpu-time", action="store_true")
+    ap.add_argument("--isa", default=None, help="cap seqfast's ISA (seqfast._C.set_cpu_isa)")
+    ap.add_argument("--torch-isa", default=None, help="cap torch's ISA (read before torch is imported)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     a = ap.parse_args()
+    global DTYPE
+    DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    from seqfast import _C
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.isa:
+        _C.set_cpu_isa(a.isa)
     if a.peak_child:
         peak_child(*a.peak_child, a.backward)
         return
+    global CLOCK
+    if a.cpu_time:
+        CLOCK = time.process_time
     shapes = [tuple(map(int, s.split(","))) for s in a.shapes] if a.shapes else SHAPES
-    from seqfast import _C
+    from _harness import cpu_record
 
-    print(f"threads={torch.get_num_threads()} isa={_C.cpu_isa()}")
+    print(cpu_record())
+    print(f"threads={torch.get_num_threads()} isa={_C.cpu_isa()} clock={'cpu-time' if a.cpu_time else 'wall'} "
+          f"dtype={a.dtype}")
     print(f"{'T,N,C,S':>22} {'torch fwd':>10} {'ours fwd':>10} {'x':>6} {'torch f+b':>10} {'ours f+b':>10} {'x':>6} "
           f"{'torch nog':>10} {'ours nog':>10} {'x':>6}")
     for shape in shapes:
         args = inputs(*shape)
         res = {}
+        names, fns = list(IMPLS), list(IMPLS.values())
         for bwd in (False, True):
-            for name, fn in IMPLS.items():
+            for fn in fns:
                 run(fn, *args, bwd)  # warm-up
-                res[name, bwd] = median_time(fn, args, bwd, a.repeat)
-        for name, fn in IMPLS.items():
+            for name, t in zip(names, alternating_medians(fns, args, bwd, a.repeat)):
+                res[name, bwd] = t
+        for fn in fns:
             run(fn, *args, False, True)
-            res[name, "no_grad"] = median_time(fn, args, False, a.repeat, no_grad=True)
+        for name, t in zip(names, alternating_medians(fns, args, False, a.repeat, no_grad=True)):
+            res[name, "no_grad"] = t
         tf, of, tb, ob = res["torch", False], res["seqfast", False], res["torch", True], res["seqfast", True]
         tn, on = res["torch", "no_grad"], res["seqfast", "no_grad"]
         print(f"{str(shape):>22} {tf:10.4f} {of:10.4f} {tf / of:6.1f} {tb:10.4f} {ob:10.4f} {tb / ob:6.1f} "
               f"{tn:10.4f} {on:10.4f} {tn / on:6.1f}", flush=True)
         if a.memory:
-            m = {(n, b): peak(n, shape, b) for n in IMPLS for b in (False, True)}
+            extra = [*(["--threads", str(a.threads)] if a.threads else []), *(["--isa", a.isa] if a.isa else []),
+                     *(["--torch-isa", a.torch_isa] if a.torch_isa else []), "--dtype", a.dtype]
+            m = {(n, b): peak(n, shape, b, extra) for n in IMPLS for b in (False, True)}
             print(f"{'peak RSS growth MiB':>22} {m['torch', False]:10.0f} {m['seqfast', False]:10.0f} {'':>6} "
                   f"{m['torch', True]:10.0f} {m['seqfast', True]:10.0f}", flush=True)
 

@@ -8,7 +8,8 @@ pytest-benchmark with one progress line per case, then writes under ``benchmarks
 - ``<device>-<size>-<time>-<op>.png``: speedup against work, one plot per op;
 
 and prints a table: op, shape, direction, torch and seqfast median ms, speedup, GFLOP/s (TFLOP/s on CUDA;
-for CTC the rate counts alpha/beta state updates, not FLOPs) and peak memory of each.
+for CTC the rate counts alpha/beta state updates, not FLOPs) and peak memory of each. On CPU it also prints
+the machine (CPU model and family, ISA in use, the FMA-loop peak measured in the same run, load average).
 
 Options: ``--smoke`` (tiny shapes: checks the pipeline), ``--quick`` (smallest real shapes), ``--full``
 (also attention L=4096 forward+backward on CPU), ``--filter EXPR`` (pytest ``-k``), ``--device``,
@@ -82,6 +83,19 @@ def _bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def _cpu_machine_line() -> str | None:
+    """CPU model, ISA in use and the FMA-loop peak measured now (``_harness.cpu_record``), so every CPU ratio
+    of the run can be read against the machine's limit; None when the extension does not load."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the checkout's seqfast, as the benchmarks themselves get it
+    try:
+        from _harness import cpu_record
+
+        return cpu_record()
+    except (ImportError, RuntimeError) as e:
+        return f"cpu: (no record: {e})"
+
+
 def format_table(rows: list[Row], device: str) -> str:
     """The summary table as text; rates in GFLOP/s on CPU, TFLOP/s on CUDA."""
     scale, unit = (1e3, "TFLOP/s") if device == "cuda" else (1.0, "GFLOP/s")
@@ -126,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.filter:
         cmd += ["-k", args.filter]
     print(f"seqfast bench: device={device} backend={args.backend} size={args.size}", flush=True)
+    machine = _cpu_machine_line() if device == "cpu" else None
+    if machine:
+        print(machine, flush=True)
     print("$ " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=ROOT, env=_environment(device, args.backend))
 
@@ -140,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     where = rows[0].where if rows else device
     print(f"seqfast {args.backend} backend vs torch on {where}, {args.size} shapes; median of each case")
     print(format_table(rows, device))
+    if machine:
+        print(machine)
     print(f"\nresults: {json_path}")
     for p in pngs:
         print(f"plot:    {p}")

@@ -35,7 +35,11 @@ namespace seqfast::attn {
 namespace {
 
 constexpr int64_t kBlockQ = 96;  // query rows per tile (a multiple of kMR)
-constexpr int64_t kBlockK = 128;  // keys per tile (a multiple of kNR)
+constexpr int64_t kBlockK = 128;  // keys per backward tile (a multiple of kNR)
+// Keys per forward tile: each query row pays a fixed cost per key tile (the max and sum reductions, the
+// rescale of its output row, the output tile's loads and stores in P V), which 512 keys spread 4x thinner
+// than 128; the score tile (96 x 512 fp32, 192 KiB) lives in L2 either way (benchmarks/NOTES.md).
+constexpr int64_t kBlockKForward = 512;
 constexpr int64_t kBackwardTasks = 16;  // key splits target this many backward tasks (fixed: determinism)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
@@ -198,7 +202,7 @@ struct Problem {
   T scale = 0, f = 0;  // f = scale * log2(e): base-2 scores
   Mask<T> mask;
   Dropout dropout{0.0, 0};
-  int64_t block_q = kBlockQ, block_k = kBlockK;
+  int64_t block_q = kBlockQ, block_k = kBlockK, block_k_fwd = kBlockKForward;
 
   int64_t shift(int64_t b) const { return causal == 2 ? seq.k_len[b] - seq.q_len[b] : 0; }
   // Keys of [j0, j0 + nk) visible to query row i: always a prefix, of this length.
@@ -309,7 +313,7 @@ template <typename S, typename T>
 void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& k, const View<const S>& v,
              const View<S>& out, const View<T>& lse) {
   const Seqs& sq = pb.seq;
-  const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp;
+  const int64_t BQ = pb.block_q, BK = pb.block_k_fwd, Dp = pb.Dp, Dvp = pb.Dvp;
   at::Tensor qp_buf, vp_buf;
   const View<const T> Qv = row_operand<S, T>(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, qp_buf);
   const View<const T> Vv = row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
@@ -366,8 +370,14 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     std::fill(m, m + nq, -std::numeric_limits<T>::infinity());
     std::fill(l, l + nq, T(0));
     const T* Qt = Qv.row(b, h, q0);
-    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-      const int64_t nk = std::min(BK, kend - j0), nkp = round_up(nk, kNR);
+    for (int64_t j0 = 0, nk = 0; j0 < kend; j0 += nk) {
+      nk = std::min(BK, kend - j0);
+      // Causal: keys every row of the tile sees go through the full-tile path as a chunk of their own (kNR
+      // aligned); only the rest, at most about nq keys, takes the 6-row diagonal path below, whose products
+      // re-read the key panels and V rows for every 6 rows.
+      const int64_t seen_by_all = pb.visible(b, q0, j0, nk) / kNR * kNR;
+      if (seen_by_all > 0 && seen_by_all < nk) nk = seen_by_all;
+      const int64_t nkp = round_up(nk, kNR);
       const T* Kpan = buf.kt.get() + (j0 / kNR) * Dp * kNR;
       const T* Vt = Vv.row(b, hk, j0);
       // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.

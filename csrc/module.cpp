@@ -8,6 +8,7 @@
 namespace seqfast {
 pybind11::dict build_info();                  // csrc/build_info.cpp
 void bind_autograd(pybind11::module& m);  // csrc/autograd.cpp
+pybind11::dict fma_peak(const std::string& isa, int64_t threads, int64_t steps, int64_t repeats);  // csrc/fma_peak.cpp
 }  // namespace seqfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,6 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Caps the vector ISA of the CPU kernels (avx512, avx2, baseline); returns the previous cap.");
   m.def("cpu_isa_supported", [] { return std::string(seqfast::isa_name(seqfast::cpu_isa_level())); },
         "The widest vector ISA this CPU has (avx512, avx2, baseline), whatever the cap.");
+  m.def("fma_peak", &seqfast::fma_peak, pybind11::arg("isa") = "", pybind11::arg("threads") = 0,
+        pybind11::arg("steps") = 20000000, pybind11::arg("repeats") = 5,
+        "Measured fp32 FMA GFLOP/s of 12 independent chains per thread (isa: avx512, avx2, baseline; \"\" = active).");
   m.def("build_info", &seqfast::build_info, "How this library was built: versions, compiler, flags, release or debug.");
   m.def("buffer_cache_stats", [] {
     const seqfast::BufferCacheStats s = seqfast::BufferCache::get().stats();

@@ -374,7 +374,8 @@ def test_validation_errors(case, match):
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_narrower_cpu_paths_against_reference(isa):
     """The AVX2 and portable fp32 kernels, forced with SEQFAST_CPU_ISA in a fresh process (the ISA is
-    chosen once per process), against the float64 reference: odd sizes, causal, a bool mask, GQA."""
+    chosen once per process), against the float64 reference: odd sizes, causal, a bool mask, GQA, and more
+    keys than one forward key tile (512), so the online softmax rescales across tiles on each path."""
     code = textwrap.dedent("""
         import sys, torch, seqfast
         from seqfast import _C
@@ -384,7 +385,9 @@ def test_narrower_cpu_paths_against_reference(isa):
         worst = 0.0
         for B, Hq, Hk, Lq, Lk, D, Dv, causal, masked in [(2, 3, 3, 17, 17, 59, 59, True, False),
                                                          (1, 2, 1, 129, 97, 80, 48, False, True),
-                                                         (1, 2, 2, 200, 200, 64, 64, True, False)]:
+                                                         (1, 2, 2, 200, 200, 64, 64, True, False),
+                                                         (1, 1, 1, 40, 700, 32, 32, False, False),
+                                                         (1, 1, 1, 600, 600, 16, 16, True, False)]:
             q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, Dv)
             mask = torch.rand(Lq, Lk) > 0.3 if masked else None
             ins = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -36,6 +36,7 @@ def test_run_succeeds(smoke_run):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
     assert "on cpu (" in proc.stdout and "threads), torch " in proc.stdout  # where the numbers come from
+    assert "cpu: " in proc.stdout and "FMA loop (" in proc.stdout  # the machine and its measured peak
 
 
 def test_json_has_paired_cases(smoke_run):
