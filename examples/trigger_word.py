@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> dict:
     model_cfg, train_cfg, timing_rounds = _presets(size)
     if args.steps:
         train_cfg = replace(train_cfg, steps=args.steps)
+    if args.d_model:
+        model_cfg = replace(model_cfg, d_model=args.d_model, ffn=2 * args.d_model)
     gen = seed_everything(args.seed)
 
     t0 = time.perf_counter()
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, default_out="runs/trigger_word")
     parser.add_argument("--steps", type=int, default=None, help="override the size's number of training steps")
+    parser.add_argument("--d-model", type=int, default=None,
+                        help="override the size's model width (feed-forward width twice it)")
     parser.add_argument("--workers", type=int, default=None, help="synthesis processes (default: the CPUs)")
     parser.add_argument("--max-false-alarms", type=float, default=1.0,
                         help="false alarms per hour allowed on the validation clips when choosing the threshold")
