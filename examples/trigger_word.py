@@ -170,7 +170,7 @@ def _presets(size: str) -> tuple[DetectorConfig, TrainConfig, int]:
     model = DetectorConfig(d_model=64, heads=4, layers=3, ffn=128, conv_strides=(2, 2, 2), dropout=0.0)
     if size == "quick":
         return model, TrainConfig(steps=1000, batch=16, crop_frames=600, eval_every=100), 5
-    return model, TrainConfig(steps=2400, batch=16, crop_frames=600, eval_every=200), 10
+    return model, TrainConfig(steps=4000, batch=16, crop_frames=600, eval_every=200), 10
 
 
 def _clip_to_plot(ends: list[list[int]]) -> int:
