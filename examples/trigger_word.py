@@ -58,16 +58,18 @@ def run(args: argparse.Namespace) -> dict:
     model_cfg, train_cfg, timing_rounds = _presets(size)
     if args.steps:
         train_cfg = replace(train_cfg, steps=args.steps)
+    if args.d_model:
+        model_cfg = replace(model_cfg, d_model=args.d_model, ffn=2 * args.d_model)
     gen = seed_everything(args.seed)
 
     t0 = time.perf_counter()
     k = model_cfg.downsample
-    sets = detector_data.detector_sets(size, args.seed)
+    sets = detector_data.detector_sets(size, args.seed, args.train_data)
     window = sets.test.label_window // k
     data = {name: detector_data.load_sets(cfgs, k, window, args.workers) for name, cfgs in sets.items()}
     data_seconds = time.perf_counter() - t0
     print(f"data: {', '.join(f'{n} {len(d)} clips' for n, d in data.items())} ({data_seconds:.1f} s)")
-    rules = detection_metrics.DetectionRules(hop=sets.test.label_hop * k, window=window)
+    base_rules = detection_metrics.DetectionRules(hop=sets.test.label_hop * k, window=window)
 
     model = TriggerDetector(model_cfg)
     model.set_normalisation(data["train"].features)
@@ -75,22 +77,24 @@ def run(args: argparse.Namespace) -> dict:
     print(f"model: {sum(p.numel() for p in model.parameters())} parameters, backend {args.backend}, "
           f"{train_cfg.steps} steps of {train_cfg.batch} crops")
     t1 = time.perf_counter()
-    history = detector_training.train(model, data["train"], data["validation"], train_cfg, rules, gen,
+    history = detector_training.train(model, data["train"], data["validation"], train_cfg, base_rules, gen,
                                       desc=f"train ({args.backend})")
     train_seconds = time.perf_counter() - t1
 
-    # Operating point from the validation clips (training voices, unseen clips); figures on the held-out ones.
+    # Operating point (smoothing and threshold) from the validation clips and validation background (training
+    # voices, unseen clips); the figures from the held-out ones.
     probs = {name: detector_training.predict(model, data[name].features, train_cfg.batch)
-             for name in ("validation", "test", "background")}
+             for name in ("validation", "validation_background", "test", "background")}
 
     def as_set(name: str) -> tuple[torch.Tensor, list[list[int]], float]:
         return probs[name], data[name].trigger_ends, data[name].seconds
 
-    val_roc = detection_metrics.roc([as_set("validation")], rules)
-    chosen_val = detection_metrics.choose_threshold(val_roc, args.max_false_alarms)
+    rules, chosen_val, smoothing_choice = detection_metrics.choose_operating_point(
+        [as_set("validation"), as_set("validation_background")], base_rules, args.max_false_alarms)
     threshold = chosen_val.threshold
     held_out_roc = detection_metrics.roc([as_set("test"), as_set("background")], rules)
     held_out = next(p for p in held_out_roc if p.threshold == threshold)
+    fa_low, fa_high = detection_metrics.poisson_interval(held_out.false_alarms)
     test_only = detection_metrics.score(*as_set("test"), threshold, rules)
     background_only = detection_metrics.score(*as_set("background"), threshold, rules)
 
@@ -127,7 +131,12 @@ def run(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "detection_rate": held_out.detection_rate,
         "false_alarms_per_hour": held_out.false_alarms_per_hour,
+        "false_alarms_per_hour_ci95": [fa_low / held_out.hours, fa_high / held_out.hours],
+        "held_out_hours": held_out.hours,
         "threshold": threshold,
+        "smoothing": rules.smooth,
+        "smoothing_choice": smoothing_choice,
+        "train_data": args.train_data,
         "held_out": _score_dict(held_out),
         "held_out_trigger_clips": _score_dict(test_only),
         "held_out_background_clips": _score_dict(background_only),
@@ -161,7 +170,7 @@ def _presets(size: str) -> tuple[DetectorConfig, TrainConfig, int]:
     model = DetectorConfig(d_model=64, heads=4, layers=3, ffn=128, conv_strides=(2, 2, 2), dropout=0.0)
     if size == "quick":
         return model, TrainConfig(steps=1000, batch=16, crop_frames=600, eval_every=100), 5
-    return model, TrainConfig(steps=2400, batch=16, crop_frames=600, eval_every=200), 10
+    return model, TrainConfig(steps=4000, batch=16, crop_frames=600, eval_every=200), 10
 
 
 def _clip_to_plot(ends: list[list[int]]) -> int:
@@ -177,10 +186,13 @@ def _score_dict(s: detection_metrics.Score) -> dict:
 
 
 def _print_summary(m: dict, path: Path) -> None:
-    h = m["held_out"]
+    h, v = m["held_out"], m["validation_at_threshold"]
+    low, high = m["false_alarms_per_hour_ci95"]
+    print(f"validation ({v['hours']:.2f} h): detection {v['detection_rate']:.1%} ({v['detected']}/{v['triggers']}), "
+          f"{v['false_alarms']} false alarms at threshold {m['threshold']:.4g}, smoothing {m['smoothing']}")
     print(f"held-out ({m['sets']['test']} clips + {m['sets']['background']} background, {h['hours']:.3f} h): "
           f"detection {h['detection_rate']:.1%} ({h['detected']}/{h['triggers']}), "
-          f"{h['false_alarms_per_hour']:.2f} false alarms/h ({h['false_alarms']}) at threshold {m['threshold']:.4g}")
+          f"{h['false_alarms_per_hour']:.2f} false alarms/h ({h['false_alarms']}; 95 % interval {low:.2f}-{high:.2f})")
     print(f"streaming vs offline, max |diff|: {m['streaming_max_abs_diff']}")
     print(f"training: {m['train_seconds']:.0f} s, loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}, "
           f"median step {m['train_step_s']:.3f} s ({m['backend']})")
@@ -195,9 +207,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, default_out="runs/trigger_word")
     parser.add_argument("--steps", type=int, default=None, help="override the size's number of training steps")
+    parser.add_argument("--d-model", type=int, default=None,
+                        help="override the size's model width (feed-forward width twice it)")
     parser.add_argument("--workers", type=int, default=None, help="synthesis processes (default: the CPUs)")
     parser.add_argument("--max-false-alarms", type=float, default=1.0,
                         help="false alarms per hour allowed on the validation clips when choosing the threshold")
+    parser.add_argument("--train-data", choices=detector_data.TRAIN_DATA, default="hard-negatives",
+                        help="training clips: the plain sets, twice as many, or the plain sets plus as many "
+                             "with words that sound like the trigger word among the distractors")
     return run(parser.parse_args(argv))
 
 

@@ -300,3 +300,24 @@ def test_generate_and_preview_commands(tmp_path, capsys):
     with wave.open(str(out / "trigger_1.wav")) as f:
         assert (f.getframerate(), f.getnchannels(), f.getsampwidth(), f.getnframes()) == (16000, 1, 2, 160_000)
     assert (out / "recogniser.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hard_negative_distractors(tmp_path):
+    config = datasets.TriggerConfig(split="train", num_clips=3, seed=5, clip_seconds=4.0, triggers=(0, 1),
+                                    distractors=(2, 2), babble_sentences=(1, 1), near_trigger_fraction=1.0)
+    clips = datasets.trigger_set(config, cache_dir=tmp_path)
+    distractors = [w for clip in clips.words for w, _, _ in clip if w != config.trigger_word]
+    assert len(distractors) == 6 and set(distractors) <= set(vocabulary.NEAR_TRIGGER_WORDS)
+    assert config.trigger_word not in vocabulary.NEAR_TRIGGER_WORDS
+    assert not any(config.trigger_word in w for w in vocabulary.NEAR_TRIGGER_WORDS)
+
+
+def test_cache_key_leaves_out_added_fields_at_their_old_value():
+    # The sets cached before `near_trigger_fraction` existed keep their files: at 0 it is not in the key.
+    plain = datasets.TriggerConfig()
+    assert "near_trigger_fraction" not in datasets._cache_key("trigger", plain)
+    assert "NEAR" not in datasets._cache_key("trigger", plain).upper()
+    near = datasets.TriggerConfig(near_trigger_fraction=0.5)
+    assert '"near_trigger_fraction": 0.5' in datasets._cache_key("trigger", near)
+    assert datasets._cache_path("trigger", near, None) != datasets._cache_path("trigger", plain, None)
+    assert "near" not in datasets._cache_key("recogniser", datasets.RecogniserConfig())

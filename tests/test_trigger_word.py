@@ -229,3 +229,31 @@ def test_smoothing_is_a_causal_moving_average():
     p = np.array([0.0, 1.0, 0.0, 1.0, 1.0])
     np.testing.assert_allclose(dm.smooth(p, 2), [0.0, 0.5, 0.5, 0.5, 1.0])
     np.testing.assert_allclose(dm.smooth(p, 1), p)
+
+
+@pytest.mark.parametrize(("count", "low", "high"), [
+    (0, 0.0, 3.6889), (1, 0.02532, 5.5716), (2, 0.2422, 7.2247), (5, 1.6235, 11.6683), (10, 4.7954, 18.3904),
+])
+def test_poisson_interval_matches_the_exact_tables(count, low, high):
+    # Garwood's exact 95 % limits (chi-square quantiles / 2), as tabulated.
+    lo, hi = dm.poisson_interval(count)
+    assert math.isclose(lo, low, rel_tol=2e-4, abs_tol=1e-9) and math.isclose(hi, high, rel_tol=2e-4)
+    # The tails it promises, against torch's Poisson distribution.
+    cdf = lambda k, mean: float(torch.distributions.Poisson(torch.tensor(mean, dtype=torch.float64))  # noqa: E731
+                                .log_prob(torch.arange(k + 1, dtype=torch.float64)).exp().sum())
+    assert math.isclose(cdf(count, hi), 0.025, rel_tol=1e-6)
+    if count:
+        assert math.isclose(1.0 - cdf(count - 1, lo), 0.025, rel_tol=1e-6)
+
+
+def test_operating_point_chooses_the_smoothing_on_the_given_clips():
+    # One-frame spikes on background clips: smoothing over 3+ frames keeps them under a threshold the 4-frame
+    # trigger responses still reach, so a smoothed track qualifies with every trigger detected and no false alarm.
+    ends = [[12800], [12800], []]
+    tracks = np.stack([_track(80, [(12, 4, 0.9)]), _track(80, [(12, 4, 0.85)]),
+                       _track(80, [(30, 1, 0.99), (60, 1, 0.99)])])
+    rules, point, summary = dm.choose_operating_point([(tracks, ends, 10.0)], RULES, 1.0, smoothing=(1, 3, 5))
+    assert set(summary) == {1, 3, 5}
+    assert (point.detected, point.false_alarms) == (2, 0)
+    assert rules.smooth == 3 and summary[1]["detection_rate"] < 1.0  # unsmoothed: the spikes outrank a trigger
+    assert point.threshold == summary[3]["threshold"]

@@ -66,18 +66,33 @@ def voice_split(test_fraction: float = 0.2, seed: int = 0) -> VoiceSplit:
 # ------------------------------------------------------------------------------------------ cache files
 
 
+def _words_hash(words: tuple[str, ...]) -> str:
+    return hashlib.sha256(" ".join(words).encode()).hexdigest()
+
+
+# Fields added to a configuration after its first cached sets, with the value that makes the old sets: at that
+# value the field stays out of the cache key, so those sets keep their files.
+_ADDED_FIELDS = {"near_trigger_fraction": 0.0}
+
+
+def _cache_key(kind: str, config: object) -> str:
+    """What names a set's cache file: its configuration (less added fields at their old value), the data
+    version, the espeak-ng version and the word lists it draws from."""
+    fields = {k: v for k, v in asdict(config).items() if k not in _ADDED_FIELDS or v != _ADDED_FIELDS[k]}
+    key_fields = {
+        "kind": kind,
+        "config": fields,
+        "data_version": DATA_VERSION,
+        "espeak": synth.library_version(),
+        "words": _words_hash(vocabulary.DIGITS + vocabulary.WORDS),
+    }
+    if fields.get("near_trigger_fraction"):
+        key_fields["near_trigger_words"] = _words_hash(vocabulary.NEAR_TRIGGER_WORDS)
+    return json.dumps(key_fields, sort_keys=True)
+
+
 def _cache_path(kind: str, config: object, cache_dir: Path | None) -> Path:
-    key = json.dumps(
-        {
-            "kind": kind,
-            "config": asdict(config),
-            "data_version": DATA_VERSION,
-            "espeak": synth.library_version(),
-            "words": hashlib.sha256(" ".join(vocabulary.DIGITS + vocabulary.WORDS).encode()).hexdigest(),
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(_cache_key(kind, config).encode()).hexdigest()[:16]
     directory = default_cache_dir() if cache_dir is None else Path(cache_dir)
     return directory / f"{kind}-{config.split}-{digest}.pt"
 
@@ -264,6 +279,7 @@ class TriggerConfig:
     rate: tuple[int, int] = (130, 220)
     pitch: tuple[int, int] = (25, 75)
     min_gap_seconds: float = 0.1
+    near_trigger_fraction: float = 0.0  # each distractor is a vocabulary.NEAR_TRIGGER_WORDS word with this chance
     label_window: int = 50  # frames: 0.5 s at a 10 ms hop
     label_hop: int = features.HOP_LENGTH  # samples per label frame
     test_fraction: float = 0.2
@@ -353,7 +369,7 @@ def _trigger_clip(
 def trigger_set(config: TriggerConfig, cache_dir: Path | str | None = None, workers: int | None = None) -> TriggerSet:
     """The trigger-word clips of `config`, from the cache if there, else synthesised and stored."""
     _check_split(config.split)
-    if config.trigger_word in vocabulary.WORDS:
+    if config.trigger_word in vocabulary.WORDS + vocabulary.NEAR_TRIGGER_WORDS:
         raise ValueError(f"trigger word {config.trigger_word!r} is also a distractor word")
     path = _cache_path("trigger", config, None if cache_dir is None else Path(cache_dir))
     if path.exists():
@@ -374,7 +390,12 @@ def trigger_set(config: TriggerConfig, cache_dir: Path | str | None = None, work
         num_triggers = int(rng.integers(config.triggers[0], config.triggers[1] + 1))
         num_distractors = int(rng.integers(config.distractors[0], config.distractors[1] + 1))
         chosen = [config.trigger_word] * num_triggers
-        chosen += [vocabulary.WORDS[j] for j in rng.integers(0, len(vocabulary.WORDS), num_distractors)]
+        distractors = [vocabulary.WORDS[j] for j in rng.integers(0, len(vocabulary.WORDS), num_distractors)]
+        if config.near_trigger_fraction > 0.0:  # drawn only then, so that the other sets keep their clips
+            near = rng.integers(0, len(vocabulary.NEAR_TRIGGER_WORDS), num_distractors)
+            swap = rng.random(num_distractors) < config.near_trigger_fraction
+            distractors = [vocabulary.NEAR_TRIGGER_WORDS[j] if s else w for w, j, s in zip(distractors, near, swap)]
+        chosen += distractors
         for word in chosen:
             rate = int(rng.integers(config.rate[0], config.rate[1] + 1))
             pitch = int(rng.integers(config.pitch[0], config.pitch[1] + 1))

@@ -12,8 +12,9 @@ duration of the clips scored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -124,6 +125,34 @@ def combine(a: Score, b: Score) -> Score:
                  a.hours + b.hours)
 
 
+def poisson_interval(count: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Garwood) two-sided interval for the mean of a Poisson count: the lower end is the mean under
+    which `count` or more has probability (1 - confidence) / 2, the upper end the mean under which `count` or
+    fewer has. Divide by the hours observed for a rate's interval. A zero count gives (0, -ln((1 - c) / 2))."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    tail = (1.0 - confidence) / 2.0
+    upper = _solve_poisson_cdf(count, tail)
+    lower = 0.0 if count == 0 else _solve_poisson_cdf(count - 1, 1.0 - tail)
+    return lower, upper
+
+
+def _poisson_cdf(k: int, mean: float) -> float:
+    """P(X <= k) for X ~ Poisson(mean), summed in log space so that large means do not overflow."""
+    if mean == 0.0:
+        return 1.0
+    return sum(math.exp(j * math.log(mean) - mean - math.lgamma(j + 1)) for j in range(k + 1))
+
+
+def _solve_poisson_cdf(k: int, target: float) -> float:
+    """The mean at which P(X <= k) = target (the CDF falls from 1 to 0 as the mean grows): bisection."""
+    lo, hi = 0.0, k + 10.0 * math.sqrt(k + 1) + 10.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _poisson_cdf(k, mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def default_thresholds() -> np.ndarray:
     """0.01 .. 0.99 by 0.01, then finer towards 1 (where a good detector's operating point lies)."""
     return np.unique(np.round(np.concatenate([np.linspace(0.01, 0.99, 99), 1.0 - np.logspace(-2, -4, 9)]), 6))
@@ -152,3 +181,31 @@ def choose_threshold(points: Sequence[Score], max_false_alarms_per_hour: float) 
     if not ok:
         return min(points, key=lambda p: (p.false_alarms, -p.threshold))
     return max(ok, key=lambda p: (np.nan_to_num(p.detection_rate, nan=0.0), p.threshold))
+
+
+SMOOTHING_CHOICES = (1, 3, 5, 8)
+
+
+def choose_operating_point(sets: Sequence[tuple[torch.Tensor | np.ndarray, Sequence[Sequence[int]], float]],
+                           rules: DetectionRules, max_false_alarms_per_hour: float,
+                           smoothing: Sequence[int] = SMOOTHING_CHOICES
+                           ) -> tuple[DetectionRules, Score, dict[int, dict[str, float]]]:
+    """The smoothing length and threshold to use, chosen on `sets` (validation clips): for each length,
+    `choose_threshold` over the ROC; then the length whose point qualifies (at most `max_false_alarms_per_hour`)
+    with the best detection rate, of equals the fewest false alarms, then `rules.smooth` itself, then the
+    shortest. Returns (rules with that length, its Score, {length: its point's threshold, detection rate and
+    false alarms per hour})."""
+    points = {}
+    for frames in smoothing:
+        candidate = replace(rules, smooth=frames)
+        points[frames] = (candidate, choose_threshold(roc(sets, candidate), max_false_alarms_per_hour))
+
+    def rank(item: tuple[int, tuple[DetectionRules, Score]]) -> tuple:
+        frames, (_, p) = item
+        ok = p.false_alarms_per_hour <= max_false_alarms_per_hour
+        return (ok, np.nan_to_num(p.detection_rate, nan=0.0), -p.false_alarms, frames == rules.smooth, -frames)
+
+    _, (best_rules, best) = max(points.items(), key=rank)
+    summary = {frames: {"threshold": p.threshold, "detection_rate": p.detection_rate,
+                        "false_alarms_per_hour": p.false_alarms_per_hour} for frames, (_, p) in points.items()}
+    return best_rules, best, summary

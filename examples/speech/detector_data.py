@@ -1,9 +1,12 @@
 """The trigger-word detector's data: which synthesised sets a run uses, and their features and labels.
 
-A run uses four sets of `datasets.trigger_set` clips: training (training voices), validation (training voices,
-other clips; picks the threshold), test (held-out voices and noise: the reported figures) and background (held-out
-voices, no trigger word at all: false alarms only). The sizes depend on the run: `smoke` (seconds, for tests),
-`quick` (minutes) or `full`.
+A run uses six sets of `datasets.trigger_set` clips: training (training voices), validation (training voices,
+other clips) and validation background (training voices, no trigger word) which together pick the operating
+point, test (held-out voices and noise) and background (held-out voices, no trigger word at all: false alarms
+only) which give the reported figures. The sizes depend on the run: `smoke` (seconds, for tests), `quick`
+(minutes) or `full`; the training clips on `train_data`: "plain" (distractors from the common words only),
+"plain-x2" (twice as many such clips) or "hard-negatives" (the plain clips plus as many whose distractors are
+half words that sound like the trigger word, `vocabulary.NEAR_TRIGGER_WORDS`).
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ import torch
 from . import datasets, features
 
 SIZES = ("smoke", "quick", "full")
-# Clips per set (train, validation, test, background) for each run size; the full run's training clips are two
-# sets of 1000 (seeds s and s + 3), so that its first 1000 are the same cache file whatever the total.
+TRAIN_DATA = ("plain", "plain-x2", "hard-negatives")
+NEAR_TRIGGER_FRACTION = 0.5
+# Clips per set (train, validation, validation background, test, background) for each run size. Training clips
+# come in sets of the first size below; set j has seed s + _TRAIN_SEED_OFFSETS[j] (so the full run's first 1000
+# are the same cache file whatever the total). A background clip is 10 s: 1440 are 4 hours.
 _CLIPS = {
-    "smoke": ((24,), 6, 6, 4),
-    "quick": ((300,), 40, 100, 40),
-    "full": ((1000, 1000), 100, 200, 100),
+    "smoke": (24, 6, 4, 6, 4),
+    "quick": (300, 40, 90, 100, 90),
+    "full": (1000, 300, 720, 400, 1440),
 }
-_TRAIN_SEED_OFFSETS = (0, 3)
+_TRAIN_SETS = {"smoke": 1, "quick": 1, "full": 2}  # plain training sets of a run; x2 for the larger variants
+_TRAIN_SEED_OFFSETS = (0, 3, 7, 8)
+_NEAR_SEED_OFFSETS = (5, 6)
 
 
 @dataclass(frozen=True)
@@ -31,27 +39,40 @@ class DetectorSets:
 
     train: tuple[datasets.TriggerConfig, ...]
     validation: datasets.TriggerConfig
+    validation_background: datasets.TriggerConfig
     test: datasets.TriggerConfig
     background: datasets.TriggerConfig
 
     def items(self) -> list[tuple[str, tuple[datasets.TriggerConfig, ...]]]:
-        return [("train", self.train), ("validation", (self.validation,)), ("test", (self.test,)),
+        return [("train", self.train), ("validation", (self.validation,)),
+                ("validation_background", (self.validation_background,)), ("test", (self.test,)),
                 ("background", (self.background,))]
 
 
-def detector_sets(size: str, seed: int = 0) -> DetectorSets:
-    """The four set configurations of a run of `size` ("smoke", "quick" or "full"). Smoke clips are 4 s with
-    at most one trigger and two distractors, so that they synthesise in seconds."""
+def detector_sets(size: str, seed: int = 0, train_data: str = "hard-negatives") -> DetectorSets:
+    """The set configurations of a run of `size` ("smoke", "quick" or "full") with training clips `train_data`
+    (one of TRAIN_DATA). Smoke clips are 4 s with at most one trigger and two distractors, so that they
+    synthesise in seconds."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    n_train, n_val, n_test, n_background = _CLIPS[size]
+    if train_data not in TRAIN_DATA:
+        raise ValueError(f"train_data must be one of {TRAIN_DATA}, got {train_data!r}")
+    n_train, n_val, n_val_background, n_test, n_background = _CLIPS[size]
     base = datasets.TriggerConfig(seed=seed)
     if size == "smoke":
         base = replace(base, clip_seconds=4.0, triggers=(0, 1), distractors=(0, 2), babble_sentences=(1, 1))
+    plain = _TRAIN_SETS[size] * (2 if train_data == "plain-x2" else 1)
+    train = [replace(base, split="train", num_clips=n_train, seed=seed + offset)
+             for offset in _TRAIN_SEED_OFFSETS[:plain]]
+    if train_data == "hard-negatives":
+        train += [replace(base, split="train", num_clips=n_train, seed=seed + offset,
+                          near_trigger_fraction=NEAR_TRIGGER_FRACTION)
+                  for offset in _NEAR_SEED_OFFSETS[: _TRAIN_SETS[size]]]
     return DetectorSets(
-        train=tuple(replace(base, split="train", num_clips=n, seed=seed + offset)
-                    for n, offset in zip(n_train, _TRAIN_SEED_OFFSETS)),
+        train=tuple(train),
         validation=replace(base, split="train", num_clips=n_val, seed=seed + 1),
+        validation_background=replace(base, split="train", num_clips=n_val_background, seed=seed + 4,
+                                      triggers=(0, 0)),
         test=replace(base, split="test", num_clips=n_test),
         background=replace(base, split="test", num_clips=n_background, seed=seed + 2, triggers=(0, 0)),
     )

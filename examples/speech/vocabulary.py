@@ -34,6 +34,15 @@ WORDS = tuple(
 
 TRIGGER_WORD = "activate"
 
+# Hard negatives for the trigger word: words that share its sounds ("ac", "tiv", "vate") without being it. The
+# trigger clips draw distractors from here only when asked (`TriggerConfig.near_trigger_fraction`).
+NEAR_TRIGGER_WORDS = tuple(
+    """
+    active activity actively activist action actor actual captivate cultivate motivate vacate elevate
+    renovate innovate aggravate navigate derivative relative attractive native private tractor
+    """.split()
+)
+
 # Transcript characters; CTC's blank is index 0, so character c has label CHARACTERS.index(c) + 1.
 CHARACTERS = " abcdefghijklmnopqrstuvwxyz"
 
