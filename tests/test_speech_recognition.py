@@ -91,16 +91,36 @@ def test_subsampled_lengths_match_the_convolutions(frames):
     assert out.shape == (1, int(lengths[0]), 16)
 
 
-def test_padding_does_not_change_an_utterance():
+@pytest.mark.parametrize("outputs_per_frame", [1, 2])
+def test_padding_does_not_change_an_utterance(outputs_per_frame):
     torch.manual_seed(0)
-    config = recogniser_model.ModelConfig(conv_channels=4, d_model=32, num_layers=2, num_heads=2, dim_feedforward=64)
+    config = recogniser_model.ModelConfig(conv_channels=4, d_model=32, num_layers=2, num_heads=2, dim_feedforward=64,
+                                          outputs_per_frame=outputs_per_frame)
     model = recogniser_model.Recogniser(config, "seqfast").eval()
     short = torch.randn(1, 37, 80)
     padded = torch.cat([short, torch.zeros(1, 23, 80)], dim=1)
     alone, n_alone = model(short, torch.tensor([37]))
     batched, n_batched = model(torch.cat([padded, torch.randn(1, 60, 80)]), torch.tensor([37, 60]))
-    assert int(n_alone[0]) == int(n_batched[0]) == 10
-    torch.testing.assert_close(batched[:10, 0], alone[:, 0], atol=1e-5, rtol=1e-5)
+    frames = 10 * outputs_per_frame
+    assert int(n_alone[0]) == int(n_batched[0]) == frames == alone.shape[0]
+    assert batched.shape == (15 * outputs_per_frame, 2, recogniser_model.NUM_CLASSES)
+    torch.testing.assert_close(batched[:frames, 0], alone[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_per_frame_splits_the_head_in_time_order():
+    """Output frame k t + j is the head's j-th block of classes at encoder frame t."""
+    torch.manual_seed(0)
+    config = recogniser_model.ModelConfig(conv_channels=4, d_model=32, num_layers=1, num_heads=2, dim_feedforward=64,
+                                          dropout=0.0, outputs_per_frame=2)
+    model = recogniser_model.Recogniser(config, "torch").eval()
+    features = torch.randn(1, 37, 80)
+    captured = {}
+    model.norm.register_forward_hook(lambda module, args, out: captured.setdefault("encoded", out))
+    logits, _ = model(features, torch.tensor([37]))
+    head = model.head(captured["encoded"])[0]  # [T', 2 C]
+    c = recogniser_model.NUM_CLASSES
+    torch.testing.assert_close(logits[0::2, 0], head[:, :c])
+    torch.testing.assert_close(logits[1::2, 0], head[:, c:])
 
 
 # ----------------------------------------------------------------------------------- the examples

@@ -16,8 +16,9 @@ from .recogniser_model import Recogniser
 def plot_posteriors(path: Path, model: Recogniser, raw_features: torch.Tensor, features: torch.Tensor,
                     text: str) -> Path:
     """Top: log-mel [frames, 80] as the model's input sees it before normalisation (`raw_features`); bottom:
-    softmax posteriors [NUM_CLASSES, T'] of the (normalised) `features` on the 40 ms output frames, with the
-    greedy path's characters written where they fire. Saved as a PNG; returns the path."""
+    softmax posteriors [NUM_CLASSES, T'] of the (normalised) `features` on the output frames (40 ms, or less with
+    `outputs_per_frame` > 1), with the greedy path's characters written where they fire. Saved as a PNG; returns
+    the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +31,7 @@ def plot_posteriors(path: Path, model: Recogniser, raw_features: torch.Tensor, f
     posteriors = logits[:, 0].softmax(-1)  # [T', C]
     hypothesis = ctc_metrics.greedy_transcripts(logits, lengths)[0]
     frames, out_frames = raw_features.shape[0], posteriors.shape[0]
-    step = frames / out_frames  # feature frames per output frame (4, up to rounding)
+    step = frames / out_frames  # feature frames per output frame (4 / outputs_per_frame, up to rounding)
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.4), sharex=True,
                                       gridspec_kw={"height_ratios": [1.1, 1.4]})
@@ -53,6 +54,6 @@ def plot_posteriors(path: Path, model: Recogniser, raw_features: torch.Tensor, f
             top.text(x, raw_features.shape[1] - 6, labels[label], color="white", ha="center", fontsize=9,
                      family="monospace")
         previous = label
-    bottom.set_title("per-frame posteriors (40 ms frames); circles: the greedy path's characters", loc="left",
-                     fontsize=9)
+    bottom.set_title(f"per-frame posteriors ({step * 10:.0f} ms frames); circles: the greedy path's characters",
+                     loc="left", fontsize=9)
     return save_figure(fig, path, dpi=120)
