@@ -5,7 +5,8 @@
     python examples/speech_recognition.py --backend torch       # the same run on torch's modules and loss
     python examples/speech_recognition.py --quick --compare     # both backends back to back, a comparison table
 
-Writes OUT/metrics.json (CER and WER on held-out voices, digit strings apart, step times, data sizes),
+Writes OUT/metrics.json (CER and WER on held-out voices, digit strings apart, of greedy decoding in `cer`, `wer`,
+..., and of every decoder of examples/speech/recogniser_decoding.py in `decoders`; step times, data sizes),
 OUT/curves.png (training loss, validation CER and WER), OUT/posteriors.png (a held-out utterance's log-mel
 and per-frame CTC posteriors), OUT/model.pt, and with --compare OUT/comparison.md.
 """
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from examples.common import add_common_arguments, plot_curves, seed_everything, write_metrics  # noqa: E402
-from examples.speech import datasets, recogniser_training  # noqa: E402
+from examples.speech import datasets, recogniser_decoding, recogniser_training  # noqa: E402
 from examples.speech.recogniser_plots import plot_posteriors  # noqa: E402
 from examples.speech.recogniser_training import SIZES, Utterances, evaluate, is_digit_string, train  # noqa: E402
 
@@ -50,6 +51,9 @@ def _run_backend(backend: str, size: recogniser_training.RunSize, sets: dict[str
     seed_everything(args.seed)
     result = train(size, backend, sets["train"], sets["valid"], args.seed, steps=args.steps)
     test = evaluate(result.model, sets["test"])
+    per_decoder, decoding = recogniser_decoding.evaluate_decoders(result.model, sets["test"], sets["valid"],
+                                                                  sets["train"].texts)
+    decoders = recogniser_decoding.summary(per_decoder)
     last = [v for _, v in result.losses[-50:]]
     summary = {
         "cer": test.rates.cer, "wer": test.rates.wer,
@@ -62,13 +66,17 @@ def _run_backend(backend: str, size: recogniser_training.RunSize, sets: dict[str
         "infer_batch_cpu_s": statistics.median(test.batch_cpu_seconds[1:] or test.batch_cpu_seconds),
         "train_seconds": result.train_seconds,
         "valid_curve": result.valid,
-        "examples": [{"reference": r, "greedy": h} for r, h in zip(sets["test"].texts[:12], test.hypotheses[:12])],
+        "decoders": decoders, "decoding": decoding,
+        "examples": [{"reference": r, "greedy": h, "beam_lexicon_lm": b} for r, h, b in
+                     zip(sets["test"].texts[:12], test.hypotheses, per_decoder["beam_lexicon_lm"].hypotheses)],
     }
     print(f"[{backend}] test (held-out voices): CER {test.rates.cer:.4f}  WER {test.rates.wer:.4f}  "
           f"digit strings: CER {test.digits.cer:.4f} WER {test.digits.wer:.4f}  "
           f"train step {summary['train_step_s'] * 1e3:.1f} ms (CPU {summary['train_step_cpu_s'] * 1e3:.1f} ms), "
           f"inference batch {summary['infer_batch_s'] * 1e3:.1f} ms (CPU {summary['infer_batch_cpu_s'] * 1e3:.1f} ms), "
           f"trained in {result.train_seconds:.0f} s", flush=True)
+    print(f"[{backend}] test (held-out voices), each decoder (seqfast's CTC decoding ops; LM weight and insertion "
+          f"bonus chosen on the validation set):\n{recogniser_decoding.table(decoders)}", flush=True)
     return summary, result
 
 
@@ -89,6 +97,9 @@ def comparison_table(per_backend: dict[str, dict]) -> str:
     for label, key, scale, fmt in rows:
         unit = " (%)" if scale == 100.0 else ""
         lines.append(f"| {label}{unit} | " + " | ".join(format(per_backend[n][key] * scale, fmt) for n in names) + " |")
+    for decoder in recogniser_decoding.DECODERS[1:]:
+        cers = (per_backend[n]["decoders"][decoder]["cer_digits"] * 100.0 for n in names)
+        lines.append(f"| CER, digit strings, {decoder} (%) | " + " | ".join(f"{c:.2f}" for c in cers) + " |")
     if "seqfast" in per_backend and "torch" in per_backend:
         s, t = per_backend["seqfast"], per_backend["torch"]
         for label, key in (("training step", "train_step"), ("inference batch", "infer_batch")):
@@ -138,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "backend": main_backend, "size": size_name, "seed": args.seed,
         **{k: main_result[k] for k in ("cer", "wer", "cer_digits", "wer_digits", "cer_phrases", "wer_phrases")},
+        "decoders": main_result["decoders"], "decoding": main_result["decoding"],
         "step_time_s": {b: m["train_step_s"] for b, m in per_backend.items()},
         "infer_batch_time_s": {b: m["infer_batch_s"] for b, m in per_backend.items()},
         "step_cpu_time_s": {b: m["train_step_cpu_s"] for b, m in per_backend.items()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from examples import speech_recognition
-from examples.speech import ctc_metrics, recogniser_model, recogniser_training, time_recogniser_steps
+from examples.speech import (
+    ctc_metrics,
+    recogniser_decoding,
+    recogniser_model,
+    recogniser_training,
+    time_recogniser_steps,
+    vocabulary,
+)
 
 # ------------------------------------------------------------------------------------- edit distance
 
@@ -79,6 +87,51 @@ def test_greedy_decoding_merges_repeats_drops_blanks_and_stops_at_the_length():
     labels = ctc_metrics.greedy_labels(logits, torch.tensor([10, 6]))
     assert labels == [[3, 3, 1, 2], [5]]  # the blank between the 3s keeps both; frame 9 of row 2 is past its end
     assert ctc_metrics.greedy_transcripts(logits, torch.tensor([10, 6])) == ["bb a", "d"]
+
+
+def _peaked_log_probs(paths: list[list[int]], peak: float = 8.0) -> torch.Tensor:
+    """[T, N, 28] log-probabilities whose argmax at each frame is paths[n][t]."""
+    logits = peak * torch.nn.functional.one_hot(torch.tensor(paths), 28).double().transpose(0, 1)
+    return logits.log_softmax(-1)
+
+
+def test_greedy_decoder_is_the_seqfast_op_and_matches_the_python_one():
+    torch.manual_seed(0)
+    log_probs = torch.randn(40, 6, 28).log_softmax(-1)
+    lengths = torch.tensor([40, 33, 1, 0, 17, 40])
+    assert recogniser_decoding.decode("greedy", log_probs, lengths, None) == \
+        ctc_metrics.greedy_transcripts(log_probs, lengths)
+
+
+def test_beam_decoders_lexicon_spells_only_vocabulary_words():
+    setup = recogniser_decoding.decoder_setup(["one two", "three four five", "two two"])
+    # "onn tuo": a path off the vocabulary; the lexicon decoder must still spell only known words
+    text = "onn tuo"
+    path = [x for c in vocabulary.encode(text) for x in (c, 0)]
+    log_probs = _peaked_log_probs([path], peak=2.0)
+    lengths = torch.tensor([len(path)])
+    assert recogniser_decoding.decode("beam", log_probs, lengths, setup) == [text]
+    for name in ("beam_lexicon", "beam_lexicon_lm"):
+        (hyp,) = recogniser_decoding.decode(name, log_probs, lengths, setup)
+        words = set(vocabulary.DIGITS) | set(vocabulary.WORDS)
+        assert hyp and all(w in words for w in hyp.split()), (name, hyp)
+    with pytest.raises(ValueError, match="unknown decoder"):
+        recogniser_decoding.decode("viterbi", log_probs, lengths, setup)
+
+
+def test_tuning_picks_the_grid_pair_with_the_lowest_validation_cer(monkeypatch):
+    setup = recogniser_decoding.decoder_setup(["one two"])
+    cer_of = {(0.5, 1.0): 0.1, (0.25, 0.0): 0.1}  # a tie: the smaller pair wins
+
+    def fake_rates(data, batches, name, s):
+        return SimpleNamespace(rates=SimpleNamespace(cer=cer_of.get(s.weights[name], 0.5)))
+
+    monkeypatch.setattr(recogniser_decoding, "log_probs_of", lambda model, data: [])
+    monkeypatch.setattr(recogniser_decoding, "rates_of", fake_rates)
+    found = recogniser_decoding.tune(None, None, setup, ("greedy", "beam_lm"))
+    assert set(found) == {"beam_lm"} and setup.weights["beam_lm"] == (0.25, 0.0)
+    assert len(found["beam_lm"]["valid_cer"]) == len(recogniser_decoding.LM_WEIGHTS) * len(
+        recogniser_decoding.INSERTION_BONUSES)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -154,8 +207,10 @@ def test_smoke_run_end_to_end(cache, tmp_path):
     metrics = speech_recognition.main(["--smoke", "--compare", "--threads", "1", "--out", str(out), "--cache", cache])
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("cer", "wer", "cer_digits", "wer_digits", "step_time_s", "infer_batch_time_s", "train_seconds",
-                "data", "machine", "backends"):
+                "data", "machine", "backends", "decoders", "decoding"):
         assert key in saved, key
+    assert set(saved["decoders"]) == set(recogniser_decoding.DECODERS)
+    assert saved["decoders"]["greedy"]["cer"] == pytest.approx(saved["cer"])  # the op and the Python decoder agree
     assert set(saved["step_time_s"]) == {"seqfast", "torch"}
     assert all(t > 0 for t in saved["step_time_s"].values())
     assert saved["data"]["train_utterances"] == 48 and saved["data"]["test_utterances"] == 16
