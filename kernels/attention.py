@@ -677,6 +677,9 @@ _CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] 
         (64, "dense"): (128, 64, 8, 3, 64), (64, "mask"): (64, 32, 4, 3, 64), (64, "dropout"): (64, 32, 4, 3, 64),
         (128, "dense"): (128, 64, 8, 3, 128), (128, "mask"): (64, 32, 8, 3, 128),
         (128, "dropout"): (64, 32, 8, 3, 128),
+        # Packed sequences (varlen, with or without causal): m128n64 spilled 112 B under triton 3.6 (0 under 3.9);
+        # 32-key steps keep the 128-row query tile (K / V re-read as often as dense), 254 registers, 0 spill.
+        (128, "varlen"): (128, 32, 8, 3, 128),
     },
     "dkdv": {
         # Dense tiles that also compile without spills under triton 3.6 (the GPU machine's): 3.9 took m64n128 at
@@ -794,9 +797,11 @@ class _Launch(NamedTuple):
 
 def _config(
     kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False,
-    dropout: bool = False, causal: bool = False, mask_grad: bool = False, arch: int = 80,
+    dropout: bool = False, causal: bool = False, mask_grad: bool = False, arch: int = 80, varlen: bool = False,
 ) -> _Launch:
-    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch on ``arch`` (80 or 90)."""
+    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch on ``arch`` (80 or 90); ``varlen``:
+    packed sequences (only the sm_90 table has entries of their own: "varlen", for launches without a mask or
+    dropout)."""
     width = max(64, block_d)
     variant = _variant(causal, masked, mask_grad and masked, dropout)
     sm90 = _CONFIGS_SM90[kernel] if arch == 90 and dtype != torch.float32 and width <= 128 else None
@@ -804,6 +809,8 @@ def _config(
         return _launch_of_config(_FORCED[kernel], width, dtype, max_lq, max_lk)
     if sm90 is not None:
         fallback = "mask" if variant == "mask_grad" and (width, "mask") in sm90 else "dense"
+        if varlen and variant in ("dense", "causal") and (width, "varlen") in sm90:
+            variant = "varlen"
         block_m, block_n, warps, stages, chunk = sm90.get((width, variant), sm90.get((width, fallback)))
         return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, None, chunk)
     block_m, block_n, warps, stages = _CONFIGS["dkdv" if kernel == "dkdv_atomic" else kernel][
@@ -828,6 +835,10 @@ def _config(
             chunk = 32
         elif width == 128 and _precision(dtype) == "tf32" and arch == 80:
             chunk, block_n = 32, 16
+    elif kernel == "dkdv" and dropout and width == 128 and dtype != torch.float32:
+        # 16-bit dropout at width 128 (sm_80's table): with resident K / V tiles triton 3.6 spilled 8 B (255
+        # registers); S^T and dP^T contracted 64 columns at a time: 236 registers, 0 spill.
+        chunk = 64
     if dtype == torch.float32 and _precision(dtype) == "ieee":
         # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
@@ -963,6 +974,23 @@ def autotune_candidates(kernel: str, default: _Launch, width: int, dtype: torch.
     return chosen
 
 
+def autotune_entry(kernel: str, config: dict | None, device: torch.device | str, dtype: torch.dtype, head_dim: int,
+                   max_lq: int, max_lk: int, causal: bool = False, masked: bool = False, mask_grad: bool = False,
+                   dropout: bool = False, varlen: bool = False) -> dict:
+    """The autotuning cache entry (``{"key": .., "config": ..}``, kernels/autotune.py) under which tuned
+    launches of this key on ``device`` use ``config`` (a ``CONFIG_SPACE`` dict; None: the table's launch). A
+    sweep on hardware (benchmarks/gpu_validate.py) writes these, so its output can be shipped as a cache."""
+    device = torch.device(device)
+    width = max(64, _pow2(head_dim))
+    launch = _config(kernel, width, dtype, max_lq, max_lk, masked, dropout, causal, mask_grad and masked,
+                     arch=_arch(device), varlen=varlen)
+    if config is not None:
+        launch = _launch_of_config(config, width, dtype, max_lq, max_lk, launch.maxnreg)
+    key = autotune_key(kernel, _arch_label(device), dtype, head_dim, max_lq, max_lk, causal, masked, mask_grad,
+                       dropout, varlen)
+    return {"key": key, "config": launch._asdict()}
+
+
 def _launch_of_entry(config: dict) -> _Launch:
     launch = _Launch(**config)
     sizes = (launch.block_m, launch.block_n, launch.warps, launch.stages, launch.chunk)
@@ -981,6 +1009,10 @@ def _tuned(kernel: str, launch: _Launch, device: torch.device, width: int, dtype
     width = max(64, width)  # the head-dim bucket, as _config takes it
     key = autotune_key(kernel, _arch_label(device), dtype, width, max_lq, max_lk, causal, masked, mask_grad,
                        dropout, varlen)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Timing and comparing would synchronise inside a CUDA-graph capture: only what is cached already.
+        cached = _TUNER.lookup(key)
+        return launch if cached is None else _launch_of_entry(cached)
     candidates = autotune_candidates(kernel, launch, width, dtype, max_lq, max_lk, _arch(device),
                                      not (masked or dropout))
     chosen = _TUNER.choose(key, launch._asdict(), [c._asdict() for c in candidates],
@@ -1125,7 +1157,7 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
     modes = dict(causal=bool(causal), masked=mask_kind != _MASK_NONE, dropout=dropout)
-    launch = _config("fwd", c.width, c.dtype, max_q, max_k, arch=_arch(query.device), **modes)
+    launch = _config("fwd", c.width, c.dtype, max_q, max_k, arch=_arch(query.device), varlen=varlen, **modes)
     seed_arg = _seed_arg(seed, query.device) if dropout else query
 
     def run(launch: _Launch, out=None, lse=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1255,7 +1287,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         return (dq,)
 
     def tuned(name: str, run: Callable[[_Launch], tuple]) -> _Launch:
-        launch = _config(name, c.width, c.dtype, max_q, max_k, arch=arch, **modes)
+        launch = _config(name, c.width, c.dtype, max_q, max_k, arch=arch, varlen=varlen, **modes)
         return _tuned(name, launch, query.device, c.width, c.dtype, max_q, max_k, run, varlen=varlen,
                       **dict(modes, mask_grad=bool(mask_grad) and modes["masked"]))
 
@@ -1526,7 +1558,7 @@ def report_configs() -> list[dict]:
                         continue
                     precision = "ieee" if label.endswith("ieee") else "tf32"
                     flags = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal),
-                                 mask_grad=mask_grad)
+                                 mask_grad=mask_grad, varlen=varlen)
                     with _pinned_precision(precision):
                         launches = {arch: _config(kernel, width, dtype, 1 << 20, 1 << 20, arch=arch, **flags)
                                     for arch in _ARCHS}
