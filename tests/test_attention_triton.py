@@ -457,8 +457,8 @@ def test_sm90_backward_tiles_are_wgmma_sized(kernels, dtype, width):
 
 def test_configs_that_spilled_under_triton_36(kernels):
     """Launches that the kernel report found spilling under triton 3.6 (the GPU machine's) take their own
-    entries: the packed forward at width 128 on sm_90 (m128n64: 112 B) and sm_80's 16-bit dropout dK/dV at width
-    128 (resident K / V: 8 B)."""
+    entries: the packed forward at width 128 on sm_90 (m128n64: 112 B), sm_80's 16-bit dropout dK/dV at width
+    128 (resident K / V: 8 B) and sm_80's 16-bit forward at width 256 (64-row query tiles: 20-64 B)."""
     for dtype in (torch.float16, torch.bfloat16):
         for causal in (False, True):
             varlen = kernels._config("fwd", 128, dtype, 1 << 20, 1 << 20, causal=causal, arch=90, varlen=True)
@@ -466,6 +466,8 @@ def test_configs_that_spilled_under_triton_36(kernels):
             assert kernels._config("fwd", 128, dtype, 1 << 20, 1 << 20, causal=causal, arch=90)[:4] == (128, 64, 8, 3)
         assert kernels._config("dkdv", 128, dtype, 1 << 20, 1 << 20, dropout=True, arch=80).chunk == 64
         assert kernels._config("dkdv", 128, dtype, 1 << 20, 1 << 20, arch=80).chunk == 128
+        for arch, rows in ((80, 32), (90, 64)):
+            assert kernels._config("fwd", 256, dtype, 1 << 20, 1 << 20, causal=True, arch=arch)[:2] == (rows, 16)
 
 
 def test_mha_dropped_weights_match_the_triton_output():
