@@ -827,6 +827,11 @@ def _config(
         block_m = max(16, block_m // 2)
     elif kernel in ("dkdv", "dkdv_atomic") and masked and width == 256:
         block_n = max(16, block_n // 2)
+    elif kernel == "dkdv" and width == 256 and dtype != torch.float32 and (dropout and arch == 80 or varlen):
+        # 16-bit at width 256: 32-row key tiles spilled 56 B with dropout on sm_80 and 64 B for packed sequences on
+        # sm_90 under triton 3.6; 16 rows take 170-191 registers, 0 spill (dropout on sm_90 keeps 32 rows: 16
+        # rows there stop at 128 registers and spill 8 B).
+        block_n = max(16, block_n // 2)
     chunk = width
     if kernel == "dkdv_atomic":
         # The atomic dQ product needs registers beside dK/dV's: with sm_80's dK/dV tiles it spilled 8-48 B (16-bit
