@@ -5,7 +5,7 @@ can throw at it.
     python3 benchmarks/gpu_validate.py --out DIR [--dry-run] [--budget-s 450] [--only GROUP,...]
 
 Groups (``benchmarks/gpu/groups.py``), in priority order: facts, attention_correctness, ctc_correctness,
-opcheck, determinism, big_tensor, attention_timing, ctc_timing, profile_split, registers, sweep.
+ctc_decoding, opcheck, determinism, big_tensor, attention_timing, ctc_timing, profile_split, registers, sweep.
 
 Each group runs in its own worker process (forked from this one after torch / triton / seqfast are imported,
 before any CUDA call; or, with ``--spawn`` or when those imports fail here, a fresh ``--worker GROUP``
@@ -82,6 +82,10 @@ def _set_triton_mode(dry_run: bool) -> None:
     else:
         os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, said once (3.9 warns otherwise)
+    # Every check and timing is of the built-in configs (the sweep forces its own): no attention autotuning
+    # inherited from the caller's environment, which would time candidates inside the "default" measurements.
+    for name in ("SEQFAST_ATTENTION_AUTOTUNE", "SEQFAST_ATTENTION_AUTOTUNE_CACHE"):
+        os.environ.pop(name, None)
     # Triton's on-disk cache (~/.triton/cache) is what the workers share compiled kernels through: where the
     # home folder is not writable, one under the temporary folder instead.
     if "TRITON_CACHE_DIR" not in os.environ:

@@ -21,8 +21,11 @@ entry of a per-architecture config table) is compiled only for those of the requ
 
 Usage::
 
-    python benchmarks/kernel_report.py [--arch sm_80,sm_90] [--json PATH] [--module NAME_OR_FILE ...]
-                                       [--allow-spills] [--filter REGEX]
+    python benchmarks/kernel_report.py [--arch sm_80,sm_90] [--json PATH] [--jsonl PATH]
+                                       [--module NAME_OR_FILE ...] [--allow-spills] [--filter REGEX]
+
+``--jsonl`` appends each row as soon as it is compiled (a full sweep takes tens of minutes on a small host:
+an interrupted run keeps what it finished).
 
 Exits non-zero when a config fails to compile or spills (``--allow-spills``: spills only warn). As a
 library: ``report(modules_or_configs, archs) -> list[dict]``.
@@ -40,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -150,8 +153,11 @@ def aligned_pointers(fn: Any, signature: dict[str, str]) -> dict[tuple[int], lis
             for name, ty in signature.items() if ty.startswith("*")}
 
 
-def compile_config(cfg: dict[str, Any], arch: str | int) -> dict[str, Any]:
-    """Compile one config for one architecture and read its resources; errors land in ``row["error"]``."""
+def compile_config(cfg: dict[str, Any], arch: str | int, ptxas_spills: bool = True) -> dict[str, Any]:
+    """Compile one config for one architecture and read its resources; errors land in ``row["error"]``.
+
+    ``ptxas_spills=False`` skips the second ``ptxas -v`` run (a third to half of a large kernel's time): the
+    spill figure is then cuobjdump's LOCAL + STACK, never below the spill bytes (0 means no spills)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -179,7 +185,7 @@ def compile_config(cfg: dict[str, Any], arch: str | int) -> dict[str, Any]:
                                                    text=True, check=True).stdout)
             sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
                                   check=True).stdout
-            spills = _ptxas_spills(compiled.asm["ptx"], capability, workdir)
+            spills = _ptxas_spills(compiled.asm["ptx"], capability, workdir) if ptxas_spills else None
     except Exception as exc:  # a failed config is a row of the report, not the end of it
         row["error"] = f"{type(exc).__name__}: {exc}".strip()
         return row
@@ -219,9 +225,13 @@ def configs_of(items: ModuleType | dict | Iterable[ModuleType | dict]) -> list[d
 
 
 def report(modules_or_configs: ModuleType | dict | Iterable[ModuleType | dict],
-           archs: Sequence[str | int] = DEFAULT_ARCHS) -> list[dict[str, Any]]:
+           archs: Sequence[str | int] = DEFAULT_ARCHS,
+           on_row: Callable[[dict[str, Any]], None] | None = None, ptxas_spills: bool = True,
+           skip: Callable[[dict[str, Any], str], bool] | None = None) -> list[dict[str, Any]]:
     """One row per (config, arch): kernel, config, arch, registers, spill_bytes, shared_bytes,
     mma_instructions (plus num_warps, num_stages, local_bytes, stack_bytes, mma_by_opcode, error).
+    ``on_row`` is called with each row as soon as it is compiled; ``skip(cfg, arch)``: leave that pair out;
+    ``ptxas_spills``: see :func:`compile_config`.
 
     Needs a process where triton was imported without ``TRITON_INTERPRET=1`` (see :func:`triton_interprets`).
     """
@@ -230,8 +240,14 @@ def report(modules_or_configs: ModuleType | dict | Iterable[ModuleType | dict],
             "triton was imported with TRITON_INTERPRET=1, so its kernels cannot be compiled in this process: "
             "run the report in a process without it (python benchmarks/kernel_report.py switches it off)"
         )
-    return [compile_config(cfg, arch) for cfg in configs_of(modules_or_configs) for arch in archs
-            if targets(cfg, arch)]
+    rows = []
+    for cfg in configs_of(modules_or_configs):
+        for arch in archs:
+            if targets(cfg, arch) and not (skip and skip(cfg, f"sm_{parse_arch(arch)}")):
+                rows.append(compile_config(cfg, arch, ptxas_spills))
+                if on_row is not None:
+                    on_row(rows[-1])
+    return rows
 
 
 def targets(cfg: dict[str, Any], arch: str | int) -> bool:
@@ -295,8 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile every Triton kernel config and report its resources.")
     parser.add_argument("--arch", default=",".join(DEFAULT_ARCHS), help="comma-separated, e.g. sm_80,sm_90")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
+    parser.add_argument("--jsonl", default=None, help="append each row here (one JSON object a line) as it is done")
     parser.add_argument("--module", action="append", default=[],
                         help="report this module (file.py or dotted name) instead of kernels/; repeatable")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --jsonl: skip the (config, arch) pairs that file already holds")
+    parser.add_argument("--no-ptxas-v", action="store_true",
+                        help="spill bytes from cuobjdump's LOCAL + STACK (an upper bound) instead of a second "
+                             "ptxas -v run per config: faster")
     parser.add_argument("--allow-spills", action="store_true", help="spills warn instead of failing")
     parser.add_argument("--filter", default=None,
                         help="only configs whose 'kernel config' matches this regex (re.search), e.g. 'dkdv.*sm90:'")
@@ -315,7 +337,25 @@ def main(argv: list[str] | None = None) -> int:
         print("kernel_report: no kernel configs: no kernels/*.py module defines report_configs()", file=sys.stderr)
         return 1
     print(f"kernel_report: {len(configs)} config(s) x {len(archs)} arch(s): {', '.join(archs)}", flush=True)
-    rows = report(configs, archs)
+    on_row = None
+    if args.jsonl:
+        Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+
+        def on_row(row: dict[str, Any]) -> None:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    done: set[tuple[str, str, str]] = set()
+    if args.resume and args.jsonl and Path(args.jsonl).exists():
+        for line in Path(args.jsonl).read_text().splitlines():
+            try:
+                r = json.loads(line)
+                done.add((r["kernel"], r["config"], r["arch"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line
+
+    rows = report(configs, archs, on_row, ptxas_spills=not args.no_ptxas_v,
+                  skip=lambda cfg, arch: (cfg["kernel"], cfg["config"], arch) in done)
     print(format_table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

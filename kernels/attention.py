@@ -36,12 +36,17 @@ import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from . import autotune as _autotune
+except ImportError:  # loaded as a lone file (benchmarks/kernel_report.py --module kernels/attention.py)
+    _autotune = None
 
 LOG2E = 1.4426950408889634
 _NO_CAUSAL, _TOP_LEFT, _BOTTOM_RIGHT = 0, 1, 2
@@ -672,6 +677,9 @@ _CONFIGS_SM90: dict[str, dict[tuple[int, str], tuple[int, int, int, int, int]]] 
         (64, "dense"): (128, 64, 8, 3, 64), (64, "mask"): (64, 32, 4, 3, 64), (64, "dropout"): (64, 32, 4, 3, 64),
         (128, "dense"): (128, 64, 8, 3, 128), (128, "mask"): (64, 32, 8, 3, 128),
         (128, "dropout"): (64, 32, 8, 3, 128),
+        # Packed sequences (varlen, with or without causal): m128n64 spilled 112 B under triton 3.6 (0 under 3.9);
+        # 32-key steps keep the 128-row query tile (K / V re-read as often as dense), 254 registers, 0 spill.
+        (128, "varlen"): (128, 32, 8, 3, 128),
     },
     "dkdv": {
         # Dense tiles that also compile without spills under triton 3.6 (the GPU machine's): 3.9 took m64n128 at
@@ -789,21 +797,20 @@ class _Launch(NamedTuple):
 
 def _config(
     kernel: str, block_d: int, dtype: torch.dtype, max_lq: int, max_lk: int, masked: bool = False,
-    dropout: bool = False, causal: bool = False, mask_grad: bool = False, arch: int = 80,
+    dropout: bool = False, causal: bool = False, mask_grad: bool = False, arch: int = 80, varlen: bool = False,
 ) -> _Launch:
-    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch on ``arch`` (80 or 90)."""
+    """Tile sizes, warps, stages, register cap and head-dim chunk of a launch on ``arch`` (80 or 90); ``varlen``:
+    packed sequences (only the sm_90 table has entries of their own: "varlen", for launches without a mask or
+    dropout)."""
     width = max(64, block_d)
     variant = _variant(causal, masked, mask_grad and masked, dropout)
     sm90 = _CONFIGS_SM90[kernel] if arch == 90 and dtype != torch.float32 and width <= 128 else None
     if kernel in _FORCED:
-        forced = _FORCED[kernel]
-        block_m, block_n, warps, stages = (forced[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-        default_chunk = width if dtype != torch.float32 or _precision(dtype) != "ieee" or width < 256 else 64
-        chunk = forced.get("chunk", default_chunk)
-        return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages,
-                       forced.get("maxnreg"), min(chunk, width))
+        return _launch_of_config(_FORCED[kernel], width, dtype, max_lq, max_lk)
     if sm90 is not None:
         fallback = "mask" if variant == "mask_grad" and (width, "mask") in sm90 else "dense"
+        if varlen and variant in ("dense", "causal") and (width, "varlen") in sm90:
+            variant = "varlen"
         block_m, block_n, warps, stages, chunk = sm90.get((width, variant), sm90.get((width, fallback)))
         return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, None, chunk)
     block_m, block_n, warps, stages = _CONFIGS["dkdv" if kernel == "dkdv_atomic" else kernel][
@@ -812,9 +819,18 @@ def _config(
     # per element. Both need registers beside the score tile, so those launches take smaller tiles.
     if kernel == "fwd" and (masked or dropout):
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
+    elif kernel == "fwd" and width == 256 and dtype != torch.float32 and arch == 80:
+        # 16-bit at width 256 on sm_80: 64-row query tiles spilled 20-64 B under triton 3.6 (255 registers; 0 under
+        # 3.9, and sm_90's wgmma layout fits in 254), 32-row ones take 194 registers, 0 spill.
+        block_m = max(16, block_m // 2)
     elif kernel == "dq" and masked:
         block_m = max(16, block_m // 2)
     elif kernel in ("dkdv", "dkdv_atomic") and masked and width == 256:
+        block_n = max(16, block_n // 2)
+    elif kernel == "dkdv" and width == 256 and dtype != torch.float32 and (dropout and arch == 80 or varlen):
+        # 16-bit at width 256: 32-row key tiles spilled 56 B with dropout on sm_80 and 64 B for packed sequences on
+        # sm_90 under triton 3.6; 16 rows take 170-191 registers, 0 spill (dropout on sm_90 keeps 32 rows: 16
+        # rows there stop at 128 registers and spill 8 B).
         block_n = max(16, block_n // 2)
     chunk = width
     if kernel == "dkdv_atomic":
@@ -828,6 +844,10 @@ def _config(
             chunk = 32
         elif width == 128 and _precision(dtype) == "tf32" and arch == 80:
             chunk, block_n = 32, 16
+    elif kernel == "dkdv" and dropout and width == 128 and dtype != torch.float32:
+        # 16-bit dropout at width 128 (sm_80's table): with resident K / V tiles triton 3.6 spilled 8 B (255
+        # registers); S^T and dP^T contracted 64 columns at a time: 236 registers, 0 spill.
+        chunk = 64
     if dtype == torch.float32 and _precision(dtype) == "ieee":
         # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
@@ -847,6 +867,17 @@ def _config(
         maxnreg = 255
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
+
+
+def _launch_of_config(config: dict, width: int, dtype: torch.dtype, max_lq: int, max_lk: int,
+                      maxnreg: int | None = None) -> _Launch:
+    """The launch a ``forced_config`` / ``CONFIG_SPACE`` dict gives (tiles clipped to the sequences; ``maxnreg``:
+    the cap when the dict names none)."""
+    block_m, block_n, warps, stages = (config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    default_chunk = width if dtype != torch.float32 or _precision(dtype) != "ieee" or width < 256 else 64
+    chunk = config.get("chunk", default_chunk)
+    return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages,
+                   config.get("maxnreg", maxnreg), min(chunk, width))
 
 
 # report_configs pins the precision it compiles for here instead of touching torch's global flags.
@@ -870,6 +901,137 @@ def _precision(dtype: torch.dtype) -> str:
     if setting == "none":  # torch 2.13 resolves the parent itself; older releases may return "none"
         setting = getattr(torch.backends, "fp32_precision", "none")
     return "tf32" if setting == "tf32" else "ieee"
+
+
+# --------------------------------------------------------------------------------------------- autotuning
+
+# SEQFAST_ATTENTION_AUTOTUNE=1 (CUDA only): the first launch of each key (see autotune_key) times the pruned
+# CONFIG_SPACE candidates against the table's config and keeps the fastest one whose outputs match the table
+# config's (kernels/autotune.py); SEQFAST_ATTENTION_AUTOTUNE_CACHE names a JSON-lines file the winners are read
+# from and appended to. Off under torch.use_deterministic_algorithms(True): the table's configs, always.
+# forced_config wins over both.
+_AUTOTUNE_ENV = "SEQFAST_ATTENTION_AUTOTUNE"
+AUTOTUNE_CACHE_ENV = "SEQFAST_ATTENTION_AUTOTUNE_CACHE"
+_TUNER = _autotune.Tuner("seqfast attention", AUTOTUNE_CACHE_ENV) if _autotune is not None else None
+# Devices whose launches may be tuned: timing needs CUDA events (the tests add "cpu" with a timer of their own).
+_AUTOTUNE_DEVICES = ("cuda",)
+# A candidate's outputs may differ from the table config's by this much (relative to the largest magnitude):
+# summation order and, for 16-bit types, the rounding of P before P.V change with the tiles.
+_AUTOTUNE_TOL = {"fp16": 1e-2, "bf16": 5e-2, "fp32-tf32": 2e-3, "fp32-ieee": 1e-4}
+
+
+def _autotune_enabled(device: torch.device) -> bool:
+    flag = os.environ.get(_AUTOTUNE_ENV, "").strip().lower()
+    if flag in ("", "0", "false", "no", "off"):
+        return False
+    if flag not in ("1", "true", "yes", "on"):
+        raise ValueError(f"{_AUTOTUNE_ENV} must be 1 or 0, got {os.environ[_AUTOTUNE_ENV]!r}")
+    return (_TUNER is not None and device.type in _AUTOTUNE_DEVICES
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def _dtype_label(dtype: torch.dtype) -> str:
+    return f"fp32-{_precision(dtype)}" if dtype == torch.float32 else _TRITON_DTYPE[dtype]
+
+
+def _length_bucket(n: int) -> int:
+    return min(_pow2(n), 1 << 16)
+
+
+def autotune_key(kernel: str, arch: str, dtype: torch.dtype, head_dim: int, max_lq: int, max_lk: int,
+                 causal: bool = False, masked: bool = False, mask_grad: bool = False, dropout: bool = False,
+                 varlen: bool = False) -> str:
+    """The autotuning key of a launch: ``kernel`` ("fwd", "dkdv", "dq", "dkdv_atomic"), ``arch`` (e.g. "sm90",
+    the device's compute capability), dtype (fp32 with its dot precision), head-dim tile width (64 / 128 / 256;
+    ``head_dim`` = max(D, Dv)), mode (causal or full, mask, mask gradient, dropout, varlen) and the power-of-two
+    buckets of the longest query and key sequences. E.g. ``sm90/fwd/bf16/d128/causal/q4096k4096``."""
+    if kernel not in _KERNELS or kernel == "decode":
+        raise ValueError(f"no autotuning for attention kernel {kernel!r}")
+    mode = "causal" if causal else "full"
+    if masked:
+        mode += "+mask_grad" if mask_grad else "+mask"
+    if dropout:
+        mode += "+dropout"
+    if varlen:
+        mode += "+varlen"
+    width = max(64, _pow2(head_dim))
+    return (f"{arch}/{kernel}/{_dtype_label(dtype)}/d{width}/{mode}/"
+            f"q{_length_bucket(max_lq)}k{_length_bucket(max_lk)}")
+
+
+def _arch_label(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def autotune_candidates(kernel: str, default: _Launch, width: int, dtype: torch.dtype, max_lq: int, max_lk: int,
+                        arch: int, plain: bool) -> list[_Launch]:
+    """The pruned candidate launches of ``kernel``: ``CONFIG_SPACE`` clipped to the sequences, without
+    duplicates or the default. The space was compiled without spills for sm_90 fp16 / bf16 at head dims <= 128
+    without masks or dropout (``plain``); elsewhere only candidates whose score tile is no larger than the
+    default's are kept (larger ones spilled in the compile sweeps)."""
+    validated = arch == 90 and dtype != torch.float32 and width <= 128 and plain
+    chosen: list[_Launch] = []
+    for config in CONFIG_SPACE[kernel]:
+        launch = _launch_of_config(config, width, dtype, max_lq, max_lk, default.maxnreg)
+        if not validated and launch.block_m * launch.block_n > default.block_m * default.block_n:
+            continue
+        if launch != default and launch not in chosen:
+            chosen.append(launch)
+    return chosen
+
+
+def autotune_entry(kernel: str, config: dict | None, device: torch.device | str, dtype: torch.dtype, head_dim: int,
+                   max_lq: int, max_lk: int, causal: bool = False, masked: bool = False, mask_grad: bool = False,
+                   dropout: bool = False, varlen: bool = False) -> dict:
+    """The autotuning cache entry (``{"key": .., "config": ..}``, kernels/autotune.py) under which tuned
+    launches of this key on ``device`` use ``config`` (a ``CONFIG_SPACE`` dict; None: the table's launch). A
+    sweep on hardware (benchmarks/gpu_validate.py) writes these, so its output can be shipped as a cache."""
+    device = torch.device(device)
+    width = max(64, _pow2(head_dim))
+    launch = _config(kernel, width, dtype, max_lq, max_lk, masked, dropout, causal, mask_grad and masked,
+                     arch=_arch(device), varlen=varlen)
+    if config is not None:
+        launch = _launch_of_config(config, width, dtype, max_lq, max_lk, launch.maxnreg)
+    key = autotune_key(kernel, _arch_label(device), dtype, head_dim, max_lq, max_lk, causal, masked, mask_grad,
+                       dropout, varlen)
+    return {"key": key, "config": launch._asdict()}
+
+
+def _launch_of_entry(config: dict) -> _Launch:
+    launch = _Launch(**config)
+    sizes = (launch.block_m, launch.block_n, launch.warps, launch.stages, launch.chunk)
+    if not all(isinstance(v, int) and v > 0 for v in sizes) or not isinstance(launch.maxnreg, (int, type(None))):
+        raise ValueError(f"not a launch config: {config!r}")
+    return launch
+
+
+def _tuned(kernel: str, launch: _Launch, device: torch.device, width: int, dtype: torch.dtype, max_lq: int,
+           max_lk: int, run: Callable[[_Launch], tuple], causal: bool = False, masked: bool = False,
+           mask_grad: bool = False, dropout: bool = False, varlen: bool = False) -> _Launch:
+    """``launch``, or with autotuning on, the tuned launch of this key (tuned now if it is new: ``run(launch)``
+    launches one config into fresh outputs and returns them)."""
+    if kernel in _FORCED or not _autotune_enabled(device):
+        return launch
+    width = max(64, width)  # the head-dim bucket, as _config takes it
+    key = autotune_key(kernel, _arch_label(device), dtype, width, max_lq, max_lk, causal, masked, mask_grad,
+                       dropout, varlen)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Timing and comparing would synchronise inside a CUDA-graph capture: only what is cached already.
+        cached = _TUNER.lookup(key)
+        return launch if cached is None else _launch_of_entry(cached)
+    candidates = autotune_candidates(kernel, launch, width, dtype, max_lq, max_lk, _arch(device),
+                                     not (masked or dropout))
+    chosen = _TUNER.choose(key, launch._asdict(), [c._asdict() for c in candidates],
+                           lambda config: run(_launch_of_entry(config)), _AUTOTUNE_TOL[_dtype_label(dtype)])
+    try:
+        return _launch_of_entry(chosen)
+    except (TypeError, ValueError) as exc:
+        warnings.warn(f"seqfast attention autotuning: the cached config of {key} is unusable ({exc}); using the "
+                      "default", RuntimeWarning, stacklevel=3)
+        return launch
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -988,36 +1150,46 @@ class _Part:
 def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q, cu_k, B, Lq, Lk, max_q, max_k):
     varlen = cu_q is not None
     c = _Common(query, key, value, scale, varlen)
-    if varlen:
-        out = torch.empty((query.shape[0], c.Hq, c.DV), dtype=query.dtype, device=query.device)
-        lse = torch.empty((c.Hq, query.shape[0]), dtype=torch.float32, device=query.device)
-    else:
-        out = torch.empty((B, c.Hq, Lq, c.DV), dtype=query.dtype, device=query.device)
-        lse = torch.empty((B, c.Hq, Lq), dtype=torch.float32, device=query.device)
+
+    def outputs():
+        if varlen:
+            return (torch.empty((query.shape[0], c.Hq, c.DV), dtype=query.dtype, device=query.device),
+                    torch.empty((c.Hq, query.shape[0]), dtype=torch.float32, device=query.device))
+        return (torch.empty((B, c.Hq, Lq, c.DV), dtype=query.dtype, device=query.device),
+                torch.empty((B, c.Hq, Lq), dtype=torch.float32, device=query.device))
+
+    out, lse = outputs()
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     if max_q == 0 or B == 0:
         return out, lse
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     dropout = dropout_p > 0.0
-    block_m, block_n, warps, stages, maxnreg, _ = _config("fwd", c.width, c.dtype, max_q, max_k,
-                                                          mask_kind != _MASK_NONE, dropout, bool(causal),
-                                                          arch=_arch(query.device))
+    modes = dict(causal=bool(causal), masked=mask_kind != _MASK_NONE, dropout=dropout)
+    launch = _config("fwd", c.width, c.dtype, max_q, max_k, arch=_arch(query.device), varlen=varlen, **modes)
     seed_arg = _seed_arg(seed, query.device) if dropout else query
-    for b0, b1 in _batch_parts(B):
-        p = _Part(b0, b1, B, varlen)
-        _attn_fwd[(triton.cdiv(max_q, block_m), c.Hq, b1 - b0)](
-            p(query), p(key), p(value), p(mask), p(out), p(lse), p.cu(cu_q, query), p.cu(cu_k, query),
-            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
-            *_row_strides(out, varlen), *_lse_strides(lse, varlen),
-            c.Hq, c.group, Lq, Lk,
-            c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
-            seed_arg, p.drop_base(c.Hq, Lq, Lk),
-            D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-            CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
-            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-        )
-    return out, lse
+
+    def run(launch: _Launch, out=None, lse=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if out is None:
+            out, lse = outputs()
+        block_m, block_n, warps, stages, maxnreg, _ = launch
+        for b0, b1 in _batch_parts(B):
+            p = _Part(b0, b1, B, varlen)
+            _attn_fwd[(triton.cdiv(max_q, block_m), c.Hq, b1 - b0)](
+                p(query), p(key), p(value), p(mask), p(out), p(lse), p.cu(cu_q, query), p.cu(cu_k, query),
+                *c.q_strides, *c.k_strides, *c.v_strides, *m_strides,
+                *_row_strides(out, varlen), *_lse_strides(lse, varlen),
+                c.Hq, c.group, Lq, Lk,
+                c.qk_scale, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
+                seed_arg, p.drop_base(c.Hq, Lq, Lk),
+                D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+                CAUSAL=int(causal), MASK_KIND=mask_kind, DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision,
+                num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+            )
+        return out, lse
+
+    launch = _tuned("fwd", launch, query.device, c.width, c.dtype, max_q, max_k, run, varlen=varlen, **modes)
+    return run(launch, out, lse)
 
 
 _BACKWARD_MODES = ("deterministic", "atomic")
@@ -1048,16 +1220,17 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
               cu_q, cu_k, B, Lq, Lk, max_q, max_k):
     varlen = cu_q is not None
     c = _Common(query, key, value, scale, varlen)
-    dq = torch.empty_like(query, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(key, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(value, memory_format=torch.contiguous_format)
-    if mask_grad:
-        # Zeros: causal skipping leaves pairs no kernel visits, and their gradient is 0.
-        dmask = torch.zeros((B, c.Hq, Lq, Lk), dtype=attn_mask.dtype, device=query.device)
-    else:
-        dmask = query.new_empty((0,))
+
+    def new_dmask():
+        if mask_grad:
+            # Zeros: causal skipping leaves pairs no kernel visits, and their gradient is 0.
+            return torch.zeros((B, c.Hq, Lq, Lk), dtype=attn_mask.dtype, device=query.device)
+        return query.new_empty((0,))
+
     if B == 0 or max_q == 0 or max_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+        return (torch.zeros_like(query, memory_format=torch.contiguous_format),
+                torch.zeros_like(key, memory_format=torch.contiguous_format),
+                torch.zeros_like(value, memory_format=torch.contiguous_format), new_dmask())
     lse = lse.float() if lse.dtype != torch.float32 else lse
     delta = torch.empty_like(lse)
     pre_m = _preprocess_block_m(c.block_dv)
@@ -1068,49 +1241,71 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
                  DROPOUT=dropout, VARLEN=varlen, PRECISION=c.precision)
     # Head dims > 128 keep the deterministic backward: the atomic kernel spills there (benchmarks/NOTES.md).
     atomic = _backward_mode() == "atomic" and c.width <= 128
-    variant = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal), mask_grad=bool(mask_grad),
-                   arch=_arch(query.device))
-    dkdv = _config("dkdv_atomic" if atomic else "dkdv", c.width, c.dtype, max_q, max_k, **variant)
-    dq_launch = _config("dq", c.width, c.dtype, max_q, max_k, **variant)
-    dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
-    # The atomic path sums dQ in fp32 (zeros: rows no key tile reaches keep a zero gradient).
-    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else None
-    dq_acc_strides = _row_strides(dq_acc, varlen) if atomic else (0, 0, 0)
-    for b0, b1 in _batch_parts(B):
-        p = _Part(b0, b1, B, varlen)
-        cu_q_arg, cu_k_arg = p.cu(cu_q, query), p.cu(cu_k, query)
-        _attn_bwd_preprocess[(triton.cdiv(max_q, pre_m), c.Hq, b1 - b0)](
-            p(out), p(grad_out), p(delta), cu_q_arg,
+    modes = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal), mask_grad=bool(mask_grad))
+    arch = _arch(query.device)
+    dkdv_name = "dkdv_atomic" if atomic else "dkdv"
+    parts = [_Part(b0, b1, B, varlen) for b0, b1 in _batch_parts(B)]
+    for p in parts:
+        _attn_bwd_preprocess[(triton.cdiv(max_q, pre_m), c.Hq, p.b1 - p.b0)](
+            p(out), p(grad_out), p(delta), p.cu(cu_q, query),
             *_row_strides(out, varlen), *_row_strides(grad_out, varlen), *_lse_strides(delta, varlen),
             Lq, DV=c.DV, BLOCK_M=pre_m, BLOCK_DV=c.block_dv, VARLEN=varlen, num_warps=8, num_stages=1,
         )
-        common_tail = (c.Hq, c.group, Lq, Lk, c.scale, c.qk_scale, float(dropout_p),
-                       1.0 / (1.0 - dropout_p) if dropout else 1.0, seed_arg, p.drop_base(c.Hq, Lq, Lk))
 
-        block_m, block_n, warps, stages, maxnreg, chunk = dkdv
-        _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, b1 - b0)](
-            p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dk), p(dv),
-            p(dmask) if mask_grad else query, p(dq_acc) if atomic else query, cu_q_arg, cu_k_arg,
-            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
-            *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
-            *dq_acc_strides,
-            *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
-            D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv), ATOMIC_DQ=atomic,
-            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-        )
-        if atomic:
-            continue
-        block_m, block_n, warps, stages, maxnreg, chunk = dq_launch
-        _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, b1 - b0)](
-            p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dq), cu_q_arg, cu_k_arg,
-            *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
-            *_lse_strides(delta, varlen), *_row_strides(dq, varlen),
-            *common_tail, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-            D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
-            num_warps=warps, num_stages=stages, maxnreg=maxnreg,
-        )
+    def common_tail(p: _Part) -> tuple:
+        return (c.Hq, c.group, Lq, Lk, c.scale, c.qk_scale, float(dropout_p),
+                1.0 / (1.0 - dropout_p) if dropout else 1.0, seed_arg, p.drop_base(c.Hq, Lq, Lk))
+
+    def run_dkdv(launch: _Launch) -> tuple[torch.Tensor, ...]:
+        """dK, dV, dmask (and with atomics the fp32 dQ sum) of one launch into fresh outputs."""
+        dk = torch.empty_like(key, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(value, memory_format=torch.contiguous_format)
+        dmask = new_dmask()
+        dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
+        # The atomic path sums dQ in fp32 (zeros: rows no key tile reaches keep a zero gradient).
+        dq_acc = torch.zeros(query.shape, dtype=torch.float32, device=query.device) if atomic else None
+        dq_acc_strides = _row_strides(dq_acc, varlen) if atomic else (0, 0, 0)
+        block_m, block_n, warps, stages, maxnreg, chunk = launch
+        for p in parts:
+            _attn_bwd_dkdv[(triton.cdiv(max_k, block_n), c.Hk, p.b1 - p.b0)](
+                p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dk), p(dv),
+                p(dmask) if mask_grad else query, p(dq_acc) if atomic else query, p.cu(cu_q, query),
+                p.cu(cu_k, query),
+                *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
+                *_lse_strides(delta, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *dm_strides,
+                *dq_acc_strides,
+                *common_tail(p), BLOCK_M=block_m, BLOCK_N=block_n, MASK_GRAD=bool(mask_grad), **flags,
+                D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv), ATOMIC_DQ=atomic,
+                num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+            )
+        return (dk, dv, dmask, dq_acc) if atomic else (dk, dv, dmask)
+
+    def run_dq(launch: _Launch) -> tuple[torch.Tensor]:
+        dq = torch.empty_like(query, memory_format=torch.contiguous_format)
+        block_m, block_n, warps, stages, maxnreg, chunk = launch
+        for p in parts:
+            _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, p.b1 - p.b0)](
+                p(query), p(key), p(value), p(mask), p(grad_out), p(lse), p(delta), p(dq), p.cu(cu_q, query),
+                p.cu(cu_k, query),
+                *c.q_strides, *c.k_strides, *c.v_strides, *m_strides, *_row_strides(grad_out, varlen),
+                *_lse_strides(delta, varlen), *_row_strides(dq, varlen),
+                *common_tail(p), BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+                D_CHUNK=min(chunk, c.block_d), DV_CHUNK=min(chunk, c.block_dv),
+                num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+            )
+        return (dq,)
+
+    def tuned(name: str, run: Callable[[_Launch], tuple]) -> _Launch:
+        launch = _config(name, c.width, c.dtype, max_q, max_k, arch=arch, varlen=varlen, **modes)
+        return _tuned(name, launch, query.device, c.width, c.dtype, max_q, max_k, run, varlen=varlen,
+                      **dict(modes, mask_grad=bool(mask_grad) and modes["masked"]))
+
+    dk, dv, dmask, *acc = run_dkdv(tuned(dkdv_name, run_dkdv))
     if atomic:
-        dq.copy_(dq_acc)
+        dq = torch.empty_like(query, memory_format=torch.contiguous_format)
+        dq.copy_(acc[0])
+    else:
+        (dq,) = run_dq(tuned("dq", run_dq))
     return dq, dk, dv, dmask
 
 
@@ -1372,7 +1567,7 @@ def report_configs() -> list[dict]:
                         continue
                     precision = "ieee" if label.endswith("ieee") else "tf32"
                     flags = dict(masked=mask_kind != _MASK_NONE, dropout=dropout, causal=bool(causal),
-                                 mask_grad=mask_grad)
+                                 mask_grad=mask_grad, varlen=varlen)
                     with _pinned_precision(precision):
                         launches = {arch: _config(kernel, width, dtype, 1 << 20, 1 << 20, arch=arch, **flags)
                                     for arch in _ARCHS}

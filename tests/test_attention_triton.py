@@ -446,11 +446,34 @@ def test_sm90_backward_tiles_are_wgmma_sized(kernels, dtype, width):
                                                (0, 0, 0, 1)]:
         flags = dict(masked=bool(masked), dropout=bool(dropout), causal=bool(causal), mask_grad=bool(mask_grad))
         for kernel in ("fwd", "dkdv", "dq", "dkdv_atomic"):
-            launch = kernels._config(kernel, width, dtype, 1 << 20, 1 << 20, arch=90, **flags)
-            rows = launch.block_n if kernel.startswith("dkdv") else launch.block_m
-            assert launch.warps % 4 == 0 and rows % 64 == 0 and rows // 64 <= launch.warps // 4, (kernel, flags)
+            for varlen in (False, True):
+                launch = kernels._config(kernel, width, dtype, 1 << 20, 1 << 20, arch=90, varlen=varlen, **flags)
+                rows = launch.block_n if kernel.startswith("dkdv") else launch.block_m
+                assert launch.warps % 4 == 0 and rows % 64 == 0 and rows // 64 <= launch.warps // 4, \
+                    (kernel, flags, varlen)
         assert kernels._config("dkdv", width, dtype, 1 << 20, 1 << 20, arch=80, **flags)[:4] == \
             kernels._config("dkdv", width, dtype, 1 << 20, 1 << 20, **flags)[:4]
+
+
+def test_configs_that_spilled_under_triton_36(kernels):
+    """Launches that the kernel report found spilling under triton 3.6 (the GPU machine's) take their own
+    entries: the packed forward at width 128 on sm_90 (m128n64: 112 B), sm_80's 16-bit dropout dK/dV at width
+    128 (resident K / V: 8 B), sm_80's 16-bit forward at width 256 (64-row query tiles: 20-64 B) and the 16-bit
+    dK/dV at width 256 with dropout (sm_80) or packed sequences."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            varlen = kernels._config("fwd", 128, dtype, 1 << 20, 1 << 20, causal=causal, arch=90, varlen=True)
+            assert varlen[:4] == (128, 32, 8, 3)
+            assert kernels._config("fwd", 128, dtype, 1 << 20, 1 << 20, causal=causal, arch=90)[:4] == (128, 64, 8, 3)
+        assert kernels._config("dkdv", 128, dtype, 1 << 20, 1 << 20, dropout=True, arch=80).chunk == 64
+        assert kernels._config("dkdv", 128, dtype, 1 << 20, 1 << 20, arch=80).chunk == 128
+        for arch, rows in ((80, 32), (90, 64)):
+            assert kernels._config("fwd", 256, dtype, 1 << 20, 1 << 20, causal=True, arch=arch)[:2] == (rows, 16)
+            # 16-bit dK/dV at width 256: 16-row key tiles with dropout (32 spilled 56 B on sm_80) or packed
+            # sequences (64 B on sm_90), 32 otherwise.
+            for flags, keys in ((dict(dropout=True), 16 if arch == 80 else 32), (dict(varlen=True, causal=True), 16),
+                                ({}, 32)):
+                assert kernels._config("dkdv", 256, dtype, 1 << 20, 1 << 20, arch=arch, **flags).block_n == keys
 
 
 def test_mha_dropped_weights_match_the_triton_output():

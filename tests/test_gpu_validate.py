@@ -44,6 +44,7 @@ def test_dry_run_end_to_end(tmp_path):
     _check_crashes(records)
     _check_content(records)
     _check_summary(tmp_path)
+    _check_autotune_cache(tmp_path, records)
     print(f"dry run: {time.time() - start:.1f} s, {len(records)} records")
 
 
@@ -88,14 +89,34 @@ def _check_content(records: list[dict]) -> None:
     assert attention and all(r["metrics"]["out_err"] < 1e-2 for r in attention)
     ctc = [r for r in records if r["group"] == "ctc_correctness" and "loss_err" in r["metrics"]]
     assert ctc and all(r["status"] == "ok" for r in ctc), ctc
+    decoding = [r for r in records if r["group"] == "ctc_decoding" and "scores_max_abs_err" in r["metrics"]]
+    assert decoding and all(r["status"] == "ok" for r in decoding), decoding
     # Timings carry the dry-run timer label, never a CUDA figure.
     timed = [r for r in records if r["group"] in ("attention_timing", "ctc_timing") and "timer" in r["metrics"]]
     assert timed and all("dry run" in r["metrics"]["timer"] for r in timed)
     # The sweep engine ranked the good configs of the stand-in module and rejected the wrong and broken ones.
     assert names[("sweep", "self-test on gpu.fake_tunable")]["status"] == "ok"
+    # The attention sweep's winners are autotuning cache entries, readable from gpu_validate.jsonl as it is.
+    tuned = {r["metrics"]["autotune"]["key"]: r["metrics"]["autotune"] for r in records
+             if r["group"] == "sweep" and "autotune" in r["metrics"]}
+    launches = {key.split("/")[1] for key in tuned}
+    assert {"fwd", "dkdv", "dq"} <= launches and all(key.startswith("cpu/") for key in tuned), sorted(tuned)
+    assert all(set(e["config"]) == {"block_m", "block_n", "warps", "stages", "maxnreg", "chunk"}
+               for e in tuned.values())
     # CUDA-only work is a skip with its reason.
     assert all(r["status"] == "skip" and "CUDA" in r["error"]
                for r in records if r["group"] == "big_tensor" and r["name"].startswith("attention"))
+
+
+def _check_autotune_cache(out: Path, records: list[dict]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_autotune_under_test", ROOT / "kernels" / "autotune.py")
+    autotune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(autotune)
+    entries = autotune.read_entries(out / "gpu_validate.jsonl")
+    written = [r["metrics"]["autotune"] for r in records if "autotune" in r["metrics"]]
+    assert written and {e["key"]: e for e in written} == entries
 
 
 def _check_summary(out: Path) -> None:

@@ -191,6 +191,22 @@ def test_command_line_fails_on_spills_unless_allowed(kernels_file, tmp_path):
     assert "warning: spill [8192] sm_80 spills" in allowed.stderr
 
 
+def test_jsonl_rows_resume_and_cuobjdump_spill_figure(kernels_file, tmp_path):
+    rows_file = tmp_path / "rows.jsonl"
+    first = _cli(kernels_file, "--arch", "sm_80", "--jsonl", str(rows_file), "--no-ptxas-v", "--allow-spills")
+    assert first.returncode == 0, first.stdout + first.stderr
+    rows = {r["kernel"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
+    assert sorted(rows) == ["matmul", "spill"]
+    # Without ptxas -v the figure is cuobjdump's LOCAL + STACK: never 0 where ptxas spills.
+    spill = rows["spill"]
+    assert spill["spill_bytes"] == spill["local_bytes"] + spill["stack_bytes"] > 0
+    assert rows["matmul"]["spill_bytes"] == 0
+    # --resume: every (config, arch) of the file is left out, so nothing is compiled, nothing fails.
+    again = _cli(kernels_file, "--arch", "sm_80", "--jsonl", str(rows_file), "--resume")
+    assert again.returncode == 0 and "SPILLS" not in again.stdout, again.stdout + again.stderr
+    assert len(rows_file.read_text().splitlines()) == 2
+
+
 def test_pointers_are_compiled_as_aligned_by_default():
     class Fn:
         arg_names = ["x_ptr", "n", "y_ptr", "BLOCK"]

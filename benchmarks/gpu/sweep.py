@@ -19,6 +19,11 @@ Which op a launch name is timed through (the launch itself cannot be called alon
   ``SEQFAST_ATTENTION_BWD=atomic``.
 Outputs must match the default config's within 2e-2 (bf16 forward) / 5e-2 (bf16 gradients) / 1e-4 (fp32) of
 their max |value|.
+
+Attention's summary records also carry ``metrics["autotune"]``: the cache entry (``kernels.attention``'s
+``autotune_entry``) that makes ``SEQFAST_ATTENTION_AUTOTUNE=1`` take the winner (the default where no candidate
+beat it) for that key; ``SEQFAST_ATTENTION_AUTOTUNE_CACHE=DIR/gpu_validate.jsonl`` reads them straight from the
+run's output.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class Target:
     prepare: Callable[[], Any]
     run: Callable[[Any], tuple]
     tol: float  # max |out - default out| / max |default out|
+    # Keyword arguments of the module's autotune_entry (dtype, head_dim, max_lq, max_lk, causal, ...): where
+    # given, the winner is also recorded as an autotuning cache entry (metrics["autotune"]).
+    tune: dict[str, Any] | None = None
 
 
 def offers_interface(module: Any) -> bool:
@@ -110,6 +118,11 @@ def sweep_target(ctx: Context, label: str, module: Any, kernel: str, configs: li
         summary.update(best_config=_config_label(configs[best]), best_ms=round(best_ms, 4),
                        best_vs_default=round(default_ms / best_ms, 3),
                        ranking=" < ".join(f"#{i} {ms:.4f}" for ms, i in timings))
+    if target.tune is not None and callable(getattr(module, "autotune_entry", None)):
+        # The launch SEQFAST_ATTENTION_AUTOTUNE should take for this key: the best candidate if it beat the
+        # default, else the default. gpu_validate.jsonl then serves as the autotuning cache file as it is.
+        winner = configs[timings[0][1]] if timings and timings[0][0] < default_ms else None
+        summary["autotune"] = module.autotune_entry(kernel, winner, ctx.device, **target.tune)
     if write:
         ctx.record(f"{label}.{kernel} @ {target.shape_key}: best", "ok" if timings else "fail", summary,
                    None if timings else "no config passed the check")
@@ -222,14 +235,19 @@ def _attention_targets(ctx: Context, module: Any) -> Callable[[str], list[Target
             else:
                 os.environ["SEQFAST_ATTENTION_BWD"] = old
 
+    def tune(shape):
+        _, dtype, _, _, _, Lq, Lk, D, causal = shape
+        return {"dtype": dtype, "head_dim": D, "max_lq": Lq, "max_lk": Lk, "causal": bool(causal)}
+
     def targets(kernel: str) -> list[Target]:
         if "decode" in kernel:
             return [Target(s[0], prepare_for(s, False), forward, tol(s, False)) for s in decode]
         if _is_forward(kernel):
             chosen = shapes + ([] if has_decode else decode)
-            return [Target(s[0], prepare_for(s, False), forward, tol(s, False)) for s in chosen]
+            return [Target(s[0], prepare_for(s, False), forward, tol(s, False), tune(s) if s[5] > 1 else None)
+                    for s in chosen]
         run = atomic_backward if "atomic" in kernel else backward
-        return [Target(s[0], prepare_for(s, True), run, tol(s, True)) for s in shapes]
+        return [Target(s[0], prepare_for(s, True), run, tol(s, True), tune(s)) for s in shapes]
 
     return targets
 
