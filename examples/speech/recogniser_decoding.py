@@ -33,7 +33,7 @@ import seqfast
 
 from . import ctc_metrics, vocabulary
 from .recogniser_model import ModelConfig, Recogniser
-from .recogniser_training import SIZES, Utterances, collate, is_digit_string, load_utterances
+from .recogniser_training import SIZES, Utterances, collate, load_utterances, rates_by_kind
 
 DECODERS = ("greedy", "beam", "beam_lexicon", "beam_lm", "beam_lexicon_lm")
 BEAM_SIZE = 64
@@ -125,15 +125,7 @@ def rates_of(data: Utterances, batches, name: str, setup: DecoderSetup | None) -
         seconds += time.perf_counter() - begin
         for i, text in zip(index, texts):
             hyps[i] = text
-    digit = [i for i, t in enumerate(data.texts) if is_digit_string(t)]
-    phrase = [i for i, t in enumerate(data.texts) if not is_digit_string(t)]
-    return DecoderRates(
-        hyps,
-        ctc_metrics.error_rates(data.texts, hyps),
-        ctc_metrics.error_rates([data.texts[i] for i in digit], [hyps[i] for i in digit]),
-        ctc_metrics.error_rates([data.texts[i] for i in phrase], [hyps[i] for i in phrase]),
-        seconds,
-    )
+    return DecoderRates(hyps, *rates_by_kind(data.texts, hyps), seconds)
 
 
 def tune(model: Recogniser, valid: Utterances, setup: DecoderSetup, names: tuple[str, ...]) -> dict[str, dict]:

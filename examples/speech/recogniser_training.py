@@ -210,16 +210,16 @@ def evaluate(model: Recogniser, data: Utterances, batch_size: int = 32) -> Evalu
         for i, text in zip(batch.index, texts):
             hyps[i] = text
     model.train(was_training)
-    digit = [i for i, t in enumerate(data.texts) if is_digit_string(t)]
-    phrase = [i for i, t in enumerate(data.texts) if not is_digit_string(t)]
-    return Evaluation(
-        hyps,
-        ctc_metrics.error_rates(data.texts, hyps),
-        ctc_metrics.error_rates([data.texts[i] for i in digit], [hyps[i] for i in digit]),
-        ctc_metrics.error_rates([data.texts[i] for i in phrase], [hyps[i] for i in phrase]),
-        seconds,
-        cpu_seconds,
-    )
+    return Evaluation(hyps, *rates_by_kind(data.texts, hyps), seconds, cpu_seconds)
+
+
+def rates_by_kind(texts: list[str], hyps: list[str]) -> tuple[ctc_metrics.ErrorRates, ...]:
+    """Corpus error rates of `hyps` against `texts`: all utterances, the digit strings, the phrases."""
+    digit = [i for i, t in enumerate(texts) if is_digit_string(t)]
+    phrase = [i for i, t in enumerate(texts) if not is_digit_string(t)]
+    return (ctc_metrics.error_rates(texts, hyps),
+            ctc_metrics.error_rates([texts[i] for i in digit], [hyps[i] for i in digit]),
+            ctc_metrics.error_rates([texts[i] for i in phrase], [hyps[i] for i in phrase]))
 
 
 @dataclass
