@@ -84,6 +84,11 @@ def _lengths(name: str, value: IntLengths, batched: bool, n: int) -> torch.Tenso
     return t
 
 
+def _blank(blank: object, C: int) -> None:
+    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
+        raise ArgumentError(f"blank must be in [0, {C}) (C = number of classes), got {blank!r}")
+
+
 def reduction_argument(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -119,8 +124,7 @@ def ctc_arguments(
     T, N, C = lp.shape
     if not isinstance(targets, torch.Tensor) or targets.is_complex():
         raise ArgumentError(f"targets must be a real tensor, got {getattr(targets, 'dtype', type(targets))}")
-    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
-        raise ArgumentError(f"blank must be in [0, {C}) (C = number of classes), got {blank}")
+    _blank(blank, C)
     device = lp.device
     il = _lengths("input_lengths", input_lengths, batched, N)
     tl = _lengths("target_lengths", target_lengths, batched, N)
@@ -271,6 +275,18 @@ class CTCGreedyArguments(NamedTuple):
     batched: bool
 
 
+def _input_lengths_within(il: torch.Tensor, T: int) -> None:
+    """input_lengths (N,) in [0, T]: refused otherwise, naming the first offending index (one sync on a device)."""
+    if not il.numel():
+        return
+    lo, hi = (il.min().item(), il.max().item()) if il.device.type == "cpu" else \
+        torch.stack([il.min(), il.max()]).tolist()
+    if lo < 0:
+        raise ArgumentError(f"input_lengths must be >= 0, got {lo} at index {int(il.argmin())}")
+    if hi > T:
+        raise ArgumentError(f"input_lengths must be <= T = {T}, got {hi} at index {int(il.argmax())}")
+
+
 def _decoder_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     _floating("log_probs", log_probs)
     if log_probs.dim() not in (2, 3):
@@ -284,8 +300,7 @@ def ctc_greedy_arguments(log_probs: torch.Tensor, input_lengths: IntLengths, bla
     lp = _decoder_log_probs(log_probs)
     batched = log_probs.dim() == 3
     T, N, C = lp.shape
-    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
-        raise ArgumentError(f"blank must be in [0, {C}) (C = number of classes), got {blank}")
+    _blank(blank, C)
     try:
         il = _lengths("input_lengths", input_lengths, batched, N)
     except ArgumentError as exc:
@@ -294,13 +309,7 @@ def ctc_greedy_arguments(log_probs: torch.Tensor, input_lengths: IntLengths, bla
         il = il.to(lp.device)
         torch._assert_async(((il >= 0) & (il <= T)).all(), "input_lengths must be in [0, T]")
         return CTCGreedyArguments(lp, il, batched)
-    if N:
-        lo, hi = (il.min().item(), il.max().item()) if il.device.type == "cpu" else \
-            torch.stack([il.min(), il.max()]).tolist()  # one sync
-        if lo < 0:
-            raise ArgumentError(f"input_lengths must be >= 0, got {lo} at index {int(il.argmin())}")
-        if hi > T:
-            raise ArgumentError(f"input_lengths must be <= T = {T}, got {hi} at index {int(il.argmax())}")
+    _input_lengths_within(il, T)
     return CTCGreedyArguments(lp, to_device(il, lp.device), batched)
 
 
@@ -619,13 +628,10 @@ def ctc_beam_search_arguments(
     """Validate :func:`seqfast.ctc_beam_search`'s arguments and bring them to the op's form (on the CPU;
     float16/bfloat16 read as float32). ``log_probs`` may not hold NaN or +inf (there is no torch result to
     follow, and no ranking of NaN scores): refused, as are lengths outside [0, T]."""
-    _floating("log_probs", log_probs)
-    if log_probs.dim() not in (2, 3):
-        raise ArgumentError(f"log_probs must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")
+    lp = _decoder_log_probs(log_probs)
     batched = log_probs.dim() == 3
-    C = log_probs.shape[-1]
-    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
-        raise ArgumentError(f"blank must be an int in [0, {C}) (C = number of classes), got {blank!r}")
+    C = lp.shape[-1]
+    _blank(blank, C)
     beam_size = _int_at_least("beam_size", beam_size, 1)
     top_k = 0 if top_k_tokens is None else _int_at_least("top_k_tokens", top_k_tokens, 1)
     min_logp = -math.inf if token_min_logp is None else _real("token_min_logp", token_min_logp)
@@ -666,19 +672,13 @@ def ctc_beam_search_arguments(
     elif word_delimiter is not None:
         raise ArgumentError("word_delimiter is only used with a lexicon; got a word_delimiter without one")
 
-    lp, lengths = _to_host(log_probs, input_lengths)
-    lp = lp if batched else lp.unsqueeze(1)
+    lp, lengths = _to_host(lp, input_lengths)
     T, N, _ = lp.shape
     if lengths is None:
         il = torch.full((N,), T, dtype=torch.int64)
     else:
         il = _lengths("input_lengths", lengths, batched, N)
-        if il.numel():
-            lo, hi = int(il.min()), int(il.max())
-            if lo < 0:
-                raise ArgumentError(f"input_lengths must be >= 0, got {lo} at index {int(il.argmin())}")
-            if hi > T:
-                raise ArgumentError(f"input_lengths must be <= T = {T}, got {hi} at index {int(il.argmax())}")
+        _input_lengths_within(il, T)
     if lp.dtype in (torch.float16, torch.bfloat16):
         lp = lp.float()
     # One reduction: the max is NaN where any entry is, +inf where one is and none is NaN.
