@@ -33,7 +33,7 @@ import seqfast
 
 from . import ctc_metrics, vocabulary
 from .recogniser_model import ModelConfig, Recogniser
-from .recogniser_training import SIZES, Utterances, collate, load_utterances, rates_by_kind
+from .recogniser_training import SIZES, Utterances, eval_batches, load_utterances, rates_by_kind
 
 DECODERS = ("greedy", "beam", "beam_lexicon", "beam_lm", "beam_lexicon_lm")
 BEAM_SIZE = 64
@@ -103,15 +103,10 @@ class DecoderRates:
 def log_probs_of(model: Recogniser, data: Utterances, batch_size: int = 32) -> list[tuple[list[int], torch.Tensor,
                                                                                           torch.Tensor]]:
     """The model's CTC log-probabilities per length-sorted batch: (indices, log_probs [T, N, C], lengths [N])."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(data)), key=lambda i: data.features[i].shape[0])
     out = []
-    for start in range(0, len(order), batch_size):
-        batch = collate(data, order[start : start + batch_size])
+    for batch in eval_batches(model, data, batch_size):
         logits, lengths = model(batch.features, batch.lengths)
         out.append((batch.index, logits.log_softmax(-1), lengths))
-    model.train(was_training)
     return out
 
 

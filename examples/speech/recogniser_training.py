@@ -192,16 +192,25 @@ class Evaluation:
     batch_cpu_seconds: list[float] = field(default_factory=list)  # process CPU time per inference batch
 
 
-@torch.no_grad()
-def evaluate(model: Recogniser, data: Utterances, batch_size: int = 32) -> Evaluation:
-    """Greedy decoding of every utterance of `data` in length-sorted batches (eval mode, restored after)."""
+def eval_batches(model: Recogniser, data: Utterances, batch_size: int = 32) -> Iterator[Batch]:
+    """Every utterance of `data` once, in length-sorted batches, with `model` in eval mode meanwhile (restored
+    after the last batch)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: data.features[i].shape[0])
+    try:
+        for start in range(0, len(order), batch_size):
+            yield collate(data, order[start : start + batch_size])
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(model: Recogniser, data: Utterances, batch_size: int = 32) -> Evaluation:
+    """Greedy decoding of every utterance of `data` in length-sorted batches (eval mode, restored after)."""
     hyps: list[str] = [""] * len(data)
     seconds, cpu_seconds = [], []
-    for start in range(0, len(order), batch_size):
-        batch = collate(data, order[start : start + batch_size])
+    for batch in eval_batches(model, data, batch_size):
         begin, cpu_begin = time.perf_counter(), time.process_time()
         logits, out_lengths = model(batch.features, batch.lengths)
         texts = ctc_metrics.greedy_transcripts(logits, out_lengths)
@@ -209,7 +218,6 @@ def evaluate(model: Recogniser, data: Utterances, batch_size: int = 32) -> Evalu
         cpu_seconds.append(time.process_time() - cpu_begin)
         for i, text in zip(batch.index, texts):
             hyps[i] = text
-    model.train(was_training)
     return Evaluation(hyps, *rates_by_kind(data.texts, hyps), seconds, cpu_seconds)
 
 
