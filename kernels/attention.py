@@ -832,6 +832,14 @@ def _config(
         # sm_90 under triton 3.6; 16 rows take 170-191 registers, 0 spill (dropout on sm_90 keeps 32 rows: 16
         # rows there stop at 128 registers and spill 8 B).
         block_n = max(16, block_n // 2)
+    elif kernel == "dkdv" and width == 256 and dtype == torch.float32 and arch == 80 and _precision(dtype) == "tf32":
+        # tf32 at width 256 on sm_80: 32-row key tiles spilled 48-56 B under triton 3.6 (255 registers); 16 rows
+        # take 160-166 registers, 0 spill. (On sm_90 16 rows stop at 128 registers and spill: see the chunk below.)
+        block_n = max(16, block_n // 2)
+    if kernel == "fwd" and width == 256 and dtype == torch.float32 and varlen and arch == 80:
+        # tf32 packed sequences at width 256 on sm_80: 2 stages spilled 20 B under triton 3.6 (255 registers); one
+        # stage keeps the 32-row query tile (216 registers, 0 spill) where 16 rows would re-read K / V twice.
+        stages = 1
     chunk = width
     if kernel == "dkdv_atomic":
         # The atomic dQ product needs registers beside dK/dV's: with sm_80's dK/dV tiles it spilled 8-48 B (16-bit
@@ -844,10 +852,19 @@ def _config(
             chunk = 32
         elif width == 128 and _precision(dtype) == "tf32" and arch == 80:
             chunk, block_n = 32, 16
+        elif width == 64 and _precision(dtype) == "tf32" and arch == 80:
+            # tf32 at width 64 on sm_80: resident K / V spilled 8-116 B under triton 3.6 with causal, packed,
+            # float-mask and dropout launches (255 registers); 32-column chunks take 221-255, 0 spill.
+            chunk = 32
     elif kernel == "dkdv" and dropout and width == 128 and dtype != torch.float32:
         # 16-bit dropout at width 128 (sm_80's table): with resident K / V tiles triton 3.6 spilled 8 B (255
         # registers); S^T and dP^T contracted 64 columns at a time: 236 registers, 0 spill.
         chunk = 64
+    elif kernel == "dkdv" and dropout and width == 256 and dtype == torch.float32 and arch == 90 \
+            and _precision(dtype) == "tf32":
+        # tf32 dropout at width 256 on sm_90: resident K / V spilled 52 B under triton 3.6 (255 registers), and
+        # 16-row key tiles stop at 128 registers and spill 12 B; 128-column chunks: 241 registers, 0 spill.
+        chunk = 128
     if dtype == torch.float32 and _precision(dtype) == "ieee":
         # Full-precision fp32 dots run on FMA units with operands in registers: quarter the tile.
         block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
@@ -864,6 +881,14 @@ def _config(
     if kernel == "fwd" and dtype == torch.float32 and dropout and width == 64 and _precision(dtype) == "tf32":
         # Loading the dropout seed through a pointer tipped this launch over ptxas's default (4 B spilled on
         # sm_80); with the cap it takes 177 registers and spills nothing.
+        maxnreg = 255
+    if dtype == torch.float32 and _precision(dtype) == "tf32" and (
+            kernel == "dkdv" and masked and mask_grad and width == 64
+            or kernel == "fwd" and masked and width == 128
+            or kernel == "dq" and causal and plain and width == 128):
+        # More tf32 launches where ptxas stopped at 128 registers under triton 3.6 and spilled 8-52 B (dK/dV with a
+        # float mask's gradient at width 64, the masked forward at 128 on sm_90, the causal dQ at 128 on sm_90);
+        # with the cap: 158-252 registers, 0 spill, on both architectures.
         maxnreg = 255
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
@@ -1341,17 +1366,38 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _decode_block_n(width: int, dtype: torch.dtype, rows: int, masked: bool) -> int | None:
-    """The split kernel's key tile at 8 warps, 2 stages: the largest that compiles without spills on sm_90
-    (kernel_report) for this head-dim width, dtype, tile rows and mask; None where none does."""
+    """The split kernel's key tile at 8 warps and _decode_stages: the largest that compiles without spills on sm_80 and
+    sm_90 under triton 3.6 and 3.9 (kernel_report) for this head-dim width, dtype, tile rows and mask; None where
+    none does (the normal forward serves)."""
     if dtype != torch.float32:
         if width <= 64 or (width == 128 and not (masked and rows > 16)):
             return 64
+        if width == 256 and masked:
+            # A mask at width 256 spilled 56-72 B on sm_90 under triton 3.6 with 32-key tiles (255 registers); 16
+            # keys fit 16 rows (192 registers) but still spilled 40 B at 32 rows (4 or 16 warps, 1-3 stages too).
+            return 16 if rows <= 16 else None
         return 32
     if _precision(dtype) == "ieee":
-        return 16 if width >= 128 and rows > 16 else 32
+        return 16 if width >= 128 and (rows > 16 or width == 256 and masked) else 32
     if width == 256 and rows > 16:
         return None
     return 32 if width == 128 or (width <= 64 and rows > 16) else 16
+
+
+def _decode_stages(width: int, dtype: torch.dtype, masked: bool) -> int:
+    """The split kernel's pipeline stages: 2, or 1 for a mask at width 256 with IEEE fp32 dots, where 2 stages spilled
+    on sm_90 with 32 keys (60 B under triton 3.6) and with 16 (12 B, 128 registers, under 3.9; with a 255 cap 3.6
+    spilled 20 B); 16 keys in one stage take 80-106 registers, 0 spill."""
+    ieee = dtype == torch.float32 and _precision(dtype) == "ieee"
+    return 1 if ieee and width == 256 and masked else 2
+
+
+def _decode_maxnreg(width: int, dtype: torch.dtype, rows: int, masked: bool) -> int | None:
+    """The split kernel's register cap: unmasked tf32 launches stopped at 128 registers and spilled 4-20 B under
+    triton 3.6 (width 64 at 32 rows on sm_90, width 256 on sm_80); capped at 255 they take 128-176, 0 spill. The
+    others keep ptxas's default (with the cap a bool mask at width 256 took 255 and spilled 8 B on sm_90)."""
+    tf32 = dtype == torch.float32 and _precision(dtype) == "tf32"
+    return 255 if tf32 and not masked and (width == 256 or width <= 64 and rows > 16) else None
 
 
 def _decode_launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -1375,7 +1421,7 @@ def _decode_launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         block_n = _decode_block_n(width, query.dtype, _pow2(group * Lq), attn_mask is not None)
         if block_n is None:
             return None
-        splits, warps, stages = 0, 8, 2
+        splits, warps, stages = 0, 8, _decode_stages(width, query.dtype, attn_mask is not None)
     n_blocks = triton.cdiv(seen, block_n)
     if splits <= 0:
         # About two programs per SM over the batch and key/value heads, and at least two key tiles per range.
@@ -1410,6 +1456,7 @@ def _decode_forward(query, key, value, attn_mask, causal, scale, launch):
             Hq, c.group, Lq, Lk, n_rows, per_split, c.qk_scale,
             D=c.D, DV=c.DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             CAUSAL=int(causal), MASK_KIND=mask_kind, PRECISION=c.precision, num_warps=warps, num_stages=stages,
+            maxnreg=_decode_maxnreg(c.width, query.dtype, block_m, attn_mask is not None),
         )
         _attn_fwd_combine[(n_rows,)](
             part_o, part_ml, p(out), p(lse), *_row_strides(out, False), *_lse_strides(lse, False),
@@ -1547,7 +1594,8 @@ def report_configs() -> list[dict]:
     table picks another launch than the sm_80 one, each gets its own entry with ``archs`` naming the one
     architecture it runs on and the label prefixed ``sm80:`` / ``sm90:``; otherwise one entry serves both.
     Short-sequence launches use smaller tiles. Keys: kernel, fn, signature, constexprs, num_warps, num_stages,
-    config; options ({"maxnreg": ..}) where the launcher caps registers; archs where the entry is arch-specific.
+    config; options ({"maxnreg": ..}) where the launcher caps registers (the label then ends in ``r<cap>``); archs
+    where the entry is arch-specific.
     """
     entries = []
     for dtype, dt in _TRITON_DTYPE.items():
@@ -1590,9 +1638,10 @@ def report_configs() -> list[dict]:
                             chunked = f"c{launch.chunk}" if launch.chunk < width else ""
                         prefix = "" if shared else f"sm{arch}:"
                         tag = "atomic-" if kernel == "dkdv_atomic" else ""
+                        capped = f"r{launch.maxnreg}" if launch.maxnreg is not None else ""
                         entry = _entry(fn.__name__, fn, dtype, constexprs, warps, stages,
                                        f"{prefix}d{width}-{dt}-{tag}{label}-m{block_m}n{block_n}w{warps}s{stages}"
-                                       f"{chunked}", mask_kind, varlen)
+                                       f"{chunked}{capped}", mask_kind, varlen)
                         if launch.maxnreg is not None:
                             entry["options"] = {"maxnreg": launch.maxnreg}
                         if not shared:
@@ -1613,13 +1662,18 @@ def _decode_report_configs(dtype: torch.dtype, dt: str) -> list[dict]:
                                                    ("causal", (2, _MASK_NONE))):
                     with _pinned_precision(precision):
                         block_n = _decode_block_n(width, dtype, rows, mask_kind != _MASK_NONE)
+                        maxnreg = _decode_maxnreg(width, dtype, rows, mask_kind != _MASK_NONE)
+                        stages = _decode_stages(width, dtype, mask_kind != _MASK_NONE)
                     if block_n is None:
                         continue
                     constexprs = {"D": width, "DV": width, "BLOCK_M": rows, "BLOCK_N": block_n, "BLOCK_D": width,
                                   "BLOCK_DV": width, "CAUSAL": causal, "MASK_KIND": mask_kind, "PRECISION": precision}
-                    entries.append(_entry("_attn_fwd_split", _attn_fwd_split, dtype, constexprs, 8, 2,
-                                          f"d{width}-{dt}-{label}-{precision}-m{rows}n{block_n}w8s2", mask_kind,
-                                          False))
+                    capped = f"r{maxnreg}" if maxnreg is not None else ""
+                    entries.append(_entry("_attn_fwd_split", _attn_fwd_split, dtype, constexprs, 8, stages,
+                                          f"d{width}-{dt}-{label}-{precision}-m{rows}n{block_n}w8s{stages}{capped}",
+                                          mask_kind, False))
+                    if maxnreg is not None:
+                        entries[-1]["options"] = {"maxnreg": maxnreg}
         entries.append(_entry("_attn_fwd_combine", _attn_fwd_combine, dtype,
                               {"DV": width, "BLOCK_S": _DECODE_MAX_SPLITS, "BLOCK_DV": width}, 4, 1,
                               f"d{width}-{dt}-s{_DECODE_MAX_SPLITS}", _MASK_NONE, False))

@@ -411,6 +411,43 @@ def test_decode_is_chosen_only_where_it_serves(kernels, monkeypatch):
     assert kernels._decode_launch(*fp32_wide, None, 0.0, 0) is None  # TF32 at 32 rows spills: normal forward
 
 
+@pytest.mark.parametrize("dtype, precision, masked, stages, maxnreg", [
+    (torch.float16, "tf32", True, 2, None), (torch.float32, "ieee", True, 1, None),
+    (torch.float32, "tf32", False, 2, 255)])
+def test_decode_at_width_256(kernels, monkeypatch, dtype, precision, masked, stages, maxnreg):
+    """The split-KV forward's own launch at width 256 with 16 tile rows: 16-key tiles with a bool mask (32 spilled
+    56-60 B on sm_90 under triton 3.6; IEEE fp32 in one stage), unmasked tf32 capped at 255 registers, against the
+    float64 reference (16-bit: within twice torch's own error); 16-bit masked tiles of 32 rows take the normal
+    forward (16 keys still spilled 40 B)."""
+    monkeypatch.setattr(kernels, "_DECODE_MIN_LK", 64)
+    monkeypatch.setattr(kernels, "_PRECISION_OVERRIDE", precision)
+    launches, split = [], kernels._attn_fwd_split
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return split[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "_attn_fwd_split", Spy())
+    q, k, v = (t.to(dtype) for t in qkv(1, 8, 1, 2, 200, 256))
+    mask = torch.rand(1, 8, 2, 200) > 0.3 if masked else None
+    out, lse = kernels.attention_forward(q, k, v, mask, 0.0, 0, 0.0625, torch.tensor(0))
+    assert [(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"], kw["maxnreg"]) for kw in launches] == [
+        (16, 16, stages, maxnreg)]
+    ref_out, ref_lse = _reference(q, k, v, mask, scale=0.0625)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    else:
+        torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=0.0625, enable_gqa=True)
+        err, torch_err = ((o.double() - ref_out).abs().max().item() for o in (out, torch_out))
+        assert err <= 2 * torch_err, (err, torch_err)
+        wide = [t.to(dtype) for t in qkv(1, 16, 1, 2, 200, 256)]
+        assert kernels._decode_launch(*wide, torch.ones(1, 16, 2, 200, dtype=torch.bool), 0.0, 0) is None
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
 def test_decode_batch_past_the_grid_limit(kernels, small_decode, monkeypatch):
     q, k, v = qkv(3, 4, 2, 2, 90, 16)
     mask = torch.randn(3, 4, 2, 90)

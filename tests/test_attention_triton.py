@@ -476,6 +476,106 @@ def test_configs_that_spilled_under_triton_36(kernels):
                 assert kernels._config("dkdv", 256, dtype, 1 << 20, 1 << 20, arch=arch, **flags).block_n == keys
 
 
+def test_fp32_configs_that_spilled_under_triton_36(kernels):
+    """tf32 launches the kernel report found spilling under triton 3.6 (8-116 B) take their own configs: a
+    255-register cap where ptxas stopped at 128 (dK/dV with a float mask's gradient at width 64, the masked forward
+    and the causal dQ at 128), 32-column chunks in sm_80's atomic dK/dV at 64, one stage for sm_80's packed forward
+    at 256, 16-row key tiles in sm_80's dK/dV at 256 and 128-column chunks for sm_90's dropout dK/dV there;
+    IEEE fp32 keeps its quartered tiles."""
+    def cfg(kernel, width, arch, **flags):
+        return kernels._config(kernel, width, torch.float32, 1 << 20, 1 << 20, arch=arch, **flags)
+
+    with kernels._pinned_precision("tf32"):
+        for arch in (80, 90):
+            assert cfg("dkdv", 64, arch, masked=True, mask_grad=True).maxnreg == 255
+            assert cfg("dkdv", 64, arch, masked=True).maxnreg is None  # no gradient: below 128 on its own
+            assert cfg("fwd", 128, arch, masked=True).maxnreg == 255
+            assert cfg("dq", 128, arch, causal=True, varlen=True).maxnreg == 255
+            assert cfg("dq", 128, arch, causal=True, masked=True).maxnreg is None
+        assert cfg("dkdv_atomic", 64, 80, causal=True).chunk == 32 and cfg("dkdv_atomic", 64, 90).chunk == 64
+        assert cfg("fwd", 256, 80, causal=True, varlen=True).stages == 1
+        assert cfg("fwd", 256, 80, causal=True).stages == cfg("fwd", 256, 90, causal=True, varlen=True).stages == 2
+        for flags in ({}, dict(causal=True), dict(dropout=True), dict(causal=True, varlen=True)):
+            assert cfg("dkdv", 256, 80, **flags)[:2] == (16, 16) and cfg("dkdv", 256, 90, **flags)[:2] == (16, 32)
+        assert cfg("dkdv", 256, 90, dropout=True).chunk == 128 and cfg("dkdv", 256, 90).chunk == 256
+    with kernels._pinned_precision("ieee"):
+        assert cfg("dkdv", 256, 80).chunk == cfg("dkdv", 256, 90, dropout=True).chunk == 64
+        assert cfg("fwd", 128, 80, masked=True).maxnreg is None
+
+
+@pytest.fixture
+def tf32_launches(kernels, monkeypatch):
+    """fp32 dots at TF32 (the interpreter computes them in full fp32) and the (kernel, launch) pairs chosen."""
+    monkeypatch.setattr(kernels, "_PRECISION_OVERRIDE", "tf32")
+    chosen, config = [], kernels._config
+
+    def spy(kernel, *args, **kwargs):
+        chosen.append((kernel, config(kernel, *args, **kwargs)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(kernels, "_config", spy)
+    return chosen
+
+
+def _tf32_float_mask_width_64(kernels, monkeypatch):
+    mask = torch.randn(1, 2, 40, 70)
+    check_against_reference(qkv(1, 2, 2, 40, 70, 64, 64), attn_mask=mask, grad_out=torch.randn(1, 2, 40, 64))
+    return [("dkdv", dict(block_m=16, block_n=32, maxnreg=255))]
+
+
+def _tf32_width_128(kernels, monkeypatch):
+    check_against_reference(qkv(1, 1, 1, 70, 40, 128, 128), attn_mask=torch.rand(1, 1, 70, 40) > 0.3)
+    check_against_reference(qkv(1, 1, 1, 70, 40, 128, 128), is_causal=True)
+    return [("fwd", dict(block_m=16, block_n=16, maxnreg=255)), ("dq", dict(block_m=32, block_n=32, maxnreg=255))]
+
+
+def _tf32_atomic_width_64(kernels, monkeypatch):
+    monkeypatch.setenv("SEQFAST_ATTENTION_BWD", "atomic")
+    check_against_reference(qkv(1, 2, 2, 40, 70, 64, 64), is_causal=True, grad_out=torch.randn(1, 2, 40, 64))
+    check_against_reference(qkv(1, 2, 2, 40, 70, 64, 64), attn_mask=torch.randn(1, 1, 40, 70))
+    return [("dkdv_atomic", dict(block_m=16, block_n=32, chunk=32))]
+
+
+def _tf32_width_256(kernels, monkeypatch):
+    cu = torch.tensor([0, 40, 45, 90], dtype=torch.int32)
+    tensors = [torch.randn(90, 1, 256) for _ in range(3)]
+    grad_out = torch.randn(90, 1, 256)
+    ref_out, ref_grads = varlen_with_grads("reference", tensors, torch.float64, cu, cu, True, grad_out)
+    out, grads = varlen_with_grads("triton", tensors, torch.float32, cu, cu, True, grad_out)
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        assert rel_err(got, want) <= 1e-4
+    return [("fwd", dict(block_m=32, block_n=16, stages=1)), ("dkdv", dict(block_m=16, block_n=16))]
+
+
+def _tf32_dropout_width_256_sm90(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "_arch", lambda device: 90)
+    B, H, Lq, Lk, p, seed, scale = 1, 1, 33, 40, 0.25, 5, 0.1
+    q, k, v = qkv(B, H, H, Lq, Lk, 256, 256)
+    grad_out = torch.randn(B, H, Lq, 256)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with seqfast.backend("triton"):
+        out, _ = op_forward(*leaves, None, p, 0, scale, torch.tensor(seed))
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    keep = kernels.dropout_keep_mask(seed, B, H, Lq, Lk, p, q.device)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = reference.attention(*ref_leaves, scale=scale, dropout_p=p, dropout_keep_mask=keep)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.double())
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        assert rel_err(got, want) <= 1e-4
+    return [("dkdv", dict(block_m=16, block_n=32, chunk=128))]
+
+
+@pytest.mark.parametrize("case", [_tf32_float_mask_width_64, _tf32_width_128, _tf32_atomic_width_64, _tf32_width_256,
+                                  _tf32_dropout_width_256_sm90], ids=lambda f: f.__name__.strip("_"))
+def test_fp32_configs_that_spilled_under_triton_36_run(kernels, tf32_launches, monkeypatch, case):
+    """Each launch of test_fp32_configs_that_spilled_under_triton_36 runs at its full tile against the float64
+    reference (sequences longer than the tiles; sm_90's entry with the arch forced)."""
+    expected = case(kernels, monkeypatch)
+    for kernel, fields in expected:
+        ran = [launch for name, launch in tf32_launches if name == kernel]
+        assert any(all(getattr(launch, f) == v for f, v in fields.items()) for launch in ran), (kernel, ran)
+
+
 def test_mha_dropped_weights_match_the_triton_output():
     """seqfast.nn.MultiheadAttention on the Triton backend: its need_weights path draws the Triton kernel's
     dropout keep-mask, so out_proj(weights @ V) reproduces the fused output."""

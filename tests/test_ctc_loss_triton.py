@@ -181,9 +181,17 @@ def test_impossible_sample(zero_infinity):
 
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_state_and_class_tiling(kernels, monkeypatch, from_logits):
-    """2S+1 = 11 states in tiles of 4, label pairs in tiles of 2, classes in tiles of 4."""
+    """2S+1 = 11 states in tiles of 4, label pairs in tiles of 2, classes in tiles of 4; the float64 backward
+    capped at 128 registers (left to itself ptxas spilled these multi-tile sweeps under triton 3.6)."""
     monkeypatch.setattr(kernels, "MAX_STATE_BLOCK", 4)
     monkeypatch.setattr(kernels, "MAX_CLASS_BLOCK", 4)
+    launches, launch = [], kernels._launch
+
+    def spy(kernel, programs, args, **meta):
+        launches.append((kernel.fn.__name__, meta))
+        launch(kernel, programs, args, **meta)
+
+    monkeypatch.setattr(kernels, "_launch", spy)
     blocks = kernels._blocks(11, torch.float64)
     assert blocks["BLOCK_S"] == 4 and blocks["BLOCK_L"] == 2
     assert kernels._row_blocks(6, "grad")["BLOCK_C"] == kernels._row_blocks(6, "lse")["BLOCK_C"] == 4
@@ -204,6 +212,10 @@ def test_state_and_class_tiling(kernels, monkeypatch, from_logits):
     torch.testing.assert_close(grad, ref_grad, **TOL[torch.float64])
     torch.testing.assert_close(loss, t_loss, **TOL[torch.float64])
     torch.testing.assert_close(grad, t_grad, **TOL[torch.float64])
+    assert [meta.get("maxnreg") for name, meta in launches if name == "_ctc_backward_kernel"] == [128]
+    assert [(c["config"], c["options"]) for c in kernels.report_configs() if c["kernel"] == "ctc_backward"
+            and c["config"].startswith(f"fp64-{'logits' if from_logits else 'logprobs'}-S128x")] == [
+        (f"fp64-{'logits' if from_logits else 'logprobs'}-S128x-w4-r128", {"maxnreg": 128})]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
