@@ -834,7 +834,8 @@ def _config(
         block_n = max(16, block_n // 2)
     elif kernel == "dkdv" and width == 256 and dtype == torch.float32 and arch == 80 and _precision(dtype) == "tf32":
         # tf32 at width 256 on sm_80: 32-row key tiles spilled 48-56 B under triton 3.6 (255 registers); 16 rows
-        # take 160-166 registers, 0 spill. (On sm_90 16 rows stop at 128 registers and spill: see the chunk below.)
+        # take 160-166 registers (159-249 under 3.9), 0 spill. (On sm_90 16 rows stop at 128 registers and spill:
+        # see the chunk below.)
         block_n = max(16, block_n // 2)
     if kernel == "fwd" and width == 256 and dtype == torch.float32 and varlen and arch == 80:
         # tf32 packed sequences at width 256 on sm_80: 2 stages spilled 20 B under triton 3.6 (255 registers); one
@@ -888,7 +889,7 @@ def _config(
             or kernel == "dq" and causal and plain and width == 128):
         # More tf32 launches where ptxas stopped at 128 registers under triton 3.6 and spilled 8-52 B (dK/dV with a
         # float mask's gradient at width 64, the masked forward at 128 on sm_90, the causal dQ at 128 on sm_90);
-        # with the cap: 158-252 registers, 0 spill, on both architectures.
+        # with the cap: 150-252 registers, 0 spill, on both architectures and tritons.
         maxnreg = 255
     # Short sequences (decoding, tests) get tiles no taller than needed.
     return _Launch(min(block_m, _pow2(max_lq)), min(block_n, _pow2(max_lk)), warps, stages, maxnreg, chunk)
@@ -1387,14 +1388,14 @@ def _decode_block_n(width: int, dtype: torch.dtype, rows: int, masked: bool) -> 
 def _decode_stages(width: int, dtype: torch.dtype, masked: bool) -> int:
     """The split kernel's pipeline stages: 2, or 1 for a mask at width 256 with IEEE fp32 dots, where 2 stages spilled
     on sm_90 with 32 keys (60 B under triton 3.6) and with 16 (12 B, 128 registers, under 3.9; with a 255 cap 3.6
-    spilled 20 B); 16 keys in one stage take 80-106 registers, 0 spill."""
+    spilled 20 B); 16 keys in one stage take 80-210 registers (16 or 32 rows), 0 spill."""
     ieee = dtype == torch.float32 and _precision(dtype) == "ieee"
     return 1 if ieee and width == 256 and masked else 2
 
 
 def _decode_maxnreg(width: int, dtype: torch.dtype, rows: int, masked: bool) -> int | None:
     """The split kernel's register cap: unmasked tf32 launches stopped at 128 registers and spilled 4-20 B under
-    triton 3.6 (width 64 at 32 rows on sm_90, width 256 on sm_80); capped at 255 they take 128-176, 0 spill. The
+    triton 3.6 (width 64 at 32 rows on sm_90, width 256 on sm_80); capped at 255 they take 128-177, 0 spill. The
     others keep ptxas's default (with the cap a bool mask at width 256 took 255 and spilled 8 B on sm_90)."""
     tf32 = dtype == torch.float32 and _precision(dtype) == "tf32"
     return 255 if tf32 and not masked and (width == 256 or width <= 64 and rows > 16) else None

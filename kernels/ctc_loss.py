@@ -449,7 +449,7 @@ def _pairing_blocks(block_s: int, dtype: torch.dtype) -> dict[str, int]:
 def _backward_maxnreg(dtype: torch.dtype) -> int | None:
     """Register cap of the backward sweep: for float64, ptxas left to itself stopped at 40 registers and spilled
     4-24 B under triton 3.6 (tiles of several steps, and from logits); capped at 128 (the most 16 warps allow) it
-    takes 83-89, 0 spill on sm_80 and sm_90 under triton 3.6 and 3.9."""
+    takes 82-128, 0 spill on sm_80 and sm_90 under triton 3.6 and 3.9."""
     return 128 if dtype == torch.float64 else None
 
 
