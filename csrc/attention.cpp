@@ -686,7 +686,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
   const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lk = key.size(2);
   TORCH_CHECK(key.size(0) == B && value.size(0) == B, "seqfast attention: batch sizes differ");
   const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({B, Hq, Lq, value.size(3)}, query.options());
+  at::Tensor out = BufferCache::get().empty({B, Hq, Lq, value.size(3)}, query.scalar_type());  // as the gradients
   at::Tensor lse = at::empty({B, Hq, Lq}, query.options().dtype(lse_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_attention_forward", [&] {
     using T = CalcT<scalar_t>;
