@@ -8,10 +8,11 @@ load average), then GFLOP/s (forward 4*B*H*Lq*Lk*D flops non-causal, half for ca
 the forward) of seqfast and torch.nn.functional.scaled_dot_product_attention, their ratio and seqfast's share
 of the FMA peak. Each round times torch and seqfast back to back (alternating which goes first), so both see
 the same machine; the figures are medians over rounds. ``--cpu-time`` divides by the process's CPU time
-instead of wall time (the steady measure on a shared machine, best with --threads 1); the peak share then
-uses the per-core peak times the thread count, else the all-threads wall-clock peak. ``--torch-isa avx2``
-caps torch as well (ATen's kernels, MKL, oneDNN), so that an AVX-512 machine stands in for an AVX2 one on
-both sides of the ratio.
+instead of wall time (the steady measure on a shared machine, best with --threads 1); the process's CPU time
+sums its threads, so the rate is then per core and its peak share uses the per-core peak (at any thread count;
+time a thread spends spinning at a barrier counts against it), else the all-threads wall-clock peak.
+``--torch-isa avx2`` caps torch as well (ATen's kernels, MKL, oneDNN), so that an AVX-512 machine stands in for
+an AVX2 one on both sides of the ratio.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(cpu_record())
     peak = _C.fma_peak("", 0, 10_000_000, 5)
-    limit = peak["gflops_per_core"] * torch.get_num_threads() if args.cpu_time else peak["gflops"]
+    limit = peak["gflops_per_core"] if args.cpu_time else peak["gflops"]
     clock_name = "cpu-time" if args.cpu_time else "wall"
     if not args.no_mm:
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)

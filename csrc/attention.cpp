@@ -8,11 +8,14 @@
 //   forward : one task per (sequence, query head, query tile); tasks of one (sequence, kv head) run
 //             back to back so each thread packs that head's K^T once; key tiles stream through an
 //             online softmax, only the row log-sum-exp is kept;
-//   backward: one task per (sequence, kv head, key split); each key tile (its panels packed by the
-//             one task that owns it) accumulates dK, dV over its query heads and query tiles,
-//             recomputing P from the lse; dQ accumulates in per-split slabs summed in a fixed order
-//             (straight into dq when there is one split): no atomics, bitwise deterministic
-//             whatever the thread count.
+//   backward: one parallel region of tasks, one per (sequence, kv head, key split); a task computes
+//             the row terms (delta, lse) of its query heads, then each of its key tiles (panels packed
+//             by the one task that owns it) accumulates dK, dV over those heads and query tiles,
+//             recomputing P from the lse; dQ accumulates in per-split slabs (straight into dq when
+//             there is one split), zeroed by the task that owns the rows and summed in split order by
+//             the last split of the (sequence, kv head) to finish: bitwise deterministic whatever the
+//             thread count. Copies, slabs and gradients come from BufferCache (no page faults at steady
+//             state).
 // Tiles a causal mask hides completely are skipped. Scores live in base 2 (scale * log2(e) folded
 // into one multiplier) so the softmax uses exp2.
 #include <ATen/Parallel.h>
@@ -30,6 +33,7 @@
 #include <vector>
 
 #include "attention_microkernel.h"
+#include "buffer_cache.h"
 
 namespace seqfast::attn {
 namespace {
@@ -226,16 +230,6 @@ struct Problem {
   }
 };
 
-// Element conversion between storage and compute types; half types go through float.
-template <typename To, typename From>
-inline To cast_to(From v) {
-  if constexpr (std::is_same_v<To, From>) {
-    return v;
-  } else {
-    return static_cast<To>(static_cast<float>(v));
-  }
-}
-
 // Rows: dst[h][start[b] + i][0:wpad], zero beyond width.
 template <typename S, typename T>
 void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const std::vector<int64_t>& len,
@@ -245,9 +239,8 @@ void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const 
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t h = t / n, b = t % n;
       for (int64_t i = 0; i < len[b]; ++i) {
-        const S* src = v.row(b, h, i);
         T* d = dst + (h * total + start[b] + i) * wpad;
-        for (int64_t c = 0; c < width; ++c) d[c] = cast_to<T>(src[c * v.sd]);
+        load_row(v.row(b, h, i), v.sd, width, d);
         for (int64_t c = width; c < wpad; ++c) d[c] = T(0);
       }
     }
@@ -263,7 +256,7 @@ View<const T> row_operand(const View<const S>& v, const std::vector<int64_t>& st
   if constexpr (std::is_same_v<S, T>) {
     if (v.sd == 1 && width == wpad) return View<const T>{v.ptr, v.base, v.sh, v.si, 1};
   }
-  holder = at::empty({H * total * wpad}, c10::CppTypeToScalarType<T>::value);
+  holder = BufferCache::get().empty({H * total * wpad}, c10::CppTypeToScalarType<T>::value);
   T* dst = static_cast<T*>(holder.data_ptr());
   pack_rows(v, start, len, total, H, width, wpad, dst);
   View<const T> packed{dst, {}, total * wpad, wpad, 1};
@@ -276,12 +269,22 @@ View<const T> row_operand(const View<const S>& v, const std::vector<int64_t>& st
 template <typename S, typename T>
 void pack_head_panels(const View<const S>& v, int64_t b, int64_t h, int64_t row0, int64_t len, int64_t width,
                       int64_t wpad, T* dst) {
+  constexpr int64_t kChunk = 64;  // a 16-bit row converts in vector chunks first, then scatters
+  T row[kChunk];
   for (int64_t p = 0; p < ceil_div(len, kNR); ++p) {
     T* d = dst + p * wpad * kNR;
     std::fill(d, d + wpad * kNR, T(0));
     for (int64_t c = 0; c < kNR && p * kNR + c < len; ++c) {
       const S* src = v.row(b, h, row0 + p * kNR + c);
-      for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = cast_to<T>(src[e * v.sd]);
+      if constexpr (std::is_same_v<S, T>) {
+        for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = src[e * v.sd];
+      } else {
+        for (int64_t e0 = 0; e0 < width; e0 += kChunk) {
+          const int64_t n = std::min(kChunk, width - e0);
+          load_row(src + e0 * v.sd, v.sd, n, row);
+          for (int64_t e = 0; e < n; ++e) d[(e0 + e) * kNR + c] = row[e];
+        }
+      }
     }
   }
 }
@@ -422,7 +425,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       // in torch's P V). l = NaN (a NaN score) makes the row NaN.
       const bool empty = l[r] == T(0);
       const T inv = empty ? T(1) : T(1) / l[r];
-      for (int64_t c = 0; c < pb.Dv; ++c) dst[c * out.sd] = cast_to<S>(O[r * Dvp + c] * inv);
+      store_row(O + r * Dvp, inv, pb.Dv, dst, out.sd);
       *lse.row(b, h, i) = empty ? std::numeric_limits<T>::infinity() : (m[r] + std::log2(l[r])) * static_cast<T>(kLn2);
     }
   });
@@ -436,57 +439,39 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
               const View<const S>& v, const View<const S>& out, const View<const T>& lse, const View<S>& dq,
               const View<S>& dk, const View<S>& dv, T* dmask) {
   const Seqs& sq = pb.seq;
-  const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp;
+  const int64_t BQ = pb.block_q, BK = pb.block_k, Dp = pb.Dp, Dvp = pb.Dvp, G = pb.group;
   const auto dt = c10::CppTypeToScalarType<T>::value;
   at::Tensor qp_buf, dop_buf, kp_buf;
-  auto row_buf = at::empty({2 * pb.Hq * sq.total_q}, dt);
-  T* lse2 = static_cast<T*>(row_buf.data_ptr());              // [Hq][total_q]: lse * log2(e)
-  T* delta = lse2 + pb.Hq * sq.total_q;         // [Hq][total_q]: rowsum(dO * O)
   const View<const T> Qv = row_operand<S, T>(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, qp_buf);
   const View<const T> dOv = row_operand<S, T>(dout, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.Dv, Dvp, dop_buf);
   const View<const T> Kv = row_operand<S, T>(k, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.D, Dp, kp_buf);
-  at::parallel_for(0, pb.Hq * sq.n, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t h = t / sq.n, b = t % sq.n;
-      for (int64_t i = 0; i < sq.q_len[b]; ++i) {
-        const int64_t row = h * sq.total_q + sq.q_start[b] + i;
-        const S* o = out.row(b, h, i);
-        const T* g = dOv.row(b, h, i);
-        T acc = 0;
-        for (int64_t c = 0; c < pb.Dv; ++c) acc += g[c] * cast_to<T>(o[c * out.sd]);
-        delta[row] = acc;
-        lse2[row] = *lse.row(b, h, i) * static_cast<T>(kLog2e);
-      }
-    }
-  });
 
-  int64_t max_ktiles = 1;
-  for (int64_t b = 0; b < sq.n; ++b) max_ktiles = std::max(max_ktiles, ceil_div(sq.k_len[b], BK));
+  int64_t max_ktiles = 1, max_q = 1;
+  for (int64_t b = 0; b < sq.n; ++b) {
+    max_ktiles = std::max(max_ktiles, ceil_div(sq.k_len[b], BK));
+    max_q = std::max(max_q, sq.q_len[b]);
+  }
   const int64_t splits =
       std::clamp<int64_t>(ceil_div(kBackwardTasks, std::max<int64_t>(sq.n * pb.Hk, 1)), 1, max_ktiles);
-  // dQ partial sums, one slab per split: [split][Hq][total_q][Dp].
-  // With one split and dq already in the compute layout, the sums go straight into dq (zeroed here,
-  // scaled at the end) instead of a slab.
+  // dQ partial sums, one slab per split: [split][Hq][total_q][Dp], each task zeroing the rows it owns.
+  // With one split and dq already in the compute layout, the sums go straight into dq instead.
   bool in_place = false;
   if constexpr (std::is_same_v<S, T>) in_place = splits == 1 && dq.sd == 1 && pb.D == Dp;
   at::Tensor dq_buf;
   std::vector<View<T>> dQv;  // one per split
   if (in_place) {
     dQv.push_back(View<T>{reinterpret_cast<T*>(dq.ptr), dq.base, dq.sh, dq.si, 1});  // S == T here
-    at::parallel_for(0, pb.Hq * sq.n, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t h = t / sq.n, b = t % sq.n;
-        for (int64_t i = 0; i < sq.q_len[b]; ++i) std::fill(dQv[0].row(b, h, i), dQv[0].row(b, h, i) + Dp, T(0));
-      }
-    });
   } else {
-    dq_buf = at::zeros({splits * pb.Hq * sq.total_q * Dp}, dt);
+    dq_buf = BufferCache::get().empty({splits * pb.Hq * sq.total_q * Dp}, dt);
     for (int64_t s = 0; s < splits; ++s) {
       View<T> slab{static_cast<T*>(dq_buf.data_ptr()) + s * pb.Hq * sq.total_q * Dp, {}, sq.total_q * Dp, Dp, 1};
       for (int64_t q0 : sq.q_start) slab.base.push_back(q0 * Dp);
       dQv.push_back(slab);
     }
   }
+  // Splits of each (sequence, kv head) still running: the last one to finish turns the slabs into dq.
+  std::unique_ptr<std::atomic<int64_t>[]> running(new std::atomic<int64_t>[std::max<int64_t>(sq.n * pb.Hk, 1)]);
+  for (int64_t i = 0; i < sq.n * pb.Hk; ++i) running[i].store(splits, std::memory_order_relaxed);
 
   struct Task {
     int64_t b, hk, split;
@@ -496,43 +481,67 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
   for (int64_t b = 0; b < sq.n; ++b) {
     for (int64_t hk = 0; hk < pb.Hk; ++hk) {
       for (int64_t s = 0; s < splits; ++s) {
+        int64_t c = 1;  // never 0: empty tasks still zero and finish their dQ rows
+        for (int64_t j0 = s * BK; j0 < sq.k_len[b]; j0 += splits * BK) {
+          const int64_t qbeg = pb.causal ? std::clamp<int64_t>(j0 - pb.shift(b), 0, sq.q_len[b]) : 0;
+          c += std::min(BK, sq.k_len[b] - j0) * (sq.q_len[b] - qbeg);
+        }
         tasks.push_back({b, hk, s});
-        cost.push_back(sq.q_len[b] * sq.k_len[b]);
+        cost.push_back(c);
       }
     }
   }
   struct Buffers {
-    Scratch<T> p, dp, z, pd, dk, dv, kt, vt;
+    Scratch<T> p, dp, z, pd, dk, dv, kt, vt, rows, row;
   };
   auto make = [&] {
     return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * BK), Scratch<T>(BQ * BK), Scratch<T>(BQ * BK),
-                   Scratch<T>(BK * Dp),  Scratch<T>(BK * Dvp), Scratch<T>(BK * Dp), Scratch<T>(BK * Dvp)};
+                   Scratch<T>(BK * Dp),  Scratch<T>(BK * Dvp), Scratch<T>(BK * Dp), Scratch<T>(BK * Dvp),
+                   Scratch<T>(2 * G * max_q), Scratch<T>(std::max(Dp, Dvp))};
   };
   const int64_t Lk_mask = sq.n ? sq.k_len[0] : 0;  // masks exist only for the padded ops
   const int64_t Lq_mask = sq.n ? sq.q_len[0] : 0;
+  // The whole backward is this one parallel region: each task also computes the row terms of its query
+  // heads (recomputed by every split: Lq * Dv multiply-adds per head) and zeroes its dQ rows, and the
+  // last split of a (sequence, kv head) finishes dq, so no thread waits at a barrier between phases.
   run_tasks(by_cost(cost), make, [&](int64_t t, Buffers& buf) {
     const auto [b, hk, split] = tasks[t];
     const int64_t Lq = sq.q_len[b], Lk = sq.k_len[b];
-    T *P = buf.p.get(), *dP = buf.dp.get(), *dK = buf.dk.get(), *dV = buf.dv.get();
+    T *P = buf.p.get(), *dP = buf.dp.get(), *dK = buf.dk.get(), *dV = buf.dv.get(), *row = buf.row.get();
     T* Z = pb.dropout.on ? buf.z.get() : nullptr;
     T* Pd = pb.dropout.on ? buf.pd.get() : P;
+    T* lse2 = buf.rows.get();   // [G][Lq]: lse * log2(e)
+    T* delta = lse2 + G * Lq;   // [G][Lq]: rowsum(dO * O)
     const View<T>& dQs = dQv[split];
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      for (int64_t i = 0; i < Lq; ++i) {
+        load_row(out.row(b, h, i), out.sd, pb.Dv, row);
+        const T* go = dOv.row(b, h, i);
+        T acc = 0;
+        for (int64_t c = 0; c < pb.Dv; ++c) acc += go[c] * row[c];
+        delta[g * Lq + i] = acc;
+        lse2[g * Lq + i] = *lse.row(b, h, i) * static_cast<T>(kLog2e);
+        std::fill(dQs.row(b, h, i), dQs.row(b, h, i) + Dp, T(0));
+      }
+    }
     for (int64_t j0 = split * BK; j0 < Lk; j0 += splits * BK) {
       const int64_t nk = std::min(BK, Lk - j0), nkp = round_up(nk, kNR);
       std::fill(dK, dK + nk * Dp, T(0));
       std::fill(dV, dV + nk * Dvp, T(0));
-      // Each key tile belongs to one task: its K^T / V^T panels are packed here, once.
+      // Each key tile belongs to one task: its K^T / V^T panels are packed here, once (K^T from the rows
+      // already in the compute type).
       const T* Kpan = buf.kt.get();
       const T* Vpan = buf.vt.get();
-      pack_head_panels(k, b, hk, j0, nk, pb.D, Dp, buf.kt.get());
+      pack_head_panels(Kv, b, hk, j0, nk, pb.D, Dp, buf.kt.get());
       pack_head_panels(v, b, hk, j0, nk, pb.Dv, Dvp, buf.vt.get());
       const T* Krows = Kv.row(b, hk, j0);
       // First query row that sees key j0 under the causal mask.
       const int64_t qbeg = pb.causal ? std::clamp<int64_t>(j0 - pb.shift(b), 0, Lq) / BQ * BQ : 0;
-      for (int64_t h = hk * pb.group; h < (hk + 1) * pb.group; ++h) {
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         for (int64_t q0 = qbeg; q0 < Lq; q0 += BQ) {
           const int64_t nq = std::min(BQ, Lq - q0);
-          const int64_t row0 = h * sq.total_q + sq.q_start[b] + q0;
+          const int64_t row0 = (h - hk * G) * Lq + q0;
           const T* Qt = Qv.row(b, h, q0);
           const T* dOt = dOv.row(b, h, q0);
           // On the causal diagonal the products skip what the mask hides, in kMR blocks: rows
@@ -600,24 +609,25 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
         }
       }
       for (int64_t r = 0; r < nk; ++r) {
-        S* gk = dk.row(b, hk, j0 + r);
-        for (int64_t c = 0; c < pb.D; ++c) gk[c * dk.sd] = cast_to<S>(dK[r * Dp + c] * pb.scale);
-        S* gv = dv.row(b, hk, j0 + r);
-        for (int64_t c = 0; c < pb.Dv; ++c) gv[c * dv.sd] = cast_to<S>(dV[r * Dvp + c]);
+        store_row(dK + r * Dp, pb.scale, pb.D, dk.row(b, hk, j0 + r), dk.sd);
+        store_row(dV + r * Dvp, T(1), pb.Dv, dv.row(b, hk, j0 + r), dv.sd);
       }
     }
-  });
-
-  at::parallel_for(0, pb.Hq * sq.n, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t h = t / sq.n, b = t % sq.n;
-      for (int64_t i = 0; i < sq.q_len[b]; ++i) {
-        S* g = dq.row(b, h, i);
-        for (int64_t c = 0; c < pb.D; ++c) {
-          T acc = dQv[0].row(b, h, i)[c];
-          for (int64_t s = 1; s < splits; ++s) acc += dQv[s].row(b, h, i)[c];
-          g[c * dq.sd] = cast_to<S>(acc * pb.scale);
+    // The last split to finish sums the slabs in split order (the same sums whichever thread gets here).
+    if (running[b * pb.Hk + hk].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+      for (int64_t i = 0; i < Lq; ++i) {
+        if (in_place) {
+          T* g = dQv[0].row(b, h, i);
+          store_row(g, pb.scale, pb.D, g, 1);
+          continue;
         }
+        std::copy(dQv[0].row(b, h, i), dQv[0].row(b, h, i) + pb.D, row);
+        for (int64_t s = 1; s < splits; ++s) {
+          const T* part = dQv[s].row(b, h, i);
+          for (int64_t c = 0; c < pb.D; ++c) row[c] += part[c];
+        }
+        store_row(row, pb.scale, pb.D, dq.row(b, h, i), dq.sd);
       }
     }
   });
@@ -676,7 +686,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
   const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lk = key.size(2);
   TORCH_CHECK(key.size(0) == B && value.size(0) == B, "seqfast attention: batch sizes differ");
   const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({B, Hq, Lq, value.size(3)}, query.options());
+  at::Tensor out = BufferCache::get().empty({B, Hq, Lq, value.size(3)}, query.scalar_type());  // as the gradients
   at::Tensor lse = at::empty({B, Hq, Lq}, query.options().dtype(lse_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_attention_forward", [&] {
     using T = CalcT<scalar_t>;
@@ -703,9 +713,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lk = key.size(2);
   TORCH_CHECK(!mask_grad || (attn_mask.has_value() && attn_mask->is_floating_point()),
               "seqfast attention: mask_grad needs a float attn_mask");
-  at::Tensor dq = at::empty(query.sizes(), query.options());
-  at::Tensor dk = at::empty(key.sizes(), key.options());
-  at::Tensor dv = at::empty(value.sizes(), value.options());
+  // Gradients of 1 MiB or more come from BufferCache: a training step frees them before the next backward,
+  // which then gets the same pages back instead of faulting in fresh ones (benchmarks/NOTES.md).
+  at::Tensor dq = BufferCache::get().empty(query.sizes(), query.scalar_type());
+  at::Tensor dk = BufferCache::get().empty(key.sizes(), key.scalar_type());
+  at::Tensor dv = BufferCache::get().empty(value.sizes(), value.scalar_type());
   at::Tensor dmask;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_attention_backward", [&] {
     using T = CalcT<scalar_t>;

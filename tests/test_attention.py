@@ -326,6 +326,65 @@ def test_bitwise_deterministic_across_runs_and_threads():
         assert torch.equal(x, y) and torch.equal(x, z)
 
 
+@pytest.mark.parametrize("B, Hq, Hk, Lq, Lk, causal, extra", [
+    (4, 4, 4, 70, 150, 2, None),      # B * Hk = 16: one key split, dQ summed in place
+    (1, 4, 2, 97, 300, 2, None),      # 3 key splits, the last one to finish sums the dQ slabs
+    (2, 2, 1, 300, 97, 1, "mask"),    # causal with Lq > Lk, a float mask and its gradient
+    (1, 2, 2, 200, 129, 0, "dropout"),
+    (1, 2, 1, 150, 150, 1, "bf16"),   # slabs also with one split: the 16-bit outputs are converted
+])
+def test_backward_identical_at_one_and_two_threads(B, Hq, Hk, Lq, Lk, causal, extra):
+    """Every task of the backward owns its key tiles and its dQ rows or slab rows and the slabs are summed in
+    split order, so thread count and timing cannot change a bit of any gradient."""
+    dtype = torch.bfloat16 if extra == "bf16" else torch.float32
+    q, k, v = (torch.randn(B, h, n, 40).to(dtype) for h, n in ((Hq, Lq), (Hk, Lk), (Hk, Lk)))
+    g = torch.randn(B, Hq, Lq, 40).to(dtype)
+    mask = torch.randn(B, Hq, Lq, Lk) if extra == "mask" else None
+    p = 0.3 if extra == "dropout" else 0.0
+    out, lse = ops.attention_forward(q, k, v, mask, p, causal, 0.3, seed_tensor(5))
+
+    def grads():
+        return ops.attention_backward(g, q, k, v, mask, out, lse, p, causal, 0.3, seed_tensor(5), mask is not None)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads()
+        torch.set_num_threads(2)
+        two = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D, strided", [(64, False), (59, False), (64, True)])
+def test_half_precision_is_the_float_kernel_rounded(dtype, D, strided):
+    """16-bit inputs are widened to float, computed as float32 inputs are, and rounded once (to nearest even,
+    as tensor.to does) on the way out; the vector conversions (8 lanes, then a scalar tail for D=59, scalar for
+    strided rows) must give exactly those bits, NaN and inf included."""
+    B, H, Lq, Lk = 2, 2, 37, 50
+    q, k, v = (torch.randn(B, H, n, D).mul(3).to(dtype) for n in (Lq, Lk, Lk))
+    g = torch.randn(B, H, Lq, D).to(dtype)
+    v[0, 0, 3, 5] = float("inf")
+    g[1, 1, 2, 7] = float("nan")
+    if strided:
+        q, k, v, g = (torch.randn(t.shape[:-1] + (2 * D,)).to(dtype)[..., ::2].copy_(t) for t in (q, k, v, g))
+    for causal in (0, 1):
+        out, lse = ops.attention_forward(q, k, v, None, 0.0, causal, D ** -0.5, seed_tensor(0))
+        fout, flse = ops.attention_forward(q.float(), k.float(), v.float(), None, 0.0, causal, D ** -0.5,
+                                           seed_tensor(0))
+        torch.testing.assert_close(out, fout.to(dtype), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(lse, flse, rtol=0, atol=0, equal_nan=True)
+        grads = ops.attention_backward(g, q, k, v, None, out, lse, 0.0, causal, D ** -0.5, seed_tensor(0), False)
+        fgrads = ops.attention_backward(g.float(), q.float(), k.float(), v.float(), None, out.float(), lse, 0.0,
+                                        causal, D ** -0.5, seed_tensor(0), False)
+        for a, b in zip(grads[:3], fgrads[:3]):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
 def test_opcheck():
     q, k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 1, 11, 8), torch.randn(1, 1, 11, 8)
     mask = torch.randn(1, 2, 9, 11)
