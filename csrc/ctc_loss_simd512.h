@@ -270,6 +270,32 @@ SEQFAST_TARGET_AVX512 static float posterior_ext_row_avx512(float* post, const f
   return _mm_cvtss_f32(h);
 }
 
+// posterior_lin_row_avx2, same bits per lane and the AVX2 order for the blank sum.
+SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const float* am, const int32_t* ae,
+                                                            const float* bxm, const int32_t* bxe, float nm, int32_t ne,
+                                                            int64_t n) {
+  const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+  __m256 acc = _mm256_setzero_ps();
+  const __m512 vnm = splat16(nm);
+  const __m512i vne = _mm512_set1_epi32(ne);
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 k = lanes(n - s);
+    const __m512i E = _mm512_add_epi32(
+        _mm512_max_epi32(_mm512_add_epi32(loadi16(k, ae + s), loadi16(k, bxe + s)), _mm512_set1_epi32(kZeroE)), vne);
+    const __m512i biased = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_add_epi32(E, _mm512_set1_epi32(127)), _mm512_setzero_si512()), _mm512_set1_epi32(254));
+    const __m512 p = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(loadf16(k, am + s), loadf16(k, bxm + s)), vnm),
+                                   _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
+    _mm512_mask_storeu_ps(post + s, k, p);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(_mm512_castps512_ps256(p), even));
+    if (n - s > 8) acc = _mm256_add_ps(acc, _mm256_and_ps(_mm512_extractf32x8_ps(p, 1), even));
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
 #undef SEQFAST_AVX512_INLINE
 
 }  // namespace seqfast::ctc_simd
