@@ -495,13 +495,13 @@ class BetaExt {
       : smp(labels, L), ops_(ops), len_(len), nll_(nll), src_(src), frames_(frames), blank_(blank), skip_(smp),
         rows_(2 * (smp.padded + 2)), bx_(smp.padded), em_(smp.padded), alpha_(smp.padded, neg_inf<float>()),
         post_(smp.padded, 0.0f), c_(L + 1), ee_(smp.padded),
-        seg_(src.every > 1 ? src.every * (smp.padded + 2) : 0) {
+        seg_(src.every > 1 ? src.every * (smp.padded + 2) : 0),
+        seg_em_(src.every > 1 ? src.every * smp.padded : 0), seg_ee_(src.every > 1 ? src.every * smp.padded : 0) {
     nm_ = rows_.m.data();
     ne_ = rows_.e.data();
     cm_ = nm_ + smp.padded + 2;
     ce_ = ne_ + smp.padded + 2;
     if (src.every > 1) {
-      recursion_ = std::make_unique<AlphaExt<scalar_t>>(ops, labels, L);
       // exp(nll) = nm 2^ne for the linear posteriors; a finite loss is at most 2^29 ln 2 (kLiveE) in size.
       const double x = std::clamp(static_cast<double>(nll), -3.7e8, 3.7e8);
       const double k = std::floor(x / 0.693147180559945309417);
@@ -512,9 +512,10 @@ class BetaExt {
 
   bool segment_top(int64_t t) const { return src_.every > 1 && (t == len_ - 1 || t % src_.every == src_.every - 1); }
 
-  // Segment c's first row from its checkpoint.
+  // Segment c's first row from its checkpoint (and that frame's emissions).
   void load_checkpoint(int64_t c) {
     const int64_t P = smp.padded, states = smp.states;
+    emit(c * src_.every, 0);
     const float* m = src_.la + c * 2 * src_.width;
     const int32_t* e = reinterpret_cast<const int32_t*>(m + src_.width);
     std::copy(m, m + states, seg_m(0));
@@ -523,19 +524,21 @@ class BetaExt {
     std::fill(seg_e(0) + states, seg_e(0) + P, ctc_simd::kZeroE);
   }
 
-  // Frame t's row (t not a multiple of every) from frame t-1's, by forward's own step: the same bits.
+  // Frame t's row (t not a multiple of every) from frame t-1's by forward's own row operation on the same
+  // emissions: the same bits. The frame's emissions stay for step(t).
   void recompute(int64_t t) {
     const int64_t j = t % src_.every, P = smp.padded;
-    recursion_->advance(t, frames_.row(t), frames_.off(t), blank_, seg_m(j - 1), seg_e(j - 1), seg_m(j), seg_e(j),
-                        nullptr);
-    const int64_t hi = recursion_->reach(t);
+    emit(t, j);
+    const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));  // AlphaExt::reach
+    ops_.alpha_row(seg_m(j), seg_e(j), nullptr, seg_m(j - 1), seg_e(j - 1), skip_.m.data(), skip_.e.data(), seg_em(j),
+                   seg_ee(j), hi);
     if (hi < P) {  // forward's cells there were never written (0); these may hold a later segment's values
       std::fill(seg_m(j) + hi, seg_m(j) + P, 0.0f);
       std::fill(seg_e(j) + hi, seg_e(j) + P, ctc_simd::kZeroE);
     }
   }
 
-  void prefetch_recompute(int64_t t, int64_t C) const { recursion_->smp.prefetch(frames_.row(t), blank_, C); }
+  void prefetch_recompute(int64_t t, int64_t C) const { smp.prefetch(frames_.row(t), blank_, C); }
 
   void prepare(int64_t t) {
     if (!segment_top(t)) return;
@@ -550,8 +553,15 @@ class BetaExt {
     // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there
     // (never written: the bound only decreases).
     const int64_t lo = std::max<int64_t>(0, states - 2 * (len_ - t)) / kLanes * kLanes;
-    smp.gather(row, lse, blank);
-    ops_.emission(em_.data() + lo, ee_.data() + lo, nullptr, smp.lpe.data() + lo, P - lo);
+    const float* em = em_.data();
+    const int32_t* ee = ee_.data();
+    if (src_.every == 1) {
+      smp.gather(row, lse, blank);
+      ops_.emission(em_.data() + lo, ee_.data() + lo, nullptr, smp.lpe.data() + lo, P - lo);
+    } else {  // recompute() left them
+      em = seg_em(t % src_.every);
+      ee = seg_ee(t % src_.every);
+    }
     if (t == len_ - 1) {  // bx = 1 at the two final states, b = their emissions
       std::fill(bx_.m.begin(), bx_.m.end(), 0.0f);
       std::fill(bx_.e.begin(), bx_.e.end(), ctc_simd::kZeroE);
@@ -560,11 +570,11 @@ class BetaExt {
       for (int64_t s = std::max<int64_t>(0, 2 * L - 1); s <= 2 * L; ++s) {
         bx_.m[s] = 1.0f;
         bx_.e[s] = 0;
-        set_normalised(em_[s], ee_[s], cm_ + s, ce_ + s);
+        set_normalised(em[s], ee[s], cm_ + s, ce_ + s);
       }
     } else {
       ops_.beta_row(bx_.m.data() + lo, bx_.e.data() + lo, cm_ + lo, ce_ + lo, nm_ + lo, ne_ + lo,
-                    skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em_.data() + lo, ee_.data() + lo, P - lo);
+                    skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em + lo, ee + lo, P - lo);
     }
     if (src_.every == 1) {
       const float* la_row = src_.la + t * src_.width;
@@ -588,6 +598,14 @@ class BetaExt {
   // Row j of the segment scratch, behind two zero guard cells (alpha_row reads prev[-2], prev[-1]).
   float* seg_m(int64_t j) { return seg_.m.data() + j * (smp.padded + 2) + 2; }
   int32_t* seg_e(int64_t j) { return seg_.e.data() + j * (smp.padded + 2) + 2; }
+  float* seg_em(int64_t j) { return seg_em_.data() + j * smp.padded; }
+  int32_t* seg_ee(int64_t j) { return seg_ee_.data() + j * smp.padded; }
+
+  // Frame t's emissions, all states, into segment row j (beta needs the states alpha has not reached yet).
+  void emit(int64_t t, int64_t j) {
+    smp.gather(frames_.row(t), frames_.off(t), blank_);
+    ops_.emission(seg_em(j), seg_ee(j), nullptr, smp.lpe.data(), smp.padded);
+  }
 
   ExtOps ops_;
   int64_t len_;
@@ -601,8 +619,9 @@ class BetaExt {
   int32_t *ne_, *ce_;
   std::vector<float> em_, alpha_, post_, c_;
   std::vector<int32_t> ee_;
-  ExtRows seg_;  // checkpoints: the current segment's alpha rows
-  std::unique_ptr<AlphaExt<scalar_t>> recursion_;
+  ExtRows seg_;  // checkpoints: the current segment's alpha rows and emissions
+  std::vector<float> seg_em_;
+  std::vector<int32_t> seg_ee_;
   float exp_nll_m_ = 1.0f;
   int32_t exp_nll_e_ = 0;
 };
@@ -650,11 +669,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
   const int64_t width = 2 * z.S + 1;
   at::Tensor nll = at::empty({z.N}, acc_opts);
   // Without keep_alpha only the loss is wanted: the recursion keeps its two rows and nothing else. With every > 1,
-  // checkpoints: (N, ceil(T / every), 2, width), frame c * every's mantissas, then its exponents' int32 bits.
+  // checkpoints: int32 (N, ceil(T / every), 2, width), frame c * every's mantissas' float32 bits, then its exponents.
   const int64_t checkpoints = (z.T + every - 1) / every;
   at::Tensor log_alpha = !keep_alpha ? at::empty({z.N, 0, 0}, acc_opts)
                          : every == 1 ? BufferCache::get().empty({z.N, z.T, width}, acc_opts.dtype().toScalarType())
-                                      : BufferCache::get().empty({z.N, checkpoints, 2, width}, at::kFloat);
+                                      : BufferCache::get().empty({z.N, checkpoints, 2, width}, at::kInt);
   const scalar_t* lp = log_probs.const_data_ptr<scalar_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
   const int64_t* il = input_lengths.const_data_ptr<int64_t>();
@@ -662,7 +681,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
   acc_t* la = keep_alpha && every == 1 ? log_alpha.data_ptr<acc_t>() : nullptr;
-  float* ck = keep_alpha && every > 1 ? log_alpha.data_ptr<float>() : nullptr;
+  float* ck = keep_alpha && every > 1 ? reinterpret_cast<float*>(log_alpha.data_ptr<int32_t>()) : nullptr;
   acc_t* out = nll.data_ptr<acc_t>();
 
 #if SEQFAST_X86
@@ -771,7 +790,8 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
   const acc_t* nll = nll_t.const_data_ptr<acc_t>();
   const acc_t* gn = grad_nll.const_data_ptr<acc_t>();
-  const acc_t* la = log_alpha.const_data_ptr<acc_t>();
+  // acc_t rows of logs, or (every > 1) int32 checkpoints holding float32 mantissas and exponents.
+  const acc_t* la = static_cast<const acc_t*>(log_alpha.const_data_ptr());
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
 
@@ -952,8 +972,8 @@ at::Tensor ctc_loss_backward(const at::Tensor& grad_nll, const at::Tensor& log_p
   } else {
     TORCH_CHECK(log_alpha.dim() == 4 && log_alpha.size(0) == z.N &&
                     log_alpha.size(1) == (z.T + alpha_every - 1) / alpha_every && log_alpha.size(2) == 2 &&
-                    log_alpha.size(3) == 2 * z.S + 1 && log_alpha.scalar_type() == at::kFloat,
-                "ctc_loss_backward: with alpha_every = ", alpha_every, " log_alpha must be the forward's float32 "
+                    log_alpha.size(3) == 2 * z.S + 1 && log_alpha.scalar_type() == at::kInt,
+                "ctc_loss_backward: with alpha_every = ", alpha_every, " log_alpha must be the forward's int32 "
                 "checkpoints (N, ceil(T / alpha_every), 2, 2S+1), got ", log_alpha.sizes(), " ",
                 log_alpha.scalar_type(), " (a forward with keep_alpha=False keeps none)");
   }
@@ -964,7 +984,7 @@ at::Tensor ctc_loss_backward(const at::Tensor& grad_nll, const at::Tensor& log_p
   check_values(z, il.const_data_ptr<int64_t>(), tl.const_data_ptr<int64_t>(), tg.const_data_ptr<int64_t>(), blank);
   const at::Tensor g = grad_nll.to(acc).contiguous().reshape({z.N});
   const at::Tensor nll = neg_log_likelihood.to(acc).contiguous().reshape({z.N});
-  const at::Tensor la = log_alpha.to(acc).contiguous();
+  const at::Tensor la = alpha_every == 1 ? log_alpha.to(acc).contiguous() : log_alpha.contiguous();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ctc_loss_backward", [&] {
     return backward_impl<scalar_t>(g, lp, tg, il, tl, nll, la, blank, zero_infinity, from_logits, alpha_every, z);
   });

@@ -17,10 +17,10 @@ from_logits, keep_alpha=True, alpha_every=1) -> (neg_log_likelihood, log_alpha)`
   ``keep_alpha=False`` (a loss that needs no gradient) it is an empty (N, 0, 0) tensor: the kernels
   keep only two rows of the recursion, and backward refuses it. The loss is bit-identical either way.
 - ``alpha_every = K > 1`` (CPU, float32 compute on the AVX2 / AVX-512 path only; the CUDA kernels, float64 and
-  CPUs without AVX2 refuse it): ``log_alpha`` is instead the checkpoints, a float32 (N, ceil(T/K), 2, 2S+1)
-  tensor: [n, c, 0, s] is the mantissa and [n, c, 1, s] the int32 exponent (its bits, ``.view(torch.int32)``)
-  of alpha at frame cK, state s, in the recursion's extended-range form (ctc_loss_simd.h), exactly as the
-  forward held it; zero mantissas past the last state and for frames at or past input_length. Backward
+  CPUs without AVX2 refuse it): ``log_alpha`` is instead the checkpoints, an int32 (N, ceil(T/K), 2, 2S+1)
+  tensor: [n, c, 0, s] holds the float32 bits of the mantissa (``.view(torch.float32)``) and [n, c, 1, s] the
+  exponent of alpha at frame cK, state s, in the recursion's extended-range form (ctc_loss_simd.h), exactly as
+  the forward held it; zero mantissas past the last state and for frames at or past input_length. Backward
   recomputes each segment of K frames from its checkpoint (the same bits as the forward's rows) and takes the
   posteriors from the linear numbers: K ~ 8x less saved memory per K of 16, no log per state in the forward.
   The gradient differs from K = 1's by the posteriors' rounding only (a few float32 ulps of each posterior).
@@ -75,18 +75,21 @@ def alpha_shape(T: int, N: int, S: int, dtype: torch.dtype, keep_alpha: bool, al
     if compute_dtype(dtype) != torch.float32:
         raise ValueError("seqfast::ctc_loss_forward: alpha_every > 1 needs float32 compute (float16 / bfloat16 / "
                          f"float32 log_probs), got {dtype}")
-    return (N, -(-T // alpha_every), 2, 2 * S + 1), torch.float32
+    return (N, -(-T // alpha_every), 2, 2 * S + 1), torch.int32
 
 
 # Checkpoint spacing of the CPU float32 path: None chooses by size (choose_alpha_every); an int forces it (timing).
 ALPHA_EVERY: int | None = None
-# Bytes of one thread's segment scratch (its samples' K alpha rows, 8 bytes a state) to aim at: a part of L2.
-SEGMENT_BYTES = 1 << 20
+# Bytes of one thread's segment scratch (its samples' K rows of alpha and emissions, 16 bytes a state) to aim at:
+# well inside the 2 MiB L2 it shares with the log_probs rows and gradient rows streaming through (benchmarks/NOTES.md,
+# "CTC: checkpointed alpha": K = 4 beat K = 8 at 1.7 MiB of scratch).
+SEGMENT_BYTES = 768 << 10
 
 
 def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alpha: bool) -> int:
     """The forward's alpha_every: 1 (the full log_alpha table) unless a gradient is to come on the CPU float32
-    AVX2 / AVX-512 path; there, checkpoints as far apart as lets each thread's segment scratch fit SEGMENT_BYTES."""
+    AVX2 / AVX-512 path and checkpoints pay: there, as far apart as lets a thread's segment scratch fit
+    SEGMENT_BYTES, from 4 to 32 frames."""
     if not keep_alpha or log_probs.device.type != "cpu" or compute_dtype(log_probs.dtype) != torch.float32:
         return 1
     # Only the C++ kernels take checkpoints; under torch.compile the ISA (a run-time setting) is not traced.
@@ -98,10 +101,18 @@ def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alph
         return 1
     if ALPHA_EVERY is not None:
         return ALPHA_EVERY
-    T, N, _ = log_probs.shape
+    T, N, C = log_probs.shape
+    S = targets.shape[1]
+    # Recomputing a frame gathers its emissions from the log_probs row again, a cache line per label at worst; the
+    # table row it replaces is (2S+1) floats and as many logs. Long rows with few labels (C = 5000, S = 50) made
+    # forward+backward 2.5 % slower with checkpoints, long targets on short rows faster (NOTES): keep the table
+    # when the gathered lines outweigh 4x the row's bytes.
+    lines = min(S + 1, -(-C * log_probs.element_size() // 64))
+    if lines * 64 > 4 * (2 * S + 1) * 4:
+        return 1
     per_thread = -(-N // max(1, min(N, torch.get_num_threads())))
-    row_bytes = 8 * (2 * targets.shape[1] + 1 + 10) * max(per_thread, 1)
-    return int(min(max(SEGMENT_BYTES // row_bytes, 4), 64))
+    row_bytes = 16 * (2 * S + 11) * per_thread
+    return int(min(max(SEGMENT_BYTES // row_bytes, 4), 32))
 
 
 @torch.library.register_fake("seqfast::ctc_loss_forward")

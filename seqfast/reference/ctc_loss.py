@@ -88,7 +88,7 @@ def ctc_loss_forward(log_probs, targets, input_lengths, target_lengths, blank, z
         if alpha_every < 1 or dtype != torch.float32:
             raise ValueError(f"ctc_loss_forward: alpha_every = {alpha_every} needs float32 compute and must be >= 1")
         T, N = log_probs.shape[:2]
-        return nll, alpha.new_zeros((N, -(-T // alpha_every), 2, alpha.shape[2]), dtype=dtype)
+        return nll, alpha.new_zeros((N, -(-T // alpha_every), 2, alpha.shape[2]), dtype=torch.int32)
     return nll, alpha.to(dtype)
 
 
