@@ -103,12 +103,14 @@ def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alph
         return ALPHA_EVERY
     T, N, C = log_probs.shape
     S = targets.shape[1]
-    # Recomputing a frame gathers its emissions from the log_probs row again, a cache line per label at worst; the
-    # table row it replaces is (2S+1) floats and as many logs. Long rows with few labels (C = 5000, S = 50) made
-    # forward+backward 2.5 % slower with checkpoints, long targets on short rows faster (NOTES): keep the table
-    # when the gathered lines outweigh 4x the row's bytes.
+    # The recompute gathers a frame's emissions from its log_probs row K frames before the gradient pass streams
+    # that row: the gathered cache lines (one per label at worst) are read twice, where the table costs a write and
+    # a read of (2S+1) floats. Beyond that the two cost about the same (a log per state in the forward against an
+    # alpha step per state in the backward, less the exp it saves), the log weighing more on AVX2 than on AVX-512.
+    # Measured (NOTES, "CTC: checkpointed alpha"): C = 5000, S = 50 lost 2.5 % forward+backward with checkpoints;
+    # C = 1000, S = 200 won 3-5 % on AVX2 and lost 6 % on AVX-512.
     lines = min(S + 1, -(-C * log_probs.element_size() // 64))
-    if lines * 64 > 4 * (2 * S + 1) * 4:
+    if lines * 64 > (2 if _C.cpu_isa() == "avx2" else 1) * 8 * (2 * S + 1):
         return 1
     per_thread = -(-N // max(1, min(N, torch.get_num_threads())))
     row_bytes = 16 * (2 * S + 11) * per_thread
