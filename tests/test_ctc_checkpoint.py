@@ -160,11 +160,13 @@ def test_refusals():
 
 
 def test_public_function_chooses_checkpoints_on_the_cpu_float32_path_only():
-    logits, tg, il, tl, _ = _case(50, 3, 5, 3, 9)
+    logits, tg, il, tl, _ = _case(50, 3, 5, 6, 9)
     lp32 = logits.log_softmax(2).float().requires_grad_()
     assert ctc_ops.choose_alpha_every(lp32, tg, True) > 1
     assert ctc_ops.choose_alpha_every(lp32, tg, False) == 1  # no gradient to come: nothing is kept
     assert ctc_ops.choose_alpha_every(lp32.double(), tg, True) == 1
+    # Long rows, few labels: the recompute would re-read more log_probs lines than the table costs.
+    assert ctc_ops.choose_alpha_every(torch.zeros(50, 3, 5000), tg, True) == 1
     with seqfast.backend("reference"):
         assert ctc_ops.choose_alpha_every(lp32, tg, True) == 1
     old = _C.set_cpu_isa("baseline")
@@ -183,5 +185,5 @@ def test_public_function_chooses_checkpoints_on_the_cpu_float32_path_only():
         seqfast.ctc_loss(lp32, tg, il, tl)
     K = ctc_ops.choose_alpha_every(lp32, tg, True)
     (ck,) = [t for t in saved if t.dtype == torch.int32]
-    assert ck.shape == (3, -(-50 // K), 2, 7)
-    assert not any(t.shape == (3, 50, 7) for t in saved)
+    assert ck.shape == (3, -(-50 // K), 2, 13)
+    assert not any(t.shape == (3, 50, 13) for t in saved)
