@@ -8,6 +8,12 @@
 // float64 and CPUs without AVX2 run it in log space. The stored log_alpha rows take one log per state (a table
 // log of the mantissa). Without keep_alpha (no gradient to come) nothing is stored and no log is taken; the loss
 // is the same bits either way.
+// Checkpoints (alpha_every = K > 1, float32 on AVX2 / AVX-512 only): the forward stores every K-th frame's row in
+// extended form instead (mantissas and exponents, no log), and backward recomputes each segment of K frames from
+// its checkpoint into per-sample scratch, with forward's own row operation on the same emissions (the same bits),
+// just before beta walks down through it; the recompute keeps the frame's emissions for beta, and the posteriors
+// come from the linear numbers (alpha * beta * exp(nll): no exp per state). The scratch is K rows of 16 bytes a
+// state per sample; seqfast/ops/ctc_loss.py chooses K so that a thread's share stays inside L2.
 //
 // Loop order: samples are split over threads; each thread advances its block of samples frame by frame
 // (t outer, n inner), so that the log_probs rows it reads, (t, n0..n1), are adjacent in memory, and it prefetches
