@@ -81,15 +81,16 @@ def alpha_shape(T: int, N: int, S: int, dtype: torch.dtype, keep_alpha: bool, al
 # Checkpoint spacing of the CPU float32 path: None chooses by size (choose_alpha_every); an int forces it (timing).
 ALPHA_EVERY: int | None = None
 # Bytes of one thread's segment scratch (its samples' K rows of alpha and emissions, 16 bytes a state) to aim at:
-# well inside the 2 MiB L2 it shares with the log_probs rows and gradient rows streaming through (benchmarks/NOTES.md,
-# "CTC: checkpointed alpha": K = 4 beat K = 8 at 1.7 MiB of scratch).
+# well inside the 2 MiB L2 it shares with the log_probs rows and gradient rows streaming through. Below 8 frames
+# the checkpoints themselves (8 bytes a state) cost more forward time and memory than the scratch's cache misses
+# cost backward (benchmarks/NOTES.md, "CTC: checkpointed alpha").
 SEGMENT_BYTES = 768 << 10
 
 
 def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alpha: bool) -> int:
     """The forward's alpha_every: 1 (the full log_alpha table) unless a gradient is to come on the CPU float32
     AVX2 / AVX-512 path and checkpoints pay: there, as far apart as lets a thread's segment scratch fit
-    SEGMENT_BYTES, from 4 to 32 frames."""
+    SEGMENT_BYTES, from 8 to 32 frames."""
     if not keep_alpha or log_probs.device.type != "cpu" or compute_dtype(log_probs.dtype) != torch.float32:
         return 1
     # Only the C++ kernels take checkpoints; under torch.compile the ISA (a run-time setting) is not traced.
@@ -114,7 +115,7 @@ def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alph
         return 1
     per_thread = -(-N // max(1, min(N, torch.get_num_threads())))
     row_bytes = 16 * (2 * S + 11) * per_thread
-    return int(min(max(SEGMENT_BYTES // row_bytes, 4), 32))
+    return int(min(max(SEGMENT_BYTES // row_bytes, 8), 32))
 
 
 @torch.library.register_fake("seqfast::ctc_loss_forward")
