@@ -521,7 +521,7 @@ class BetaExt {
   // Segment c's first row from its checkpoint (and that frame's emissions).
   void load_checkpoint(int64_t c) {
     const int64_t P = smp.padded, states = smp.states;
-    emit(c * src_.every, 0);
+    emit(c * src_.every, 0, low(c * src_.every));
     const float* m = src_.la + c * 2 * src_.width;
     const int32_t* e = reinterpret_cast<const int32_t*>(m + src_.width);
     std::copy(m, m + states, seg_m(0));
@@ -531,13 +531,17 @@ class BetaExt {
   }
 
   // Frame t's row (t not a multiple of every) from frame t-1's by forward's own row operation on the same
-  // emissions: the same bits. The frame's emissions stay for step(t).
+  // emissions: the same bits. The frame's emissions stay for step(t). Only the vectors from low(t) up: the states
+  // below low(t) reach no end (their posteriors are 0 whatever alpha is), and the states at or above it draw on
+  // those at or above low(t - 1) = low(t) - 2, rounded down. The vectors below keep another frame's (finite) values.
   void recompute(int64_t t) {
-    const int64_t j = t % src_.every, P = smp.padded;
-    emit(t, j);
+    const int64_t j = t % src_.every, P = smp.padded, lo = low(t);
+    emit(t, j, lo);
     const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));  // AlphaExt::reach
-    ops_.alpha_row(seg_m(j), seg_e(j), nullptr, seg_m(j - 1), seg_e(j - 1), skip_.m.data(), skip_.e.data(), seg_em(j),
-                   seg_ee(j), hi);
+    if (lo < hi) {
+      ops_.alpha_row(seg_m(j) + lo, seg_e(j) + lo, nullptr, seg_m(j - 1) + lo, seg_e(j - 1) + lo, skip_.m.data() + lo,
+                     skip_.e.data() + lo, seg_em(j) + lo, seg_ee(j) + lo, hi - lo);
+    }
     if (hi < P) {  // forward's cells there were never written (0); these may hold a later segment's values
       std::fill(seg_m(j) + hi, seg_m(j) + P, 0.0f);
       std::fill(seg_e(j) + hi, seg_e(j) + P, ctc_simd::kZeroE);
@@ -556,9 +560,7 @@ class BetaExt {
   // Frame t (row: its log_probs row); returns c.
   const float* step(int64_t t, const scalar_t* row, float lse, int64_t blank) {
     const int64_t P = smp.padded, states = smp.states, L = smp.L;
-    // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there
-    // (never written: the bound only decreases).
-    const int64_t lo = std::max<int64_t>(0, states - 2 * (len_ - t)) / kLanes * kLanes;
+    const int64_t lo = low(t);
     const float* em = em_.data();
     const int32_t* ee = ee_.data();
     if (src_.every == 1) {
@@ -607,11 +609,15 @@ class BetaExt {
   float* seg_em(int64_t j) { return seg_em_.data() + j * smp.padded; }
   int32_t* seg_ee(int64_t j) { return seg_ee_.data() + j * smp.padded; }
 
-  // Frame t's emissions, all states, into segment row j (beta needs the states alpha has not reached yet).
-  void emit(int64_t t, int64_t j) {
+  // Frame t's emissions from state lo on into segment row j (beta needs the states alpha has not reached yet).
+  void emit(int64_t t, int64_t j, int64_t lo) {
     smp.gather(frames_.row(t), frames_.off(t), blank_);
-    ops_.emission(seg_em(j), seg_ee(j), nullptr, smp.lpe.data(), smp.padded);
+    ops_.emission(seg_em(j) + lo, seg_ee(j) + lo, nullptr, smp.lpe.data() + lo, smp.padded - lo);
   }
+
+  // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there (never
+  // written: the bound only decreases). The first vector holding one that can.
+  int64_t low(int64_t t) const { return std::max<int64_t>(0, smp.states - 2 * (len_ - t)) / kLanes * kLanes; }
 
   ExtOps ops_;
   int64_t len_;
