@@ -364,7 +364,7 @@ SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out,
 }
 
 // Backward step: bx[s] = b[s] + b[s+1] + skip[s] b[s+2] (beta without frame t's emission), then
-// b_t[s] = bx[s] * emission[s]. next arrays readable at [n, n+1] (zeros).
+// b_t[s] = bx[s] * emission[s] (mantissa not normalised). next arrays readable at [n, n+1] (zeros).
 SEQFAST_TARGET_AVX2 static void beta_ext_row_avx2(float* bxm, int32_t* bxe, float* bm, int32_t* be, const float* nm,
                                                   const int32_t* ne, const float* skip_m, const int32_t* skip_e,
                                                   const float* em, const int32_t* ee, int64_t n) {
@@ -378,7 +378,11 @@ SEQFAST_TARGET_AVX2 static void beta_ext_row_avx2(float* bxm, int32_t* bxe, floa
     renormalise(sum, E, &m, &e);
     _mm256_storeu_ps(bxm + s, m);
     storei(bxe + s, e);
-    renormalise(_mm256_mul_ps(m, _mm256_loadu_ps(em + s)), _mm256_add_epi32(e, loadi(ee + s)), &m, &e);
+    // b stays unnormalised (m in [0.7, 2.84)): add3 takes that as well, and the sum it feeds is renormalised.
+    // Only a zero needs its exponent at kZeroE, so that it cannot set the next step's alignment.
+    m = _mm256_mul_ps(m, _mm256_loadu_ps(em + s));
+    e = _mm256_blendv_epi8(_mm256_add_epi32(e, loadi(ee + s)), _mm256_set1_epi32(kZeroE),
+                           _mm256_castps_si256(_mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ)));
     _mm256_storeu_ps(bm + s, m);
     storei(be + s, e);
   }

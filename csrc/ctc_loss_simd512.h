@@ -243,7 +243,9 @@ SEQFAST_TARGET_AVX512 static void beta_ext_row_avx512(float* bxm, int32_t* bxe, 
     renormalise16(sum, E, &m, &e);
     _mm512_mask_storeu_ps(bxm + s, k, m);
     _mm512_mask_storeu_epi32(bxe + s, k, e);
-    renormalise16(_mm512_mul_ps(m, loadf16(k, em + s)), _mm512_add_epi32(e, loadi16(k, ee + s)), &m, &e);
+    m = _mm512_mul_ps(m, loadf16(k, em + s));  // beta_ext_row_avx2: b unnormalised, zeros at kZeroE
+    e = _mm512_mask_mov_epi32(_mm512_add_epi32(e, loadi16(k, ee + s)),
+                              _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_set1_epi32(kZeroE));
     _mm512_mask_storeu_ps(bm + s, k, m);
     _mm512_mask_storeu_epi32(be + s, k, e);
   }
