@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ctc_cpu_timing.py [--repeat 5] [--shapes T,N,C,S ...] [--memory]
         [--threads N] [--cpu-time] [--isa avx2] [--torch-isa avx2] [--dtype fp32|bf16|fp16]
+        [--alpha-every K ...] [--saved]
 
 float32 (--dtype bf16 / fp16: the same values rounded; torch then gets them as float32, converted inside the
 timed call, since its CPU kernel takes no half types), reduction="mean", log_probs = log_softmax(randn) as a
@@ -13,6 +14,9 @@ first line records the machine (CPU model, ISA in use, the FMA-loop peak measure
 after resetting it through /proc/self/clear_refs). --cpu-time times process CPU time instead of wall time
 (steadier on a shared machine, best with --threads 1); --isa caps seqfast's ISA, --torch-isa torch's
 (benchmarks/_cpu_isa.py).
+--alpha-every K1 K2 ... adds one seqfast column set per checkpoint spacing (1: the full log_alpha table; 0: the
+automatic choice) to the same alternating rounds, ratios against torch as before. --saved prints the bytes the
+forward saves for backward (each distinct storage once, through torch.autograd.graph.saved_tensors_hooks).
 """
 
 from __future__ import annotations
@@ -80,6 +84,33 @@ def torch_ctc(lp, tg, il, tl):
 IMPLS = {"torch": torch_ctc, "seqfast": seqfast.ctc_loss}
 
 
+def with_alpha_every(k: int):
+    """seqfast.ctc_loss with the CPU checkpoint spacing forced to k (0: the automatic choice)."""
+    from seqfast.ops import ctc_loss as ctc_ops
+
+    def fn(*args):
+        ctc_ops.ALPHA_EVERY = k or None
+        try:
+            return seqfast.ctc_loss(*args)
+        finally:
+            ctc_ops.ALPHA_EVERY = None
+    return fn
+
+
+def saved_mib(fn, lp, tg, il, tl) -> float:
+    """MiB of the tensors the forward saves for backward, each storage counted once."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(lp, tg, il, tl)
+    del loss
+    return sum(storages.values()) / 2**20
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -113,6 +144,8 @@ def main() -> None:
     ap.add_argument("--isa", default=None, help="cap seqfast's ISA (seqfast._C.set_cpu_isa)")
     ap.add_argument("--torch-isa", default=None, help="cap torch's ISA (read before torch is imported)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--alpha-every", type=int, nargs="*", default=[])
+    ap.add_argument("--saved", action="store_true")
     a = ap.parse_args()
     global DTYPE
     DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
@@ -134,12 +167,15 @@ def main() -> None:
     print(cpu_record())
     print(f"threads={torch.get_num_threads()} isa={_C.cpu_isa()} clock={'cpu-time' if a.cpu_time else 'wall'} "
           f"dtype={a.dtype}")
+    impls = dict(IMPLS)
+    for k in a.alpha_every:
+        impls[f"K={k or 'auto'}"] = with_alpha_every(k)
     print(f"{'T,N,C,S':>22} {'torch fwd':>10} {'ours fwd':>10} {'x':>6} {'torch f+b':>10} {'ours f+b':>10} {'x':>6} "
           f"{'torch nog':>10} {'ours nog':>10} {'x':>6}")
     for shape in shapes:
         args = inputs(*shape)
         res = {}
-        names, fns = list(IMPLS), list(IMPLS.values())
+        names, fns = list(impls), list(impls.values())
         for bwd in (False, True):
             for fn in fns:
                 run(fn, *args, bwd)  # warm-up
@@ -153,6 +189,13 @@ def main() -> None:
         tn, on = res["torch", "no_grad"], res["seqfast", "no_grad"]
         print(f"{str(shape):>22} {tf:10.4f} {of:10.4f} {tf / of:6.1f} {tb:10.4f} {ob:10.4f} {tb / ob:6.1f} "
               f"{tn:10.4f} {on:10.4f} {tn / on:6.1f}", flush=True)
+        for name in names[2:]:
+            f, b, n = res[name, False], res[name, True], res[name, "no_grad"]
+            print(f"{name:>22} {'':>10} {f:10.4f} {tf / f:6.1f} {'':>10} {b:10.4f} {tb / b:6.1f} {'':>10} {n:10.4f} "
+                  f"{tn / n:6.1f}", flush=True)
+        if a.saved:
+            print(f"{'saved for backward MiB':>22} " + " ".join(
+                f"{name} {saved_mib(fn, *args):.1f}" for name, fn in zip(names, fns)), flush=True)
         if a.memory:
             extra = [*(["--threads", str(a.threads)] if a.threads else []), *(["--isa", a.isa] if a.isa else []),
                      *(["--torch-isa", a.torch_isa] if a.torch_isa else []), "--dtype", a.dtype]

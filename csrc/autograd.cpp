@@ -41,9 +41,9 @@ using VarlenBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Ten
                                                         const Tensor&, const Tensor&, int64_t, int64_t,
                                                         const Tensor&, const Tensor&, int64_t, double);
 using CtcFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
-                                             bool, bool, bool);
+                                             bool, bool, bool, int64_t);
 using CtcBwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                         const Tensor&, int64_t, bool, bool);
+                         const Tensor&, int64_t, bool, bool, int64_t);
 
 // Autograd materialises an unused output's gradient as zeros; the kernels want a contiguous one.
 Tensor grad_or_zeros(const Tensor& grad, const Tensor& like) {
@@ -109,16 +109,17 @@ struct VarlenAttention : public torch::autograd::Function<VarlenAttention> {
 struct CtcLoss : public torch::autograd::Function<CtcLoss> {
   static variable_list forward(AutogradContext* ctx, const Tensor& log_probs, const Tensor& targets,
                                const Tensor& input_lengths, const Tensor& target_lengths, int64_t blank,
-                               bool zero_infinity, bool from_logits, bool keep_alpha) {
+                               bool zero_infinity, bool from_logits, bool keep_alpha, int64_t alpha_every) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto fwd = op<CtcFwdSig>("seqfast::ctc_loss_forward");
-    auto [nll, log_alpha] =
-        fwd.call(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits, keep_alpha);
+    auto [nll, log_alpha] = fwd.call(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity,
+                                     from_logits, keep_alpha, alpha_every);
     ctx->save_for_backward({log_probs, targets, input_lengths, target_lengths, nll, log_alpha});
     ctx->saved_data["blank"] = blank;
     ctx->saved_data["zero_infinity"] = zero_infinity;
     ctx->saved_data["from_logits"] = from_logits;
     ctx->saved_data["keep_alpha"] = keep_alpha;
+    ctx->saved_data["alpha_every"] = alpha_every;
     ctx->mark_non_differentiable({log_alpha});
     // log_alpha never carries a gradient: without this autograd would build a zero (N, T, 2S+1) tensor.
     ctx->set_materialize_grads(false);
@@ -126,14 +127,15 @@ struct CtcLoss : public torch::autograd::Function<CtcLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list none(8);
+    variable_list none(9);
     if (!grads[0].defined()) return none;  // only log_alpha was used: it carries no gradient
     TORCH_CHECK(ctx->saved_data["keep_alpha"].toBool(),
                 "seqfast::ctc_loss_forward ran with keep_alpha=False: its loss has no gradient");
     static auto bwd = op<CtcBwdSig>("seqfast::ctc_loss_backward");
     const auto s = ctx->get_saved_variables();
     none[0] = bwd.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["blank"].toInt(),
-                       ctx->saved_data["zero_infinity"].toBool(), ctx->saved_data["from_logits"].toBool());
+                       ctx->saved_data["zero_infinity"].toBool(), ctx->saved_data["from_logits"].toBool(),
+                       ctx->saved_data["alpha_every"].toInt());
     return none;
   }
 };
@@ -173,15 +175,16 @@ std::tuple<Tensor, Tensor> varlen_attention_forward(const Tensor& q, const Tenso
 
 std::tuple<Tensor, Tensor> ctc_loss_forward(const Tensor& log_probs, const Tensor& targets,
                                             const Tensor& input_lengths, const Tensor& target_lengths, int64_t blank,
-                                            bool zero_infinity, bool from_logits, bool keep_alpha) {
+                                            bool zero_infinity, bool from_logits, bool keep_alpha,
+                                            int64_t alpha_every) {
   if (!records({&log_probs})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto fwd = op<CtcFwdSig>("seqfast::ctc_loss_forward");
     return fwd.call(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
-                    keep_alpha);
+                    keep_alpha, alpha_every);
   }
   return pair(CtcLoss::apply(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
-                             keep_alpha));
+                             keep_alpha, alpha_every));
 }
 
 // seqfast.scaled_dot_product_attention's common case (4-D tensors of one floating dtype, device, batch and head

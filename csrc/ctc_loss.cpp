@@ -8,6 +8,12 @@
 // float64 and CPUs without AVX2 run it in log space. The stored log_alpha rows take one log per state (a table
 // log of the mantissa). Without keep_alpha (no gradient to come) nothing is stored and no log is taken; the loss
 // is the same bits either way.
+// Checkpoints (alpha_every = K > 1, float32 on AVX2 / AVX-512 only): the forward stores every K-th frame's row in
+// extended form instead (mantissas and exponents, no log), and backward recomputes each segment of K frames from
+// its checkpoint into per-sample scratch, with forward's own row operation on the same emissions (the same bits),
+// just before beta walks down through it; the recompute keeps the frame's emissions for beta, and the posteriors
+// come from the linear numbers (alpha * beta * exp(nll): no exp per state). The scratch is K rows of 16 bytes a
+// state per sample; seqfast/ops/ctc_loss.py chooses K so that a thread's share stays inside L2.
 //
 // Loop order: samples are split over threads; each thread advances its block of samples frame by frame
 // (t outer, n inner), so that the log_probs rows it reads, (t, n0..n1), are adjacent in memory, and it prefetches
@@ -310,15 +316,18 @@ struct ExtOps {
   decltype(&ctc_simd::alpha_ext_row_avx2) alpha_row;
   decltype(&ctc_simd::beta_ext_row_avx2) beta_row;
   decltype(&ctc_simd::posterior_ext_row_avx2) posterior;
+  decltype(&ctc_simd::posterior_lin_row_avx2) posterior_lin;
 };
 
 ExtOps ext_ops() {
   if (has_avx512()) {
     return {&ctc_simd::emission_ext_avx512<true>, &ctc_simd::emission_ext_avx512<false>, &ctc_simd::poison_sum_avx512,
-            &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512, &ctc_simd::posterior_ext_row_avx512};
+            &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512, &ctc_simd::posterior_ext_row_avx512,
+            &ctc_simd::posterior_lin_row_avx512};
   }
   return {&ctc_simd::emission_ext_avx2<true>, &ctc_simd::emission_ext_avx2<false>, &ctc_simd::poison_sum_avx2,
-          &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2, &ctc_simd::posterior_ext_row_avx2};
+          &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2, &ctc_simd::posterior_ext_row_avx2,
+          &ctc_simd::posterior_lin_row_avx2};
 }
 
 // Extended rows: mantissas and exponents with `front` zero guard cells before and `back` after.
@@ -380,29 +389,45 @@ class AlphaExt {
   // Frame t from its log_probs row (lse: the row's log-normaliser, 0 for log_probs); writes its log_alpha row
   // (width floats, -inf past the last state) to la_row unless that is null.
   void step(int64_t t, const scalar_t* row, float lse, int64_t blank, float* la_row, int64_t width) {
-    const int64_t P = smp.padded, states = smp.states;
-    // States above 2t+1 are not reachable yet: they stay 0 (their row cells were never written).
-    const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));
-    smp.gather(row, lse, blank);
-    ops_.emission_sum(em_.data(), ee_.data(), poison_, smp.lpe.data(), hi);
-    if (hi < P) ops_.poison_sum(poison_, smp.lpe.data() + hi, P - hi);  // poison there can still reach the end
-    if (t == 0) {  // alpha_0: the emissions of states 0 and 1
-      std::fill(cm_, cm_ + P, 0.0f);
-      std::fill(ce_, ce_ + P, ctc_simd::kZeroE);
-      for (int64_t s = 0; s < std::min<int64_t>(2, states); ++s) {
-        set_normalised(em_[s], ee_[s], cm_ + s, ce_ + s);
-        logrow_[s] = cm_[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
-      }
-    } else {
-      ops_.alpha_row(cm_, ce_, la_row ? logrow_.data() : nullptr, pm_, pe_, skip_.m.data(), skip_.e.data(),
-                     em_.data(), ee_.data(), hi);
-    }
+    const int64_t states = smp.states;
+    advance(t, row, lse, blank, pm_, pe_, cm_, ce_, la_row ? logrow_.data() : nullptr);
     if (la_row) {
       std::copy(logrow_.data(), logrow_.data() + states, la_row);
       std::fill(la_row + states, la_row + width, neg_inf<float>());
     }
     std::swap(pm_, cm_);
     std::swap(pe_, ce_);
+  }
+
+  // One frame: (pm, pe), frame t-1's row (two zero guard cells in front), -> (cm, ce), frame t's; with log_out,
+  // also its logs. Cells from reach(t) on are not written: states above 2t+1 are not reachable yet, and stay 0.
+  void advance(int64_t t, const scalar_t* row, float lse, int64_t blank, const float* pm, const int32_t* pe, float* cm,
+               int32_t* ce, float* log_out) {
+    const int64_t P = smp.padded, states = smp.states;
+    const int64_t hi = reach(t);
+    smp.gather(row, lse, blank);
+    ops_.emission_sum(em_.data(), ee_.data(), poison_, smp.lpe.data(), hi);
+    if (hi < P) ops_.poison_sum(poison_, smp.lpe.data() + hi, P - hi);  // poison there can still reach the end
+    if (t == 0) {  // alpha_0: the emissions of states 0 and 1
+      std::fill(cm, cm + P, 0.0f);
+      std::fill(ce, ce + P, ctc_simd::kZeroE);
+      for (int64_t s = 0; s < std::min<int64_t>(2, states); ++s) {
+        set_normalised(em_[s], ee_[s], cm + s, ce + s);
+        logrow_[s] = cm[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
+      }
+    } else {
+      ops_.alpha_row(cm, ce, log_out, pm, pe, skip_.m.data(), skip_.e.data(), em_.data(), ee_.data(), hi);
+    }
+  }
+
+  int64_t reach(int64_t t) const { return std::min(smp.padded, pad_to_lanes(2 * t + 2)); }
+
+  // The row of the last step as a checkpoint: states [0, width) to m and e, zeros past the last state.
+  void save(float* m, int32_t* e, int64_t width) const {
+    std::copy(pm_, pm_ + smp.states, m);
+    std::fill(m + smp.states, m + width, 0.0f);
+    std::copy(pe_, pe_ + smp.states, e);
+    std::fill(e + smp.states, e + width, ctc_simd::kZeroE);
   }
 
   // Whether a step met a NaN or +inf emission (see poison_reaches_end).
@@ -445,29 +470,106 @@ class AlphaExt {
   float poison_[16] = {};  // the emissions summed lane-wise (emission_ext_avx2)
 };
 
+// Where backward finds one sample's forward variables. every = 1: the log_alpha table, frame t's row of logs at
+// la + t * width. every = K > 1: checkpoints, frame cK's row in extended form at la + c * 2 * width (width
+// mantissas, then width int32 exponents in float32 storage), from which each segment of K frames is recomputed.
+struct AlphaSource {
+  const float* la;
+  int64_t every, width;
+};
+
+// One sample's log_probs rows: frame t's at lp + t * lp_stride, its log-normaliser (logits) at lse[t * lse_stride].
+template <typename scalar_t>
+struct Frames {
+  const scalar_t* lp;
+  const float* lse;
+  int64_t lp_stride, lse_stride;
+  const scalar_t* row(int64_t t) const { return lp + t * lp_stride; }
+  float off(int64_t t) const { return lse ? lse[t * lse_stride] : 0.0f; }
+};
+
 // Pass 1 of backward for one sample, one frame per step() (t = len-1 down to 0): beta in extended form and the
 // posteriors reduced to c = [blank posterior, posterior of target position 0, ..., L-1].
+// With checkpoints, frame t's alpha row must have been recomputed first: when segment_top(t), load_checkpoint()
+// then recompute() every frame of the segment upwards (prepare() does it all for one sample; the fused backward
+// interleaves its samples frame by frame instead, as forward reads log_probs).
 template <typename scalar_t>
 class BetaExt {
  public:
-  BetaExt(const ExtOps& ops, const int64_t* labels, int64_t L, int64_t len, float nll)
-      : smp(labels, L), ops_(ops), len_(len), nll_(nll), skip_(smp), rows_(2 * (smp.padded + 2)), bx_(smp.padded),
-        em_(smp.padded), alpha_(smp.padded, neg_inf<float>()), post_(smp.padded, 0.0f), c_(L + 1),
-        ee_(smp.padded) {
+  BetaExt(const ExtOps& ops, const int64_t* labels, int64_t L, int64_t len, float nll, AlphaSource src,
+          Frames<scalar_t> frames, int64_t blank)
+      : smp(labels, L), ops_(ops), len_(len), nll_(nll), src_(src), frames_(frames), blank_(blank), skip_(smp),
+        rows_(2 * (smp.padded + 2)), bx_(smp.padded), em_(smp.padded), alpha_(smp.padded, neg_inf<float>()),
+        post_(smp.padded, 0.0f), c_(L + 1), ee_(smp.padded),
+        seg_(src.every > 1 ? src.every * (smp.padded + 2) : 0),
+        seg_em_(src.every > 1 ? src.every * smp.padded : 0), seg_ee_(src.every > 1 ? src.every * smp.padded : 0) {
     nm_ = rows_.m.data();
     ne_ = rows_.e.data();
     cm_ = nm_ + smp.padded + 2;
     ce_ = ne_ + smp.padded + 2;
+    if (src.every > 1) {
+      // exp(nll) = nm 2^ne for the linear posteriors; a finite loss is at most 2^29 ln 2 (kLiveE) in size.
+      const double x = std::clamp(static_cast<double>(nll), -3.7e8, 3.7e8);
+      const double k = std::floor(x / 0.693147180559945309417);
+      exp_nll_m_ = static_cast<float>(std::exp(x - k * 0.693147180559945309417));
+      exp_nll_e_ = static_cast<int32_t>(k);
+    }
   }
 
-  // Frame t (row: its log_probs row, la_row: its log_alpha row); returns c.
-  const float* step(int64_t t, const scalar_t* row, float lse, int64_t blank, const float* la_row) {
+  bool segment_top(int64_t t) const { return src_.every > 1 && (t == len_ - 1 || t % src_.every == src_.every - 1); }
+
+  // Segment c's first row from its checkpoint (and that frame's emissions).
+  void load_checkpoint(int64_t c) {
+    const int64_t P = smp.padded, states = smp.states;
+    emit(c * src_.every, 0, low(c * src_.every));
+    const float* m = src_.la + c * 2 * src_.width;
+    const int32_t* e = reinterpret_cast<const int32_t*>(m + src_.width);
+    std::copy(m, m + states, seg_m(0));
+    std::fill(seg_m(0) + states, seg_m(0) + P, 0.0f);
+    std::copy(e, e + states, seg_e(0));
+    std::fill(seg_e(0) + states, seg_e(0) + P, ctc_simd::kZeroE);
+  }
+
+  // Frame t's row (t not a multiple of every) from frame t-1's by forward's own row operation on the same
+  // emissions: the same bits. The frame's emissions stay for step(t). Only the vectors from low(t) up: the states
+  // below low(t) reach no end (their posteriors are 0 whatever alpha is), and the states at or above it draw on
+  // those at or above low(t - 1) = low(t) - 2, rounded down. The vectors below keep another frame's (finite) values.
+  void recompute(int64_t t) {
+    const int64_t j = t % src_.every, P = smp.padded, lo = low(t);
+    emit(t, j, lo);
+    const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));  // AlphaExt::reach
+    if (lo < hi) {
+      ops_.alpha_row(seg_m(j) + lo, seg_e(j) + lo, nullptr, seg_m(j - 1) + lo, seg_e(j - 1) + lo, skip_.m.data() + lo,
+                     skip_.e.data() + lo, seg_em(j) + lo, seg_ee(j) + lo, hi - lo);
+    }
+    if (hi < P) {  // forward's cells there were never written (0); these may hold a later segment's values
+      std::fill(seg_m(j) + hi, seg_m(j) + P, 0.0f);
+      std::fill(seg_e(j) + hi, seg_e(j) + P, ctc_simd::kZeroE);
+    }
+  }
+
+  void prefetch_recompute(int64_t t, int64_t C) const { smp.prefetch(frames_.row(t), blank_, C); }
+
+  void prepare(int64_t t) {
+    if (!segment_top(t)) return;
+    const int64_t first = t / src_.every * src_.every;
+    load_checkpoint(first / src_.every);
+    for (int64_t u = first + 1; u <= t; ++u) recompute(u);
+  }
+
+  // Frame t (row: its log_probs row); returns c.
+  const float* step(int64_t t, const scalar_t* row, float lse, int64_t blank) {
     const int64_t P = smp.padded, states = smp.states, L = smp.L;
-    // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there
-    // (never written: the bound only decreases).
-    const int64_t lo = std::max<int64_t>(0, states - 2 * (len_ - t)) / kLanes * kLanes;
-    smp.gather(row, lse, blank);
-    ops_.emission(em_.data() + lo, ee_.data() + lo, nullptr, smp.lpe.data() + lo, P - lo);
+    const int64_t lo = low(t);
+    const float* em = em_.data();
+    const int32_t* ee = ee_.data();
+    if (src_.every == 1) {
+      smp.gather(row, lse, blank);
+      ops_.emission(em_.data() + lo, ee_.data() + lo, nullptr, smp.lpe.data() + lo, P - lo);
+    } else {  // recompute() left them
+      em = seg_em(t % src_.every);
+      ee = seg_ee(t % src_.every);
+    }
     if (t == len_ - 1) {  // bx = 1 at the two final states, b = their emissions
       std::fill(bx_.m.begin(), bx_.m.end(), 0.0f);
       std::fill(bx_.e.begin(), bx_.e.end(), ctc_simd::kZeroE);
@@ -476,14 +578,22 @@ class BetaExt {
       for (int64_t s = std::max<int64_t>(0, 2 * L - 1); s <= 2 * L; ++s) {
         bx_.m[s] = 1.0f;
         bx_.e[s] = 0;
-        set_normalised(em_[s], ee_[s], cm_ + s, ce_ + s);
+        set_normalised(em[s], ee[s], cm_ + s, ce_ + s);
       }
     } else {
       ops_.beta_row(bx_.m.data() + lo, bx_.e.data() + lo, cm_ + lo, ce_ + lo, nm_ + lo, ne_ + lo,
-                    skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em_.data() + lo, ee_.data() + lo, P - lo);
+                    skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em + lo, ee + lo, P - lo);
     }
-    std::copy(la_row, la_row + states, alpha_.data());
-    c_[0] = ops_.posterior(post_.data() + lo, alpha_.data() + lo, bx_.m.data() + lo, bx_.e.data() + lo, nll_, P - lo);
+    if (src_.every == 1) {
+      const float* la_row = src_.la + t * src_.width;
+      std::copy(la_row, la_row + states, alpha_.data());
+      c_[0] = ops_.posterior(post_.data() + lo, alpha_.data() + lo, bx_.m.data() + lo, bx_.e.data() + lo, nll_,
+                             P - lo);
+    } else {
+      const int64_t j = t % src_.every;
+      c_[0] = ops_.posterior_lin(post_.data() + lo, seg_m(j) + lo, seg_e(j) + lo, bx_.m.data() + lo,
+                                 bx_.e.data() + lo, exp_nll_m_, exp_nll_e_, P - lo);
+    }
     for (int64_t k = 0; k < L; ++k) c_[1 + k] = post_[2 * k + 1];
     std::swap(nm_, cm_);
     std::swap(ne_, ce_);
@@ -493,15 +603,39 @@ class BetaExt {
   Sample<scalar_t, float> smp;
 
  private:
+  // Row j of the segment scratch, behind two zero guard cells (alpha_row reads prev[-2], prev[-1]).
+  float* seg_m(int64_t j) { return seg_.m.data() + j * (smp.padded + 2) + 2; }
+  int32_t* seg_e(int64_t j) { return seg_.e.data() + j * (smp.padded + 2) + 2; }
+  float* seg_em(int64_t j) { return seg_em_.data() + j * smp.padded; }
+  int32_t* seg_ee(int64_t j) { return seg_ee_.data() + j * smp.padded; }
+
+  // Frame t's emissions from state lo on into segment row j (beta needs the states alpha has not reached yet).
+  void emit(int64_t t, int64_t j, int64_t lo) {
+    smp.gather(frames_.row(t), frames_.off(t), blank_);
+    ops_.emission(seg_em(j) + lo, seg_ee(j) + lo, nullptr, smp.lpe.data() + lo, smp.padded - lo);
+  }
+
+  // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there (never
+  // written: the bound only decreases). The first vector holding one that can.
+  int64_t low(int64_t t) const { return std::max<int64_t>(0, smp.states - 2 * (len_ - t)) / kLanes * kLanes; }
+
   ExtOps ops_;
   int64_t len_;
   float nll_;
+  AlphaSource src_;
+  Frames<scalar_t> frames_;
+  int64_t blank_;
   ExtSkip skip_;
   ExtRows rows_, bx_;  // two beta rows with two zero guard cells behind; bx
   float *nm_, *cm_;
   int32_t *ne_, *ce_;
   std::vector<float> em_, alpha_, post_, c_;
   std::vector<int32_t> ee_;
+  ExtRows seg_;  // checkpoints: the current segment's alpha rows and emissions
+  std::vector<float> seg_em_;
+  std::vector<int32_t> seg_ee_;
+  float exp_nll_m_ = 1.0f;
+  int32_t exp_nll_e_ = 0;
 };
 #endif
 
@@ -539,22 +673,27 @@ void fill_gradient_row(scalar_t* out, int64_t C, bool past_end, acc_t nll, bool 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, const at::Tensor& targets,
                                                 const at::Tensor& input_lengths, const at::Tensor& target_lengths,
-                                                int64_t blank, bool from_logits, bool keep_alpha, const Sizes& z) {
+                                                int64_t blank, bool from_logits, bool keep_alpha, int64_t every,
+                                                const Sizes& z) {
   using acc_t = acc_type<scalar_t>;
   const RowOps<acc_t> ops = row_ops<acc_t>();
   const auto acc_opts = log_probs.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t width = 2 * z.S + 1;
   at::Tensor nll = at::empty({z.N}, acc_opts);
-  // Without keep_alpha only the loss is wanted: the recursion keeps its two rows and nothing else.
-  at::Tensor log_alpha = keep_alpha ? BufferCache::get().empty({z.N, z.T, width}, acc_opts.dtype().toScalarType())
-                                    : at::empty({z.N, 0, 0}, acc_opts);
+  // Without keep_alpha only the loss is wanted: the recursion keeps its two rows and nothing else. With every > 1,
+  // checkpoints: int32 (N, ceil(T / every), 2, width), frame c * every's mantissas' float32 bits, then its exponents.
+  const int64_t checkpoints = (z.T + every - 1) / every;
+  at::Tensor log_alpha = !keep_alpha ? at::empty({z.N, 0, 0}, acc_opts)
+                         : every == 1 ? BufferCache::get().empty({z.N, z.T, width}, acc_opts.dtype().toScalarType())
+                                      : BufferCache::get().empty({z.N, checkpoints, 2, width}, at::kInt);
   const scalar_t* lp = log_probs.const_data_ptr<scalar_t>();
   const int64_t* tg = targets.const_data_ptr<int64_t>();
   const int64_t* il = input_lengths.const_data_ptr<int64_t>();
   const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
-  acc_t* la = keep_alpha ? log_alpha.data_ptr<acc_t>() : nullptr;
+  acc_t* la = keep_alpha && every == 1 ? log_alpha.data_ptr<acc_t>() : nullptr;
+  float* ck = keep_alpha && every > 1 ? reinterpret_cast<float*>(log_alpha.data_ptr<int32_t>()) : nullptr;
   acc_t* out = nll.data_ptr<acc_t>();
 
 #if SEQFAST_X86
@@ -579,11 +718,21 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
             const int64_t r = t * z.N + n;
             alphas[n - begin].step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank, la ? la + (n * z.T + t) * width : nullptr,
                                    width);
+            if (ck && t % every == 0) {
+              float* m = ck + (n * checkpoints + t / every) * 2 * width;
+              alphas[n - begin].save(m, reinterpret_cast<int32_t*>(m + width), width);
+            }
           }
         }
         for (int64_t n = begin; n < end; ++n) {
           const int64_t len = il[n];
           if (la) std::fill(la + (n * z.T + len) * width, la + (n + 1) * z.T * width, neg_inf<acc_t>());
+          for (int64_t c = ck ? (len + every - 1) / every : checkpoints; c < checkpoints; ++c) {  // frames past len
+            float* m = ck + (n * checkpoints + c) * 2 * width;
+            std::fill(m, m + width, 0.0f);
+            std::fill(reinterpret_cast<int32_t*>(m + width), reinterpret_cast<int32_t*>(m + 2 * width),
+                      ctc_simd::kZeroE);
+          }
           out[n] = len > 0 ? alphas[n - begin].nll() : tl[n] == 0 ? 0.0f : std::numeric_limits<float>::infinity();
           if (len > 0 && alphas[n - begin].poisoned() &&
               poison_reaches_end(lp, lse, z, n, tg + n * z.S, tl[n], len, blank)) {
@@ -595,6 +744,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
     }
   }
 #endif
+  TORCH_CHECK(every == 1, "ctc_loss_forward: alpha_every > 1 needs float32 compute on a CPU with AVX2 (seqfast._C."
+              "cpu_isa() is ", isa_name(active_isa()), ", log_probs ", log_probs.scalar_type(), ")");
   at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
@@ -640,7 +791,7 @@ template <typename scalar_t>
 at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs, const at::Tensor& targets,
                          const at::Tensor& input_lengths, const at::Tensor& target_lengths, const at::Tensor& nll_t,
                          const at::Tensor& log_alpha, int64_t blank, bool zero_infinity, bool from_logits,
-                         const Sizes& z) {
+                         int64_t every, const Sizes& z) {
   using acc_t = acc_type<scalar_t>;
   const RowOps<acc_t> ops = row_ops<acc_t>();
   const auto acc_opts = log_probs.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -651,15 +802,27 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   const int64_t* tl = target_lengths.const_data_ptr<int64_t>();
   const acc_t* nll = nll_t.const_data_ptr<acc_t>();
   const acc_t* gn = grad_nll.const_data_ptr<acc_t>();
-  const acc_t* la = log_alpha.const_data_ptr<acc_t>();
+  // acc_t rows of logs, or (every > 1) int32 checkpoints holding float32 mantissas and exponents.
+  const acc_t* la = static_cast<const acc_t*>(log_alpha.const_data_ptr());
   at::Tensor lse_t = from_logits ? row_logsumexp<scalar_t, acc_t>(lp, z, ops) : at::Tensor();
   const acc_t* lse = from_logits ? lse_t.const_data_ptr<acc_t>() : nullptr;
 
   at::Tensor grad = BufferCache::get().empty({z.T, z.N, z.C}, log_probs.scalar_type());
   scalar_t* gr = grad.data_ptr<scalar_t>();
   const bool extended = use_extended<acc_t>();
+  TORCH_CHECK(every == 1 || extended, "ctc_loss_backward: alpha_every > 1 needs float32 compute on a CPU with AVX2 "
+              "(seqfast._C.cpu_isa() is ", isa_name(active_isa()), ", log_probs ", log_probs.scalar_type(), ")");
 #if SEQFAST_X86
   const ExtOps eops = ext_ops();
+  // Sample n's forward variables and log_probs rows, as BetaExt reads them (float32 only: the casts are no-ops).
+  const int64_t per_sample = every == 1 ? z.T * width : (z.T + every - 1) / every * 2 * width;
+  const auto source = [&](int64_t n) {
+    return AlphaSource{reinterpret_cast<const float*>(la) + n * per_sample, every, width};
+  };
+  const auto frames = [&](int64_t n) {
+    const float* lse_f = reinterpret_cast<const float*>(lse);
+    return Frames<scalar_t>{lp + n * z.C, lse_f ? lse_f + n : nullptr, z.N * z.C, z.N};
+  };
   if constexpr (std::is_same_v<acc_t, float>) {
     // With a sample per thread at least, each sample's gradient rows are written right after its beta step,
     // while the frame's log_probs row is still in cache: one pass, no posterior buffer. Every row is still
@@ -670,11 +833,31 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
         std::vector<std::unique_ptr<BetaExt<scalar_t>>> betas(end - begin);
         for (int64_t n = begin; n < end; ++n) {
           if (il[n] > 0 && std::isfinite(nll[n])) {
-            betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(eops, tg + n * z.S, tl[n], il[n], nll[n]);
+            betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(eops, tg + n * z.S, tl[n], il[n], nll[n], source(n),
+                                                                   frames(n), blank);
           }
         }
+        std::vector<BetaExt<scalar_t>*> tops;
         // Frame-major over the block, as in forward: the gradient rows are written in memory order too.
         for (int64_t t = z.T - 1; t >= 0; --t) {
+          // Checkpoints: the samples whose segment ends at frame t recompute it first, frame by frame over them.
+          tops.clear();
+          for (int64_t n = begin; n < end; ++n) {
+            BetaExt<scalar_t>* b = betas[n - begin].get();
+            if (b && t < il[n] && b->segment_top(t)) tops.push_back(b);
+          }
+          if (!tops.empty()) {
+            const int64_t first = t / every * every;
+            for (BetaExt<scalar_t>* b : tops) b->load_checkpoint(first / every);
+            for (int64_t u = first + 1; u <= t; ++u) {
+              for (size_t i = 0; i < tops.size(); ++i) {
+                // The next step's row: the next sample's, or the first sample's in the next frame.
+                if (i + 1 < tops.size()) tops[i + 1]->prefetch_recompute(u, z.C);
+                else if (u < t) tops[0]->prefetch_recompute(u + 1, z.C);
+                tops[i]->recompute(u);
+              }
+            }
+          }
           for (int64_t n = begin; n < end; ++n) {
             const int64_t r = t * z.N + n;
             BetaExt<scalar_t>* beta = betas[n - begin].get();
@@ -688,7 +871,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
               betas[pn - begin]->smp.prefetch(lp + (pt * z.N + pn) * z.C, blank, z.C);
             }
             const acc_t off = lse ? lse[r] : acc_t(0);
-            const float* c = beta->step(t, lp + r * z.C, off, blank, la + (n * z.T + t) * width);
+            const float* c = beta->step(t, lp + r * z.C, off, blank);
             gradient_row<scalar_t, acc_t>(gr + r * z.C, lp + r * z.C, off, gn[n], c, beta->smp.labels, beta->smp.L,
                                           blank, z.C, ops, buf);
           }
@@ -710,11 +893,12 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
 #if SEQFAST_X86
       if constexpr (std::is_same_v<acc_t, float>) {
         if (extended) {
-          BetaExt<scalar_t> beta(eops, tg + n * z.S, tl[n], len, nll[n]);
+          BetaExt<scalar_t> beta(eops, tg + n * z.S, tl[n], len, nll[n], source(n), frames(n), blank);
           for (int64_t t = len - 1; t >= 0; --t) {
             const int64_t r = t * z.N + n;
+            beta.prepare(t);
             if (t > 0) beta.smp.prefetch(lp + ((t - 1) * z.N + n) * z.C, blank, z.C);  // the next step's row
-            const float* c = beta.step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank, la + (n * z.T + t) * width);
+            const float* c = beta.step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank);
             std::copy(c, c + beta.smp.L + 1, comp + (n * z.T + t) * cw);
           }
           continue;
@@ -773,27 +957,38 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
 std::tuple<at::Tensor, at::Tensor> ctc_loss_forward(const at::Tensor& log_probs, const at::Tensor& targets,
                                                     const at::Tensor& input_lengths, const at::Tensor& target_lengths,
                                                     int64_t blank, bool zero_infinity, bool from_logits,
-                                                    bool keep_alpha) {
+                                                    bool keep_alpha, int64_t alpha_every) {
   (void)zero_infinity;  // the loss stays +inf (or NaN); the flag matters to backward only
   const Sizes z = check_inputs(log_probs, targets, input_lengths, target_lengths, blank);
   const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();
   const at::Tensor il = input_lengths.contiguous(), tl = target_lengths.contiguous();
   check_values(z, il.const_data_ptr<int64_t>(), tl.const_data_ptr<int64_t>(), tg.const_data_ptr<int64_t>(), blank);
+  TORCH_CHECK(alpha_every >= 1, "ctc_loss_forward: alpha_every must be >= 1, got ", alpha_every);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ctc_loss_forward", [&] {
-    return forward_impl<scalar_t>(lp, tg, il, tl, blank, from_logits, keep_alpha, z);
+    return forward_impl<scalar_t>(lp, tg, il, tl, blank, from_logits, keep_alpha, alpha_every, z);
   });
 }
 
 at::Tensor ctc_loss_backward(const at::Tensor& grad_nll, const at::Tensor& log_probs, const at::Tensor& targets,
                              const at::Tensor& input_lengths, const at::Tensor& target_lengths,
                              const at::Tensor& neg_log_likelihood, const at::Tensor& log_alpha, int64_t blank,
-                             bool zero_infinity, bool from_logits) {
+                             bool zero_infinity, bool from_logits, int64_t alpha_every) {
   const Sizes z = check_inputs(log_probs, targets, input_lengths, target_lengths, blank);
   const at::ScalarType acc = log_probs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(log_alpha.dim() == 3 && log_alpha.size(0) == z.N && log_alpha.size(1) == z.T &&
-                  log_alpha.size(2) == 2 * z.S + 1,
-              "ctc_loss_backward: log_alpha must be (N, T, 2S+1), got ", log_alpha.sizes(),
-              " (a forward with keep_alpha=False keeps none)");
+  TORCH_CHECK(alpha_every >= 1, "ctc_loss_backward: alpha_every must be >= 1, got ", alpha_every);
+  if (alpha_every == 1) {
+    TORCH_CHECK(log_alpha.dim() == 3 && log_alpha.size(0) == z.N && log_alpha.size(1) == z.T &&
+                    log_alpha.size(2) == 2 * z.S + 1,
+                "ctc_loss_backward: log_alpha must be (N, T, 2S+1), got ", log_alpha.sizes(),
+                " (a forward with keep_alpha=False keeps none)");
+  } else {
+    TORCH_CHECK(log_alpha.dim() == 4 && log_alpha.size(0) == z.N &&
+                    log_alpha.size(1) == (z.T + alpha_every - 1) / alpha_every && log_alpha.size(2) == 2 &&
+                    log_alpha.size(3) == 2 * z.S + 1 && log_alpha.scalar_type() == at::kInt,
+                "ctc_loss_backward: with alpha_every = ", alpha_every, " log_alpha must be the forward's int32 "
+                "checkpoints (N, ceil(T / alpha_every), 2, 2S+1), got ", log_alpha.sizes(), " ",
+                log_alpha.scalar_type(), " (a forward with keep_alpha=False keeps none)");
+  }
   TORCH_CHECK(grad_nll.numel() == z.N && neg_log_likelihood.numel() == z.N,
               "ctc_loss_backward: grad_nll and neg_log_likelihood must have N = ", z.N, " entries");
   const at::Tensor lp = log_probs.contiguous(), tg = targets.contiguous();
@@ -801,9 +996,9 @@ at::Tensor ctc_loss_backward(const at::Tensor& grad_nll, const at::Tensor& log_p
   check_values(z, il.const_data_ptr<int64_t>(), tl.const_data_ptr<int64_t>(), tg.const_data_ptr<int64_t>(), blank);
   const at::Tensor g = grad_nll.to(acc).contiguous().reshape({z.N});
   const at::Tensor nll = neg_log_likelihood.to(acc).contiguous().reshape({z.N});
-  const at::Tensor la = log_alpha.to(acc).contiguous();
+  const at::Tensor la = alpha_every == 1 ? log_alpha.to(acc).contiguous() : log_alpha.contiguous();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ctc_loss_backward", [&] {
-    return backward_impl<scalar_t>(g, lp, tg, il, tl, nll, la, blank, zero_infinity, from_logits, z);
+    return backward_impl<scalar_t>(g, lp, tg, il, tl, nll, la, blank, zero_infinity, from_logits, alpha_every, z);
   });
 }
 

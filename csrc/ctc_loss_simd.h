@@ -364,7 +364,7 @@ SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out,
 }
 
 // Backward step: bx[s] = b[s] + b[s+1] + skip[s] b[s+2] (beta without frame t's emission), then
-// b_t[s] = bx[s] * emission[s]. next arrays readable at [n, n+1] (zeros).
+// b_t[s] = bx[s] * emission[s] (mantissa not normalised). next arrays readable at [n, n+1] (zeros).
 SEQFAST_TARGET_AVX2 static void beta_ext_row_avx2(float* bxm, int32_t* bxe, float* bm, int32_t* be, const float* nm,
                                                   const int32_t* ne, const float* skip_m, const int32_t* skip_e,
                                                   const float* em, const int32_t* ee, int64_t n) {
@@ -378,7 +378,11 @@ SEQFAST_TARGET_AVX2 static void beta_ext_row_avx2(float* bxm, int32_t* bxe, floa
     renormalise(sum, E, &m, &e);
     _mm256_storeu_ps(bxm + s, m);
     storei(bxe + s, e);
-    renormalise(_mm256_mul_ps(m, _mm256_loadu_ps(em + s)), _mm256_add_epi32(e, loadi(ee + s)), &m, &e);
+    // b stays unnormalised (m in [0.7, 2.84)): add3 takes that as well, and the sum it feeds is renormalised.
+    // Only a zero needs its exponent at kZeroE, so that it cannot set the next step's alignment.
+    m = _mm256_mul_ps(m, _mm256_loadu_ps(em + s));
+    e = _mm256_blendv_epi8(_mm256_add_epi32(e, loadi(ee + s)), _mm256_set1_epi32(kZeroE),
+                           _mm256_castps_si256(_mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ)));
     _mm256_storeu_ps(bm + s, m);
     storei(be + s, e);
   }
@@ -394,6 +398,34 @@ SEQFAST_TARGET_AVX2 static float posterior_ext_row_avx2(float* post, const float
     const __m256 x = _mm256_fmadd_ps(_mm256_cvtepi32_ps(loadi(bxe + s)), splat(0.693147180559945309f),
                                      _mm256_add_ps(_mm256_loadu_ps(alpha + s), vnll));
     const __m256 p = _mm256_mul_ps(exp_any(x), _mm256_loadu_ps(bxm + s));
+    _mm256_storeu_ps(post + s, p);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(p, even));
+  }
+  return hsum(acc);
+}
+
+// post[s] = am[s] bxm[s] 2^(ae[s] + bxe[s]) * nm 2^ne, the state posteriors alpha * beta / P(target) straight from
+// extended numbers (exp(nll) = nm 2^ne, nm in [1, 2]): no exp per state. Posteriors below 2^-126 become 0 (as
+// exp_any flushes below e^-87); a zero alpha or beta has m = 0, so its (clamped) exponent does not matter.
+// Returns the sum over the even (blank) states.
+SEQFAST_AVX2_INLINE __m256 posterior_lin_vec(__m256 am, __m256i ae, __m256 bm, __m256i be, __m256 vnm, __m256i vne) {
+  // ae + be >= 2 kZeroE = INT32_MIN; clamping to kZeroE before adding ne keeps the sum from wrapping.
+  const __m256i E = _mm256_add_epi32(_mm256_max_epi32(_mm256_add_epi32(ae, be), _mm256_set1_epi32(kZeroE)), vne);
+  const __m256i biased = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(E, _mm256_set1_epi32(127)),
+                                                           _mm256_setzero_si256()), _mm256_set1_epi32(254));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(am, bm), vnm), _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+}
+
+SEQFAST_TARGET_AVX2 static float posterior_lin_row_avx2(float* post, const float* am, const int32_t* ae,
+                                                        const float* bxm, const int32_t* bxe, float nm, int32_t ne,
+                                                        int64_t n) {
+  const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 vnm = splat(nm);
+  const __m256i vne = _mm256_set1_epi32(ne);
+  for (int64_t s = 0; s < n; s += 8) {
+    const __m256 p = posterior_lin_vec(_mm256_loadu_ps(am + s), loadi(ae + s), _mm256_loadu_ps(bxm + s),
+                                       loadi(bxe + s), vnm, vne);
     _mm256_storeu_ps(post + s, p);
     acc = _mm256_add_ps(acc, _mm256_and_ps(p, even));
   }

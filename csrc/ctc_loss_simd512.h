@@ -243,15 +243,32 @@ SEQFAST_TARGET_AVX512 static void beta_ext_row_avx512(float* bxm, int32_t* bxe, 
     renormalise16(sum, E, &m, &e);
     _mm512_mask_storeu_ps(bxm + s, k, m);
     _mm512_mask_storeu_epi32(bxe + s, k, e);
-    renormalise16(_mm512_mul_ps(m, loadf16(k, em + s)), _mm512_add_epi32(e, loadi16(k, ee + s)), &m, &e);
+    m = _mm512_mul_ps(m, loadf16(k, em + s));  // beta_ext_row_avx2: b unnormalised, zeros at kZeroE
+    e = _mm512_mask_mov_epi32(_mm512_add_epi32(e, loadi16(k, ee + s)),
+                              _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_set1_epi32(kZeroE));
     _mm512_mask_storeu_ps(bm + s, k, m);
     _mm512_mask_storeu_epi32(be + s, k, e);
   }
 }
 
+// The posterior rows' blank sum in the AVX2 order: the even lanes of p added to one 8-lane accumulator, low half
+// first (rem: the lanes left in the row, a multiple of 8), then summed as hsum does.
+SEQFAST_AVX512_INLINE __m256 add_even_avx2_order(__m256 acc, __m512 p, int64_t rem) {
+  const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+  acc = _mm256_add_ps(acc, _mm256_and_ps(_mm512_castps512_ps256(p), even));
+  if (rem > 8) acc = _mm256_add_ps(acc, _mm256_and_ps(_mm512_extractf32x8_ps(p, 1), even));
+  return acc;
+}
+
+SEQFAST_AVX512_INLINE float hsum8(__m256 acc) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
 SEQFAST_TARGET_AVX512 static float posterior_ext_row_avx512(float* post, const float* alpha, const float* bxm,
                                                             const int32_t* bxe, float nll, int64_t n) {
-  const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
   __m256 acc = _mm256_setzero_ps();
   const __m512 vnll = splat16(nll);
   for (int64_t s = 0; s < n; s += 16) {
@@ -260,14 +277,30 @@ SEQFAST_TARGET_AVX512 static float posterior_ext_row_avx512(float* post, const f
                                      _mm512_add_ps(loadf16(k, alpha + s), vnll));
     const __m512 p = _mm512_mul_ps(exp_any16(x), loadf16(k, bxm + s));
     _mm512_mask_storeu_ps(post + s, k, p);
-    // The AVX2 order: one 8-lane accumulator, low half first.
-    acc = _mm256_add_ps(acc, _mm256_and_ps(_mm512_castps512_ps256(p), even));
-    if (n - s > 8) acc = _mm256_add_ps(acc, _mm256_and_ps(_mm512_extractf32x8_ps(p, 1), even));
+    acc = add_even_avx2_order(acc, p, n - s);
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
+  return hsum8(acc);
+}
+
+// posterior_lin_row_avx2, same bits per lane and the AVX2 order for the blank sum.
+SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const float* am, const int32_t* ae,
+                                                            const float* bxm, const int32_t* bxe, float nm, int32_t ne,
+                                                            int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m512 vnm = splat16(nm);
+  const __m512i vne = _mm512_set1_epi32(ne);
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 k = lanes(n - s);
+    const __m512i E = _mm512_add_epi32(
+        _mm512_max_epi32(_mm512_add_epi32(loadi16(k, ae + s), loadi16(k, bxe + s)), _mm512_set1_epi32(kZeroE)), vne);
+    const __m512i biased = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_add_epi32(E, _mm512_set1_epi32(127)), _mm512_setzero_si512()), _mm512_set1_epi32(254));
+    const __m512 p = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(loadf16(k, am + s), loadf16(k, bxm + s)), vnm),
+                                   _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
+    _mm512_mask_storeu_ps(post + s, k, p);
+    acc = add_even_avx2_order(acc, p, n - s);
+  }
+  return hsum8(acc);
 }
 
 #undef SEQFAST_AVX512_INLINE

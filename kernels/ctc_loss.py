@@ -499,6 +499,11 @@ def _row_lse(log_probs: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
     return lse
 
 
+def _full_table_only(alpha_every: int) -> None:
+    if alpha_every != 1:
+        raise ValueError(f"seqfast's Triton CTC kernels keep every alpha row: alpha_every must be 1, got {alpha_every}")
+
+
 def ctc_loss_forward(
     log_probs: torch.Tensor,
     targets: torch.Tensor,
@@ -508,9 +513,11 @@ def ctc_loss_forward(
     zero_infinity: bool,
     from_logits: bool,
     keep_alpha: bool = True,
+    alpha_every: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(neg_log_likelihood (N,), log_alpha (N, T, 2S+1), or (N, 0, 0) without keep_alpha) in the compute
-    dtype; see the op docstring."""
+    dtype; see the op docstring. The backward kernel reads the whole table: alpha_every must be 1."""
+    _full_table_only(alpha_every)
     T, N, C = log_probs.shape
     S = targets.shape[1]
     W = 2 * S + 1
@@ -545,8 +552,10 @@ def ctc_loss_backward(
     blank: int,
     zero_infinity: bool,
     from_logits: bool,
+    alpha_every: int = 1,
 ) -> torch.Tensor:
     """grad (T, N, C) in log_probs' dtype: grad_nll[n] * (exp(lp) - posterior), 0 past input_lengths[n]."""
+    _full_table_only(alpha_every)
     T, N, C = log_probs.shape
     S = targets.shape[1]
     W = 2 * S + 1

@@ -32,9 +32,11 @@ def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, ze
     args = ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank, name)
     # Without a gradient to come, the kernels need not store log_alpha (the loss is the same bits).
     keep_alpha = torch.is_grad_enabled() and args.log_probs.requires_grad
+    # On the CPU float32 path the forward keeps every K-th alpha row only, and backward recomputes the rest.
+    alpha_every = ctc_ops.choose_alpha_every(args.log_probs, args.targets, keep_alpha)
     nll, _ = _backend.dispatch(
         None, ctc_ops.FORWARD, args.log_probs, args.targets, args.input_lengths, args.target_lengths,
-        blank, bool(zero_infinity), from_logits, keep_alpha,
+        blank, bool(zero_infinity), from_logits, keep_alpha, alpha_every,
     )
     if zero_infinity:
         nll = torch.where(torch.isposinf(nll), torch.zeros_like(nll), nll)  # as torch: +inf only, NaN stays

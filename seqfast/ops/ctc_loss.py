@@ -1,7 +1,7 @@
 """The CTC loss ops.
 
 ``seqfast::ctc_loss_forward(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity,
-from_logits, keep_alpha=True) -> (neg_log_likelihood, log_alpha)``
+from_logits, keep_alpha=True, alpha_every=1) -> (neg_log_likelihood, log_alpha)``
 
 - ``log_probs``: (T, N, C) contiguous, float16 / bfloat16 / float32 / float64. With
   ``from_logits`` it holds unnormalised logits and the kernels apply log_softmax over C.
@@ -16,9 +16,18 @@ from_logits, keep_alpha=True) -> (neg_log_likelihood, log_alpha)``
 - ``log_alpha``: (N, T, 2S+1) compute dtype, the forward variables kept for backward. With
   ``keep_alpha=False`` (a loss that needs no gradient) it is an empty (N, 0, 0) tensor: the kernels
   keep only two rows of the recursion, and backward refuses it. The loss is bit-identical either way.
+- ``alpha_every = K > 1`` (CPU, float32 compute on the AVX2 / AVX-512 path only; the CUDA kernels, float64 and
+  CPUs without AVX2 refuse it): ``log_alpha`` is instead the checkpoints, an int32 (N, ceil(T/K), 2, 2S+1)
+  tensor: [n, c, 0, s] holds the float32 bits of the mantissa (``.view(torch.float32)``) and [n, c, 1, s] the
+  exponent of alpha at frame cK, state s, in the recursion's extended-range form (ctc_loss_simd.h), exactly as
+  the forward held it; zero mantissas past the last state and for frames at or past input_length. Backward
+  recomputes each segment of K frames from its checkpoint (the same bits as the forward's rows) and takes the
+  posteriors from the linear numbers: K ~ 8x less saved memory per K of 16, no log per state in the forward.
+  The gradient differs from K = 1's by the posteriors' rounding only (a few float32 ulps of each posterior).
 
 ``seqfast::ctc_loss_backward(grad_nll, log_probs, targets, input_lengths, target_lengths,
-neg_log_likelihood, log_alpha, blank, zero_infinity, from_logits) -> grad``: (T, N, C) in
+neg_log_likelihood, log_alpha, blank, zero_infinity, from_logits, alpha_every=1) -> grad`` (alpha_every: the
+forward's): (T, N, C) in
 ``log_probs``' dtype, ``grad_nll[n] * (exp(lp) - posterior)`` (torch's convention; with
 ``from_logits`` this is softmax - posterior, the true gradient w.r.t. the logits), zero for
 ``t >= input_lengths[n]`` and, with ``zero_infinity``, for samples whose loss is +inf. Rows
@@ -32,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from seqfast import _backend
+from seqfast import _backend, _extension
 from seqfast.ops import no_double_backward
 from seqfast.ops._registry import define, register_autograd, register_kernels
 from seqfast.reference import ctc_loss as reference
@@ -40,12 +49,13 @@ from seqfast.reference import ctc_loss as reference
 FORWARD = define(
     "ctc_loss_forward",
     "(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, int blank, "
-    "bool zero_infinity, bool from_logits, bool keep_alpha=True) -> (Tensor, Tensor)",
+    "bool zero_infinity, bool from_logits, bool keep_alpha=True, int alpha_every=1) -> (Tensor, Tensor)",
 )
 BACKWARD = define(
     "ctc_loss_backward",
     "(Tensor grad_nll, Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
-    "Tensor neg_log_likelihood, Tensor log_alpha, int blank, bool zero_infinity, bool from_logits) -> Tensor",
+    "Tensor neg_log_likelihood, Tensor log_alpha, int blank, bool zero_infinity, bool from_logits, "
+    "int alpha_every=1) -> Tensor",
 )
 
 
@@ -53,14 +63,69 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def alpha_shape(T: int, N: int, S: int, dtype: torch.dtype, keep_alpha: bool, alpha_every: int
+                ) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of the forward's second output (see the module docstring); refuses what no kernel does."""
+    if alpha_every < 1:
+        raise ValueError(f"seqfast::ctc_loss_forward: alpha_every must be >= 1, got {alpha_every}")
+    if not keep_alpha:
+        return (N, 0, 0), compute_dtype(dtype)
+    if alpha_every == 1:
+        return (N, T, 2 * S + 1), compute_dtype(dtype)
+    if compute_dtype(dtype) != torch.float32:
+        raise ValueError("seqfast::ctc_loss_forward: alpha_every > 1 needs float32 compute (float16 / bfloat16 / "
+                         f"float32 log_probs), got {dtype}")
+    return (N, -(-T // alpha_every), 2, 2 * S + 1), torch.int32
+
+
+# Checkpoint spacing of the CPU float32 path: None chooses by size (choose_alpha_every); an int forces it (timing).
+ALPHA_EVERY: int | None = None
+# Bytes of one thread's segment scratch (its samples' K rows of alpha and emissions, 16 bytes a state) to aim at:
+# well inside the 2 MiB L2 it shares with the log_probs rows and gradient rows streaming through. Below 8 frames
+# the checkpoints themselves (8 bytes a state) cost more forward time and memory than the scratch's cache misses
+# cost backward (benchmarks/NOTES.md, "CTC: checkpointed alpha").
+SEGMENT_BYTES = 768 << 10
+
+
+def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alpha: bool) -> int:
+    """The forward's alpha_every: 1 (the full log_alpha table) unless a gradient is to come on the CPU float32
+    AVX2 / AVX-512 path and checkpoints pay: there, as far apart as lets a thread's segment scratch fit
+    SEGMENT_BYTES, from 8 to 32 frames."""
+    if not keep_alpha or log_probs.device.type != "cpu" or compute_dtype(log_probs.dtype) != torch.float32:
+        return 1
+    # Only the C++ kernels take checkpoints; under torch.compile the ISA (a run-time setting) is not traced.
+    if _backend.current() not in ("auto", "cpp") or torch.compiler.is_compiling() or not _extension.AVAILABLE:
+        return 1
+    from seqfast import _C
+
+    if _C.cpu_isa() == "baseline":
+        return 1
+    if ALPHA_EVERY is not None:
+        return ALPHA_EVERY
+    T, N, C = log_probs.shape
+    S = targets.shape[1]
+    # The recompute gathers a frame's emissions from its log_probs row K frames before the gradient pass streams
+    # that row: the gathered cache lines (one per label at worst) are read twice, where the table costs a write and
+    # a read of (2S+1) floats. Beyond that the two cost about the same (a log per state in the forward against an
+    # alpha step per state in the backward, less the exp it saves), the log weighing more on AVX2 than on AVX-512.
+    # Measured (NOTES, "CTC: checkpointed alpha"): C = 5000, S = 50 lost 2.5 % forward+backward with checkpoints;
+    # C = 1000, S = 200 won 3-5 % on AVX2 and lost 6 % on AVX-512.
+    lines = min(S + 1, -(-C * log_probs.element_size() // 64))
+    if lines * 64 > (2 if _C.cpu_isa() == "avx2" else 1) * 8 * (2 * S + 1):
+        return 1
+    per_thread = -(-N // max(1, min(N, torch.get_num_threads())))
+    row_bytes = 16 * (2 * S + 11) * per_thread
+    return int(min(max(SEGMENT_BYTES // row_bytes, 8), 32))
+
+
 @torch.library.register_fake("seqfast::ctc_loss_forward")
 def _forward_fake(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
-                  keep_alpha=True):
+                  keep_alpha=True, alpha_every=1):
     T, N, _ = log_probs.shape
     dtype = compute_dtype(log_probs.dtype)
     nll = log_probs.new_empty((N,), dtype=dtype)
-    shape = (N, T, 2 * targets.shape[1] + 1) if keep_alpha else (N, 0, 0)
-    return nll, log_probs.new_empty(shape, dtype=dtype)
+    shape, alpha_dtype = alpha_shape(T, N, targets.shape[1], log_probs.dtype, keep_alpha, alpha_every)
+    return nll, log_probs.new_empty(shape, dtype=alpha_dtype)
 
 
 @torch.library.register_fake("seqfast::ctc_loss_backward")
@@ -71,6 +136,7 @@ def _backward_fake(grad_nll, log_probs, *rest):
 def _setup_context(ctx, inputs, output):
     log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits = inputs[:7]
     ctx.keep_alpha = inputs[7] if len(inputs) > 7 else True
+    ctx.alpha_every = inputs[8] if len(inputs) > 8 else 1
     nll, log_alpha = output
     ctx.save_for_backward(log_probs, targets, input_lengths, target_lengths, nll, log_alpha)
     ctx.blank, ctx.zero_infinity, ctx.from_logits = blank, zero_infinity, from_logits
@@ -82,16 +148,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_nll, grad_log_alpha):
     log_probs, targets, input_lengths, target_lengths, nll, log_alpha = ctx.saved_tensors
     if grad_nll is None:  # only log_alpha was used: it carries no gradient
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     if not ctx.keep_alpha:
         raise RuntimeError("seqfast::ctc_loss_forward ran with keep_alpha=False: its loss has no gradient")
     with no_double_backward.guard():
         grad = _backend.dispatch(
             ctx.backend, BACKWARD, grad_nll.contiguous(), log_probs, targets, input_lengths, target_lengths,
-            nll, log_alpha, ctx.blank, ctx.zero_infinity, ctx.from_logits,
+            nll, log_alpha, ctx.blank, ctx.zero_infinity, ctx.from_logits, ctx.alpha_every,
         )
     (grad,) = no_double_backward.mark("seqfast::ctc_loss_backward", (log_probs, grad_nll), grad)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None
 
 
 register_autograd("ctc_loss_forward", _backward, _setup_context)

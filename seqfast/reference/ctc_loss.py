@@ -76,17 +76,25 @@ def _normalise(log_probs: torch.Tensor, from_logits: bool) -> torch.Tensor:
 
 
 def ctc_loss_forward(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, from_logits,
-                     keep_alpha=True):
+                     keep_alpha=True, alpha_every=1):
+    """With alpha_every > 1 the second output has the checkpoints' shape (seqfast/ops/ctc_loss.py) and holds
+    zeros: this backward recomputes everything from log_probs."""
     alpha = log_alpha(_normalise(log_probs, from_logits), targets, blank)
     dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
     nll = neg_log_likelihood(alpha, input_lengths, target_lengths).to(dtype)
     if not keep_alpha:
         return nll, alpha.new_empty((alpha.shape[0], 0, 0), dtype=dtype)
+    if alpha_every != 1:
+        if alpha_every < 1 or dtype != torch.float32:
+            raise ValueError(f"ctc_loss_forward: alpha_every = {alpha_every} needs float32 compute and must be >= 1")
+        T, N = log_probs.shape[:2]
+        return nll, alpha.new_zeros((N, -(-T // alpha_every), 2, alpha.shape[2]), dtype=torch.int32)
     return nll, alpha.to(dtype)
 
 
 def ctc_loss_backward(
-    grad_nll, log_probs, targets, input_lengths, target_lengths, nll, log_alpha_, blank, zero_infinity, from_logits
+    grad_nll, log_probs, targets, input_lengths, target_lengths, nll, log_alpha_, blank, zero_infinity, from_logits,
+    alpha_every=1,
 ):
     lp = _normalise(log_probs.detach(), from_logits)
     # The posteriors count NaN and +inf log-probs as probability 0. Where the loss is finite none of them reaches
