@@ -39,8 +39,14 @@ def interpreter_enabled() -> bool:
 
 
 def kernels(name: str, *tensors: torch.Tensor) -> ModuleType:
-    """Import ``kernels/<name>.py`` after checking the tensors can run there."""
-    if any(t.device.type == "cpu" for t in tensors) and not interpreter_enabled():
+    """Import ``kernels/<name>.py`` after checking the tensors can run there.
+
+    A one-element CPU tensor beside CUDA tensors is a host scalar (the attention ops' dropout seed, which
+    the launcher copies over), not data: like torch's 0-dim CPU tensors, it does not make the call a CPU one.
+    """
+    on_cpu = [t.device.type == "cpu" for t in tensors]
+    cpu_data = all(on_cpu) or any(cpu and t.numel() > 1 for cpu, t in zip(on_cpu, tensors))
+    if cpu_data and not interpreter_enabled():
         raise RuntimeError(
             "seqfast's Triton kernels on CPU tensors run only in Triton's interpreter: set "
             "TRITON_INTERPRET=1 in the environment before Python starts (before triton is imported)"

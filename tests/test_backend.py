@@ -124,3 +124,20 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
     result = _run(code)
     assert result.returncode != 0
     assert "TRITON_INTERPRET=1" in result.stderr
+
+
+def test_triton_guard_lets_a_host_seed_ride_with_device_tensors(monkeypatch):
+    """The attention ops pass a 0-dim CPU seed (``_NO_SEED``) beside CUDA tensors: that is a CUDA call, which
+    the guard once refused on the GPU ("Triton kernels on CPU tensors"). Meta tensors stand in for CUDA ones."""
+    from seqfast import _triton
+    from seqfast.functional import _NO_SEED
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    query = torch.empty(2, 4, 8, 16, device="meta")
+    assert _NO_SEED.device.type == "cpu" and _NO_SEED.dim() == 0
+    _triton.kernels("attention", query, query, query, _NO_SEED)  # no error
+    _triton.kernels("attention", query, torch.tensor([7]))  # a one-element host seed is copied over
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _triton.kernels("attention", query, torch.zeros(2, 3))  # host data is a CPU call
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _triton.kernels("attention", torch.zeros(()), _NO_SEED)  # only host tensors: a CPU call

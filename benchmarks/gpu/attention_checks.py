@@ -481,7 +481,9 @@ def big_tensor(ctx: Context) -> None:
         c.metrics["loss_rel_diff_vs_torch"] = float(f"{rel:.3g}")
         gerr = max_abs_err(logits.grad[:, n:n + 1].float(), lp.grad)
         c.metrics["grad_abs_diff_vs_torch"] = float(f"{gerr:.3g}")
-        c.check(rel < 1e-3, f"last sample's loss differs from torch by {rel:.3g}")
+        # The loss comes back in bfloat16 (8 significant bits): rounding alone moves it by up to 2**-9 of its
+        # value (0.00183 on the first H200 run); an offset overflow gives garbage.
+        c.check(rel <= 2**-8, f"last sample's loss differs from torch by {rel:.3g} (> one bfloat16 ulp)")
         c.check(gerr < 2e-2, f"last sample's gradient differs from torch by {gerr:.3g}")
 
     ctx.run("attention >2^31 elements (bf16 B64 H16 L16400 D128 causal, fwd+bwd)", attention, min_seconds=10.0)
