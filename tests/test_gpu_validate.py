@@ -5,6 +5,7 @@ and the pieces that only a GPU run would otherwise exercise (JIT-cache walking, 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,33 @@ def test_spawned_workers(tmp_path):
     workers = [r for r in records if r["name"] == "worker"]
     assert [w["group"] for w in workers] == ["big_tensor"]
     assert all(w["status"] == "ok" and w["metrics"]["mode"] == "spawn" for w in workers)
+
+
+def test_sweep_takes_a_candidate_space_file(tmp_path, monkeypatch):
+    """SEQFAST_GPU_SWEEP_SPACE replaces CONFIG_SPACE: only the launches, modules and shapes it names are swept,
+    and the shipped space files name launches the kernels know."""
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"shapes": ["causal"], "attention": {"dkdv": [
+        {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}]}}))
+    monkeypatch.setenv("SEQFAST_GPU_SWEEP_SPACE", str(space))
+    done, records = _run(tmp_path / "out", "--only", "sweep", "--budget-s", "90")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [r["name"] for r in records if r["group"] == "sweep"]
+    assert "kernels.attention.dkdv @ fp32 B1 H2 L24 D16 causal: best" in names
+    assert [r["status"] for r in records if r["name"] == "kernels.ctc_loss"] == ["skip"]
+    assert not any(".fwd @" in n or ".dq @" in n or "decode" in n for n in names)
+    best = next(r for r in records if r["name"].endswith("causal: best"))
+    assert best["status"] == "ok" and best["metrics"]["ranked"] == 1
+    import torch
+
+    from seqfast import _triton
+
+    for path in sorted((ROOT / "benchmarks" / "gpu" / "spaces").glob("*.json")):
+        spec = json.loads(path.read_text())
+        for module, launches in spec.items():
+            if module != "shapes":
+                known = _triton.kernels(module, torch.empty(0, device="meta")).CONFIG_SPACE
+                assert set(launches) <= set(known), path.name
 
 
 # --------------------------------------------------------------------------------------------- stand-ins

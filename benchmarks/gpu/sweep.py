@@ -130,7 +130,10 @@ def sweep_target(ctx: Context, label: str, module: Any, kernel: str, configs: li
 
 
 def sweep_module(ctx: Context, label: str, module: Any, targets: Callable[[str], list[Target]],
-                 max_configs: int | None = None) -> None:
+                 max_configs: int | None = None, space: dict[str, list[dict]] | None = None,
+                 shapes: list[str] | None = None) -> None:
+    """Sweep every launch of ``module.CONFIG_SPACE``, or of ``space`` (launch -> configs) where given, on the
+    key shapes whose name holds one of ``shapes`` (default: all)."""
     if not offers_interface(module):
         missing = [n for n in ("CONFIG_SPACE", "forced_config") if not hasattr(module, n)]
         ctx.record(f"{label}", "skip", error=f"not offered (no {' / '.join(missing) or 'valid interface'})")
@@ -151,9 +154,11 @@ def sweep_module(ctx: Context, label: str, module: Any, targets: Callable[[str],
 
     ctx.run(f"{label} interface", interface, min_seconds=1.0)
     # The first key shape of every launch before the second of any: a budget cut still covers each launch.
-    pairs = [(rank, kernel, target) for kernel in module.CONFIG_SPACE for rank, target in enumerate(targets(kernel))]
+    space = module.CONFIG_SPACE if space is None else space
+    pairs = [(rank, kernel, target) for kernel in space for rank, target in enumerate(targets(kernel))
+             if shapes is None or any(s in target.shape_key for s in shapes)]
     for _, kernel, target in sorted(pairs, key=lambda p: p[0]):
-        chosen = list(module.CONFIG_SPACE[kernel])[: max_configs or None]
+        chosen = list(space[kernel])[: max_configs or None]
         if ctx.time_left() < 5.0:
             ctx.record(f"{label}.{kernel} @ {target.shape_key}", "skip", error="out of time")
             continue
@@ -295,6 +300,24 @@ def _ctc_targets(ctx: Context, module: Any) -> Callable[[str], list[Target]]:
     return targets
 
 
+# A JSON file ({"attention": {launch: [config, ...]}, "ctc_loss": {...}, "shapes": [name part, ...]}) whose
+# candidates replace the modules' CONFIG_SPACE: a hardware run can then try tiles outside the spill-free space
+# (and only the launches / shapes named) without touching the kernels. Modules it does not name are skipped.
+SPACE_ENV = "SEQFAST_GPU_SWEEP_SPACE"
+
+
+def candidate_spaces() -> tuple[dict[str, dict[str, list[dict]]] | None, list[str] | None]:
+    """(module name -> launch -> configs, shape name parts) from the file named by SEQFAST_GPU_SWEEP_SPACE, or
+    (None, None) when it is not set."""
+    path = os.environ.get(SPACE_ENV, "").strip()
+    if not path:
+        return None, None
+    with open(path) as f:
+        spaces = json.load(f)
+    shapes = spaces.pop("shapes", None)
+    return spaces, shapes
+
+
 def sweep(ctx: Context) -> None:
     from seqfast import _triton
 
@@ -310,10 +333,15 @@ def sweep(ctx: Context) -> None:
     ctx.run("self-test on gpu.fake_tunable", self_test, min_seconds=3.0)
     probe = __import__("torch").empty(0, device=ctx.device)
     stand_in_launches = {"attention": ("fwd", "dkdv"), "ctc_loss": ("backward",)}
+    spaces, shapes = candidate_spaces()
     for name, make_targets in (("attention", _attention_targets), ("ctc_loss", _ctc_targets)):
+        if spaces is not None and name not in spaces:
+            ctx.record(f"kernels.{name}", "skip", error=f"not in {SPACE_ENV}")
+            continue
         module = _triton.kernels(name, probe)
         sweep_module(ctx, f"kernels.{name}", module, make_targets(ctx, module),
-                     max_configs=2 if ctx.dry_run else None)
+                     max_configs=2 if ctx.dry_run else None, space=None if spaces is None else spaces[name],
+                     shapes=shapes)
         if ctx.dry_run and not offers_interface(module):
             # Prove this module's shapes, runs and comparisons before a GPU meets them: the same sweep through
             # a stand-in interface whose one config changes nothing.
