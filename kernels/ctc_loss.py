@@ -24,11 +24,14 @@ and there is no cap on S. Samples never share a program: long targets get wide t
 (``_TIERS``), short ones a single warp (``benchmarks/NOTES.md``, "CTC on GPU", explains the choice).
 
 The gradient of a class is gathered without atomics: blank is the sum over even states; a label's
-posterior is summed over all its occurrences in the target by the first occurrence, which alone
-writes it. Summation orders are fixed, so results are bitwise reproducible.
+posterior is summed over all its occurrences in the target by a segmented scan over the positions
+sorted by label (sorted once per call by torch on the device), and the last position of each run
+writes it: O(S log S) per frame where a pairwise search over repeats was O(S^2) (the first H200 run
+timed that search at 140 us a frame for S=1200). Summation orders are fixed, so results are
+bitwise reproducible.
 
 Memory besides the outputs: the (T, N) row normalisers from logits, beta (N, 2, W) and two (N, S)
-scratch rows (posteriors, first-occurrence flags). ``log_alpha`` holds -inf outside the frames
+rows (posteriors, the sorted label order). ``log_alpha`` holds -inf outside the frames
 t < input_length and states s <= 2 * target_length.
 
 Launches: every grid is one-dimensional (axis 0 allows 2**31 - 1 programs, so no batch size reaches a
@@ -305,11 +308,16 @@ def _beta_states(beta_next, s, active, skip, lp, alpha, nll, is_last, not_last, 
 
 
 @triton.jit
+def _segment_sum(a, a_starts, b, b_starts):
+    """Combine of a segmented inclusive sum: b's partial sum restarts where b's range holds a run start."""
+    return tl.where(b_starts != 0, b, a + b), a_starts | b_starts
+
+
+@triton.jit
 def _ctc_backward_kernel(
-    grad_ptr, gn_ptr, lp_ptr, lse_ptr, tgt_ptr, il_ptr, tl_ptr, nll_ptr, la_ptr, beta_ptr, post_ptr, first_ptr,
+    grad_ptr, gn_ptr, lp_ptr, lse_ptr, tgt_ptr, il_ptr, tl_ptr, nll_ptr, la_ptr, beta_ptr, post_ptr, order_ptr,
     N, T, C, S, blank, pid_base,
-    FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     """Program n: beta by a downward sweep over the frames t < input_length[n] of a finite loss, and the
     blank and label entries of grad[t, n, :] (the others were written by ``_ctc_grad_fill_kernel``).
@@ -317,7 +325,8 @@ def _ctc_backward_kernel(
     lse_ptr: (T, N) row normalisers (from logits; unused otherwise).
     beta_ptr: (N, 2, W) scratch, beta (including the emission at t) of rows t and t+1 alternately.
     post_ptr: (N, max(S, 1)) scratch, posterior of each label position at the current t.
-    first_ptr: (N, max(S, 1)) int32 scratch, 1 where a label position holds the first occurrence of its label.
+    order_ptr: (N, max(S, 1)) int32, the label positions sorted by label (stable; ``_label_order``) in bits 0-28,
+    bit 29 set where a run of equal labels starts and bit 30 where it ends.
     ONE_TILE: 2S+1 <= BLOCK_S.
     """
     n = tl.program_id(0) + pid_base
@@ -336,26 +345,8 @@ def _ctc_backward_kernel(
     la_n = la_ptr + n64 * T * W
     beta_n = beta_ptr + n64 * 2 * W
     post_n = post_ptr + n64 * tl.maximum(S, 1)
-    first_n = first_ptr + n64 * tl.maximum(S, 1)
+    order_n = order_ptr + n64 * tl.maximum(S, 1)
     offs_s = tl.arange(0, BLOCK_S)
-
-    # Once per sample: the first occurrence of each label writes its gradient, summing the
-    # posteriors of the later repeats, which all sit before gather_end (the last repeat + 1).
-    # The flags are read after the first step's mid-step barrier.
-    gather_end = tl.zeros([], tl.int32)
-    for i0 in range(0, L, BLOCK_L):
-        li_idx = i0 + tl.arange(0, BLOCK_L)
-        li_ok = li_idx < L
-        li = tl.load(tgt_row + li_idx, mask=li_ok, other=-1).to(tl.int32)
-        earlier = tl.zeros([BLOCK_L], tl.int32)
-        for j0 in range(0, i0 + BLOCK_L, BLOCK_J):
-            lj_idx = j0 + tl.arange(0, BLOCK_J)
-            lj_ok = lj_idx < L
-            lj = tl.load(tgt_row + lj_idx, mask=lj_ok, other=-1).to(tl.int32)
-            same = (li[:, None] == lj[None, :]) & lj_ok[None, :] & (lj_idx[None, :] < li_idx[:, None])
-            earlier += tl.sum(same.to(tl.int32), 1)
-        tl.store(first_n + li_idx, (earlier == 0).to(tl.int32), mask=li_ok)
-        gather_end = tl.maximum(gather_end, tl.max(tl.where(li_ok & (earlier > 0), li_idx + 1, 0), 0))
 
     if ONE_TILE:
         # As forward: labels in registers, and the next frame's (t-1) log-probs and alpha row are loaded while
@@ -408,21 +399,23 @@ def _ctc_backward_kernel(
         tl.debug_barrier()
         lp_blank = tl.load(lp_row + blank).to(cdt) - lse
         tl.store(g_row + blank, (gn * (tl.exp(lp_blank) - blank_post)).to(gdt))
-        for i0 in range(0, L, BLOCK_L):
-            li_idx = i0 + tl.arange(0, BLOCK_L)
-            li_ok = li_idx < L
-            writer = tl.load(first_n + li_idx, mask=li_ok, other=0) != 0
-            li = tl.load(tgt_row + li_idx, mask=li_ok, other=-1).to(tl.int32)
-            total = tl.load(post_n + li_idx, mask=li_ok, other=0.0)
-            for j0 in range(i0, gather_end, BLOCK_J):
-                lj_idx = j0 + tl.arange(0, BLOCK_J)
-                lj_ok = lj_idx < gather_end
-                lj = tl.load(tgt_row + lj_idx, mask=lj_ok, other=-1).to(tl.int32)
-                pj = tl.load(post_n + lj_idx, mask=lj_ok, other=0.0)
-                later = (li[:, None] == lj[None, :]) & lj_ok[None, :] & (lj_idx[None, :] > li_idx[:, None])
-                total += tl.sum(tl.where(later, pj[None, :], 0.0), 1)
-            x = tl.load(lp_row + li, mask=writer, other=0.0).to(cdt) - lse
-            tl.store(g_row + li, (gn * (tl.exp(x) - total)).to(gdt), mask=writer)
+        # A label's posterior is the sum over its positions in the target: a segmented scan over the positions
+        # sorted by label leaves each run's total at its last position, which alone writes the label's entry.
+        # A run that crosses tiles continues from the previous tile's last partial sum (carry).
+        carry = tl.zeros([], cdt)
+        for k0 in range(0, L, BLOCK_L):
+            k = k0 + tl.arange(0, BLOCK_L)
+            k_ok = k < L
+            code = tl.load(order_n + k, mask=k_ok, other=0)
+            pos = code & 0x1FFFFFFF
+            starts = (code >> 29) & 1
+            run_end = k_ok & (((code >> 30) & 1) != 0)
+            run_sum, _ = tl.associative_scan((tl.load(post_n + pos, mask=k_ok, other=0.0), starts), 0, _segment_sum)
+            run_sum = tl.where(tl.cumsum(starts, 0) > 0, run_sum, run_sum + carry)
+            carry = tl.sum(tl.where(k == k0 + BLOCK_L - 1, run_sum, 0.0), 0)
+            run_lab = tl.load(tgt_row + pos, mask=run_end, other=0).to(tl.int32)
+            x = tl.load(lp_row + run_lab, mask=run_end, other=0.0).to(cdt) - lse
+            tl.store(g_row + run_lab, (gn * (tl.exp(x) - run_sum)).to(gdt), mask=run_end)
         # Row t of beta and the posteriors are rewritten by the next step.
         tl.debug_barrier()
 
@@ -438,19 +431,38 @@ def _tier(num_states: int, kernel: str) -> tuple[int, int]:
     return min(block, MAX_STATE_BLOCK), warps
 
 
-def _pairing_blocks(block_s: int, dtype: torch.dtype) -> dict[str, int]:
-    """Label-pairing tiles of the backward sweep for a state tile of block_s."""
-    # float64 doubles the registers per element, the widest tile has 128 registers a thread (16 warps):
-    # narrower pairing tiles keep both spill-free (kernel_report.py, sm_80 and sm_90).
-    pair = 4 if dtype == torch.float64 else 8 if block_s >= 2048 else 16
-    return {"BLOCK_L": max(block_s // 2, 1), "BLOCK_J": min(pair, max(block_s // 2, 1))}
+def _label_blocks(block_s: int, dtype: torch.dtype) -> dict[str, int]:
+    """Label tile of the backward sweep's per-label sums for a state tile of block_s (2S+1 states hold S labels).
+    float64's scan over 1024 labels spilled 4-40 B at the 128-register cap (sm_80 / sm_90, triton 3.6 and 3.9):
+    it takes 512-label tiles."""
+    return {"BLOCK_L": max(min(block_s // 2, 512 if dtype == torch.float64 else block_s), 1)}
+
+
+def _label_order(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """(N, max(S, 1)) int32: each sample's label positions sorted by label, stably (padding last), with run-start
+    (bit 29) and run-end (bit 30) flags: the layout of the backward sweep's segmented per-label sums. Device ops
+    only (no host sync)."""
+    N, S = targets.shape
+    if S == 0:
+        return torch.zeros((N, 1), dtype=torch.int32, device=targets.device)
+    if S > 0x1FFFFFFF:
+        raise ValueError(f"seqfast's Triton CTC kernels take at most 2**29 - 1 target positions, got {S}")
+    pos = torch.arange(S, device=targets.device)
+    key = torch.where(pos < target_lengths[:, None], targets, torch.iinfo(torch.int64).max)
+    key, order = torch.sort(key, dim=1, stable=True)
+    starts = torch.ones_like(key, dtype=torch.int64)
+    starts[:, 1:] = (key[:, 1:] != key[:, :-1]).to(torch.int64)
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    return (order | (starts << 29) | (ends << 30)).to(torch.int32)
 
 
 def _backward_maxnreg(dtype: torch.dtype) -> int | None:
-    """Register cap of the backward sweep: for float64, ptxas left to itself stopped at 40 registers and spilled
-    4-24 B under triton 3.6 (tiles of several steps, and from logits); capped at 128 (the most 16 warps allow) it
-    takes 82-128, 0 spill on sm_80 and sm_90 under triton 3.6 and 3.9."""
-    return 128 if dtype == torch.float64 else None
+    """Register cap of the backward sweep, 128 (the most 16 warps allow) for every dtype: left to itself, ptxas
+    stopped float64 at 40 registers (4-24 B spilled under triton 3.6, tiles of several steps and from logits),
+    and the one-tile 2048-state sweep of the other dtypes at 64 under triton 3.9 on sm_80 (20-32 B spilled,
+    104 registers and none capped). Capped: 0 spill on sm_80 and sm_90 under triton 3.6 and 3.9."""
+    return 128
 
 
 def _blocks(num_states: int, dtype: torch.dtype, kernel: str = "forward") -> dict[str, Any]:
@@ -462,7 +474,7 @@ def _blocks(num_states: int, dtype: torch.dtype, kernel: str = "forward") -> dic
     else:
         block_s, warps = _tier(num_states, kernel)
     block_s = min(block_s, _FLOAT64_STATE_BLOCK) if dtype == torch.float64 else block_s
-    return {"BLOCK_S": block_s, **_pairing_blocks(block_s, dtype), "num_warps": warps}
+    return {"BLOCK_S": block_s, **_label_blocks(block_s, dtype), "num_warps": warps}
 
 
 def _row_blocks(C: int, kernel: str) -> dict[str, int]:
@@ -571,7 +583,7 @@ def ctc_loss_backward(
     lse = torch.empty((T, N) if from_logits else (1,), dtype=cdt, device=device)
     beta = torch.empty((N, 2, W), dtype=cdt, device=device)
     post = torch.empty((N, max(S, 1)), dtype=cdt, device=device)
-    first = torch.empty((N, max(S, 1)), dtype=torch.int32, device=device)
+    order = _label_order(targets.contiguous(), target_lengths.contiguous())
     with _device_guard(device):
         r = _row_blocks(C, "grad")
         _launch(
@@ -584,8 +596,8 @@ def ctc_loss_backward(
         _launch(
             _ctc_backward_kernel, N,
             (grad, gn, log_probs, lse, targets.contiguous(), input_lengths, target_lengths.contiguous(), nll,
-             log_alpha.contiguous(), beta, post, first, N, T, C, S, blank),
-            FROM_LOGITS=bool(from_logits), BLOCK_S=b["BLOCK_S"], BLOCK_L=b["BLOCK_L"], BLOCK_J=b["BLOCK_J"],
+             log_alpha.contiguous(), beta, post, order, N, T, C, S, blank),
+            FROM_LOGITS=bool(from_logits), BLOCK_S=b["BLOCK_S"], BLOCK_L=b["BLOCK_L"],
             ONE_TILE=W <= b["BLOCK_S"], num_warps=b["num_warps"], num_stages=1,
             maxnreg=_backward_maxnreg(log_probs.dtype),
         )
@@ -608,7 +620,7 @@ def _signature(fn: Any, dtype: torch.dtype, constexprs: dict[str, Any]) -> dict[
             sig[arg] = f"*{name}"
         elif arg in ("tgt_ptr", "il_ptr", "tl_ptr"):
             sig[arg] = "*i64"
-        elif arg == "first_ptr":
+        elif arg == "order_ptr":
             sig[arg] = "*i32"
         elif arg.endswith("_ptr"):
             sig[arg] = f"*{ct}"
@@ -648,7 +660,7 @@ def report_configs() -> list[dict[str, Any]]:
                         continue  # clipped by the launcher
                     const = {"FROM_LOGITS": from_logits, "BLOCK_S": cfg["BLOCK_S"]}
                     if kernel == "backward":
-                        const.update(_pairing_blocks(cfg["BLOCK_S"], dtype))
+                        const.update(_label_blocks(cfg["BLOCK_S"], dtype))
                     const["ONE_TILE"] = one_tile
                     label = f"{src}-S{cfg['BLOCK_S']}{'' if one_tile else 'x'}-w{cfg['num_warps']}"
                     maxnreg = _backward_maxnreg(dtype) if kernel == "backward" else None

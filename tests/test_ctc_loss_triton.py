@@ -181,7 +181,8 @@ def test_impossible_sample(zero_infinity):
 
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_state_and_class_tiling(kernels, monkeypatch, from_logits):
-    """2S+1 = 11 states in tiles of 4, label pairs in tiles of 2, classes in tiles of 4; the float64 backward
+    """2S+1 = 11 states in tiles of 4, per-label runs summed in tiles of 2 (sample 1's run of three 2s crosses a
+    tile edge), classes in tiles of 4; the float64 backward
     capped at 128 registers (left to itself ptxas spilled these multi-tile sweeps under triton 3.6)."""
     monkeypatch.setattr(kernels, "MAX_STATE_BLOCK", 4)
     monkeypatch.setattr(kernels, "MAX_CLASS_BLOCK", 4)
@@ -216,6 +217,18 @@ def test_state_and_class_tiling(kernels, monkeypatch, from_logits):
     assert [(c["config"], c["options"]) for c in kernels.report_configs() if c["kernel"] == "ctc_backward"
             and c["config"].startswith(f"fp64-{'logits' if from_logits else 'logprobs'}-S128x")] == [
         (f"fp64-{'logits' if from_logits else 'logprobs'}-S128x-w4-r128", {"maxnreg": 128})]
+
+
+def test_label_order_runs(kernels):
+    """The backward's per-label layout: positions sorted by label (stable), padding past the target length last,
+    run starts in bit 29 and run ends in bit 30."""
+    targets = torch.tensor([[5, 2, 5, 5, 9, 2], [1, 1, 1, 7, 7, 7]])
+    code = kernels._label_order(targets, torch.tensor([5, 3]))
+    pos, starts, ends = code & 0x1FFFFFFF, (code >> 29) & 1, (code >> 30) & 1
+    assert pos.tolist() == [[1, 0, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    assert starts[0, :5].tolist() == [1, 1, 0, 0, 1] and ends[0, :5].tolist() == [1, 0, 0, 1, 1]
+    assert starts[1, :3].tolist() == [1, 0, 0] and ends[1, :3].tolist() == [0, 0, 1]
+    assert kernels._label_order(targets[:, :0], torch.tensor([0, 0])).shape == (2, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
