@@ -435,7 +435,8 @@ def _label_blocks(block_s: int, dtype: torch.dtype) -> dict[str, int]:
     """Label tile of the backward sweep's per-label sums for a state tile of block_s (2S+1 states hold S labels).
     float64's scan over 1024 labels spilled 4-40 B at the 128-register cap (sm_80 / sm_90, triton 3.6 and 3.9):
     it takes 512-label tiles."""
-    return {"BLOCK_L": max(min(block_s // 2, 512 if dtype == torch.float64 else block_s), 1)}
+    block_l = max(block_s // 2, 1)
+    return {"BLOCK_L": min(block_l, 512) if dtype == torch.float64 else block_l}
 
 
 def _label_order(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
@@ -457,12 +458,11 @@ def _label_order(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.T
     return (order | (starts << 29) | (ends << 30)).to(torch.int32)
 
 
-def _backward_maxnreg(dtype: torch.dtype) -> int | None:
-    """Register cap of the backward sweep, 128 (the most 16 warps allow) for every dtype: left to itself, ptxas
-    stopped float64 at 40 registers (4-24 B spilled under triton 3.6, tiles of several steps and from logits),
-    and the one-tile 2048-state sweep of the other dtypes at 64 under triton 3.9 on sm_80 (20-32 B spilled,
-    104 registers and none capped). Capped: 0 spill on sm_80 and sm_90 under triton 3.6 and 3.9."""
-    return 128
+# Register cap of the backward sweep, 128 (the most 16 warps allow) for every dtype: left to itself, ptxas stopped
+# float64 at 40 registers (4-24 B spilled under triton 3.6, tiles of several steps and from logits), and the one-tile
+# 2048-state sweep of the other dtypes at 64 under triton 3.9 on sm_80 (20-32 B spilled, 104 registers and none
+# capped). Capped: 0 spill on sm_80 and sm_90 under triton 3.6 and 3.9.
+_BACKWARD_MAXNREG = 128
 
 
 def _blocks(num_states: int, dtype: torch.dtype, kernel: str = "forward") -> dict[str, Any]:
@@ -583,7 +583,8 @@ def ctc_loss_backward(
     lse = torch.empty((T, N) if from_logits else (1,), dtype=cdt, device=device)
     beta = torch.empty((N, 2, W), dtype=cdt, device=device)
     post = torch.empty((N, max(S, 1)), dtype=cdt, device=device)
-    order = _label_order(targets.contiguous(), target_lengths.contiguous())
+    targets, target_lengths = targets.contiguous(), target_lengths.contiguous()
+    order = _label_order(targets, target_lengths)
     with _device_guard(device):
         r = _row_blocks(C, "grad")
         _launch(
@@ -595,11 +596,11 @@ def ctc_loss_backward(
         b = _blocks(W, log_probs.dtype, "backward")
         _launch(
             _ctc_backward_kernel, N,
-            (grad, gn, log_probs, lse, targets.contiguous(), input_lengths, target_lengths.contiguous(), nll,
+            (grad, gn, log_probs, lse, targets, input_lengths, target_lengths, nll,
              log_alpha.contiguous(), beta, post, order, N, T, C, S, blank),
             FROM_LOGITS=bool(from_logits), BLOCK_S=b["BLOCK_S"], BLOCK_L=b["BLOCK_L"],
             ONE_TILE=W <= b["BLOCK_S"], num_warps=b["num_warps"], num_stages=1,
-            maxnreg=_backward_maxnreg(log_probs.dtype),
+            maxnreg=_BACKWARD_MAXNREG,
         )
     return grad
 
@@ -663,12 +664,11 @@ def report_configs() -> list[dict[str, Any]]:
                         const.update(_label_blocks(cfg["BLOCK_S"], dtype))
                     const["ONE_TILE"] = one_tile
                     label = f"{src}-S{cfg['BLOCK_S']}{'' if one_tile else 'x'}-w{cfg['num_warps']}"
-                    maxnreg = _backward_maxnreg(dtype) if kernel == "backward" else None
-                    if maxnreg is not None:
-                        label += f"-r{maxnreg}"
+                    if kernel == "backward":
+                        label += f"-r{_BACKWARD_MAXNREG}"
                     configs.append(_entry(f"ctc_{kernel}", fn, dtype, const, cfg["num_warps"], label))
-                    if maxnreg is not None:
-                        configs[-1]["options"] = {"maxnreg": maxnreg}
+                    if kernel == "backward":
+                        configs[-1]["options"] = {"maxnreg": _BACKWARD_MAXNREG}
             for cfg in CONFIG_SPACE["grad"]:
                 const = {"FROM_LOGITS": from_logits, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": cfg["BLOCK_C"]}
                 label = f"{src}-r{cfg['BLOCK_R']}-c{cfg['BLOCK_C']}-w{cfg['num_warps']}"
