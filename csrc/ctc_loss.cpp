@@ -26,8 +26,8 @@
 //     stays below torch's, which keeps a whole log_beta.
 //  2. per frame (t, n) (parallel over T*N rows, which balances even for a batch of one):
 //     grad[t, n, :] = g * exp(lp) (a streaming pass, prefetching 4 KiB ahead), then the posteriors are
-//     subtracted at the blank and at each label, in target order, so repeated labels add up without any
-//     shared writes.
+//     subtracted at the blank and at each distinct label (its positions' posteriors summed in target order:
+//     LabelGroups), without any shared writes.
 // With float32 on AVX2 and at least one sample per thread, the two are fused, frame-major like forward: each
 // beta step is followed by its gradient row (same row operations, so the same bits), without the buffer.
 // Every element is computed by one thread in a fixed order: results are identical run to run, and the AVX-512
@@ -204,13 +204,15 @@ struct Sample {
   const int64_t* labels;
   std::vector<acc_t> skip;  // [padded + 2]: -inf past the last state, so that skip + 2 serves beta
   std::vector<acc_t> lpe;   // [padded]: -inf past the last state
+  std::vector<int32_t> lab32;  // the labels as int32, then class 0 up to L + 16 (the AVX2 gather's reach)
 
   Sample(const int64_t* labels_, int64_t L_)
       : L(L_), states(2 * L_ + 1), padded(pad_to_lanes(2 * L_ + 1)), labels(labels_),
-        skip(padded + 2, neg_inf<acc_t>()), lpe(padded, neg_inf<acc_t>()) {
+        skip(padded + 2, neg_inf<acc_t>()), lpe(padded, neg_inf<acc_t>()), lab32(L_ + 16, 0) {
     for (int64_t k = 1; k < L; ++k) {
       if (labels[k] != labels[k - 1]) skip[2 * k + 1] = 0;
     }
+    for (int64_t k = 0; k < L; ++k) lab32[k] = static_cast<int32_t>(labels[k]);
   }
 
   // Frame t's emissions from its row of log_probs (minus the row's log-normaliser for logits).
@@ -233,6 +235,29 @@ struct Sample {
       prefetch_line(row + blank);
       for (int64_t k = 0; k < L; ++k) prefetch_line(row + labels[k]);
     }
+  }
+};
+
+// A sample's target positions grouped by label, labels ascending and positions in target order within a label:
+// a gradient row subtracts each label's posterior total once. Subtracting per position instead stores to the same
+// entry again for a repeated label, and the loads of the next positions, guessed not to alias those stores, often
+// do: about 3 cycles a label in pipeline restarts (NOTES, "CTC: per-label gradient sums").
+struct LabelGroups {
+  std::vector<int32_t> order;  // target positions by (label, position)
+  std::vector<int32_t> start;  // group j: order[start[j], start[j + 1]); one entry more than there are groups
+  std::vector<int64_t> label;  // group j's label
+
+  LabelGroups() = default;
+  LabelGroups(const int64_t* labels, int64_t L) : order(L) {
+    for (int64_t k = 0; k < L; ++k) order[k] = static_cast<int32_t>(k);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return labels[a] < labels[b]; });
+    for (int64_t i = 0; i < L; ++i) {
+      if (i == 0 || labels[order[i]] != labels[order[i - 1]]) {
+        start.push_back(static_cast<int32_t>(i));
+        label.push_back(labels[order[i]]);
+      }
+    }
+    start.push_back(static_cast<int32_t>(L));
   }
 };
 
@@ -330,6 +355,31 @@ ExtOps ext_ops() {
           &ctc_simd::posterior_lin_row_avx2};
 }
 
+// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2) where the row
+// type allows (float32, bfloat16); else gathered into smp.lpe first, then converted (emission_ext). The same bits
+// either way. Sum: the forward's poison check as well (every state, whatever the range).
+template <typename scalar_t>
+constexpr bool kGathersEmissions = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <bool Sum, typename scalar_t>
+void frame_emissions(const ExtOps& ops, Sample<scalar_t, float>& smp, const scalar_t* row, float lse, int64_t blank,
+                     int64_t lo, int64_t hi, float* em, int32_t* ee, float* poison) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, row, smp.lab32.data(), smp.L, lse, blank, lo, hi);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, reinterpret_cast<const uint16_t*>(row), smp.lab32.data(),
+                                        smp.L, lse, blank, lo, hi);
+  } else {
+    smp.gather(row, lse, blank);
+    if constexpr (Sum) {
+      ops.emission_sum(em + lo, ee + lo, poison, smp.lpe.data() + lo, hi - lo);
+      if (hi < smp.padded) ops.poison_sum(poison, smp.lpe.data() + hi, smp.padded - hi);
+    } else {
+      ops.emission(em + lo, ee + lo, nullptr, smp.lpe.data() + lo, hi - lo);
+    }
+  }
+}
+
 // Extended rows: mantissas and exponents with `front` zero guard cells before and `back` after.
 struct ExtRows {
   std::vector<float> m;
@@ -405,15 +455,14 @@ class AlphaExt {
                int32_t* ce, float* log_out) {
     const int64_t P = smp.padded, states = smp.states;
     const int64_t hi = reach(t);
-    smp.gather(row, lse, blank);
-    ops_.emission_sum(em_.data(), ee_.data(), poison_, smp.lpe.data(), hi);
-    if (hi < P) ops_.poison_sum(poison_, smp.lpe.data() + hi, P - hi);  // poison there can still reach the end
+    // Poison on states not reached yet can still reach the end: the check covers every state.
+    frame_emissions<true>(ops_, smp, row, lse, blank, 0, hi, em_.data(), ee_.data(), poison_);
     if (t == 0) {  // alpha_0: the emissions of states 0 and 1
       std::fill(cm, cm + P, 0.0f);
       std::fill(ce, ce + P, ctc_simd::kZeroE);
       for (int64_t s = 0; s < std::min<int64_t>(2, states); ++s) {
         set_normalised(em_[s], ee_[s], cm + s, ce + s);
-        logrow_[s] = cm[s] == 0.0f ? neg_inf<float>() : smp.lpe[s];
+        logrow_[s] = cm[s] == 0.0f ? neg_inf<float>() : static_cast<float>(row[s == 0 ? blank : smp.labels[0]]) - lse;
       }
     } else {
       ops_.alpha_row(cm, ce, log_out, pm, pe, skip_.m.data(), skip_.e.data(), em_.data(), ee_.data(), hi);
@@ -564,8 +613,7 @@ class BetaExt {
     const float* em = em_.data();
     const int32_t* ee = ee_.data();
     if (src_.every == 1) {
-      smp.gather(row, lse, blank);
-      ops_.emission(em_.data() + lo, ee_.data() + lo, nullptr, smp.lpe.data() + lo, P - lo);
+      frame_emissions<false>(ops_, smp, row, lse, blank, lo, P, em_.data(), ee_.data(), nullptr);
     } else {  // recompute() left them
       em = seg_em(t % src_.every);
       ee = seg_ee(t % src_.every);
@@ -611,8 +659,8 @@ class BetaExt {
 
   // Frame t's emissions from state lo on into segment row j (beta needs the states alpha has not reached yet).
   void emit(int64_t t, int64_t j, int64_t lo) {
-    smp.gather(frames_.row(t), frames_.off(t), blank_);
-    ops_.emission(seg_em(j) + lo, seg_ee(j) + lo, nullptr, smp.lpe.data() + lo, smp.padded - lo);
+    frame_emissions<false>(ops_, smp, frames_.row(t), frames_.off(t), blank_, lo, smp.padded, seg_em(j), seg_ee(j),
+                           nullptr);
   }
 
   // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there (never
@@ -640,10 +688,10 @@ class BetaExt {
 #endif
 
 // One (t, n) row of the gradient: g * exp(lp - off), minus g times the posteriors c (blank first, then one per
-// target position, subtracted in target order so that repeated labels add up the same way on every run).
+// target position): at the blank, and at each label g times its positions' posteriors summed in target order.
 template <typename scalar_t, typename acc_t>
-void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, const acc_t* c, const int64_t* labels,
-                  int64_t L, int64_t blank, int64_t C, const RowOps<acc_t>& ops, std::vector<acc_t>& buf) {
+void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, const acc_t* c, const LabelGroups& groups,
+                  int64_t blank, int64_t C, const RowOps<acc_t>& ops, std::vector<acc_t>& buf) {
   acc_t* row;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     row = out;
@@ -654,7 +702,13 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     ops.exp_row(row, row, off, g, C);
   }
   row[blank] -= g * c[0];
-  for (int64_t k = 0; k < L; ++k) row[labels[k]] -= g * c[1 + k];
+  const int32_t* order = groups.order.data();
+  const int32_t* start = groups.start.data();
+  for (size_t j = 0; j < groups.label.size(); ++j) {
+    acc_t sum = c[1 + order[start[j]]];
+    for (int32_t i = start[j] + 1; i < start[j + 1]; ++i) sum += c[1 + order[i]];
+    row[groups.label[j]] -= g * sum;
+  }
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     for (int64_t j = 0; j < C; ++j) out[j] = static_cast<scalar_t>(row[j]);
   }
@@ -831,8 +885,10 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
       at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf;
         std::vector<std::unique_ptr<BetaExt<scalar_t>>> betas(end - begin);
+        std::vector<LabelGroups> groups(end - begin);
         for (int64_t n = begin; n < end; ++n) {
           if (il[n] > 0 && std::isfinite(nll[n])) {
+            groups[n - begin] = LabelGroups(tg + n * z.S, tl[n]);
             betas[n - begin] = std::make_unique<BetaExt<scalar_t>>(eops, tg + n * z.S, tl[n], il[n], nll[n], source(n),
                                                                    frames(n), blank);
           }
@@ -872,8 +928,8 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
             }
             const acc_t off = lse ? lse[r] : acc_t(0);
             const float* c = beta->step(t, lp + r * z.C, off, blank);
-            gradient_row<scalar_t, acc_t>(gr + r * z.C, lp + r * z.C, off, gn[n], c, beta->smp.labels, beta->smp.L,
-                                          blank, z.C, ops, buf);
+            gradient_row<scalar_t, acc_t>(gr + r * z.C, lp + r * z.C, off, gn[n], c, groups[n - begin], blank, z.C,
+                                          ops, buf);
           }
         }
       });
@@ -937,6 +993,8 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   });
 
   // Pass 2: every (t, n) row of the gradient.
+  std::vector<LabelGroups> groups(z.N);
+  for (int64_t n = 0; n < z.N; ++n) groups[n] = LabelGroups(tg + n * z.S, tl[n]);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(z.C, 1));
   at::parallel_for(0, z.T * z.N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf;
@@ -948,7 +1006,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
         continue;
       }
       gradient_row<scalar_t, acc_t>(out, lp + r * z.C, lse ? lse[r] : acc_t(0), gn[n], comp + (n * z.T + t) * cw,
-                                    tg + n * z.S, tl[n], blank, z.C, ops, buf);
+                                    groups[n], blank, z.C, ops, buf);
     }
   });
   return grad;

@@ -11,8 +11,11 @@
 #pragma once
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu_features.h"
 
@@ -264,6 +267,91 @@ SEQFAST_TARGET_AVX2 static void emission_ext_avx2(float* em, int32_t* ee, float*
     storei(ee + s, _mm256_andnot_si256(_mm256_castps_si256(dead), _mm256_cvtps_epi32(nf)));
   }
   if constexpr (Sum) _mm256_storeu_ps(poison, acc);
+}
+
+// Eight gathered log-probs row[lab[0..7]] as floats. Row: float, or uint16_t holding bfloat16 bits (a bfloat16 is
+// the float with the same top 16 bits). Scalar loads rather than vgatherdps, which some CPUs run in microcode.
+template <typename Row>
+SEQFAST_AVX2_INLINE __m256 gather8(const Row* row, const int32_t* lab) {
+  if constexpr (std::is_same_v<Row, float>) {
+    return _mm256_setr_ps(row[lab[0]], row[lab[1]], row[lab[2]], row[lab[3]], row[lab[4]], row[lab[5]], row[lab[6]],
+                          row[lab[7]]);
+  } else {
+    const __m128i h = _mm_setr_epi16(static_cast<short>(row[lab[0]]), static_cast<short>(row[lab[1]]),
+                                     static_cast<short>(row[lab[2]]), static_cast<short>(row[lab[3]]),
+                                     static_cast<short>(row[lab[4]]), static_cast<short>(row[lab[5]]),
+                                     static_cast<short>(row[lab[6]]), static_cast<short>(row[lab[7]]));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// emission_ext_avx2's body on one vector: x -> m 2^e, (0, 0) for probability 0 and NaN.
+SEQFAST_AVX2_INLINE void emission_vec(__m256 x, __m256* m, __m256i* e) {
+  const __m256 dead = _mm256_cmp_ps(x, splat(kEmitLo), _CMP_NGT_UQ);  // x <= kEmitLo, or NaN
+  __m256 nf;
+  const __m256 r = exp_reduced(_mm256_min_ps(splat(-kEmitLo), _mm256_max_ps(splat(kEmitLo), x)), &nf);
+  *m = _mm256_andnot_ps(dead, r);
+  *e = _mm256_andnot_si256(_mm256_castps_si256(dead), _mm256_cvtps_epi32(nf));
+}
+
+// Frame emissions straight from the log_probs row, for states [lo, hi) of the extended target (blank, l0, blank,
+// l1, ..., blank): em[s] 2^ee[s] as emission_ext_avx2 gives them from the gathered row (the same bits), (0, 0) past
+// state 2L. One exp per label plus one for the blank, where emission_ext_avx2 takes one per state, and no row of
+// gathered log-probs in between. lab: the labels as int32, readable (any valid class) up to hi / 2 + 8; lo, hi
+// multiples of 8. With Sum (forward), poison[0, 8) also accumulates the blank's and every label's log-prob (all
+// L, whatever the range), for emission_ext_avx2's NaN / +inf check.
+template <bool Sum, typename Row>
+SEQFAST_TARGET_AVX2 static void emission_gather_avx2(float* em, int32_t* ee, float* poison, const Row* row,
+                                                     const int32_t* lab, int64_t L, float lse, int64_t blank,
+                                                     int64_t lo, int64_t hi) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 vlse = splat(lse);
+  float b;
+  if constexpr (std::is_same_v<Row, float>) {
+    b = row[blank];
+  } else {
+    const uint32_t bits = static_cast<uint32_t>(row[blank]) << 16;
+    std::memcpy(&b, &bits, sizeof b);
+  }
+  const __m256 bx = _mm256_sub_ps(splat(b), vlse);
+  __m256 bm;
+  __m256i be;
+  emission_vec(bx, &bm, &be);
+  __m256 acc = _mm256_setzero_ps();
+  if constexpr (Sum) acc = _mm256_add_ps(_mm256_loadu_ps(poison), bx);
+  int64_t k = lo / 2;
+  for (; 2 * k < hi; k += 8) {
+    // Label lanes k + i < L are live; blank lanes (state 2 (k + i)) while k + i <= L.
+    const __m256i left = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(L - k, 9)));
+    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(left, iota));
+    const __m256i blank_live = _mm256_cmpgt_epi32(_mm256_add_epi32(left, _mm256_set1_epi32(1)), iota);
+    const __m256 x = _mm256_blendv_ps(splat(-std::numeric_limits<float>::infinity()),
+                                      _mm256_sub_ps(gather8(row, lab + k), vlse), live);
+    if constexpr (Sum) acc = _mm256_add_ps(acc, _mm256_and_ps(x, live));
+    __m256 m;
+    __m256i e;
+    emission_vec(x, &m, &e);
+    const __m256 bmk = _mm256_and_ps(bm, _mm256_castsi256_ps(blank_live));
+    const __m256 bek = _mm256_and_ps(_mm256_castsi256_ps(be), _mm256_castsi256_ps(blank_live));
+    const __m256 ef = _mm256_castsi256_ps(e);
+    // [b, m0, b, m1 | b, m4, b, m5] and [b, m2, b, m3 | b, m6, b, m7] -> states 2k .. 2k+7 and 2k+8 .. 2k+15.
+    const __m256 mlo = _mm256_unpacklo_ps(bmk, m), mhi = _mm256_unpackhi_ps(bmk, m);
+    const __m256 elo = _mm256_unpacklo_ps(bek, ef), ehi = _mm256_unpackhi_ps(bek, ef);
+    _mm256_storeu_ps(em + 2 * k, _mm256_permute2f128_ps(mlo, mhi, 0x20));
+    storei(ee + 2 * k, _mm256_castps_si256(_mm256_permute2f128_ps(elo, ehi, 0x20)));
+    if (2 * k + 8 < hi) {
+      _mm256_storeu_ps(em + 2 * k + 8, _mm256_permute2f128_ps(mlo, mhi, 0x31));
+      storei(ee + 2 * k + 8, _mm256_castps_si256(_mm256_permute2f128_ps(elo, ehi, 0x31)));
+    }
+  }
+  if constexpr (Sum) {
+    for (; k < L; k += 8) {  // labels of states not reached yet: still checked
+      const __m256i left = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(L - k, 8)));
+      const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(left, iota));
+      acc = _mm256_add_ps(acc, _mm256_and_ps(_mm256_sub_ps(gather8(row, lab + k), vlse), live));
+    }
+    _mm256_storeu_ps(poison, acc);
+  }
 }
 
 // poison[0, 8) += x[0, n) lane-wise (n a multiple of 8): emission_ext_avx2's check for the states a step skips.
