@@ -18,10 +18,12 @@
 #define SEQFAST_X86 1
 #define SEQFAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define SEQFAST_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+#define SEQFAST_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 #else
 #define SEQFAST_X86 0
 #define SEQFAST_TARGET_AVX2
 #define SEQFAST_TARGET_AVX512
+#define SEQFAST_TARGET_AVX2_F16C
 #endif
 
 namespace seqfast {
@@ -63,6 +65,15 @@ inline std::atomic<int>& isa_cap() {
 // The level the kernels use now.
 inline int active_isa() { return std::min(cpu_isa_level(), isa_cap().load(std::memory_order_relaxed)); }
 inline bool has_avx2() { return active_isa() >= 1; }
+// F16C (float16 <-> float32 in hardware): every AVX2 CPU made has it, but it is a flag of its own.
+inline bool has_f16c() {
+#if SEQFAST_X86
+  static const bool yes = __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
 inline bool has_avx512() { return active_isa() >= 2; }
 
 // Caps the ISA by name; returns the previous cap's name, or "" (cap unchanged) for an unknown name.

@@ -60,6 +60,7 @@
 #include "buffer_cache.h"
 #include "cpu_features.h"
 #include "ctc_loss_simd.h"
+#include "half_rows.h"
 #include "ctc_loss_simd512.h"
 
 namespace seqfast {
@@ -355,28 +356,28 @@ ExtOps ext_ops() {
           &ctc_simd::posterior_lin_row_avx2};
 }
 
-// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2) where the row
-// type allows (float32, bfloat16); else gathered into smp.lpe first, then converted (emission_ext). The same bits
-// either way. Sum: the forward's poison check as well (every state, whatever the range).
+// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2; the row's
+// 16-bit values as their bits); on a CPU without F16C gathered into smp.lpe first, then converted (emission_ext).
+// The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
 template <typename scalar_t>
-constexpr bool kGathersEmissions = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+using RowBits = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, ctc_simd::F16Bits,
+                                   std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, ctc_simd::Bf16Bits,
+                                                      scalar_t>>;
 
 template <bool Sum, typename scalar_t>
 void frame_emissions(const ExtOps& ops, Sample<scalar_t, float>& smp, const scalar_t* row, float lse, int64_t blank,
                      int64_t lo, int64_t hi, float* em, int32_t* ee, float* poison) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, row, smp.lab32.data(), smp.L, lse, blank, lo, hi);
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, reinterpret_cast<const uint16_t*>(row), smp.lab32.data(),
-                                        smp.L, lse, blank, lo, hi);
+  if (has_f16c()) {
+    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, reinterpret_cast<const RowBits<scalar_t>*>(row),
+                                        smp.lab32.data(), smp.L, lse, blank, lo, hi);
+    return;
+  }
+  smp.gather(row, lse, blank);
+  if constexpr (Sum) {
+    ops.emission_sum(em + lo, ee + lo, poison, smp.lpe.data() + lo, hi - lo);
+    if (hi < smp.padded) ops.poison_sum(poison, smp.lpe.data() + hi, smp.padded - hi);
   } else {
-    smp.gather(row, lse, blank);
-    if constexpr (Sum) {
-      ops.emission_sum(em + lo, ee + lo, poison, smp.lpe.data() + lo, hi - lo);
-      if (hi < smp.padded) ops.poison_sum(poison, smp.lpe.data() + hi, smp.padded - hi);
-    } else {
-      ops.emission(em + lo, ee + lo, nullptr, smp.lpe.data() + lo, hi - lo);
-    }
+    ops.emission(em + lo, ee + lo, nullptr, smp.lpe.data() + lo, hi - lo);
   }
 }
 
@@ -697,8 +698,9 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     row = out;
     ops.exp_row(row, lp_row, off, g, C);
   } else {
-    buf.assign(lp_row, lp_row + C);
+    buf.resize(C);
     row = buf.data();
+    load_row(lp_row, 1, C, row);
     ops.exp_row(row, row, off, g, C);
   }
   row[blank] -= g * c[0];
@@ -709,9 +711,7 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     for (int32_t i = start[j] + 1; i < start[j + 1]; ++i) sum += c[1 + order[i]];
     row[groups.label[j]] -= g * sum;
   }
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    for (int64_t j = 0; j < C; ++j) out[j] = static_cast<scalar_t>(row[j]);
-  }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) store_row(row, acc_t(1), C, out, 1);
 }
 
 // Gradient rows that carry no posterior, as torch: frames past the input length (0), and every frame of a sample

@@ -269,19 +269,45 @@ SEQFAST_TARGET_AVX2 static void emission_ext_avx2(float* em, int32_t* ee, float*
   if constexpr (Sum) _mm256_storeu_ps(poison, acc);
 }
 
-// Eight gathered log-probs row[lab[0..7]] as floats. Row: float, or uint16_t holding bfloat16 bits (a bfloat16 is
-// the float with the same top 16 bits). Scalar loads rather than vgatherdps, which some CPUs run in microcode.
+// 16-bit log_probs rows as the gather below reads them: the raw bits of a bfloat16 / float16 value.
+struct Bf16Bits {
+  uint16_t bits;
+};
+struct F16Bits {
+  uint16_t bits;
+};
+
+// Eight gathered log-probs row[lab[0..7]] as floats (exact for every row type: a bfloat16 is the float with the
+// same top 16 bits, float16 converts in hardware). Scalar loads rather than vgatherdps, which some CPUs run in
+// microcode.
 template <typename Row>
-SEQFAST_AVX2_INLINE __m256 gather8(const Row* row, const int32_t* lab) {
+SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 gather8(const Row* row,
+                                                                                    const int32_t* lab) {
   if constexpr (std::is_same_v<Row, float>) {
     return _mm256_setr_ps(row[lab[0]], row[lab[1]], row[lab[2]], row[lab[3]], row[lab[4]], row[lab[5]], row[lab[6]],
                           row[lab[7]]);
   } else {
-    const __m128i h = _mm_setr_epi16(static_cast<short>(row[lab[0]]), static_cast<short>(row[lab[1]]),
-                                     static_cast<short>(row[lab[2]]), static_cast<short>(row[lab[3]]),
-                                     static_cast<short>(row[lab[4]]), static_cast<short>(row[lab[5]]),
-                                     static_cast<short>(row[lab[6]]), static_cast<short>(row[lab[7]]));
+    const __m128i h = _mm_setr_epi16(
+        static_cast<short>(row[lab[0]].bits), static_cast<short>(row[lab[1]].bits),
+        static_cast<short>(row[lab[2]].bits), static_cast<short>(row[lab[3]].bits),
+        static_cast<short>(row[lab[4]].bits), static_cast<short>(row[lab[5]].bits),
+        static_cast<short>(row[lab[6]].bits), static_cast<short>(row[lab[7]].bits));
+    if constexpr (std::is_same_v<Row, F16Bits>) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename Row>
+SEQFAST_TARGET_AVX2_F16C static inline float to_float(Row v) {
+  if constexpr (std::is_same_v<Row, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<Row, F16Bits>) {
+    return _cvtsh_ss(v.bits);
+  } else {
+    const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
   }
 }
 
@@ -299,21 +325,14 @@ SEQFAST_AVX2_INLINE void emission_vec(__m256 x, __m256* m, __m256i* e) {
 // state 2L. One exp per label plus one for the blank, where emission_ext_avx2 takes one per state, and no row of
 // gathered log-probs in between. lab: the labels as int32, readable (any valid class) up to hi / 2 + 8; lo, hi
 // multiples of 8. With Sum (forward), poison[0, 8) also accumulates the blank's and every label's log-prob (all
-// L, whatever the range), for emission_ext_avx2's NaN / +inf check.
+// L, whatever the range), for emission_ext_avx2's NaN / +inf check. Needs F16C as well as AVX2 (has_f16c()).
 template <bool Sum, typename Row>
-SEQFAST_TARGET_AVX2 static void emission_gather_avx2(float* em, int32_t* ee, float* poison, const Row* row,
+SEQFAST_TARGET_AVX2_F16C static void emission_gather_avx2(float* em, int32_t* ee, float* poison, const Row* row,
                                                      const int32_t* lab, int64_t L, float lse, int64_t blank,
                                                      int64_t lo, int64_t hi) {
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 vlse = splat(lse);
-  float b;
-  if constexpr (std::is_same_v<Row, float>) {
-    b = row[blank];
-  } else {
-    const uint32_t bits = static_cast<uint32_t>(row[blank]) << 16;
-    std::memcpy(&b, &bits, sizeof b);
-  }
-  const __m256 bx = _mm256_sub_ps(splat(b), vlse);
+  const __m256 bx = _mm256_sub_ps(splat(to_float(row[blank])), vlse);
   __m256 bm;
   __m256i be;
   emission_vec(bx, &bm, &be);

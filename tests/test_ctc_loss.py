@@ -211,6 +211,39 @@ def test_half_inputs(dtype):
         torch.testing.assert_close(grad.double(), ref_grad2, rtol=eps / 2, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_half_inputs_are_the_float32_kernel_rounded_once(dtype, isa):
+    """16-bit log_probs are read exactly (the emissions gathered straight from the 16-bit rows, the gradient rows
+    widened and narrowed eight at a time): loss and gradient are the float32 kernel's on the widened inputs,
+    rounded once to dtype, bit for bit. Label counts below, at and past a vector of 8 (and 0), C not a multiple of
+    8, a NaN and a +inf log-prob, a -inf row."""
+    from seqfast import _C
+
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(_C.cpu_isa_supported()) < order.index(isa):
+        pytest.skip(f"needs an {isa} CPU")
+    g = torch.Generator().manual_seed(11)
+    T, N, C, S = 41, 6, 37, 19
+    lp = torch.randn(T, N, C, generator=g).log_softmax(2)
+    tg = torch.randint(1, C, (N, S), generator=g)
+    il = torch.tensor([41, 40, 33, 41, 20, 41])
+    tl = torch.tensor([19, 8, 7, 0, 9, 16])
+    lp[6, 1, tg[1, 2]] = float("nan")
+    lp[9, 2, 0] = float("inf")
+    lp[12, 4] = float("-inf")
+    lp_half = lp.to(dtype)
+    previous = _C.set_cpu_isa(isa)
+    try:
+        half = loss_and_grad(seqfast.ctc_loss, lp_half, tg, il, tl, reduction="sum")
+        wide = loss_and_grad(seqfast.ctc_loss, lp_half.float(), tg, il, tl, reduction="sum")
+    finally:
+        _C.set_cpu_isa(previous)
+    assert half[1].dtype == dtype
+    assert torch.equal(half[0].float().nan_to_num(1, 2, 3), wide[0].to(dtype).float().nan_to_num(1, 2, 3))
+    assert torch.equal(half[1].float().nan_to_num(1, 2, 3), wide[1].to(dtype).float().nan_to_num(1, 2, 3))
+
+
 # ------------------------------------------------------------------------------------------------
 # from_logits
 
