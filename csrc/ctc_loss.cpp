@@ -343,17 +343,18 @@ struct ExtOps {
   decltype(&ctc_simd::beta_ext_row_avx2) beta_row;
   decltype(&ctc_simd::posterior_ext_row_avx2) posterior;
   decltype(&ctc_simd::posterior_lin_row_avx2) posterior_lin;
+  decltype(&ctc_simd::beta_post_row_avx2) beta_post;
 };
 
 ExtOps ext_ops() {
   if (has_avx512()) {
     return {&ctc_simd::emission_ext_avx512<true>, &ctc_simd::emission_ext_avx512<false>, &ctc_simd::poison_sum_avx512,
             &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512, &ctc_simd::posterior_ext_row_avx512,
-            &ctc_simd::posterior_lin_row_avx512};
+            &ctc_simd::posterior_lin_row_avx512, &ctc_simd::beta_post_row_avx512};
   }
   return {&ctc_simd::emission_ext_avx2<true>, &ctc_simd::emission_ext_avx2<false>, &ctc_simd::poison_sum_avx2,
           &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2, &ctc_simd::posterior_ext_row_avx2,
-          &ctc_simd::posterior_lin_row_avx2};
+          &ctc_simd::posterior_lin_row_avx2, &ctc_simd::beta_post_row_avx2};
 }
 
 // Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2; the row's
@@ -629,6 +630,11 @@ class BetaExt {
         bx_.e[s] = 0;
         set_normalised(em[s], ee[s], cm_ + s, ce_ + s);
       }
+    } else if (src_.every > 1) {  // beta and the posteriors in one pass: bx is not stored
+      const int64_t j = t % src_.every;
+      c_[0] = ops_.beta_post(cm_ + lo, ce_ + lo, post_.data() + lo, nm_ + lo, ne_ + lo, skip_.m.data() + 2 + lo,
+                             skip_.e.data() + 2 + lo, em + lo, ee + lo, seg_m(j) + lo, seg_e(j) + lo, exp_nll_m_,
+                             exp_nll_e_, P - lo);
     } else {
       ops_.beta_row(bx_.m.data() + lo, bx_.e.data() + lo, cm_ + lo, ce_ + lo, nm_ + lo, ne_ + lo,
                     skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em + lo, ee + lo, P - lo);
@@ -638,7 +644,7 @@ class BetaExt {
       std::copy(la_row, la_row + states, alpha_.data());
       c_[0] = ops_.posterior(post_.data() + lo, alpha_.data() + lo, bx_.m.data() + lo, bx_.e.data() + lo, nll_,
                              P - lo);
-    } else {
+    } else if (t == len_ - 1) {
       const int64_t j = t % src_.every;
       c_[0] = ops_.posterior_lin(post_.data() + lo, seg_m(j) + lo, seg_e(j) + lo, bx_.m.data() + lo,
                                  bx_.e.data() + lo, exp_nll_m_, exp_nll_e_, P - lo);

@@ -539,6 +539,37 @@ SEQFAST_TARGET_AVX2 static float posterior_lin_row_avx2(float* post, const float
   return hsum(acc);
 }
 
+// beta_ext_row_avx2 and posterior_lin_row_avx2 in one pass (checkpoints): bx stays in registers, where the two
+// passes store it and read it back. post[s] = alpha[s] bx[s] / P(target) from (am, ae) and exp(nll) = nm 2^ne;
+// b as beta_ext_row_avx2 writes it; returns the posteriors' sum over the even states. The same bits as the two.
+SEQFAST_TARGET_AVX2 static float beta_post_row_avx2(float* bm, int32_t* be, float* post, const float* nm,
+                                                    const int32_t* ne, const float* skip_m, const int32_t* skip_e,
+                                                    const float* em, const int32_t* ee, const float* am,
+                                                    const int32_t* ae, float exp_nll_m, int32_t exp_nll_e, int64_t n) {
+  const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+  const __m256 vnm = splat(exp_nll_m);
+  const __m256i vne = _mm256_set1_epi32(exp_nll_e);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t s = 0; s < n; s += 8) {
+    __m256i E;
+    const __m256 sum = add3(_mm256_loadu_ps(nm + s), loadi(ne + s), _mm256_loadu_ps(nm + s + 1), loadi(ne + s + 1),
+                            _mm256_and_ps(_mm256_loadu_ps(nm + s + 2), _mm256_loadu_ps(skip_m + s)),
+                            _mm256_add_epi32(loadi(ne + s + 2), loadi(skip_e + s)), &E);
+    __m256 m;
+    __m256i e;
+    renormalise(sum, E, &m, &e);
+    const __m256 p = posterior_lin_vec(_mm256_loadu_ps(am + s), loadi(ae + s), m, e, vnm, vne);
+    _mm256_storeu_ps(post + s, p);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(p, even));
+    m = _mm256_mul_ps(m, _mm256_loadu_ps(em + s));
+    e = _mm256_blendv_epi8(_mm256_add_epi32(e, loadi(ee + s)), _mm256_set1_epi32(kZeroE),
+                           _mm256_castps_si256(_mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ)));
+    _mm256_storeu_ps(bm + s, m);
+    storei(be + s, e);
+  }
+  return hsum(acc);
+}
+
 #undef SEQFAST_AVX2_INLINE
 
 }  // namespace seqfast::ctc_simd

@@ -303,6 +303,42 @@ SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const f
   return hsum8(acc);
 }
 
+// beta_post_row_avx2, 16 lanes (the same bits: the even sum in the AVX2 order).
+SEQFAST_TARGET_AVX512 static float beta_post_row_avx512(float* bm, int32_t* be, float* post, const float* nm,
+                                                        const int32_t* ne, const float* skip_m, const int32_t* skip_e,
+                                                        const float* em, const int32_t* ee, const float* am,
+                                                        const int32_t* ae, float exp_nll_m, int32_t exp_nll_e,
+                                                        int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m512 vnm = splat16(exp_nll_m);
+  const __m512i vne = _mm512_set1_epi32(exp_nll_e);
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 k = lanes(n - s);
+    __m512i E;
+    const __m512 c = _mm512_and_ps(loadf16(k, nm + s + 2), loadf16(k, skip_m + s));
+    const __m512 sum = add3_16(loadf16(k, nm + s), loadi16(k, ne + s), loadf16(k, nm + s + 1), loadi16(k, ne + s + 1),
+                               c, _mm512_add_epi32(loadi16(k, ne + s + 2), loadi16(k, skip_e + s)), &E);
+    __m512 m;
+    __m512i e;
+    renormalise16(sum, E, &m, &e);
+    const __m512i PE = _mm512_add_epi32(
+        _mm512_max_epi32(_mm512_add_epi32(loadi16(k, ae + s), e), _mm512_set1_epi32(kZeroE)), vne);
+    const __m512i biased = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_add_epi32(PE, _mm512_set1_epi32(127)), _mm512_setzero_si512()),
+        _mm512_set1_epi32(254));
+    const __m512 p = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(loadf16(k, am + s), m), vnm),
+                                   _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
+    _mm512_mask_storeu_ps(post + s, k, p);
+    acc = add_even_avx2_order(acc, p, n - s);
+    m = _mm512_mul_ps(m, loadf16(k, em + s));
+    e = _mm512_mask_mov_epi32(_mm512_add_epi32(e, loadi16(k, ee + s)),
+                              _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_set1_epi32(kZeroE));
+    _mm512_mask_storeu_ps(bm + s, k, m);
+    _mm512_mask_storeu_epi32(be + s, k, e);
+  }
+  return hsum8(acc);
+}
+
 #undef SEQFAST_AVX512_INLINE
 
 }  // namespace seqfast::ctc_simd
