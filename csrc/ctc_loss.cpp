@@ -706,8 +706,15 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
   } else {
     buf.resize(C);
     row = buf.data();
-    load_row(lp_row, 1, C, row);
-    ops.exp_row(row, row, off, g, C);
+#if SEQFAST_X86
+    if (has_avx2() && has_f16c()) {  // widen while taking the exp: the row is read once, prefetched ahead
+      ctc_simd::exp_row16_avx2(row, reinterpret_cast<const RowBits<scalar_t>*>(lp_row), off, g, C);
+    } else
+#endif
+    {
+      load_row(lp_row, 1, C, row);
+      ops.exp_row(row, row, off, g, C);
+    }
   }
   row[blank] -= g * c[0];
   const int32_t* order = groups.order.data();

@@ -311,6 +311,34 @@ SEQFAST_TARGET_AVX2_F16C static inline float to_float(Row v) {
   }
 }
 
+// Eight consecutive 16-bit values from p as floats (exact).
+template <typename Row>
+SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 load8_16(const Row* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same_v<Row, F16Bits>) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// exp_row_avx2 on a 16-bit row: out[c] = g * exp(float(in[c]) - off), widening on the fly (the same bits as
+// widening first), reading the row once with exp_row_avx2's prefetch distance (4 KiB). Any n.
+template <typename Row>
+SEQFAST_TARGET_AVX2_F16C static void exp_row16_avx2(float* out, const Row* in, float off, float g, int64_t n) {
+  const __m256 voff = splat(off), vg = splat(g);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + 2048), _MM_HINT_T0);
+    const __m256 x0 = load8_16(in + c), x1 = load8_16(in + c + 8);
+    _mm256_storeu_ps(out + c, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x0, voff))));
+    _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x1, voff))));
+  }
+  for (; c < n; c += 8) {
+    alignas(32) float tail[8] = {};
+    for (int64_t i = 0; i < std::min<int64_t>(8, n - c); ++i) tail[i] = to_float(in[c + i]);
+    const __m256i mask = tail_mask(n - c);
+    _mm256_maskstore_ps(out + c, mask, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(_mm256_load_ps(tail), voff))));
+  }
+}
+
 // emission_ext_avx2's body on one vector: x -> m 2^e, (0, 0) for probability 0 and NaN.
 SEQFAST_AVX2_INLINE void emission_vec(__m256 x, __m256* m, __m256i* e) {
   const __m256 dead = _mm256_cmp_ps(x, splat(kEmitLo), _CMP_NGT_UQ);  // x <= kEmitLo, or NaN
