@@ -242,7 +242,7 @@ struct Sample {
 // A sample's target positions grouped by label, labels ascending and positions in target order within a label:
 // a gradient row subtracts each label's posterior total once. Subtracting per position instead stores to the same
 // entry again for a repeated label, and the loads of the next positions, guessed not to alias those stores, often
-// do: about 3 cycles a label in pipeline restarts (NOTES, "CTC: per-label gradient sums").
+// do: about 3 cycles a label in pipeline restarts (NOTES, "CTC on CPU: fewer operations per state").
 struct LabelGroups {
   std::vector<int32_t> order;  // target positions by (label, position)
   std::vector<int32_t> start;  // group j: order[start[j], start[j + 1]); one entry more than there are groups
@@ -708,7 +708,7 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     row = buf.data();
 #if SEQFAST_X86
     if (has_avx2() && has_f16c()) {  // widen while taking the exp: the row is read once, prefetched ahead
-      ctc_simd::exp_row16_avx2(row, reinterpret_cast<const RowBits<scalar_t>*>(lp_row), off, g, C);
+      ctc_simd::exp_rows_avx2(row, reinterpret_cast<const RowBits<scalar_t>*>(lp_row), off, g, C);
     } else
 #endif
     {

@@ -186,23 +186,91 @@ SEQFAST_TARGET_AVX2 static float posterior_row_avx2(float* post, const float* al
   return hsum(acc);
 }
 
-// out[c] = g * exp(in[c] - off) for any n (masked tail); out may alias in.
-SEQFAST_TARGET_AVX2 static void exp_row_avx2(float* out, const float* in, float off, float g, int64_t n) {
+// 16-bit log_probs rows as the gather below reads them: the raw bits of a bfloat16 / float16 value.
+struct Bf16Bits {
+  uint16_t bits;
+};
+struct F16Bits {
+  uint16_t bits;
+};
+
+// Eight gathered log-probs row[lab[0..7]] as floats (exact for every row type: a bfloat16 is the float with the
+// same top 16 bits, float16 converts in hardware). Scalar loads rather than vgatherdps, which some CPUs run in
+// microcode.
+template <typename Row>
+SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 gather8(const Row* row,
+                                                                                    const int32_t* lab) {
+  if constexpr (std::is_same_v<Row, float>) {
+    return _mm256_setr_ps(row[lab[0]], row[lab[1]], row[lab[2]], row[lab[3]], row[lab[4]], row[lab[5]], row[lab[6]],
+                          row[lab[7]]);
+  } else {
+    const __m128i h = _mm_setr_epi16(
+        static_cast<short>(row[lab[0]].bits), static_cast<short>(row[lab[1]].bits),
+        static_cast<short>(row[lab[2]].bits), static_cast<short>(row[lab[3]].bits),
+        static_cast<short>(row[lab[4]].bits), static_cast<short>(row[lab[5]].bits),
+        static_cast<short>(row[lab[6]].bits), static_cast<short>(row[lab[7]].bits));
+    if constexpr (std::is_same_v<Row, F16Bits>) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename Row>
+SEQFAST_TARGET_AVX2_F16C static inline float to_float(Row v) {
+  if constexpr (std::is_same_v<Row, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<Row, F16Bits>) {
+    return _cvtsh_ss(v.bits);
+  } else {
+    const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+}
+
+// Eight consecutive values from p as floats (exact): a float row, or the bits of a 16-bit one.
+template <typename Row>
+SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 load8_row(const Row* p) {
+  if constexpr (std::is_same_v<Row, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<Row, F16Bits>) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// out[c] = g * exp(float(in[c]) - off) for any n (masked tail); Row: float (out may alias in), or the bits of a
+// 16-bit row (F16Bits, Bf16Bits: widened on the fly, the same bits as widening first).
+template <typename Row>
+SEQFAST_TARGET_AVX2_F16C static void exp_rows_avx2(float* out, const Row* in, float off, float g, int64_t n) {
   const __m256 voff = splat(off), vg = splat(g);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     // Long rows read once: prefetch 4 KiB ahead (the stream prefetcher restarts at every page); past the row's
     // end this reaches into the next row, which the callers read next.
-    _mm_prefetch(reinterpret_cast<const char*>(in + c + 1024), _MM_HINT_T0);
-    const __m256 x0 = _mm256_loadu_ps(in + c), x1 = _mm256_loadu_ps(in + c + 8);
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + 4096 / sizeof(Row)), _MM_HINT_T0);
+    const __m256 x0 = load8_row(in + c), x1 = load8_row(in + c + 8);
     _mm256_storeu_ps(out + c, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x0, voff))));
     _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x1, voff))));
   }
   for (; c < n; c += 8) {
     const __m256i mask = tail_mask(n - c);
-    const __m256 x = _mm256_maskload_ps(in + c, mask);
+    __m256 x;
+    if constexpr (std::is_same_v<Row, float>) {
+      x = _mm256_maskload_ps(in + c, mask);
+    } else {
+      alignas(32) float tail[8] = {};
+      for (int64_t i = 0; i < std::min<int64_t>(8, n - c); ++i) tail[i] = to_float(in[c + i]);
+      x = _mm256_load_ps(tail);
+    }
     _mm256_maskstore_ps(out + c, mask, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x, voff))));
   }
+}
+
+// The float32 row (no F16C instruction is used for it).
+static void exp_row_avx2(float* out, const float* in, float off, float g, int64_t n) {
+  exp_rows_avx2(out, in, off, g, n);
 }
 
 // log(sum(exp(in[c]))) for any n >= 1: the log-softmax normaliser of one row of logits.
@@ -267,76 +335,6 @@ SEQFAST_TARGET_AVX2 static void emission_ext_avx2(float* em, int32_t* ee, float*
     storei(ee + s, _mm256_andnot_si256(_mm256_castps_si256(dead), _mm256_cvtps_epi32(nf)));
   }
   if constexpr (Sum) _mm256_storeu_ps(poison, acc);
-}
-
-// 16-bit log_probs rows as the gather below reads them: the raw bits of a bfloat16 / float16 value.
-struct Bf16Bits {
-  uint16_t bits;
-};
-struct F16Bits {
-  uint16_t bits;
-};
-
-// Eight gathered log-probs row[lab[0..7]] as floats (exact for every row type: a bfloat16 is the float with the
-// same top 16 bits, float16 converts in hardware). Scalar loads rather than vgatherdps, which some CPUs run in
-// microcode.
-template <typename Row>
-SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 gather8(const Row* row,
-                                                                                    const int32_t* lab) {
-  if constexpr (std::is_same_v<Row, float>) {
-    return _mm256_setr_ps(row[lab[0]], row[lab[1]], row[lab[2]], row[lab[3]], row[lab[4]], row[lab[5]], row[lab[6]],
-                          row[lab[7]]);
-  } else {
-    const __m128i h = _mm_setr_epi16(
-        static_cast<short>(row[lab[0]].bits), static_cast<short>(row[lab[1]].bits),
-        static_cast<short>(row[lab[2]].bits), static_cast<short>(row[lab[3]].bits),
-        static_cast<short>(row[lab[4]].bits), static_cast<short>(row[lab[5]].bits),
-        static_cast<short>(row[lab[6]].bits), static_cast<short>(row[lab[7]].bits));
-    if constexpr (std::is_same_v<Row, F16Bits>) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
-
-template <typename Row>
-SEQFAST_TARGET_AVX2_F16C static inline float to_float(Row v) {
-  if constexpr (std::is_same_v<Row, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<Row, F16Bits>) {
-    return _cvtsh_ss(v.bits);
-  } else {
-    const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
-}
-
-// Eight consecutive 16-bit values from p as floats (exact).
-template <typename Row>
-SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 load8_16(const Row* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if constexpr (std::is_same_v<Row, F16Bits>) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-// exp_row_avx2 on a 16-bit row: out[c] = g * exp(float(in[c]) - off), widening on the fly (the same bits as
-// widening first), reading the row once with exp_row_avx2's prefetch distance (4 KiB). Any n.
-template <typename Row>
-SEQFAST_TARGET_AVX2_F16C static void exp_row16_avx2(float* out, const Row* in, float off, float g, int64_t n) {
-  const __m256 voff = splat(off), vg = splat(g);
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(in + c + 2048), _MM_HINT_T0);
-    const __m256 x0 = load8_16(in + c), x1 = load8_16(in + c + 8);
-    _mm256_storeu_ps(out + c, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x0, voff))));
-    _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x1, voff))));
-  }
-  for (; c < n; c += 8) {
-    alignas(32) float tail[8] = {};
-    for (int64_t i = 0; i < std::min<int64_t>(8, n - c); ++i) tail[i] = to_float(in[c + i]);
-    const __m256i mask = tail_mask(n - c);
-    _mm256_maskstore_ps(out + c, mask, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(_mm256_load_ps(tail), voff))));
-  }
 }
 
 // emission_ext_avx2's body on one vector: x -> m 2^e, (0, 0) for probability 0 and NaN.
@@ -498,28 +496,39 @@ SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out,
   }
 }
 
+// bx at states s..s+7: next[s] + next[s+1] + skip[s] next[s+2], renormalised.
+SEQFAST_AVX2_INLINE void beta_bx(const float* nm, const int32_t* ne, const float* skip_m, const int32_t* skip_e,
+                                 int64_t s, __m256* m, __m256i* e) {
+  __m256i E;
+  const __m256 sum = add3(_mm256_loadu_ps(nm + s), loadi(ne + s), _mm256_loadu_ps(nm + s + 1), loadi(ne + s + 1),
+                          _mm256_and_ps(_mm256_loadu_ps(nm + s + 2), _mm256_loadu_ps(skip_m + s)),
+                          _mm256_add_epi32(loadi(ne + s + 2), loadi(skip_e + s)), &E);
+  renormalise(sum, E, m, e);
+}
+
+// b = bx * emission at states s..s+7, stored unnormalised (m in [0.7, 2.84)): add3 takes that as well, and the sum
+// it feeds is renormalised. Only a zero needs its exponent at kZeroE, so that it cannot set the next alignment.
+SEQFAST_AVX2_INLINE void store_b(float* bm, int32_t* be, const float* em, const int32_t* ee, int64_t s, __m256 m,
+                                 __m256i e) {
+  m = _mm256_mul_ps(m, _mm256_loadu_ps(em + s));
+  e = _mm256_blendv_epi8(_mm256_add_epi32(e, loadi(ee + s)), _mm256_set1_epi32(kZeroE),
+                         _mm256_castps_si256(_mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ)));
+  _mm256_storeu_ps(bm + s, m);
+  storei(be + s, e);
+}
+
 // Backward step: bx[s] = b[s] + b[s+1] + skip[s] b[s+2] (beta without frame t's emission), then
 // b_t[s] = bx[s] * emission[s] (mantissa not normalised). next arrays readable at [n, n+1] (zeros).
 SEQFAST_TARGET_AVX2 static void beta_ext_row_avx2(float* bxm, int32_t* bxe, float* bm, int32_t* be, const float* nm,
                                                   const int32_t* ne, const float* skip_m, const int32_t* skip_e,
                                                   const float* em, const int32_t* ee, int64_t n) {
   for (int64_t s = 0; s < n; s += 8) {
-    __m256i E;
-    const __m256 sum = add3(_mm256_loadu_ps(nm + s), loadi(ne + s), _mm256_loadu_ps(nm + s + 1), loadi(ne + s + 1),
-                            _mm256_and_ps(_mm256_loadu_ps(nm + s + 2), _mm256_loadu_ps(skip_m + s)),
-                            _mm256_add_epi32(loadi(ne + s + 2), loadi(skip_e + s)), &E);
     __m256 m;
     __m256i e;
-    renormalise(sum, E, &m, &e);
+    beta_bx(nm, ne, skip_m, skip_e, s, &m, &e);
     _mm256_storeu_ps(bxm + s, m);
     storei(bxe + s, e);
-    // b stays unnormalised (m in [0.7, 2.84)): add3 takes that as well, and the sum it feeds is renormalised.
-    // Only a zero needs its exponent at kZeroE, so that it cannot set the next step's alignment.
-    m = _mm256_mul_ps(m, _mm256_loadu_ps(em + s));
-    e = _mm256_blendv_epi8(_mm256_add_epi32(e, loadi(ee + s)), _mm256_set1_epi32(kZeroE),
-                           _mm256_castps_si256(_mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ)));
-    _mm256_storeu_ps(bm + s, m);
-    storei(be + s, e);
+    store_b(bm, be, em, ee, s, m, e);
   }
 }
 
@@ -579,21 +588,13 @@ SEQFAST_TARGET_AVX2 static float beta_post_row_avx2(float* bm, int32_t* be, floa
   const __m256i vne = _mm256_set1_epi32(exp_nll_e);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t s = 0; s < n; s += 8) {
-    __m256i E;
-    const __m256 sum = add3(_mm256_loadu_ps(nm + s), loadi(ne + s), _mm256_loadu_ps(nm + s + 1), loadi(ne + s + 1),
-                            _mm256_and_ps(_mm256_loadu_ps(nm + s + 2), _mm256_loadu_ps(skip_m + s)),
-                            _mm256_add_epi32(loadi(ne + s + 2), loadi(skip_e + s)), &E);
     __m256 m;
     __m256i e;
-    renormalise(sum, E, &m, &e);
+    beta_bx(nm, ne, skip_m, skip_e, s, &m, &e);
     const __m256 p = posterior_lin_vec(_mm256_loadu_ps(am + s), loadi(ae + s), m, e, vnm, vne);
     _mm256_storeu_ps(post + s, p);
     acc = _mm256_add_ps(acc, _mm256_and_ps(p, even));
-    m = _mm256_mul_ps(m, _mm256_loadu_ps(em + s));
-    e = _mm256_blendv_epi8(_mm256_add_epi32(e, loadi(ee + s)), _mm256_set1_epi32(kZeroE),
-                           _mm256_castps_si256(_mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ)));
-    _mm256_storeu_ps(bm + s, m);
-    storei(be + s, e);
+    store_b(bm, be, em, ee, s, m, e);
   }
   return hsum(acc);
 }

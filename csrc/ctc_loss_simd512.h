@@ -228,26 +228,37 @@ SEQFAST_TARGET_AVX512 static void alpha_ext_row_avx512(float* m_out, int32_t* e_
   }
 }
 
+// beta_bx / store_b (ctc_loss_simd.h) on the lanes k of states s..s+15.
+SEQFAST_AVX512_INLINE void beta_bx16(const float* nm, const int32_t* ne, const float* skip_m, const int32_t* skip_e,
+                                     int64_t s, __mmask16 k, __m512* m, __m512i* e) {
+  __m512i E;
+  const __m512 c = _mm512_and_ps(loadf16(k, nm + s + 2), loadf16(k, skip_m + s));
+  const __m512 sum = add3_16(loadf16(k, nm + s), loadi16(k, ne + s), loadf16(k, nm + s + 1), loadi16(k, ne + s + 1),
+                             c, _mm512_add_epi32(loadi16(k, ne + s + 2), loadi16(k, skip_e + s)), &E);
+  renormalise16(sum, E, m, e);
+}
+
+SEQFAST_AVX512_INLINE void store_b16(float* bm, int32_t* be, const float* em, const int32_t* ee, int64_t s,
+                                     __mmask16 k, __m512 m, __m512i e) {
+  m = _mm512_mul_ps(m, loadf16(k, em + s));
+  e = _mm512_mask_mov_epi32(_mm512_add_epi32(e, loadi16(k, ee + s)),
+                            _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_set1_epi32(kZeroE));
+  _mm512_mask_storeu_ps(bm + s, k, m);
+  _mm512_mask_storeu_epi32(be + s, k, e);
+}
+
 SEQFAST_TARGET_AVX512 static void beta_ext_row_avx512(float* bxm, int32_t* bxe, float* bm, int32_t* be,
                                                       const float* nm, const int32_t* ne, const float* skip_m,
                                                       const int32_t* skip_e, const float* em, const int32_t* ee,
                                                       int64_t n) {
   for (int64_t s = 0; s < n; s += 16) {
     const __mmask16 k = lanes(n - s);
-    __m512i E;
-    const __m512 c = _mm512_and_ps(loadf16(k, nm + s + 2), loadf16(k, skip_m + s));
-    const __m512 sum = add3_16(loadf16(k, nm + s), loadi16(k, ne + s), loadf16(k, nm + s + 1), loadi16(k, ne + s + 1),
-                               c, _mm512_add_epi32(loadi16(k, ne + s + 2), loadi16(k, skip_e + s)), &E);
     __m512 m;
     __m512i e;
-    renormalise16(sum, E, &m, &e);
+    beta_bx16(nm, ne, skip_m, skip_e, s, k, &m, &e);
     _mm512_mask_storeu_ps(bxm + s, k, m);
     _mm512_mask_storeu_epi32(bxe + s, k, e);
-    m = _mm512_mul_ps(m, loadf16(k, em + s));  // beta_ext_row_avx2: b unnormalised, zeros at kZeroE
-    e = _mm512_mask_mov_epi32(_mm512_add_epi32(e, loadi16(k, ee + s)),
-                              _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_set1_epi32(kZeroE));
-    _mm512_mask_storeu_ps(bm + s, k, m);
-    _mm512_mask_storeu_epi32(be + s, k, e);
+    store_b16(bm, be, em, ee, s, k, m, e);  // beta_ext_row_avx2: b unnormalised, zeros at kZeroE
   }
 }
 
@@ -283,6 +294,15 @@ SEQFAST_TARGET_AVX512 static float posterior_ext_row_avx512(float* post, const f
 }
 
 // posterior_lin_row_avx2, same bits per lane and the AVX2 order for the blank sum.
+// posterior_lin_vec (ctc_loss_simd.h), 16 lanes.
+SEQFAST_AVX512_INLINE __m512 posterior_lin_vec16(__m512 am, __m512i ae, __m512 bm, __m512i be, __m512 vnm,
+                                                 __m512i vne) {
+  const __m512i E = _mm512_add_epi32(_mm512_max_epi32(_mm512_add_epi32(ae, be), _mm512_set1_epi32(kZeroE)), vne);
+  const __m512i biased = _mm512_min_epi32(
+      _mm512_max_epi32(_mm512_add_epi32(E, _mm512_set1_epi32(127)), _mm512_setzero_si512()), _mm512_set1_epi32(254));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(am, bm), vnm), _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
+}
+
 SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const float* am, const int32_t* ae,
                                                             const float* bxm, const int32_t* bxe, float nm, int32_t ne,
                                                             int64_t n) {
@@ -291,12 +311,8 @@ SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const f
   const __m512i vne = _mm512_set1_epi32(ne);
   for (int64_t s = 0; s < n; s += 16) {
     const __mmask16 k = lanes(n - s);
-    const __m512i E = _mm512_add_epi32(
-        _mm512_max_epi32(_mm512_add_epi32(loadi16(k, ae + s), loadi16(k, bxe + s)), _mm512_set1_epi32(kZeroE)), vne);
-    const __m512i biased = _mm512_min_epi32(
-        _mm512_max_epi32(_mm512_add_epi32(E, _mm512_set1_epi32(127)), _mm512_setzero_si512()), _mm512_set1_epi32(254));
-    const __m512 p = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(loadf16(k, am + s), loadf16(k, bxm + s)), vnm),
-                                   _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
+    const __m512 p = posterior_lin_vec16(loadf16(k, am + s), loadi16(k, ae + s), loadf16(k, bxm + s),
+                                         loadi16(k, bxe + s), vnm, vne);
     _mm512_mask_storeu_ps(post + s, k, p);
     acc = add_even_avx2_order(acc, p, n - s);
   }
@@ -314,27 +330,13 @@ SEQFAST_TARGET_AVX512 static float beta_post_row_avx512(float* bm, int32_t* be, 
   const __m512i vne = _mm512_set1_epi32(exp_nll_e);
   for (int64_t s = 0; s < n; s += 16) {
     const __mmask16 k = lanes(n - s);
-    __m512i E;
-    const __m512 c = _mm512_and_ps(loadf16(k, nm + s + 2), loadf16(k, skip_m + s));
-    const __m512 sum = add3_16(loadf16(k, nm + s), loadi16(k, ne + s), loadf16(k, nm + s + 1), loadi16(k, ne + s + 1),
-                               c, _mm512_add_epi32(loadi16(k, ne + s + 2), loadi16(k, skip_e + s)), &E);
     __m512 m;
     __m512i e;
-    renormalise16(sum, E, &m, &e);
-    const __m512i PE = _mm512_add_epi32(
-        _mm512_max_epi32(_mm512_add_epi32(loadi16(k, ae + s), e), _mm512_set1_epi32(kZeroE)), vne);
-    const __m512i biased = _mm512_min_epi32(
-        _mm512_max_epi32(_mm512_add_epi32(PE, _mm512_set1_epi32(127)), _mm512_setzero_si512()),
-        _mm512_set1_epi32(254));
-    const __m512 p = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(loadf16(k, am + s), m), vnm),
-                                   _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
+    beta_bx16(nm, ne, skip_m, skip_e, s, k, &m, &e);
+    const __m512 p = posterior_lin_vec16(loadf16(k, am + s), loadi16(k, ae + s), m, e, vnm, vne);
     _mm512_mask_storeu_ps(post + s, k, p);
     acc = add_even_avx2_order(acc, p, n - s);
-    m = _mm512_mul_ps(m, loadf16(k, em + s));
-    e = _mm512_mask_mov_epi32(_mm512_add_epi32(e, loadi16(k, ee + s)),
-                              _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_set1_epi32(kZeroE));
-    _mm512_mask_storeu_ps(bm + s, k, m);
-    _mm512_mask_storeu_epi32(be + s, k, e);
+    store_b16(bm, be, em, ee, s, k, m, e);
   }
   return hsum8(acc);
 }
