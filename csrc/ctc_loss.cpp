@@ -5,7 +5,9 @@
 // lL, blank), one frame per step; a step is a shifted three-term sum along the states, so it vectorises over s.
 // float32 on AVX2 / AVX-512 runs it on extended-range linear numbers (mantissa + int32 exponent: no exp / log per
 // state, rounding relative to the value instead of to |log alpha|; ctc_loss_simd.h, ctc_loss_simd512.h);
-// float64 and CPUs without AVX2 run it in log space. The stored log_alpha rows take one log per state (a table
+// float64 and CPUs without AVX2 run it in log space. Each frame's emissions come straight from the log_probs row
+// (float32, or 16-bit bits widened in registers): one exp per label and one for the blank, not one per state
+// (emission_gather_avx2). The stored log_alpha rows take one log per state (a table
 // log of the mantissa). Without keep_alpha (no gradient to come) nothing is stored and no log is taken; the loss
 // is the same bits either way.
 // Checkpoints (alpha_every = K > 1, float32 on AVX2 / AVX-512 only): the forward stores every K-th frame's row in
