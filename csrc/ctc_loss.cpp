@@ -62,8 +62,8 @@
 #include "buffer_cache.h"
 #include "cpu_features.h"
 #include "ctc_loss_simd.h"
-#include "half_rows.h"
 #include "ctc_loss_simd512.h"
+#include "half_rows.h"
 
 namespace seqfast {
 namespace {
@@ -359,19 +359,14 @@ ExtOps ext_ops() {
           &ctc_simd::posterior_lin_row_avx2, &ctc_simd::beta_post_row_avx2};
 }
 
-// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2; the row's
-// 16-bit values as their bits); on a CPU without F16C gathered into smp.lpe first, then converted (emission_ext).
+// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2); on a CPU
+// without F16C gathered into smp.lpe first, then converted (emission_ext).
 // The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
-template <typename scalar_t>
-using RowBits = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, ctc_simd::F16Bits,
-                                   std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, ctc_simd::Bf16Bits,
-                                                      scalar_t>>;
-
 template <bool Sum, typename scalar_t>
 void frame_emissions(const ExtOps& ops, Sample<scalar_t, float>& smp, const scalar_t* row, float lse, int64_t blank,
                      int64_t lo, int64_t hi, float* em, int32_t* ee, float* poison) {
   if (has_f16c()) {
-    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, reinterpret_cast<const RowBits<scalar_t>*>(row),
+    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, row,
                                         smp.lab32.data(), smp.L, lse, blank, lo, hi);
     return;
   }
@@ -710,7 +705,7 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     row = buf.data();
 #if SEQFAST_X86
     if (has_avx2() && has_f16c()) {  // widen while taking the exp: the row is read once, prefetched ahead
-      ctc_simd::exp_rows_avx2(row, reinterpret_cast<const RowBits<scalar_t>*>(lp_row), off, g, C);
+      ctc_simd::exp_rows_avx2(row, lp_row, off, g, C);
     } else
 #endif
     {

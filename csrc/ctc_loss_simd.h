@@ -1,7 +1,7 @@
 // Row kernels of the CTC loss, in float32 with AVX2 + FMA (8 lanes), plus the vector exp / log they need.
 //
-// Every function here is compiled for AVX2 only (SEQFAST_TARGET_AVX2) and must be called only after
-// has_avx2() said yes. Row lengths `n` are multiples of 8 unless a function says otherwise: the callers
+// Every function here is compiled for AVX2 (SEQFAST_TARGET_AVX2) and must be called only after has_avx2()
+// said yes; those reading 16-bit rows also for F16C (SEQFAST_TARGET_AVX2_F16C: after has_f16c() as well). Row lengths `n` are multiples of 8 unless a function says otherwise: the callers
 // pad their scratch rows, so that every state goes through the same arithmetic (no scalar tails whose
 // rounding would differ from the vector body).
 //
@@ -10,14 +10,14 @@
 // the ranges they are used on, which is all the log-space recursion needs (its own rounding is larger).
 #pragma once
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 
 #include "cpu_features.h"
+#include "half_rows.h"
 
 #if SEQFAST_X86
 #include <immintrin.h>
@@ -186,17 +186,8 @@ SEQFAST_TARGET_AVX2 static float posterior_row_avx2(float* post, const float* al
   return hsum(acc);
 }
 
-// 16-bit log_probs rows as the gather below reads them: the raw bits of a bfloat16 / float16 value.
-struct Bf16Bits {
-  uint16_t bits;
-};
-struct F16Bits {
-  uint16_t bits;
-};
-
-// Eight gathered log-probs row[lab[0..7]] as floats (exact for every row type: a bfloat16 is the float with the
-// same top 16 bits, float16 converts in hardware). Scalar loads rather than vgatherdps, which some CPUs run in
-// microcode.
+// Eight gathered log-probs row[lab[0..7]] as floats, exactly (Row: float, c10::Half or c10::BFloat16). Scalar
+// loads rather than vgatherdps, which some CPUs run in microcode.
 template <typename Row>
 SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 gather8(const Row* row,
                                                                                     const int32_t* lab) {
@@ -205,43 +196,35 @@ SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 gat
                           row[lab[7]]);
   } else {
     const __m128i h = _mm_setr_epi16(
-        static_cast<short>(row[lab[0]].bits), static_cast<short>(row[lab[1]].bits),
-        static_cast<short>(row[lab[2]].bits), static_cast<short>(row[lab[3]].bits),
-        static_cast<short>(row[lab[4]].bits), static_cast<short>(row[lab[5]].bits),
-        static_cast<short>(row[lab[6]].bits), static_cast<short>(row[lab[7]].bits));
-    if constexpr (std::is_same_v<Row, F16Bits>) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        static_cast<short>(row[lab[0]].x), static_cast<short>(row[lab[1]].x), static_cast<short>(row[lab[2]].x),
+        static_cast<short>(row[lab[3]].x), static_cast<short>(row[lab[4]].x), static_cast<short>(row[lab[5]].x),
+        static_cast<short>(row[lab[6]].x), static_cast<short>(row[lab[7]].x));
+    return widen8_avx2(h, row);
   }
 }
 
+// One value as a float, exactly; float16 through F16C (c10's own conversion is done in software).
 template <typename Row>
-SEQFAST_TARGET_AVX2_F16C static inline float to_float(Row v) {
-  if constexpr (std::is_same_v<Row, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<Row, F16Bits>) {
-    return _cvtsh_ss(v.bits);
+SEQFAST_TARGET_AVX2_F16C static inline float widen1(Row v) {
+  if constexpr (std::is_same_v<Row, c10::Half>) {
+    return _cvtsh_ss(v.x);
   } else {
-    const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
+    return static_cast<float>(v);
   }
 }
 
-// Eight consecutive values from p as floats (exact): a float row, or the bits of a 16-bit one.
+// Eight consecutive values from p as floats, exactly.
 template <typename Row>
 SEQFAST_TARGET_AVX2_F16C static inline __attribute__((always_inline)) __m256 load8_row(const Row* p) {
   if constexpr (std::is_same_v<Row, float>) {
     return _mm256_loadu_ps(p);
   } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    if constexpr (std::is_same_v<Row, F16Bits>) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return load8_avx2(p);
   }
 }
 
-// out[c] = g * exp(float(in[c]) - off) for any n (masked tail); Row: float (out may alias in), or the bits of a
-// 16-bit row (F16Bits, Bf16Bits: widened on the fly, the same bits as widening first).
+// out[c] = g * exp(float(in[c]) - off) for any n (masked tail); Row: float (out may alias in), or c10::Half /
+// c10::BFloat16 (widened on the fly, the same bits as widening first).
 template <typename Row>
 SEQFAST_TARGET_AVX2_F16C static void exp_rows_avx2(float* out, const Row* in, float off, float g, int64_t n) {
   const __m256 voff = splat(off), vg = splat(g);
@@ -261,7 +244,7 @@ SEQFAST_TARGET_AVX2_F16C static void exp_rows_avx2(float* out, const Row* in, fl
       x = _mm256_maskload_ps(in + c, mask);
     } else {
       alignas(32) float tail[8] = {};
-      for (int64_t i = 0; i < std::min<int64_t>(8, n - c); ++i) tail[i] = to_float(in[c + i]);
+      for (int64_t i = 0; i < std::min<int64_t>(8, n - c); ++i) tail[i] = widen1(in[c + i]);
       x = _mm256_load_ps(tail);
     }
     _mm256_maskstore_ps(out + c, mask, _mm256_mul_ps(vg, exp_any(_mm256_sub_ps(x, voff))));
@@ -354,11 +337,11 @@ SEQFAST_AVX2_INLINE void emission_vec(__m256 x, __m256* m, __m256i* e) {
 // L, whatever the range), for emission_ext_avx2's NaN / +inf check. Needs F16C as well as AVX2 (has_f16c()).
 template <bool Sum, typename Row>
 SEQFAST_TARGET_AVX2_F16C static void emission_gather_avx2(float* em, int32_t* ee, float* poison, const Row* row,
-                                                     const int32_t* lab, int64_t L, float lse, int64_t blank,
-                                                     int64_t lo, int64_t hi) {
+                                                          const int32_t* lab, int64_t L, float lse, int64_t blank,
+                                                          int64_t lo, int64_t hi) {
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 vlse = splat(lse);
-  const __m256 bx = _mm256_sub_ps(splat(to_float(row[blank])), vlse);
+  const __m256 bx = _mm256_sub_ps(splat(widen1(row[blank])), vlse);
   __m256 bm;
   __m256i be;
   emission_vec(bx, &bm, &be);

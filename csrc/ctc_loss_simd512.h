@@ -293,7 +293,6 @@ SEQFAST_TARGET_AVX512 static float posterior_ext_row_avx512(float* post, const f
   return hsum8(acc);
 }
 
-// posterior_lin_row_avx2, same bits per lane and the AVX2 order for the blank sum.
 // posterior_lin_vec (ctc_loss_simd.h), 16 lanes.
 SEQFAST_AVX512_INLINE __m512 posterior_lin_vec16(__m512 am, __m512i ae, __m512 bm, __m512i be, __m512 vnm,
                                                  __m512i vne) {
@@ -303,6 +302,7 @@ SEQFAST_AVX512_INLINE __m512 posterior_lin_vec16(__m512 am, __m512i ae, __m512 b
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(am, bm), vnm), _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
 }
 
+// posterior_lin_row_avx2, same bits per lane and the AVX2 order for the blank sum.
 SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const float* am, const int32_t* ae,
                                                             const float* bxm, const int32_t* bxe, float nm, int32_t ne,
                                                             int64_t n) {

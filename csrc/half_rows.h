@@ -27,12 +27,14 @@ inline To cast_to(From v) {
 }
 
 #if SEQFAST_X86
-SEQFAST_TARGET_AVX2_F16C inline __m256 load8_avx2(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// Eight 16-bit values (their bits in h) as floats, exactly; the pointer only picks the type.
+SEQFAST_TARGET_AVX2_F16C inline __m256 widen8_avx2(__m128i h, const c10::Half*) { return _mm256_cvtph_ps(h); }
+SEQFAST_TARGET_AVX2_F16C inline __m256 widen8_avx2(__m128i h, const c10::BFloat16*) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // a bfloat16 is a float's top half
 }
-SEQFAST_TARGET_AVX2_F16C inline __m256 load8_avx2(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+template <typename S>
+SEQFAST_TARGET_AVX2_F16C inline __m256 load8_avx2(const S* p) {
+  return widen8_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), p);
 }
 SEQFAST_TARGET_AVX2_F16C inline void store8_avx2(c10::Half* p, __m256 x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
