@@ -207,11 +207,11 @@ struct Sample {
   const int64_t* labels;
   std::vector<acc_t> skip;  // [padded + 2]: -inf past the last state, so that skip + 2 serves beta
   std::vector<acc_t> lpe;   // [padded]: -inf past the last state
-  std::vector<int32_t> lab32;  // the labels as int32, then class 0 up to L + 16 (the AVX2 gather's reach)
+  std::vector<int32_t> lab32;  // the labels as int32, then class 0 up to L + 24 (the lookups' reach)
 
   Sample(const int64_t* labels_, int64_t L_)
       : L(L_), states(2 * L_ + 1), padded(pad_to_lanes(2 * L_ + 1)), labels(labels_),
-        skip(padded + 2, neg_inf<acc_t>()), lpe(padded, neg_inf<acc_t>()), lab32(L_ + 16, 0) {
+        skip(padded + 2, neg_inf<acc_t>()), lpe(padded, neg_inf<acc_t>()), lab32(L_ + 24, 0) {
     for (int64_t k = 1; k < L; ++k) {
       if (labels[k] != labels[k - 1]) skip[2 * k + 1] = 0;
     }
@@ -346,28 +346,45 @@ struct ExtOps {
   decltype(&ctc_simd::posterior_ext_row_avx2) posterior;
   decltype(&ctc_simd::posterior_lin_row_avx2) posterior_lin;
   decltype(&ctc_simd::beta_post_row_avx2) beta_post;
+  int64_t classes;  // C, the log_probs rows' length
+  bool avx512;
 };
 
-ExtOps ext_ops() {
+ExtOps ext_ops(int64_t classes) {
   if (has_avx512()) {
     return {&ctc_simd::emission_ext_avx512<true>, &ctc_simd::emission_ext_avx512<false>, &ctc_simd::poison_sum_avx512,
             &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512, &ctc_simd::posterior_ext_row_avx512,
-            &ctc_simd::posterior_lin_row_avx512, &ctc_simd::beta_post_row_avx512};
+            &ctc_simd::posterior_lin_row_avx512, &ctc_simd::beta_post_row_avx512, classes, true};
   }
   return {&ctc_simd::emission_ext_avx2<true>, &ctc_simd::emission_ext_avx2<false>, &ctc_simd::poison_sum_avx2,
           &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2, &ctc_simd::posterior_ext_row_avx2,
-          &ctc_simd::posterior_lin_row_avx2, &ctc_simd::beta_post_row_avx2};
+          &ctc_simd::posterior_lin_row_avx2, &ctc_simd::beta_post_row_avx2, classes, false};
 }
 
-// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2); on a CPU
-// without F16C gathered into smp.lpe first, then converted (emission_ext).
+// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2), or on AVX-512
+// for an alphabet of up to 64 classes from the row's class emissions (class_emissions_avx2, emission_lookup_avx512);
+// on a CPU without F16C gathered into smp.lpe first, then converted (emission_ext).
 // The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
 template <bool Sum, typename scalar_t>
 void frame_emissions(const ExtOps& ops, Sample<scalar_t, float>& smp, const scalar_t* row, float lse, int64_t blank,
                      int64_t lo, int64_t hi, float* em, int32_t* ee, float* poison) {
   if (has_f16c()) {
-    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, row,
-                                        smp.lab32.data(), smp.L, lse, blank, lo, hi);
+    const int64_t C = ops.classes, labels = (hi - lo) / 2;
+    const int32_t* lab = smp.lab32.data();
+    if (ops.avx512 && C <= 64 && labels >= std::max<int64_t>(16, C)) {
+      // A small alphabet, more labels in the range than classes in the row: one exp per class, labels looked up.
+      alignas(64) float tm[64];  // class_emissions_avx2 writes the 8 Q entries read
+      alignas(64) int32_t te[64];
+      if (C <= 32) {
+        ctc_simd::class_emissions_avx2<Sum, scalar_t, 4>(tm, te, poison, row, C, lse);
+        ctc_simd::emission_lookup_avx512<4>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
+      } else {
+        ctc_simd::class_emissions_avx2<Sum, scalar_t, 8>(tm, te, poison, row, C, lse);
+        ctc_simd::emission_lookup_avx512<8>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
+      }
+    } else {
+      ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, row, lab, smp.L, lse, blank, lo, hi);
+    }
     return;
   }
   smp.gather(row, lse, blank);
@@ -763,7 +780,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
 #if SEQFAST_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_extended<acc_t>()) {
-      const ExtOps eops = ext_ops();
+      const ExtOps eops = ext_ops(z.C);
       at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<AlphaExt<scalar_t>> alphas;
         alphas.reserve(end - begin);
@@ -877,7 +894,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   TORCH_CHECK(every == 1 || extended, "ctc_loss_backward: alpha_every > 1 needs float32 compute on a CPU with AVX2 "
               "(seqfast._C.cpu_isa() is ", isa_name(active_isa()), ", log_probs ", log_probs.scalar_type(), ")");
 #if SEQFAST_X86
-  const ExtOps eops = ext_ops();
+  const ExtOps eops = ext_ops(z.C);
   // Sample n's forward variables and log_probs rows, as BetaExt reads them (float32 only: the casts are no-ops).
   const int64_t per_sample = every == 1 ? z.T * width : (z.T + every - 1) / every * 2 * width;
   const auto source = [&](int64_t n) {

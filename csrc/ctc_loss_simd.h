@@ -329,6 +329,21 @@ SEQFAST_AVX2_INLINE void emission_vec(__m256 x, __m256* m, __m256i* e) {
   *e = _mm256_andnot_si256(_mm256_castps_si256(dead), _mm256_cvtps_epi32(nf));
 }
 
+// States 2k .. 2k+15 (those below hi) from labels k .. k+7 (m, e: their emissions, 0 where dead) and the blank's
+// (bm, be, kept where blank_live): [b, m0, b, m1 | b, m4, b, m5] and [b, m2, b, m3 | b, m6, b, m7] -> in order.
+SEQFAST_AVX2_INLINE void store_label_states(float* em, int32_t* ee, int64_t k, int64_t hi, __m256 m, __m256 e,
+                                            __m256 bm, __m256 be, __m256 blank_live) {
+  const __m256 bmk = _mm256_and_ps(bm, blank_live), bek = _mm256_and_ps(be, blank_live);
+  const __m256 mlo = _mm256_unpacklo_ps(bmk, m), mhi = _mm256_unpackhi_ps(bmk, m);
+  const __m256 elo = _mm256_unpacklo_ps(bek, e), ehi = _mm256_unpackhi_ps(bek, e);
+  _mm256_storeu_ps(em + 2 * k, _mm256_permute2f128_ps(mlo, mhi, 0x20));
+  storei(ee + 2 * k, _mm256_castps_si256(_mm256_permute2f128_ps(elo, ehi, 0x20)));
+  if (2 * k + 8 < hi) {
+    _mm256_storeu_ps(em + 2 * k + 8, _mm256_permute2f128_ps(mlo, mhi, 0x31));
+    storei(ee + 2 * k + 8, _mm256_castps_si256(_mm256_permute2f128_ps(elo, ehi, 0x31)));
+  }
+}
+
 // Frame emissions straight from the log_probs row, for states [lo, hi) of the extended target (blank, l0, blank,
 // l1, ..., blank): em[s] 2^ee[s] as emission_ext_avx2 gives them from the gathered row (the same bits), (0, 0) past
 // state 2L. One exp per label plus one for the blank, where emission_ext_avx2 takes one per state, and no row of
@@ -359,18 +374,8 @@ SEQFAST_TARGET_AVX2_F16C static void emission_gather_avx2(float* em, int32_t* ee
     __m256 m;
     __m256i e;
     emission_vec(x, &m, &e);
-    const __m256 bmk = _mm256_and_ps(bm, _mm256_castsi256_ps(blank_live));
-    const __m256 bek = _mm256_and_ps(_mm256_castsi256_ps(be), _mm256_castsi256_ps(blank_live));
-    const __m256 ef = _mm256_castsi256_ps(e);
-    // [b, m0, b, m1 | b, m4, b, m5] and [b, m2, b, m3 | b, m6, b, m7] -> states 2k .. 2k+7 and 2k+8 .. 2k+15.
-    const __m256 mlo = _mm256_unpacklo_ps(bmk, m), mhi = _mm256_unpackhi_ps(bmk, m);
-    const __m256 elo = _mm256_unpacklo_ps(bek, ef), ehi = _mm256_unpackhi_ps(bek, ef);
-    _mm256_storeu_ps(em + 2 * k, _mm256_permute2f128_ps(mlo, mhi, 0x20));
-    storei(ee + 2 * k, _mm256_castps_si256(_mm256_permute2f128_ps(elo, ehi, 0x20)));
-    if (2 * k + 8 < hi) {
-      _mm256_storeu_ps(em + 2 * k + 8, _mm256_permute2f128_ps(mlo, mhi, 0x31));
-      storei(ee + 2 * k + 8, _mm256_castps_si256(_mm256_permute2f128_ps(elo, ehi, 0x31)));
-    }
+    store_label_states(em, ee, k, hi, m, _mm256_castsi256_ps(e), bm, _mm256_castsi256_ps(be),
+                       _mm256_castsi256_ps(blank_live));
   }
   if constexpr (Sum) {
     for (; k < L; k += 8) {  // labels of states not reached yet: still checked
@@ -380,6 +385,41 @@ SEQFAST_TARGET_AVX2_F16C static void emission_gather_avx2(float* em, int32_t* ee
     }
     _mm256_storeu_ps(poison, acc);
   }
+}
+
+// A small alphabet's emissions, for frames with more labels than the row has classes: tm[c] 2^te[c] for every
+// class c < 8 Q of the row (classes from C on: zero-filled row entries, never looked up), as emission_vec gives them
+// from row[c] - lse: one exp per class, after which the labels' emissions are looked up (emission_lookup_avx512)
+// in the bits emission_gather_avx2 would give. With Sum, poison[0, 8) sums every class of the row rather than the
+// blank and the labels: a NaN or +inf anywhere in the row is noted, which at worst sends a sample to the exact
+// check (poison_reaches_end) for nothing.
+template <bool Sum, typename Row, int Q>
+SEQFAST_TARGET_AVX2_F16C static void class_emissions_avx2(float* tm, int32_t* te, float* poison, const Row* row,
+                                                          int64_t C, float lse) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 vlse = splat(lse);
+  // The row's tail copied, so that the vector loads stay inside the row.
+  alignas(32) Row buf[8 * Q] = {};
+  const Row* src = row;
+  if (C != 8 * Q) {
+    std::copy(row, row + C, buf);
+    src = buf;
+  }
+  __m256 acc = Sum ? _mm256_loadu_ps(poison) : _mm256_setzero_ps();
+  for (int q = 0; q < Q; ++q) {
+    const __m256 x = _mm256_sub_ps(load8_row(src + 8 * q), vlse);
+    if constexpr (Sum) {
+      const __m256i cls = _mm256_add_epi32(iota, _mm256_set1_epi32(8 * q));
+      const __m256i real = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(C)), cls);
+      acc = _mm256_add_ps(acc, _mm256_and_ps(x, _mm256_castsi256_ps(real)));
+    }
+    __m256 m;
+    __m256i e;
+    emission_vec(x, &m, &e);
+    _mm256_storeu_ps(tm + 8 * q, m);
+    storei(te + 8 * q, e);
+  }
+  if constexpr (Sum) _mm256_storeu_ps(poison, acc);
 }
 
 // poison[0, 8) += x[0, n) lane-wise (n a multiple of 8): emission_ext_avx2's check for the states a step skips.

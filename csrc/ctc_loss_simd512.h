@@ -341,6 +341,45 @@ SEQFAST_TARGET_AVX512 static float beta_post_row_avx512(float* bm, int32_t* be, 
   return hsum8(acc);
 }
 
+// The labels' emissions from class_emissions_avx2's tables (Q vectors of 8 classes, Q <= 8) for states [lo, hi):
+// emission_gather_avx2's bits, 16 labels a step, with one vpermt2ps per 32 classes for the labels' mantissas and
+// as many for their exponents (no exp, no scalar load), two more each to interleave them with the blank's. On AVX2,
+// vpermps and blends cost about what they save (measured: NOTES, "CTC: a small alphabet's emissions"). lab
+// readable up to hi / 2 + 16.
+template <int Q>
+SEQFAST_TARGET_AVX512 static void emission_lookup_avx512(float* em, int32_t* ee, const float* tm, const int32_t* te,
+                                                         int64_t blank, const int32_t* lab, int64_t L, int64_t lo,
+                                                         int64_t hi) {
+  static_assert(Q == 4 || Q == 8);
+  const __m512 bm = splat16(tm[blank]);
+  const __m512i be = _mm512_set1_epi32(te[blank]);
+  // State 2 (k + i) is the blank, 2 (k + i) + 1 label k + i: lanes [b0, m0, b1, m1, ...] from (blank, labels).
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int64_t k = lo / 2; 2 * k < hi; k += 16) {
+    const __mmask16 live = lanes(std::max<int64_t>(0, L - k));
+    const __mmask16 blank_live = lanes(std::max<int64_t>(0, L + 1 - k));
+    const __m512i idx = _mm512_loadu_si512(lab + k);
+    __m512 m = _mm512_permutex2var_ps(_mm512_loadu_ps(tm), idx, _mm512_loadu_ps(tm + 16));
+    __m512i e = _mm512_permutex2var_epi32(_mm512_loadu_si512(te), idx, _mm512_loadu_si512(te + 16));
+    if constexpr (Q == 8) {  // classes 32 .. 63: bit 5 of the index
+      const __mmask16 upper = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+      m = _mm512_mask_blend_ps(upper, m, _mm512_permutex2var_ps(_mm512_loadu_ps(tm + 32), idx, _mm512_loadu_ps(tm + 48)));
+      e = _mm512_mask_blend_epi32(upper, e, _mm512_permutex2var_epi32(_mm512_loadu_si512(te + 32), idx,
+                                                                      _mm512_loadu_si512(te + 48)));
+    }
+    m = _mm512_maskz_mov_ps(live, m);
+    e = _mm512_maskz_mov_epi32(live, e);
+    const __m512 bmk = _mm512_maskz_mov_ps(blank_live, bm);
+    const __m512i bek = _mm512_maskz_mov_epi32(blank_live, be);
+    const __mmask16 out0 = lanes(hi - 2 * k), out1 = lanes(std::max<int64_t>(0, hi - 2 * k - 16));
+    _mm512_mask_storeu_ps(em + 2 * k, out0, _mm512_permutex2var_ps(bmk, first, m));
+    _mm512_mask_storeu_epi32(ee + 2 * k, out0, _mm512_permutex2var_epi32(bek, first, e));
+    _mm512_mask_storeu_ps(em + 2 * k + 16, out1, _mm512_permutex2var_ps(bmk, second, m));
+    _mm512_mask_storeu_epi32(ee + 2 * k + 16, out1, _mm512_permutex2var_epi32(bek, second, e));
+  }
+}
+
 #undef SEQFAST_AVX512_INLINE
 
 }  // namespace seqfast::ctc_simd

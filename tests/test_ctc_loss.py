@@ -211,24 +211,25 @@ def test_half_inputs(dtype):
         torch.testing.assert_close(grad.double(), ref_grad2, rtol=eps / 2, atol=1e-4)
 
 
+@pytest.mark.parametrize("small_alphabet", [False, True], ids=["C37", "C13"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_half_inputs_are_the_float32_kernel_rounded_once(dtype, isa):
-    """16-bit log_probs are read exactly (the emissions gathered straight from the 16-bit rows, the gradient rows
-    widened and narrowed eight at a time): loss and gradient are the float32 kernel's on the widened inputs,
-    rounded once to dtype, bit for bit. Label counts below, at and past a vector of 8 (and 0), C not a multiple of
-    8, a NaN and a +inf log-prob, a -inf row."""
+def test_half_inputs_are_the_float32_kernel_rounded_once(dtype, isa, small_alphabet):
+    """16-bit log_probs are read exactly (the emissions gathered straight from the 16-bit rows, or looked up in the
+    row's class emissions where labels outnumber classes, the gradient rows widened and narrowed eight at a time):
+    loss and gradient are the float32 kernel's on the widened inputs, rounded once to dtype, bit for bit. Label
+    counts below, at and past a vector of 8 (and 0), C not a multiple of 8, a NaN and a +inf log-prob, a -inf row."""
     from seqfast import _C
 
     order = ["baseline", "avx2", "avx512"]
     if order.index(_C.cpu_isa_supported()) < order.index(isa):
         pytest.skip(f"needs an {isa} CPU")
     g = torch.Generator().manual_seed(11)
-    T, N, C, S = 41, 6, 37, 19
+    T, N, C, S = (80, 6, 13, 30) if small_alphabet else (41, 6, 37, 19)
     lp = torch.randn(T, N, C, generator=g).log_softmax(2)
     tg = torch.randint(1, C, (N, S), generator=g)
-    il = torch.tensor([41, 40, 33, 41, 20, 41])
-    tl = torch.tensor([19, 8, 7, 0, 9, 16])
+    il = torch.tensor([T, T - 1, T - 8, T, 20, T])
+    tl = torch.tensor([S, 8, 7, 0, 9, S - 3])
     lp[6, 1, tg[1, 2]] = float("nan")
     lp[9, 2, 0] = float("inf")
     lp[12, 4] = float("-inf")
@@ -551,8 +552,11 @@ def _with_isa(isa, fn, *args):
 
 def _isa_cases():
     # State counts on both sides of 8- and 16-lane multiples, C not a multiple of 16, short inputs, an infeasible
-    # sample (sample 2 of the last case), both input kinds and a frame-major block of more than one sample.
-    for T, N, C, S, seed in [(37, 5, 11, 9, 30), (70, 6, 37, 23, 31), (40, 9, 1001, 15, 32), (13, 3, 7, 9, 16)]:
+    # sample (sample 2 of the last case), both input kinds and a frame-major block of more than one sample; then
+    # small alphabets with more labels than classes (AVX-512 looks their emissions up in the row's class table).
+    cases = [(37, 5, 11, 9, 30), (70, 6, 37, 23, 31), (40, 9, 1001, 15, 32), (13, 3, 7, 9, 16)]
+    cases += [(90, 4, 6, 40, 33), (110, 3, 32, 50, 34), (150, 3, 45, 70, 35)]
+    for T, N, C, S, seed in cases:
         yield make_case(T, N, C, S, short=True, dtype=torch.float32, seed=seed)
 
 

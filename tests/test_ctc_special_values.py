@@ -194,6 +194,27 @@ def _reach(from_logits):
     return x, tg, il, tl
 
 
+def _small_alphabet(C):
+    """More labels than classes (C <= 64): on AVX-512 a frame's emissions come from one exp per class of the row, so
+    a value on a class outside a sample's target is seen there too, and must still leave that sample's loss alone."""
+
+    def make(from_logits):
+        L = max(20, C + 4)  # the lookup needs at least max(16, C) labels in a frame's range
+        T, N = 2 * L + 10, 4
+        x = _base(T, N, C, from_logits, seed=4)
+        k = torch.arange(L)
+        tg = torch.stack([k % (C - 1) + 1, k % 2 + 1, k % 3 + 1, k % (C - 2) + 1])
+        il = torch.full((N,), T)
+        tl = torch.full((N,), L)
+        x[9, 0, 2] = NAN  # a label of sample 0 that alignments use: NaN loss
+        x[3, 1, C - 1] = NAN  # a class outside sample 1's target (labels 1, 2): loss untouched
+        x[30, 2, C - 2] = INF  # a class outside sample 2's target (labels 1, 2, 3)
+        x[12, 3, 1] = -INF  # one label of one frame: other alignments survive
+        return x, tg, il, tl
+
+    return make
+
+
 # ------------------------------------------------------------------------------------------------
 # Tests
 
@@ -225,6 +246,13 @@ def test_whole_rows(backend, dtype, from_logits):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_reaching_the_end_or_not(backend, dtype, from_logits):
     _check(backend, _reach, dtype, from_logits)
+
+
+@pytest.mark.parametrize("C", [6, 32, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_alphabet_long_targets(backend, dtype, C):
+    _check(backend, _small_alphabet(C), dtype, False)
 
 
 @pytest.mark.parametrize("from_logits", [False, True], ids=["log_probs", "logits"])
