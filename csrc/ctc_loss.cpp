@@ -338,9 +338,6 @@ bool use_extended() {
 
 #if SEQFAST_X86
 struct ExtOps {
-  decltype(&ctc_simd::emission_ext_avx2<true>) emission_sum;  // forward: notes NaN / +inf emissions
-  decltype(&ctc_simd::emission_ext_avx2<false>) emission;
-  decltype(&ctc_simd::poison_sum_avx2) poison_sum;
   decltype(&ctc_simd::alpha_ext_row_avx2) alpha_row;
   decltype(&ctc_simd::beta_ext_row_avx2) beta_row;
   decltype(&ctc_simd::posterior_ext_row_avx2) posterior;
@@ -352,47 +349,34 @@ struct ExtOps {
 
 ExtOps ext_ops(int64_t classes) {
   if (has_avx512()) {
-    return {&ctc_simd::emission_ext_avx512<true>, &ctc_simd::emission_ext_avx512<false>, &ctc_simd::poison_sum_avx512,
-            &ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512, &ctc_simd::posterior_ext_row_avx512,
+    return {&ctc_simd::alpha_ext_row_avx512, &ctc_simd::beta_ext_row_avx512, &ctc_simd::posterior_ext_row_avx512,
             &ctc_simd::posterior_lin_row_avx512, &ctc_simd::beta_post_row_avx512, classes, true};
   }
-  return {&ctc_simd::emission_ext_avx2<true>, &ctc_simd::emission_ext_avx2<false>, &ctc_simd::poison_sum_avx2,
-          &ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2, &ctc_simd::posterior_ext_row_avx2,
+  return {&ctc_simd::alpha_ext_row_avx2, &ctc_simd::beta_ext_row_avx2, &ctc_simd::posterior_ext_row_avx2,
           &ctc_simd::posterior_lin_row_avx2, &ctc_simd::beta_post_row_avx2, classes, false};
 }
 
 // Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2), or on AVX-512
-// for an alphabet of up to 64 classes from the row's class emissions (class_emissions_avx2, emission_lookup_avx512);
-// on a CPU without F16C gathered into smp.lpe first, then converted (emission_ext).
+// for an alphabet of up to 64 classes from the row's class emissions (class_emissions_avx2, emission_lookup_avx512).
 // The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
 template <bool Sum, typename scalar_t>
-void frame_emissions(const ExtOps& ops, Sample<scalar_t, float>& smp, const scalar_t* row, float lse, int64_t blank,
-                     int64_t lo, int64_t hi, float* em, int32_t* ee, float* poison) {
-  if (has_f16c()) {
-    const int64_t C = ops.classes, labels = (hi - lo) / 2;
-    const int32_t* lab = smp.lab32.data();
-    if (ops.avx512 && C <= 64 && labels >= std::max<int64_t>(16, C)) {
-      // A small alphabet, more labels in the range than classes in the row: one exp per class, labels looked up.
-      alignas(64) float tm[64];  // class_emissions_avx2 writes the 8 Q entries read
-      alignas(64) int32_t te[64];
-      if (C <= 32) {
-        ctc_simd::class_emissions_avx2<Sum, scalar_t, 4>(tm, te, poison, row, C, lse);
-        ctc_simd::emission_lookup_avx512<4>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
-      } else {
-        ctc_simd::class_emissions_avx2<Sum, scalar_t, 8>(tm, te, poison, row, C, lse);
-        ctc_simd::emission_lookup_avx512<8>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
-      }
+void frame_emissions(const ExtOps& ops, const Sample<scalar_t, float>& smp, const scalar_t* row, float lse,
+                     int64_t blank, int64_t lo, int64_t hi, float* em, int32_t* ee, float* poison) {
+  const int64_t C = ops.classes, labels = (hi - lo) / 2;
+  const int32_t* lab = smp.lab32.data();
+  if (ops.avx512 && C <= 64 && labels >= std::max<int64_t>(16, C)) {
+    // A small alphabet, more labels in the range than classes in the row: one exp per class, labels looked up.
+    alignas(64) float tm[64];  // class_emissions_avx2 writes the 8 Q entries read
+    alignas(64) int32_t te[64];
+    if (C <= 32) {
+      ctc_simd::class_emissions_avx2<Sum, scalar_t, 4>(tm, te, poison, row, C, lse);
+      ctc_simd::emission_lookup_avx512<4>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
     } else {
-      ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, row, lab, smp.L, lse, blank, lo, hi);
+      ctc_simd::class_emissions_avx2<Sum, scalar_t, 8>(tm, te, poison, row, C, lse);
+      ctc_simd::emission_lookup_avx512<8>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
     }
-    return;
-  }
-  smp.gather(row, lse, blank);
-  if constexpr (Sum) {
-    ops.emission_sum(em + lo, ee + lo, poison, smp.lpe.data() + lo, hi - lo);
-    if (hi < smp.padded) ops.poison_sum(poison, smp.lpe.data() + hi, smp.padded - hi);
   } else {
-    ops.emission(em + lo, ee + lo, nullptr, smp.lpe.data() + lo, hi - lo);
+    ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, row, lab, smp.L, lse, blank, lo, hi);
   }
 }
 
@@ -532,7 +516,7 @@ class AlphaExt {
   int32_t *pe_, *ce_;
   std::vector<float> em_, logrow_;
   std::vector<int32_t> ee_;
-  float poison_[16] = {};  // the emissions summed lane-wise (emission_ext_avx2)
+  float poison_[16] = {};  // the emissions summed lane-wise (emission_gather_avx2)
 };
 
 // Where backward finds one sample's forward variables. every = 1: the log_alpha table, frame t's row of logs at
@@ -721,7 +705,7 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     buf.resize(C);
     row = buf.data();
 #if SEQFAST_X86
-    if (has_avx2() && has_f16c()) {  // widen while taking the exp: the row is read once, prefetched ahead
+    if (has_avx2()) {  // widen while taking the exp: the row is read once, prefetched ahead
       ctc_simd::exp_rows_avx2(row, lp_row, off, g, C);
     } else
 #endif

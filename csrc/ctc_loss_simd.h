@@ -1,9 +1,9 @@
 // Row kernels of the CTC loss, in float32 with AVX2 + FMA (8 lanes), plus the vector exp / log they need.
 //
-// Every function here is compiled for AVX2 (SEQFAST_TARGET_AVX2) and must be called only after has_avx2()
-// said yes; those reading 16-bit rows also for F16C (SEQFAST_TARGET_AVX2_F16C: after has_f16c() as well). Row lengths `n` are multiples of 8 unless a function says otherwise: the callers
-// pad their scratch rows, so that every state goes through the same arithmetic (no scalar tails whose
-// rounding would differ from the vector body).
+// Every function here is compiled for AVX2 (SEQFAST_TARGET_AVX2, or SEQFAST_TARGET_AVX2_F16C where it reads 16-bit
+// rows) and must be called only after has_avx2() said yes, which includes F16C. Row lengths `n` are multiples of 8
+// unless a function says otherwise: the callers pad their scratch rows, so that every state goes through the same
+// arithmetic (no scalar tails whose rounding would differ from the vector body).
 //
 // exp and log are Cephes-style: range reduction to a small interval, then a short polynomial, with the
 // power of two put back through the exponent bits. Both are within ~1-2 ulp of the true float32 result on
@@ -300,27 +300,11 @@ constexpr float kEmitLo = -8.0e7f;  // emissions below e^kEmitLo count as 0 (kee
 SEQFAST_AVX2_INLINE __m256i loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 SEQFAST_AVX2_INLINE void storei(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
-// Emissions lpe (natural log) -> em * 2^ee with em in [0.7, 1.42], or em = 0 (and ee = 0) for probability 0.
-// NaN counts as probability 0 here (renormalise would turn a NaN into a finite number), +inf as e^-kEmitLo; what
-// either does to the loss is decided per sample afterwards (ctc_loss.cpp, poison_reaches_end). For that, with Sum
-// (forward) the inputs are also summed into poison[0, 8) lane-wise: a NaN or +inf input leaves a NaN or +inf there
-// (-inf plus +inf is NaN), -inf and finite inputs do not (barring a finite overflow, a harmless false alarm).
-template <bool Sum>
-SEQFAST_TARGET_AVX2 static void emission_ext_avx2(float* em, int32_t* ee, float* poison, const float* lpe, int64_t n) {
-  __m256 acc = Sum ? _mm256_loadu_ps(poison) : _mm256_setzero_ps();
-  for (int64_t s = 0; s < n; s += 8) {
-    const __m256 x = _mm256_loadu_ps(lpe + s);
-    if constexpr (Sum) acc = _mm256_add_ps(acc, x);
-    const __m256 dead = _mm256_cmp_ps(x, splat(kEmitLo), _CMP_NGT_UQ);  // x <= kEmitLo, or NaN
-    __m256 nf;
-    const __m256 m = exp_reduced(_mm256_min_ps(splat(-kEmitLo), _mm256_max_ps(splat(kEmitLo), x)), &nf);
-    _mm256_storeu_ps(em + s, _mm256_andnot_ps(dead, m));
-    storei(ee + s, _mm256_andnot_si256(_mm256_castps_si256(dead), _mm256_cvtps_epi32(nf)));
-  }
-  if constexpr (Sum) _mm256_storeu_ps(poison, acc);
-}
-
-// emission_ext_avx2's body on one vector: x -> m 2^e, (0, 0) for probability 0 and NaN.
+// An emission's log x (natural) -> m 2^e with m in [0.7, 1.42], or (0, 0) for probability 0. NaN counts as
+// probability 0 here (renormalise would turn a NaN into a finite number), +inf as e^-kEmitLo; what either does to the
+// loss is decided per sample afterwards (ctc_loss.cpp, poison_reaches_end), for which the forward sums the inputs
+// into poison[0, 8) lane-wise: a NaN or +inf input leaves a NaN or +inf there (-inf plus +inf is NaN), -inf and
+// finite inputs do not (barring a finite overflow, a harmless false alarm).
 SEQFAST_AVX2_INLINE void emission_vec(__m256 x, __m256* m, __m256i* e) {
   const __m256 dead = _mm256_cmp_ps(x, splat(kEmitLo), _CMP_NGT_UQ);  // x <= kEmitLo, or NaN
   __m256 nf;
@@ -345,11 +329,11 @@ SEQFAST_AVX2_INLINE void store_label_states(float* em, int32_t* ee, int64_t k, i
 }
 
 // Frame emissions straight from the log_probs row, for states [lo, hi) of the extended target (blank, l0, blank,
-// l1, ..., blank): em[s] 2^ee[s] as emission_ext_avx2 gives them from the gathered row (the same bits), (0, 0) past
-// state 2L. One exp per label plus one for the blank, where emission_ext_avx2 takes one per state, and no row of
+// l1, ..., blank): em[s] 2^ee[s] = emission_vec(lp[ext[s]] - lse), (0, 0) past state 2L. One exp per label plus one
+// for the blank (not one per state), interleaved in registers, and no row of
 // gathered log-probs in between. lab: the labels as int32, readable (any valid class) up to hi / 2 + 8; lo, hi
 // multiples of 8. With Sum (forward), poison[0, 8) also accumulates the blank's and every label's log-prob (all
-// L, whatever the range), for emission_ext_avx2's NaN / +inf check. Needs F16C as well as AVX2 (has_f16c()).
+// L, whatever the range), for emission_vec's NaN / +inf check.
 template <bool Sum, typename Row>
 SEQFAST_TARGET_AVX2_F16C static void emission_gather_avx2(float* em, int32_t* ee, float* poison, const Row* row,
                                                           const int32_t* lab, int64_t L, float lse, int64_t blank,
@@ -420,13 +404,6 @@ SEQFAST_TARGET_AVX2_F16C static void class_emissions_avx2(float* tm, int32_t* te
     storei(te + 8 * q, e);
   }
   if constexpr (Sum) _mm256_storeu_ps(poison, acc);
-}
-
-// poison[0, 8) += x[0, n) lane-wise (n a multiple of 8): emission_ext_avx2's check for the states a step skips.
-SEQFAST_TARGET_AVX2 static void poison_sum_avx2(float* poison, const float* x, int64_t n) {
-  __m256 acc = _mm256_loadu_ps(poison);
-  for (int64_t s = 0; s < n; s += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + s));
-  _mm256_storeu_ps(poison, acc);
 }
 
 // v * 2^E (v >= 0, finite) -> normalised (m, e); 0 and exponents below kLiveE become (0, kZeroE).

@@ -137,31 +137,6 @@ SEQFAST_TARGET_AVX512 static float logsumexp_row_avx512(const float* in, int64_t
 SEQFAST_AVX512_INLINE __m512i loadi16(__mmask16 k, const int32_t* p) { return _mm512_maskz_loadu_epi32(k, p); }
 SEQFAST_AVX512_INLINE __m512 loadf16(__mmask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
 
-// emission_ext_avx2 (n a multiple of 8), summing into poison[0, 16) with Sum.
-template <bool Sum>
-SEQFAST_TARGET_AVX512 static void emission_ext_avx512(float* em, int32_t* ee, float* poison, const float* lpe,
-                                                      int64_t n) {
-  __m512 acc = Sum ? _mm512_loadu_ps(poison) : _mm512_setzero_ps();
-  for (int64_t s = 0; s < n; s += 16) {
-    const __mmask16 k = lanes(n - s);
-    const __m512 x = loadf16(k, lpe + s);
-    if constexpr (Sum) acc = _mm512_add_ps(acc, x);
-    const __mmask16 live = _mm512_cmp_ps_mask(x, splat16(kEmitLo), _CMP_GT_OQ);  // not NaN either
-    __m512 nf;
-    const __m512 m = exp_reduced16(_mm512_min_ps(splat16(-kEmitLo), _mm512_max_ps(splat16(kEmitLo), x)), &nf);
-    _mm512_mask_storeu_ps(em + s, k, _mm512_maskz_mov_ps(live, m));
-    _mm512_mask_storeu_epi32(ee + s, k, _mm512_maskz_mov_epi32(live, _mm512_cvtps_epi32(nf)));
-  }
-  if constexpr (Sum) _mm512_storeu_ps(poison, acc);
-}
-
-// poison_sum_avx2 on poison[0, 16).
-SEQFAST_TARGET_AVX512 static void poison_sum_avx512(float* poison, const float* x, int64_t n) {
-  __m512 acc = _mm512_loadu_ps(poison);
-  for (int64_t s = 0; s < n; s += 16) acc = _mm512_add_ps(acc, loadf16(lanes(n - s), x + s));
-  _mm512_storeu_ps(poison, acc);
-}
-
 SEQFAST_AVX512_INLINE void renormalise16(__m512 v, __m512i E, __m512* m_out, __m512i* e_out) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i e = _mm512_add_epi32(E, _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(127)));

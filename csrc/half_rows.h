@@ -74,7 +74,7 @@ template <typename S, typename T>
 inline void load_row(const S* src, int64_t stride, int64_t n, T* dst) {
 #if SEQFAST_X86
   if constexpr (kIsHalfType<S> && std::is_same_v<T, float>) {
-    if (stride == 1 && has_avx2() && has_f16c()) return load_row_avx2(src, n, dst);
+    if (stride == 1 && has_avx2()) return load_row_avx2(src, n, dst);
   }
 #endif
   for (int64_t c = 0; c < n; ++c) dst[c] = cast_to<T>(src[c * stride]);
@@ -85,7 +85,7 @@ template <typename S, typename T>
 inline void store_row(const T* src, T mul, int64_t n, S* dst, int64_t stride) {
 #if SEQFAST_X86
   if constexpr (kIsHalfType<S> && std::is_same_v<T, float>) {
-    if (stride == 1 && has_avx2() && has_f16c()) return store_row_avx2(src, mul, n, dst);
+    if (stride == 1 && has_avx2()) return store_row_avx2(src, mul, n, dst);
   }
 #endif
   for (int64_t c = 0; c < n; ++c) dst[c * stride] = cast_to<S>(src[c] * mul);
