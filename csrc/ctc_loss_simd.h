@@ -476,12 +476,12 @@ SEQFAST_AVX2_INLINE __m256 ext_log(__m256 m, __m256i e) {
   return _mm256_blendv_ps(r, splat(-std::numeric_limits<float>::infinity()), is_zero);
 }
 
-// Forward step in extended form: alpha_t[s] = (a[s] + a[s-1] + skip[s] a[s-2]) * emission[s]; also writes
-// ln alpha_t (the log_alpha row). m_prev / e_prev readable at [-2, -1] (zeros).
-// log_out == nullptr: the row's logs are not wanted (a forward without gradient), and no log is taken.
-SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out, float* log_out, const float* m_prev,
-                                                   const int32_t* e_prev, const float* skip_m, const int32_t* skip_e,
-                                                   const float* em, const int32_t* ee, int64_t n) {
+// Forward step in extended form: alpha_t[s] = (a[s] + a[s-1] + skip[s] a[s-2]) * emission[s]; with Log also
+// writes ln alpha_t (the log_alpha row). m_prev / e_prev readable at [-2, -1] (zeros).
+template <bool Log>
+SEQFAST_AVX2_INLINE void alpha_ext_steps(float* m_out, int32_t* e_out, float* log_out, const float* m_prev,
+                                         const int32_t* e_prev, const float* skip_m, const int32_t* skip_e,
+                                         const float* em, const int32_t* ee, int64_t n) {
   for (int64_t s = 0; s < n; s += 8) {
     __m256i E;
     const __m256 sum = add3(_mm256_loadu_ps(m_prev + s), loadi(e_prev + s), _mm256_loadu_ps(m_prev + s - 1),
@@ -492,7 +492,20 @@ SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out,
     renormalise(_mm256_mul_ps(sum, _mm256_loadu_ps(em + s)), _mm256_add_epi32(E, loadi(ee + s)), &m, &e);
     _mm256_storeu_ps(m_out + s, m);
     storei(e_out + s, e);
-    if (log_out != nullptr) _mm256_storeu_ps(log_out + s, ext_log(m, e));
+    if constexpr (Log) _mm256_storeu_ps(log_out + s, ext_log(m, e));
+  }
+}
+
+// alpha_ext_steps; log_out == nullptr: the row's logs are not wanted (a forward without gradient, or with
+// checkpoints), and no log is taken. Two loops rather than a test per vector: the test's loop kept too few
+// registers for its constants, which it then rebuilt on every vector.
+SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out, float* log_out, const float* m_prev,
+                                                   const int32_t* e_prev, const float* skip_m, const int32_t* skip_e,
+                                                   const float* em, const int32_t* ee, int64_t n) {
+  if (log_out != nullptr) {
+    alpha_ext_steps<true>(m_out, e_out, log_out, m_prev, e_prev, skip_m, skip_e, em, ee, n);
+  } else {
+    alpha_ext_steps<false>(m_out, e_out, log_out, m_prev, e_prev, skip_m, skip_e, em, ee, n);
   }
 }
 
