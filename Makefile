@@ -35,7 +35,8 @@ test: build $(VENV)/.bench-deps-installed
 # triton 3.6's interpreter converts one-element arrays with int(), which numpy 2.4 refuses: numpy<2.4 there.
 VENV36 := .venv-triton36
 TRITON36_TESTS := tests/test_attention_triton.py tests/test_ctc_loss_triton.py tests/test_kernel_report.py \
-	tests/test_ctc_decode_triton.py tests/test_gpu_validate.py tests/test_attention_autotune.py
+	tests/test_ctc_decode_triton.py tests/test_gpu_validate.py tests/test_attention_autotune.py \
+	tests/test_attention_launch.py
 
 $(VENV36)/.deps-installed: Makefile
 	@test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
