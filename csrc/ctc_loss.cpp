@@ -810,7 +810,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
   }
 #endif
   TORCH_CHECK(every == 1, "ctc_loss_forward: alpha_every > 1 needs float32 compute on a CPU with AVX2 (seqfast._C."
-              "cpu_isa() is ", isa_name(active_isa()), ", log_probs ", log_probs.scalar_type(), ")");
+              "cpu_isa() is ", isa_name(active_isa()), ", log_probs ", log_probs.scalar_type(), "; a torch.compile "
+              "graph keeps the ISA cap it was traced under: after seqfast._C.set_cpu_isa, torch._dynamo.reset())");
   at::parallel_for(0, z.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);

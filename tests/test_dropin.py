@@ -456,6 +456,46 @@ def test_compiled_ctc_with_tensor_lengths_fullgraph():
         bad_labels(lp)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_compiled_ctc_checkpoints_as_eager_bit_for_bit(isa, monkeypatch):
+    """torch.compile takes the ISA and the thread count that choose the CPU float32 checkpoint spacing as constants
+    of the graph: the compiled loss checkpoints as the eager one does, so loss and gradient are the same bits. (With
+    the full log_alpha table instead, the gradient's last bits differ: checked below, so the comparison can fail.)"""
+    from seqfast import _C
+    from seqfast.ops import ctc_loss as ctc_ops
+
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(_C.cpu_isa_supported()) < order.index(isa):
+        pytest.skip(f"needs an {isa} CPU")
+    g = torch.Generator().manual_seed(6)
+    T, N, C, S = 120, 4, 20, 30
+    lp = torch.randn(T, N, C, generator=g).log_softmax(-1).requires_grad_()
+    tg = torch.randint(1, C, (N, S), generator=g)
+    il, tl = torch.full((N,), T), torch.tensor([30, 29, 12, 0])
+
+    def fn(x):
+        return seqfast.ctc_loss(x, tg, il, tl, reduction="none")
+
+    previous = _C.set_cpu_isa(isa)
+    try:
+        assert ctc_ops.choose_alpha_every(lp, tg, True) > 1
+        torch._dynamo.reset()  # the ISA is traced as a constant: a graph from another test's cap must not be reused
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        got, want = grads(compiled, lp), grads(fn, lp)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1][0], want[1][0])
+        # A cap set after compiling is not seen by the graph: the op refuses its checkpoints, and says why.
+        _C.set_cpu_isa("baseline")
+        with pytest.raises(RuntimeError, match=r"traced under.*torch\._dynamo\.reset"):
+            compiled(lp)
+        _C.set_cpu_isa(isa)
+        monkeypatch.setattr(ctc_ops, "ALPHA_EVERY", 1)
+        table = grads(fn, lp)
+        assert torch.equal(table[0], want[0]) and not torch.equal(table[1][0], want[1][0])
+    finally:
+        _C.set_cpu_isa(previous)
+        torch._dynamo.reset()
+
+
 def test_forced_backend_inside_compile_runs_that_backend():
     q, k, v = (t.detach().double() for t in _qkv((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)))
     calls = []

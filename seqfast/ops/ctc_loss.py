@@ -87,18 +87,34 @@ ALPHA_EVERY: int | None = None
 SEGMENT_BYTES = 768 << 10
 
 
+@torch.compiler.assume_constant_result
+def _cpu_isa() -> str:
+    """The C++ kernels' ISA now. torch.compile takes the value at tracing as a constant of the graph, so that a
+    compiled loss checkpoints as the eager one does (the same K, the same gradient bits); a cap set to "baseline"
+    after compiling then meets the op's refusal of alpha_every > 1, which says why (torch._dynamo.reset() and
+    compile again)."""
+    from seqfast import _C
+
+    return _C.cpu_isa()
+
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """torch.get_num_threads(), likewise a constant of a compiled graph (it only sizes the checkpoint spacing)."""
+    return torch.get_num_threads()
+
+
 def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alpha: bool) -> int:
     """The forward's alpha_every: 1 (the full log_alpha table) unless a gradient is to come on the CPU float32
     AVX2 / AVX-512 path and checkpoints pay: there, as far apart as lets a thread's segment scratch fit
     SEGMENT_BYTES, from 8 to 32 frames."""
     if not keep_alpha or log_probs.device.type != "cpu" or compute_dtype(log_probs.dtype) != torch.float32:
         return 1
-    # Only the C++ kernels take checkpoints; under torch.compile the ISA (a run-time setting) is not traced.
-    if _backend.current() not in ("auto", "cpp") or torch.compiler.is_compiling() or not _extension.AVAILABLE:
+    # Only the C++ kernels take checkpoints.
+    if _backend.current() not in ("auto", "cpp") or not _extension.AVAILABLE:
         return 1
-    from seqfast import _C
-
-    if _C.cpu_isa() == "baseline":
+    isa = _cpu_isa()
+    if isa == "baseline":
         return 1
     if ALPHA_EVERY is not None:
         return ALPHA_EVERY
@@ -111,9 +127,9 @@ def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alph
     # Measured (NOTES, "CTC: checkpointed alpha"): C = 5000, S = 50 lost 2.5 % forward+backward with checkpoints;
     # C = 1000, S = 200 won 3-5 % on AVX2 and lost 6 % on AVX-512.
     lines = min(S + 1, -(-C * log_probs.element_size() // 64))
-    if lines * 64 > (2 if _C.cpu_isa() == "avx2" else 1) * 8 * (2 * S + 1):
+    if lines * 64 > (2 if isa == "avx2" else 1) * 8 * (2 * S + 1):
         return 1
-    per_thread = -(-N // max(1, min(N, torch.get_num_threads())))
+    per_thread = -(-N // max(1, min(N, _threads())))
     row_bytes = 16 * (2 * S + 11) * per_thread
     return int(min(max(SEGMENT_BYTES // row_bytes, 8), 32))
 
