@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ctc_cpu_timing.py [--repeat 5] [--shapes T,N,C,S ...] [--memory]
         [--threads N] [--cpu-time] [--isa avx2] [--torch-isa avx2] [--dtype fp32|bf16|fp16]
-        [--alpha-every K ...] [--saved]
+        [--alpha-every K ...] [--saved] [--lengths full|sorted]
 
 float32 (--dtype bf16 / fp16: the same values rounded; torch then gets them as float32, converted inside the
 timed call, since its CPU kernel takes no half types), reduction="mean", log_probs = log_softmax(randn) as a
@@ -17,6 +17,8 @@ after resetting it through /proc/self/clear_refs). --cpu-time times process CPU 
 --alpha-every K1 K2 ... adds one seqfast column set per checkpoint spacing (1: the full log_alpha table; 0: the
 automatic choice) to the same alternating rounds, ratios against torch as before. --saved prints the bytes the
 forward saves for backward (each distinct storage once, through torch.autograd.graph.saved_tensors_hooks).
+--lengths sorted gives a batch sorted by length, as bucketing data loaders make it: input_lengths from T down to T/3
+evenly, target_lengths in proportion (at least 1), instead of T and S for every sample.
 """
 
 from __future__ import annotations
@@ -41,12 +43,16 @@ SHAPES = [(500, 16, 32, 100), (1000, 32, 1000, 200), (200, 64, 5000, 50), (4000,
 
 
 DTYPE = torch.float32  # --dtype
+LENGTHS = "full"  # --lengths
 
 
 def inputs(T: int, N: int, C: int, S: int):
     g = torch.Generator().manual_seed(0)
     lp = torch.randn(T, N, C, generator=g).log_softmax(2).to(DTYPE).requires_grad_()
     tg = torch.randint(1, C, (N, S), generator=g)
+    if LENGTHS == "sorted":
+        il = torch.linspace(T, T // 3, N).long()
+        return lp, tg, il, (il * S // T).clamp(min=1)
     return lp, tg, torch.full((N,), T), torch.full((N,), S)
 
 
@@ -146,9 +152,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--alpha-every", type=int, nargs="*", default=[])
     ap.add_argument("--saved", action="store_true")
+    ap.add_argument("--lengths", default="full", choices=["full", "sorted"])
     a = ap.parse_args()
-    global DTYPE
+    global DTYPE, LENGTHS
     DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    LENGTHS = a.lengths
     from seqfast import _C
 
     if a.threads:
@@ -166,7 +174,7 @@ def main() -> None:
 
     print(cpu_record())
     print(f"threads={torch.get_num_threads()} isa={_C.cpu_isa()} clock={'cpu-time' if a.cpu_time else 'wall'} "
-          f"dtype={a.dtype}")
+          f"dtype={a.dtype} lengths={a.lengths}")
     impls = dict(IMPLS)
     for k in a.alpha_every:
         impls[f"K={k or 'auto'}"] = with_alpha_every(k)
@@ -198,7 +206,7 @@ def main() -> None:
                 f"{name} {saved_mib(fn, *args):.1f}" for name, fn in zip(names, fns)), flush=True)
         if a.memory:
             extra = [*(["--threads", str(a.threads)] if a.threads else []), *(["--isa", a.isa] if a.isa else []),
-                     *(["--torch-isa", a.torch_isa] if a.torch_isa else []), "--dtype", a.dtype]
+                     *(["--torch-isa", a.torch_isa] if a.torch_isa else []), "--dtype", a.dtype, "--lengths", a.lengths]
             m = {(n, b): peak(n, shape, b, extra) for n in IMPLS for b in (False, True)}
             print(f"{'peak RSS growth MiB':>22} {m['torch', False]:10.0f} {m['seqfast', False]:10.0f} {'':>6} "
                   f"{m['torch', True]:10.0f} {m['seqfast', True]:10.0f}", flush=True)

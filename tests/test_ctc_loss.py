@@ -343,6 +343,54 @@ def test_fused_backward_matches_two_pass(dtype, fn):
     assert grad1.isnan().equal(grad4.isnan()) and grad1[: il[2], 2].isnan().all() and loss1[2].isinf()
 
 
+@pytest.mark.parametrize("T,N,C,S,dtype,isa", [
+    (60, 11, 13, 9, torch.float32, None),
+    (200, 9, 4700, 12, torch.float32, None),  # log_probs past 32 MiB: one run per thread
+    (60, 11, 13, 9, torch.float64, None),  # the scalar kernels
+    (60, 11, 13, 9, torch.float32, "baseline"),
+])
+def test_threads_share_samples_by_cost_same_bits(T, N, C, S, dtype, isa):
+    # The CPU kernels hand threads runs of samples of about equal cost, more runs than threads where log_probs is
+    # small (ctc_loss.cpp, for_sample_runs): a batch sorted by length, one with a long sample last and a batch of
+    # one must give the 1-thread bits at any thread count. Between runs the same shape with other values goes
+    # through, so that a sample no run covered would hold those (reused output buffers), not the right bits.
+    from seqfast import _C
+
+    lp, tg, _, tl = make_case(T, N, C, S, dtype=dtype, seed=41)
+    other = lp.flip(2).contiguous()
+    lengths = {
+        "sorted": torch.linspace(T, T // 4, N).long(),
+        "long_last": torch.cat([torch.full((N - 1,), T // 3), torch.tensor([T])]),
+    }
+    threads, old_isa = torch.get_num_threads(), _C.set_cpu_isa(isa or _C.cpu_isa())
+    try:
+        for name, il in lengths.items():
+            batch = None
+            for fn in (seqfast.ctc_loss, seqfast.ctc_loss_from_logits):
+                runs = {}
+                for n_threads in (1, 2, 3, 5):
+                    torch.set_num_threads(n_threads)
+                    loss_and_grad(fn, other, tg, il, tl)
+                    runs[n_threads] = loss_and_grad(fn, lp, tg, il, tl)
+                for n_threads, (loss, grad) in runs.items():
+                    assert torch.equal(loss, runs[1][0]), (name, n_threads)
+                    assert torch.equal(grad, runs[1][1]), (name, n_threads)
+                if fn is seqfast.ctc_loss:
+                    batch = runs[1]
+                    # Against float64: no further off than torch's own float32 kernel, twice over.
+                    exact, theirs = torch_ctc(lp.double(), tg, il, tl), torch_ctc(lp, tg, il, tl)
+                    for ours, t, ref in zip(runs[2], theirs, exact):
+                        err, t_err = ((x.double() - ref).abs().max().item() for x in (ours, t))
+                        assert err <= 2 * t_err + 1e-6, (name, err, t_err)
+            for n_threads in (1, 2):  # a batch of one: the batch's first sample, bit for bit
+                torch.set_num_threads(n_threads)
+                loss, grad = loss_and_grad(seqfast.ctc_loss, lp[:, :1].contiguous(), tg[:1], il[:1], tl[:1])
+                assert torch.equal(loss, batch[0][:1]) and torch.equal(grad, batch[1][:, :1]), (name, n_threads)
+    finally:
+        torch.set_num_threads(threads)
+        _C.set_cpu_isa(old_isa)
+
+
 def test_deterministic():
     lp, tg, il, tl = make_case(120, 8, 37, 30, short=True, dtype=torch.float32, seed=8)
     runs = [loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl) for _ in range(2)]
