@@ -34,6 +34,7 @@
 
 #include "attention_microkernel.h"
 #include "buffer_cache.h"
+#include "task_order.h"
 
 namespace seqfast::attn {
 namespace {
@@ -287,26 +288,6 @@ void pack_head_panels(const View<const S>& v, int64_t b, int64_t h, int64_t row0
       }
     }
   }
-}
-
-// Runs tasks 0..n-1 on the intra-op threads, biggest first as listed by `order`, each thread
-// with its own scratch; a task's result never depends on which thread ran it.
-template <typename MakeScratch, typename Run>
-void run_tasks(const std::vector<int64_t>& order, MakeScratch make_scratch, Run run) {
-  std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(order.size());
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n, 1));
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    auto scratch = make_scratch();
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) run(order[t], scratch);
-  });
-}
-
-std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
-  std::vector<int64_t> order(cost.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  return order;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // CPU kernel of seqfast::ctc_beam_search (schema and semantics: seqfast/ops/ctc_beam_search.py).
 //
-// CTC prefix beam search, one sample per task (at::parallel_for over the batch, grain 1): a sample is decoded by
-// one thread from start to end, so results do not depend on the thread count and are identical run to run.
+// CTC prefix beam search, one sample per task (run_tasks, longest first): a sample is decoded by one thread from
+// start to end, so results do not depend on the thread count and are identical run to run.
 //
 // Each beam entry is a prefix (a node of an append-only trie: parent, token, frame, LM context, hot-word state)
 // with two log-probabilities, pb (all paths so far that end in blank) and pnb (end in the prefix's last token).
@@ -30,6 +30,8 @@
 #include <limits>
 #include <unordered_map>
 #include <vector>
+
+#include "task_order.h"
 
 namespace seqfast {
 namespace {
@@ -485,10 +487,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_
   std::vector<std::vector<Hyp>> results(N);
   AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "ctc_beam_search", [&] {
     const scalar_t* data = lp.const_data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Search search(lm, hw, lex, o, C);
-      for (int64_t n = begin; n < end; ++n) results[n] = search.run(data + n * C, N * C, len[n]);
-    });
+    // Longest first (a sample's cost grows with its frames): see task_order.h.
+    std::vector<int64_t> cost(N);
+    for (int64_t n = 0; n < N; ++n) cost[n] = len[n];
+    run_tasks(by_cost(cost), [&] { return Search(lm, hw, lex, o, C); },
+              [&](int64_t n, Search& search) { results[n] = search.run(data + n * C, N * C, len[n]); });
   });
 
   const int64_t K = beam_size;

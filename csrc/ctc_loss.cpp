@@ -51,7 +51,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <cmath>
 #include <cstdint>
@@ -65,6 +64,7 @@
 #include "ctc_loss_simd.h"
 #include "ctc_loss_simd512.h"
 #include "half_rows.h"
+#include "task_order.h"
 
 namespace seqfast {
 namespace {
@@ -303,7 +303,7 @@ bool poison_reaches_end(const scalar_t* lp, const acc_t* lse, const Sizes& z, in
 }
 
 // Runs body(begin, end) over runs of consecutive samples on the intra-op threads, which take the runs from a shared
-// counter, costliest first. The runs have about equal cost (cost(n), not equal counts), so a batch sorted by length
+// counter, costliest first (run_tasks, task_order.h). The runs have about equal cost (cost(n), not equal counts), so a batch sorted by length
 // does not leave one thread all the long samples (at::parallel_for's equal blocks did: measured 1.2-1.4x slower).
 // Where log_probs fits in a last-level cache (row_bytes x T x N up to 32 MiB), there are 4 runs per thread, so that
 // a thread whose core is taken away for a while (a shared or virtual machine) does fewer of them instead of holding
@@ -339,14 +339,7 @@ void for_sample_runs(const Sizes& z, int64_t row_bytes, const Cost& sample_cost,
       run_acc = 0;
     }
   }
-  const int64_t nruns = static_cast<int64_t>(run_cost.size());
-  std::vector<int64_t> order(nruns);
-  for (int64_t r = 0; r < nruns; ++r) order[r] = r;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return run_cost[x] > run_cost[y]; });
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t k = next.fetch_add(1); k < nruns; k = next.fetch_add(1)) body(bounds[order[k]], bounds[order[k] + 1]);
-  });
+  run_tasks(by_cost(run_cost), [] { return 0; }, [&](int64_t r, int) { body(bounds[r], bounds[r + 1]); });
 }
 
 // (T, N) log-normalisers of the logits rows, computed in parallel over rows.

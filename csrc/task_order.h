@@ -1,0 +1,44 @@
+// Work sharing for the CPU kernels: tasks of unequal cost handed to the intra-op threads from a shared
+// counter, costliest first.
+//
+// Why not at::parallel_for over the tasks: it gives each thread an equal count of consecutive tasks, so a
+// batch sorted by length leaves one thread the long samples, and a thread whose core is taken away for a while
+// (a shared or virtual machine) holds up the whole call. Here a thread takes the next task when it is done
+// with its last, biggest first, so the last tasks to start are the short ones.
+//
+// No result may depend on which thread ran a task: each task is computed by one thread, in a fixed order,
+// with scratch that carries nothing from one task to the next.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+namespace seqfast {
+
+// Runs run(order[0]), run(order[1]), ... on the intra-op threads, each thread with its own scratch from
+// make_scratch(), passed to run as run(task, scratch).
+template <typename MakeScratch, typename Run>
+void run_tasks(const std::vector<int64_t>& order, MakeScratch make_scratch, Run run) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(order.size());
+  if (n == 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) run(order[t], scratch);
+  });
+}
+
+// Task indices 0..n-1 by decreasing cost, ties in index order.
+inline std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(cost.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
+}  // namespace seqfast
