@@ -6,9 +6,9 @@
 // for a batch of one; contiguous float32 / float64 rows in one vectorised pass), then per sample the runs are
 // merged and blanks dropped.
 //
-// Forced alignment: per sample (samples split over threads), the Viterbi recursion over the 2L+1 states of
-// the extended target, keeping two rows of scores and a one-byte backpointer per state and frame (the step
-// taken into the state: 0, 1 or 2), then a walk back from the end. A state no path prefix reaches holds NaN,
+// Forced alignment: per sample (samples handed to the threads longest first, task_order.h), the Viterbi
+// recursion over the 2L+1 states of the extended target, keeping two rows of scores and a one-byte
+// backpointer per state and frame (the step taken into the state: 0, 1 or 2), then a walk back from the end. A state no path prefix reaches holds NaN,
 // so that the walk back never leaves the valid paths even when every score is -inf; real NaN sums (a NaN
 // log-prob, +inf meeting -inf) become -inf. Per frame only the states that are reachable from the start and
 // can still reach the end are updated (states in [2L+1 - 2(T-t), 2t+2)). A frame's update is one loop of
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "task_order.h"
 
 namespace seqfast {
 namespace {
@@ -330,25 +331,34 @@ std::tuple<at::Tensor, at::Tensor> align_impl(const at::Tensor& log_probs, const
   int64_t* path = paths.data_ptr<int64_t>();
   scalar_t* score = scores.data_ptr<scalar_t>();
   const RowFn<acc_t> row_fn = viterbi_row<acc_t>();
-  // Threads only for enough work: waking a second thread costs more than a small batch.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, T * (2 * S + 1)));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  struct Scratch {
     std::vector<int64_t> ext;
     std::vector<acc_t> skip_nan, rows, emit;
     std::vector<int32_t> kk;
     std::vector<uint8_t> bp;
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t L = tg_len[n], W = 2 * L + 1;
-      ext.assign(W, blank);
-      skip_nan.assign(W, std::numeric_limits<acc_t>::quiet_NaN());
-      for (int64_t k = 0; k < L; ++k) {
-        ext[2 * k + 1] = labels[n * S + k];
-        if (k > 0 && labels[n * S + k] != labels[n * S + k - 1]) skip_nan[2 * k + 1] = 0;
-      }
-      align_sample<scalar_t>(lp + n * st.n, st, in_len[n], ext.data(), skip_nan.data(), W, rows, emit, kk, bp, row_fn,
-                             path + n * T, score + n * T, 1);
+  };
+  const auto align = [&](int64_t n, Scratch& w) {
+    const int64_t L = tg_len[n], W = 2 * L + 1;
+    w.ext.assign(W, blank);
+    w.skip_nan.assign(W, std::numeric_limits<acc_t>::quiet_NaN());
+    for (int64_t k = 0; k < L; ++k) {
+      w.ext[2 * k + 1] = labels[n * S + k];
+      if (k > 0 && labels[n * S + k] != labels[n * S + k - 1]) w.skip_nan[2 * k + 1] = 0;
     }
-  });
+    align_sample<scalar_t>(lp + n * st.n, st, in_len[n], w.ext.data(), w.skip_nan.data(), W, w.rows, w.emit, w.kk,
+                           w.bp, row_fn, path + n * T, score + n * T, 1);
+  };
+  // A sample's cost: frames x states. Threads only for enough work (waking a second thread costs more than a
+  // small batch); then the samples go longest first to whichever thread is free (task_order.h).
+  std::vector<int64_t> cost(N);
+  int64_t total = 0;
+  for (int64_t n = 0; n < N; ++n) total += cost[n] = in_len[n] * (2 * tg_len[n] + 1);
+  if (total < (int64_t{1} << 16)) {
+    Scratch w;
+    for (int64_t n = 0; n < N; ++n) align(n, w);
+  } else {
+    run_tasks(by_cost(cost), [] { return Scratch(); }, align);
+  }
   return {paths, scores};
 }
 

@@ -158,19 +158,26 @@ def test_nan_greedy_matches_torch_argmax_and_align_counts_nan_as_minus_inf():
         assert torch.equal(paths, seqfast.ctc_forced_align(lp_inf, tg, [6, 6], [2, 2])[0])
 
 
-def test_results_do_not_depend_on_thread_count():
-    lp = _log_probs(60, 5, 30, torch.float32)
-    il = torch.tensor([60, 41, 60, 7, 33])
-    tg, tl = _targets(5, 30, il.tolist(), seed=4)
+@pytest.mark.parametrize("T,C,lengths", [
+    (60, 30, [60, 41, 60, 7, 33]),  # little work: alignment on one thread
+    (400, 40, [400, 370, 320, 270, 220, 170, 120, 70, 20]),  # sorted by length: samples go longest first to threads
+])
+def test_results_do_not_depend_on_thread_count(T, C, lengths):
+    N = len(lengths)
+    lp = _log_probs(T, N, C, torch.float32)
+    il = torch.tensor(lengths)
+    tg, tl = _targets(N, C, il.tolist(), seed=4)
     before = torch.get_num_threads()
     outs = []
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             outs.append((*seqfast.ctc_forced_align(lp, tg, il, tl), *seqfast.ctc_greedy_decode(lp, il)))
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    _check_alignment(outs[0][0], lp, tg, il, tl, 0)  # every sample aligned (a skipped one stays all blank)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
 
 
 def test_token_spans():
