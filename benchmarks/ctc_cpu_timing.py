@@ -1,6 +1,6 @@
 """Timing of seqfast's CPU CTC loss against torch.nn.functional.ctc_loss, in one process.
 
-    .venv/bin/python benchmarks/ctc_cpu_timing.py [--repeat 5] [--shapes T,N,C,S ...] [--memory]
+    PYTHONPATH=. .venv/bin/python benchmarks/ctc_cpu_timing.py [--repeat 5] [--shapes T,N,C,S ...] [--memory]
         [--threads N] [--cpu-time] [--isa avx2] [--torch-isa avx2] [--dtype fp32|bf16|fp16]
         [--alpha-every K ...] [--saved] [--lengths full|sorted]
 

@@ -134,3 +134,18 @@ def test_cuda_timing_synchronises_once_per_round(monkeypatch):
     info = bench.extra_info
     assert info["peak_mem_bytes"] == 123 and info["iterations"] == iterations and info["device"] == "cuda"
     assert bench.group == "attention B1_H1_L16_D8 fwd" and info["work"] == 4 * 16 * 16 * 8
+
+
+def test_ctc_cpu_timing_runs_with_sorted_lengths():
+    """benchmarks/ctc_cpu_timing.py (the issue tables' script) on a tiny shape, length-sorted batch, backward too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SEQFAST_"))}
+    env["PYTHONPATH"] = str(ROOT)  # the script imports seqfast from the checkout (PYTHONPATH=.)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/ctc_cpu_timing.py", "--repeat", "1", "--shapes", "20,3,5,4", "--backward",
+         "--lengths", "sorted", "--threads", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "cpu: " in proc.stdout and "lengths=sorted" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.strip().startswith("(20, 3, 5, 4)"))
+    assert len(row.split()) == 4 + 9  # the shape's four numbers, then three (torch, ours, x) column sets
