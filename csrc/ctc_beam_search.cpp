@@ -488,9 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctc_beam_
   AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "ctc_beam_search", [&] {
     const scalar_t* data = lp.const_data_ptr<scalar_t>();
     // Longest first (a sample's cost grows with its frames): see task_order.h.
-    std::vector<int64_t> cost(N);
-    for (int64_t n = 0; n < N; ++n) cost[n] = len[n];
-    run_tasks(by_cost(cost), [&] { return Search(lm, hw, lex, o, C); },
+    run_tasks(by_cost(std::vector<int64_t>(len, len + N)), [&] { return Search(lm, hw, lex, o, C); },
               [&](int64_t n, Search& search) { results[n] = search.run(data + n * C, N * C, len[n]); });
   });
 

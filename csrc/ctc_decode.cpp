@@ -6,14 +6,14 @@
 // for a batch of one; contiguous float32 / float64 rows in one vectorised pass), then per sample the runs are
 // merged and blanks dropped.
 //
-// Forced alignment: per sample (samples handed to the threads longest first, task_order.h), the Viterbi
-// recursion over the 2L+1 states of the extended target, keeping two rows of scores and a one-byte
-// backpointer per state and frame (the step taken into the state: 0, 1 or 2), then a walk back from the end. A state no path prefix reaches holds NaN,
-// so that the walk back never leaves the valid paths even when every score is -inf; real NaN sums (a NaN
-// log-prob, +inf meeting -inf) become -inf. Per frame only the states that are reachable from the start and
-// can still reach the end are updated (states in [2L+1 - 2(T-t), 2t+2)). A frame's update is one loop of
-// compares and selects that GCC vectorises (AVX-512 / AVX2 builds picked at run time); the emissions are
-// gathered before it, one read for all blank states, and the next frame's label entries are prefetched.
+// Forced alignment: per sample (samples handed to the threads longest first, task_order.h), the Viterbi recursion over
+// the 2L+1 states of the extended target, keeping two rows of scores and a one-byte backpointer per state and frame
+// (the step taken into the state: 0, 1 or 2), then a walk back from the end. A state no path prefix reaches holds NaN,
+// so that the walk back never leaves the valid paths even when every score is -inf; real NaN sums (a NaN log-prob, +inf
+// meeting -inf) become -inf. Per frame only the states that are reachable from the start and can still reach the end
+// are updated (states in [2L+1 - 2(T-t), 2t+2)). A frame's update is one loop of compares and selects that GCC
+// vectorises (AVX-512 / AVX2 builds picked at run time); the emissions are gathered before it, one read for all blank
+// states, and the next frame's label entries are prefetched.
 // Every sample is computed by one thread in a fixed order: results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -19,7 +19,8 @@
 //
 // Loop order: samples are split over threads in runs of consecutive samples of about equal cost (for_sample_runs);
 // each thread advances a run frame by frame (t outer, n inner), so that the log_probs rows it reads, (t, n0..n1),
-// are adjacent in memory, and it prefetches the next step's row. GCC deletes __builtin_prefetch in these loops, hence the inline-asm prefetch_line.
+// are adjacent in memory, and it prefetches the next step's row. GCC deletes __builtin_prefetch in these loops,
+// hence the inline-asm prefetch_line.
 //
 // Backward, in two passes so that neither needs atomics:
 //  1. per sample: beta from t = input_length - 1 down to 0, keeping two rows; with the stored alpha it gives
@@ -303,13 +304,14 @@ bool poison_reaches_end(const scalar_t* lp, const acc_t* lse, const Sizes& z, in
 }
 
 // Runs body(begin, end) over runs of consecutive samples on the intra-op threads, which take the runs from a shared
-// counter, costliest first (run_tasks, task_order.h). The runs have about equal cost (cost(n), not equal counts), so a batch sorted by length
-// does not leave one thread all the long samples (at::parallel_for's equal blocks did: measured 1.2-1.4x slower).
-// Where log_probs fits in a last-level cache (row_bytes x T x N up to 32 MiB), there are 4 runs per thread, so that
-// a thread whose core is taken away for a while (a shared or virtual machine) does fewer of them instead of holding
-// up the call; beyond that, one run per thread, since rows streamed from memory read faster in long adjacent runs
-// (measured: 4 runs per thread cost the forward 4-7 % on (1000,32,1000,200)). Which thread runs a sample changes no
-// result: each sample is computed by one thread, in a fixed order.
+// counter, costliest first (run_tasks, task_order.h). The runs have about equal cost (sum of sample_cost, not equal
+// counts), so a batch sorted by length does not leave one thread all the long samples (at::parallel_for's equal
+// blocks did: measured 1.1-1.5x slower). Where log_probs fits in a last-level cache (row_bytes x T x N up to
+// 32 MiB), there are 4 runs per thread, so that a thread whose core is taken away for a while (a shared or virtual
+// machine) does fewer of them instead of holding up the call; beyond that, one run per thread, since rows streamed
+// from memory read faster in long adjacent runs (measured: 4 runs per thread cost the forward 1-8 % on
+// (1000,32,1000,200)). Which thread runs a sample changes no result: each sample is computed by one thread, in a
+// fixed order.
 template <typename Cost, typename Body>
 void for_sample_runs(const Sizes& z, int64_t row_bytes, const Cost& sample_cost, const Body& body) {
   const int64_t N = z.N, threads = std::min<int64_t>(at::get_num_threads(), N);
@@ -340,6 +342,11 @@ void for_sample_runs(const Sizes& z, int64_t row_bytes, const Cost& sample_cost,
     }
   }
   run_tasks(by_cost(run_cost), [] { return 0; }, [&](int64_t r, int) { body(bounds[r], bounds[r + 1]); });
+}
+
+// A sample's recursion work, frames x states (the unit of for_sample_runs' costs).
+inline int64_t recursion_cost(const Sizes& z, const int64_t* il, const int64_t* tl, int64_t n) {
+  return std::clamp<int64_t>(il[n], 0, z.T) * (2 * tl[n] + 1);
 }
 
 // (T, N) log-normalisers of the logits rows, computed in parallel over rows.
@@ -801,8 +808,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
   acc_t* la = keep_alpha && every == 1 ? log_alpha.data_ptr<acc_t>() : nullptr;
   float* ck = keep_alpha && every > 1 ? reinterpret_cast<float*>(log_alpha.data_ptr<int32_t>()) : nullptr;
   acc_t* out = nll.data_ptr<acc_t>();
-  // A sample's cost: its frames' recursion (plus the labels' gather, about proportional).
-  const auto cost = [&](int64_t n) { return std::clamp<int64_t>(il[n], 0, z.T) * (2 * tl[n] + 1); };
+  // A sample's cost: its recursion (plus the labels' gather, about proportional).
+  const auto cost = [&](int64_t n) { return recursion_cost(z, il, tl, n); };
 
 #if SEQFAST_X86
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -919,15 +926,8 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
   at::Tensor grad = BufferCache::get().empty({z.T, z.N, z.C}, log_probs.scalar_type());
   scalar_t* gr = grad.data_ptr<scalar_t>();
   const bool extended = use_extended<acc_t>();
-  // A sample's cost: its frames' recursion (recompute, beta, posteriors); fused with the gradient rows, a state costs
-  // about what 8 entries of a row's exp pass do, every frame writes its row, and frames past the length only fill it
-  // (~1/4 of the exp pass per entry). Measured on (1000,32,1000,200) and (200,64,5000,50): without the row terms a
-  // length-sorted batch of the 5000-class shape got slower.
-  const auto cost = [&](int64_t n) { return std::clamp<int64_t>(il[n], 0, z.T) * (2 * tl[n] + 1); };
-  const auto fused_cost = [&](int64_t n) {
-    const int64_t len = std::clamp<int64_t>(il[n], 0, z.T);
-    return 8 * cost(n) + len * z.C + (z.T - len) * z.C / 4;
-  };
+  // A sample's cost in pass 1 below: its recursion (beta, posteriors).
+  const auto cost = [&](int64_t n) { return recursion_cost(z, il, tl, n); };
   TORCH_CHECK(every == 1 || extended, "ctc_loss_backward: alpha_every > 1 needs float32 compute on a CPU with AVX2 "
               "(seqfast._C.cpu_isa() is ", isa_name(active_isa()), ", log_probs ", log_probs.scalar_type(), ")");
 #if SEQFAST_X86
@@ -946,6 +946,14 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
     // while the frame's log_probs row is still in cache: one pass, no posterior buffer. Every row is still
     // computed by one thread with the same operations as pass 2 below: identical bits either way.
     if (extended && z.N >= at::get_num_threads()) {
+      // Fused with the gradient rows, a state (recompute, beta, posteriors) costs about what 8 entries of a row's
+      // exp pass do, every frame writes its row, and frames past the length only fill it (~1/4 of the exp pass per
+      // entry). Measured on (1000,32,1000,200) and (200,64,5000,50): without the row terms a length-sorted batch
+      // of the 5000-class shape got slower.
+      const auto fused_cost = [&](int64_t n) {
+        const int64_t len = std::clamp<int64_t>(il[n], 0, z.T);
+        return 8 * recursion_cost(z, il, tl, n) + len * z.C + (z.T - len) * z.C / 4;
+      };
       for_sample_runs(z, z.C * sizeof(scalar_t), fused_cost, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf;
         std::vector<std::unique_ptr<BetaExt<scalar_t>>> betas(end - begin);
