@@ -391,6 +391,39 @@ def test_threads_share_samples_by_cost_same_bits(T, N, C, S, dtype, isa):
         _C.set_cpu_isa(old_isa)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fn", [seqfast.ctc_loss, seqfast.ctc_loss_from_logits])
+def test_gradient_exp_fast_path_same_bits(dtype, fn):
+    # The CPU gradient rows take exp on blocks of 16 entries, skipping exp's range handling where every entry of a
+    # block is in range (ctc_loss_simd.h, exp_rows_impl). The same values in a block with one entry out of range
+    # (-100) or NaN must give the same bits. Weights 0.5 / 0.75 / 1.0 and log_probs / logits cover g != 1, g == 1,
+    # off == 0 and off != 0.
+    T, N, C = 6, 3, 64
+    v = torch.linspace(-20.0, -0.5, 16).to(dtype).double()  # exact in bfloat16 too
+    rows = torch.full((T, N, C), -3.0, dtype=torch.float64)
+    rows[..., 16:32] = v
+    rows[..., 32:48] = v
+    rows[..., 48:64] = v
+    rows[..., 47] = -100.0
+    if fn is seqfast.ctc_loss:
+        rows[..., 63] = float("nan")  # a class off every path: the loss stays finite, its gradient is NaN
+    rows += 0.01 * torch.arange(T * N, dtype=torch.float64).reshape(T, N, 1)  # rows differ (one bf16 ulp or more)
+    lp = rows.to(dtype)
+    tg = torch.tensor([[1, 2], [2, 2], [1, 1]])
+    il, tl = torch.full((N,), T), torch.tensor([2, 2, 1])
+    loss, grad = loss_and_grad(fn, lp, tg, il, tl)
+    assert torch.isfinite(loss).all()
+    assert torch.equal(grad[..., 16:31], grad[..., 32:47])
+    if fn is seqfast.ctc_loss:
+        assert torch.equal(grad[..., 16:31], grad[..., 48:63]) and grad[..., 63].isnan().all()
+    # And against torch, as everywhere: no further from float64 than torch's own kernel, twice over.
+    exact, theirs = torch_ctc(lp.double(), tg, il, tl), torch_ctc(lp.float(), tg, il, tl)
+    if fn is seqfast.ctc_loss:
+        err = (grad.double() - exact[1]).nan_to_num().abs().max().item()
+        t_err = (theirs[1].double() - exact[1]).nan_to_num().abs().max().item()
+        assert err <= 2 * t_err + (2**-8 if dtype == torch.bfloat16 else 1e-6), (err, t_err)
+
+
 def test_deterministic():
     lp, tg, il, tl = make_case(120, 8, 37, 30, short=True, dtype=torch.float32, seed=8)
     runs = [loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl) for _ in range(2)]
