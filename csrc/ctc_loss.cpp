@@ -232,16 +232,27 @@ struct Sample {
 
   // Start loading the next frame's emissions while this one computes: they are scattered over the row.
   // With more labels than cache lines in the row, fetch the row's lines in order instead (fewer requests).
+  // A later frame's emissions, scattered over its row: loading them starts while this frame computes. Two
+  // distances (kFarSteps): into L2 several steps ahead (ToL2), into L1 the step before.
+  // With more labels than cache lines in the row, fetch the row's lines in order instead (fewer requests).
+  template <bool ToL2 = false>
   void prefetch(const scalar_t* row, int64_t blank, int64_t C) const {
     constexpr int64_t per_line = 64 / sizeof(scalar_t);
+    const auto line = [](const void* p) { ToL2 ? prefetch_line_l2(p) : prefetch_line(p); };
     if (L + 1 > C / per_line) {
-      for (int64_t c = 0; c < C; c += per_line) prefetch_line(row + c);
+      for (int64_t c = 0; c < C; c += per_line) line(row + c);
     } else {
-      prefetch_line(row + blank);
-      for (int64_t k = 0; k < L; ++k) prefetch_line(row + labels[k]);
+      line(row + blank);
+      for (int64_t k = 0; k < L; ++k) line(row + labels[k]);
     }
   }
 };
+
+// How many steps (one sample's frame each, in a loop's own order) ahead the emissions are fetched into L2; the
+// step just before, into L1. On scattered rows of a large log_probs one step ahead alone leaves the load
+// misses waiting on each other: measured on Zen 3 (NOTES, "Emission prefetch into L2"), 3-4 steps ahead cut the
+// forward of (200,64,5000,50) by about a third, 6 and more gave back part of it.
+constexpr int64_t kFarSteps = 3;
 
 // A sample's target positions grouped by label, labels ascending and positions in target order within a label:
 // a gradient row subtracts each label's posterior total once. Subtracting per position instead stores to the same
@@ -645,13 +656,23 @@ class BetaExt {
     }
   }
 
-  void prefetch_recompute(int64_t t, int64_t C) const { smp.prefetch(frames_.row(t), blank_, C); }
+  void prefetch_recompute(int64_t t, int64_t C, bool to_l2) const {
+    if (to_l2) {
+      smp.template prefetch<true>(frames_.row(t), blank_, C);
+    } else {
+      smp.prefetch(frames_.row(t), blank_, C);
+    }
+  }
 
-  void prepare(int64_t t) {
+  void prepare(int64_t t, int64_t C) {
     if (!segment_top(t)) return;
     const int64_t first = t / src_.every * src_.every;
     load_checkpoint(first / src_.every);
-    for (int64_t u = first + 1; u <= t; ++u) recompute(u);
+    for (int64_t u = first + 1; u <= t; ++u) {
+      if (u + 1 <= t) prefetch_recompute(u + 1, C, false);
+      if (u + kFarSteps <= t) prefetch_recompute(u + kFarSteps, C, true);
+      recompute(u);
+    }
   }
 
   // Frame t (row: its log_probs row); returns c.
@@ -827,9 +848,18 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
         for (int64_t t = 0; t < t_end; ++t) {
           for (int64_t n = begin; n < end; ++n) {
             if (t >= il[n]) continue;
-            // The next step's row (the next sample's, or the block's first in the next frame).
-            const int64_t pn = n + 1 < end ? n + 1 : begin, pt = n + 1 < end ? t : t + 1;
-            if (pt < t_end) alphas[pn - begin].smp.prefetch(lp + (pt * z.N + pn) * z.C, blank, z.C);
+            // The rows of the next step (the next sample's, or the block's first in the next frame) and of
+            // kFarSteps ahead.
+            for (const int64_t k : {int64_t{1}, kFarSteps}) {
+              const int64_t i = n - begin + k, pn = begin + i % (end - begin), pt = t + i / (end - begin);
+              if (pt >= std::min(t_end, il[pn])) continue;
+              const scalar_t* row = lp + (pt * z.N + pn) * z.C;
+              if (k == 1) {
+                alphas[pn - begin].smp.prefetch(row, blank, z.C);
+              } else {
+                alphas[pn - begin].smp.template prefetch<true>(row, blank, z.C);
+              }
+            }
             const int64_t r = t * z.N + n;
             alphas[n - begin].step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank, la ? la + (n * z.T + t) * width : nullptr,
                                    width);
@@ -978,10 +1008,14 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
             const int64_t first = t / every * every;
             for (BetaExt<scalar_t>* b : tops) b->load_checkpoint(first / every);
             for (int64_t u = first + 1; u <= t; ++u) {
-              for (size_t i = 0; i < tops.size(); ++i) {
-                // The next step's row: the next sample's, or the first sample's in the next frame.
-                if (i + 1 < tops.size()) tops[i + 1]->prefetch_recompute(u, z.C);
-                else if (u < t) tops[0]->prefetch_recompute(u + 1, z.C);
+              const int64_t m = static_cast<int64_t>(tops.size());
+              for (int64_t i = 0; i < m; ++i) {
+                // The rows of the next step (the next sample's, or the first sample's in the next frame) and of
+                // kFarSteps ahead.
+                for (const int64_t k : {int64_t{1}, kFarSteps}) {
+                  const int64_t j = i + k, pu = u + j / m;
+                  if (pu <= t) tops[j % m]->prefetch_recompute(pu, z.C, k > 1);
+                }
                 tops[i]->recompute(u);
               }
             }
@@ -993,10 +1027,17 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
               fill_gradient_row(gr + r * z.C, z.C, t >= il[n], nll[n], zero_infinity, lse ? lse[r] : 0.0f);
               continue;
             }
-            // The next step's row: the next sample's in this frame, else the block's first in the frame before.
-            const int64_t pn = n + 1 < end ? n + 1 : begin, pt = n + 1 < end ? t : t - 1;
-            if (pt >= 0 && betas[pn - begin] && pt < il[pn]) {
-              betas[pn - begin]->smp.prefetch(lp + (pt * z.N + pn) * z.C, blank, z.C);
+            // The rows of the next step (the next sample's in this frame, else the block's first in the frame
+            // before) and of kFarSteps ahead.
+            for (const int64_t k : {int64_t{1}, kFarSteps}) {
+              const int64_t i = n - begin + k, pn = begin + i % (end - begin), pt = t - i / (end - begin);
+              if (pt < 0 || !betas[pn - begin] || pt >= il[pn]) continue;
+              const scalar_t* row = lp + (pt * z.N + pn) * z.C;
+              if (k == 1) {
+                betas[pn - begin]->smp.prefetch(row, blank, z.C);
+              } else {
+                betas[pn - begin]->smp.template prefetch<true>(row, blank, z.C);
+              }
             }
             const acc_t off = lse ? lse[r] : acc_t(0);
             const float* c = beta->step(t, lp + r * z.C, off, blank);
@@ -1024,8 +1065,9 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
           BetaExt<scalar_t> beta(eops, tg + n * z.S, tl[n], len, nll[n], source(n), frames(n), blank);
           for (int64_t t = len - 1; t >= 0; --t) {
             const int64_t r = t * z.N + n;
-            beta.prepare(t);
+            beta.prepare(t, z.C);
             if (t > 0) beta.smp.prefetch(lp + ((t - 1) * z.N + n) * z.C, blank, z.C);  // the next step's row
+            if (t >= kFarSteps) beta.smp.template prefetch<true>(lp + ((t - kFarSteps) * z.N + n) * z.C, blank, z.C);
             const float* c = beta.step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank);
             std::copy(c, c + beta.smp.L + 1, comp + (n * z.T + t) * cw);
           }
