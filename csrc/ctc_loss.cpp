@@ -19,7 +19,7 @@
 //
 // Loop order: samples are split over threads in runs of consecutive samples of about equal cost (for_sample_runs);
 // each thread advances a run frame by frame (t outer, n inner), so that the log_probs rows it reads, (t, n0..n1),
-// are adjacent in memory, and it prefetches the next step's row. GCC deletes __builtin_prefetch in these loops,
+// are adjacent in memory, and it prefetches the emissions of the next step into L1 and of kFarSteps ahead into L2. GCC deletes __builtin_prefetch in these loops,
 // hence the inline-asm prefetch_line.
 //
 // Backward, in two passes so that neither needs atomics:
@@ -249,9 +249,9 @@ struct Sample {
 };
 
 // How many steps (one sample's frame each, in a loop's own order) ahead the emissions are fetched into L2; the
-// step just before, into L1. On scattered rows of a large log_probs one step ahead alone leaves the load
-// misses waiting on each other: measured on Zen 3 (NOTES, "Emission prefetch into L2"), 3-4 steps ahead cut the
-// forward of (200,64,5000,50) by about a third, 6 and more gave back part of it.
+// step just before, into L1. On scattered rows of a large log_probs one step ahead alone leaves the load misses
+// waiting on each other. Measured on Zen 3 (NOTES, "Emission prefetch into L2"): the forward -8-16 % on
+// (200,64,5000,50) and -10-14 % on (1000,32,1000,200); 2-4 steps did about the same, 6 and more less.
 constexpr int64_t kFarSteps = 3;
 
 // A sample's target positions grouped by label, labels ascending and positions in target order within a label:
