@@ -19,8 +19,8 @@
 //
 // Loop order: samples are split over threads in runs of consecutive samples of about equal cost (for_sample_runs);
 // each thread advances a run frame by frame (t outer, n inner), so that the log_probs rows it reads, (t, n0..n1),
-// are adjacent in memory, and it prefetches the emissions of the next step into L1 and of kFarSteps ahead into L2. GCC deletes __builtin_prefetch in these loops,
-// hence the inline-asm prefetch_line.
+// are adjacent in memory, and it prefetches the emissions of the next step into L1 and of kFarSteps ahead into
+// L2. GCC deletes __builtin_prefetch in these loops, hence the inline-asm prefetch_line.
 //
 // Backward, in two passes so that neither needs atomics:
 //  1. per sample: beta from t = input_length - 1 down to 0, keeping two rows; with the stored alpha it gives
