@@ -58,6 +58,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "buffer_cache.h"
@@ -230,13 +231,20 @@ struct Sample {
     lpe[2 * L] = b;
   }
 
-  // Start loading the next frame's emissions while this one computes: they are scattered over the row.
-  // With more labels than cache lines in the row, fetch the row's lines in order instead (fewer requests).
   // A later frame's emissions, scattered over its row: loading them starts while this frame computes. Two
-  // distances (kFarSteps): into L2 several steps ahead (ToL2), into L1 the step before.
-  // With more labels than cache lines in the row, fetch the row's lines in order instead (fewer requests).
-  template <bool ToL2 = false>
-  void prefetch(const scalar_t* row, int64_t blank, int64_t C) const {
+  // distances (kFarSteps): into L2 several steps ahead (to_l2), into L1 the step before.
+  void prefetch(const scalar_t* row, int64_t blank, int64_t C, bool to_l2 = false) const {
+    if (to_l2) {
+      prefetch_lines<true>(row, blank, C);
+    } else {
+      prefetch_lines<false>(row, blank, C);
+    }
+  }
+
+ private:
+  // With more labels than cache lines in the row, the row's lines in order instead (fewer requests).
+  template <bool ToL2>
+  void prefetch_lines(const scalar_t* row, int64_t blank, int64_t C) const {
     constexpr int64_t per_line = 64 / sizeof(scalar_t);
     const auto line = [](const void* p) { ToL2 ? prefetch_line_l2(p) : prefetch_line(p); };
     if (L + 1 > C / per_line) {
@@ -253,6 +261,12 @@ struct Sample {
 // waiting on each other. Measured on Zen 3 (NOTES, "Emission prefetch into L2"): the forward -8-16 % on
 // (200,64,5000,50) and -10-14 % on (1000,32,1000,200); 2-4 steps did about the same, 6 and more less.
 constexpr int64_t kFarSteps = 3;
+
+// The step k ahead of (item i, frame t) in a loop that takes items [0, m) in order within each frame and the frames
+// in direction dt (+1 or -1): {item, frame}.
+inline std::pair<int64_t, int64_t> step_ahead(int64_t i, int64_t t, int64_t k, int64_t m, int64_t dt) {
+  return {(i + k) % m, t + dt * ((i + k) / m)};
+}
 
 // A sample's target positions grouped by label, labels ascending and positions in target order within a label:
 // a gradient row subtracts each label's posterior total once. Subtracting per position instead stores to the same
@@ -656,13 +670,7 @@ class BetaExt {
     }
   }
 
-  void prefetch_recompute(int64_t t, int64_t C, bool to_l2) const {
-    if (to_l2) {
-      smp.template prefetch<true>(frames_.row(t), blank_, C);
-    } else {
-      smp.prefetch(frames_.row(t), blank_, C);
-    }
-  }
+  void prefetch_recompute(int64_t t, int64_t C, bool to_l2) const { smp.prefetch(frames_.row(t), blank_, C, to_l2); }
 
   void prepare(int64_t t, int64_t C) {
     if (!segment_top(t)) return;
@@ -851,13 +859,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
             // The rows of the next step (the next sample's, or the block's first in the next frame) and of
             // kFarSteps ahead.
             for (const int64_t k : {int64_t{1}, kFarSteps}) {
-              const int64_t i = n - begin + k, pn = begin + i % (end - begin), pt = t + i / (end - begin);
-              if (pt >= std::min(t_end, il[pn])) continue;
-              const scalar_t* row = lp + (pt * z.N + pn) * z.C;
-              if (k == 1) {
-                alphas[pn - begin].smp.prefetch(row, blank, z.C);
-              } else {
-                alphas[pn - begin].smp.template prefetch<true>(row, blank, z.C);
+              const auto [pi, pt] = step_ahead(n - begin, t, k, end - begin, +1);
+              if (pt < std::min(t_end, il[begin + pi])) {
+                alphas[pi].smp.prefetch(lp + (pt * z.N + begin + pi) * z.C, blank, z.C, k > 1);
               }
             }
             const int64_t r = t * z.N + n;
@@ -1013,8 +1017,8 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
                 // The rows of the next step (the next sample's, or the first sample's in the next frame) and of
                 // kFarSteps ahead.
                 for (const int64_t k : {int64_t{1}, kFarSteps}) {
-                  const int64_t j = i + k, pu = u + j / m;
-                  if (pu <= t) tops[j % m]->prefetch_recompute(pu, z.C, k > 1);
+                  const auto [pi, pu] = step_ahead(i, u, k, m, +1);
+                  if (pu <= t) tops[pi]->prefetch_recompute(pu, z.C, k > 1);
                 }
                 tops[i]->recompute(u);
               }
@@ -1030,13 +1034,9 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
             // The rows of the next step (the next sample's in this frame, else the block's first in the frame
             // before) and of kFarSteps ahead.
             for (const int64_t k : {int64_t{1}, kFarSteps}) {
-              const int64_t i = n - begin + k, pn = begin + i % (end - begin), pt = t - i / (end - begin);
-              if (pt < 0 || !betas[pn - begin] || pt >= il[pn]) continue;
-              const scalar_t* row = lp + (pt * z.N + pn) * z.C;
-              if (k == 1) {
-                betas[pn - begin]->smp.prefetch(row, blank, z.C);
-              } else {
-                betas[pn - begin]->smp.template prefetch<true>(row, blank, z.C);
+              const auto [pi, pt] = step_ahead(n - begin, t, k, end - begin, -1);
+              if (pt >= 0 && betas[pi] && pt < il[begin + pi]) {
+                betas[pi]->smp.prefetch(lp + (pt * z.N + begin + pi) * z.C, blank, z.C, k > 1);
               }
             }
             const acc_t off = lse ? lse[r] : acc_t(0);
@@ -1067,7 +1067,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
             const int64_t r = t * z.N + n;
             beta.prepare(t, z.C);
             if (t > 0) beta.smp.prefetch(lp + ((t - 1) * z.N + n) * z.C, blank, z.C);  // the next step's row
-            if (t >= kFarSteps) beta.smp.template prefetch<true>(lp + ((t - kFarSteps) * z.N + n) * z.C, blank, z.C);
+            if (t >= kFarSteps) beta.smp.prefetch(lp + ((t - kFarSteps) * z.N + n) * z.C, blank, z.C, true);
             const float* c = beta.step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank);
             std::copy(c, c + beta.smp.L + 1, comp + (n * z.T + t) * cw);
           }

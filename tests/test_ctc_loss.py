@@ -416,12 +416,13 @@ def test_gradient_exp_fast_path_same_bits(dtype, fn):
     assert torch.equal(grad[..., 16:31], grad[..., 32:47])
     if fn is seqfast.ctc_loss:
         assert torch.equal(grad[..., 16:31], grad[..., 48:63]) and grad[..., 63].isnan().all()
-    # And against torch, as everywhere: no further from float64 than torch's own kernel, twice over.
-    exact, theirs = torch_ctc(lp.double(), tg, il, tl), torch_ctc(lp.float(), tg, il, tl)
-    if fn is seqfast.ctc_loss:
-        err = (grad.double() - exact[1]).nan_to_num().abs().max().item()
-        t_err = (theirs[1].double() - exact[1]).nan_to_num().abs().max().item()
-        assert err <= 2 * t_err + (2**-8 if dtype == torch.bfloat16 else 1e-6), (err, t_err)
+        # And against torch in the same run: no further from float64 than torch's float32 kernel (its gradient
+        # rounded to the output dtype: torch's CPU kernel takes no bfloat16), twice over.
+        exact = torch_ctc(lp.double(), tg, il, tl)[1]
+        theirs = torch_ctc(lp.float(), tg, il, tl)[1].to(dtype)
+        err = (grad.double() - exact).nan_to_num().abs().max().item()
+        t_err = (theirs.double() - exact).nan_to_num().abs().max().item()
+        assert err <= 2 * t_err + 1e-6, (err, t_err)
 
 
 def test_deterministic():
