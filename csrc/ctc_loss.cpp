@@ -429,6 +429,8 @@ ExtOps ext_ops(int64_t classes) {
           &ctc_simd::posterior_lin_row_avx2, &ctc_simd::beta_post_row_avx2, classes, false};
 }
 
+constexpr int64_t kWidenClasses = 256;  // 16-bit rows up to this long may be widened on the stack (frame_emissions)
+
 // Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2), or on AVX-512
 // for an alphabet of up to 64 classes from the row's class emissions (class_emissions_avx2, emission_lookup_avx512).
 // The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
@@ -449,6 +451,17 @@ void frame_emissions(const ExtOps& ops, const Sample<scalar_t, float>& smp, cons
       ctc_simd::emission_lookup_avx512<8>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
     }
   } else {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      if (C <= kWidenClasses && 2 * labels >= C) {
+        // 16-bit rows with labels for at least half the classes: the row widened once (exactly, as each gathered
+        // value is), then gathered as float32. Eight 16-bit scalar loads cost more than eight float ones (word
+        // inserts), and here the gathers outnumber the row's vectors.
+        alignas(32) float wide[kWidenClasses];
+        load_row_avx2(row, C, wide);
+        ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, wide, lab, smp.L, lse, blank, lo, hi);
+        return;
+      }
+    }
     ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, row, lab, smp.L, lse, blank, lo, hi);
   }
 }

@@ -215,8 +215,10 @@ def test_half_inputs(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_half_inputs_are_the_float32_kernel_rounded_once(dtype, isa, small_alphabet):
-    """16-bit log_probs are read exactly (the emissions gathered straight from the 16-bit rows, or looked up in the
-    row's class emissions where labels outnumber classes, the gradient rows widened and narrowed eight at a time):
+    """16-bit log_probs are read exactly (the emissions gathered straight from the 16-bit rows, or from the row
+    widened once where labels cover half the classes (on AVX2: C13, and C37 past its first frames), or looked up in
+    the row's class emissions where labels outnumber classes (AVX-512), the gradient rows widened and narrowed eight
+    at a time):
     loss and gradient are the float32 kernel's on the widened inputs, rounded once to dtype, bit for bit. Label
     counts below, at and past a vector of 8 (and 0), C not a multiple of 8, a NaN and a +inf log-prob, a -inf row."""
     from seqfast import _C
