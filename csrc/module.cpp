@@ -9,6 +9,8 @@ namespace seqfast {
 pybind11::dict build_info();                  // csrc/build_info.cpp
 void bind_autograd(pybind11::module& m);  // csrc/autograd.cpp
 pybind11::dict fma_peak(const std::string& isa, int64_t threads, int64_t steps, int64_t repeats);  // csrc/fma_peak.cpp
+pybind11::tuple ctc_target_stats(const at::Tensor& targets, const at::Tensor& input_lengths,  // csrc/ctc_checks.cpp
+                                 const at::Tensor& target_lengths, bool padded, int64_t C, int64_t blank);
 }  // namespace seqfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -25,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fma_peak", &seqfast::fma_peak, pybind11::arg("isa") = "", pybind11::arg("threads") = 0,
         pybind11::arg("steps") = 20000000, pybind11::arg("repeats") = 5,
         "Measured fp32 FMA GFLOP/s of 12 independent chains per thread (isa: avx512, avx2, baseline; \"\" = active).");
+  m.def("ctc_target_stats", &seqfast::ctc_target_stats,
+        "CTC argument checks on CPU tensors: (min, max input length; min, max, sum target length; first bad label).");
   m.def("build_info", &seqfast::build_info, "How this library was built: versions, compiler, flags, release or debug.");
   m.def("buffer_cache_stats", [] {
     const seqfast::BufferCacheStats s = seqfast::BufferCache::get().stats();

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from seqfast import _extension
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -151,6 +153,10 @@ def ctc_arguments(
     if N == 0:  # nothing to check (min / max of no lengths)
         il_min = il_max = tl_min = tl_max = tl_sum = 0
         bad = None
+    elif on_host and _extension.AVAILABLE:
+        from seqfast import _C
+
+        il_min, il_max, tl_min, tl_max, tl_sum, bad = _C.ctc_target_stats(tg, il, tl, padded, C, blank)
     elif on_host and tg.numel() <= _HOST_CHECK_MAX:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_host(tg, il, tl, padded, C, blank)
     else:
@@ -202,8 +208,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-# Up to this many target entries on the CPU, the checks read the values into Python: a dozen tiny tensor
-# ops would cost more than the loss of a small batch.
+# Values on the CPU are checked in one C++ pass (_C.ctc_target_stats, ~10 us); without the extension, up to this
+# many target entries are read into Python, and more by a dozen tiny tensor ops (~0.1 ms).
 _HOST_CHECK_MAX = 512
 
 

@@ -707,6 +707,30 @@ def test_ctc_checks_of_host_values_read_nothing_from_the_device(form, concatenat
         validation.ctc_arguments(lp, targets, [7, 4], tl, 0)  # still checked, on the host
 
 
+def test_ctc_host_checks_agree_with_the_python_and_device_ones():
+    """The CPU tensors' checks run in C++ (_C.ctc_target_stats, one pass); they give what the Python host and device
+    statistics give: length extremes, the target-length sum, and the first bad label where labels count (padding
+    past a target's length holds anything; a length past S counts the whole row)."""
+    from seqfast import _C, validation
+
+    g = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        N, S, C, blank = 1 + trial % 5, trial % 7, 3 + trial % 9, trial % 3
+        padded = trial % 2 == 0
+        tl = torch.randint(0, S + 2 if padded else 4, (N,), generator=g)
+        il = torch.randint(0, 9, (N,), generator=g)
+        tg = torch.randint(-1, C + 1, (N, S) if padded else (int(tl.sum()),), generator=g)
+        if trial % 3 == 0:  # mostly valid labels, one bad one placed somewhere
+            tg = torch.where((tg < 0) | (tg >= C) | (tg == blank), (blank + 1) % C, tg)
+            if tg.numel():
+                tg.view(-1)[int(torch.randint(0, tg.numel(), (1,), generator=g))] = blank
+        ours = _C.ctc_target_stats(tg, il, tl, padded, C, blank)
+        host = validation._ctc_stats_on_host(tg, il, tl, padded, C, blank)
+        dev = validation._ctc_stats_on_device(tg, il, tl, padded, C, blank)
+        dev = (*dev[:5], dev[5]() if callable(dev[5]) else dev[5])
+        assert tuple(ours) == tuple(host) == dev, (trial, ours, host, dev)
+
+
 def test_ctc_checks_of_device_values_read_once(monkeypatch):
     """Lengths and targets held on the device: one read, the statistics' (counted here; any other raises)."""
     from seqfast import validation
