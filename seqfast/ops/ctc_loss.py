@@ -123,11 +123,11 @@ def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alph
     # The recompute gathers a frame's emissions from its log_probs row K frames before the gradient pass streams
     # that row: the gathered cache lines (one per label at worst) are read twice, where the table costs a write and
     # a read of (2S+1) floats plus a log per state in the forward. On AVX-512, whose log is cheap, the table is kept
-    # where those lines outweigh the table's traffic. Measured (NOTES, "CTC: checkpointed alpha"): C = 5000, S = 50
-    # lost 2.5 % forward+backward with checkpoints on AVX-512, C = 1000, S = 200 6 %. On AVX2 (Zen 3, NOTES, "CTC:
-    # checkpoints on AVX2 for long rows") the same C = 5000 case ran its forward 13-17 % faster with checkpoints
-    # and its forward+backward within the noise either way: the twice-read lines are a small part of the rows the
-    # gradient pass streams in any case, so AVX2 always checkpoints.
+    # where those lines outweigh the table's traffic. Measured (NOTES, "CTC: checkpointed alpha"): C = 5000,
+    # S = 50 lost 2.5 % forward+backward with checkpoints on AVX-512, C = 1000, S = 200 6 %. On AVX2 (Zen 3, NOTES,
+    # "Checkpoints for long rows with few labels on AVX2") the same C = 5000 case ran its forward 13-17 % faster
+    # with checkpoints and its forward+backward within the noise either way: the twice-read lines are a small part
+    # of the rows the gradient pass streams in any case, so AVX2 always checkpoints.
     if isa != "avx2":
         lines = min(S + 1, -(-C * log_probs.element_size() // 64))
         if lines * 64 > 8 * (2 * S + 1):
