@@ -40,12 +40,17 @@ def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, ze
     )
     if zero_infinity:
         nll = torch.where(torch.isposinf(nll), torch.zeros_like(nll), nll)  # as torch: +inf only, NaN stays
-    out_dtype = args.log_probs.dtype  # float32 under autocast, as torch's ctc_loss
     if reduction == "mean":
-        return (nll / args.target_lengths.clamp_min(1)).mean().to(out_dtype)  # int lengths promote to nll's dtype
-    if reduction == "sum":
-        return nll.sum().to(out_dtype)
-    return (nll if args.batched else nll[0]).to(out_dtype)
+        # Integer lengths promote to nll's dtype. The eager call knows their minimum: clamping lengths that are all
+        # >= 1 would change no divisor, and costs a tensor op (a tenth of a small call's overhead).
+        tl = args.target_lengths
+        loss = (nll / (tl if (args.min_target_length or 0) >= 1 else tl.clamp_min(1))).mean()
+    elif reduction == "sum":
+        loss = nll.sum()
+    else:
+        loss = nll if args.batched else nll[0]
+    out_dtype = args.log_probs.dtype  # float32 under autocast, as torch's ctc_loss
+    return loss if loss.dtype == out_dtype else loss.to(out_dtype)
 
 
 def ctc_loss(

@@ -54,6 +54,9 @@ class CTCArguments(NamedTuple):
     input_lengths: torch.Tensor  # (N,) int64 on log_probs' device
     target_lengths: torch.Tensor  # (N,) int64 on log_probs' device
     batched: bool
+    # min(target_lengths) where the checks read it (eager calls), None under torch.compile: 'mean' skips its
+    # clamp_min(1) when this is >= 1 (the same divisors, so the same bits).
+    min_target_length: int | None = None
 
 
 def _index(name: str, v: object) -> int:
@@ -189,7 +192,7 @@ def ctc_arguments(
         valid = cols[None, :] < tl[:, None]
         tg = torch.where(valid, tg[(starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))] if S else
                          torch.zeros((N, tl_max), dtype=torch.int64, device=device), blank)
-    return CTCArguments(lp if keep_strides else lp.contiguous(), tg.contiguous(), il, tl, batched)
+    return CTCArguments(lp if keep_strides else lp.contiguous(), tg.contiguous(), il, tl, batched, tl_min)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

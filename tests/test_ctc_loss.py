@@ -306,6 +306,33 @@ def test_op_outputs():
     assert ctc_ops.FORWARD(lp.half(), tg, il, tl, 0, False, False)[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("empty", [False, True])
+@pytest.mark.parametrize("lengths", ["tensor", "list"])
+def test_mean_reduction_is_the_per_sample_formula_bit_for_bit(dtype, empty, lengths):
+    """'mean' divides by max(target_length, 1): the eager call skips the clamp when the checks saw no empty
+    target. Loss and gradient equal (nll / clamp_min(tl, 1)).mean() on reduction='none' bit for bit, with and
+    without an empty target (where dividing by 0 would give inf / NaN), eager and compiled."""
+    lp, tg, il, tl = make_case(17, 6, 7, 5, dtype=dtype, short=True, empty=False, seed=23)
+    if empty:
+        tl = tl.clone()
+        tl[2] = 0
+    il_arg, tl_arg = (il.tolist(), tl.tolist()) if lengths == "list" else (il, tl)
+
+    def per_sample(x):  # 16-bit: the float32 kernel on the widened input, the loss rounded once (as the op)
+        nll = seqfast.ctc_loss(x.float(), tg, il_arg, tl_arg, reduction="none")
+        return (nll / tl.clamp_min(1)).mean().to(x.dtype)
+
+    expected = loss_and_grad(lambda x, *a, reduction: per_sample(x), lp)
+    assert torch.isfinite(expected[0]).all()
+    eager = loss_and_grad(seqfast.ctc_loss, lp, tg, il_arg, tl_arg, reduction="mean")
+    compiled = loss_and_grad(torch.compile(seqfast.ctc_loss, backend="eager", fullgraph=False), lp, tg, il_arg,
+                             tl_arg, reduction="mean")
+    for got in (eager, compiled):
+        assert got[0].dtype == dtype
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_forward_without_alpha_is_bit_identical(dtype, from_logits):
