@@ -557,7 +557,8 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
           for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
             const int64_t rows = std::min(rstep, nq - r0), ncb = round_up(row_cols(r0, rows), kNR);
             if (ncb > 0) {
-              gemm(Gemm<T>{rows, ncb, Dvp, dOt + r0 * dOv.si, dOv.si, 1, Vpan, kNR, Dvp * kNR, dP + r0 * BK, BK, false});
+              gemm(Gemm<T>{rows, ncb, Dvp, dOt + r0 * dOv.si, dOv.si, 1, Vpan, kNR, Dvp * kNR, dP + r0 * BK, BK,
+                           false});
             }
             for (int64_t r = r0; r < r0 + rows; ++r) {
               dscores_row(P + r * BK, dP + r * BK, Z ? Z + r * BK : nullptr, ncb, delta[row0 + r]);
@@ -576,9 +577,10 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
             const int64_t keys = std::min(kstep, nk - c0);
             const int64_t rf = diagonal ? std::clamp<int64_t>(j0 + c0 - pb.shift(b) - q0, 0, nq) : 0;
             if (rf >= nq) continue;
-            gemm(Gemm<T>{keys, Dvp, nq - rf, Pd + rf * BK + c0, 1, BK, dOt + rf * dOv.si, dOv.si, kNR, dV + c0 * Dvp, Dvp,
+            gemm(Gemm<T>{keys, Dvp, nq - rf, Pd + rf * BK + c0, 1, BK, dOt + rf * dOv.si, dOv.si, kNR, dV + c0 * Dvp,
+                         Dvp, true});
+            gemm(Gemm<T>{keys, Dp, nq - rf, dP + rf * BK + c0, 1, BK, Qt + rf * Qv.si, Qv.si, kNR, dK + c0 * Dp, Dp,
                          true});
-            gemm(Gemm<T>{keys, Dp, nq - rf, dP + rf * BK + c0, 1, BK, Qt + rf * Qv.si, Qv.si, kNR, dK + c0 * Dp, Dp, true});
           }
           for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
             const int64_t rows = std::min(rstep, nq - r0), kred = row_cols(r0, rows);
@@ -659,7 +661,8 @@ int64_t seed_value(const at::Tensor& seed) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
-                                                     const at::Tensor& value, const c10::optional<at::Tensor>& attn_mask,
+                                                     const at::Tensor& value,
+                                                     const c10::optional<at::Tensor>& attn_mask,
                                                      double dropout_p, int64_t causal, double scale,
                                                      const at::Tensor& seed) {
   check_inputs(query, key, value, 4);

@@ -56,7 +56,8 @@ class BufferCache final : public c10::Allocator {
       // Smallest idle block that fits without wasting more than a quarter of it.
       auto best = idle_.end();
       for (auto it = idle_.begin(); it != idle_.end(); ++it) {
-        if (it->bytes >= bytes && it->bytes - bytes <= it->bytes / 4 && (best == idle_.end() || it->bytes < best->bytes)) {
+        const bool fits = it->bytes >= bytes && it->bytes - bytes <= it->bytes / 4;
+        if (fits && (best == idle_.end() || it->bytes < best->bytes)) {
           best = it;
         }
       }

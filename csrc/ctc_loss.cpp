@@ -878,8 +878,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
               }
             }
             const int64_t r = t * z.N + n;
-            alphas[n - begin].step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank, la ? la + (n * z.T + t) * width : nullptr,
-                                   width);
+            alphas[n - begin].step(t, lp + r * z.C, lse ? lse[r] : 0.0f, blank,
+                                   la ? la + (n * z.T + t) * width : nullptr, width);
             if (ck && t % every == 0) {
               float* m = ck + (n * checkpoints + t / every) * 2 * width;
               alphas[n - begin].save(m, reinterpret_cast<int32_t*>(m + width), width);

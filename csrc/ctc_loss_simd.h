@@ -519,9 +519,10 @@ SEQFAST_AVX2_INLINE void alpha_ext_steps(float* m_out, int32_t* e_out, float* lo
                                          const float* em, const int32_t* ee, int64_t n) {
   for (int64_t s = 0; s < n; s += 8) {
     __m256i E;
+    const __m256 skipped = _mm256_and_ps(_mm256_loadu_ps(m_prev + s - 2), _mm256_loadu_ps(skip_m + s));
     const __m256 sum = add3(_mm256_loadu_ps(m_prev + s), loadi(e_prev + s), _mm256_loadu_ps(m_prev + s - 1),
-                            loadi(e_prev + s - 1), _mm256_and_ps(_mm256_loadu_ps(m_prev + s - 2), _mm256_loadu_ps(skip_m + s)),
-                            _mm256_add_epi32(loadi(e_prev + s - 2), loadi(skip_e + s)), &E);
+                            loadi(e_prev + s - 1), skipped, _mm256_add_epi32(loadi(e_prev + s - 2), loadi(skip_e + s)),
+                            &E);
     __m256 m;
     __m256i e;
     renormalise(_mm256_mul_ps(sum, _mm256_loadu_ps(em + s)), _mm256_add_epi32(E, loadi(ee + s)), &m, &e);

@@ -339,7 +339,8 @@ SEQFAST_TARGET_AVX512 static void emission_lookup_avx512(float* em, int32_t* ee,
     __m512i e = _mm512_permutex2var_epi32(_mm512_loadu_si512(te), idx, _mm512_loadu_si512(te + 16));
     if constexpr (Q == 8) {  // classes 32 .. 63: bit 5 of the index
       const __mmask16 upper = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
-      m = _mm512_mask_blend_ps(upper, m, _mm512_permutex2var_ps(_mm512_loadu_ps(tm + 32), idx, _mm512_loadu_ps(tm + 48)));
+      m = _mm512_mask_blend_ps(upper, m,
+                               _mm512_permutex2var_ps(_mm512_loadu_ps(tm + 32), idx, _mm512_loadu_ps(tm + 48)));
       e = _mm512_mask_blend_epi32(upper, e, _mm512_permutex2var_epi32(_mm512_loadu_si512(te + 32), idx,
                                                                       _mm512_loadu_si512(te + 48)));
     }

@@ -36,5 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           pybind11::arg("idle_bytes") = s.idle_bytes, pybind11::arg("limit_bytes") = s.limit_bytes);
   }, "Counters of the cache of large CPU output buffers (csrc/buffer_cache.h).");
   m.def("buffer_cache_set_limit", [](int64_t bytes) { return seqfast::BufferCache::get().set_limit(bytes); },
-        "Sets the idle-byte limit of the CPU output buffer cache (0: off, idle blocks are freed); returns the old one.");
+        "Sets the idle-byte limit of the CPU output buffer cache (0: off, idle blocks are freed); returns the old "
+        "one.");
 }
