@@ -8,7 +8,9 @@ float32 (--dtype bf16 / fp16: the same values rounded; torch then gets them as f
 timed call, since its CPU kernel takes no half types), reduction="mean", log_probs = log_softmax(randn) as a
 leaf, random targets, input_lengths = T, target_lengths = S. Prints the median seconds of forward and of
 forward+backward for both, and their ratios; "nog" is the forward under torch.no_grad() (inference). Each
-round runs torch and seqfast back to back, alternating which goes first, so both see the same machine. The
+round runs torch and seqfast back to back, alternating which goes first, so both see the same machine; the ratio
+("x") is the median over rounds of torch's time over ours in the same round (paired: a slow spell of a shared
+machine that spans a round slows both sides of it; --ratio medians gives the ratio of the two medians). The
 first line records the machine (CPU model, ISA in use, the FMA-loop peak measured now, load average).
 --memory runs each measurement in a fresh subprocess and reports the peak resident set growth (Linux: VmHWM
 after resetting it through /proc/self/clear_refs). --cpu-time times process CPU time instead of wall time
@@ -46,6 +48,14 @@ DTYPE = torch.float32  # --dtype
 LENGTHS = "full"  # --lengths
 
 
+def cells(res: dict, name: str) -> list[str]:
+    """Per mode: implementation `name`'s median seconds and its speedup over torch, formatted."""
+    out = []
+    for m in MODES:
+        out += [f"{statistics.median(res[name, m]):.4f}", f"{speedup(res['torch', m], res[name, m]):.1f}"]
+    return out
+
+
 def inputs(T: int, N: int, C: int, S: int):
     g = torch.Generator().manual_seed(0)
     lp = torch.randn(T, N, C, generator=g).log_softmax(2).to(DTYPE).requires_grad_()
@@ -70,8 +80,8 @@ def run(fn, lp, tg, il, tl, backward: bool, no_grad: bool = False):
 CLOCK = time.perf_counter
 
 
-def alternating_medians(impls, args, backward: bool, repeat: int, no_grad: bool = False) -> list[float]:
-    """Median seconds of each implementation; every round runs each once, in rotating order."""
+def alternating_times(impls, args, backward: bool, repeat: int, no_grad: bool = False) -> list[list[float]]:
+    """Seconds of each implementation in each round; every round runs each once, in rotating order."""
     times = [[] for _ in impls]
     for r in range(repeat):
         for k in range(len(impls)):
@@ -79,7 +89,18 @@ def alternating_medians(impls, args, backward: bool, repeat: int, no_grad: bool 
             t0 = CLOCK()
             run(impls[i], *args, backward, no_grad)
             times[i].append(CLOCK() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+RATIO = "paired"  # --ratio
+MODES = (False, True, "no_grad")  # forward with grad, forward+backward, forward under no_grad
+
+
+def speedup(torch_times: list[float], ours: list[float]) -> float:
+    """torch over ours: the median of the rounds' ratios (paired), or the ratio of the medians."""
+    if RATIO == "paired":
+        return statistics.median(t / o for t, o in zip(torch_times, ours))
+    return statistics.median(torch_times) / statistics.median(ours)
 
 
 def torch_ctc(lp, tg, il, tl):
@@ -153,8 +174,10 @@ def main() -> None:
     ap.add_argument("--alpha-every", type=int, nargs="*", default=[])
     ap.add_argument("--saved", action="store_true")
     ap.add_argument("--lengths", default="full", choices=["full", "sorted"])
+    ap.add_argument("--ratio", default="paired", choices=["paired", "medians"])
     a = ap.parse_args()
-    global DTYPE, LENGTHS
+    global DTYPE, LENGTHS, RATIO
+    RATIO = a.ratio
     DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     LENGTHS = a.lengths
     from seqfast import _C
@@ -174,7 +197,7 @@ def main() -> None:
 
     print(cpu_record())
     print(f"threads={torch.get_num_threads()} isa={_C.cpu_isa()} clock={'cpu-time' if a.cpu_time else 'wall'} "
-          f"dtype={a.dtype} lengths={a.lengths}")
+          f"dtype={a.dtype} lengths={a.lengths} ratio={a.ratio}")
     impls = dict(IMPLS)
     for k in a.alpha_every:
         impls[f"K={k or 'auto'}"] = with_alpha_every(k)
@@ -187,20 +210,20 @@ def main() -> None:
         for bwd in (False, True):
             for fn in fns:
                 run(fn, *args, bwd)  # warm-up
-            for name, t in zip(names, alternating_medians(fns, args, bwd, a.repeat)):
+            for name, t in zip(names, alternating_times(fns, args, bwd, a.repeat)):
                 res[name, bwd] = t
         for fn in fns:
             run(fn, *args, False, True)
-        for name, t in zip(names, alternating_medians(fns, args, False, a.repeat, no_grad=True)):
+        for name, t in zip(names, alternating_times(fns, args, False, a.repeat, no_grad=True)):
             res[name, "no_grad"] = t
-        tf, of, tb, ob = res["torch", False], res["seqfast", False], res["torch", True], res["seqfast", True]
-        tn, on = res["torch", "no_grad"], res["seqfast", "no_grad"]
-        print(f"{str(shape):>22} {tf:10.4f} {of:10.4f} {tf / of:6.1f} {tb:10.4f} {ob:10.4f} {tb / ob:6.1f} "
-              f"{tn:10.4f} {on:10.4f} {tn / on:6.1f}", flush=True)
+        tf, tb, tn = (statistics.median(res["torch", m]) for m in MODES)
+        ours = cells(res, "seqfast")
+        print(f"{str(shape):>22} {tf:10.4f} {ours[0]:>10} {ours[1]:>6} {tb:10.4f} {ours[2]:>10} {ours[3]:>6} "
+              f"{tn:10.4f} {ours[4]:>10} {ours[5]:>6}", flush=True)
         for name in names[2:]:
-            f, b, n = res[name, False], res[name, True], res[name, "no_grad"]
-            print(f"{name:>22} {'':>10} {f:10.4f} {tf / f:6.1f} {'':>10} {b:10.4f} {tb / b:6.1f} {'':>10} {n:10.4f} "
-                  f"{tn / n:6.1f}", flush=True)
+            c = cells(res, name)
+            print(f"{name:>22} {'':>10} {c[0]:>10} {c[1]:>6} {'':>10} {c[2]:>10} {c[3]:>6} {'':>10} {c[4]:>10} "
+                  f"{c[5]:>6}", flush=True)
         if a.saved:
             print(f"{'saved for backward MiB':>22} " + " ".join(
                 f"{name} {saved_mib(fn, *args):.1f}" for name, fn in zip(names, fns)), flush=True)
