@@ -62,10 +62,24 @@ def current() -> str:
 
 
 def is_plain_auto() -> bool:
-    """True when nothing forces a backend (no context, no SEQFAST_BACKEND) and no compiler is tracing: the
-    eager common case, where a call may take the extension's direct route."""
+    """True when nothing forces a backend (no context, no SEQFAST_BACKEND), no compiler is tracing and no
+    torch.func gradient transform is active: the eager common case, where a call may take the extension's direct
+    route."""
     return (getattr(_state, "forced", None) is None and _ENVIRON_DATA is not None
-            and _ENVIRON_DATA.get(_ENV_KEY, _AUTO) in _AUTO_VALUES and not torch.compiler.is_compiling())
+            and _ENVIRON_DATA.get(_ENV_KEY, _AUTO) in _AUTO_VALUES and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+_GRAD_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
+def functorch_transforms() -> tuple[bool, bool]:
+    """(a torch.func gradient transform (grad, vjp, jacrev, jvp, ...) is active, torch.vmap is active); both False
+    outside torch.func, at the cost of one call."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False, False
+    keys = [i.key() for i in torch._C._functorch.get_interpreter_stack()]
+    return any(k in _GRAD_TRANSFORMS for k in keys), torch._C._functorch.TransformType.Vmap in keys
 
 
 @contextlib.contextmanager
@@ -131,11 +145,45 @@ def dispatch(name: str | None, op: Callable[..., Any], *args: Any) -> Any:
     """Call ``op`` under backend ``name`` (``None`` means :func:`current`)."""
     name = current() if name is None else name
     if name == "auto":
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if torch._C._functorch.peek_interpreter_stack() is not None and functorch_transforms()[0]:
+            return _functorch_call(op, *args)
         eager = _EAGER.get(op)
-        if eager is not None and not torch.compiler.is_compiling():
-            return eager(*args)
-        return op(*args)
+        return eager(*args) if eager is not None else op(*args)
     return _dispatch_forced(name, op, *args)
+
+
+class _FunctorchAutograd(torch.autograd.Function):
+    """An op under a torch.func gradient transform (grad, vjp, jacrev, ...), with its Python autograd formula.
+
+    The dispatcher's autograd kernels are C++ functions (csrc/autograd.cpp), which functorch refuses ("cannot use
+    C++ torch::autograd::Function with functorch transforms"). This runs the op below autograd on the device's
+    kernel, with the same formula; vmap over it runs the formula under vmap (generate_vmap_rule), the op itself by
+    torch's per-sample fallback. Forward-mode AD (jvp, jacfwd) has no formula: torch's error says so."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, *args = inputs
+        ctx.formula = _FORMULAS[op._schema.name.split("::", 1)[1]]
+        ctx.formula[0](ctx, tuple(args), output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.formula[1](ctx, *grads))
+
+
+def _functorch_call(op: Callable[..., Any], *args: Any) -> Any:
+    if op._schema.name.split("::", 1)[1] not in _FORMULAS:  # no gradient (the decoders)
+        return op(*args)
+    return _FunctorchAutograd.apply(op, *args)
 
 
 def register_autograd(op_name: str, setup_context: Callable[..., Any], backward: Callable[..., Any]) -> None:

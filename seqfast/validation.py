@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from seqfast import _extension
+from seqfast import _backend, _extension
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("none", "mean", "sum")
@@ -118,6 +118,13 @@ def ctc_arguments(
     given (for kernels that read any layout) instead of a contiguous copy.
     """
     _floating(name, log_probs)
+    if (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+            and _backend.functorch_transforms()[1]):
+        # The checks read the targets and lengths, and the kernels take one sample per batch row: a vmapped
+        # tensor would fail deep inside with a message about storage.
+        raise ArgumentError("seqfast's CTC functions do not run under torch.vmap (the targets and lengths are read "
+                            "on the host); call them once on the batched (T, N, C) form instead: "
+                            "reduction='none' gives each sample's loss")
     if log_probs.dim() not in (2, 3):
         raise ArgumentError(f"{name} must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")
     if log_probs.numel() == 0 and not allow_empty:

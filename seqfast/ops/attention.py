@@ -161,6 +161,45 @@ def _varlen_backward(ctx, grad_out, grad_lse):
 
 register_autograd("attention_forward", _backward, _setup_context)
 register_autograd("varlen_attention_forward", _varlen_backward, _varlen_setup_context)
+
+
+# torch.vmap: the vmapped dimension joins the batch dimension (one call of the kernels, instead of torch's per-sample
+# fallback loop and its warning). Unbatched arguments are expanded to the vmap size first.
+
+
+def _fold(x: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tensor | None:
+    """(size, B, ...) -> (size * B, ...) with stride 1 on the last dim, as the kernels read it."""
+    if x is None:
+        return None
+    x = x.movedim(bdim, 0) if bdim is not None else x.expand(size, *x.shape)
+    x = x.reshape(size * x.shape[1], *x.shape[2:])
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def _unfold(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x.reshape(size, x.shape[0] // size, *x.shape[1:])
+
+
+@torch.library.register_vmap("seqfast::attention_forward")
+def _forward_vmap(info, in_dims, query, key, value, attn_mask, dropout_p, causal, scale, seed):
+    if in_dims[7] is not None:
+        raise RuntimeError("seqfast::attention_forward under torch.vmap: the dropout seed must not be batched")
+    q, k, v, m = (_fold(x, d, info.batch_size) for x, d in zip((query, key, value, attn_mask), in_dims))
+    out, lse = FORWARD(q, k, v, m, dropout_p, causal, scale, seed)
+    return (_unfold(out, info.batch_size), _unfold(lse, info.batch_size)), (0, 0)
+
+
+@torch.library.register_vmap("seqfast::attention_backward")
+def _backward_vmap(info, in_dims, grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed,
+                   mask_grad):
+    if in_dims[10] is not None:
+        raise RuntimeError("seqfast::attention_backward under torch.vmap: the dropout seed must not be batched")
+    tensors = (grad_out, query, key, value, attn_mask, out, lse)
+    g, q, k, v, m, o, lse_ = (_fold(x, d, info.batch_size) for x, d in zip(tensors, in_dims[:7]))
+    dq, dk, dv, dmask = BACKWARD(g, q, k, v, m, o, lse_, dropout_p, causal, scale, seed, mask_grad)
+    dmask, mask_dim = (_unfold(dmask, info.batch_size), 0) if mask_grad else (dmask, None)
+    return (_unfold(dq, info.batch_size), _unfold(dk, info.batch_size), _unfold(dv, info.batch_size), dmask), \
+        (0, 0, 0, mask_dim)
 register_kernels("attention_forward", "attention", reference.attention_forward)
 register_kernels("attention_backward", "attention", reference.attention_backward)
 register_kernels("varlen_attention_forward", "attention", reference.varlen_attention_forward)

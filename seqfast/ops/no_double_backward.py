@@ -21,10 +21,17 @@ def guard() -> contextlib.AbstractContextManager:
 
 
 class _NoDerivative(torch.autograd.Function):
+    # forward and setup_context apart: the form torch.func transforms accept (a gradient taken under
+    # torch.func.grad comes here too, as its backward runs with create_graph).
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, op_name: str, n_grads: int, *tensors: torch.Tensor):
-        ctx.op_name = op_name
+    def forward(op_name: str, n_grads: int, *tensors: torch.Tensor):
         return tuple(t.view_as(t) for t in tensors[:n_grads])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op_name = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):

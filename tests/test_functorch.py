@@ -1,0 +1,140 @@
+"""seqfast's ops under torch.func transforms (grad, vjp, jacrev, vmap), against torch's own ops in the same run.
+
+The eager calls' autograd is C++ (csrc/autograd.cpp), which functorch refuses; under a gradient transform the ops
+take their Python formula instead (seqfast._backend), and vmap folds its dimension into the attention batch. What
+torch refuses (a second derivative of the fused kernels, forward-mode AD) seqfast refuses too.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfast
+from seqfast import _backend
+from seqfast.validation import ArgumentError
+
+
+def close64(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+def attention_inputs(seed=0, B=3, H=2, Lq=5, Lk=7, D=4):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk))
+    mask = torch.randn(B, 1, Lq, Lk, generator=g, dtype=torch.float64)
+    return q, k, v, mask
+
+
+def ctc_inputs(dtype=torch.float64, seed=0, T=12, N=3, C=6, S=4):
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.randn(T, N, C, generator=g, dtype=torch.float64).log_softmax(-1).to(dtype)
+    tg = torch.randint(1, C, (N, S), generator=g)
+    return lp, tg, torch.tensor([T, T - 2, T - 5]), torch.tensor([S, 2, 3])
+
+
+SDPA = [F.scaled_dot_product_attention, seqfast.scaled_dot_product_attention]
+
+
+@pytest.mark.parametrize("kind", ["plain", "causal", "float mask"])
+def test_grad_and_jacrev_of_attention_match_torch(kind):
+    q, k, v, mask = attention_inputs()
+    kwargs = {"is_causal": True} if kind == "causal" else {"attn_mask": mask} if kind == "float mask" else {}
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v, **kwargs) * torch.linspace(-1, 1, 4, dtype=q.dtype)).square().sum()
+
+    theirs, ours = (torch.func.grad(loss(f), argnums=(0, 1, 2))(q, k, v) for f in SDPA)
+    for a, b in zip(ours, theirs):
+        close64(a, b)
+    jac_kwargs = {} if kind == "float mask" else kwargs
+    jac = [torch.func.jacrev(lambda q, f=f: f(q, k[:1], v[:1], **jac_kwargs).sum(-1))(q[:1]) for f in SDPA]
+    close64(jac[1], jac[0])
+    out, vjp_fn = torch.func.vjp(lambda q: seqfast.scaled_dot_product_attention(q, k, v, **kwargs), q)
+    ref_out, ref_vjp = torch.func.vjp(lambda q: F.scaled_dot_product_attention(q, k, v, **kwargs), q)
+    close64(out, ref_out)
+    close64(vjp_fn(torch.ones_like(out))[0], ref_vjp(torch.ones_like(ref_out))[0])
+
+
+def test_per_sample_gradients_of_attention_match_torch():
+    """vmap(grad(...)): per-sample gradients, the vmapped dimension folded into the kernels' batch; key and value
+    shared across the vmap (in_dims None) as well as per sample."""
+    q, k, v, _ = attention_inputs(seed=1)
+
+    def per_sample(f, in_dims):
+        loss = torch.func.grad(lambda q1, k1, v1: f(q1, k1, v1).square().sum(), argnums=(0, 1, 2))
+        return torch.vmap(loss, in_dims=in_dims)(q, k if in_dims[1] == 0 else k[0], v if in_dims[2] == 0 else v[0])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for in_dims in [(0, 0, 0), (0, None, None)]:
+            theirs, ours = (per_sample(f, in_dims) for f in SDPA)
+            for a, b in zip(ours, theirs):
+                close64(a, b)
+        # vmap of the forward alone, with a batched mask and the vmapped dimension not in front
+        q, k, v, mask = attention_inputs(seed=2)
+        args = (q.movedim(0, 2), k, v, mask.expand(3, 2, 5, 7))
+        theirs, ours = (torch.vmap(f, in_dims=(2, 0, 0, 0))(*args) for f in SDPA)
+        close64(ours, theirs)
+    # torch's own ops take its per-sample fallback (and warn); seqfast's have batching rules.
+    assert not [w for w in caught if "seqfast::" in str(w.message)]
+
+
+def test_second_order_and_forward_mode_refused_as_torch():
+    q, k, v, _ = attention_inputs()
+    for f, match in [(F.scaled_dot_product_attention, "derivative for aten::"),
+                     (seqfast.scaled_dot_product_attention, "derivative for seqfast::attention_backward")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.func.grad(lambda q, f=f: torch.func.grad(lambda q: f(q, k, v).square().sum())(q).sum())(q)
+        with pytest.raises(NotImplementedError):
+            torch.func.jvp(lambda q, f=f: f(q, k, v), (q,), (torch.ones_like(q),))
+    lp, tg, il, tl = ctc_inputs()
+    with pytest.raises(RuntimeError, match="derivative for seqfast::ctc_loss_backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda x: seqfast.ctc_loss(x, tg, il, tl))(x).sum())(lp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_of_ctc_matches_torch_and_eager(dtype, reduction):
+    lp, tg, il, tl = ctc_inputs(dtype)
+    theirs, ours = (torch.func.grad(lambda x, f=f: f(x, tg, il, tl, reduction=reduction))(lp)
+                    for f in (F.ctc_loss, seqfast.ctc_loss))
+    x = lp.clone().requires_grad_()
+    seqfast.ctc_loss(x, tg, il, tl, reduction=reduction).backward()
+    if dtype == torch.float64:
+        close64(ours, theirs)
+    else:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # The same kernels and formula as the eager call: the same bits.
+    assert torch.equal(ours, x.grad)
+    logits = lp.double() * 1.5
+    fused = torch.func.grad(lambda z: seqfast.ctc_loss_from_logits(z, tg, il, tl, reduction=reduction))(logits)
+    two_step = torch.func.grad(lambda z: F.ctc_loss(z.log_softmax(-1), tg, il, tl, reduction=reduction))(logits)
+    close64(fused, two_step)
+
+
+def test_ctc_under_vmap_is_refused_clearly():
+    lp, tg, _, _ = ctc_inputs()
+    il, tl = torch.full((3,), 12), torch.full((3,), 4)  # unbatched targets must be of their target length
+    assert torch.vmap(F.ctc_loss, in_dims=(1, 0, 0, 0))(lp, tg, il, tl).shape == (3,)  # torch runs it
+    with pytest.raises(ArgumentError, match="torch.vmap.*batched"):
+        torch.vmap(seqfast.ctc_loss, in_dims=(1, 0, 0, 0))(lp, tg, il, tl)
+
+
+def test_eager_route_outside_transforms_only():
+    """Outside torch.func the eager calls keep their direct C++ route; inside a transform they leave it."""
+    seen = {}
+
+    def probe(x):
+        seen["plain"] = _backend.is_plain_auto()
+        seen["transforms"] = _backend.functorch_transforms()
+        return x.sum()
+
+    assert _backend.is_plain_auto() and _backend.functorch_transforms() == (False, False)
+    torch.func.grad(probe)(torch.ones(2))
+    assert seen == {"plain": False, "transforms": (True, False)}
+    torch.vmap(probe)(torch.ones(2, 2))
+    assert seen == {"plain": False, "transforms": (False, True)}
