@@ -208,8 +208,15 @@ c10::optional<Tensor> common_attention(const Tensor& q, const Tensor& k, const T
     return c10::nullopt;
   }
   if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return c10::nullopt;
+  // Autocast knows CPU and CUDA only (it throws for the meta device); the Python path takes the others.
+  if (!q.is_cpu() && !q.is_cuda()) return c10::nullopt;
   if (at::autocast::is_autocast_enabled(q.device().type())) return c10::nullopt;
-  static const Tensor no_seed = at::zeros({}, at::kLong);
+  // Made outside inference mode whatever mode the first call runs in: an inference tensor cannot be saved for
+  // backward, so a first call under torch.inference_mode() would otherwise break every later training call.
+  static const Tensor no_seed = [] {
+    c10::InferenceMode normal(false);
+    return at::zeros({}, at::kLong);
+  }();
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
   return std::get<0>(attention_forward(q, k, v, c10::nullopt, 0.0, is_causal ? 1 : 0, s, no_seed));
 }

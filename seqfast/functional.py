@@ -163,7 +163,8 @@ def ctc_forced_align(
     return paths, scores
 
 
-_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
+with torch.inference_mode(False):  # an import under inference_mode must not make it an inference tensor
+    _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
 # The extension's one-call route for the common eager attention call (csrc/autograd.cpp), when it loaded.
 _COMMON_ATTENTION = getattr(_extension.module(), "common_attention", None) if _extension.AVAILABLE else None
 

@@ -235,6 +235,54 @@ def test_sdpa_backward_under_autocast():
         close(a, b, 5e-2)
 
 
+_INFERENCE_FIRST = """
+import torch
+with torch.inference_mode():  # seqfast imported and first called under inference_mode
+    import seqfast
+    x = torch.randn(2, 3, 5, 4)
+    seqfast.scaled_dot_product_attention(x, x, x)
+    seqfast.scaled_dot_product_attention(x, x, x, attn_mask=torch.zeros(5, 5))
+    lp = torch.randn(6, 2, 4).log_softmax(-1)
+    seqfast.ctc_loss(lp, torch.tensor([[1, 2], [3, 1]]), [6, 5], [2, 1])
+for mask in (None, torch.zeros(5, 5)):
+    q = torch.randn(2, 3, 5, 4, requires_grad=True)
+    seqfast.scaled_dot_product_attention(q, q, q, attn_mask=mask).sum().backward()
+    assert q.grad is not None
+lp = lp.clone().requires_grad_()
+seqfast.ctc_loss(lp, torch.tensor([[1, 2], [3, 1]]), [6, 5], [2, 1]).backward()
+print("trained", lp.grad.shape)
+"""
+
+
+def test_training_after_a_first_call_under_inference_mode():
+    """torch.inference_mode() makes inference tensors, which autograd cannot save: state that seqfast creates once
+    (the no-dropout seed, in C++ and in Python) must not be one, or the first call (or import) under
+    inference_mode would break every later training call. A fresh process, since that state lives once per
+    process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _INFERENCE_FIRST], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained torch.Size([6, 2, 4])" in done.stdout
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}, {"attn_mask": "float"}, {"enable_gqa": True}])
+def test_sdpa_on_meta_tensors_as_torch(kwargs):
+    """The meta device (shape inference, models built under torch.device("meta")): the output's shape, dtype
+    and device as torch's."""
+    q = torch.empty(2, 4, 5, 8, device="meta")
+    kv = torch.empty(2, 2 if kwargs.get("enable_gqa") else 4, 6, 8, device="meta")
+    if kwargs.get("attn_mask") == "float":
+        kwargs = {"attn_mask": torch.empty(5, 6, device="meta")}
+    theirs = F.scaled_dot_product_attention(q, kv, kv, **kwargs)
+    ours = seqfast.scaled_dot_product_attention(q, kv, kv, **kwargs)
+    assert (ours.shape, ours.dtype, ours.device) == (theirs.shape, theirs.dtype, theirs.device)
+
+
 def test_mha_under_autocast_matches_torchs_dtypes():
     torch_mha = torch.nn.MultiheadAttention(16, 2)
     ours = seqfast.nn.MultiheadAttention(16, 2)
