@@ -283,6 +283,26 @@ def test_sdpa_on_meta_tensors_as_torch(kwargs):
     assert (ours.shape, ours.dtype, ours.device) == (theirs.shape, theirs.dtype, theirs.device)
 
 
+@pytest.mark.parametrize("name, args", [("MultiheadAttention", (16, 4)), ("TransformerEncoderLayer", (16, 4, 32)),
+                                         ("TransformerDecoderLayer", (16, 4, 32)), ("CTCLoss", ())])
+def test_torchscript_refused_with_a_message(name, args):
+    """torch.jit.script compiles torch's modules; seqfast's refuse it with a message that names the way out
+    (torch.compile / torch.export, or torch's class with the same state_dict), inside a torch container too,
+    instead of a TorchScript compiler error about their argument checks."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(getattr(torch.nn, name)(*args))
+        ours = getattr(seqfast.nn, name)(*args)
+        for module in (ours, torch.nn.Sequential(ours)):
+            with pytest.raises(RuntimeError, match=f"seqfast.nn.{name} cannot be compiled by torch.jit.script.*"
+                                                   "torch.compile"):
+                torch.jit.script(module)
+    state = getattr(seqfast.nn, name)(*args).state_dict()
+    getattr(torch.nn, name)(*args).load_state_dict(state)  # the way out the message names
+
+
 def test_mha_under_autocast_matches_torchs_dtypes():
     torch_mha = torch.nn.MultiheadAttention(16, 2)
     ours = seqfast.nn.MultiheadAttention(16, 2)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from seqfast.functional import ctc_loss
+from seqfast.nn._scripting import NotScriptable
 from seqfast.validation import IntLengths, reduction_argument
 
 
-class CTCLoss(torch.nn.CTCLoss):
+class CTCLoss(NotScriptable, torch.nn.CTCLoss):
     """:class:`torch.nn.CTCLoss` (a subclass: same constructor, attributes and ``isinstance``) whose forward
     is :func:`seqfast.ctc_loss`."""
 

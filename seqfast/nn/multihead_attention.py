@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from seqfast import _backend
 from seqfast.functional import _dropout_seed, _seeded_attention
+from seqfast.nn._scripting import NotScriptable
 from seqfast.ops import attention as attention_ops
 from seqfast.validation import ArgumentError
 
@@ -90,7 +91,7 @@ def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
     return batched
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
     r"""Multi-head attention, a drop-in for :class:`torch.nn.MultiheadAttention` on seqfast's fused kernels.
 
     Same constructor as torch: ``MultiheadAttention(embed_dim, num_heads, dropout=0.0, bias=True,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from seqfast.nn._scripting import NotScriptable
 from seqfast.nn.multihead_attention import MultiheadAttention
 from seqfast.validation import ArgumentError
 
@@ -38,7 +39,7 @@ def _plain_encoder_layer(layer: torch.nn.TransformerEncoderLayer, x, src_mask, s
     return layer.norm2(x + layer._ff_block(x))
 
 
-class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+class TransformerEncoderLayer(NotScriptable, torch.nn.TransformerEncoderLayer):
     r"""A drop-in for :class:`torch.nn.TransformerEncoderLayer` whose ``self_attn`` is seqfast's.
 
     Constructor: ``(d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu,
@@ -93,7 +94,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return torch.nested.as_nested_tensor([out[i, : p.shape[0]] for i, p in enumerate(parts)])
 
 
-class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+class TransformerDecoderLayer(NotScriptable, torch.nn.TransformerDecoderLayer):
     r"""A drop-in for :class:`torch.nn.TransformerDecoderLayer` whose ``self_attn`` and ``multihead_attn``
     are seqfast's.
 
