@@ -21,6 +21,7 @@ from seqfast.validation import (
     ctc_arguments,
     ctc_beam_search_arguments,
     ctc_greedy_arguments,
+    int_like,
     reduction_argument,
     sdpa_arguments,
     varlen_arguments,
@@ -29,6 +30,7 @@ from seqfast.validation import (
 
 def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, from_logits, name):
     reduction = reduction_argument(reduction)
+    blank = int_like(blank)  # numpy and 0-d tensor integers, as torch's int arguments take them
     args = ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank, name)
     # Without a gradient to come, the kernels need not store log_alpha (the loss is the same bits).
     keep_alpha = torch.is_grad_enabled() and args.log_probs.requires_grad
@@ -125,6 +127,7 @@ def ctc_greedy_decode(
         in ``tokens[n, :lengths[n]]`` and ``blank`` after them; ``lengths`` (N,) int64; ``frames`` (N, T)
         int64, -1 after the tokens. Unbatched input gives (T,), 0-d and (T,).
     """
+    blank = int_like(blank)
     args = ctc_greedy_arguments(log_probs, input_lengths, blank)
     tokens, lengths, frames = _backend.dispatch(None, decode_ops.GREEDY, args.log_probs, args.input_lengths, blank)
     if not args.batched:
@@ -154,6 +157,7 @@ def ctc_forced_align(
         past ``input_lengths[n]``); ``scores`` in log_probs' dtype, the frame's log-prob on the path (0 past
         the input). A path's total score is ``scores.sum(-1)``.
     """
+    blank = int_like(blank)
     args = ctc_align_arguments(log_probs, targets, input_lengths, target_lengths, blank)
     paths, scores = _backend.dispatch(
         None, decode_ops.ALIGN, args.log_probs, args.targets, args.input_lengths, args.target_lengths, blank,
@@ -364,6 +368,7 @@ def ctc_beam_search(
         with ``beam_size`` at least the number of prefixes (and no pruning) the n-best are exact. A zero-length
         sample has one hypothesis, the empty labelling. Results do not depend on the thread count.
     """
+    blank = int_like(blank)
     a = ctc_beam_search_arguments(log_probs, input_lengths, beam_size, blank, top_k_tokens, token_min_logp,
                                   beam_prune_logp, lm, lm_weight, insertion_bonus, hotwords, hotword_bonus, lexicon,
                                   word_delimiter, blank_skip_logp)

@@ -94,6 +94,17 @@ def _blank(blank: object, C: int) -> None:
         raise ArgumentError(f"blank must be in [0, {C}) (C = number of classes), got {blank!r}")
 
 
+def int_like(v: object) -> object:
+    """``v`` as a Python int where torch's int arguments take it (numpy integers, 0-d integer tensors), else
+    ``v`` unchanged, for the checks to refuse with their own message."""
+    if isinstance(v, (int, bool)):
+        return v
+    try:
+        return _index("", v)
+    except ArgumentError:
+        return v
+
+
 def reduction_argument(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -63,6 +63,20 @@ def test_ctc_targets_of_other_dtypes_as_torch(dtype, concatenated):
     close(seqfast.ctc_loss(lp, t, il, tl), F.ctc_loss(lp, t, il, tl))
 
 
+@pytest.mark.parametrize("blank", [np.int64(5), np.int32(5), torch.tensor(5), torch.tensor(5, dtype=torch.int32)])
+def test_ctc_blank_as_any_integer_torch_takes(blank):
+    """torch's int arguments take numpy integers and 0-d integer tensors; so does blank here, in the loss and in
+    the decoders (a float blank is refused by both)."""
+    lp, tg, il, tl = ctc_case()
+    tg = tg % 5  # labels in [0, 5): class 5 is free for the blank
+    lp = lp[..., :6].log_softmax(-1)
+    close(seqfast.ctc_loss(lp, tg, il, tl, blank=blank), F.ctc_loss(lp, tg, il, tl, blank=blank))
+    assert torch.equal(seqfast.ctc_greedy_decode(lp, il, blank=blank)[0], seqfast.ctc_greedy_decode(lp, il, blank=5)[0])
+    for lib in (F.ctc_loss, seqfast.ctc_loss):
+        with pytest.raises((TypeError, RuntimeError)):
+            lib(lp, tg, il, tl, blank=5.0)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 6), (9, 0, 6), (9, 3, 0), (0, 6)])
 def test_ctc_empty_log_probs_refused_as_torch(shape):
     lp = torch.zeros(shape)
