@@ -195,14 +195,18 @@ class _ForcedAutograd(torch.autograd.Function):
     """Runs an op under a forced backend with its Python autograd formula, so that the backward runs on the
     backend the forward ran on even after the ``backend()`` block has closed."""
 
+    # forward and setup_context apart: the form torch.func's gradient transforms accept.
     @staticmethod
-    def forward(ctx, name, op, *args):
+    def forward(name, op, *args):
         with _ForceBackend(name):
-            out = op(*args)
+            return op(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        name, op, *args = inputs
         ctx.formula = _FORMULAS[op._schema.name.split("::", 1)[1]]
-        ctx.formula[0](ctx, args, out)
+        ctx.formula[0](ctx, tuple(args), output)
         ctx.backend = name
-        return out
 
     @staticmethod
     def backward(ctx, *grads):
@@ -211,6 +215,11 @@ class _ForcedAutograd(torch.autograd.Function):
 
 @torch._dynamo.disable
 def _dispatch_forced(name: str, op: Callable[..., Any], *args: Any) -> Any:
+    if name == "reference" and torch._C._functorch.peek_interpreter_stack() is not None:
+        # Its backward differentiates float64 copies with torch.autograd inside a dispatch mode, which functorch's
+        # layers cannot nest (an internal assert in torch).
+        raise RuntimeError("seqfast.backend('reference') does not run under torch.func transforms; use "
+                           "torch.autograd.grad with it, or another backend under torch.func")
     needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     if needs_grad and op._schema.name.split("::", 1)[1] in _FORMULAS:
         return _ForcedAutograd.apply(name, op, *args)

@@ -138,3 +138,19 @@ def test_eager_route_outside_transforms_only():
     assert seen == {"plain": False, "transforms": (True, False)}
     torch.vmap(probe)(torch.ones(2, 2))
     assert seen == {"plain": False, "transforms": (False, True)}
+
+
+def test_forced_backends_under_grad():
+    """seqfast.backend("cpp") keeps its kernels under torch.func.grad (the Python formula, C++ kernels); the
+    reference backend, which differentiates with autograd itself, is refused with a message."""
+    q, k, v, _ = attention_inputs(seed=3)
+    expected = torch.func.grad(lambda q: F.scaled_dot_product_attention(q, k, v).square().sum())(q)
+    with seqfast.backend("cpp"):
+        got = torch.func.grad(lambda q: seqfast.scaled_dot_product_attention(q, k, v).square().sum())(q)
+    close64(got, expected)
+    lp, tg, il, tl = ctc_inputs()
+    with seqfast.backend("cpp"):
+        got = torch.func.grad(lambda x: seqfast.ctc_loss(x, tg, il, tl))(lp)
+    close64(got, torch.func.grad(lambda x: F.ctc_loss(x, tg, il, tl))(lp))
+    with seqfast.backend("reference"), pytest.raises(RuntimeError, match="reference.*torch.func"):
+        torch.func.grad(lambda q: seqfast.scaled_dot_product_attention(q, k, v).sum())(q)
