@@ -215,11 +215,12 @@ class _ForcedAutograd(torch.autograd.Function):
 
 @torch._dynamo.disable
 def _dispatch_forced(name: str, op: Callable[..., Any], *args: Any) -> Any:
-    if name == "reference" and torch._C._functorch.peek_interpreter_stack() is not None:
-        # Its backward differentiates float64 copies with torch.autograd inside a dispatch mode, which functorch's
-        # layers cannot nest (an internal assert in torch).
-        raise RuntimeError("seqfast.backend('reference') does not run under torch.func transforms; use "
-                           "torch.autograd.grad with it, or another backend under torch.func")
+    if name in ("reference", "triton") and torch._C._functorch.peek_interpreter_stack() is not None:
+        # These run inside a dispatch mode under the caller's dispatch keys (_ForceBackend), which functorch's
+        # layers cannot nest: torch fails an internal assert. The default backend reaches the same Triton kernels
+        # for CUDA tensors through the dispatcher, and "cpp" calls its kernels directly.
+        raise RuntimeError(f"seqfast.backend({name!r}) does not run under torch.func transforms; use "
+                           "torch.autograd.grad with it, or the default or 'cpp' backend under torch.func")
     needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     if needs_grad and op._schema.name.split("::", 1)[1] in _FORMULAS:
         return _ForcedAutograd.apply(name, op, *args)

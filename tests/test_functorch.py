@@ -142,7 +142,8 @@ def test_eager_route_outside_transforms_only():
 
 def test_forced_backends_under_grad():
     """seqfast.backend("cpp") keeps its kernels under torch.func.grad (the Python formula, C++ kernels); the
-    reference backend, which differentiates with autograd itself, is refused with a message."""
+    forced reference and triton backends, which run inside a dispatch mode functorch cannot nest, are refused
+    with a message (the default backend reaches the Triton kernels of CUDA tensors through the dispatcher)."""
     q, k, v, _ = attention_inputs(seed=3)
     expected = torch.func.grad(lambda q: F.scaled_dot_product_attention(q, k, v).square().sum())(q)
     with seqfast.backend("cpp"):
@@ -152,5 +153,6 @@ def test_forced_backends_under_grad():
     with seqfast.backend("cpp"):
         got = torch.func.grad(lambda x: seqfast.ctc_loss(x, tg, il, tl))(lp)
     close64(got, torch.func.grad(lambda x: F.ctc_loss(x, tg, il, tl))(lp))
-    with seqfast.backend("reference"), pytest.raises(RuntimeError, match="reference.*torch.func"):
-        torch.func.grad(lambda q: seqfast.scaled_dot_product_attention(q, k, v).sum())(q)
+    for name in ("reference", "triton"):
+        with seqfast.backend(name), pytest.raises(RuntimeError, match=f"{name}.*torch.func"):
+            torch.func.grad(lambda q: seqfast.scaled_dot_product_attention(q, k, v).sum())(q)
