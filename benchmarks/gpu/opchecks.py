@@ -125,3 +125,44 @@ def opcheck(ctx: Context) -> None:
         ctx.run(f"attention_backward {layout}", attention_backward, min_seconds=3.0)
         ctx.run(f"varlen_attention_forward/backward {layout}", varlen, min_seconds=3.0)
         ctx.run(f"ctc_loss_forward/backward {layout}", ctc, min_seconds=3.0)
+    ctx.run("torch.func grad / vmap(grad)", lambda c: functorch_grads(ctx, c), min_seconds=3.0)
+
+
+def functorch_grads(ctx: Context, c: Case) -> None:
+    """torch.func.grad and vmap(grad) (per-sample gradients) through the public functions with the default
+    backend (the Triton kernels on CUDA, the C++ ones in a dry run): equal to eager autograd's gradients (the
+    same kernels and formula), and near torch's own torch.func result."""
+    import torch
+    import torch.nn.functional as F
+
+    import seqfast
+    from gpu.runtime import max_abs, max_abs_err
+
+    g = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(3, 4, 37, 64, generator=g).to(ctx.device) for _ in range(3))
+
+    def loss(f):
+        return lambda q, k, v: f(q, k, v, is_causal=True).square().sum()
+
+    ours = torch.func.grad(loss(seqfast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    eager = torch.autograd.grad(loss(seqfast.scaled_dot_product_attention)(*leaves), leaves)
+    theirs = torch.func.grad(loss(F.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b, t in zip(("dq", "dk", "dv"), ours, eager, theirs):
+        c.check(torch.equal(a, b), f"attention {name}: torch.func.grad differs from eager autograd "
+                                   f"(max diff {max_abs_err(a, b):.3g})")
+        c.check(max_abs_err(a, t) <= 2e-2 * max(max_abs(t), 1e-6), f"attention {name}: torch.func.grad off torch's "
+                                                                   f"by {max_abs_err(a, t):.3g}")
+    per_sample = [torch.vmap(torch.func.grad(lambda q1, f=f: f(q1, k[0], v[0]).square().sum()))(q)
+                  for f in (seqfast.scaled_dot_product_attention, F.scaled_dot_product_attention)]
+    c.check(max_abs_err(*per_sample) <= 2e-2 * max(max_abs(per_sample[1]), 1e-6),
+            f"attention vmap(grad) off torch's by {max_abs_err(*per_sample):.3g}")
+    x, tg, il, tl = _ctc_args(ctx.device, torch.float32, False, False)
+    ours = torch.func.grad(lambda x: seqfast.ctc_loss(x, tg, il, tl))(x)
+    leaf = x.detach().clone().requires_grad_()
+    seqfast.ctc_loss(leaf, tg, il, tl).backward()
+    theirs = torch.func.grad(lambda x: F.ctc_loss(x, tg, il, tl))(x)
+    c.check(torch.equal(ours, leaf.grad), f"ctc_loss: torch.func.grad differs from eager autograd "
+                                          f"(max diff {max_abs_err(ours, leaf.grad):.3g})")
+    c.check(max_abs_err(ours, theirs) <= 1e-4, f"ctc_loss: torch.func.grad off torch's by "
+                                               f"{max_abs_err(ours, theirs):.3g}")
