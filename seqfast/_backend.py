@@ -160,7 +160,8 @@ class _FunctorchAutograd(torch.autograd.Function):
     The dispatcher's autograd kernels are C++ functions (csrc/autograd.cpp), which functorch refuses ("cannot use
     C++ torch::autograd::Function with functorch transforms"). This runs the op below autograd on the device's
     kernel, with the same formula; vmap over it runs the formula under vmap (generate_vmap_rule), the op itself by
-    torch's per-sample fallback. Forward-mode AD (jvp, jacfwd) has no formula: torch's error says so."""
+    its batching rule (the attention ops, seqfast/ops/attention.py). Forward-mode AD (jvp, jacfwd) has no formula:
+    torch's error says so."""
 
     generate_vmap_rule = True
 
