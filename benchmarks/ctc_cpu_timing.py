@@ -48,14 +48,6 @@ DTYPE = torch.float32  # --dtype
 LENGTHS = "full"  # --lengths
 
 
-def cells(res: dict, name: str) -> list[str]:
-    """Per mode: implementation `name`'s median seconds and its speedup over torch, formatted."""
-    out = []
-    for m in MODES:
-        out += [f"{statistics.median(res[name, m]):.4f}", f"{speedup(res['torch', m], res[name, m]):.1f}"]
-    return out
-
-
 def inputs(T: int, N: int, C: int, S: int):
     g = torch.Generator().manual_seed(0)
     lp = torch.randn(T, N, C, generator=g).log_softmax(2).to(DTYPE).requires_grad_()
@@ -101,6 +93,14 @@ def speedup(torch_times: list[float], ours: list[float]) -> float:
     if RATIO == "paired":
         return statistics.median(t / o for t, o in zip(torch_times, ours))
     return statistics.median(torch_times) / statistics.median(ours)
+
+
+def cells(res: dict, name: str) -> list[str]:
+    """Per mode: implementation `name`'s median seconds and its speedup over torch, formatted."""
+    out = []
+    for m in MODES:
+        out += [f"{statistics.median(res[name, m]):.4f}", f"{speedup(res['torch', m], res[name, m]):.1f}"]
+    return out
 
 
 def torch_ctc(lp, tg, il, tl):

@@ -33,8 +33,14 @@ _state = threading.local()  # .forced: the innermost backend() context's name, a
 # (op name without namespace, backend) -> implementation with the op's schema.
 _IMPLS: dict[tuple[str, str], Callable[..., Any]] = {}
 # op name -> (setup_context, backward): the op's autograd formula in torch.library.register_autograd's form,
-# run in Python when a backend is forced (the dispatcher's own autograd kernel is C++, csrc/autograd.cpp).
+# run in Python when a backend is forced or a torch.func gradient transform is active (the dispatcher's own
+# autograd kernel is C++, csrc/autograd.cpp, which functorch refuses).
 _FORMULAS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+
+
+def _op_name(op: Any) -> str:
+    """``seqfast::name`` -> ``name``, the key of _IMPLS and _FORMULAS."""
+    return op._schema.name.split("::", 1)[1]
 
 
 def _check_name(name: str, source: str) -> str:
@@ -119,7 +125,7 @@ class _ForceBackend(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace != "seqfast":
             return func(*args, **kwargs)
-        op_name = func._schema.name.split("::", 1)[1]
+        op_name = _op_name(func)
         if self.name == "cpp":
             devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
             if devices - {"cpu"}:
@@ -147,7 +153,7 @@ def dispatch(name: str | None, op: Callable[..., Any], *args: Any) -> Any:
     if name == "auto":
         if torch.compiler.is_compiling():
             return op(*args)
-        if torch._C._functorch.peek_interpreter_stack() is not None and functorch_transforms()[0]:
+        if functorch_transforms()[0]:
             return _functorch_call(op, *args)
         eager = _EAGER.get(op)
         return eager(*args) if eager is not None else op(*args)
@@ -173,7 +179,7 @@ class _FunctorchAutograd(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         op, *args = inputs
-        ctx.formula = _FORMULAS[op._schema.name.split("::", 1)[1]]
+        ctx.formula = _FORMULAS[_op_name(op)]
         ctx.formula[0](ctx, tuple(args), output)
 
     @staticmethod
@@ -182,13 +188,13 @@ class _FunctorchAutograd(torch.autograd.Function):
 
 
 def _functorch_call(op: Callable[..., Any], *args: Any) -> Any:
-    if op._schema.name.split("::", 1)[1] not in _FORMULAS:  # no gradient (the decoders)
+    if _op_name(op) not in _FORMULAS:  # no gradient (the decoders)
         return op(*args)
     return _FunctorchAutograd.apply(op, *args)
 
 
 def register_autograd(op_name: str, setup_context: Callable[..., Any], backward: Callable[..., Any]) -> None:
-    """The autograd formula of ``seqfast::op_name`` for forced backends (see :data:`_FORMULAS`)."""
+    """The autograd formula of ``seqfast::op_name`` for forced backends and torch.func (see :data:`_FORMULAS`)."""
     _FORMULAS[op_name] = (setup_context, backward)
 
 
@@ -205,7 +211,7 @@ class _ForcedAutograd(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         name, op, *args = inputs
-        ctx.formula = _FORMULAS[op._schema.name.split("::", 1)[1]]
+        ctx.formula = _FORMULAS[_op_name(op)]
         ctx.formula[0](ctx, tuple(args), output)
         ctx.backend = name
 
@@ -223,7 +229,7 @@ def _dispatch_forced(name: str, op: Callable[..., Any], *args: Any) -> Any:
         raise RuntimeError(f"seqfast.backend({name!r}) does not run under torch.func transforms; use "
                            "torch.autograd.grad with it, or the default or 'cpp' backend under torch.func")
     needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs_grad and op._schema.name.split("::", 1)[1] in _FORMULAS:
+    if needs_grad and _op_name(op) in _FORMULAS:
         return _ForcedAutograd.apply(name, op, *args)
     with _ForceBackend(name):
         return op(*args)

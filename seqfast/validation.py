@@ -129,8 +129,7 @@ def ctc_arguments(
     given (for kernels that read any layout) instead of a contiguous copy.
     """
     _floating(name, log_probs)
-    if (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-            and _backend.functorch_transforms()[1]):
+    if not torch.compiler.is_compiling() and _backend.functorch_transforms()[1]:
         # The checks read the targets and lengths, and the kernels take one sample per batch row: a vmapped
         # tensor would fail deep inside with a message about storage.
         raise ArgumentError("seqfast's CTC functions do not run under torch.vmap (the targets and lengths are read "

@@ -22,5 +22,3 @@ class NotScriptable:
             f"argument checks, and is deprecated in torch 2.13): use torch.compile or torch.export, which trace "
             f"it, or script torch.nn.{base.__name__} (its state_dict loads as is)"
         )
-
-

@@ -161,6 +161,10 @@ def _varlen_backward(ctx, grad_out, grad_lse):
 
 register_autograd("attention_forward", _backward, _setup_context)
 register_autograd("varlen_attention_forward", _varlen_backward, _varlen_setup_context)
+register_kernels("attention_forward", "attention", reference.attention_forward)
+register_kernels("attention_backward", "attention", reference.attention_backward)
+register_kernels("varlen_attention_forward", "attention", reference.varlen_attention_forward)
+register_kernels("varlen_attention_backward", "attention", reference.varlen_attention_backward)
 
 
 # torch.vmap: the vmapped dimension joins the batch dimension (one call of the kernels, instead of torch's per-sample
@@ -200,7 +204,3 @@ def _backward_vmap(info, in_dims, grad_out, query, key, value, attn_mask, out, l
     dmask, mask_dim = (_unfold(dmask, info.batch_size), 0) if mask_grad else (dmask, None)
     return (_unfold(dq, info.batch_size), _unfold(dk, info.batch_size), _unfold(dv, info.batch_size), dmask), \
         (0, 0, 0, mask_dim)
-register_kernels("attention_forward", "attention", reference.attention_forward)
-register_kernels("attention_backward", "attention", reference.attention_backward)
-register_kernels("varlen_attention_forward", "attention", reference.varlen_attention_forward)
-register_kernels("varlen_attention_backward", "attention", reference.varlen_attention_backward)
