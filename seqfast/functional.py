@@ -21,7 +21,9 @@ from seqfast.validation import (
     ctc_arguments,
     ctc_beam_search_arguments,
     ctc_greedy_arguments,
+    flag,
     int_like,
+    real,
     reduction_argument,
     sdpa_arguments,
     varlen_arguments,
@@ -29,6 +31,7 @@ from seqfast.validation import (
 
 
 def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, from_logits, name):
+    zero_infinity = flag("ctc_loss_from_logits" if from_logits else "ctc_loss", "zero_infinity", zero_infinity)
     reduction = reduction_argument(reduction)
     blank = int_like(blank)  # numpy and 0-d tensor integers, as torch's int arguments take them
     args = ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank, name)
@@ -38,7 +41,7 @@ def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, ze
     alpha_every = ctc_ops.choose_alpha_every(args.log_probs, args.targets, keep_alpha)
     nll, _ = _backend.dispatch(
         None, ctc_ops.FORWARD, args.log_probs, args.targets, args.input_lengths, args.target_lengths,
-        blank, bool(zero_infinity), from_logits, keep_alpha, alpha_every,
+        blank, zero_infinity, from_logits, keep_alpha, alpha_every,
     )
     if zero_infinity:
         nll = torch.where(torch.isposinf(nll), torch.zeros_like(nll), nll)  # as torch: +inf only, NaN stays
@@ -195,6 +198,7 @@ def scaled_dot_product_attention(
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    *,
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
@@ -219,6 +223,10 @@ def scaled_dot_product_attention(
     Returns:
         (..., Hq, Lq, Ev) in query's dtype (contiguous). Rows that see no key are 0, as in torch 2.13.
     """
+    # torch's argument types, strictly: Python's truth value would give is_causal=None or "no" a meaning.
+    fn = "scaled_dot_product_attention"
+    dropout_p, is_causal = real(fn, "dropout_p", dropout_p), flag(fn, "is_causal", is_causal)
+    scale, enable_gqa = real(fn, "scale", scale, optional=True), flag(fn, "enable_gqa", enable_gqa)
     bottom_right = False
     if isinstance(attn_mask, CausalBias):
         is_causal, bottom_right = _causal_bias(attn_mask, query, key, is_causal)

@@ -279,7 +279,7 @@ def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     reason = _sdpa_reason(query, key, value, attn_mask)
     if reason is None:
         try:
-            out = _seqfast_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            out = _seqfast_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         except ArgumentError as exc:
             reason = f"seqfast refused: {exc}"
         else:

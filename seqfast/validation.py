@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -29,6 +30,51 @@ IntLengths = torch.Tensor | Sequence[int] | int
 class ArgumentError(ValueError, RuntimeError):
     """An argument seqfast (like torch) refuses. A ``ValueError``, and a ``RuntimeError`` as torch raises for
     bad arguments, so code written for either catches it."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of a type torch's signature refuses (``is_causal=1``, ``blank=1.0``): a ``TypeError`` as
+    torch's argument parser raises there, and an :class:`ArgumentError`."""
+
+
+def _type_name(v: object) -> str:
+    if isinstance(v, torch.Tensor):
+        return "Tensor"
+    t = type(v)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def flag(fn: str, name: str, value: object) -> bool:
+    """A ``bool`` argument as torch's C++ signatures take it: ``True`` or ``False`` only. Torch raises
+    TypeError for ``1``, numpy bools, 0-d tensors and None there, where Python's truth value would silently pick
+    a meaning."""
+    if value is True or value is False or isinstance(value, torch.SymBool):
+        return value
+    raise ArgumentTypeError(f"{fn}(): argument '{name}' must be bool, not {_type_name(value)}")
+
+
+def _numpy_scalar(v: object) -> bool:
+    np = sys.modules.get("numpy")  # not imported: v cannot be a numpy scalar
+    return np is not None and isinstance(v, (np.number, np.bool_))
+
+
+def real(fn: str, name: str, value: object, optional: bool = False) -> float | None:
+    """A ``float`` argument as torch's C++ signatures take it: a Python or numpy int, float or bool, or a 0-d
+    tensor that needs no gradient (torch refuses one that does: the gradient could not reach it), as a Python
+    float; None where ``optional``. Torch raises TypeError for anything else (complex, Fraction, a 1-element
+    1-d tensor)."""
+    t = type(value)
+    if t is float:
+        return value
+    if t is int or t is bool or _numpy_scalar(value):
+        return float(value)
+    if value is None and optional:
+        return None
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad:
+        return float(value)
+    raise ArgumentTypeError(f"{fn}(): argument '{name}' must be float, not {_type_name(value)}")
 
 
 def _floating(name: str, t: object) -> None:
@@ -90,7 +136,9 @@ def _lengths(name: str, value: IntLengths, batched: bool, n: int) -> torch.Tenso
 
 
 def _blank(blank: object, C: int) -> None:
-    if isinstance(blank, bool) or not isinstance(blank, int) or not 0 <= blank < C:
+    if isinstance(blank, bool) or not isinstance(blank, int):
+        raise ArgumentTypeError(f"blank must be in [0, {C}) (C = number of classes), got {blank!r}")
+    if not 0 <= blank < C:
         raise ArgumentError(f"blank must be in [0, {C}) (C = number of classes), got {blank!r}")
 
 

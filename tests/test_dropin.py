@@ -221,6 +221,74 @@ def test_ctc_errors_are_runtime_errors_as_torchs():
         seqfast.nn.CTCLoss(reduction="avg")
 
 
+# The scalar arguments' types, as torch's C++ signatures parse them: a bool is True or False only; a float is a
+# Python or numpy number or a 0-d tensor that needs no gradient. Anything else is a TypeError in torch, where
+# Python's truth value or float() would otherwise give it a meaning silently.
+SCALAR_VALUES = [1, 0, 1.0, None, "no", np.bool_(True), np.int64(1), np.float32(0.5), 0.5j, torch.tensor(True),
+                 torch.tensor(0.5), torch.tensor([0.5]), torch.tensor(0.5, requires_grad=True), torch.tensor(1)]
+SDPA_SCALARS = ["is_causal", "enable_gqa", "dropout_p", "scale"]
+
+
+def _outcome(fn):
+    """(exception class family, result): 'type' for a TypeError, 'error' for another exception, else 'ok'."""
+    try:
+        out = fn()
+    except TypeError:
+        return "type", None
+    except (RuntimeError, ValueError):
+        return "error", None
+    return "ok", out
+
+
+@pytest.mark.parametrize("name", SDPA_SCALARS)
+@pytest.mark.parametrize("value", SCALAR_VALUES, ids=[repr(v) for v in SCALAR_VALUES])
+def test_sdpa_scalar_argument_types_as_torch(name, value):
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    want, expected = _outcome(lambda: F.scaled_dot_product_attention(q, k, v, **{name: value}))
+    got, out = _outcome(lambda: seqfast.scaled_dot_product_attention(q, k, v, **{name: value}))
+    assert got == want, (name, value)
+    if want == "ok":
+        if name == "dropout_p" and float(value) not in (0.0, 1.0):  # each library draws from its own stream
+            assert out.shape == expected.shape and not torch.allclose(out, F.scaled_dot_product_attention(q, k, v))
+        else:
+            close(out, expected)
+    elif want == "type":
+        with pytest.raises(ArgumentError, match=f"argument '{name}' must be"):
+            seqfast.scaled_dot_product_attention(q, k, v, **{name: value})
+
+
+@pytest.mark.parametrize("value", SCALAR_VALUES, ids=[repr(v) for v in SCALAR_VALUES])
+def test_ctc_zero_infinity_type_as_torch(value):
+    lp, tg, il, tl = ctc_case()
+    want, _ = _outcome(lambda: F.ctc_loss(lp, tg, il, tl, zero_infinity=value))
+    assert want == "type"  # torch takes True and False only
+    for fn in (seqfast.ctc_loss, seqfast.ctc_loss_from_logits):
+        with pytest.raises(TypeError, match="argument 'zero_infinity' must be bool"):
+            fn(lp, tg, il, tl, zero_infinity=value)
+    with pytest.raises(TypeError):
+        seqfast.nn.CTCLoss(zero_infinity=value)(lp, tg, il, tl)
+
+
+@pytest.mark.parametrize("blank", [1.0, True, None, torch.tensor([0]), "0"])
+def test_ctc_blank_of_another_type_is_a_type_error_as_torch(blank):
+    lp, tg, il, tl = ctc_case()
+    with pytest.raises(TypeError):
+        F.ctc_loss(lp, tg, il, tl, blank=blank)
+    with pytest.raises(TypeError, match="blank must be in"):
+        seqfast.ctc_loss(lp, tg, il, tl, blank=blank)
+
+
+def test_sdpa_scale_and_enable_gqa_are_keyword_only_as_torch():
+    q = torch.randn(1, 2, 4, 8)
+    positional = (q, q, q, None, 0.0, False, 0.5)
+    with pytest.raises(TypeError):
+        F.scaled_dot_product_attention(*positional)
+    with pytest.raises(TypeError):
+        seqfast.scaled_dot_product_attention(*positional)
+    close(seqfast.scaled_dot_product_attention(*positional[:6], scale=0.5),
+          F.scaled_dot_product_attention(*positional[:6], scale=0.5))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autocast
 
