@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ExpandUtils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -660,6 +661,21 @@ int64_t seed_value(const at::Tensor& seed) {
   return seed.item<int64_t>();
 }
 
+// The forward's output, (B, Hq, Lq, Dv) in the query's layout when Dv == D (torch.empty_like(query): dense, its
+// dims in the query's stride order), else contiguous: torch's fused attention gives the same, so a model's
+// out.transpose(1, 2).reshape(B, Lq, Hq * D) after (B, Lq, Hq, D) queries stays a view. From BufferCache, as the
+// gradients.
+at::Tensor attention_output(const at::Tensor& query, int64_t Dv) {
+  auto& cache = BufferCache::get();
+  if (Dv != query.size(3) || query.is_contiguous()) {
+    return cache.empty({query.size(0), query.size(1), query.size(2), Dv}, query.scalar_type());
+  }
+  const std::vector<int64_t> strides = query.is_non_overlapping_and_dense()
+                                           ? query.strides().vec()
+                                           : at::infer_dense_strides(query.sizes(), query.strides());
+  return cache.empty({query.numel()}, query.scalar_type()).as_strided(query.sizes(), strides);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value,
                                                      const c10::optional<at::Tensor>& attn_mask,
@@ -670,7 +686,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
   const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), Lk = key.size(2);
   TORCH_CHECK(key.size(0) == B && value.size(0) == B, "seqfast attention: batch sizes differ");
   const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = BufferCache::get().empty({B, Hq, Lq, value.size(3)}, query.scalar_type());  // as the gradients
+  at::Tensor out = attention_output(query, value.size(3));
   at::Tensor lse = at::empty({B, Hq, Lq}, query.options().dtype(lse_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_attention_forward", [&] {
     using T = CalcT<scalar_t>;

@@ -221,7 +221,11 @@ def scaled_dot_product_attention(
         enable_gqa: allow Hq a multiple of Hk (grouped / multi-query attention).
 
     Returns:
-        (..., Hq, Lq, Ev) in query's dtype (contiguous). Rows that see no key are 0, as in torch 2.13.
+        (..., Hq, Lq, Ev) in query's dtype, with torch's strides: where torch's fused kernel serves the call
+        (4-D inputs of one batch size and head count, or grouped with ``enable_gqa``, unit last-dim strides, no
+        dropout, Ev == E), in the query's layout (``torch.empty_like(query)``), so that
+        ``out.transpose(1, 2).view(B, L, H * E)`` works for (B, L, H, E)-view queries; else contiguous. Rows
+        that see no key are 0, as in torch 2.13.
     """
     # torch's argument types, strictly: Python's truth value would give is_causal=None or "no" a meaning.
     fn = "scaled_dot_product_attention"
@@ -276,7 +280,23 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     )
     if dropped_all:
         out = out * 0.0
-    return out if args.out_shape is None else out.reshape(args.out_shape)
+    out = out if args.out_shape is None else out.reshape(args.out_shape)
+    if not out.is_contiguous() and not _fused_in_torch(query, key, value, dropout_p, enable_gqa):
+        out = out.contiguous()  # torch's unfused path gives a contiguous result
+    return out
+
+
+def _fused_in_torch(query, key, value, dropout_p: float, enable_gqa: bool) -> bool:
+    """Whether torch's own attention runs fused here, so that its output takes the query's layout (the op's
+    contract): 4-D inputs of one batch size and head count (or grouped heads with ``enable_gqa``), unit last-dim
+    strides, no dropout. Elsewhere torch computes it unfused, and contiguous."""
+    if dropout_p > 0 or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    if not query.shape[0] == key.shape[0] == value.shape[0] or key.shape[1] != value.shape[1]:
+        return False
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        return False
+    return query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
 
 
 def varlen_attention(

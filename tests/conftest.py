@@ -5,11 +5,16 @@ switched on before triton is first imported: hence here, before any test module 
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A torch.compile cache of this run only: graphs cached by an earlier build would keep that build's fake strides and
+# hide a wrong fake (torch's cache keys know custom ops by name only).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="seqfast-tests-inductor-"))
 
 import pytest  # noqa: E402
 

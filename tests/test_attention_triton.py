@@ -105,6 +105,37 @@ def test_lse_and_output_layout(kernels):
     assert rel_err(lse, ref_lse) <= 1e-5 and rel_err(out, ref_out) <= 1e-4
 
 
+@pytest.mark.parametrize("layout", ["blhd", "lbhd", "packed"])
+@pytest.mark.parametrize("Lq", [17, 3])  # 3: the split-KV decode forward, forced below
+def test_output_takes_the_query_layout(kernels, monkeypatch, layout, Lq):
+    """The op's contract (seqfast/ops/attention.py): out in the query's layout (torch.empty_like(query)) when
+    Dv == D, else contiguous, from the Triton forward, its split-KV decode forward and the reference alike, as the
+    fake says; the kernels write the rows by strides, so the values are the reference's."""
+    monkeypatch.setattr(kernels, "_DECODE_MIN_LK", 64)
+    monkeypatch.setitem(kernels._FORCED, "decode", {"BLOCK_N": 16, "SPLITS": 2})
+    def strides(t):  # strides of the dims that have them (a size-1 dim's stride addresses nothing)
+        return tuple(st for st, n in zip(t.stride(), t.shape) if n > 1)
+
+    launches = []
+    decode = kernels._decode_forward
+    monkeypatch.setattr(kernels, "_decode_forward", lambda *a: launches.append(1) or decode(*a))
+    B, H, Lk, D = 2, 3, 70, 16
+    q = {"blhd": torch.randn(B, Lq, H, D).transpose(1, 2), "lbhd": torch.randn(Lq, B, H, D).permute(1, 2, 0, 3),
+         "packed": torch.randn(B, Lq, 3, H, D)[:, :, 0].transpose(1, 2)}[layout]
+    k = torch.randn(B, H, Lk, D)
+    for v in (torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, 8)):
+        expected = strides(torch.empty_like(q) if v.shape[-1] == D else torch.empty(B, H, Lq, 8))
+        ref_out, _ = reference.attention_forward(q.double(), k.double(), v.double(), None, 0.0, 0, 0.25, 0)
+        launches.clear()
+        out, _ = kernels.attention_forward(q, k, v, None, 0.0, 0, 0.25, 0)
+        assert bool(launches) == (Lq <= kernels._DECODE_MAX_LQ)
+        assert strides(out) == expected and rel_err(out, ref_out) <= 1e-4, (out.stride(), expected)
+        assert strides(reference.attention_forward(q, k, v, None, 0.0, 0, 0.25, 0)[0]) == expected
+        with torch._subclasses.FakeTensorMode() as mode:
+            fake = OPS.attention_forward(*(mode.from_tensor(t) for t in (q, k, v)), None, 0.0, 0, 0.25, torch.tensor(0))
+        assert strides(fake[0]) == expected
+
+
 def test_non_contiguous_inputs():
     # (B, L, H, D) storage seen as (B, H, L, D): strides differ from the contiguous layout.
     q = torch.randn(1, 70, 2, 64).transpose(1, 2)

@@ -203,6 +203,67 @@ def test_sdpa_refuses_what_torch_refuses(change):
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
 
 
+def _layouts(B: int, H: int, L: int, D: int) -> dict[str, torch.Tensor]:
+    """(B, H, L, D) tensors in the memory layouts models make: contiguous, (B, L, H, D) transposed (the projection's
+    view), (L, B, H, D) (sequence-first), a slice of a packed (B, L, 3, H, D) projection, D-major, a sliced D."""
+    return {
+        "bhld": torch.randn(B, H, L, D),
+        "blhd": torch.randn(B, L, H, D).transpose(1, 2),
+        "lbhd": torch.randn(L, B, H, D).permute(1, 2, 0, 3),
+        "packed": torch.randn(B, L, 3, H, D)[:, :, 1].transpose(1, 2),
+        "d-major": torch.randn(B, H, D, L).transpose(-1, -2),
+        "sliced-d": torch.randn(B, H, L, 2 * D)[..., :D],
+    }
+
+
+SDPA_LAYOUT_CALLS = {
+    "plain": lambda q, k: ((q, k, k), {}),
+    "causal": lambda q, k: ((q, k, k), {"is_causal": True}),
+    "bool-mask": lambda q, k: ((q, k, k), {"attn_mask": torch.rand(1, 1, q.shape[2], k.shape[2]) > 0.2}),
+    "float-mask": lambda q, k: ((q, k, k), {"attn_mask": torch.randn(q.shape[2], k.shape[2])}),
+    "dropout": lambda q, k: ((q, k, k), {"dropout_p": 0.3}),
+    "value-width": lambda q, k: ((q, k, torch.randn(*k.shape[:3], 4)), {}),
+    "broadcast-batch": lambda q, k: ((q[:1], k, k), {}),
+    "gqa": lambda q, k: ((torch.cat([q, q], 1), k, k), {"enable_gqa": True}),
+    "one-kv-head": lambda q, k: ((q, k[:, :1], k[:, :1]), {}),
+}
+
+
+@pytest.mark.parametrize("call", list(SDPA_LAYOUT_CALLS))
+@pytest.mark.parametrize("q_layout", list(_layouts(2, 3, 5, 8)))
+def test_sdpa_output_strides_as_torch(q_layout, call):
+    """torch's fused attention returns its output in the query's layout (torch.empty_like(query)), its unfused path
+    (dropout, a different value width, broadcast batch or heads, 3-D / 5-D inputs) a contiguous one. Code after it
+    relies on that: out.transpose(1, 2).view(B, L, E) works on torch's output for (B, L, H, D)-view queries."""
+    for k_layout in ("bhld", "blhd", "d-major"):
+        q, k = _layouts(2, 3, 5, 8)[q_layout], _layouts(2, 3, 7, 8)[k_layout]
+        args, kwargs = SDPA_LAYOUT_CALLS[call](q, k)
+        want = F.scaled_dot_product_attention(*args, **kwargs)
+        got = seqfast.scaled_dot_product_attention(*args, **kwargs)
+        assert got.shape == want.shape and got.stride() == want.stride(), (k_layout, got.stride(), want.stride())
+        if call != "dropout":
+            close(got, want)
+        if q_layout == "blhd" and call == "plain" and k_layout != "d-major":  # fused in torch: a view
+            B, H, L, D = q.shape
+            assert torch.equal(got.transpose(1, 2).view(B, L, H * D), got.transpose(1, 2).reshape(B, L, H * D))
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 5, 8), (2, 2, 3, 5, 8)])
+def test_sdpa_output_strides_of_other_ranks_as_torch(shape):
+    x = torch.randn(*shape)
+    for q in (x, x.transpose(0, -2)):
+        want = F.scaled_dot_product_attention(q, q, q)
+        assert seqfast.scaled_dot_product_attention(q, q, q).stride() == want.stride()
+
+
+def test_compile_caches_keyed_by_the_ops_contract():
+    """torch.compile's on-disk caches know custom ops by name: seqfast puts its ops' contract version in their key,
+    so a graph compiled against another contract (other fake strides) is not reused."""
+    from seqfast.ops import CONTRACT
+
+    assert CONTRACT in torch.compiler.config.cache_key_tag.split("+")
+
+
 def test_sdpa_refuses_key_value_length_mismatch_that_torch_lets_through():
     # torch 2.13's fused CPU path returns a result for 6 keys and 7 values; seqfast says which is wrong.
     with pytest.raises(ArgumentError, match="share the sequence length"):

@@ -14,7 +14,8 @@
   backward regenerates the same mask, none is stored): on the CPU for CPU tensors (the C++ kernels read
   it), on the query's device for CUDA tensors (the Triton kernels load it there: no host sync, and CUDA
   graphs capture it; a CPU seed is copied over). The keep-mask helpers and the reference take either.
-- ``out`` (B, Hq, Lq, Dv) contiguous in ``query``'s dtype; ``lse`` (B, Hq, Lq) float32 (float64 for
+- ``out`` (B, Hq, Lq, Dv) in ``query``'s dtype, and in its layout when Dv == D (``torch.empty_like(query)``,
+  as torch's fused kernels give it), else contiguous; ``lse`` (B, Hq, Lq) float32 (float64 for
   float64 input): log-sum-exp of the masked scaled scores per row, ``+inf`` for rows with no
   visible key, whose output is 0 (NaN where such a row meets a NaN or inf value) and whose gradients are 0.
 
@@ -87,8 +88,7 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("seqfast::attention_forward")
 def _forward_fake(query, key, value, attn_mask, dropout_p, causal, scale, seed):
     B, H, Lq, _ = query.shape
-    out = query.new_empty((B, H, Lq, value.shape[-1]))
-    return out, query.new_empty((B, H, Lq), dtype=lse_dtype(query.dtype))
+    return reference.output_like(query, value.shape[-1]), query.new_empty((B, H, Lq), dtype=lse_dtype(query.dtype))
 
 
 @torch.library.register_fake("seqfast::attention_backward")

@@ -88,11 +88,20 @@ def _keep_mask(dropout_p, seed, q, k):
     return dropout_keep(int(seed), (*q.shape[:-1], k.shape[-2]), dropout_p, q.device)
 
 
+def output_like(query: torch.Tensor, dv: int) -> torch.Tensor:
+    """An empty (B, Hq, Lq, Dv) output as ``seqfast::attention_forward`` returns it: in ``query``'s layout when
+    Dv == D (``torch.empty_like``: dense, dims in the query's stride order), as torch's fused attention gives it,
+    else contiguous."""
+    if dv == query.shape[-1]:
+        return torch.empty_like(query)
+    return query.new_empty((*query.shape[:-1], dv))
+
+
 def attention_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed):
     keep = _keep_mask(dropout_p, seed, query, key)
     out, lse = attention(query, key, value, attn_mask, causal, scale, dropout_p, keep)
     lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    return out.to(query.dtype), lse.to(lse_dtype)
+    return output_like(query, value.shape[-1]).copy_(out), lse.to(lse_dtype)
 
 
 def attention_backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, seed, mask_grad):
