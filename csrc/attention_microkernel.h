@@ -255,27 +255,54 @@ SEQFAST_TARGET_AVX2 inline void exp2_many_avx2(__m256* x) {
   }
 }
 
+// a * b rounded to float. The empty asm hides the product from the compiler, which would otherwise contract it
+// with a following subtraction into one FMA (GCC's default -ffp-contract=fast applies to intrinsics too).
+SEQFAST_TARGET_AVX2 inline __m256 mul_rounded_avx2(__m256 a, __m256 b) {
+  __m256 p = _mm256_mul_ps(a, b);
+  asm("" : "+x"(p));
+  return p;
+}
+
+// x * f - m, with x * f rounded first when kRounded.
+template <bool kRounded>
+SEQFAST_TARGET_AVX2 inline __m256 exponent_avx2(const float* p, __m256 vf, __m256 vm) {
+  const __m256 x = _mm256_loadu_ps(p);
+  return kRounded ? _mm256_sub_ps(mul_rounded_avx2(x, vf), vm) : _mm256_fmsub_ps(x, vf, vm);
+}
+
+// Offsets m up to this size take exp2(s * f - m) as one FMA: the row max m = max(s) * f was rounded, so the
+// max's own exponent is the product's rounding error, below 1/4 here. Beyond it that error grows with |m|
+// and passes exp2's range near |m| = 2^32 (scale ~1e10): such rows round s * f first, as the max was, as torch
+// rounds its scaled scores. One compare per row and key tile.
+constexpr float kFusedOffsetLimit = 4194304.0f;  // 2^22
+
 // p = exp2(s * f - m) for the first nv entries, 0 up to ncols; returns the sum of p.
-SEQFAST_TARGET_AVX2 inline float exp2_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float m) {
+template <bool kRounded>
+SEQFAST_TARGET_AVX2 inline float exp2_row_avx2_impl(float* s, int64_t nv, int64_t ncols, float f, float m) {
   const __m256 vf = _mm256_set1_ps(f), vm = _mm256_set1_ps(m);
   __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 32 <= nv; c += 32) {
     __m256 x[4];
-    for (int i = 0; i < 4; ++i) x[i] = _mm256_fmsub_ps(_mm256_loadu_ps(s + c + 8 * i), vf, vm);
+    for (int i = 0; i < 4; ++i) x[i] = exponent_avx2<kRounded>(s + c + 8 * i, vf, vm);
     exp2_many_avx2<4>(x);
     for (int i = 0; i < 4; ++i) _mm256_storeu_ps(s + c + 8 * i, x[i]);
     sum0 = _mm256_add_ps(sum0, _mm256_add_ps(x[0], x[1]));
     sum1 = _mm256_add_ps(sum1, _mm256_add_ps(x[2], x[3]));
   }
   for (; c < nv; c += 8) {
-    __m256 x = visible_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(s + c), vf, vm), c, nv);
+    __m256 x = visible_avx2(exponent_avx2<kRounded>(s + c, vf, vm), c, nv);
     exp2_many_avx2<1>(&x);
     _mm256_storeu_ps(s + c, x);
     sum0 = _mm256_add_ps(sum0, x);
   }
   for (; c < ncols; c += 8) _mm256_storeu_ps(s + c, _mm256_setzero_ps());
   return hsum_avx2(_mm256_add_ps(sum0, sum1));
+}
+
+SEQFAST_TARGET_AVX2 inline float exp2_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float m) {
+  return std::fabs(m) < kFusedOffsetLimit ? exp2_row_avx2_impl<false>(s, nv, ncols, f, m)
+                                          : exp2_row_avx2_impl<true>(s, nv, ncols, f, m);
 }
 
 SEQFAST_TARGET_AVX2 inline float online_softmax_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float& m,
@@ -467,27 +494,46 @@ SEQFAST_TARGET_AVX512 inline float scaled_max_avx512(const float* s, int64_t nv,
   return mx * (neg ? -f : f);
 }
 
-SEQFAST_TARGET_AVX512 inline float exp2_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float m) {
+SEQFAST_TARGET_AVX512 inline __m512 mul_rounded_avx512(__m512 a, __m512 b) {  // as mul_rounded_avx2
+  __m512 p = _mm512_mul_ps(a, b);
+  asm("" : "+v"(p));
+  return p;
+}
+
+template <bool kRounded>
+SEQFAST_TARGET_AVX512 inline __m512 exponent_avx512(const float* p, __m512 vf, __m512 vm) {  // as exponent_avx2
+  const __m512 x = _mm512_loadu_ps(p);
+  return kRounded ? _mm512_sub_ps(mul_rounded_avx512(x, vf), vm) : _mm512_fmsub_ps(x, vf, vm);
+}
+
+// As exp2_row_avx2_impl, 16 lanes.
+template <bool kRounded>
+SEQFAST_TARGET_AVX512 inline float exp2_row_avx512_impl(float* s, int64_t nv, int64_t ncols, float f, float m) {
   const __m512 vf = _mm512_set1_ps(f), vm = _mm512_set1_ps(m);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 64 <= nv; c += 64) {
     __m512 x[4];
-    for (int i = 0; i < 4; ++i) x[i] = _mm512_fmsub_ps(_mm512_loadu_ps(s + c + 16 * i), vf, vm);
+    for (int i = 0; i < 4; ++i) x[i] = exponent_avx512<kRounded>(s + c + 16 * i, vf, vm);
     exp2_many_avx512<4>(x);
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(s + c + 16 * i, x[i]);
     sum0 = _mm512_add_ps(sum0, _mm512_add_ps(x[0], x[1]));
     sum1 = _mm512_add_ps(sum1, _mm512_add_ps(x[2], x[3]));
   }
   for (; c < nv; c += 16) {
-    __m512 x = _mm512_mask_mov_ps(ninf, visible_mask512(c, nv), _mm512_fmsub_ps(_mm512_loadu_ps(s + c), vf, vm));
+    __m512 x = _mm512_mask_mov_ps(ninf, visible_mask512(c, nv), exponent_avx512<kRounded>(s + c, vf, vm));
     exp2_many_avx512<1>(&x);
     _mm512_storeu_ps(s + c, x);
     sum0 = _mm512_add_ps(sum0, x);
   }
   for (; c < ncols; c += 16) _mm512_storeu_ps(s + c, _mm512_setzero_ps());
   return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+
+SEQFAST_TARGET_AVX512 inline float exp2_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float m) {
+  return std::fabs(m) < kFusedOffsetLimit ? exp2_row_avx512_impl<false>(s, nv, ncols, f, m)
+                                          : exp2_row_avx512_impl<true>(s, nv, ncols, f, m);
 }
 
 SEQFAST_TARGET_AVX512 inline float online_softmax_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float& m,

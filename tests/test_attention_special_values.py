@@ -264,3 +264,25 @@ def test_causal_with_nonpositive_scale(backend, isa_name, scale):
         want = run(F.scaled_dot_product_attention, *args)
     assert_same_special_values(got, want, 1e-4)
     assert all(torch.isfinite(t).all() for t in got)
+
+
+@pytest.mark.parametrize("backend, isa_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("scale", [1e10, 1e30])
+@pytest.mark.parametrize("mask, causal", [(None, False), ("bool", False), ("float", False), (None, True)])
+def test_huge_finite_scale_forward_matches_torch(backend, isa_name, dtype, scale, mask, causal):
+    """Scaled scores of 2^31 and beyond: each row's softmax is one-hot, and torch's forward gives exactly the
+    value at the row's max. exp2(s * f - max) fused into one FMA would add the product's rounding error (hundreds
+    at this size) to the max's own exponent and overflow it; the product is rounded first, as the max was.
+    Only the forward: a backward that recomputes the scores (torch's flash kernel too, which returns NaN and
+    inf there) rounds them in another order, which at this size moves exponents by whole units."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float16 / bfloat16 / float32")
+    q, k, v, _, m = inputs(Case(mask=mask), L=40)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    m = m.to(dtype) if m is not None and m.is_floating_point() else m
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, scale=scale)
+    with isa(isa_name), seqfast.backend(backend):
+        got = seqfast.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, scale=scale)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])

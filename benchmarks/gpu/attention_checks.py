@@ -357,6 +357,30 @@ def check_varlen(ctx: Context, dtype_name: str, causal: bool, lengths_q, lengths
 # --------------------------------------------------------------------------------------------- groups
 
 
+def check_huge_scale(ctx: Context, c: Case) -> None:
+    """Scaled scores past 2^32 (scale 1e10): each row's softmax is one-hot and the forward is exactly the value at
+    the row's max. An exp2(s * f - max) contracted into one FMA adds the product's rounding error (hundreds) to
+    the max's own exponent and overflows (the C++ kernels did; NVPTX fuses aggressively). Forward only: a
+    backward that recomputes the scores rounds them in another order (tests/test_attention_special_values.py)."""
+    import torch
+
+    import seqfast
+
+    L, D = (129, 64) if not ctx.dry_run else (17, 16)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, L, D, generator=g).to(ctx.device) for _ in range(3))
+    for causal in (False, True):
+        s = (q.double() @ k.double().transpose(-1, -2)) * 1e10
+        if causal:
+            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        ref = torch.softmax(s, -1) @ v.double()
+        with ctx.seqfast_backend():
+            out = seqfast.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1e10)
+        err = max_abs_err(out, ref)
+        c.metrics[f"max_err_{'causal' if causal else 'dense'}"] = err
+        c.check(err <= 1e-5, f"{'causal' if causal else 'dense'} forward off by {err:.3g} at scale 1e10")
+
+
 def attention_correctness(ctx: Context) -> None:
     import torch
 
@@ -384,6 +408,7 @@ def attention_correctness(ctx: Context) -> None:
         ordered.append((drop[1].name, lambda c: check_dropout(ctx, drop[1], c)))
         ordered.append((f"fp32 varlen causal D{d_varlen}", lambda c: check_varlen(ctx, "fp32", True, lq, lk, 2, 2,
                                                                                    d_varlen, c)))
+    ordered.append(("fp32 scale 1e10 forward", lambda c: check_huge_scale(ctx, c)))
     for name, fn in ordered:
         ctx.run(name, fn, min_seconds=3.0)
 
