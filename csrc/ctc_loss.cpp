@@ -825,6 +825,56 @@ void fill_gradient_row(scalar_t* out, int64_t C, bool past_end, acc_t nll, bool 
   std::fill(out, out + C, zero ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN()));
 }
 
+// Sample n's forward recursion in log space (the generic path, and torch's): its loss, and its log_alpha rows
+// [0, len) into la_n (width each, -inf past the states) when given. NaN where a NaN or +inf emission reaches a
+// final state, as torch.
+template <typename scalar_t, typename acc_t>
+acc_t log_space_forward(const RowOps<acc_t>& ops, const scalar_t* lp, const acc_t* lse, const Sizes& z, int64_t n,
+                        const int64_t* labels, int64_t L, int64_t len, int64_t blank, acc_t* la_n, int64_t width) {
+  Sample<scalar_t, acc_t> smp(labels, L);
+  const int64_t P = smp.padded, states = smp.states;
+  // Two rows with two -inf guard cells in front: prev[s-1], prev[s-2] are plain loads.
+  std::vector<acc_t> rows(2 * (P + 2), neg_inf<acc_t>());
+  acc_t* prev = rows.data() + 2;
+  acc_t* cur = rows.data() + P + 4;
+  bool poisoned = false;
+  for (int64_t t = 0; t < len; ++t) {
+    smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : acc_t(0), blank);
+    poisoned |= clear_poison(smp.lpe.data(), states);
+    if (t == 0) {
+      cur[0] = smp.lpe[0];
+      if (L > 0) cur[1] = smp.lpe[1];
+    } else {
+      ops.alpha_row(cur, prev, smp.skip.data(), smp.lpe.data(), P);
+    }
+    if (la_n) {
+      acc_t* dst = la_n + t * width;
+      std::copy(cur, cur + states, dst);
+      std::fill(dst + states, dst + width, neg_inf<acc_t>());
+    }
+    std::swap(prev, cur);
+  }
+  if (poisoned && poison_reaches_end(lp, lse, z, n, labels, L, len, blank)) {
+    return std::numeric_limits<acc_t>::quiet_NaN();
+  }
+  return -logaddexp2(prev[2 * L], L > 0 ? prev[2 * L - 1] : neg_inf<acc_t>());
+}
+
+// The float32 extended-range recursions count an emission below e^kEmitLo as 0 and a loss past 2^29 ln 2 as
+// +inf. A loss below -kEmitLo met no such emission on any path that matters (any path through one costs more);
+// from there on the sample's loss is recomputed in log space, as torch computes it: rare (its probability is
+// below e^-8e7), but the loss is then finite where torch's is (zero_infinity must not zero it). Its gradient
+// stays the extended backward's: at such a loss float32's log-space gradient is noise (measured against float64
+// at losses near 5e8: torch's off by up to 1e15, a log-space backward here 3e14, the extended one by at most 1).
+constexpr float kExtNllLimit = -ctc_simd::kEmitLo;
+
+// Whether a sample of len frames can align its L labels at all (one frame per label, plus one between repeats).
+inline bool alignable(const int64_t* labels, int64_t L, int64_t len) {
+  int64_t need = L;
+  for (int64_t k = 1; k < L; ++k) need += labels[k] == labels[k - 1];
+  return len >= need;
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, const at::Tensor& targets,
                                                 const at::Tensor& input_lengths, const at::Tensor& target_lengths,
@@ -899,6 +949,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
           if (len > 0 && alphas[n - begin].poisoned() &&
               poison_reaches_end(lp, lse, z, n, tg + n * z.S, tl[n], len, blank)) {
             out[n] = std::numeric_limits<float>::quiet_NaN();
+          } else if (len > 0 && out[n] >= kExtNllLimit && alignable(tg + n * z.S, tl[n], len)) {
+            out[n] = log_space_forward<scalar_t, float>(ops, lp, lse, z, n, tg + n * z.S, tl[n], len, blank,
+                                                         nullptr, width);
           }
         }
       });
@@ -911,40 +964,15 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
               "graph keeps the ISA cap it was traced under: after seqfast._C.set_cpu_isa, torch._dynamo.reset())");
   for_sample_runs(z, z.C * sizeof(scalar_t), cost, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      Sample<scalar_t, acc_t> smp(tg + n * z.S, tl[n]);
-      const int64_t len = il[n], P = smp.padded, states = smp.states;
+      const int64_t len = il[n];
       acc_t* la_n = la ? la + n * z.T * width : nullptr;
       if (len == 0) {
         if (la_n) std::fill(la_n, la_n + z.T * width, neg_inf<acc_t>());
-        out[n] = smp.L == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
+        out[n] = tl[n] == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
         continue;
       }
-      // Two rows with two -inf guard cells in front: prev[s-1], prev[s-2] are plain loads.
-      std::vector<acc_t> rows(2 * (P + 2), neg_inf<acc_t>());
-      acc_t* prev = rows.data() + 2;
-      acc_t* cur = rows.data() + P + 4;
-      bool poisoned = false;
-      for (int64_t t = 0; t < len; ++t) {
-        smp.gather(lp + (t * z.N + n) * z.C, lse ? lse[t * z.N + n] : acc_t(0), blank);
-        poisoned |= clear_poison(smp.lpe.data(), states);
-        if (t == 0) {
-          cur[0] = smp.lpe[0];
-          if (smp.L > 0) cur[1] = smp.lpe[1];
-        } else {
-          ops.alpha_row(cur, prev, smp.skip.data(), smp.lpe.data(), P);
-        }
-        if (la_n) {
-          acc_t* dst = la_n + t * width;
-          std::copy(cur, cur + states, dst);
-          std::fill(dst + states, dst + width, neg_inf<acc_t>());
-        }
-        std::swap(prev, cur);
-      }
+      out[n] = log_space_forward<scalar_t, acc_t>(ops, lp, lse, z, n, tg + n * z.S, tl[n], len, blank, la_n, width);
       if (la_n) std::fill(la_n + len * width, la_n + z.T * width, neg_inf<acc_t>());
-      out[n] = -logaddexp2(prev[2 * smp.L], smp.L > 0 ? prev[2 * smp.L - 1] : neg_inf<acc_t>());
-      if (poisoned && poison_reaches_end(lp, lse, z, n, smp.labels, smp.L, len, blank)) {
-        out[n] = std::numeric_limits<acc_t>::quiet_NaN();
-      }
     }
   });
   return {nll, log_alpha};

@@ -286,3 +286,24 @@ def test_value_on_a_state_that_reaches_no_end(value, backend, dtype):
         assert grad[4, 0, 1].isnan() if value != INF else grad[4, 0, 1] == INF
         grad[4, 0, 1] = c_grad[4, 0, 1]
         torch.testing.assert_close(grad, c_grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_past_the_float32_extended_range_stay_finite(backend, zero_infinity):
+    """The AVX2 / AVX-512 float32 recursions count an emission below e^-8e7 as 0 and a loss past ~3.7e8 as +inf;
+    a sample whose alignments all pass such log-probs (a diverged model's) has torch's finite loss all the same,
+    recomputed in log space, so zero_infinity does not zero it. A sample too short for its labels stays +inf."""
+    g = torch.Generator().manual_seed(7)
+    T, C = 12, 5
+    lp = torch.randn(T, 4, C, generator=g).log_softmax(-1)
+    lp[:, 0, 2] = -1e8  # sample 0's label 2: one emission of e^-1e8 on every alignment
+    lp[:, 1, :] -= 1e7  # sample 1: every emission below e^-1e7, the loss near 1.2e8
+    lp[:, 2, 1] = -3e8  # sample 2: past the exponent range too
+    tg = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 3, 1], [1, 1, 1]])
+    il, tl = torch.tensor([T, T, T, 4]), torch.tensor([3, 3, 3, 3])  # sample 3 needs 5 frames
+    want = F.ctc_loss(lp, tg, il, tl, reduction="none", zero_infinity=zero_infinity)
+    assert torch.isfinite(want[:3]).all() and want[:3].min() > 8e7
+    loss, _ = _ours(backend, lp, tg, il, tl, False, "none", zero_infinity)
+    torch.testing.assert_close(loss[:3], want[:3], rtol=1e-6, atol=0)
+    assert loss[3] == want[3]  # +inf, or 0 with zero_infinity
