@@ -227,10 +227,17 @@ def scaled_dot_product_attention(
         ``out.transpose(1, 2).view(B, L, H * E)`` works for (B, L, H, E)-view queries; else contiguous. Rows
         that see no key are 0, as in torch 2.13.
     """
-    # torch's argument types, strictly: Python's truth value would give is_causal=None or "no" a meaning.
+    # torch's argument types, strictly: Python's truth value would give is_causal=None or "no" a meaning. The
+    # common forms pass on identity tests alone (four calls would cost a tenth of a small call).
     fn = "scaled_dot_product_attention"
-    dropout_p, is_causal = real(fn, "dropout_p", dropout_p), flag(fn, "is_causal", is_causal)
-    scale, enable_gqa = real(fn, "scale", scale, optional=True), flag(fn, "enable_gqa", enable_gqa)
+    if is_causal is not False and is_causal is not True:
+        is_causal = flag(fn, "is_causal", is_causal)
+    if enable_gqa is not False and enable_gqa is not True:
+        enable_gqa = flag(fn, "enable_gqa", enable_gqa)
+    if type(dropout_p) is not float:
+        dropout_p = real(fn, "dropout_p", dropout_p)
+    if scale is not None and type(scale) is not float:
+        scale = real(fn, "scale", scale, optional=True)
     bottom_right = False
     if isinstance(attn_mask, CausalBias):
         is_causal, bottom_right = _causal_bias(attn_mask, query, key, is_causal)
