@@ -153,8 +153,14 @@ def dispatch(name: str | None, op: Callable[..., Any], *args: Any) -> Any:
     if name == "auto":
         if torch.compiler.is_compiling():
             return op(*args)
-        if functorch_transforms()[0]:
+        grad_transform, vmapped = functorch_transforms()
+        if grad_transform:
             return _functorch_call(op, *args)
+        if vmapped:
+            # The dispatcher: its vmap layer folds the batch before autograd, so autograd records the kernels' call
+            # on the unbatched tensors. The direct C++ entry would run the batching rule below its own autograd
+            # node, and a gradient through vmap (torch.autograd.grad outside it) would be lost.
+            return op(*args)
         eager = _EAGER.get(op)
         return eager(*args) if eager is not None else op(*args)
     return _dispatch_forced(name, op, *args)

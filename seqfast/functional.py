@@ -36,7 +36,9 @@ def _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction, ze
     blank = int_like(blank)  # numpy and 0-d tensor integers, as torch's int arguments take them
     args = ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank, name)
     # Without a gradient to come, the kernels need not store log_alpha (the loss is the same bits).
-    keep_alpha = torch.is_grad_enabled() and args.log_probs.requires_grad
+    # (Under torch.vmap a tensor does not say whether it requires grad, through a torch.func transform or
+    # torch.autograd outside: kept there whenever grad mode is on.)
+    keep_alpha = torch.is_grad_enabled() and (args.log_probs.requires_grad or any(_backend.functorch_transforms()))
     # On the CPU float32 path the forward keeps every K-th alpha row only, and backward recomputes the rest.
     alpha_every = ctc_ops.choose_alpha_every(args.log_probs, args.targets, keep_alpha)
     nll, _ = _backend.dispatch(

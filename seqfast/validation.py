@@ -177,12 +177,11 @@ def ctc_arguments(
     given (for kernels that read any layout) instead of a contiguous copy.
     """
     _floating(name, log_probs)
-    if not torch.compiler.is_compiling() and _backend.functorch_transforms()[1]:
-        # The checks read the targets and lengths, and the kernels take one sample per batch row: a vmapped
-        # tensor would fail deep inside with a message about storage.
-        raise ArgumentError("seqfast's CTC functions do not run under torch.vmap (the targets and lengths are read "
-                            "on the host); call them once on the batched (T, N, C) form instead: "
-                            "reduction='none' gives each sample's loss")
+    vmapped = not torch.compiler.is_compiling() and _backend.functorch_transforms()[1]
+    if vmapped and allow_empty:
+        # The decoders read their results on the host: no batching rule can fold a vmapped dimension there.
+        raise ArgumentError("seqfast's CTC decoders do not run under torch.vmap; call them once on the batched "
+                            "(T, N, C) form instead")
     if log_probs.dim() not in (2, 3):
         raise ArgumentError(f"{name} must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")
     if log_probs.numel() == 0 and not allow_empty:
@@ -212,12 +211,42 @@ def ctc_arguments(
     if torch.compiler.is_compiling():
         il, tl, tg = il.to(device), tl.to(device), tg.to(device)
         return _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank)
+    if vmapped:
+        # Under torch.vmap the values cannot be read here: the op's batching rule folds the vmapped dimension into
+        # the batch and checks them there (check_ctc_values), before its kernels run.
+        if not padded:
+            raise ArgumentError("under torch.vmap seqfast's ctc_loss takes padded (N, S) targets; concatenated 1-D "
+                                "targets would need their lengths read to pad them")
+        return CTCArguments(lp.contiguous(), tg.to(device).contiguous(), il.to(device), tl.to(device), batched)
 
     # Checked where the values are: all on the host (lists, CPU tensors), no device sync at all; else on the
     # device, the host ones copied there asynchronously first, with one device-to-host read.
     on_host = tg.device.type == "cpu" and il.device.type == "cpu" and tl.device.type == "cpu"
     if not on_host:
         il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
+    tl_min, tl_max = check_ctc_values(tg, il, tl, T, C, blank, padded, on_host)
+
+    if on_host and device.type != "cpu":
+        il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
+    if padded:
+        tg = tg[:, :tl_max] if tl_max < S else tg
+    else:
+        starts = torch.cumsum(tl, 0) - tl
+        cols = torch.arange(tl_max, device=device)
+        valid = cols[None, :] < tl[:, None]
+        tg = torch.where(valid, tg[(starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))] if S else
+                         torch.zeros((N, tl_max), dtype=torch.int64, device=device), blank)
+    return CTCArguments(lp if keep_strides else lp.contiguous(), tg.contiguous(), il, tl, batched, tl_min)
+
+
+def check_ctc_values(tg: torch.Tensor, il: torch.Tensor, tl: torch.Tensor, T: int, C: int, blank: int, padded: bool,
+                     on_host: bool) -> tuple[int, int]:
+    """The value checks of :func:`ctc_arguments` (lengths in range, labels in [0, C) other than blank where they
+    count), on int64 targets (N, S) padded or 1-D concatenated and (N,) lengths, all on the host (``on_host``) or
+    all on one device; (min, max) of target_lengths. Also run by the ctc op's batching rule under torch.vmap, on
+    the folded batch."""
+    N = il.shape[0]
+    S = tg.shape[1] if padded else tg.shape[0]
     if N == 0:  # nothing to check (min / max of no lengths)
         il_min = il_max = tl_min = tl_max = tl_sum = 0
         bad = None
@@ -246,18 +275,7 @@ def ctc_arguments(
         value = int(tg[where])
         raise ArgumentError(f"targets must hold labels in [0, {C}) other than blank={blank}; got {value} at "
                             f"position {where if padded else where[0]}")
-
-    if on_host and device.type != "cpu":
-        il, tl, tg = to_device(il, device), to_device(tl, device), to_device(tg, device)
-    if padded:
-        tg = tg[:, :tl_max] if tl_max < S else tg
-    else:
-        starts = torch.cumsum(tl, 0) - tl
-        cols = torch.arange(tl_max, device=device)
-        valid = cols[None, :] < tl[:, None]
-        tg = torch.where(valid, tg[(starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))] if S else
-                         torch.zeros((N, tl_max), dtype=torch.int64, device=device), blank)
-    return CTCArguments(lp if keep_strides else lp.contiguous(), tg.contiguous(), il, tl, batched, tl_min)
+    return tl_min, tl_max
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -116,12 +116,83 @@ def test_grad_of_ctc_matches_torch_and_eager(dtype, reduction):
     close64(fused, two_step)
 
 
-def test_ctc_under_vmap_is_refused_clearly():
-    lp, tg, _, _ = ctc_inputs()
-    il, tl = torch.full((3,), 12), torch.full((3,), 4)  # unbatched targets must be of their target length
-    assert torch.vmap(F.ctc_loss, in_dims=(1, 0, 0, 0))(lp, tg, il, tl).shape == (3,)  # torch runs it
-    with pytest.raises(ArgumentError, match="torch.vmap.*batched"):
-        torch.vmap(seqfast.ctc_loss, in_dims=(1, 0, 0, 0))(lp, tg, il, tl)
+CTC_FNS = [F.ctc_loss, seqfast.ctc_loss]
+
+
+def _quiet(fn):
+    """fn() with torch's "no batching rule, falling back to a loop" warning, which its ctc_loss gives, silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fn()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_ctc_under_vmap_matches_torch(dtype, reduction):
+    """vmap over ctc_loss, every way the batch can come in, and with gradients (per-sample through vmap(grad),
+    grad(vmap), torch.autograd outside vmap), against torch's per-sample fallback: the vmapped dimension is folded
+    into the kernels' batch (seqfast/ops/ctc_loss.py) and the values checked there."""
+    g = torch.Generator().manual_seed(5)
+    B, T, N, C, S = 3, 12, 2, 6, 4
+    lp = torch.randn(B, T, N, C, generator=g, dtype=torch.float64).log_softmax(-1).to(dtype)
+    tg = torch.randint(1, C, (B, N, S), generator=g)
+    il, tl = torch.tensor([12, 9]), torch.tensor([4, 3])
+    il_b = torch.tensor([[12, 7], [10, 12], [8, 8]])
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+    def both(make):
+        theirs, ours = (_quiet(lambda f=f: make(f)) for f in CTC_FNS)
+        torch.testing.assert_close(ours, theirs, **tol)
+
+    both(lambda f: torch.vmap(lambda x, y: f(x, y, il, tl, reduction=reduction))(lp, tg))
+    both(lambda f: torch.vmap(lambda y, z: f(lp[0], y, z, tl, reduction=reduction))(tg, il_b))  # shared log_probs
+    both(lambda f: torch.vmap(lambda x: f(x, tg[0], il, tl, reduction=reduction))(lp))  # shared targets
+    # The unbatched form per sample: (T, C) log-probs, (S,) targets (torch: of the target's length), 0-d lengths.
+    flat = lp[0].transpose(0, 1)  # (N, T, C)
+    both(lambda f: torch.vmap(lambda x, y, a, b: f(x, y, a, b, reduction=reduction))(flat, tg[0], il,
+                                                                                     torch.tensor([S, S])))
+    # Nested: two vmapped dimensions, the outer over log_probs only.
+    both(lambda f: torch.vmap(torch.vmap(lambda x, y: f(x, y, il, tl, reduction=reduction)), in_dims=(0, None))(
+        torch.stack([lp, lp.flip(0)]), tg))
+    # Gradients.
+    both(lambda f: torch.vmap(torch.func.grad(lambda x, y: f(x, y, il, tl, reduction=reduction).sum()))(lp, tg))
+    both(lambda f: torch.func.grad(lambda x: torch.vmap(lambda u, y: f(u, y, il, tl, reduction=reduction))(
+        x, tg).sum())(lp))
+
+    def through_vmap(f):
+        x = lp.clone().requires_grad_()
+        loss = torch.vmap(lambda u, y: f(u, y, il, tl, reduction=reduction))(x, tg)
+        return torch.autograd.grad((loss * torch.arange(1.0, loss.numel() + 1).reshape(loss.shape)).sum(), x)[0]
+
+    both(through_vmap)
+
+
+def test_ctc_under_vmap_refuses_what_it_cannot_read():
+    g = torch.Generator().manual_seed(6)
+    lp = torch.randn(3, 12, 2, 6, generator=g).log_softmax(-1)
+    tg = torch.randint(1, 6, (3, 2, 4), generator=g)
+    il, tl = torch.tensor([12, 9]), torch.tensor([4, 3])
+    bad = tg.clone()
+    bad[1, 0, 2] = 0  # the blank, in sample 1's first row
+    with pytest.raises(ArgumentError, match="targets must hold labels"):
+        torch.vmap(lambda x, y: seqfast.ctc_loss(x, y, il, tl))(lp, bad)
+    with pytest.raises(ArgumentError, match="input_lengths must be <= T"):
+        torch.vmap(lambda x, a: seqfast.ctc_loss(x, tg[0], a, tl))(lp, torch.tensor([[12, 9], [13, 9], [1, 1]]))
+    with pytest.raises(ArgumentError, match="padded"):
+        torch.vmap(lambda x, y: seqfast.ctc_loss(x, y, il, tl))(lp, tg[:, :, :4].reshape(3, 8)[:, :7])
+
+
+def test_attention_gradient_through_vmap_reaches_the_inputs():
+    """torch.autograd outside a vmap over attention: the gradient reaches the inputs (the eager C++ route would
+    have run the batching rule below its autograd node, and the output had no grad_fn)."""
+    q, k, v, _ = attention_inputs()
+    grads = []
+    for f in SDPA:
+        x = q.clone().requires_grad_()
+        out = torch.vmap(lambda a, f=f: f(a, k[0] * 2, v[0], is_causal=True))(x)
+        assert out.grad_fn is not None
+        grads.append(torch.autograd.grad((out * out).sum(), x)[0])
+    close64(grads[1], grads[0])
 
 
 def test_eager_route_outside_transforms_only():

@@ -179,6 +179,52 @@ def _backward(ctx, grad_nll, grad_log_alpha):
     return grad, None, None, None, None, None, None, None, None
 
 
+# torch.vmap: the vmapped dimension joins the batch (one call of the kernels; torch itself loops over the samples).
+# The public function cannot read vmapped values, so the forward's rule checks them here, on the folded batch, as
+# seqfast.validation checks an eager call's.
+
+
+def _fold(x: torch.Tensor, bdim: int | None, size: int, dim: int) -> torch.Tensor:
+    """x with its vmapped dimension (bdim; None: not vmapped, expanded) merged into its batch dimension ``dim``,
+    vmapped index major: (..., B * N, ...)."""
+    x = x.unsqueeze(dim).expand(*x.shape[:dim], size, *x.shape[dim:]) if bdim is None else x.movedim(bdim, dim)
+    return x.reshape(*x.shape[:dim], -1, *x.shape[dim + 2:]).contiguous()
+
+
+def _unfold(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    return x.reshape(*x.shape[:dim], size, x.shape[dim] // size, *x.shape[dim + 1:])
+
+
+def _wrapped(*tensors: torch.Tensor) -> bool:
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+@torch.library.register_vmap("seqfast::ctc_loss_forward")
+def _forward_vmap(info, in_dims, log_probs, targets, input_lengths, target_lengths, blank, zero_infinity,
+                  from_logits, keep_alpha=True, alpha_every=1):
+    B = info.batch_size
+    lp = _fold(log_probs, in_dims[0], B, 1)
+    tg, il, tl = (_fold(x, d, B, 0) for x, d in zip((targets, input_lengths, target_lengths), in_dims[1:4]))
+    if not _wrapped(tg, il, tl):  # the innermost of nested vmaps holds the values
+        from seqfast import validation
+
+        on_host = tg.device.type == "cpu" and il.device.type == "cpu" and tl.device.type == "cpu"
+        validation.check_ctc_values(tg, il, tl, lp.shape[0], lp.shape[2], blank, True, on_host)
+    nll, log_alpha = FORWARD(lp, tg, il, tl, blank, zero_infinity, from_logits, keep_alpha, alpha_every)
+    return (_unfold(nll, B, 0), _unfold(log_alpha, B, 0)), (0, 0)
+
+
+@torch.library.register_vmap("seqfast::ctc_loss_backward")
+def _backward_vmap(info, in_dims, grad_nll, log_probs, targets, input_lengths, target_lengths, nll, log_alpha, blank,
+                   zero_infinity, from_logits, alpha_every=1):
+    B = info.batch_size
+    g, tg, il, tl, n, la = (_fold(x, d, B, 0) for x, d in zip(
+        (grad_nll, targets, input_lengths, target_lengths, nll, log_alpha), in_dims[:1] + in_dims[2:7]))
+    grad = BACKWARD(g, _fold(log_probs, in_dims[1], B, 1), tg, il, tl, n, la, blank, zero_infinity, from_logits,
+                    alpha_every)
+    return _unfold(grad, B, 1), 1
+
+
 register_autograd("ctc_loss_forward", _backward, _setup_context)
 register_kernels("ctc_loss_forward", "ctc_loss", reference.ctc_loss_forward)
 register_kernels("ctc_loss_backward", "ctc_loss", reference.ctc_loss_backward)
