@@ -166,3 +166,13 @@ def functorch_grads(ctx: Context, c: Case) -> None:
                                           f"(max diff {max_abs_err(ours, leaf.grad):.3g})")
     c.check(max_abs_err(ours, theirs) <= 1e-4, f"ctc_loss: torch.func.grad off torch's by "
                                                f"{max_abs_err(ours, theirs):.3g}")
+    # vmap over the CTC loss: its batching rules fold the vmapped dimension into the kernels' batch (torch loops).
+    xs = torch.stack([x, x.flip(0)])
+    per_sample = [torch.vmap(torch.func.grad(lambda u, f=f: f(u, tg, il, tl)))(xs) for f in (seqfast.ctc_loss,
+                                                                                              F.ctc_loss)]
+    c.check(max_abs_err(*per_sample) <= 1e-4, f"ctc_loss vmap(grad) off torch's by {max_abs_err(*per_sample):.3g}")
+    leaf = x.detach().clone().requires_grad_()
+    through = [torch.autograd.grad(torch.vmap(lambda u, f=f: f(u, tg, il, tl))(torch.stack([leaf, leaf * 2])).sum(),
+                                   leaf)[0] for f in (seqfast.ctc_loss, F.ctc_loss)]
+    c.check(max_abs_err(*through) <= 1e-4, f"ctc_loss: autograd through vmap off torch's by "
+                                           f"{max_abs_err(*through):.3g}")
