@@ -179,8 +179,8 @@ def ctc_arguments(
     _floating(name, log_probs)
     vmapped = not torch.compiler.is_compiling() and _backend.functorch_transforms()[1]
     if vmapped and allow_empty:
-        # The decoders read their results on the host: no batching rule can fold a vmapped dimension there.
-        raise ArgumentError("seqfast's CTC decoders do not run under torch.vmap; call them once on the batched "
+        # Forced alignment (the one caller that allows empty inputs) checks and reads its arguments on the host.
+        raise ArgumentError("seqfast.ctc_forced_align does not run under torch.vmap; call it once on the batched "
                             "(T, N, C) form instead")
     if log_probs.dim() not in (2, 3):
         raise ArgumentError(f"{name} must be (T, N, C) or unbatched (T, C), got shape {tuple(log_probs.shape)}")

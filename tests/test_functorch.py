@@ -180,6 +180,8 @@ def test_ctc_under_vmap_refuses_what_it_cannot_read():
         torch.vmap(lambda x, a: seqfast.ctc_loss(x, tg[0], a, tl))(lp, torch.tensor([[12, 9], [13, 9], [1, 1]]))
     with pytest.raises(ArgumentError, match="padded"):
         torch.vmap(lambda x, y: seqfast.ctc_loss(x, y, il, tl))(lp, tg[:, :, :4].reshape(3, 8)[:, :7])
+    with pytest.raises(ArgumentError, match="ctc_forced_align does not run under torch.vmap"):
+        torch.vmap(lambda x, y: seqfast.ctc_forced_align(x, y, il, tl)[0])(lp, tg)
 
 
 def test_attention_gradient_through_vmap_reaches_the_inputs():
