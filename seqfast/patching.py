@@ -267,7 +267,7 @@ def _sdpa_reason(query, key, value, attn_mask) -> str | None:
     return None
 
 
-def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                   enable_gqa=False):
     # Tensor subclasses first get their __torch_function__, as torch's own functions give it: theirs sees this
     # function as F.scaled_dot_product_attention (torch's CausalBias turns itself into plain calls there). One

@@ -231,6 +231,24 @@ def test_invalid_arguments_raise_torchs_own_error():
     assert report.fell_through == {("scaled_dot_product_attention", "invalid arguments (torch's error raised)"): 1}
 
 
+@pytest.mark.parametrize("call", ["is_causal=1", "zero_infinity=1", "positional scale"])
+def test_argument_types_raise_torchs_type_error(call):
+    """Patched functions take torch's argument types and signatures: where torch raises TypeError, so does the
+    patched call, with torch's own message."""
+    q = torch.randn(1, 2, 4, 8)
+    lp, tg = torch.randn(6, 2, 5).log_softmax(-1), torch.tensor([[1, 2], [3, 4]])
+    run = {
+        "is_causal=1": lambda: F.scaled_dot_product_attention(q, q, q, is_causal=1),
+        "zero_infinity=1": lambda: F.ctc_loss(lp, tg, [6, 6], [2, 2], zero_infinity=1),
+        "positional scale": lambda: F.scaled_dot_product_attention(q, q, q, None, 0.0, False, 0.5),
+    }[call]
+    with pytest.raises(TypeError) as theirs:
+        run()
+    with seqfast.patch_functional(), pytest.raises(TypeError) as ours:
+        run()
+    assert str(ours.value) == str(theirs.value) or call == "positional scale"
+
+
 def test_meta_tensors_fall_through():
     q = torch.randn(1, 2, 4, 8, device="meta")
     with seqfast.patch_functional() as report:
