@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from seqfast import _backend, _extension
+from seqfast import _backend, _extension, validation
 from seqfast.ops import no_double_backward
 from seqfast.ops._registry import define, register_autograd, register_kernels
 from seqfast.reference import ctc_loss as reference
@@ -206,8 +206,6 @@ def _forward_vmap(info, in_dims, log_probs, targets, input_lengths, target_lengt
     lp = _fold(log_probs, in_dims[0], B, 1)
     tg, il, tl = (_fold(x, d, B, 0) for x, d in zip((targets, input_lengths, target_lengths), in_dims[1:4]))
     if not _wrapped(tg, il, tl):  # the innermost of nested vmaps holds the values
-        from seqfast import validation
-
         on_host = tg.device.type == "cpu" and il.device.type == "cpu" and tl.device.type == "cpu"
         validation.check_ctc_values(tg, il, tl, lp.shape[0], lp.shape[2], blank, True, on_host)
     nll, log_alpha = FORWARD(lp, tg, il, tl, blank, zero_infinity, from_logits, keep_alpha, alpha_every)
