@@ -159,6 +159,14 @@ def reduction_argument(reduction: str) -> str:
     return reduction
 
 
+def _vmapped(*args: object) -> bool:
+    """Whether torch.vmap is active here. Eager: the functorch interpreter stack. Inside torch.compile, which
+    cannot trace that stack: whether an argument is a batched tensor."""
+    if torch.compiler.is_compiling():
+        return any(isinstance(a, torch.Tensor) and torch._C._functorch.is_batchedtensor(a) for a in args)
+    return _backend.functorch_transforms()[1]
+
+
 def ctc_arguments(
     log_probs: torch.Tensor,
     targets: torch.Tensor,
@@ -177,7 +185,7 @@ def ctc_arguments(
     given (for kernels that read any layout) instead of a contiguous copy.
     """
     _floating(name, log_probs)
-    vmapped = not torch.compiler.is_compiling() and _backend.functorch_transforms()[1]
+    vmapped = _vmapped(log_probs, targets, input_lengths, target_lengths)
     if vmapped and allow_empty:
         # Forced alignment (the one caller that allows empty inputs) checks and reads its arguments on the host.
         raise ArgumentError("seqfast.ctc_forced_align does not run under torch.vmap; call it once on the batched "
@@ -208,7 +216,7 @@ def ctc_arguments(
     if not batched:
         tg, padded = tg.unsqueeze(0), True
     S = tg.shape[1] if padded else tg.shape[0]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not vmapped:
         il, tl, tg = il.to(device), tl.to(device), tg.to(device)
         return _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank)
     if vmapped:
@@ -331,20 +339,28 @@ def _ctc_stats_on_device(tg, il, tl, padded, C, blank):
     return (*stats[:5], (lambda: tuple(bad_label.nonzero()[0].tolist())) if stats[5] else None)
 
 
-def _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank) -> CTCArguments:
-    """The checks of :func:`ctc_arguments` as device asserts (no host sync, no data-dependent shape), for
-    ``torch.compile``. Padded targets keep their width S; concatenated ones are padded to the longest
-    target, whose length depends on the data (a graph break, as the values must be read)."""
+def assert_ctc_values(tg: torch.Tensor, il: torch.Tensor, tl: torch.Tensor, T: int, C: int, blank: int,
+                      padded: bool) -> None:
+    """:func:`check_ctc_values` as device asserts (no host sync), for ``torch.compile``; also run by the ctc op's
+    batching rule when a compiled function vmaps over it."""
+    S = tg.shape[1] if padded else tg.shape[0]
     torch._assert_async(((il >= 0) & (il <= T)).all(), "input_lengths must be in [0, T]")
     torch._assert_async((tl >= 0).all(), "target_lengths must be >= 0")
     if padded:
         torch._assert_async((tl <= S).all(), "target_lengths must be <= S (targets' padded width)")
-        counted = torch.arange(S, device=lp.device)[None, :] < tl[:, None]
+        counted = torch.arange(S, device=tg.device)[None, :] < tl[:, None]
     else:
         torch._assert_async(tl.sum() == S, "sum(target_lengths) must equal len(targets) for concatenated targets")
         counted = torch.ones_like(tg, dtype=torch.bool)
     bad = ((tg < 0) | (tg >= C) | (tg == blank)) & counted
     torch._assert_async(~bad.any(), "targets must hold labels in [0, C) other than blank")
+
+
+def _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank) -> CTCArguments:
+    """The checks of :func:`ctc_arguments` as device asserts (no host sync, no data-dependent shape), for
+    ``torch.compile``. Padded targets keep their width S; concatenated ones are padded to the longest
+    target, whose length depends on the data (a graph break, as the values must be read)."""
+    assert_ctc_values(tg, il, tl, T, C, blank, padded)
     if not padded:
         tl_max = int(tl.max()) if tl.numel() else 0
         starts = torch.cumsum(tl, 0) - tl

@@ -167,6 +167,20 @@ def test_ctc_under_vmap_matches_torch(dtype, reduction):
     both(through_vmap)
 
 
+def test_compiled_vmap_over_ctc_matches_torch():
+    """torch.compile of a vmap over ctc_loss: the batching rule is traced, with the compiled call's device asserts
+    on the folded batch (dynamo sees a batched tensor, not the interpreter stack)."""
+    g = torch.Generator().manual_seed(7)
+    lp = torch.randn(3, 12, 2, 6, generator=g).log_softmax(-1)
+    tg = torch.randint(1, 6, (3, 2, 4), generator=g)
+    il, tl = torch.tensor([12, 9]), torch.tensor([4, 3])
+    torch._dynamo.reset()
+    ours = torch.compile(lambda x, y: torch.vmap(lambda u, v: seqfast.ctc_loss(u, v, il, tl, reduction="none"))(
+        x, y))(lp, tg)
+    theirs = _quiet(lambda: torch.vmap(lambda u, v: F.ctc_loss(u, v, il, tl, reduction="none"))(lp, tg))
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
+
+
 def test_ctc_under_vmap_refuses_what_it_cannot_read():
     g = torch.Generator().manual_seed(6)
     lp = torch.randn(3, 12, 2, 6, generator=g).log_softmax(-1)

@@ -205,7 +205,9 @@ def _forward_vmap(info, in_dims, log_probs, targets, input_lengths, target_lengt
     B = info.batch_size
     lp = _fold(log_probs, in_dims[0], B, 1)
     tg, il, tl = (_fold(x, d, B, 0) for x, d in zip((targets, input_lengths, target_lengths), in_dims[1:4]))
-    if not _wrapped(tg, il, tl):  # the innermost of nested vmaps holds the values
+    if torch.compiler.is_compiling():  # traced: device asserts, as a compiled call's checks
+        validation.assert_ctc_values(tg, il, tl, lp.shape[0], lp.shape[2], blank, True)
+    elif not _wrapped(tg, il, tl):  # the innermost of nested vmaps holds the values
         on_host = tg.device.type == "cpu" and il.device.type == "cpu" and tl.device.type == "cpu"
         validation.check_ctc_values(tg, il, tl, lp.shape[0], lp.shape[2], blank, True, on_host)
     nll, log_alpha = FORWARD(lp, tg, il, tl, blank, zero_infinity, from_logits, keep_alpha, alpha_every)
