@@ -43,6 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The op's output layout (seqfast/ops/attention.py), which the fake and the reference allocate with too; the kernels
+# write its rows by strides.
+from seqfast.reference.attention import output_like
+
 try:
     from . import autotune as _autotune
 except ImportError:  # loaded as a lone file (benchmarks/kernel_report.py --module kernels/attention.py)
@@ -1173,14 +1177,6 @@ class _Part:
         return self.b0 * H * Lq * Lk
 
 
-def _output_like(query: torch.Tensor, dv: int) -> torch.Tensor:
-    """The (B, Hq, Lq, Dv) output in the query's layout when Dv == D (``torch.empty_like``), else contiguous: the
-    op's contract (seqfast/ops/attention.py), as torch's fused kernels give it. The kernels write rows by strides."""
-    if dv == query.shape[-1]:
-        return torch.empty_like(query)
-    return torch.empty((*query.shape[:-1], dv), dtype=query.dtype, device=query.device)
-
-
 def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q, cu_k, B, Lq, Lk, max_q, max_k):
     varlen = cu_q is not None
     c = _Common(query, key, value, scale, varlen)
@@ -1189,7 +1185,7 @@ def _forward(query, key, value, attn_mask, dropout_p, causal, scale, seed, cu_q,
         if varlen:
             return (torch.empty((query.shape[0], c.Hq, c.DV), dtype=query.dtype, device=query.device),
                     torch.empty((c.Hq, query.shape[0]), dtype=torch.float32, device=query.device))
-        return (_output_like(query, c.DV), torch.empty((B, c.Hq, Lq), dtype=torch.float32, device=query.device))
+        return (output_like(query, c.DV), torch.empty((B, c.Hq, Lq), dtype=torch.float32, device=query.device))
 
     out, lse = outputs()
     if out.numel() == 0 and lse.numel() == 0:
@@ -1446,7 +1442,7 @@ def _decode_forward(query, key, value, attn_mask, causal, scale, launch):
     B, Hq, Lq, _ = query.shape
     Lk = key.shape[2]
     c = _Common(query, key, value, scale, False)
-    out = _output_like(query, c.DV)
+    out = output_like(query, c.DV)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device)
     mask, m_strides, mask_kind = _mask_args(attn_mask, query)
     n_blocks = triton.cdiv(min(Lk, Lq) if causal == _TOP_LEFT else Lk, block_n)

@@ -49,3 +49,19 @@ def register_autograd(name: str, backward: Callable[..., Any], setup_context: Ca
     if not _extension.AVAILABLE:
         torch.library.register_autograd(f"seqfast::{name}", backward, setup_context=setup_context)
     register_eager(name)
+
+
+# torch.vmap batching rules fold the vmapped dimension into an op's batch dimension: one call of the kernels instead
+# of torch's per-sample fallback loop.
+
+
+def vmap_fold(x: torch.Tensor, bdim: int | None, size: int, dim: int = 0) -> torch.Tensor:
+    """``x`` with its vmapped dimension ``bdim`` (None: not vmapped, expanded to ``size``) merged into its dimension
+    ``dim``, vmapped index major: (..., size * n, ...). A view where the strides allow, else a copy."""
+    x = x.unsqueeze(dim).expand(*x.shape[:dim], size, *x.shape[dim:]) if bdim is None else x.movedim(bdim, dim)
+    return x.reshape(*x.shape[:dim], x.shape[dim] * x.shape[dim + 1], *x.shape[dim + 2:])
+
+
+def vmap_unfold(x: torch.Tensor, size: int, dim: int = 0) -> torch.Tensor:
+    """:func:`vmap_fold`'s inverse on an output: (..., size * n, ...) -> (..., size, n, ...)."""
+    return x.reshape(*x.shape[:dim], size, x.shape[dim] // size, *x.shape[dim + 1:])

@@ -39,7 +39,7 @@ import torch
 
 from seqfast import _backend, _cpu_dropout, _triton
 from seqfast.ops import no_double_backward
-from seqfast.ops._registry import define, register_autograd, register_kernels
+from seqfast.ops._registry import define, register_autograd, register_kernels, vmap_fold, vmap_unfold
 from seqfast.reference import attention as reference
 
 NO_CAUSAL, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
@@ -175,13 +175,8 @@ def _fold(x: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tensor |
     """(size, B, ...) -> (size * B, ...) with stride 1 on the last dim, as the kernels read it."""
     if x is None:
         return None
-    x = x.movedim(bdim, 0) if bdim is not None else x.expand(size, *x.shape)
-    x = x.reshape(size * x.shape[1], *x.shape[2:])
+    x = vmap_fold(x, bdim, size)
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
-def _unfold(x: torch.Tensor, size: int) -> torch.Tensor:
-    return x.reshape(size, x.shape[0] // size, *x.shape[1:])
 
 
 @torch.library.register_vmap("seqfast::attention_forward")
@@ -190,7 +185,7 @@ def _forward_vmap(info, in_dims, query, key, value, attn_mask, dropout_p, causal
         raise RuntimeError("seqfast::attention_forward under torch.vmap: the dropout seed must not be batched")
     q, k, v, m = (_fold(x, d, info.batch_size) for x, d in zip((query, key, value, attn_mask), in_dims))
     out, lse = FORWARD(q, k, v, m, dropout_p, causal, scale, seed)
-    return (_unfold(out, info.batch_size), _unfold(lse, info.batch_size)), (0, 0)
+    return (vmap_unfold(out, info.batch_size), vmap_unfold(lse, info.batch_size)), (0, 0)
 
 
 @torch.library.register_vmap("seqfast::attention_backward")
@@ -201,6 +196,6 @@ def _backward_vmap(info, in_dims, grad_out, query, key, value, attn_mask, out, l
     tensors = (grad_out, query, key, value, attn_mask, out, lse)
     g, q, k, v, m, o, lse_ = (_fold(x, d, info.batch_size) for x, d in zip(tensors, in_dims[:7]))
     dq, dk, dv, dmask = BACKWARD(g, q, k, v, m, o, lse_, dropout_p, causal, scale, seed, mask_grad)
-    dmask, mask_dim = (_unfold(dmask, info.batch_size), 0) if mask_grad else (dmask, None)
-    return (_unfold(dq, info.batch_size), _unfold(dk, info.batch_size), _unfold(dv, info.batch_size), dmask), \
-        (0, 0, 0, mask_dim)
+    B = info.batch_size
+    dmask, mask_dim = (vmap_unfold(dmask, B), 0) if mask_grad else (dmask, None)
+    return (vmap_unfold(dq, B), vmap_unfold(dk, B), vmap_unfold(dv, B), dmask), (0, 0, 0, mask_dim)

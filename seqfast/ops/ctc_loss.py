@@ -43,7 +43,7 @@ import torch
 
 from seqfast import _backend, _extension, validation
 from seqfast.ops import no_double_backward
-from seqfast.ops._registry import define, register_autograd, register_kernels
+from seqfast.ops._registry import define, register_autograd, register_kernels, vmap_fold, vmap_unfold
 from seqfast.reference import ctc_loss as reference
 
 FORWARD = define(
@@ -185,14 +185,8 @@ def _backward(ctx, grad_nll, grad_log_alpha):
 
 
 def _fold(x: torch.Tensor, bdim: int | None, size: int, dim: int) -> torch.Tensor:
-    """x with its vmapped dimension (bdim; None: not vmapped, expanded) merged into its batch dimension ``dim``,
-    vmapped index major: (..., B * N, ...)."""
-    x = x.unsqueeze(dim).expand(*x.shape[:dim], size, *x.shape[dim:]) if bdim is None else x.movedim(bdim, dim)
-    return x.reshape(*x.shape[:dim], -1, *x.shape[dim + 2:]).contiguous()
-
-
-def _unfold(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    return x.reshape(*x.shape[:dim], size, x.shape[dim] // size, *x.shape[dim + 1:])
+    """vmap_fold into the batch dimension ``dim``, contiguous as the kernels read it."""
+    return vmap_fold(x, bdim, size, dim).contiguous()
 
 
 def _wrapped(*tensors: torch.Tensor) -> bool:
@@ -211,7 +205,7 @@ def _forward_vmap(info, in_dims, log_probs, targets, input_lengths, target_lengt
         on_host = tg.device.type == "cpu" and il.device.type == "cpu" and tl.device.type == "cpu"
         validation.check_ctc_values(tg, il, tl, lp.shape[0], lp.shape[2], blank, True, on_host)
     nll, log_alpha = FORWARD(lp, tg, il, tl, blank, zero_infinity, from_logits, keep_alpha, alpha_every)
-    return (_unfold(nll, B, 0), _unfold(log_alpha, B, 0)), (0, 0)
+    return (vmap_unfold(nll, B, 0), vmap_unfold(log_alpha, B, 0)), (0, 0)
 
 
 @torch.library.register_vmap("seqfast::ctc_loss_backward")
@@ -222,7 +216,7 @@ def _backward_vmap(info, in_dims, grad_nll, log_probs, targets, input_lengths, t
         (grad_nll, targets, input_lengths, target_lengths, nll, log_alpha), in_dims[:1] + in_dims[2:7]))
     grad = BACKWARD(g, _fold(log_probs, in_dims[1], B, 1), tg, il, tl, n, la, blank, zero_infinity, from_logits,
                     alpha_every)
-    return _unfold(grad, B, 1), 1
+    return vmap_unfold(grad, B, 1), 1
 
 
 register_autograd("ctc_loss_forward", _backward, _setup_context)
