@@ -84,8 +84,11 @@ DRY_CASES = {
     "bf16 GQA Hq8 Hk2 D128 causal L1037", "fp16 float mask grad (1,H,Lq,Lk) D64 L1037x129",
     "fp16 fully masked rows D64 L129", "bf16 non-contiguous (B,L,H,D) D64 L1037", "fp32 D64 L1037",
 }
-_DRY_L = {1037: 33, 129: 20, 17: 9, 1: 1}
-_DRY_D = {64: 16, 80: 24, 128: 32, 256: 48}
+# Head sizes stay as on the device (256 -> 128 for time): with D <= 32 each output sums so few products that one
+# draw's error against torch's can land past the 2x bound by chance (ratios up to 2.9 with D16, Lk 9; at most
+# 1.4 with these sizes on the fixed seeds, up to 2.1 on shifted seeds).
+_DRY_L = {1037: 65, 129: 40, 17: 17, 1: 1}
+_DRY_D = {64: 64, 80: 80, 128: 128, 256: 128}
 
 
 def shrink(spec: Spec) -> Spec:
