@@ -9,7 +9,8 @@ ptxas / cuobjdump shipped in the triton wheel do it all on the host), then reads
   live in the stack frame); ``local_bytes`` and ``stack_bytes`` are cuobjdump's LOCAL and STACK;
 - ``shared_bytes``: the kernel's shared memory, from Triton's metadata;
 - ``mma_instructions``: tensor-core instructions in the SASS (HMMA, HGMMA, IMMA, IGMMA, QGMMA), by opcode in
-  ``mma_by_opcode``.
+  ``mma_by_opcode``;
+- ``ex2_inputs``: the instructions that compute ``MUFU.EX2``'s operands, by opcode (see ``ex2_inputs``).
 
 Discovery: every ``kernels/*.py`` module that defines ``report_configs()``, which returns dicts with keys
 ``kernel`` (name), ``fn`` (the ``triton.jit`` function), ``signature`` ({arg: Triton type such as ``"*fp32"``,
@@ -107,6 +108,33 @@ def count_mma(sass: str) -> Counter:
     return counts
 
 
+# One SASS instruction with its operands: /*0a30*/  [@P0]  OPCODE.MODIFIERS  R4, R5, -R7 ;
+_SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[\w.]*)?\s+([^;]*);")
+
+
+def ex2_inputs(sass: str, window: int = 600) -> Counter:
+    """For each ``MUFU.EX2``, the opcode of the nearest earlier instruction (within ``window``) that writes its
+    operand register; ``"?"`` where none is found in straight-line order.
+
+    Why: a softmax's ``exp2(s - m)`` is exact at the row's maximum only if ``s`` is the rounded score that ``m``
+    was taken from. An ``FFMA`` there means the compiler contracted the scaling multiply into the subtraction, so
+    the maximum's own exponent becomes the product's rounding error, which overflows exp2 at huge scales."""
+    code = [(m.group(1), m.group(2) or "", [a.strip() for a in m.group(3).split(",")])
+            for m in _SASS_INSTRUCTION.finditer(sass)]
+    counts: Counter = Counter()
+    for i, (opcode, modifiers, operands) in enumerate(code):
+        if opcode != "MUFU" or not modifiers.startswith(".EX2") or len(operands) < 2:
+            continue
+        source = operands[1].lstrip("-|").split(".")[0]
+        for j in range(i - 1, max(i - 1 - window, -1), -1):
+            if code[j][2] and code[j][2][0] == source:
+                counts[code[j][0]] += 1
+                break
+        else:
+            counts["?"] += 1
+    return counts
+
+
 def _ptxas_spills(ptx: str, capability: int, workdir: Path) -> tuple[int, int, int] | None:
     """(stack frame, spill stores, spill loads) bytes from ``ptxas -v``, or None when it says nothing."""
     target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
@@ -167,7 +195,7 @@ def compile_config(cfg: dict[str, Any], arch: str | int, ptxas_spills: bool = Tr
         "kernel": cfg["kernel"], "config": cfg["config"], "arch": f"sm_{capability}",
         "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
         "registers": None, "spill_bytes": None, "shared_bytes": None, "mma_instructions": None,
-        "local_bytes": None, "stack_bytes": None, "mma_by_opcode": {}, "error": None,
+        "local_bytes": None, "stack_bytes": None, "mma_by_opcode": {}, "ex2_inputs": {}, "error": None,
     }
     try:
         fn = _jit_function(cfg["fn"], cfg["kernel"])
@@ -191,6 +219,7 @@ def compile_config(cfg: dict[str, Any], arch: str | int, ptxas_spills: bool = Tr
         return row
     mma = count_mma(sass)
     row.update(
+        ex2_inputs=dict(sorted(ex2_inputs(sass).items())),
         registers=usage.get("REG", 0),
         local_bytes=usage.get("LOCAL", 0),
         stack_bytes=usage.get("STACK", 0),
@@ -229,7 +258,7 @@ def report(modules_or_configs: ModuleType | dict | Iterable[ModuleType | dict],
            on_row: Callable[[dict[str, Any]], None] | None = None, ptxas_spills: bool = True,
            skip: Callable[[dict[str, Any], str], bool] | None = None) -> list[dict[str, Any]]:
     """One row per (config, arch): kernel, config, arch, registers, spill_bytes, shared_bytes,
-    mma_instructions (plus num_warps, num_stages, local_bytes, stack_bytes, mma_by_opcode, error).
+    mma_instructions (plus num_warps, num_stages, local_bytes, stack_bytes, mma_by_opcode, ex2_inputs, error).
     ``on_row`` is called with each row as soon as it is compiled; ``skip(cfg, arch)``: leave that pair out;
     ``ptxas_spills``: see :func:`compile_config`.
 

@@ -242,3 +242,44 @@ def test_attention_sm90_dkdv_compiles_to_wgmma_without_spilling():
         assert row["error"] is None, row["error"]
         assert row["arch"] == "sm_90" and row["spill_bytes"] == 0, row
         assert row["mma_by_opcode"].get("HGMMA", 0) > 0 and "HMMA" not in row["mma_by_opcode"], row
+
+
+def test_ex2_inputs_names_the_instruction_that_computes_the_exponent():
+    sass = textwrap.dedent('''
+        /*0100*/                   FMUL R4, R2, R3 ;
+        /*0110*/                   FMNMX R7, R4, R9, !PT ;
+        /*0120*/                   FADD R5, R4, -R7 ;
+        /*0130*/                   MUFU.EX2 R5, R5 ;
+        /*0140*/                   FFMA R6, R2, R3, -R7 ;
+        /*0150*/              @P0  MUFU.EX2 R6, R6 ;
+        /*0160*/                   MUFU.RCP R8, R6 ;
+        /*0170*/                   MUFU.EX2 R10, -R11 ;
+    ''')
+    assert kernel_report.ex2_inputs(sass) == {"FADD": 1, "FFMA": 1, "?": 1}
+
+
+# The forward's exp2(s - m) must see the rounded score its row maximum came from: a multiply contracted into the
+# subtraction (FFMA) makes the maximum's own exponent the product's rounding error, inf or 0 at scale 1e10 (the
+# bug GCC's contraction caused in the C++ kernel). The interpreter cannot show this; the SASS can.
+ATTENTION_EX2_RUN = textwrap.dedent('''
+    import json, re, sys
+    sys.path.insert(0, sys.argv[1])
+    import kernel_report as kr
+
+    attention = kr.load_module(sys.argv[2])
+    entries = [e for e in attention.report_configs() if e["kernel"] == "_attn_fwd"
+               and re.fullmatch(r"(sm90:)?d64-(fp32|bf16)-(dense|causal|mask_float)(_ieee)?-.*", e["config"])]
+    print(json.dumps(kr.report(entries, ["sm_80", "sm_90"])))
+''')
+
+
+def test_attention_forward_exponents_subtract_a_rounded_score():
+    proc = subprocess.run([sys.executable, "-c", ATTENTION_EX2_RUN, str(ROOT / "benchmarks"),
+                           str(ROOT / "kernels" / "attention.py")],
+                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"} and len(rows) >= 8, [r["config"] for r in rows]
+    for row in rows:
+        assert row["error"] is None, row["error"]
+        assert row["ex2_inputs"] and "FFMA" not in row["ex2_inputs"], row
