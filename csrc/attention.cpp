@@ -676,6 +676,24 @@ at::Tensor attention_output(const at::Tensor& query, int64_t Dv) {
   return cache.empty({query.numel()}, query.scalar_type()).as_strided(query.sizes(), strides);
 }
 
+// The backward's gradients in the layouts torch's CPU attention gives them. Fused (no dropout, Dv == D, no mask
+// gradient, no empty sequence): dQ, dK, dV (B, L, H, E)-ordered. Unfused (its math path): dQ and dV contiguous,
+// dK the transpose of a contiguous (B, H, E, Lk) (a matmul's), or contiguous with grouped heads (a sum over the
+// group). Keep in step with seqfast.reference.attention.fused_gradients / gradient_like (the fake, the others).
+bool fused_gradients(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double dropout_p,
+                     bool mask_grad) {
+  return dropout_p == 0.0 && !mask_grad && value.size(3) == query.size(3) && query.size(2) > 0 && key.size(2) > 0;
+}
+
+// `transposed`: the unfused dK. From BufferCache.
+at::Tensor attention_gradient(const at::Tensor& like, bool fused, bool transposed = false) {
+  auto& cache = BufferCache::get();
+  const int64_t B = like.size(0), H = like.size(1), L = like.size(2), E = like.size(3);
+  if (fused) return cache.empty({B, L, H, E}, like.scalar_type()).transpose(1, 2);
+  if (transposed) return cache.empty({B, H, E, L}, like.scalar_type()).transpose(2, 3);
+  return cache.empty(like.sizes(), like.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value,
                                                      const c10::optional<at::Tensor>& attn_mask,
@@ -715,9 +733,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
               "seqfast attention: mask_grad needs a float attn_mask");
   // Gradients of 1 MiB or more come from BufferCache: a training step frees them before the next backward,
   // which then gets the same pages back instead of faulting in fresh ones (benchmarks/NOTES.md).
-  at::Tensor dq = BufferCache::get().empty(query.sizes(), query.scalar_type());
-  at::Tensor dk = BufferCache::get().empty(key.sizes(), key.scalar_type());
-  at::Tensor dv = BufferCache::get().empty(value.sizes(), value.scalar_type());
+  const bool fused = fused_gradients(query, key, value, dropout_p, mask_grad);
+  at::Tensor dq = attention_gradient(query, fused);
+  at::Tensor dk = attention_gradient(key, fused, key.size(1) == Hq);
+  at::Tensor dv = attention_gradient(value, fused);
   at::Tensor dmask;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "seqfast_attention_backward", [&] {
     using T = CalcT<scalar_t>;

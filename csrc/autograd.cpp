@@ -207,6 +207,12 @@ c10::optional<Tensor> common_attention(const Tensor& q, const Tensor& k, const T
       k.size(3) != q.size(3) || v.size(2) != k.size(2) || q.size(3) == 0) {
     return c10::nullopt;
   }
+  // Where torch would not run fused (Dv != D, an empty sequence, flash switched off), its output and gradient
+  // layouts differ: the Python path gives those.
+  if (v.size(3) != q.size(3) || q.size(2) == 0 || k.size(2) == 0 ||
+      (q.is_cpu() && !at::globalContext().userEnabledFlashSDP())) {
+    return c10::nullopt;
+  }
   if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return c10::nullopt;
   // Autocast knows CPU and CUDA only (it throws for the meta device); the Python path takes the others.
   if (!q.is_cpu() && !q.is_cuda()) return c10::nullopt;

@@ -45,7 +45,7 @@ import triton.language as tl
 
 # The op's output layout (seqfast/ops/attention.py), which the fake and the reference allocate with too; the kernels
 # write its rows by strides.
-from seqfast.reference.attention import output_like
+from seqfast.reference.attention import fused_gradients, gradient_like, output_like
 
 try:
     from . import autotune as _autotune
@@ -1256,10 +1256,20 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
             return torch.zeros((B, c.Hq, Lq, Lk), dtype=attn_mask.dtype, device=query.device)
         return query.new_empty((0,))
 
+    # The op's gradient layout (contiguous on CUDA; in the interpreter, on CPU tensors, torch's CPU layout; the
+    # kernels write unit-stride rows, so the unfused dK is copied into its transposed layout at the end).
+    fused = not varlen and fused_gradients(query, key, value, dropout_p, bool(mask_grad))
+
+    def new_grad(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if varlen else gradient_like(t, fused)
+
+    def key_layout(dk: torch.Tensor) -> torch.Tensor:
+        if varlen or fused or c.Hq != c.Hk:
+            return dk
+        return gradient_like(dk, False, True).copy_(dk)
+
     if B == 0 or max_q == 0 or max_k == 0:
-        return (torch.zeros_like(query, memory_format=torch.contiguous_format),
-                torch.zeros_like(key, memory_format=torch.contiguous_format),
-                torch.zeros_like(value, memory_format=torch.contiguous_format), new_dmask())
+        return new_grad(query).zero_(), key_layout(new_grad(key).zero_()), new_grad(value).zero_(), new_dmask()
     lse = lse.float() if lse.dtype != torch.float32 else lse
     delta = torch.empty_like(lse)
     pre_m = _preprocess_block_m(c.block_dv)
@@ -1287,8 +1297,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
 
     def run_dkdv(launch: _Launch) -> tuple[torch.Tensor, ...]:
         """dK, dV, dmask (and with atomics the fp32 dQ sum) of one launch into fresh outputs."""
-        dk = torch.empty_like(key, memory_format=torch.contiguous_format)
-        dv = torch.empty_like(value, memory_format=torch.contiguous_format)
+        dk, dv = new_grad(key), new_grad(value)
         dmask = new_dmask()
         dm_strides = tuple(dmask.stride()[:3]) if mask_grad else (0, 0, 0)
         # The atomic path sums dQ in fp32 (zeros: rows no key tile reaches keep a zero gradient).
@@ -1310,7 +1319,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         return (dk, dv, dmask, dq_acc) if atomic else (dk, dv, dmask)
 
     def run_dq(launch: _Launch) -> tuple[torch.Tensor]:
-        dq = torch.empty_like(query, memory_format=torch.contiguous_format)
+        dq = new_grad(query)
         block_m, block_n, warps, stages, maxnreg, chunk = launch
         for p in parts:
             _attn_bwd_dq[(triton.cdiv(max_q, block_m), c.Hq, p.b1 - p.b0)](
@@ -1331,11 +1340,11 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
 
     dk, dv, dmask, *acc = run_dkdv(tuned(dkdv_name, run_dkdv))
     if atomic:
-        dq = torch.empty_like(query, memory_format=torch.contiguous_format)
+        dq = new_grad(query)
         dq.copy_(acc[0])
     else:
         (dq,) = run_dq(tuned("dq", run_dq))
-    return dq, dk, dv, dmask
+    return dq, key_layout(dk), dv, dmask
 
 
 # --------------------------------------------------------------------------------------------- split-KV decode

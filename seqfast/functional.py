@@ -276,6 +276,11 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                       bottom_right: bool = False):
     """:func:`scaled_dot_product_attention` with the dropout seed given (callers that need the keep-mask);
     ``bottom_right``: the lower-right causal alignment (``is_causal`` is then False)."""
+    tensors = all(isinstance(t, torch.Tensor) for t in (query, key, value))
+    fused = tensors and _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if (not fused and tensors and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+            and _op_gives_fused_gradients(query, value, attn_mask, dropout_p)):
+        query, key, value = _with_unfused_gradients(query, key, value)
     args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if bottom_right:
         causal = attention_ops.CAUSAL_BOTTOM_RIGHT
@@ -290,22 +295,74 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     if dropped_all:
         out = out * 0.0
     out = out if args.out_shape is None else out.reshape(args.out_shape)
-    if not out.is_contiguous() and not _fused_in_torch(query, key, value, dropout_p, enable_gqa):
+    if not fused and not out.is_contiguous():
         out = out.contiguous()  # torch's unfused path gives a contiguous result
     return out
 
 
-def _fused_in_torch(query, key, value, dropout_p: float, enable_gqa: bool) -> bool:
-    """Whether torch's own attention runs fused here, so that its output takes the query's layout (the op's
-    contract): 4-D inputs of one batch size and head count (or grouped heads with ``enable_gqa``), unit last-dim
-    strides, no dropout. Elsewhere torch computes it unfused, and contiguous."""
+def _grouped(query: torch.Tensor, key: torch.Tensor) -> bool:
+    return query.dim() >= 3 and key.dim() == query.dim() and query.shape[-3] != key.shape[-3]
+
+
+def _fused_in_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: bool) -> bool:
+    """Whether torch's own attention runs fused here, as its CPU flash kernel's checks decide: 4-D inputs of one
+    batch size and head count (or grouped heads with ``enable_gqa``), Dv == D, no empty sequence, unit last-dim
+    strides, no dropout, a 2-D or 4-D mask that needs no gradient, the flash backend enabled. There its output
+    takes the query's layout and its gradients come (B, L, H, E)-ordered (the op's contract); elsewhere torch
+    computes it unfused, with a contiguous output (tests/test_dropin.py holds this against torch's own choice,
+    ``torch._fused_sdp_choice``)."""
     if dropout_p > 0 or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return False
     if not query.shape[0] == key.shape[0] == value.shape[0] or key.shape[1] != value.shape[1]:
         return False
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return False
+    if query.shape[3] != value.shape[3] or query.shape[2] == 0 or key.shape[2] == 0:
+        return False
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() not in (2, 4)
+                                  or attn_mask.requires_grad):
+        return False
+    # torch.backends.cuda's flag (and sdpa_kernel) switches CPU flash off too; CUDA falls back to other fused ones.
+    # Dynamo cannot trace the flag's getter: compiled code takes the default (on).
+    if (query.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.backends.cuda.flash_sdp_enabled()):
+        return False
     return query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+
+
+def _op_gives_fused_gradients(query: torch.Tensor, value: torch.Tensor, attn_mask, dropout_p: float) -> bool:
+    """Whether seqfast::attention_backward will give torch's fused gradient layout (its own rule,
+    seqfast.reference.attention.fused_gradients, as far as the public arguments show it)."""
+    mask_grad = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
+    return (not dropout_p and not mask_grad and query.dim() >= 2 and value.dim() >= 2
+            and query.shape[-1] == value.shape[-1] and query.shape[-2] > 0 and value.shape[-2] > 0)
+
+
+def _contiguous_gradient(g: torch.Tensor) -> torch.Tensor:
+    return g.contiguous()
+
+
+def _matmul_key_gradient(g: torch.Tensor) -> torch.Tensor:
+    return g.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _with_unfused_gradients(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of the inputs whose gradients reach them in torch's unfused layouts: dQ and dV contiguous, dK the
+    transpose of a contiguous (..., E, Lk) (its matmul's), or contiguous with grouped heads (a sum over the
+    group). For the calls torch runs unfused where the op, which sees only the 4-D kernel arguments, gives the
+    fused layout (other ranks, 3-D masks, unit-stride-less inputs, flash switched off). Tensor hooks on fresh
+    views: they see only this call's gradients, at a few microseconds (an autograd.Function costs ~100).
+    Not under torch.compile or torch.func, which keep the op's layout."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return query, key, value
+    key_hook = _contiguous_gradient if _grouped(query, key) else _matmul_key_gradient
+    views = []
+    for t, hook in ((query, _contiguous_gradient), (key, key_hook), (value, _contiguous_gradient)):
+        if t.requires_grad:
+            t = t.view_as(t)
+            t.register_hook(hook)
+        views.append(t)
+    return tuple(views)
 
 
 def varlen_attention(

@@ -4,6 +4,8 @@ non-contiguous and broadcast inputs)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -246,6 +248,111 @@ def test_sdpa_output_strides_as_torch(q_layout, call):
         if q_layout == "blhd" and call == "plain" and k_layout != "d-major":  # fused in torch: a view
             B, H, L, D = q.shape
             assert torch.equal(got.transpose(1, 2).view(B, L, H * D), got.transpose(1, 2).reshape(B, L, H * D))
+
+
+def _sdpa_grad_strides(fn, q, k, v, kwargs) -> tuple:
+    """The output's strides and the strides of the gradients that reach q, k, v (non-leaf: as they come)."""
+    q, k, v = (t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in (q, k, v))
+    seen = {}
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        t.register_hook(lambda g, name=name: seen.__setitem__(name, g.stride()))
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get("attn_mask"), torch.Tensor) and kwargs["attn_mask"].is_floating_point():
+        kwargs["attn_mask"] = kwargs["attn_mask"].detach().requires_grad_(kwargs.pop("mask_grad", False))
+    kwargs.pop("mask_grad", None)
+    out = fn(q, k, v, **kwargs)
+    out.backward(torch.randn_like(out))
+    return out.stride(), seen
+
+
+SDPA_GRAD_CALLS = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "bool-mask": {"attn_mask": "bool4"},
+    "float-mask": {"attn_mask": "float2"},
+    "float-mask-grad": {"attn_mask": "float2", "mask_grad": True},
+    "3-d-mask": {"attn_mask": "float3"},
+    "dropout": {"dropout_p": 0.3},
+    "value-width": {"value_width": 4},
+    "gqa": {"gqa": True},
+}
+# Not compared: with no keys torch's gradients are broadcast zeros (all strides 0); seqfast's are real zeros.
+
+
+@pytest.mark.parametrize("call", list(SDPA_GRAD_CALLS))
+@pytest.mark.parametrize("layout", ["bhld", "blhd", "packed", "d-major"])
+def test_sdpa_gradient_strides_as_torch(layout, call):
+    """torch's fused CPU attention returns dQ, dK, dV (B, L, H, E)-ordered whatever the inputs' layout; its unfused
+    path (dropout, Dv != D, a mask that needs a gradient, a 3-D mask, an empty sequence, D-major inputs) dQ and dV
+    contiguous and dK as its matmul's transpose. A model's q.transpose(1, 2) / view backward is free on the former."""
+    spec = SDPA_GRAD_CALLS[call]
+    B, H, Lq, Lk, D = 2, 3, 5, spec.get("keys", 7), 8
+    q = _layouts(B, 2 * H if spec.get("gqa") else H, Lq, D)[layout]
+    k = _layouts(B, H, Lk, D)[layout]
+    v = _layouts(B, H, Lk, spec.get("value_width", D))[layout]
+    kwargs = {key: val for key, val in spec.items() if key not in ("gqa", "value_width")}
+    if spec.get("gqa"):
+        kwargs["enable_gqa"] = True
+    mask = {"bool4": lambda: torch.rand(1, 1, Lq, Lk) > 0.2, "float2": lambda: torch.randn(Lq, Lk),
+            "float3": lambda: torch.randn(1, Lq, Lk)}
+    if "attn_mask" in kwargs:
+        kwargs["attn_mask"] = mask[kwargs["attn_mask"]]()
+    want = _sdpa_grad_strides(F.scaled_dot_product_attention, q, k, v, kwargs)
+    got = _sdpa_grad_strides(seqfast.scaled_dot_product_attention, q, k, v, kwargs)
+    assert got == want, (got, want)
+
+
+@pytest.mark.parametrize("case", ["3-d", "5-d", "broadcast-batch", "3-d dropout", "3-d-mask dropout"])
+def test_sdpa_gradient_strides_of_other_forms_as_torch(case):
+    q = _layouts(2, 3, 5, 8)["blhd"]
+    k = _layouts(2, 3, 7, 8)["blhd"]
+    kwargs = {"dropout_p": 0.3} if "dropout" in case else {}
+    if case.startswith("3-d-mask"):
+        kwargs["attn_mask"] = torch.randn(1, 5, 7)
+    elif case.startswith("3-d"):
+        q, k = q[0], k[0]
+    elif case == "5-d":
+        q, k = q.unsqueeze(0).expand(2, -1, -1, -1, -1), k.unsqueeze(0).expand(2, -1, -1, -1, -1)
+    else:
+        q = q[:1]
+    want = _sdpa_grad_strides(F.scaled_dot_product_attention, q, k, k.clone(), kwargs)
+    got = _sdpa_grad_strides(seqfast.scaled_dot_product_attention, q, k, k.clone(), kwargs)
+    assert got == want, (got, want)
+
+
+def test_sdpa_gradient_strides_as_torch_with_flash_switched_off():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = _layouts(2, 3, 5, 8)["blhd"]
+    for backends in ([SDPBackend.MATH], [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        with sdpa_kernel(backends):
+            want = _sdpa_grad_strides(F.scaled_dot_product_attention, q, q, q, {})
+            got = _sdpa_grad_strides(seqfast.scaled_dot_product_attention, q, q, q, {})
+        assert got == want, (backends, got, want)
+
+
+def test_fused_in_torch_is_torchs_own_choice():
+    """seqfast.functional._fused_in_torch (which sets the output's and the gradients' layouts) against torch's
+    backend choice for the same CPU call, over masks, dropout, widths, lengths, head counts and strides."""
+    from seqfast.functional import _fused_in_torch
+
+    cases = 0
+    for layout, mask, dropout, dv, lk, hk, gqa in itertools.product(
+            ["bhld", "blhd", "d-major"], [None, "bool2", "float4", "float3", "float2-grad", "float1x5"], [0.0, 0.2],
+            [8, 4], [7, 0], [3, 1], [False, True]):
+        q = _layouts(2, 3, 5, 8)[layout]
+        k = _layouts(2, hk, max(lk, 1), 8)[layout][:, :, :lk]
+        v = _layouts(2, hk, max(lk, 1), dv)[layout][:, :, :lk]
+        m = {None: None, "bool2": torch.rand(5, lk) > 0.3, "float4": torch.randn(2, 1, 5, lk),
+             "float3": torch.randn(1, 5, lk), "float2-grad": torch.randn(5, lk, requires_grad=True),
+             "float1x5": torch.randn(1, lk)}[mask]
+        try:
+            choice = torch._fused_sdp_choice(q, k, v, m, dropout, False, enable_gqa=gqa)
+        except RuntimeError:  # torch refuses the call (e.g. GQA heads without enable_gqa on the fused check)
+            continue
+        assert _fused_in_torch(q, k, v, m, dropout, gqa) == (choice != 0), (layout, mask, dropout, dv, lk, hk, gqa)
+        cases += 1
+    assert cases > 500, cases
 
 
 @pytest.mark.parametrize("shape", [(5, 8), (2, 5, 8), (2, 2, 3, 5, 8)])

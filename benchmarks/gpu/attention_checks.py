@@ -384,6 +384,40 @@ def check_huge_scale(ctx: Context, c: Case) -> None:
         c.check(err <= 1e-5, f"{'causal' if causal else 'dense'} forward off by {err:.3g} at scale 1e10")
 
 
+def check_layouts(ctx: Context, c: Case) -> None:
+    """Output and gradient strides against torch's on the device, for the layouts models make: contiguous
+    (B, H, L, D) and (B, L, H, D) projection views, with and without dropout (torch's unfused path). On the CPU
+    seqfast matches torch's fused CPU kernel ((B, L, H, D)-ordered gradients); on CUDA its gradients are contiguous
+    until this check shows what torch's CUDA kernels return."""
+    import torch
+
+    import seqfast
+
+    dtype = torch.float16 if not ctx.dry_run else torch.float32
+    B, H, L, D = 2, 4, (129 if not ctx.dry_run else 9), 64 if not ctx.dry_run else 16
+    for layout in ("bhld", "blhd"):
+        for dropout in (0.0, 0.2):
+            strides = {}
+            for name, fn in (("torch", torch.nn.functional.scaled_dot_product_attention),
+                             ("seqfast", seqfast.scaled_dot_product_attention)):
+                torch.manual_seed(0)
+                shape = (B, H, L, D) if layout == "bhld" else (B, L, H, D)
+                leaves = [torch.randn(shape, dtype=dtype, device=ctx.device, requires_grad=True) for _ in range(3)]
+                q, k, v = leaves if layout == "bhld" else [t.transpose(1, 2) for t in leaves]
+                seen = {}
+                for tag, t in (("q", q), ("k", k), ("v", v)):  # the gradients as they come, before any leaf copy
+                    t.register_hook(lambda g, tag=tag, seen=seen: seen.__setitem__(tag, tuple(g.stride())))
+                with ctx.seqfast_backend() if name == "seqfast" else _null():
+                    out = fn(q, k, v, dropout_p=dropout)
+                out.sum().backward()
+                strides[name] = (tuple(out.stride()), seen)
+            key = f"{layout}{'_dropout' if dropout else ''}"
+            c.metrics[f"{key}_torch"] = str(strides["torch"])
+            c.metrics[f"{key}_seqfast"] = str(strides["seqfast"])
+            c.check(strides["torch"][0] == strides["seqfast"][0], f"{key}: output strides differ")
+            c.check(strides["torch"][1] == strides["seqfast"][1], f"{key}: gradient strides differ")
+
+
 def attention_correctness(ctx: Context) -> None:
     import torch
 
@@ -412,6 +446,7 @@ def attention_correctness(ctx: Context) -> None:
         ordered.append((f"fp32 varlen causal D{d_varlen}", lambda c: check_varlen(ctx, "fp32", True, lq, lk, 2, 2,
                                                                                    d_varlen, c)))
     ordered.append(("fp32 scale 1e10 forward", lambda c: check_huge_scale(ctx, c)))
+    ordered.append(("output and gradient strides as torch's", lambda c: check_layouts(ctx, c)))
     for name, fn in ordered:
         ctx.run(name, fn, min_seconds=3.0)
 

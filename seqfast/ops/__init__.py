@@ -17,7 +17,7 @@ __all__ = ["CONTRACT", "attention", "ctc_beam_search", "ctc_decode", "ctc_loss"]
 # cache with that contract's output strides, and fail inductor's stride asserts (or read memory wrongly). The
 # version joins torch's cache key tag, so a seqfast that changes a contract compiles afresh. Bump it with any
 # change to a schema or a fake.
-CONTRACT = "seqfast-ops-2"  # 2: attention_forward's output takes the query's layout
+CONTRACT = "seqfast-ops-3"  # 2: attention_forward's output takes the query's layout; 3: the backward's gradient layout
 
 
 def _tag_compile_caches() -> None:

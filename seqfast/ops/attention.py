@@ -98,8 +98,8 @@ def _backward_fake(grad_out, query, key, value, attn_mask, out, lse, dropout_p, 
         if mask_grad
         else query.new_empty((0,))
     )
-    # The kernels return contiguous gradients whatever the inputs' strides.
-    return _contiguous_like(query), _contiguous_like(key), _contiguous_like(value), grad_mask
+    # torch's CPU gradient layouts whatever the inputs' strides (reference.gradients_like says which).
+    return (*reference.gradients_like(query, key, value, dropout_p, mask_grad), grad_mask)
 
 
 @torch.library.register_fake("seqfast::varlen_attention_forward")

@@ -97,6 +97,35 @@ def output_like(query: torch.Tensor, dv: int) -> torch.Tensor:
     return query.new_empty((*query.shape[:-1], dv))
 
 
+def fused_gradients(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float,
+                    mask_grad: bool) -> bool:
+    """Whether ``seqfast::attention_backward`` gives its gradients as torch's fused CPU attention does (CPU
+    tensors, no dropout, Dv == D, no mask gradient, no empty sequence), else as its unfused path does (see
+    ``gradient_like``). CUDA gradients stay contiguous. The C++ kernels' ``fused_gradients`` is the same rule."""
+    return (query.device.type == "cpu" and dropout_p == 0 and not mask_grad and value.shape[-1] == query.shape[-1]
+            and query.shape[2] > 0 and key.shape[2] > 0)
+
+
+def gradient_like(t: torch.Tensor, fused: bool, unfused_key: bool = False) -> torch.Tensor:
+    """An empty (B, H, L, E) gradient for ``t`` in torch's CPU layouts: (B, L, H, E)-ordered where ``fused``;
+    otherwise contiguous, but for ``unfused_key`` (dK of ungrouped heads on the CPU) the transpose of a contiguous
+    (B, H, E, L), as torch's math path gives dK."""
+    B, H, L, E = t.shape
+    if fused:
+        return t.new_empty((B, L, H, E)).transpose(1, 2)
+    if unfused_key and t.device.type == "cpu":
+        return t.new_empty((B, H, E, L)).transpose(2, 3)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def gradients_like(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float,
+                   mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty dQ, dK, dV as ``seqfast::attention_backward`` returns them."""
+    fused = fused_gradients(query, key, value, dropout_p, mask_grad)
+    return (gradient_like(query, fused), gradient_like(key, fused, key.shape[1] == query.shape[1]),
+            gradient_like(value, fused))
+
+
 def attention_forward(query, key, value, attn_mask, dropout_p, causal, scale, seed):
     keep = _keep_mask(dropout_p, seed, query, key)
     out, lse = attention(query, key, value, attn_mask, causal, scale, dropout_p, keep)
@@ -113,8 +142,8 @@ def attention_backward(grad_out, query, key, value, attn_mask, out, lse, dropout
             leaves.append(mask)
         o, _ = attention(*leaves[:3], mask, causal, scale, dropout_p, _keep_mask(dropout_p, seed, query, key))
         grads = torch.autograd.grad(o, leaves, grad_out.double(), allow_unused=True)
-    # Contiguous, as every backend returns them (the op's fake says so).
-    dq, dk, dv = (g.to(t.dtype).contiguous() for g, t in zip(grads[:3], (query, key, value)))
+    # In the layout every backend returns them (the op's fake says so).
+    dq, dk, dv = (e.copy_(g) for e, g in zip(gradients_like(query, key, value, dropout_p, mask_grad), grads[:3]))
     dmask = grads[3].to(attn_mask.dtype) if mask_grad else query.new_empty((0,))
     return dq, dk, dv, dmask
 
