@@ -1264,7 +1264,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         return torch.empty_like(t, memory_format=torch.contiguous_format) if varlen else gradient_like(t, fused)
 
     def key_layout(dk: torch.Tensor) -> torch.Tensor:
-        if varlen or fused or c.Hq != c.Hk:
+        if varlen or fused or c.Hq != c.Hk or query.device.type != "cpu":
             return dk
         return gradient_like(dk, False, True).copy_(dk)
 

@@ -307,7 +307,7 @@ def _grouped(query: torch.Tensor, key: torch.Tensor) -> bool:
 def _fused_in_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: bool) -> bool:
     """Whether torch's own attention runs fused here, as its CPU flash kernel's checks decide: 4-D inputs of one
     batch size and head count (or grouped heads with ``enable_gqa``), Dv == D, no empty sequence, unit last-dim
-    strides, no dropout, a 2-D or 4-D mask that needs no gradient, the flash backend enabled. There its output
+    strides, no dropout; on the CPU also a 2-D or 4-D mask that needs no gradient, flash enabled. There its output
     takes the query's layout and its gradients come (B, L, H, E)-ordered (the op's contract); elsewhere torch
     computes it unfused, with a contiguous output (tests/test_dropin.py holds this against torch's own choice,
     ``torch._fused_sdp_choice``)."""
@@ -319,14 +319,14 @@ def _fused_in_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: 
         return False
     if query.shape[3] != value.shape[3] or query.shape[2] == 0 or key.shape[2] == 0:
         return False
-    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() not in (2, 4)
-                                  or attn_mask.requires_grad):
-        return False
-    # torch.backends.cuda's flag (and sdpa_kernel) switches CPU flash off too; CUDA falls back to other fused ones.
-    # Dynamo cannot trace the flag's getter: compiled code takes the default (on).
-    if (query.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch.backends.cuda.flash_sdp_enabled()):
-        return False
+    if query.device.type == "cpu":  # CUDA has other fused kernels with other rules, not yet checked on a GPU
+        if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() not in (2, 4)
+                                      or attn_mask.requires_grad):
+            return False
+        # torch.backends.cuda's flag (and sdpa_kernel) switches CPU flash off too. Dynamo cannot trace the flag's
+        # getter: compiled code takes the default (on).
+        if not torch.compiler.is_compiling() and not torch.backends.cuda.flash_sdp_enabled():
+            return False
     return query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
 
 
