@@ -216,26 +216,32 @@ def test_pointers_are_compiled_as_aligned_by_default():
                                                        (2,): [["tt.divisibility", 16]]}
 
 
-# The attention module's sm_90 table: the dK/dV kernel's key tile is the M of its three products, so it must come in
-# 64-row wgmma slabs. The dense variant is the cheapest to compile (a few seconds per entry).
+# The attention module's configs compiled in a fresh process (the interpreter off): the report's rows of the
+# entries of `kernel` whose label matches `config`.
 ATTENTION_RUN = textwrap.dedent('''
     import json, re, sys
     sys.path.insert(0, sys.argv[1])
     import kernel_report as kr
 
     attention = kr.load_module(sys.argv[2])
-    entries = [e for e in attention.report_configs() if e["kernel"] == "_attn_bwd_dkdv"
-               and re.fullmatch(r"sm90:d(64|128)-fp16-dense-.*", e["config"])]
+    entries = [e for e in attention.report_configs() if e["kernel"] == sys.argv[3]
+               and re.fullmatch(sys.argv[4], e["config"])]
     print(json.dumps(kr.report(entries, ["sm_80", "sm_90"])))
 ''')
 
 
-def test_attention_sm90_dkdv_compiles_to_wgmma_without_spilling():
+def _attention_report(kernel: str, config: str, timeout: int) -> list[dict]:
     proc = subprocess.run([sys.executable, "-c", ATTENTION_RUN, str(ROOT / "benchmarks"),
-                           str(ROOT / "kernels" / "attention.py")],
-                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+                           str(ROOT / "kernels" / "attention.py"), kernel, config],
+                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(proc.stdout.splitlines()[-1])
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+# The sm_90 table: the dK/dV kernel's key tile is the M of its three products, so it must come in 64-row wgmma
+# slabs. The dense variant is the cheapest to compile (a few seconds per entry).
+def test_attention_sm90_dkdv_compiles_to_wgmma_without_spilling():
+    rows = _attention_report("_attn_bwd_dkdv", r"sm90:d(64|128)-fp16-dense-.*", 300)
     # One entry per head dim, compiled for sm_90 only (its "archs"), although sm_80 was asked for too.
     assert sorted(r["config"].split("-")[0] for r in rows) == ["sm90:d128", "sm90:d64"]
     for row in rows:
@@ -261,24 +267,8 @@ def test_ex2_inputs_names_the_instruction_that_computes_the_exponent():
 # The forward's exp2(s - m) must see the rounded score its row maximum came from: a multiply contracted into the
 # subtraction (FFMA) makes the maximum's own exponent the product's rounding error, inf or 0 at scale 1e10 (the
 # bug GCC's contraction caused in the C++ kernel). The interpreter cannot show this; the SASS can.
-ATTENTION_EX2_RUN = textwrap.dedent('''
-    import json, re, sys
-    sys.path.insert(0, sys.argv[1])
-    import kernel_report as kr
-
-    attention = kr.load_module(sys.argv[2])
-    entries = [e for e in attention.report_configs() if e["kernel"] == "_attn_fwd"
-               and re.fullmatch(r"(sm90:)?d64-(fp32|bf16)-(dense|causal|mask_float)(_ieee)?-.*", e["config"])]
-    print(json.dumps(kr.report(entries, ["sm_80", "sm_90"])))
-''')
-
-
 def test_attention_forward_exponents_subtract_a_rounded_score():
-    proc = subprocess.run([sys.executable, "-c", ATTENTION_EX2_RUN, str(ROOT / "benchmarks"),
-                           str(ROOT / "kernels" / "attention.py")],
-                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(proc.stdout.splitlines()[-1])
+    rows = _attention_report("_attn_fwd", r"(sm90:)?d64-(fp32|bf16)-(dense|causal|mask_float)(_ieee)?-.*", 600)
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"} and len(rows) >= 8, [r["config"] for r in rows]
     for row in rows:
         assert row["error"] is None, row["error"]
