@@ -401,6 +401,29 @@ def test_opcheck():
                           (torch.randn_like(vout), vq, vk, vv, cu_q, cu_k, 5, 6, vout, vlse, 2, 0.5))
 
 
+@pytest.mark.parametrize("case", ["fused", "fused-gqa", "dropout", "dropout-gqa", "value-width"])
+def test_backward_gradient_layouts_as_the_fake_says(case):
+    """Each branch of the backward's gradient layout rule (csrc/attention.cpp fused_gradients, and the fake's
+    seqfast.reference.attention.gradients_like): the C++ kernel's strides are the fake's, opcheck agrees, and they
+    are torch's CPU layouts: (B, L, H, E)-ordered fused; dQ, dV contiguous and dK transposed (ungrouped) unfused."""
+    from seqfast.reference.attention import gradients_like
+
+    hk = 1 if "gqa" in case else 2
+    dropout = 0.2 if case.startswith("dropout") else 0.0
+    dv = 4 if case == "value-width" else 8
+    q, k, v = torch.randn(2, 2, 9, 8).transpose(1, 2).contiguous().transpose(1, 2), torch.randn(2, hk, 11, 8), \
+        torch.randn(2, hk, 11, dv)
+    out, lse = ops.attention_forward(q, k, v, None, dropout, 0, 0.5, seed_tensor(3))
+    args = (torch.randn_like(out), q, k, v, None, out, lse, dropout, 0, 0.5, seed_tensor(3), False)
+    grads = ops.attention_backward(*args)[:3]
+    want = gradients_like(q, k, v, dropout, False)
+    assert [g.stride() for g in grads] == [w.stride() for w in want]
+    fused = case.startswith("fused")
+    assert grads[0].is_contiguous() != fused and (hk == 1 or grads[2].is_contiguous() != fused)  # H=1: both
+    assert grads[1].transpose(-1, -2).is_contiguous() == (case == "dropout" or case == "value-width")
+    torch.library.opcheck(ops.attention_backward, args)
+
+
 def _args(**over):
     a = dict(query=torch.randn(2, 4, 5, 8), key=torch.randn(2, 4, 6, 8), value=torch.randn(2, 4, 6, 3))
     a.update(over)
