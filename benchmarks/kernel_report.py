@@ -56,8 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 MMA_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA")
 CONFIG_KEYS = ("kernel", "fn", "signature", "constexprs", "num_warps", "num_stages", "config")
-# One SASS instruction: /*0a30*/  [@P0 | @!UP1]  OPCODE.MODIFIERS operands ;
-_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(?:\.[\w.]*)?\s")
+# One SASS instruction: /*0a30*/  [@P0 | @!UP1]  OPCODE.MODIFIERS  operands ; (opcode, modifiers, operands).
+_SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[\w.]*)?\s+([^;]*);")
 _RES_USAGE = re.compile(r"Function\s+(\S+):\s*\n\s*(.*)")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -100,16 +100,7 @@ def parse_res_usage(text: str) -> dict[str, int]:
 
 def count_mma(sass: str) -> Counter:
     """Tensor-core instructions in ``cuobjdump -sass`` output, by opcode."""
-    counts: Counter = Counter()
-    for line in sass.splitlines():
-        m = _SASS_OPCODE.search(line)
-        if m and m.group(1) in MMA_OPCODES:
-            counts[m.group(1)] += 1
-    return counts
-
-
-# One SASS instruction with its operands: /*0a30*/  [@P0]  OPCODE.MODIFIERS  R4, R5, -R7 ;
-_SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[\w.]*)?\s+([^;]*);")
+    return Counter(m.group(1) for m in _SASS_INSTRUCTION.finditer(sass) if m.group(1) in MMA_OPCODES)
 
 
 def ex2_inputs(sass: str, window: int = 600) -> Counter:

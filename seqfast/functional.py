@@ -276,11 +276,15 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                       bottom_right: bool = False):
     """:func:`scaled_dot_product_attention` with the dropout seed given (callers that need the keep-mask);
     ``bottom_right``: the lower-right causal alignment (``is_causal`` is then False)."""
+    # torch's fusion choice sets the output's and the gradients' layouts; asked only where either can differ (a
+    # gradient to come, a non-contiguous output): it costs several microseconds a call.
     tensors = all(isinstance(t, torch.Tensor) for t in (query, key, value))
-    fused = tensors and _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
-    if (not fused and tensors and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    fused = None
+    if (tensors and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
             and _op_gives_fused_gradients(query, value, attn_mask, dropout_p)):
-        query, key, value = _with_unfused_gradients(query, key, value)
+        fused = _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
+        if not fused:
+            query, key, value = _with_unfused_gradients(query, key, value)
     args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if bottom_right:
         causal = attention_ops.CAUSAL_BOTTOM_RIGHT
@@ -295,8 +299,11 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     if dropped_all:
         out = out * 0.0
     out = out if args.out_shape is None else out.reshape(args.out_shape)
-    if not fused and not out.is_contiguous():
-        out = out.contiguous()  # torch's unfused path gives a contiguous result
+    if not out.is_contiguous():
+        if fused is None:
+            fused = tensors and _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
+        if not fused:
+            out = out.contiguous()  # torch's unfused path gives a contiguous result
     return out
 
 
