@@ -159,6 +159,31 @@ def test_refusals():
         _C.set_cpu_isa(old)
 
 
+def test_checkpoint_choice_does_not_depend_on_the_batch(monkeypatch):
+    # The table (K = 1) and the checkpoints round the posteriors differently, so the choice must not follow what the
+    # batch changes: its longest target (the padded width S after trimming) or its size. A sample of a length-sorted
+    # batch (target lengths 9 down to 3) and the same sample alone must get the same gradient bits on either ISA's
+    # rule (the rule is patched, the kernels are this machine's: an S-dependent rule fails this on any machine).
+    def width_one(C, S, N=3, dtype=torch.float32):
+        return ctc_ops.choose_alpha_every(torch.zeros(20, N, C, dtype=dtype), torch.ones(N, S, dtype=torch.long), True)
+
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setattr(ctc_ops, "_cpu_isa", lambda isa=isa: isa)
+        for C in (5, 13, 64, 1000, 5000):
+            for dtype in (torch.float32, torch.bfloat16):
+                assert len({width_one(C, S, N, dtype) == 1 for S in (1, 3, 9, 200) for N in (1, 11)}) == 1, (isa, C)
+        lp = torch.randn(60, 11, 13, generator=torch.Generator().manual_seed(5)).log_softmax(2)
+        tg = torch.randint(1, 13, (11, 9), generator=torch.Generator().manual_seed(6))
+        il, tl = torch.linspace(60, 15, 11).long(), torch.linspace(3, 9, 11).long()
+        results = []
+        for rows in (slice(None), slice(0, 1)):
+            x = lp[:, rows].contiguous().requires_grad_()
+            loss = seqfast.ctc_loss(x, tg[rows], il[rows], tl[rows], reduction="sum")
+            loss.backward()
+            results.append(x.grad[:, :1])
+        assert torch.equal(*results), isa
+
+
 def test_public_function_chooses_checkpoints_on_the_cpu_float32_path_only():
     logits, tg, il, tl, _ = _case(50, 3, 5, 6, 9)
     lp32 = logits.log_softmax(2).float().requires_grad_()

@@ -85,6 +85,8 @@ ALPHA_EVERY: int | None = None
 # the checkpoints themselves (8 bytes a state) cost more forward time and memory than the scratch's cache misses
 # cost backward (benchmarks/NOTES.md, "CTC: checkpointed alpha").
 SEGMENT_BYTES = 768 << 10
+# On AVX-512, log_probs rows of at least this many bytes keep the full log_alpha table (choose_alpha_every).
+TABLE_ROW_BYTES = 2048
 
 
 @torch.compiler.assume_constant_result
@@ -123,15 +125,16 @@ def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alph
     # The recompute gathers a frame's emissions from its log_probs row K frames before the gradient pass streams
     # that row: the gathered cache lines (one per label at worst) are read twice, where the table costs a write and
     # a read of (2S+1) floats plus a log per state in the forward. On AVX-512, whose log is cheap, the table is kept
-    # where those lines outweigh the table's traffic. Measured (NOTES, "CTC: checkpointed alpha"): C = 5000,
-    # S = 50 lost 2.5 % forward+backward with checkpoints on AVX-512, C = 1000, S = 200 6 %. On AVX2 (Zen 3, NOTES,
-    # "Checkpoints for long rows with few labels on AVX2") the same C = 5000 case ran its forward 13-17 % faster
-    # with checkpoints and its forward+backward within the noise either way: the twice-read lines are a small part
-    # of the rows the gradient pass streams in any case, so AVX2 always checkpoints.
-    if isa != "avx2":
-        lines = min(S + 1, -(-C * log_probs.element_size() // 64))
-        if lines * 64 > 8 * (2 * S + 1):
-            return 1
+    # for long rows. Measured (NOTES, "CTC: checkpointed alpha"): C = 5000, S = 50 lost 2.5 % forward+backward with
+    # checkpoints on AVX-512, C = 1000, S = 200 6 %. The choice looks at the row's width only, not at the target
+    # length: S is the batch's longest target, and the table and the checkpoints round the posteriors differently,
+    # so an S-dependent choice would give a sample other gradient bits in another batch (NOTES, "CTC: a sample's
+    # gradient bits do not depend on its batch"). On AVX2 (Zen 3, NOTES, "Checkpoints for long rows with few labels
+    # on AVX2") the same C = 5000 case ran its forward 13-17 % faster with checkpoints and its forward+backward
+    # within the noise either way: the twice-read lines are a small part of the rows the gradient pass streams in
+    # any case, so AVX2 always checkpoints.
+    if isa != "avx2" and C * log_probs.element_size() >= TABLE_ROW_BYTES:
+        return 1
     per_thread = -(-N // max(1, min(N, _threads())))
     row_bytes = 16 * (2 * S + 11) * per_thread
     return int(min(max(SEGMENT_BYTES // row_bytes, 8), 32))
