@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from seqfast import _backend, _extension
+from seqfast import _amx, _backend, _extension
 from seqfast.ngram_lm import CharNGramLM
 from seqfast.ops import attention as attention_ops
 from seqfast.ops import ctc_beam_search as beam_ops
@@ -176,6 +176,9 @@ with torch.inference_mode(False):  # an import under inference_mode must not mak
     _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
 # The extension's one-call route for the common eager attention call (csrc/autograd.cpp), when it loaded.
 _COMMON_ATTENTION = getattr(_extension.module(), "common_attention", None) if _extension.AVAILABLE else None
+# bfloat16 inference on CPUs where torch multiplies on AMX tiles goes to torch's own attention (seqfast/_amx.py).
+_TORCH_AMX_BF16 = _amx.torch_multiplies_bf16_on_amx()
+_TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 
 
 def _dropout_seed(dropout_p: float, device: torch.device | None = None) -> torch.Tensor:
@@ -228,6 +231,9 @@ def scaled_dot_product_attention(
         dropout, Ev == E), in the query's layout (``torch.empty_like(query)``), so that
         ``out.transpose(1, 2).view(B, L, H * E)`` works for (B, L, H, E)-view queries; else contiguous. Rows
         that see no key are 0, as in torch 2.13.
+
+    On a CPU whose AMX tiles torch uses (seqfast/_amx.py), a bfloat16 call with no gradient to come that torch
+    runs fused is torch's own call: torch is faster there. ``SEQFAST_BF16_ATTENTION=seqfast`` turns this off.
     """
     # torch's argument types, strictly: Python's truth value would give is_causal=None or "no" a meaning. The
     # common forms pass on identity tests alone (four calls would cost a tenth of a small call).
@@ -240,6 +246,8 @@ def scaled_dot_product_attention(
         dropout_p = real(fn, "dropout_p", dropout_p)
     if scale is not None and type(scale) is not float:
         scale = real(fn, "scale", scale, optional=True)
+    if _TORCH_AMX_BF16 and _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p, enable_gqa):
+        return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     bottom_right = False
     if isinstance(attn_mask, CausalBias):
         is_causal, bottom_right = _causal_bias(attn_mask, query, key, is_causal)
@@ -335,6 +343,28 @@ def _fused_in_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: 
         if not torch.compiler.is_compiling() and not torch.backends.cuda.flash_sdp_enabled():
             return False
     return query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+
+
+def _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: bool) -> bool:
+    """A CPU call in bfloat16 (its inputs', or CPU autocast's of float32 inputs) with no gradient to come, that
+    torch runs fused: on CPUs with AMX torch's own kernel is faster there (seqfast/_amx.py), and its numbers are
+    torch's by definition. Only on the ``auto`` backend; any gradient keeps the call on seqfast's kernels."""
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
+        return False
+    if query.device.type != "cpu" or not _backend.is_plain_auto():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        eligible = (torch.bfloat16, torch.float32)
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return False
+    else:
+        eligible = (torch.bfloat16,)
+    if not (query.dtype in eligible and key.dtype in eligible and value.dtype in eligible):
+        return False
+    mask_grad = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or mask_grad):
+        return False
+    return _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
 
 
 def _op_gives_fused_gradients(query: torch.Tensor, value: torch.Tensor, attn_mask, dropout_p: float) -> bool:

@@ -16,6 +16,11 @@ if not torch.cuda.is_available():
 # hide a wrong fake (torch's cache keys know custom ops by name only).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="seqfast-tests-inductor-"))
 
+# On CPUs with AMX, seqfast hands bfloat16 inference attention to torch (seqfast/_amx.py): the suite keeps it on
+# seqfast's kernels so that their bfloat16 tests test them on every machine; tests/test_attention_amx_route.py
+# switches the route on where it tests it.
+os.environ.setdefault("SEQFAST_BF16_ATTENTION", "seqfast")
+
 import pytest  # noqa: E402
 
 # Where the Triton kernels run in the tests: compiled on the GPU when there is one, interpreted on CPU

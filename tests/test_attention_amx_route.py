@@ -1,0 +1,110 @@
+"""bfloat16 inference attention on CPUs whose AMX tiles torch uses goes to torch's own kernel (seqfast/_amx.py).
+
+The suite runs with the route off (conftest.py); here it is switched on, whatever the machine, and a spy on
+torch's attention says which calls took it: bfloat16 calls with no gradient to come that torch runs fused, and
+no others.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfast
+import seqfast.functional as sf
+from seqfast import _amx
+
+
+@pytest.fixture
+def route(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return torch._C._nn.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(sf, "_TORCH_AMX_BF16", True)
+    monkeypatch.setattr(sf, "_TORCH_SDPA", spy)
+    return calls
+
+
+def _qkv(shape=(2, 3, 37, 16), dtype=torch.bfloat16, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_inference_is_torchs_call(route, causal):
+    q, k, v = _qkv()
+    mask = torch.randn(37, 37).bfloat16()
+    for kwargs in ({"is_causal": causal}, {"attn_mask": mask}, {"is_causal": causal, "scale": 0.3}):
+        out = seqfast.scaled_dot_product_attention(q, k, v, **kwargs)
+        ref = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        assert torch.equal(out, ref) and out.stride() == ref.stride()
+    with torch.no_grad():  # inputs that require grad, under no_grad: nothing to come either
+        q2, k2, v2 = _qkv(requires_grad=True)
+        assert torch.equal(seqfast.scaled_dot_product_attention(q2, k2, v2), F.scaled_dot_product_attention(q2, k2, v2))
+    # Grouped heads and a (B, L, H, E) view, as torch runs them fused.
+    qg = torch.randn(2, 4, 9, 8).bfloat16()
+    kg, vg = torch.randn(2, 2, 9, 8).bfloat16(), torch.randn(2, 2, 9, 8).bfloat16()
+    seqfast.scaled_dot_product_attention(qg, kg, vg, enable_gqa=True)
+    qt = torch.randn(2, 9, 4, 8).bfloat16().transpose(1, 2)
+    out = seqfast.scaled_dot_product_attention(qt, qt, qt)
+    assert out.stride() == F.scaled_dot_product_attention(qt, qt, qt).stride()
+    assert route == [torch.bfloat16] * 6
+
+
+def test_autocast_bf16_inference_is_torchs_call(route):
+    q, k, v = _qkv(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = seqfast.scaled_dot_product_attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert route == [torch.float32]
+
+
+def test_other_calls_stay_on_seqfast(route):
+    q, k, v = _qkv(requires_grad=True)
+    out = seqfast.scaled_dot_product_attention(q, k, v)  # a gradient to come: seqfast's backward
+    out.float().sum().backward()
+    assert q.grad is not None
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.float16):
+            seqfast.scaled_dot_product_attention(*_qkv(dtype=dtype))
+        x = _qkv(shape=(3, 37, 16))  # 3-D: torch runs it unfused
+        seqfast.scaled_dot_product_attention(*x)
+        seqfast.scaled_dot_product_attention(*_qkv(), dropout_p=0.5)
+        seqfast.scaled_dot_product_attention(*_qkv(), attn_mask=torch.ones(3, 37, 37, dtype=torch.bool))  # 3-D mask
+        with torch.autocast("cpu", dtype=torch.float16):
+            seqfast.scaled_dot_product_attention(*_qkv(dtype=torch.float32))
+        with seqfast.backend("cpp"):
+            seqfast.scaled_dot_product_attention(*_qkv())
+    mask = torch.zeros(37, 37, dtype=torch.bfloat16, requires_grad=True)
+    seqfast.scaled_dot_product_attention(*_qkv(), attn_mask=mask)  # the mask's gradient is to come
+    assert route == []
+
+
+def test_route_follows_torchs_amx_and_the_switch(monkeypatch):
+    monkeypatch.delenv(_amx.ENV, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    if sys.platform == "linux":
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        assert _amx.torch_multiplies_bf16_on_amx() == ("amx_bf16" in flags)
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: True, raising=False)
+    assert _amx.torch_multiplies_bf16_on_amx()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert not _amx.torch_multiplies_bf16_on_amx()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert _amx.torch_multiplies_bf16_on_amx()
+    monkeypatch.setenv(_amx.ENV, "seqfast")
+    assert not _amx.torch_multiplies_bf16_on_amx()
+    monkeypatch.setenv(_amx.ENV, "torch please")
+    with pytest.raises(ValueError, match="SEQFAST_BF16_ATTENTION"):
+        _amx.torch_multiplies_bf16_on_amx()
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: False, raising=False)
+    monkeypatch.delenv(_amx.ENV)
+    assert not _amx.torch_multiplies_bf16_on_amx()
