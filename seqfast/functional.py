@@ -232,8 +232,8 @@ def scaled_dot_product_attention(
         ``out.transpose(1, 2).view(B, L, H * E)`` works for (B, L, H, E)-view queries; else contiguous. Rows
         that see no key are 0, as in torch 2.13.
 
-    On a CPU whose AMX tiles torch uses (seqfast/_amx.py), a bfloat16 call with no gradient to come that torch
-    runs fused is torch's own call: torch is faster there. ``SEQFAST_BF16_ATTENTION=seqfast`` turns this off.
+    On a CPU whose AMX tiles torch uses (seqfast/_amx.py), an eager bfloat16 call with no gradient to come that
+    torch runs fused is torch's own call: torch is faster there. ``SEQFAST_BF16_ATTENTION=seqfast`` turns this off.
     """
     # torch's argument types, strictly: Python's truth value would give is_causal=None or "no" a meaning. The
     # common forms pass on identity tests alone (four calls would cost a tenth of a small call).
@@ -348,7 +348,8 @@ def _fused_in_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: 
 def _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: bool) -> bool:
     """A CPU call in bfloat16 (its inputs', or CPU autocast's of float32 inputs) with no gradient to come, that
     torch runs fused: on CPUs with AMX torch's own kernel is faster there (seqfast/_amx.py), and its numbers are
-    torch's by definition. Only on the ``auto`` backend; any gradient keeps the call on seqfast's kernels."""
+    torch's by definition. Only eager calls on the ``auto`` backend (``_backend.is_plain_auto``: compiled and
+    torch.func calls keep seqfast's op); any gradient keeps the call on seqfast's kernels."""
     if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
         return False
     if query.device.type != "cpu" or not _backend.is_plain_auto():

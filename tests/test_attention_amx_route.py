@@ -108,3 +108,19 @@ def test_route_follows_torchs_amx_and_the_switch(monkeypatch):
     monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: False, raising=False)
     monkeypatch.delenv(_amx.ENV)
     assert not _amx.torch_multiplies_bf16_on_amx()
+
+
+def test_compiled_and_torch_func_calls_keep_seqfasts_op(route, monkeypatch):
+    # The route is an eager one (``_backend.is_plain_auto``): a compiled call or one under a torch.func transform
+    # keeps seqfast's op, as every other call of those does (its fake, its layouts, its compiled caching).
+    q, k, v = _qkv()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: seqfast.scaled_dot_product_attention(q, k, v, is_causal=True), fullgraph=True)
+    with torch.no_grad():
+        out = fn(q, k, v)
+        batched = torch.func.vmap(lambda q: seqfast.scaled_dot_product_attention(q, k[0], v[0]))(q)
+    assert route == []
+    monkeypatch.setattr(sf, "_TORCH_AMX_BF16", False)
+    with torch.no_grad():
+        assert torch.equal(out, seqfast.scaled_dot_product_attention(q, k, v, is_causal=True))
+        assert torch.equal(batched[0], seqfast.scaled_dot_product_attention(q[0], k[0], v[0]))
