@@ -352,8 +352,7 @@ def _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p: float, en
     torch.func calls keep seqfast's op); any gradient keeps the call on seqfast's kernels."""
     if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
         return False
-    if query.device.type != "cpu" or not _backend.is_plain_auto():
-        return False
+    # The dtype first: on an AMX machine every float32 call passes through here.
     if torch.is_autocast_enabled("cpu"):
         eligible = (torch.bfloat16, torch.float32)
         if torch.get_autocast_dtype("cpu") != torch.bfloat16:
@@ -362,9 +361,11 @@ def _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p: float, en
         eligible = (torch.bfloat16,)
     if not (query.dtype in eligible and key.dtype in eligible and value.dtype in eligible):
         return False
-    mask_grad = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or mask_grad):
+    if query.device.type != "cpu" or not _backend.is_plain_auto():
         return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False
+    # A mask that requires grad is not fused on the CPU (_fused_in_torch), so it stays here in any grad mode.
     return _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
 
 
