@@ -232,6 +232,18 @@ struct Problem {
   }
 };
 
+// A head's rows in a (B, L, H, E)-ordered tensor lie H*E elements apart, often each on a page of its own
+// for the hardware prefetchers (which stop at page boundaries): a loop over them waited on memory row by
+// row. The row loops below ask for the row kRowsAhead ahead while they work on this one.
+constexpr int64_t kRowsAhead = 4;
+
+template <typename P>
+inline void prefetch_row(const P* row, int64_t n, int64_t stride) {
+  if (stride != 1) return;
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(P)); off += 64) prefetch_line(p + off);
+}
+
 // Rows: dst[h][start[b] + i][0:wpad], zero beyond width.
 template <typename S, typename T>
 void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const std::vector<int64_t>& len,
@@ -242,6 +254,7 @@ void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const 
       const int64_t h = t / n, b = t % n;
       for (int64_t i = 0; i < len[b]; ++i) {
         T* d = dst + (h * total + start[b] + i) * wpad;
+        if (i + kRowsAhead < len[b]) prefetch_row(v.row(b, h, i + kRowsAhead), width, v.sd);
         load_row(v.row(b, h, i), v.sd, width, d);
         for (int64_t c = width; c < wpad; ++c) d[c] = T(0);
       }
@@ -271,22 +284,30 @@ View<const T> row_operand(const View<const S>& v, const std::vector<int64_t>& st
 template <typename S, typename T>
 void pack_head_panels(const View<const S>& v, int64_t b, int64_t h, int64_t row0, int64_t len, int64_t width,
                       int64_t wpad, T* dst) {
-  constexpr int64_t kChunk = 64;  // a 16-bit row converts in vector chunks first, then scatters
-  T row[kChunk];
+  constexpr int64_t kChunk = 64;  // 16-bit rows convert a chunk of columns at a time, then transpose
+  T rows[kNR * kChunk];
   for (int64_t p = 0; p < ceil_div(len, kNR); ++p) {
     T* d = dst + p * wpad * kNR;
-    std::fill(d, d + wpad * kNR, T(0));
-    for (int64_t c = 0; c < kNR && p * kNR + c < len; ++c) {
-      const S* src = v.row(b, h, row0 + p * kNR + c);
+    const int64_t n_rows = std::min(kNR, len - p * kNR);
+    const S* src = v.row(b, h, row0 + p * kNR);
+    if (n_rows == kNR && (v.sd == 1 || !std::is_same_v<S, T>)) {
+      // A full panel: register transposes, from the rows in place or from a converted chunk of them.
+      std::fill(d + width * kNR, d + wpad * kNR, T(0));
       if constexpr (std::is_same_v<S, T>) {
-        for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = src[e * v.sd];
+        pack_full_panel(src, v.si, width, d);
       } else {
         for (int64_t e0 = 0; e0 < width; e0 += kChunk) {
           const int64_t n = std::min(kChunk, width - e0);
-          load_row(src + e0 * v.sd, v.sd, n, row);
-          for (int64_t e = 0; e < n; ++e) d[(e0 + e) * kNR + c] = row[e];
+          for (int64_t c = 0; c < kNR; ++c) load_row(src + c * v.si + e0 * v.sd, v.sd, n, rows + c * kChunk);
+          pack_full_panel(rows, kChunk, n, d + e0 * kNR);
         }
       }
+      continue;
+    }
+    std::fill(d, d + wpad * kNR, T(0));
+    for (int64_t c = 0; c < n_rows; ++c) {
+      const S* r = src + c * v.si;
+      for (int64_t e = 0; e < width; ++e) d[e * kNR + c] = static_cast<T>(r[e * v.sd]);
     }
   }
 }
@@ -358,8 +379,8 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     for (int64_t j0 = 0, nk = 0; j0 < kend; j0 += nk) {
       nk = std::min(BK, kend - j0);
       // Causal: keys every row of the tile sees go through the full-tile path as a chunk of their own (kNR
-      // aligned); only the rest, at most about nq keys, takes the 6-row diagonal path below, whose products
-      // re-read the key panels and V rows for every 6 rows.
+      // aligned); only the rest, at most about nq keys, takes the diagonal path below, whose products
+      // re-read the key panels and V rows for every block of tile_rows() rows.
       const int64_t seen_by_all = pb.visible(b, q0, j0, nk) / kNR * kNR;
       if (seen_by_all > 0 && seen_by_all < nk) nk = seen_by_all;
       const int64_t nkp = round_up(nk, kNR);
@@ -392,9 +413,10 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       if (pb.visible(b, q0, j0, nk) == nk) {
         rows_step(0, nq, nkp, nk);
       } else {
-        // A tile on the causal diagonal: each kMR-row block computes only the keys its last row sees.
-        for (int64_t r0 = 0; r0 < nq; r0 += kMR) {
-          const int64_t rows = std::min(kMR, nq - r0);
+        // A tile on the causal diagonal: each block of tile_rows() rows computes only the keys its last row sees.
+        const int64_t step = tile_rows<T>();
+        for (int64_t r0 = 0; r0 < nq; r0 += step) {
+          const int64_t rows = std::min(step, nq - r0);
           const int64_t nv_last = pb.visible(b, q0 + r0 + rows - 1, j0, nk);
           rows_step(r0, rows, round_up(nv_last, kNR), nv_last);
         }
@@ -403,6 +425,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = q0 + r;
       S* dst = out.row(b, h, i);
+      if (r + kRowsAhead < nq) prefetch_row(out.row(b, h, i + kRowsAhead), pb.Dv, out.sd);
       // l = 0: the row saw no key. O is then 0, unless a NaN or inf in V met a zero weight (NaN, as
       // in torch's P V). l = NaN (a NaN score) makes the row NaN.
       const bool empty = l[r] == T(0);
@@ -498,6 +521,10 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       for (int64_t i = 0; i < Lq; ++i) {
+        if (i + kRowsAhead < Lq) {
+          prefetch_row(out.row(b, h, i + kRowsAhead), pb.Dv, out.sd);
+          prefetch_row(dOv.row(b, h, i + kRowsAhead), pb.Dv, dOv.sd);
+        }
         load_row(out.row(b, h, i), out.sd, pb.Dv, row);
         const T* go = dOv.row(b, h, i);
         T acc = 0;
@@ -526,13 +553,13 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
           const int64_t row0 = (h - hk * G) * Lq + q0;
           const T* Qt = Qv.row(b, h, q0);
           const T* dOt = dOv.row(b, h, q0);
-          // On the causal diagonal the products skip what the mask hides, in kMR blocks: rows
+          // On the causal diagonal the products skip what the mask hides, in blocks of tile_rows(): rows
           // compute only the keys their block's last row sees, keys only the rows that see them.
           const bool diagonal = pb.visible(b, q0, j0, nk) < nk;
           auto row_cols = [&](int64_t r0, int64_t rows) {
             return diagonal ? pb.visible(b, q0 + r0 + rows - 1, j0, nk) : nk;
           };
-          const int64_t rstep = diagonal ? kMR : nq;
+          const int64_t rstep = diagonal ? tile_rows<T>() : nq;
           for (int64_t r0 = 0; r0 < nq; r0 += rstep) {
             const int64_t rows = std::min(rstep, nq - r0), ncb = round_up(row_cols(r0, rows), kNR);
             if (ncb > 0) {
@@ -573,7 +600,7 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
             }
           }
           // dV += Pd^T dO and dK += dS^T Q over the rows that see each block of keys.
-          const int64_t kstep = diagonal ? kMR : nk;
+          const int64_t kstep = diagonal ? tile_rows<T>() : nk;
           for (int64_t c0 = 0; c0 < nk; c0 += kstep) {
             const int64_t keys = std::min(kstep, nk - c0);
             const int64_t rf = diagonal ? std::clamp<int64_t>(j0 + c0 - pb.shift(b) - q0, 0, nq) : 0;
@@ -593,6 +620,10 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
         }
       }
       for (int64_t r = 0; r < nk; ++r) {
+        if (r + kRowsAhead < nk) {
+          prefetch_row(dk.row(b, hk, j0 + r + kRowsAhead), pb.D, dk.sd);
+          prefetch_row(dv.row(b, hk, j0 + r + kRowsAhead), pb.Dv, dv.sd);
+        }
         store_row(dK + r * Dp, pb.scale, pb.D, dk.row(b, hk, j0 + r), dk.sd);
         store_row(dV + r * Dvp, T(1), pb.Dv, dv.row(b, hk, j0 + r), dv.sd);
       }
@@ -601,6 +632,7 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
     if (running[b * pb.Hk + hk].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
       for (int64_t i = 0; i < Lq; ++i) {
+        if (i + kRowsAhead < Lq) prefetch_row(dq.row(b, h, i + kRowsAhead), pb.D, dq.sd);
         if (in_place) {
           T* g = dQv[0].row(b, h, i);
           store_row(g, pb.scale, pb.D, g, 1);

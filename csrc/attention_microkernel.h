@@ -615,9 +615,80 @@ inline void dscores_row_portable(const T* p, T* dp, const T* z, int64_t ncols, T
 
 // Element conversion between storage and compute types; half types go through float.
 // ---------------------------------------------------------------------------------------------
+// Panel packing: kNR rows into the column-major panel the tiles read as B.
+
+#if SEQFAST_X86
+// dst[e * kNR + c] = src[c * ld + e] for the kNR rows c and the columns e < width8 (a multiple of 8), in
+// 8 x 8 register transposes. The scalar scatter this replaces stored one float per cache line.
+SEQFAST_TARGET_AVX2 inline void pack_panel_avx2(const float* src, int64_t ld, int64_t width8, float* dst) {
+  static_assert(kNR == 16, "two 8-row halves per panel");
+  for (int64_t e0 = 0; e0 < width8; e0 += 8) {
+    for (int64_t half = 0; half < 2; ++half) {
+      const float* s = src + half * 8 * ld + e0;
+      const __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ld);
+      const __m256 r2 = _mm256_loadu_ps(s + 2 * ld), r3 = _mm256_loadu_ps(s + 3 * ld);
+      const __m256 r4 = _mm256_loadu_ps(s + 4 * ld), r5 = _mm256_loadu_ps(s + 5 * ld);
+      const __m256 r6 = _mm256_loadu_ps(s + 6 * ld), r7 = _mm256_loadu_ps(s + 7 * ld);
+      // Pairs of rows interleaved, then quads, then the two 128-bit halves swapped into place.
+      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+      const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+      const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+      const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+      float* d = dst + e0 * kNR + half * 8;
+      _mm256_storeu_ps(d + 0 * kNR, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + 1 * kNR, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * kNR, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * kNR, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * kNR, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * kNR, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * kNR, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * kNR, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+}
+#endif
+
+// dst[e * kNR + c] = src[c * ld + e] for the kNR rows c and the columns e < width.
+template <typename T>
+inline void pack_full_panel(const T* src, int64_t ld, int64_t width, T* dst) {
+  int64_t done = 0;
+#if SEQFAST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx2()) {
+      done = width / 8 * 8;
+      pack_panel_avx2(src, ld, done, dst);
+    }
+  }
+#endif
+  for (int64_t c = 0; c < kNR; ++c) {
+    for (int64_t e = done; e < width; ++e) dst[e * kNR + c] = src[c * ld + e];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dispatch: AVX-512, else AVX2, for fp32 when the CPU has it.
 
 inline void gemm(const Gemm<double>& g) { gemm_portable(g); }
+
+// Rows of the register tile gemm() uses for T: the row (and key) block of the causal diagonal paths, so
+// that their products run on full tiles.
+template <typename T>
+inline int64_t tile_rows() {
+#if SEQFAST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) return kMR512;
+  }
+#endif
+  return kMR;
+}
 inline void gemm(const Gemm<float>& g) {
 #if SEQFAST_X86
   if (has_avx512()) return gemm_avx512(g);
