@@ -276,6 +276,9 @@ struct LabelGroups {
   std::vector<int32_t> order;  // target positions by (label, position)
   std::vector<int32_t> start;  // group j: order[start[j], start[j + 1]); one entry more than there are groups
   std::vector<int64_t> label;  // group j's label
+  // The groups in blocks of 16 for label_corrections_avx512: per block, each lane's label and count, and the
+  // posterior indices 1 + position, a row of 16 per position up to the block's largest count (block_rows).
+  std::vector<int32_t> lane_label, lane_count, lane_idx, block_rows;
 
   LabelGroups() = default;
   LabelGroups(const int64_t* labels, int64_t L) : order(L) {
@@ -288,6 +291,23 @@ struct LabelGroups {
       }
     }
     start.push_back(static_cast<int32_t>(L));
+    const int64_t groups = static_cast<int64_t>(label.size()), blocks = (groups + 15) / 16;
+    lane_label.assign(blocks * 16, 0);
+    lane_count.assign(blocks * 16, 0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t rows = 0;
+      for (int64_t j = b * 16; j < std::min(groups, b * 16 + 16); ++j) {
+        lane_label[j] = static_cast<int32_t>(label[j]);
+        lane_count[j] = start[j + 1] - start[j];
+        rows = std::max(rows, lane_count[j]);
+      }
+      block_rows.push_back(rows);
+      const size_t first = lane_idx.size();
+      lane_idx.resize(first + rows * 16, 0);
+      for (int64_t j = b * 16; j < std::min(groups, b * 16 + 16); ++j) {
+        for (int32_t m = 0; m < lane_count[j]; ++m) lane_idx[first + m * 16 + (j - b * 16)] = 1 + order[start[j] + m];
+      }
+    }
   }
 };
 
@@ -805,6 +825,17 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     }
   }
   row[blank] -= g * c[0];
+#if SEQFAST_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx512()) {
+      ctc_simd::label_corrections_avx512(row, c, g, groups.lane_label.data(), groups.lane_count.data(),
+                                         groups.lane_idx.data(), groups.block_rows.data(),
+                                         static_cast<int64_t>(groups.block_rows.size()));
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) store_row(row, acc_t(1), C, out, 1);
+      return;
+    }
+  }
+#endif
   const int32_t* order = groups.order.data();
   const int32_t* start = groups.start.data();
   for (size_t j = 0; j < groups.label.size(); ++j) {

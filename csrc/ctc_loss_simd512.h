@@ -105,6 +105,32 @@ SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, fl
   }
 }
 
+// The label corrections of a gradient row, 16 labels at a time: for block b of label groups, lane j's group has
+// count[j] target positions whose posterior indices (into c) are idx[m * 16 + j], m < count[j]; its sum goes in
+// position order, and row[label[j]] -= g * sum (the scalar loop's operations, so the same bits). Lanes past the
+// last group have count 0. idx holds rows[b] rows of 16 per block, rows[b] being the block's largest count; a
+// group's labels are distinct, so the scatter has no collisions.
+SEQFAST_TARGET_AVX512 static void label_corrections_avx512(float* row, const float* c, float g, const int32_t* label,
+                                                           const int32_t* count, const int32_t* idx,
+                                                           const int32_t* rows, int64_t blocks) {
+  const __m512 vg = splat16(g), zero = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, label += 16, count += 16) {
+    const __m512i n = _mm512_loadu_si512(count);
+    const __mmask16 live = _mm512_cmpgt_epi32_mask(n, _mm512_setzero_si512());
+    __m512 sum = _mm512_mask_i32gather_ps(zero, live, _mm512_loadu_si512(idx), c, 4);
+    idx += 16;
+    for (int32_t m = 1; m < rows[b]; ++m, idx += 16) {
+      const __mmask16 more = _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32(m));
+      sum = _mm512_mask_add_ps(sum, more, sum, _mm512_mask_i32gather_ps(zero, more, _mm512_loadu_si512(idx), c, 4));
+    }
+    const __m512i at = _mm512_loadu_si512(label);
+    const __m512 r = _mm512_mask_i32gather_ps(zero, live, at, row, 4);
+    __m512 p = _mm512_mul_ps(vg, sum);
+    asm("" : "+v"(p));  // rounded before the subtraction, as the scalar loop: GCC would contract the two into an FMA
+    _mm512_mask_i32scatter_ps(row, live, at, _mm512_sub_ps(r, p), 4);
+  }
+}
+
 // logsumexp_row_avx2, same bits: the max is exact in any order, and the sum of exps runs in the AVX2 order (an
 // 8-lane accumulator taking 8-float chunks in turn) while the exps themselves are computed 16 at a time. The rows
 // are read from memory once (the second pass finds them in L1/L2), prefetched ahead as in exp_row_avx512.

@@ -669,6 +669,12 @@ def _isa_cases():
     cases += [(90, 4, 6, 40, 33), (110, 3, 32, 50, 34), (150, 3, 45, 70, 35)]
     for T, N, C, S, seed in cases:
         yield make_case(T, N, C, S, short=True, dtype=torch.float32, seed=seed)
+    # AVX-512 applies a row's label corrections 16 labels at a time: more than 16 distinct labels, one of them
+    # at 20 positions beside labels at one or two, so that the lanes of a block run out at different counts.
+    log_probs, _, input_lengths, _ = make_case(120, 2, 50, 44, dtype=torch.float32, seed=37)
+    repeated = [1 if k % 2 == 0 and k < 40 else 2 + k for k in range(44)]
+    targets = torch.tensor([repeated, [2 + (k % 24) for k in range(44)]])
+    yield log_probs, targets, input_lengths, torch.tensor([44, 40])
 
 
 @pytest.mark.parametrize("alpha_every", [1, 8], ids=["table", "checkpoints"])
