@@ -234,6 +234,8 @@ def scaled_dot_product_attention(
 
     On a CPU whose AMX tiles torch uses (seqfast/_amx.py), an eager bfloat16 call with no gradient to come that
     torch runs fused is torch's own call: torch is faster there. ``SEQFAST_BF16_ATTENTION=seqfast`` turns this off.
+    A 16-bit CPU call with a gradient to come that torch computes unfused runs in float32 and casts back, as
+    torch's math path does (gradients as close to float64 as torch's).
     """
     # torch's argument types, strictly: Python's truth value would give is_causal=None or "no" a meaning. The
     # common forms pass on identity tests alone (four calls would cost a tenth of a small call).
@@ -294,6 +296,13 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         if not fused:
             query, key, value = _with_unfused_gradients(query, key, value)
     args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    half = args.query.dtype if args.query.dtype in (torch.float16, torch.bfloat16) else None
+    if half is not None and tensors and _math_upcasts(args, query, key, value, attn_mask, dropout_p, enable_gqa):
+        mask = args.attn_mask
+        args = args._replace(query=args.query.float(), key=args.key.float(), value=args.value.float(),
+                             attn_mask=_float_mask(mask) if mask is not None and mask.is_floating_point() else mask)
+    else:
+        half = None
     if bottom_right:
         causal = attention_ops.CAUSAL_BOTTOM_RIGHT
     else:
@@ -306,6 +315,8 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     )
     if dropped_all:
         out = out * 0.0
+    if half is not None:
+        out = out.to(half)
     out = out if args.out_shape is None else out.reshape(args.out_shape)
     if not out.is_contiguous():
         if fused is None:
@@ -313,6 +324,34 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         if not fused:
             out = out.contiguous()  # torch's unfused path gives a contiguous result
     return out
+
+
+def _math_upcasts(args, query, key, value, attn_mask, dropout_p: float, enable_gqa: bool) -> bool:
+    """Whether torch would compute this 16-bit CPU call, with a gradient to come, in its math path, which works in
+    float32 (query, key and value upcast, the result cast back; unless
+    ``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)``). seqfast's 16-bit kernels compute in float32
+    too, but their backward, as any FlashAttention-style one, takes rowsum(dO * O) from the 16-bit output: its
+    gradients come out up to 3-4x further from float64 than torch's math ones at large scales
+    (tests/test_attention.py, ``test_half_gradients_as_precise_as_torch_math``). Where torch runs fused its own
+    backward does the same as seqfast's, and seqfast keeps its 16-bit kernels there."""
+    if args.query.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if not (any(t.requires_grad for t in (args.query, args.key, args.value))
+            or (args.attn_mask is not None and args.attn_mask.requires_grad)):
+        return False
+    # Dynamo cannot trace the flag's getter: compiled code takes the default (off).
+    if not torch.compiler.is_compiling() and torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():
+        return False
+    return not _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
+
+
+def _float_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` in float32, its broadcast (stride-0) dims left broadcast instead of materialised."""
+    small = mask
+    for d in range(mask.dim()):
+        if mask.stride(d) == 0 and mask.shape[d] > 1:
+            small = small.narrow(d, 0, 1)
+    return small.float().expand(mask.shape)
 
 
 def _grouped(query: torch.Tensor, key: torch.Tensor) -> bool:

@@ -130,6 +130,75 @@ def test_half_precision_within_twice_torch_error(dtype):
         assert ok, (name, figures)
 
 
+_UNFUSED_FORMS = {  # (query, key, value) shapes, causal, float mask needing a gradient: each unfused in torch
+    "value-width": (((2, 2, 7, 8), (2, 2, 19, 8), (2, 2, 19, 5)), True, False),
+    "3-d": (((4, 11, 8), (4, 19, 8), (4, 19, 8)), True, False),
+    "mask-grad": (((2, 2, 11, 8), (2, 2, 19, 8), (2, 2, 19, 8)), False, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", sorted(_UNFUSED_FORMS))
+def test_half_gradients_as_precise_as_torch_math(dtype, form):
+    """Where torch does not run fused, its math path computes 16-bit inputs in float32 and casts the result back,
+    so its gradients carry no error from a 16-bit output; a FlashAttention-style backward takes rowsum(dO * O)
+    from the 16-bit output. seqfast upcasts there too (functional._math_upcasts). With its 16-bit kernels these
+    cases (scale 2.5) gave up to 3-4x torch's error against float64."""
+    shapes, causal, mask_grad = _UNFUSED_FORMS[form]
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(s, generator=g).to(dtype) for s in shapes)
+        grad_out = torch.randn(*shapes[0][:-1], shapes[2][-1], generator=g).to(dtype)
+        mask = torch.randn(shapes[0][-2], shapes[1][-2], generator=g).to(dtype) if mask_grad else None
+        results = []
+        for fn, cast in ((seqfast.scaled_dot_product_attention, dtype), (F.scaled_dot_product_attention, dtype),
+                         (F.scaled_dot_product_attention, torch.float64)):
+            ins = leaves(*(t.to(cast) for t in (q, k, v)))
+            m = None if mask is None else mask.to(cast).requires_grad_()
+            out = fn(*ins, attn_mask=m, is_causal=causal, scale=2.5)
+            grads = torch.autograd.grad(out, ins + ([m] if m is not None else []), grad_out.to(cast))
+            results.append((out, *grads))
+        for name, ours, theirs, exact in zip(("out", "dq", "dk", "dv", "dmask"), *results):
+            assert ours.dtype == dtype and ours.shape == theirs.shape
+            ok, figures = within_twice_torch_error(ours, theirs, exact)
+            assert ok, (seed, name, figures)
+
+
+def test_half_upcast_only_where_torch_runs_math(monkeypatch):
+    """The upcast follows torch's choice: a call torch runs fused, one with no gradient to come, or one where
+    torch is allowed 16-bit reductions in its math path keeps seqfast's 16-bit kernels."""
+    from seqfast import _backend
+
+    seen = []
+    dispatch = _backend.dispatch
+
+    def spy(*args, **kwargs):
+        seen.append(args[2].dtype)
+        return dispatch(*args, **kwargs)
+
+    monkeypatch.setattr(_backend, "dispatch", spy)
+
+    def query_dtype(shapes, grad=True):
+        ins = [torch.randn(s).to(torch.bfloat16).requires_grad_(grad) for s in shapes]
+        mask = torch.ones(shapes[0][-2], shapes[1][-2], dtype=torch.bool)  # past the maskless fast path
+        seen.clear()
+        seqfast.scaled_dot_product_attention(*ins, attn_mask=mask)
+        return seen[-1]
+
+    fused, unfused = _UNFUSED_FORMS["mask-grad"][0], _UNFUSED_FORMS["value-width"][0]
+    assert query_dtype(fused) == torch.bfloat16
+    assert query_dtype(unfused) == torch.float32
+    assert query_dtype(unfused, grad=False) == torch.bfloat16
+    with torch.no_grad():
+        assert query_dtype(unfused) == torch.bfloat16
+    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        assert query_dtype(unfused) == torch.bfloat16
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+
+
 def test_bottom_right_causal_through_the_op():
     for Lq, Lk in ((17, 40), (40, 17), (129, 129)):
         q, k, v = torch.randn(2, 2, Lq, 32), torch.randn(2, 1, Lk, 32), torch.randn(2, 1, Lk, 24)
