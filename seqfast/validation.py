@@ -208,12 +208,13 @@ def ctc_arguments(
     tg = targets if targets.dtype == torch.int64 else targets.to(torch.int64)
     if batched and tg.dim() not in (1, 2):
         raise ArgumentError(f"targets must be (N, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
-    if not batched and tg.dim() != 1:
-        raise ArgumentError(f"unbatched targets must be 1-D (S,), got shape {tuple(targets.shape)}")
-    padded = batched and tg.dim() == 2
+    if not batched and tg.dim() not in (1, 2):
+        raise ArgumentError(f"unbatched targets must be 1-D (S,) or (1, S), got shape {tuple(targets.shape)}")
+    # Unbatched (1, S) targets are a padded batch of one, as torch takes them (it unsqueezes log_probs only).
+    padded = tg.dim() == 2
     if padded and tg.shape[0] != N:
         raise ArgumentError(f"targets has batch size {tg.shape[0]} but log_probs has {N}")
-    if not batched:
+    if not batched and not padded:
         tg, padded = tg.unsqueeze(0), True
     S = tg.shape[1] if padded else tg.shape[0]
     if torch.compiler.is_compiling() and not vmapped:

@@ -102,6 +102,14 @@ def test_module_and_unbatched():
     unbatched = loss_and_grad(seqfast.ctc_loss, lp[:, 0], tg[0], int(il[0]), int(tl[0]))
     assert unbatched[0].shape == ()
     assert_close64(unbatched[0], ours[0])
+    # torch also takes unbatched targets as a padded batch of one, (1, S) (it unsqueezes log_probs only).
+    row = loss_and_grad(seqfast.ctc_loss, lp[:, 0], tg[:1], il[0], tl[0], reduction="sum")
+    theirs = torch_ctc(lp[:, 0], tg[:1], il[0], tl[0], reduction="sum")
+    assert row[0].shape == theirs[0].shape == ()
+    for a, t in zip(row, theirs):
+        assert_close64(a, t)
+    with pytest.raises(seqfast.validation.ArgumentError, match="batch size 2"):
+        seqfast.ctc_loss(lp[:, 0], tg.expand(2, -1), il[0], tl[0])
 
 
 @pytest.mark.parametrize(
