@@ -225,15 +225,30 @@ def test_is_causal_hint(dtype, sdpa_calls):
     _close(out, ref_out, dtype)
 
 
-def test_fully_masked_row():
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("mask_kind", ["attn_mask", "key_padding_mask"])
+def test_fully_masked_row(need_weights, mask_kind):
+    """A query row that sees no key: returning the weights, torch computes weights @ v and that row is NaN (softmax
+    of -inf alone), gradients included; without them its SDPA gives 0. seqfast gives the same in both."""
     ref, ours = _pair(torch.float64, batch_first=True)
-    q, k, v = _inputs(torch.float64)
-    am = torch.zeros(L, S, dtype=torch.bool)
-    am[1] = True  # query 1 may attend nothing
-    out, w = ours(q, k, v, attn_mask=am)
-    ref_out, _ = ref(q, k, v, attn_mask=am, need_weights=False)  # torch's SDPA path gives 0 attention
-    _close(out, ref_out, torch.float64)
-    assert torch.isnan(w[:, 1]).all() and not torch.isnan(w[:, [0, 2, 3, 4]]).any()  # as torch's weights
+    q, k, v = _inputs(torch.float64, requires_grad=True)
+    if mask_kind == "attn_mask":
+        mask = torch.zeros(L, S, dtype=torch.bool)
+        mask[1] = True  # query 1 may attend nothing
+    else:
+        mask = torch.zeros(N, S, dtype=torch.bool)
+        mask[1] = True  # sample 1 has no key
+    results = []
+    for module in (ours, ref):
+        out, w = module(q, k, v, **{mask_kind: mask}, need_weights=need_weights)
+        params = [p for _, p in sorted(module.named_parameters())]
+        results.append((out, w, *torch.autograd.grad(out.sum(), [q, k, v, *params])))
+    assert results[1][0].isnan().any() == need_weights  # the case is the one meant
+    for a, b in zip(*results):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, equal_nan=True, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -67,6 +67,15 @@ def _append_key(mask: Mask) -> Mask:
     return F.pad(mask, (0, 1))
 
 
+def _hides_a_row(mask: Mask) -> bool:
+    """Whether ``mask`` (seqfast's convention) leaves some query row no key: all False, or all -inf."""
+    if mask is None:
+        return False
+    if mask.dtype == torch.bool:
+        return not bool(mask.any(dim=-1).all())
+    return bool((mask == float("-inf")).all(dim=-1).any())
+
+
 def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
     """torch's shape rules for MHA inputs; returns whether the input is batched."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -113,8 +122,9 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
     - ``is_causal``: a hint that ``attn_mask`` is the causal mask; as in torch, ``attn_mask`` must still be
       given, and the hint replaces it by the fused causal kernel only when there is no ``key_padding_mask``
       and ``need_weights`` is False.
-    - ``attn_output`` (L, N, E) / (N, L, E) / (L, E), always from :func:`seqfast.scaled_dot_product_attention`
-      with dropout ``self.dropout`` in training mode and none in eval mode.
+    - ``attn_output`` (L, N, E) / (N, L, E) / (L, E), from :func:`seqfast.scaled_dot_product_attention`
+      with dropout ``self.dropout`` in training mode and none in eval mode (with ``need_weights`` and a query
+      row that sees no key, from the weights instead, as torch: see below).
     - ``attn_weights`` only when ``need_weights``: (N, L, S') averaged over heads, or (N, H, L, S') when
       ``average_attn_weights`` is False (no N for unbatched input); S' = S plus one per ``add_bias_kv`` /
       ``add_zero_attn`` column. Computed by a separate plain softmax of the masked scores; in training mode
@@ -122,10 +132,10 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
       weights), so ``attn_output`` is exactly these weights applied to the values. Pass ``need_weights=False``
       to skip the (N, H, L, S') materialisation entirely.
 
-    Differences from torch: a query that sees no key (every key masked) gets a zero attention output (as
-    torch's own scaled_dot_product_attention path gives), also when ``need_weights`` is True, where torch's
-    weight path gives NaN; its weights are NaN as in torch. There is no nested-tensor fast path: nested
-    inputs raise ``ArgumentError`` (a ``ValueError`` and a ``RuntimeError``).
+    A query that sees no key (every key masked) gets torch's output: 0 without the weights (its
+    scaled_dot_product_attention path), NaN with them (its weights @ v, the weights NaN there), and the
+    gradients that follow from each. Difference from torch: there is no nested-tensor fast path: nested inputs
+    raise ``ArgumentError`` (a ``ValueError`` and a ``RuntimeError``).
     """
 
     def forward(  # type: ignore[override]
@@ -172,14 +182,21 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         dropout_p = self.dropout if self.training else 0.0
         seed = _dropout_seed(dropout_p, q.device)
         backend = _backend.current()  # the weights' dropout must be the keep-mask this backend draws
-        out = _seeded_attention(q, k, v, mask, dropout_p, use_causal, None, False, seed)
+        weights = self._weights(q, k, mask, dropout_p, seed, backend) if need_weights else None
+        if weights is not None and _hides_a_row(mask):
+            # Returning the weights, torch computes its output as weights @ v: a query row that sees no key is
+            # NaN there (softmax of -inf alone), and so are the gradients through it, where the fused kernels give
+            # 0 (as torch's own SDPA does without weights). Such calls take torch's formula.
+            out = torch.matmul(weights, v)
+        else:
+            out = _seeded_attention(q, k, v, mask, dropout_p, use_causal, None, False, seed)
         out = self._merge_heads(out, batch_first)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(0)
-        if not need_weights:
+        if weights is None:
             return out, None
-        weights = self._weights(q, k, mask, average_attn_weights, dropout_p, seed, backend)
+        weights = weights.mean(dim=1) if average_attn_weights else weights
         return out, (weights if batched else weights.squeeze(0))
 
     def _in_projection(self, query, key, value):
@@ -235,15 +252,17 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         return _merge(am, kpm, dtype)
 
     @staticmethod
-    def _weights(q: torch.Tensor, k: torch.Tensor, mask: Mask, average: bool, dropout_p: float, seed: torch.Tensor,
+    def _weights(q: torch.Tensor, k: torch.Tensor, mask: Mask, dropout_p: float, seed: torch.Tensor,
                  backend: str) -> torch.Tensor:
-        """softmax(q k^T / sqrt(head_dim) + mask), dropped out with the very keep-mask the fused kernel used
-        for the output (as torch returns its dropped-out weights): (N, H, L, S), or (N, L, S) averaged."""
+        """softmax(q k^T / sqrt(head_dim) + mask), dropped out with the very keep-mask the fused kernel uses
+        for the output (as torch returns its dropped-out weights): (N, H, L, S)."""
         scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2))
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            # Added, as torch adds its masks: a row that sees no key then passes its NaN gradient on to q and k
+            # as torch's does (masked_fill would stop it).
+            scores = scores + _additive(mask, scores.dtype)
         weights = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             keep = attention_ops.dropout_keep_mask(seed, tuple(weights.shape), dropout_p, weights.device, backend)
             weights = weights * keep / (1.0 - dropout_p)
-        return weights.mean(dim=1) if average else weights
+        return weights
