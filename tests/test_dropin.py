@@ -730,6 +730,27 @@ def test_compiled_layers_fullgraph_train_as_eager(name):
     close(got[1][0], expected[1][0])
 
 
+def test_mha_weights_with_a_hidden_row_compile_as_eager():
+    """A sample whose keys are all padded, the weights returned: torch's NaN output and gradients (weights @ v
+    there), compiled without graph breaks (no data-dependent branch) as in eager."""
+    torch.manual_seed(0)
+    module = seqfast.nn.MultiheadAttention(16, 2, dropout=0.0)
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1] = True
+
+    def call(x):
+        out, w = module(x, x, x, key_padding_mask=pad)
+        return out.sum() + w.nan_to_num().sum()
+
+    assert graph_breaks(call, x) == 0
+    expected = grads(call, x)
+    got = grads(torch.compile(call, fullgraph=True, backend="aot_eager"), x)
+    assert expected[0].isnan()
+    for a, b in zip((got[0], *got[1]), (expected[0], *expected[1])):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 def test_mha_with_dropout_and_weights_compiles_without_breaks():
     module = seqfast.nn.MultiheadAttention(16, 2, dropout=0.2).train()
     x = torch.randn(5, 3, 16, requires_grad=True)

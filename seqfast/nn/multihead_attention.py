@@ -67,13 +67,15 @@ def _append_key(mask: Mask) -> Mask:
     return F.pad(mask, (0, 1))
 
 
-def _hides_a_row(mask: Mask) -> bool:
-    """Whether ``mask`` (seqfast's convention) leaves some query row no key: all False, or all -inf."""
-    if mask is None:
-        return False
+def _hidden_rows(mask: torch.Tensor) -> torch.Tensor:
+    """(..., L, 1) bool: the query rows ``mask`` (seqfast's convention) leaves no key (all False, or all -inf)."""
     if mask.dtype == torch.bool:
-        return not bool(mask.any(dim=-1).all())
-    return bool((mask == float("-inf")).all(dim=-1).any())
+        return ~mask.any(dim=-1, keepdim=True)
+    return (mask == float("-inf")).all(dim=-1, keepdim=True)
+
+
+def _hides_a_row(mask: Mask) -> bool:
+    return mask is not None and bool(_hidden_rows(mask).any())
 
 
 def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
@@ -183,10 +185,14 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         seed = _dropout_seed(dropout_p, q.device)
         backend = _backend.current()  # the weights' dropout must be the keep-mask this backend draws
         weights = self._weights(q, k, mask, dropout_p, seed, backend) if need_weights else None
-        if weights is not None and _hides_a_row(mask):
-            # Returning the weights, torch computes its output as weights @ v: a query row that sees no key is
-            # NaN there (softmax of -inf alone), and so are the gradients through it, where the fused kernels give
-            # 0 (as torch's own SDPA does without weights). Such calls take torch's formula.
+        # Returning the weights, torch computes its output as weights @ v: a query row that sees no key is NaN
+        # there (softmax of -inf alone), and so are the gradients through it, where the fused kernels give 0 (as
+        # torch's own SDPA does without weights). Such rows take torch's formula: in eager calls the whole call,
+        # when the mask hides a row; in compiled ones (no data-dependent branch) row by row.
+        if weights is not None and mask is not None and torch.compiler.is_compiling():
+            out = torch.where(_hidden_rows(mask), torch.matmul(weights, v),
+                              _seeded_attention(q, k, v, mask, dropout_p, use_causal, None, False, seed))
+        elif weights is not None and _hides_a_row(mask):
             out = torch.matmul(weights, v)
         else:
             out = _seeded_attention(q, k, v, mask, dropout_p, use_causal, None, False, seed)
