@@ -225,3 +225,71 @@ def test_ctc_reference_backend_agrees(case):
     with seqfast.backend("reference"):
         ref = seqfast.ctc_loss(x, tg, il, tl, **kwargs)
     assert_same(ours, ref, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nn.MultiheadAttention
+
+
+@st.composite
+def mha_case(draw):
+    """Module options, inputs and forward arguments; padding and attention masks may hide every key of a row."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    E, H = draw(st.sampled_from([(8, 1), (8, 2), (12, 4)]))
+    self_attention = draw(st.booleans())
+    kdim, vdim = None, None
+    if not self_attention:
+        kdim, vdim = draw(st.sampled_from([None, 6])), draw(st.sampled_from([None, 10]))
+    options = dict(bias=draw(st.booleans()), add_bias_kv=draw(st.booleans()), add_zero_attn=draw(st.booleans()),
+                   kdim=kdim, vdim=vdim, batch_first=draw(st.booleans()))
+    N, L = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    S = L if self_attention else draw(st.integers(1, 6))
+    batched = draw(st.booleans())
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+
+    def tensor(length, dim):
+        shape = ((N, length, dim) if options["batch_first"] else (length, N, dim)) if batched else (length, dim)
+        return torch.randn(shape, generator=g, dtype=dtype)
+
+    q = tensor(L, E)
+    k, v = (q, q) if self_attention else (tensor(S, kdim or E), tensor(S, vdim or E))
+    kwargs = dict(need_weights=draw(st.booleans()), average_attn_weights=draw(st.booleans()))
+    hide = draw(st.floats(0.0, 0.9))  # high values leave rows with no key
+    if draw(st.booleans()):
+        pad = torch.rand((N, S) if batched else (S,), generator=g) < hide
+        kwargs["key_padding_mask"] = pad if draw(st.booleans()) else \
+            torch.zeros(pad.shape, dtype=dtype).masked_fill(pad, float("-inf"))
+    if draw(st.booleans()):
+        shape = (L, S) if draw(st.booleans()) else ((N * H if batched else H), L, S)
+        hidden = torch.rand(shape, generator=g) < hide
+        additive = torch.randn(shape, generator=g, dtype=dtype).masked_fill(hidden, float("-inf"))
+        kwargs["attn_mask"] = additive if draw(st.booleans()) else hidden
+    return dtype, E, H, options, draw(st.booleans()), (q, k, v), kwargs
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(mha_case())
+def test_multihead_attention_against_torch(case):
+    """Outputs, weights and the gradients of inputs and parameters, NaN positions included (torch's NaN rows
+    where a query sees no key and the weights are returned)."""
+    dtype, E, H, options, training, (q, k, v), kwargs = case
+    theirs = torch.nn.MultiheadAttention(E, H, dtype=dtype, **options)
+    ours = seqfast.nn.MultiheadAttention(E, H, dtype=dtype, **options)
+    with torch.no_grad():
+        for p in theirs.parameters():  # torch's zero biases would hide bias bugs
+            p.copy_(torch.randn(p.shape, dtype=dtype) * 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    results = []
+    for module in (ours, theirs):
+        module.train(training)
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)] if q is not k else \
+            [q.detach().clone().requires_grad_()] * 3
+        out, weights = module(*inputs, **kwargs)
+        params = [p for _, p in sorted(module.named_parameters())]
+        leaves = list({id(t): t for t in inputs}.values()) + params
+        results.append((out, weights, *grad_of(out, leaves)))
+    for a, b in zip(*results):
+        if b is None:
+            assert a is None
+        else:
+            assert_same(a, b.detach(), dtype)
