@@ -677,6 +677,13 @@ inline void pack_full_panel(const T* src, int64_t ld, int64_t width, T* dst) {
 // Dispatch: AVX-512, else AVX2, for fp32 when the CPU has it.
 
 inline void gemm(const Gemm<double>& g) { gemm_portable(g); }
+inline void gemm(const Gemm<float>& g) {
+#if SEQFAST_X86
+  if (has_avx512()) return gemm_avx512(g);
+  if (has_avx2()) return gemm_avx2(g);
+#endif
+  gemm_portable(g);
+}
 
 // Rows of the register tile gemm() uses for T: the row (and key) block of the causal diagonal paths, so
 // that their products run on full tiles.
@@ -688,13 +695,6 @@ inline int64_t tile_rows() {
   }
 #endif
   return kMR;
-}
-inline void gemm(const Gemm<float>& g) {
-#if SEQFAST_X86
-  if (has_avx512()) return gemm_avx512(g);
-  if (has_avx2()) return gemm_avx2(g);
-#endif
-  gemm_portable(g);
 }
 
 inline double online_softmax_row(double* s, int64_t nv, int64_t ncols, double f, double& m, double& l) {

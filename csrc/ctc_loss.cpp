@@ -825,23 +825,25 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     }
   }
   row[blank] -= g * c[0];
+  bool corrected = false;
 #if SEQFAST_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     if (has_avx512()) {
       ctc_simd::label_corrections_avx512(row, c, g, groups.lane_label.data(), groups.lane_count.data(),
                                          groups.lane_idx.data(), groups.block_rows.data(),
                                          static_cast<int64_t>(groups.block_rows.size()));
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) store_row(row, acc_t(1), C, out, 1);
-      return;
+      corrected = true;
     }
   }
 #endif
-  const int32_t* order = groups.order.data();
-  const int32_t* start = groups.start.data();
-  for (size_t j = 0; j < groups.label.size(); ++j) {
-    acc_t sum = c[1 + order[start[j]]];
-    for (int32_t i = start[j] + 1; i < start[j + 1]; ++i) sum += c[1 + order[i]];
-    row[groups.label[j]] -= g * sum;
+  if (!corrected) {
+    const int32_t* order = groups.order.data();
+    const int32_t* start = groups.start.data();
+    for (size_t j = 0; j < groups.label.size(); ++j) {
+      acc_t sum = c[1 + order[start[j]]];
+      for (int32_t i = start[j] + 1; i < start[j + 1]; ++i) sum += c[1 + order[i]];
+      row[groups.label[j]] -= g * sum;
+    }
   }
   if constexpr (!std::is_same_v<scalar_t, acc_t>) store_row(row, acc_t(1), C, out, 1);
 }

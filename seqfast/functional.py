@@ -296,13 +296,14 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         if not fused:
             query, key, value = _with_unfused_gradients(query, key, value)
     args = sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    half = args.query.dtype if args.query.dtype in (torch.float16, torch.bfloat16) else None
-    if half is not None and tensors and _math_upcasts(args, query, key, value, attn_mask, dropout_p, enable_gqa):
+    upcast = tensors and args.query.dtype in (torch.float16, torch.bfloat16) and _math_upcasts(args)
+    if upcast and fused is None:
+        fused = _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
+    half = args.query.dtype if upcast and not fused else None
+    if half is not None:
         mask = args.attn_mask
         args = args._replace(query=args.query.float(), key=args.key.float(), value=args.value.float(),
                              attn_mask=_float_mask(mask) if mask is not None and mask.is_floating_point() else mask)
-    else:
-        half = None
     if bottom_right:
         causal = attention_ops.CAUSAL_BOTTOM_RIGHT
     else:
@@ -326,9 +327,9 @@ def _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     return out
 
 
-def _math_upcasts(args, query, key, value, attn_mask, dropout_p: float, enable_gqa: bool) -> bool:
-    """Whether torch would compute this 16-bit CPU call, with a gradient to come, in its math path, which works in
-    float32 (query, key and value upcast, the result cast back; unless
+def _math_upcasts(args) -> bool:
+    """Whether torch's math path, if it takes this 16-bit call (the caller asks ``_fused_in_torch``), works in
+    float32 and a gradient is to come: a CPU call, query, key and value upcast and the result cast back (unless
     ``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)``). seqfast's 16-bit kernels compute in float32
     too, but their backward, as any FlashAttention-style one, takes rowsum(dO * O) from the 16-bit output: its
     gradients come out up to 3-4x further from float64 than torch's math ones at large scales
@@ -340,9 +341,7 @@ def _math_upcasts(args, query, key, value, attn_mask, dropout_p: float, enable_g
             or (args.attn_mask is not None and args.attn_mask.requires_grad)):
         return False
     # Dynamo cannot trace the flag's getter: compiled code takes the default (off).
-    if not torch.compiler.is_compiling() and torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():
-        return False
-    return not _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
+    return torch.compiler.is_compiling() or not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
 
 
 def _float_mask(mask: torch.Tensor) -> torch.Tensor:
