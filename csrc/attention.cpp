@@ -659,8 +659,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "seqfast attention: query, key, value must share a dtype");
   }
   const int64_t hq = q.size(1), hk = k.size(1), seq_dim = dims == 4 ? 2 : 0;
-  TORCH_CHECK(hk > 0 && hq % hk == 0, "seqfast attention: query heads (", hq, ") must be a multiple of kv heads (",
-              hk, ")");
+  // No heads at all is an empty call (torch returns empty outputs); key/value without heads against query heads
+  // is refused by the Python front.
+  TORCH_CHECK((hk > 0 && hq % hk == 0) || hq == 0, "seqfast attention: query heads (", hq,
+              ") must be a multiple of kv heads (", hk, ")");
   TORCH_CHECK(q.size(-1) == k.size(-1), "seqfast attention: query and key head dims differ");
   TORCH_CHECK(k.size(seq_dim) == v.size(seq_dim) && k.size(1) == v.size(1),
               "seqfast attention: key and value shapes disagree");
@@ -672,7 +674,7 @@ Problem<T> make_problem(int64_t Hq, int64_t Hk, int64_t D, int64_t Dv, int64_t c
   Problem<T> pb;
   pb.Hq = Hq;
   pb.Hk = Hk;
-  pb.group = Hq / Hk;
+  pb.group = Hk > 0 ? Hq / Hk : 1;
   pb.D = D;
   pb.Dv = Dv;
   pb.Dp = round_up(std::max<int64_t>(D, 1), kNR);

@@ -1130,11 +1130,11 @@ class _Common:
             self.q_strides = tuple(query.stride()[:3])
             self.k_strides = tuple(key.stride()[:3])
             self.v_strides = tuple(value.stride()[:3])
-        if self.Hq % self.Hk:
+        if (self.Hk == 0 and self.Hq != 0) or (self.Hk and self.Hq % self.Hk):
             raise ValueError(f"query heads ({self.Hq}) must be a multiple of key/value heads ({self.Hk})")
         if self.Hq > 65535:  # grid y: the launchers split the batch, not the heads
             raise ValueError(f"the Triton attention kernels take at most 65535 heads, got {self.Hq}")
-        self.group = self.Hq // self.Hk
+        self.group = self.Hq // self.Hk if self.Hk else 1  # no heads at all: an empty call
 
 
 def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -1268,7 +1268,7 @@ def _backward(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
             return dk
         return gradient_like(dk, False, True).copy_(dk)
 
-    if B == 0 or max_q == 0 or max_k == 0:
+    if B == 0 or c.Hq == 0 or max_q == 0 or max_k == 0:
         return new_grad(query).zero_(), key_layout(new_grad(key).zero_()), new_grad(value).zero_(), new_dmask()
     lse = lse.float() if lse.dtype != torch.float32 else lse
     delta = torch.empty_like(lse)

@@ -489,6 +489,13 @@ def _broadcast(shapes: tuple[tuple[int, ...], ...], what: str, query, key, value
     return tuple(out)
 
 
+def _refuse_headless_keys(Hq: int, Hk: int) -> None:
+    """Key/value with no heads against a query with some: torch returns zeros of the query's shape there (each head
+    attends to nothing), which no head grouping explains; refused. No heads on either side is an empty call."""
+    if Hk == 0 and Hq != 0:
+        raise ArgumentError(f"key and value have no heads but the query has {Hq}: refused (torch returns zeros)")
+
+
 def _fold(t: torch.Tensor, batch: tuple[int, ...], heads: int, B: int) -> torch.Tensor:
     """(..., h, L, E) -> (B, heads, L, E), broadcasting the batch dims (and h == 1 to ``heads``)."""
     if t.dim() != 4 or t.shape[0] != B or t.shape[1] != heads:
@@ -554,11 +561,14 @@ def sdpa_arguments(
         Hq, Hk = qs[-3], ks[-3]
         if vs[-3] != Hk:
             raise ArgumentError(f"key and value must have the same number of heads, got {Hk} and {vs[-3]}")
-        if Hk == 0 or Hq % Hk:
+        _refuse_headless_keys(Hq, Hk)
+        if Hk and Hq % Hk:
             raise ArgumentError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hk})")
         batch = _broadcast((qs[:-3], ks[:-3], vs[:-3]), "batch dims", query, key, value)
         lead = (*batch, Hq)
     else:
+        if len(qs) >= 3:
+            _refuse_headless_keys(qs[-3], min(ks[-3] if len(ks) >= 3 else 1, vs[-3] if len(vs) >= 3 else 1))
         lead = _broadcast((qs[:-2], ks[:-2], vs[:-2]), "batch and head dims (pass enable_gqa=True for grouped "
                           "heads)", query, key, value)
         batch, Hq = (lead[:-1], lead[-1]) if lead else ((), 1)

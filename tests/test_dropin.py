@@ -169,6 +169,45 @@ def test_sdpa_head_dim_zero_as_torch(scale):
         close(a, b)
 
 
+EMPTY_SHAPES = {  # (qshape, kshape, vshape, enable_gqa): every dim of the call at 0 once
+    "batch0": ((0, 2, 5, 8), (0, 2, 6, 8), (0, 2, 6, 8), False),
+    "heads0": ((2, 0, 5, 8), (2, 0, 6, 8), (2, 0, 6, 8), False),
+    "heads0-gqa": ((2, 0, 5, 8), (2, 0, 6, 8), (2, 0, 6, 8), True),
+    "qheads0-gqa": ((2, 0, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), True),
+    "qheads0-kvhead1": ((2, 0, 5, 8), (2, 1, 6, 8), (2, 1, 6, 8), False),
+    "lq0": ((2, 2, 0, 8), (2, 2, 6, 8), (2, 2, 6, 8), False),
+    "lk0": ((2, 2, 5, 8), (2, 2, 0, 8), (2, 2, 0, 8), False),
+    "dv0": ((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 0), False),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("case", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_empty_dims_as_torch(backend, case, causal):
+    """A dim of size 0 anywhere (batch, heads, either sequence, Dv): torch's output and gradients (shapes, values:
+    zeros where there is no key), on every backend; no heads at all used to be refused by the CPU kernels."""
+    qshape, kshape, vshape, gqa = EMPTY_SHAPES[case]
+    q, k, v = _qkv(qshape, kshape, vshape)
+    expected = grads(lambda *a: F.scaled_dot_product_attention(*a, is_causal=causal, enable_gqa=gqa), q, k, v)
+    with seqfast.backend(backend):
+        got = grads(lambda *a: seqfast.scaled_dot_product_attention(*a, is_causal=causal, enable_gqa=gqa), q, k, v)
+    for a, b in zip((got[0], *got[1]), (expected[0], *expected[1])):
+        assert a.shape == b.shape
+        close(a, b)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("qheads", [1, 2])
+def test_sdpa_headless_keys_refused(gqa, qheads):
+    """Key/value with 0 heads against query heads: torch returns zeros of the query's shape (no grouping explains
+    it); seqfast refuses with a clear error rather than guess."""
+    q, k, v = _qkv((2, qheads, 5, 8), (2, 0, 6, 8), (2, 0, 6, 8))
+    assert not F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa).any()
+    with pytest.raises(ArgumentError, match="key and value have no heads"):
+        seqfast.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+
 @pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float64])
 def test_sdpa_float32_mask_with_other_query_dtypes_as_torch(qdtype):
     q, k, v = (t.detach().to(qdtype) for t in _qkv((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8)))

@@ -50,7 +50,7 @@ def attention(
     survivors scaled by 1 / (1 - dropout_p).
     """
     q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[-3] // k.shape[-3]
+    group = q.shape[-3] // k.shape[-3] if k.shape[-3] else 1  # no heads at all: an empty call
     k = k.repeat_interleave(group, dim=-3)
     v = v.repeat_interleave(group, dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -67,7 +67,8 @@ def attention(
     # constant shift (detached); amax keeps NaN. A row that sees no key has max -inf: shift by 0 and
     # divide by 1 there, so its weights are 0 (torch's _safe_softmax) and its gradient keeps the
     # softmax form p * (g - sum(p * g)).
-    m = s.detach().amax(dim=-1, keepdim=True)
+    # (amax refuses an empty dim: no keys at all is a row that sees none)
+    m = s.detach().amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
     m = m.masked_fill(m == float("-inf"), 0.0)
     e = torch.exp(s - m)
     z = e.sum(dim=-1, keepdim=True)
