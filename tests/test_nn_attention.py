@@ -251,6 +251,60 @@ def test_fully_masked_row(need_weights, mask_kind):
             torch.testing.assert_close(a, b, equal_nan=True, **TOL[torch.float64])
 
 
+LAYOUT_CASES = {  # torch takes its fused inference path only in the first; each other case leaves it for one reason
+    "fast": {},
+    "train": dict(train=True),
+    "grad": dict(grad=True),
+    "cross": dict(inputs="cross"),
+    "key-is-value": dict(inputs="kv"),
+    "odd-heads": dict(heads=1),
+    "bias-kv": dict(add_bias_kv=True),
+    "zero-attn": dict(add_zero_attn=True),
+    "kdim": dict(kdim=5, vdim=E),
+    "no-bias": dict(bias=False),
+    "float-mask": dict(mask="float"),
+    "bool-mask": dict(mask="bool"),
+    "fastpath-off": dict(fastpath=False),
+    "seq-first": dict(batch_first=False),
+}
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_output_layout_as_torch(case, need_weights):
+    """torch's module answers a batch-first call from its fused inference path ((N, L, E) contiguous) or from its
+    other path (the transpose of an (L, N, E) result): the output's strides, and its values, are torch's in both."""
+    opts = dict(LAYOUT_CASES[case])
+    train, grad, inputs = opts.pop("train", False), opts.pop("grad", False), opts.pop("inputs", "self")
+    heads, mask, fastpath = opts.pop("heads", H), opts.pop("mask", None), opts.pop("fastpath", True)
+    opts.setdefault("batch_first", True)
+    ref = _randomise(torch.nn.MultiheadAttention(E, heads, **opts))
+    ours = seqfast.nn.MultiheadAttention(E, heads, **opts)
+    ours.load_state_dict(ref.state_dict())
+    q, k, v = _inputs(torch.float32, batch_first=opts["batch_first"], kdim=opts.get("kdim", E), requires_grad=grad)
+    k = {"self": q, "kv": k, "cross": k}[inputs] if "kdim" not in opts else k
+    v = {"self": q, "kv": k, "cross": v}[inputs] if "kdim" not in opts else v
+    kpm = None
+    if mask is not None:
+        kpm = torch.zeros(N, S if inputs != "self" else L, dtype=torch.bool)
+        kpm[:, -1] = True
+        kpm = kpm if mask == "bool" else torch.zeros(kpm.shape).masked_fill(kpm, float("-inf"))
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    try:
+        results = []
+        for module in (ref, ours):
+            module.train(train)
+            with torch.no_grad() if not grad else torch.enable_grad():
+                results.append(module(q, k, v, key_padding_mask=kpm, need_weights=need_weights)[0])
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    expected, got = results
+    assert got.stride() == expected.stride(), f"{case}: torch {expected.stride()}, seqfast {got.stride()}"
+    if not train:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_gradients_match_torch(dtype, need_weights):

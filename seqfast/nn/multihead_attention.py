@@ -78,6 +78,14 @@ def _hides_a_row(mask: Mask) -> bool:
     return mask is not None and bool(_hidden_rows(mask).any())
 
 
+def _transposed_alike(query, key, value):
+    """(N, T, E) -> (T, N, E) views, keeping which of the three are the same tensor (the in-projection's choice)."""
+    q = query.transpose(0, 1)
+    k = q if key is query else key.transpose(0, 1)
+    v = k if value is key else (q if value is query else value.transpose(0, 1))
+    return q, k, v
+
+
 def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
     """torch's shape rules for MHA inputs; returns whether the input is batched."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -100,6 +108,27 @@ def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
         raise ArgumentError(f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), got shape "
                          f"{tuple(attn_mask.shape)}")
     return batched
+
+
+def _torch_takes_fast_path(mha: torch.nn.MultiheadAttention, query, key, value, attn_mask, key_padding_mask) -> bool:
+    """Whether torch's module would answer this batched ``batch_first`` call from its fused inference path, as its
+    ``forward`` decides. Only the output's layout follows from it: torch's fused path returns (N, L, E) contiguous,
+    its other path the transpose of an (L, N, E) result, strides (E, N E, 1); seqfast gives the same."""
+    float_mask = any(m is not None and torch.is_floating_point(m) for m in (attn_mask, key_padding_mask))
+    if (float_mask or not torch.backends.mha.get_fastpath_enabled() or query is not key or key is not value
+            or _dtype_mismatch(mha, query) or mha.training or mha.num_heads % 2
+            or mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn
+            or not mha._qkv_same_embed_dim or mha.in_proj_bias is None or torch.is_autocast_enabled()):
+        return False
+    args = (query, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias)
+    if torch.overrides.has_torch_function(args) or torch.compiler.is_exporting():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args))
+
+
+def _dtype_mismatch(mha: torch.nn.MultiheadAttention, query: torch.Tensor) -> bool:
+    return query.dtype != mha.in_proj_weight.dtype or (mha.in_proj_bias is not None
+                                                       and query.dtype != mha.in_proj_bias.dtype)
 
 
 class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
@@ -126,7 +155,9 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
       and ``need_weights`` is False.
     - ``attn_output`` (L, N, E) / (N, L, E) / (L, E), from :func:`seqfast.scaled_dot_product_attention`
       with dropout ``self.dropout`` in training mode and none in eval mode (with ``need_weights`` and a query
-      row that sees no key, from the weights instead, as torch: see below).
+      row that sees no key, from the weights instead, as torch: see below). Its strides are torch's: batch-first
+      output is the transpose of an (L, N, E) result, strides (E, N E, 1), except where torch's module takes its
+      fused inference path (self-attention in eval mode with no gradient, ...), which returns it contiguous.
     - ``attn_weights`` only when ``need_weights``: (N, L, S') averaged over heads, or (N, H, L, S') when
       ``average_attn_weights`` is False (no N for unbatched input); S' = S plus one per ``add_bias_kv`` /
       ``add_zero_attn`` column. Computed by a separate plain softmax of the masked scores; in training mode
@@ -160,6 +191,13 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         if use_causal:
             attn_mask = None
         batch_first = self.batch_first if batched else True
+        # torch's unfused path works on (L, N, E) views of batch-first inputs and returns the transpose of an
+        # (L, N, E) result: the same here, so the output's strides are torch's (its fused path's are the plain ones).
+        transposed = batched and batch_first and not _torch_takes_fast_path(self, query, key, value, attn_mask,
+                                                                               key_padding_mask)
+        if transposed:
+            query, key, value = _transposed_alike(query, key, value)
+            batch_first = False
         q, k, v = self._in_projection(query, key, value)
         if not batched:  # (L, E) -> (1, L, E)
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -200,6 +238,8 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(0)
+        if transposed:
+            out = out.transpose(0, 1)
         if weights is None:
             return out, None
         weights = weights.mean(dim=1) if average_attn_weights else weights
