@@ -408,6 +408,45 @@ def test_encoder_layer_matches_torch(batch_first, norm_first, sdpa_calls):
         _close(ours(x[:, 0], src_mask=am), ref(x[:, 0], src_mask=am), torch.float64)
 
 
+AUTOCAST_LAYER_CASES = {  # torch's layer is fused (its output in the autocast dtype) only in the first two
+    "eval-bf16": {}, "eval-fp16": dict(dtype=torch.float16), "train": dict(train=True), "grad": dict(grad=True),
+    "seq-first": dict(batch_first=False), "odd-heads": dict(nhead=1), "gelu-fn": dict(activation=torch.tanh),
+    "hook": dict(hook=True), "float64": dict(x_dtype=torch.float64), "unbatched": dict(unbatched=True),
+    "fastpath-off": dict(fastpath=False),
+}
+
+
+@pytest.mark.parametrize("case", AUTOCAST_LAYER_CASES)
+def test_encoder_layer_dtype_under_cpu_autocast_as_torch(case):
+    """Under CPU autocast torch's encoder layer in eval mode takes its fused op (its autocast check is CUDA's) and
+    returns the autocast dtype; its plain path ends in a float32 LayerNorm. seqfast's layer always runs the plain
+    path on its own attention, and returns torch's dtype in both."""
+    opts = dict(AUTOCAST_LAYER_CASES[case])
+    dtype, train, grad = opts.pop("dtype", torch.bfloat16), opts.pop("train", False), opts.pop("grad", False)
+    hook, x_dtype, fastpath = opts.pop("hook", False), opts.pop("x_dtype", torch.float32), opts.pop("fastpath", True)
+    unbatched = opts.pop("unbatched", False)
+    opts = dict(nhead=H, batch_first=True, dropout=0.0) | opts
+    ref = _randomise(torch.nn.TransformerEncoderLayer(E, dim_feedforward=16, dtype=x_dtype, **opts))
+    ours = seqfast.nn.TransformerEncoderLayer(E, dim_feedforward=16, dtype=x_dtype, **opts)
+    ours.load_state_dict(ref.state_dict())
+    x, _, _ = _inputs(x_dtype, opts["batch_first"], batched=not unbatched, requires_grad=grad)
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    try:
+        outs = []
+        for layer in (ref, ours):
+            layer.train(train)
+            if hook:
+                layer.register_forward_hook(lambda *args: None)
+            with torch.autocast("cpu", dtype=dtype), torch.set_grad_enabled(grad):
+                outs.append(layer(x))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    expected, got = outs
+    assert got.dtype == expected.dtype, f"{case}: torch {expected.dtype}, seqfast {got.dtype}"
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.1)
+
+
 @pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerDecoderLayer", "MultiheadAttention"])
 def test_constructor_signatures_match_torch(name):
     def params(cls):

@@ -9,7 +9,9 @@ torch has two inference shortcuts that would bypass seqfast, both disabled here:
 
 - ``torch.nn.TransformerEncoderLayer.forward`` calls the fused ``torch._transformer_encoder_layer_fwd``
   (attention, feed-forward and norms in one native op) when it is in eval mode without autograd, batch_first,
-  etc. :class:`TransformerEncoderLayer` overrides ``forward`` with the layer's plain path only.
+  etc. :class:`TransformerEncoderLayer` overrides ``forward`` with the layer's plain path only. Where torch
+  would call the fused op under CPU autocast (its autocast check is CUDA's), that op returns the autocast dtype
+  and the plain path float32: the seqfast layer casts its result to torch's dtype there.
 - ``torch.nn.TransformerEncoder`` (eval, batch_first, with ``src_key_padding_mask``) packs the batch into a
   nested tensor, drops the padding mask and expects the layers to take nested input. The seqfast layer
   accepts that input: it pads it back, runs with the equivalent padding mask and re-packs the result,
@@ -37,6 +39,28 @@ def _plain_encoder_layer(layer: torch.nn.TransformerEncoderLayer, x, src_mask, s
         return x + layer._ff_block(layer.norm2(x))
     x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
     return layer.norm2(x + layer._ff_block(x))
+
+
+def _fused_layer_dtype(layer: torch.nn.TransformerEncoderLayer, src: torch.Tensor) -> torch.dtype | None:
+    """The dtype of torch's fused encoder layer (``torch._transformer_encoder_layer_fwd``) where torch's ``forward``
+    would call it and it differs from the plain path's, else None. That is under CPU autocast only: torch checks
+    ``torch.is_autocast_enabled()``, which is CUDA's, so a CPU autocast call in eval mode takes the fused op, and it
+    returns a float32 ``src`` in the autocast dtype where the plain path ends in a float32 LayerNorm."""
+    if (src.device.type != "cpu" or src.dtype != torch.float32 or not torch.is_autocast_enabled("cpu")
+            or src.dim() != 3 or layer.training or not torch.backends.mha.get_fastpath_enabled()):
+        return None
+    attn = layer.self_attn
+    if (not attn.batch_first or attn.in_proj_bias is None or not attn._qkv_same_embed_dim
+            or not layer.activation_relu_or_gelu or layer.norm1.eps != layer.norm2.eps or attn.num_heads % 2
+            or torch.is_autocast_enabled()
+            or any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())):
+        return None
+    args = (src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+            layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
+            layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    if torch.overrides.has_torch_function(args) or (torch.is_grad_enabled() and any(t.requires_grad for t in args)):
+        return None
+    return torch.get_autocast_dtype("cpu")
 
 
 class TransformerEncoderLayer(NotScriptable, torch.nn.TransformerEncoderLayer):
@@ -81,7 +105,9 @@ class TransformerEncoderLayer(NotScriptable, torch.nn.TransformerEncoderLayer):
         is_causal: bool = False,
     ) -> torch.Tensor:
         if not src.is_nested:
-            return _plain_encoder_layer(self, src, src_mask, src_key_padding_mask, is_causal)
+            out = _plain_encoder_layer(self, src, src_mask, src_key_padding_mask, is_causal)
+            fused_dtype = _fused_layer_dtype(self, src)
+            return out if fused_dtype is None else out.to(fused_dtype)
         if src_mask is not None or src_key_padding_mask is not None:
             raise ArgumentError("a nested src carries its own padding: src_mask and src_key_padding_mask must be None")
         if not self.self_attn.batch_first:
