@@ -187,6 +187,18 @@ std::tuple<Tensor, Tensor> ctc_loss_forward(const Tensor& log_probs, const Tenso
                              keep_alpha, alpha_every));
 }
 
+// The seed argument of calls without dropout. Made when the module loads (bind_autograd), not by the first call:
+// under torch.jit.trace a first call would record its creation and later calls a constant, and the trace's check
+// fails. Made outside inference mode whatever mode the import runs in: an inference tensor cannot be saved for
+// backward, so an import under torch.inference_mode() would otherwise break every later training call.
+const Tensor& no_seed() {
+  static const Tensor seed = [] {
+    c10::InferenceMode normal(false);
+    return at::zeros({}, at::kLong);
+  }();
+  return seed;
+}
+
 // seqfast.scaled_dot_product_attention's common case (4-D tensors of one floating dtype, device, batch and head
 // count, no mask, no dropout, no autocast) checked and run in one call from Python: on small inputs the
 // Python checks alone cost as much as torch's whole call. It accepts only calls that the full checks in
@@ -217,14 +229,8 @@ c10::optional<Tensor> common_attention(const Tensor& q, const Tensor& k, const T
   // Autocast knows CPU and CUDA only (it throws for the meta device); the Python path takes the others.
   if (!q.is_cpu() && !q.is_cuda()) return c10::nullopt;
   if (at::autocast::is_autocast_enabled(q.device().type())) return c10::nullopt;
-  // Made outside inference mode whatever mode the first call runs in: an inference tensor cannot be saved for
-  // backward, so a first call under torch.inference_mode() would otherwise break every later training call.
-  static const Tensor no_seed = [] {
-    c10::InferenceMode normal(false);
-    return at::zeros({}, at::kLong);
-  }();
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  return std::get<0>(attention_forward(q, k, v, c10::nullopt, 0.0, is_causal ? 1 : 0, s, no_seed));
+  return std::get<0>(attention_forward(q, k, v, c10::nullopt, 0.0, is_causal ? 1 : 0, s, no_seed()));
 }
 
 }  // namespace
@@ -232,6 +238,7 @@ c10::optional<Tensor> common_attention(const Tensor& q, const Tensor& k, const T
 // The same autograd kernels called straight from Python (seqfast._C.autograd_*): the eager path of the
 // public functions skips torch.ops' boxed call, which alone costs more than a small kernel.
 void bind_autograd(pybind11::module& m) {
+  no_seed();
   m.def("autograd_attention_forward", &attention_forward, "seqfast::attention_forward with autograd");
   m.def("autograd_varlen_attention_forward", &varlen_attention_forward,
         "seqfast::varlen_attention_forward with autograd");

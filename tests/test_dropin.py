@@ -895,6 +895,51 @@ def test_forced_backend_inside_compile_runs_that_backend():
     close(out, F.scaled_dot_product_attention(q, k, v), 1e-10)
 
 
+_TRACE_SCRIPT = """
+import warnings
+import torch, torch.nn.functional as F, seqfast
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+torch.manual_seed(0)
+mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+ours = seqfast.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+ours.load_state_dict(mha.state_dict())
+calls = {  # name: (torch's callable, seqfast's, trace inputs, other shapes)
+    "sdpa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+             lambda q, k, v: seqfast.scaled_dot_product_attention(q, k, v, is_causal=True),
+             (torch.randn(2, 3, 5, 8),) * 3, (torch.randn(1, 3, 9, 8),) * 3),
+    "sdpa-mask": (lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m),
+                  lambda q, m: seqfast.scaled_dot_product_attention(q, q, q, attn_mask=m),
+                  (torch.randn(2, 3, 5, 8), torch.randn(5, 5)), (torch.randn(2, 3, 7, 8), torch.randn(7, 7))),
+    "mha": (mha, ours, (torch.randn(2, 5, 16),) * 3, (torch.randn(3, 7, 16),) * 3),
+    "ctc": (F.ctc_loss, seqfast.ctc_loss,
+            (torch.randn(12, 3, 6).log_softmax(-1), torch.randint(1, 6, (3, 4)), torch.full((3,), 12),
+             torch.full((3,), 4)),
+            (torch.randn(15, 2, 6).log_softmax(-1), torch.randint(1, 6, (2, 5)), torch.full((2,), 15),
+             torch.full((2,), 5))),
+}
+for name, (theirs, mine, args, other) in calls.items():
+    expected = theirs(*other)
+    traced = torch.jit.trace(mine, args)  # check_trace: a second trace must give the same graph
+    got = traced(*other)
+    got, expected = (t[0] if isinstance(t, tuple) else t for t in (got, expected))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    print(name, "ok")
+"""
+
+
+def test_jit_trace_as_torch():
+    """torch.jit.trace (which torch.onnx's legacy exporter also uses) traces seqfast's calls as torch's: the trace's
+    own check (a second trace, the same graph) passes, and the trace runs other shapes as eager torch does. In a
+    fresh process: the first attention call of a process once made the no-dropout seed, which a trace recorded as
+    an op and its check then found a constant."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["sdpa", "ok", "sdpa-mask", "ok", "mha", "ok", "ctc", "ok"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # opcheck with non-contiguous and broadcast inputs
 
