@@ -27,17 +27,15 @@ clear of it; each exception is tested on its own at the end:
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import KERNEL_DEVICE
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-import seqfast  # noqa: E402
+import seqfast
 
 # numpy, under Triton's interpreter, warns about the NaN and inf arithmetic these cases are made of.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -143,21 +141,23 @@ def inputs(case: Case, L: int, D: int = 24, H: int = 2):
     return q, k, v, g, mask
 
 
-def run(fn, q, k, v, g, mask, causal, scale, dtype):
-    """fn's output and gradients of q, k, v (and a float mask) on copies cast to ``dtype``."""
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    m = mask
+def run(fn, q, k, v, g, mask, causal, scale, dtype, device="cpu"):
+    """fn's output and gradients of q, k, v (and a float mask) on copies cast to ``dtype`` on ``device``, returned
+    on the CPU."""
+    leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+    m = None if mask is None else mask.to(device)
     if mask is not None and mask.is_floating_point():
-        m = mask.to(dtype).requires_grad_()
+        m = m.to(dtype).requires_grad_()
         leaves.append(m)
     out = fn(*leaves[:3], attn_mask=m, is_causal=causal, scale=scale)
-    grads = torch.autograd.grad(out, leaves, g.to(dtype))
-    return [out.detach(), *grads]
+    grads = torch.autograd.grad(out, leaves, g.to(device, dtype))
+    return [t.cpu() for t in (out.detach(), *grads)]
 
 
 def seqfast_run(backend, isa_name, *args):
+    """seqfast's results on ``backend``: the Triton kernels on the GPU where there is one, else interpreted."""
     with isa(isa_name), seqfast.backend(backend):
-        return run(seqfast.scaled_dot_product_attention, *args)
+        return run(seqfast.scaled_dot_product_attention, *args, device=KERNEL_DEVICE if backend == "triton" else "cpu")
 
 
 def assert_same_special_values(got, want, tol, names=NAMES):

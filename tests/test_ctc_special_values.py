@@ -26,15 +26,12 @@ gives what that formula means instead, and the tests check seqfast's value there
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import KERNEL_DEVICE
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton loads (tests/conftest.py does the same)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import seqfast  # noqa: E402
+import seqfast
 
 pytestmark = [
     # The interpreter runs the Triton kernels in numpy, which warns about the very values under test.
@@ -76,9 +73,13 @@ def _ours(backend, x, tg, il, tl, from_logits, reduction, zero_infinity):
 
     fn = seqfast.ctc_loss_from_logits if from_logits else seqfast.ctc_loss
 
+    # The Triton kernels on the GPU where there is one (interpreted on the CPU otherwise); results back on the CPU.
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    on = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (tg, il, tl)]
+
     def run(v):
         with seqfast.backend("cpp" if backend in ISAS else backend):
-            return fn(v, tg, il, tl, reduction=reduction, zero_infinity=zero_infinity)
+            return fn(v.to(device), *on, reduction=reduction, zero_infinity=zero_infinity).cpu()
 
     if backend not in ISAS:
         return _loss_and_grad(run, x, reduction)
