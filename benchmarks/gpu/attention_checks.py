@@ -418,6 +418,52 @@ def check_layouts(ctx: Context, c: Case) -> None:
             c.check(strides["torch"][1] == strides["seqfast"][1], f"{key}: gradient strides differ")
 
 
+def check_empty_dims(ctx: Context, c: Case) -> None:
+    """A dim of size 0 anywhere (batch, heads, either sequence, Dv), forward and backward on the device: torch's
+    shapes and values (zeros where there is no key), and no launch of an empty grid."""
+    import torch
+
+    import seqfast
+
+    shapes = {"batch0": ((0, 2, 5, 8), (0, 2, 6, 8), (0, 2, 6, 8)),
+              "heads0": ((2, 0, 5, 8), (2, 0, 6, 8), (2, 0, 6, 8)),
+              "lq0": ((2, 2, 0, 8), (2, 2, 6, 8), (2, 2, 6, 8)), "lk0": ((2, 2, 5, 8), (2, 2, 0, 8), (2, 2, 0, 8)),
+              "dv0": ((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 0))}
+    for key, shape in shapes.items():
+        results = {}
+        for name, fn in (("torch", torch.nn.functional.scaled_dot_product_attention),
+                         ("seqfast", seqfast.scaled_dot_product_attention)):
+            torch.manual_seed(0)
+            leaves = [torch.randn(s, device=ctx.device, requires_grad=True) for s in shape]
+            with ctx.seqfast_backend() if name == "seqfast" else _null():
+                out = fn(*leaves)
+            grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+            results[name] = [out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))]
+        for a, b in zip(results["seqfast"], results["torch"]):
+            c.check(a.shape == b.shape and bool((a - b).abs().max() <= 1e-5 if a.numel() else True),
+                    f"{key}: seqfast {tuple(a.shape)} differs from torch's {tuple(b.shape)}")
+
+
+def check_module_layouts(ctx: Context, c: Case) -> None:
+    """nn.MultiheadAttention (batch_first) on the device: output strides as torch's module gives them, in training
+    (its unfused path: the transpose of an (L, N, E) result) and in eval without gradient (its fused path)."""
+    import torch
+
+    import seqfast
+
+    for train in (True, False):
+        strides = {}
+        for name, cls in (("torch", torch.nn.MultiheadAttention), ("seqfast", seqfast.nn.MultiheadAttention)):
+            torch.manual_seed(0)
+            m = cls(64, 4, batch_first=True, device=ctx.device).train(train)
+            x = torch.randn(2, 33, 64, device=ctx.device)
+            with torch.set_grad_enabled(train):
+                strides[name] = tuple(m(x, x, x, need_weights=False)[0].stride())
+        key = "train" if train else "eval"
+        c.metrics[f"{key}_torch"], c.metrics[f"{key}_seqfast"] = str(strides["torch"]), str(strides["seqfast"])
+        c.check(strides["torch"] == strides["seqfast"], f"{key}: MultiheadAttention output strides differ")
+
+
 def attention_correctness(ctx: Context) -> None:
     import torch
 
@@ -447,6 +493,8 @@ def attention_correctness(ctx: Context) -> None:
                                                                                    d_varlen, c)))
     ordered.append(("fp32 scale 1e10 forward", lambda c: check_huge_scale(ctx, c)))
     ordered.append(("output and gradient strides as torch's", lambda c: check_layouts(ctx, c)))
+    ordered.append(("empty dims as torch", lambda c: check_empty_dims(ctx, c)))
+    ordered.append(("MultiheadAttention output strides as torch's", lambda c: check_module_layouts(ctx, c)))
     for name, fn in ordered:
         ctx.run(name, fn, min_seconds=3.0)
 
