@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -251,6 +252,17 @@ def test_fully_masked_row(need_weights, mask_kind):
             torch.testing.assert_close(a, b, equal_nan=True, **TOL[torch.float64])
 
 
+@contextlib.contextmanager
+def _fastpath(enabled: bool):
+    """torch's switch for the fused inference paths of its attention modules, restored after."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 LAYOUT_CASES = {  # torch takes its fused inference path only in the first; each other case leaves it for one reason
     "fast": {},
     "train": dict(train=True),
@@ -289,16 +301,12 @@ def test_output_layout_as_torch(case, need_weights):
         kpm = torch.zeros(N, S if inputs != "self" else L, dtype=torch.bool)
         kpm[:, -1] = True
         kpm = kpm if mask == "bool" else torch.zeros(kpm.shape).masked_fill(kpm, float("-inf"))
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(fastpath)
-    try:
-        results = []
+    results = []
+    with _fastpath(fastpath):
         for module in (ref, ours):
             module.train(train)
-            with torch.no_grad() if not grad else torch.enable_grad():
+            with torch.set_grad_enabled(grad):
                 results.append(module(q, k, v, key_padding_mask=kpm, need_weights=need_weights)[0])
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
     expected, got = results
     assert got.stride() == expected.stride(), f"{case}: torch {expected.stride()}, seqfast {got.stride()}"
     if not train:
@@ -430,18 +438,14 @@ def test_encoder_layer_dtype_under_cpu_autocast_as_torch(case):
     ours = seqfast.nn.TransformerEncoderLayer(E, dim_feedforward=16, dtype=x_dtype, **opts)
     ours.load_state_dict(ref.state_dict())
     x, _, _ = _inputs(x_dtype, opts["batch_first"], batched=not unbatched, requires_grad=grad)
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(fastpath)
-    try:
-        outs = []
+    outs = []
+    with _fastpath(fastpath):
         for layer in (ref, ours):
             layer.train(train)
             if hook:
                 layer.register_forward_hook(lambda *args: None)
             with torch.autocast("cpu", dtype=dtype), torch.set_grad_enabled(grad):
                 outs.append(layer(x))
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
     expected, got = outs
     assert got.dtype == expected.dtype, f"{case}: torch {expected.dtype}, seqfast {got.dtype}"
     torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.1)
