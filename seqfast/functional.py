@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+from torch.nested._internal.nested_tensor import NestedTensor as JaggedTensor  # torch.nested's jagged layout
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from seqfast import _amx, _backend, _extension
@@ -248,6 +249,8 @@ def scaled_dot_product_attention(
         dropout_p = real(fn, "dropout_p", dropout_p)
     if scale is not None and type(scale) is not float:
         scale = real(fn, "scale", scale, optional=True)
+    if _any_nested(query, key, value):
+        return _nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if _TORCH_AMX_BF16 and _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p, enable_gqa):
         return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     bottom_right = False
@@ -263,6 +266,38 @@ def scaled_dot_product_attention(
             return out
     return _seeded_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              _dropout_seed(dropout_p, getattr(query, "device", None)), bottom_right)
+
+
+def _any_nested(*tensors) -> bool:
+    """Whether any is a jagged nested tensor (an isinstance test: reading ``is_nested`` off a tensor subclass would
+    call its ``__torch_function__``)."""
+    return any(isinstance(t, JaggedTensor) for t in tensors)
+
+
+def _nested_attention(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool):
+    """Attention over jagged nested tensors (``torch.nested``, ``layout=torch.jagged``), (B, H, j, E) with the
+    ragged dim after the heads, as torch's attention takes them: seqfast's varlen kernels on their packed values,
+    a nested (B, Hq, j, Ev) result with the query's offsets, its gradients flowing to the nested inputs. torch
+    takes such calls without a mask or a causal mask only (it refuses both); seqfast refuses dropout too."""
+    if not all(isinstance(t, JaggedTensor) for t in (query, key, value)):
+        raise ArgumentError("query, key and value must all be jagged nested tensors (torch.nested, "
+                            "layout=torch.jagged) or none of them")
+    if any(t.dim() != 4 or t._ragged_idx != 2 for t in (query, key, value)):
+        raise ArgumentError("nested query, key and value must be (B, H, j, E): the ragged dim after the heads")
+    if attn_mask is not None or is_causal:
+        raise ArgumentError("nested tensors take no attn_mask and no causal mask (torch refuses them too)")
+    if dropout_p > 0:
+        raise ArgumentError("seqfast has no dropout for nested tensors (torch's own function has)")
+    Hq, Hk = query.shape[1], key.shape[1]
+    if Hq != Hk and not enable_gqa:
+        raise ArgumentError(f"query heads ({Hq}) and key/value heads ({Hk}) differ: pass enable_gqa=True")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, j, H, E): values() packed (total, H, E)
+    off_q, off_k = q.offsets(), k.offsets()
+    if off_q.shape != off_k.shape or not (v.offsets() is off_k or torch.equal(v.offsets(), off_k)):
+        raise ArgumentError("nested key and value must have the same lengths, and as many sequences as the query")
+    max_q, max_k = (int(o.diff().max()) if o.numel() > 1 else 0 for o in (off_q, off_k))
+    out = varlen_attention(q.values(), k.values(), v.values(), off_q, off_k, max_q, max_k, False, scale)
+    return torch.nested.nested_tensor_from_jagged(out, off_q).transpose(1, 2)
 
 
 def _causal_bias(bias: CausalBias, query: torch.Tensor, key: torch.Tensor, is_causal: bool) -> tuple[bool, bool]:

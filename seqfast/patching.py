@@ -27,6 +27,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from seqfast import _backend, _extension
 from seqfast import nn as seqfast_nn
+from seqfast.functional import JaggedTensor
 from seqfast.functional import ctc_loss as _seqfast_ctc_loss
 from seqfast.functional import scaled_dot_product_attention as _seqfast_sdpa
 from seqfast.validation import FLOAT_DTYPES, ArgumentError
@@ -267,16 +268,27 @@ def _sdpa_reason(query, key, value, attn_mask) -> str | None:
     return None
 
 
+def _nested_sdpa_reason(query, key, value) -> str | None:
+    """Why seqfast cannot serve an attention call with nested tensors (None when it may: its checks then say)."""
+    if not all(isinstance(t, JaggedTensor) for t in (query, key, value)):
+        return "nested tensors not all jagged"
+    dtypes = FLOAT_DTYPES if query.device.type == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
+    return _no_kernel_reason(query.values(), dtypes) if not torch.compiler.is_compiling() else "nested, compiled"
+
+
 def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                   enable_gqa=False):
     # Tensor subclasses first get their __torch_function__, as torch's own functions give it: theirs sees this
     # function as F.scaled_dot_product_attention (torch's CausalBias turns itself into plain calls there). One
     # that defers comes back here with its override disabled, and goes to torch's function below.
-    if has_torch_function((query, key, value, attn_mask)):
+    # Jagged nested tensors know torch's own function only (their __torch_function__ routes it): seqfast's
+    # function takes them itself, and what it refuses goes to torch's function, which they then route.
+    nested = any(isinstance(t, JaggedTensor) for t in (query, key, value))
+    if not nested and has_torch_function((query, key, value, attn_mask)):
         return handle_torch_function(_patched_sdpa, (query, key, value, attn_mask), query, key, value,
                                      attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                      enable_gqa=enable_gqa)
-    reason = _sdpa_reason(query, key, value, attn_mask)
+    reason = _nested_sdpa_reason(query, key, value) if nested else _sdpa_reason(query, key, value, attn_mask)
     if reason is None:
         try:
             out = _seqfast_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)

@@ -208,6 +208,59 @@ def test_sdpa_headless_keys_refused(gqa, qheads):
         seqfast.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
 
 
+def _jagged(lengths, H, E, dtype=torch.float64, seed=0):
+    """A (B, H, j, E) jagged nested tensor (the ragged dim after the heads), as torch's attention takes them."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(n, H, E, generator=g, dtype=dtype) for n in lengths]
+    return torch.nested.as_nested_tensor(parts, layout=torch.jagged).requires_grad_()
+
+
+@pytest.mark.parametrize("lq, lk, Dv", [([5, 7], [6, 9], 8), ([1, 33, 4], [1, 33, 4], 8), ([3, 8], [5, 2], 4)])
+def test_sdpa_jagged_nested_as_torch(lq, lk, Dv):
+    """Jagged nested query, key and value: a nested output with the query's offsets (its ragged dim is the query's:
+    ``out + query`` works), values and the nested inputs' gradients as torch's; seqfast runs its varlen kernels."""
+    results = []
+    for fn in (F.scaled_dot_product_attention, seqfast.scaled_dot_product_attention):
+        leaves = [_jagged(lq, 2, 8, seed=1), _jagged(lk, 2, 8, seed=2), _jagged(lk, 2, Dv, seed=3)]
+        out = fn(*(t.transpose(1, 2) for t in leaves), scale=0.3)
+        weight = torch.linspace(-1, 1, out.values().numel(), dtype=out.dtype).view_as(out.values())
+        (out.values() * weight).sum().backward()
+        results.append((out, [t.grad for t in leaves], leaves[0]))
+    (expected, expected_grads, _), (got, got_grads, query) = results
+    assert got.is_nested and got.offsets() is query.offsets() and torch.equal(got.offsets(), expected.offsets())
+    assert got.shape == query.transpose(1, 2).shape[:3] + (Dv,)  # the query's own ragged dim
+    close(got.values(), expected.values(), 1e-10)
+    for a, b in zip(got_grads, expected_grads):
+        close(a.values(), b.values(), 1e-10)
+
+
+def test_sdpa_jagged_nested_grouped_heads():
+    """enable_gqa on nested tensors (torch 2.13's nested math path fails there: it broadcasts no batch of heads):
+    each sequence as the dense call on that sequence alone."""
+    lengths = [4, 9, 1]
+    q, k, v = _jagged(lengths, 4, 8, seed=1), _jagged(lengths, 2, 8, seed=2), _jagged(lengths, 2, 8, seed=3)
+    out = seqfast.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               enable_gqa=True)
+    packed = out.transpose(1, 2).values()  # (total, Hq, Ev)
+    for i in range(len(lengths)):
+        dense = [t.values()[q.offsets()[i]:q.offsets()[i + 1]].transpose(0, 1) for t in (q, k, v)]
+        close(packed[q.offsets()[i]:q.offsets()[i + 1]],
+              F.scaled_dot_product_attention(*dense, enable_gqa=True).transpose(0, 1), 1e-10)
+
+
+@pytest.mark.parametrize("kwargs", [dict(is_causal=True), dict(attn_mask="mask"), dict(dropout_p=0.2)], ids=str)
+def test_sdpa_jagged_nested_refusals(kwargs):
+    """Causal and masked nested calls are refused as torch refuses them (a RuntimeError / ValueError either way);
+    dropout, which torch takes, is refused by name (torch's own function serves it; patched, it falls through)."""
+    q = _jagged([5, 7], 2, 8).transpose(1, 2)
+    kwargs = {**kwargs, "attn_mask": torch.ones(5, 5, dtype=torch.bool)} if "attn_mask" in kwargs else kwargs
+    if "dropout_p" not in kwargs:
+        with pytest.raises((RuntimeError, ValueError)):
+            F.scaled_dot_product_attention(q, q, q, **kwargs)
+    with pytest.raises(ArgumentError, match="nested"):
+        seqfast.scaled_dot_product_attention(q, q, q, **kwargs)
+
+
 @pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float64])
 def test_sdpa_float32_mask_with_other_query_dtypes_as_torch(qdtype):
     q, k, v = (t.detach().to(qdtype) for t in _qkv((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8)))

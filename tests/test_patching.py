@@ -329,3 +329,26 @@ def test_tensor_subclasses_get_their_torch_function_then_torch():
     assert Logged.seen[0] is patching._patched_sdpa
     assert type(out) is Logged and torch.equal(out.as_subclass(torch.Tensor), ref)
     assert report.fell_through == {("scaled_dot_product_attention", "tensor subclass Logged"): 1}
+
+
+def test_jagged_nested_tensors_served_or_routed_as_torch():
+    """Jagged nested tensors route torch's own function through their __torch_function__, which knows that function
+    only: patched, seqfast serves the calls it has kernels for (no mask, not causal, no dropout) and hands the rest
+    to torch's function, which they route as before. (Handing them the patched function made torch's dispatch
+    fail: "If inputs are nested tensors they must be contiguous".)"""
+    torch.manual_seed(0)
+    x = torch.nested.as_nested_tensor([torch.randn(5, 2, 8), torch.randn(7, 2, 8)], layout=torch.jagged)
+    q = x.transpose(1, 2)
+    ref = patching.TORCH_SDPA(q, q, q)
+    with seqfast.patch_functional() as report:
+        out = F.scaled_dot_product_attention(q, q, q)
+        torch.manual_seed(1)
+        dropped = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    torch.manual_seed(1)
+    ref_dropped = patching.TORCH_SDPA(q, q, q, dropout_p=0.5)
+    assert out.is_nested and out.shape == ref.shape
+    torch.testing.assert_close(out.values(), ref.values(), **TOL)
+    assert torch.equal(dropped.values(), ref_dropped.values())  # torch's own call, the same draw
+    assert report.served == {"scaled_dot_product_attention": 1}
+    (key,) = report.fell_through
+    assert key[1].startswith("seqfast refused: seqfast has no dropout for nested tensors")
