@@ -278,6 +278,7 @@ LAYOUT_CASES = {  # torch takes its fused inference path only in the first; each
     "bool-mask": dict(mask="bool"),
     "fastpath-off": dict(fastpath=False),
     "seq-first": dict(batch_first=False),
+    "causal-hint": dict(causal=True),  # a float causal mask with the hint: torch's float-mask rule decides
 }
 
 
@@ -289,6 +290,7 @@ def test_output_layout_as_torch(case, need_weights):
     opts = dict(LAYOUT_CASES[case])
     train, grad, inputs = opts.pop("train", False), opts.pop("grad", False), opts.pop("inputs", "self")
     heads, mask, fastpath = opts.pop("heads", H), opts.pop("mask", None), opts.pop("fastpath", True)
+    causal = opts.pop("causal", False)
     opts.setdefault("batch_first", True)
     ref = _randomise(torch.nn.MultiheadAttention(E, heads, **opts))
     ours = seqfast.nn.MultiheadAttention(E, heads, **opts)
@@ -306,7 +308,9 @@ def test_output_layout_as_torch(case, need_weights):
         for module in (ref, ours):
             module.train(train)
             with torch.set_grad_enabled(grad):
-                results.append(module(q, k, v, key_padding_mask=kpm, need_weights=need_weights)[0])
+                hint = dict(attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(L), is_causal=True)
+                results.append(module(q, k, v, key_padding_mask=kpm, need_weights=need_weights,
+                                      **(hint if causal else {}))[0])
     expected, got = results
     assert got.stride() == expected.stride(), f"{case}: torch {expected.stride()}, seqfast {got.stride()}"
     if not train:

@@ -186,15 +186,16 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention); "
                                "torch.nn.Transformer.generate_square_subsequent_mask builds it")
+        batch_first = self.batch_first if batched else True
+        # torch's unfused path works on (L, N, E) views of batch-first inputs and returns the transpose of an
+        # (L, N, E) result: the same here, so the output's strides are torch's (its fused path's are the plain ones).
+        # Decided on the masks as given, as torch decides.
+        transposed = batched and batch_first and not _torch_takes_fast_path(self, query, key, value, attn_mask,
+                                                                               key_padding_mask)
         # The hint can stand in for the mask only where torch lets it: no padding mask to merge, no weights.
         use_causal = is_causal and key_padding_mask is None and not need_weights
         if use_causal:
             attn_mask = None
-        batch_first = self.batch_first if batched else True
-        # torch's unfused path works on (L, N, E) views of batch-first inputs and returns the transpose of an
-        # (L, N, E) result: the same here, so the output's strides are torch's (its fused path's are the plain ones).
-        transposed = batched and batch_first and not _torch_takes_fast_path(self, query, key, value, attn_mask,
-                                                                               key_padding_mask)
         if transposed:
             query, key, value = _transposed_alike(query, key, value)
             batch_first = False
