@@ -234,6 +234,23 @@ def test_sdpa_jagged_nested_as_torch(lq, lk, Dv):
         close(a.values(), b.values(), 1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_jagged_nested_half_as_precise_as_torch(dtype):
+    """16-bit nested calls: the output within twice torch's own error against float64 on the same values."""
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 4, 64, generator=g).to(dtype) for n in (37, 120, 5, 300)]
+
+    def nested(as_dtype):
+        return torch.nested.as_nested_tensor([p.to(as_dtype) for p in parts], layout=torch.jagged).transpose(1, 2)
+
+    q, q64 = nested(dtype), nested(torch.float64)
+    ref = F.scaled_dot_product_attention(q64, q64, q64).values()
+    theirs = (F.scaled_dot_product_attention(q, q, q).values().double() - ref).abs().max().item()
+    ours = seqfast.scaled_dot_product_attention(q, q, q)
+    assert ours.dtype == dtype
+    assert (ours.values().double() - ref).abs().max().item() <= 2 * theirs
+
+
 def test_sdpa_jagged_nested_grouped_heads():
     """enable_gqa on nested tensors (torch 2.13's nested math path fails there: it broadcasts no batch of heads):
     each sequence as the dense call on that sequence alone."""
