@@ -20,6 +20,7 @@ from seqfast.functional import (
     ctc_loss_from_logits,
     scaled_dot_product_attention,
     varlen_attention,
+    varlen_attn,
 )
 from seqfast.ngram_lm import CharNGramLM
 from seqfast.patching import FunctionalReport, PatchReport, patch, patch_functional, unpatch
@@ -50,6 +51,7 @@ __all__ = [
     "TokenSpan",
     "unpatch",
     "varlen_attention",
+    "varlen_attn",
 ]
 
 

@@ -501,12 +501,71 @@ def varlen_attention(
     Returns:
         (total_q, Hq, Ev) in q's dtype.
     """
-    a = varlen_arguments(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)[0]
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (total_q, Hq, Ev), lse (Hq, total_q) float32) of the varlen kernels."""
+    a = varlen_arguments(q, k, v, cu_q, cu_k, max_q, max_k, scale)
     mode = attention_ops.CAUSAL_BOTTOM_RIGHT if causal else attention_ops.NO_CAUSAL
-    out, _ = _backend.dispatch(
+    return _backend.dispatch(
         None, attention_ops.VARLEN_FORWARD, a.query, a.key, a.value, a.cu_seqlens_q, a.cu_seqlens_k,
         a.max_seqlen_q, a.max_seqlen_k, mode, a.scale,
     )
+
+
+def varlen_attn(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor | None,
+    max_q: int,
+    max_k: int,
+    *,
+    return_aux=None,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    seqused_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A drop-in for ``torch.nn.attention.varlen.varlen_attn`` (torch 2.13's signature) on seqfast's varlen
+    kernels: CUDA tensors, and CPU tensors, which torch's (flash-only) function refuses.
+
+    Args:
+        query: (T_q, Hq, E); key: (T_k, Hk, E); value: (T_k, Hk, Ev); Hk == Hq unless ``enable_gqa``.
+        cu_seq_q, cu_seq_k: (N+1,) int32/int64 cumulative sequence positions, from 0.
+        max_q, max_k: the longest query / key sequence.
+        return_aux: ``torch.nn.attention.varlen.AuxRequest(lse=True)`` also returns the log-sum-exp (T_q, Hq),
+            float32 (float64 for float64 inputs; no gradient flows through it).
+        window_size: (-1, -1) full attention or (-1, 0) causal, bottom-right aligned per sequence (query i of
+            a sequence sees keys j <= i + Lk - Lq), as torch's flash kernels; sliding windows are refused.
+        seqused_k, block_table: paged / partly used KV caches, refused. num_splits: accepted and unused (the
+            kernels' results do not depend on the batch's other sequences).
+
+    Returns:
+        (T_q, Hq, Ev) in query's dtype, or (out, lse) with ``return_aux.lse``.
+    """
+    if cu_seq_k is None or seqused_k is not None or block_table is not None:
+        raise ArgumentError("varlen_attn: seqfast takes cu_seq_k and no seqused_k or block_table (no paged or "
+                            "partly used KV caches)")
+    window = tuple(int(w) for w in window_size)
+    if window not in ((-1, -1), (-1, 0)):
+        raise ArgumentError(f"varlen_attn: window_size {window} (a sliding window) is not supported; (-1, -1) "
+                            "or (-1, 0) (causal)")
+    Hq, Hk = query.shape[1], key.shape[1]
+    # torch's checks and its ValueError (ArgumentError is one).
+    if not enable_gqa and Hq != Hk:
+        raise ArgumentError(f"Expect query and key/value to have the same number of heads but got Hq={Hq} and "
+                            f"Hkv={Hk}. Try setting enable_gqa=True for GQA.")
+    if enable_gqa and (Hk == 0 or Hq % Hk):
+        raise ArgumentError(f"Expect number of query heads to be a multiple of kv heads for GQA but got Hq={Hq} "
+                            f"and Hkv={Hk}.")
+    out, lse = _varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window == (-1, 0), scale)
+    if return_aux is not None and return_aux.lse:
+        return out, lse.detach().transpose(0, 1)
     return out
 
 

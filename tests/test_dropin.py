@@ -4,6 +4,7 @@ non-contiguous and broadcast inputs)."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import numpy as np
@@ -276,6 +277,58 @@ def test_sdpa_jagged_nested_refusals(kwargs):
             F.scaled_dot_product_attention(q, q, q, **kwargs)
     with pytest.raises(ArgumentError, match="nested"):
         seqfast.scaled_dot_product_attention(q, q, q, **kwargs)
+
+
+def test_varlen_attn_signature_is_torchs():
+    from torch.nn.attention.varlen import varlen_attn
+
+    ours, theirs = inspect.signature(seqfast.varlen_attn), inspect.signature(varlen_attn)
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attn_per_sequence_as_torch(causal):
+    """seqfast.varlen_attn (torch.nn.attention.varlen.varlen_attn's signature; torch's runs on CUDA's flash kernels
+    only) against torch's dense attention on each sequence alone: output, lse and gradients, grouped heads, Ev != E,
+    causal bottom-right aligned (torch's flash varlen alignment: ``causal_lower_right``)."""
+    from torch.nn.attention.bias import causal_lower_right
+    from torch.nn.attention.varlen import AuxRequest
+
+    cq, ck = torch.tensor([0, 5, 6, 15]), torch.tensor([0, 7, 10, 19])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+               for shape in ((15, 4, 8), (19, 2, 8), (19, 2, 6)))
+    out, lse = seqfast.varlen_attn(q, k, v, cq, ck, 9, 9, window_size=(-1, 0) if causal else (-1, -1),
+                                   enable_gqa=True, return_aux=AuxRequest(lse=True), scale=0.4)
+    assert lse.shape == (15, 4) and not lse.requires_grad
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    for i in range(3):
+        rows, keys = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        qi, ki, vi = q[rows].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1)
+        mask = causal_lower_right(qi.shape[1], ki.shape[1]) if causal else None
+        ref = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=0.4, enable_gqa=True).transpose(0, 1)
+        close(out[rows], ref, 1e-10)
+        scores = qi @ ki.repeat_interleave(2, 0).transpose(-1, -2) * 0.4
+        if causal:
+            seen = torch.ones(qi.shape[1], ki.shape[1], dtype=torch.bool).tril(ki.shape[1] - qi.shape[1])
+            scores = scores.masked_fill(~seen, float("-inf"))
+        close(lse[rows], scores.logsumexp(-1).transpose(0, 1), 1e-10)
+        ref_grads = torch.autograd.grad((ref * weight[rows]).sum(), (q, k, v))
+        for a, b, part in zip(grads, ref_grads, (rows, keys, keys)):
+            close(a[part], b[part], 1e-10)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(window_size=(4, 0)), "sliding window"),
+    (dict(seqused_k=torch.tensor([5, 7])), "paged or partly used"),
+    (dict(enable_gqa=False), "same number of heads"),
+], ids=["window", "seqused_k", "heads"])
+def test_varlen_attn_refusals(kwargs, error):
+    q, kv, cu = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.tensor([0, 5, 12])
+    with pytest.raises(ValueError, match=error):
+        seqfast.varlen_attn(q, kv, kv, cu, cu, 7, 7, **kwargs)
 
 
 @pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float64])

@@ -464,6 +464,44 @@ def check_module_layouts(ctx: Context, c: Case) -> None:
         c.check(strides["torch"] == strides["seqfast"], f"{key}: MultiheadAttention output strides differ")
 
 
+def check_varlen_attn(ctx: Context, c: Case) -> None:
+    """seqfast.varlen_attn against torch.nn.attention.varlen.varlen_attn (flash) on the device: bf16, grouped heads,
+    full and causal (both bottom-right aligned), output and lse. Skipped where torch has no varlen_attn (or, in the
+    dry run, no CUDA)."""
+    import torch
+
+    import seqfast
+
+    try:
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn
+    except ImportError:
+        c.skip("torch has no torch.nn.attention.varlen")
+        return
+    if ctx.dry_run:
+        c.skip("torch's varlen_attn runs on CUDA only")
+        return
+    lengths_q, lengths_k = [1, 17, 129, 300], [17, 17, 200, 300]
+    cq, ck = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=ctx.device)
+              for n in (lengths_q, lengths_k))
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    q = torch.randn(sum(lengths_q), 8, 64, generator=g, device=ctx.device, dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lengths_k), 2, 64, generator=g, device=ctx.device, dtype=torch.bfloat16) for _ in "kv")
+    for window in ((-1, -1), (-1, 0)):
+        args = (q, k, v, cq, ck, max(lengths_q), max(lengths_k))
+        kw = dict(window_size=window, enable_gqa=True, return_aux=AuxRequest(lse=True))
+        try:
+            theirs, their_lse = varlen_attn(*args, **kw)
+        except TypeError as exc:  # another torch's signature (the GPU machine's torch is older than 2.13)
+            c.skip(f"torch's varlen_attn takes other arguments here: {exc}")
+            return
+        with ctx.seqfast_backend():
+            ours, our_lse = seqfast.varlen_attn(*args, **kw)
+        key = "causal" if window == (-1, 0) else "full"
+        err, lse_err = max_abs_err(ours, theirs), max_abs_err(our_lse, their_lse)
+        c.metrics[f"{key}_max_err"], c.metrics[f"{key}_lse_max_err"] = err, lse_err
+        c.check(err <= 2e-2 and lse_err <= 1e-2, f"{key}: off torch's varlen_attn by {err:.3g} (lse {lse_err:.3g})")
+
+
 def attention_correctness(ctx: Context) -> None:
     import torch
 
@@ -494,6 +532,7 @@ def attention_correctness(ctx: Context) -> None:
     ordered.append(("fp32 scale 1e10 forward", lambda c: check_huge_scale(ctx, c)))
     ordered.append(("output and gradient strides as torch's", lambda c: check_layouts(ctx, c)))
     ordered.append(("empty dims as torch", lambda c: check_empty_dims(ctx, c)))
+    ordered.append(("varlen_attn against torch's", lambda c: check_varlen_attn(ctx, c)))
     ordered.append(("MultiheadAttention output strides as torch's", lambda c: check_module_layouts(ctx, c)))
     for name, fn in ordered:
         ctx.run(name, fn, min_seconds=3.0)
