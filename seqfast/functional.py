@@ -542,8 +542,7 @@ def varlen_attn(
             float32 (float64 for float64 inputs; no gradient flows through it).
         window_size: (-1, -1) full attention or (-1, 0) causal, bottom-right aligned per sequence (query i of
             a sequence sees keys j <= i + Lk - Lq), as torch's flash kernels; sliding windows are refused.
-        seqused_k, block_table: paged / partly used KV caches, refused. num_splits: accepted and unused (the
-            kernels' results do not depend on the batch's other sequences).
+        seqused_k, block_table: paged / partly used KV caches, refused. num_splits: accepted and unused.
 
     Returns:
         (T_q, Hq, Ev) in query's dtype, or (out, lse) with ``return_aux.lse``.
