@@ -429,17 +429,22 @@ def check_empty_dims(ctx: Context, c: Case) -> None:
               "heads0": ((2, 0, 5, 8), (2, 0, 6, 8), (2, 0, 6, 8)),
               "lq0": ((2, 2, 0, 8), (2, 2, 6, 8), (2, 2, 6, 8)), "lk0": ((2, 2, 5, 8), (2, 2, 0, 8), (2, 2, 0, 8)),
               "dv0": ((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 0))}
+    def run(fn, shape):
+        torch.manual_seed(0)
+        leaves = [torch.randn(s, device=ctx.device, requires_grad=True) for s in shape]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+        return [out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))]
+
     for key, shape in shapes.items():
-        results = {}
-        for name, fn in (("torch", torch.nn.functional.scaled_dot_product_attention),
-                         ("seqfast", seqfast.scaled_dot_product_attention)):
-            torch.manual_seed(0)
-            leaves = [torch.randn(s, device=ctx.device, requires_grad=True) for s in shape]
-            with ctx.seqfast_backend() if name == "seqfast" else _null():
-                out = fn(*leaves)
-            grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
-            results[name] = [out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))]
-        for a, b in zip(results["seqfast"], results["torch"]):
+        try:
+            theirs = run(torch.nn.functional.scaled_dot_product_attention, shape)
+        except RuntimeError as exc:  # torch's CUDA kernels may refuse an empty dim: nothing to compare with
+            c.metrics[f"{key}_torch_error"] = str(exc)[:200]
+            continue
+        with ctx.seqfast_backend():
+            ours = run(seqfast.scaled_dot_product_attention, shape)
+        for a, b in zip(ours, theirs):
             c.check(a.shape == b.shape and bool((a - b).abs().max() <= 1e-5 if a.numel() else True),
                     f"{key}: seqfast {tuple(a.shape)} differs from torch's {tuple(b.shape)}")
 
