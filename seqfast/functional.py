@@ -288,15 +288,14 @@ def _nested_attention(query, key, value, attn_mask, dropout_p: float, is_causal:
         raise ArgumentError("nested tensors take no attn_mask and no causal mask (torch refuses them too)")
     if dropout_p > 0:
         raise ArgumentError("seqfast has no dropout for nested tensors (torch's own function has)")
-    Hq, Hk = query.shape[1], key.shape[1]
-    if Hq != Hk and not enable_gqa:
-        raise ArgumentError(f"query heads ({Hq}) and key/value heads ({Hk}) differ: pass enable_gqa=True")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, j, H, E): values() packed (total, H, E)
     off_q, off_k = q.offsets(), k.offsets()
     if off_q.shape != off_k.shape or not (v.offsets() is off_k or torch.equal(v.offsets(), off_k)):
         raise ArgumentError("nested key and value must have the same lengths, and as many sequences as the query")
     max_q, max_k = (int(o.diff().max()) if o.numel() > 1 else 0 for o in (off_q, off_k))
-    out = varlen_attention(q.values(), k.values(), v.values(), off_q, off_k, max_q, max_k, False, scale)
+    # varlen_attn checks the heads as torch does (equal, or grouped with enable_gqa).
+    out = varlen_attn(q.values(), k.values(), v.values(), off_q, off_k, max_q, max_k, scale=scale,
+                      enable_gqa=enable_gqa)
     return torch.nested.nested_tensor_from_jagged(out, off_q).transpose(1, 2)
 
 

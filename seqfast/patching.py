@@ -27,7 +27,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from seqfast import _backend, _extension
 from seqfast import nn as seqfast_nn
-from seqfast.functional import JaggedTensor
+from seqfast.functional import JaggedTensor, _any_nested
 from seqfast.functional import ctc_loss as _seqfast_ctc_loss
 from seqfast.functional import scaled_dot_product_attention as _seqfast_sdpa
 from seqfast.validation import FLOAT_DTYPES, ArgumentError
@@ -253,11 +253,15 @@ _CTC = "ctc_loss"
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _attention_dtypes(t: Any) -> tuple[torch.dtype, ...]:
+    """The dtypes seqfast's attention kernels take on ``t``'s device: the Triton ones have no float64."""
+    on_cpu = isinstance(t, torch.Tensor) and t.device.type == "cpu"
+    return FLOAT_DTYPES if on_cpu else (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _sdpa_reason(query, key, value, attn_mask) -> str | None:
     """Why seqfast cannot serve this attention call (None when it can)."""
-    # The Triton attention kernels have no float64; the C++ ones do.
-    on_cpu = isinstance(query, torch.Tensor) and query.device.type == "cpu"
-    reason = _no_kernel_reason(query, FLOAT_DTYPES if on_cpu else (torch.float16, torch.bfloat16, torch.float32))
+    reason = _no_kernel_reason(query, _attention_dtypes(query))
     if reason is not None or torch.compiler.is_compiling():
         return reason
     for name, t in (("key", key), ("value", value)):
@@ -272,8 +276,9 @@ def _nested_sdpa_reason(query, key, value) -> str | None:
     """Why seqfast cannot serve an attention call with nested tensors (None when it may: its checks then say)."""
     if not all(isinstance(t, JaggedTensor) for t in (query, key, value)):
         return "nested tensors not all jagged"
-    dtypes = FLOAT_DTYPES if query.device.type == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
-    return _no_kernel_reason(query.values(), dtypes) if not torch.compiler.is_compiling() else "nested, compiled"
+    values = query.values()
+    return _no_kernel_reason(values, _attention_dtypes(values)) if not torch.compiler.is_compiling() else \
+        "nested, compiled"
 
 
 def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
@@ -283,7 +288,7 @@ def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     # that defers comes back here with its override disabled, and goes to torch's function below.
     # Jagged nested tensors know torch's own function only (their __torch_function__ routes it): seqfast's
     # function takes them itself, and what it refuses goes to torch's function, which they then route.
-    nested = any(isinstance(t, JaggedTensor) for t in (query, key, value))
+    nested = _any_nested(query, key, value)
     if not nested and has_torch_function((query, key, value, attn_mask)):
         return handle_torch_function(_patched_sdpa, (query, key, value, attn_mask), query, key, value,
                                      attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
