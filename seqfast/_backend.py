@@ -226,7 +226,9 @@ class _ForcedAutograd(torch.autograd.Function):
         return (None, None, *ctx.formula[1](ctx, *grads))
 
 
-@torch._dynamo.disable
+# torch's lazy form of torch._dynamo.disable: importing torch._dynamo takes about 2 s, paid here on the first
+# forced call instead of by every ``import seqfast``.
+@torch._compile._disable_dynamo
 def _dispatch_forced(name: str, op: Callable[..., Any], *args: Any) -> Any:
     if name in ("reference", "triton") and torch._C._functorch.peek_interpreter_stack() is not None:
         # These run inside a dispatch mode under the caller's dispatch keys (_ForceBackend), which functorch's

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch.nested._internal.nested_tensor import NestedTensor as JaggedTensor  # torch.nested's jagged layout
-from torch.nn.attention.bias import CausalBias, CausalVariant
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 from seqfast import _amx, _backend, _extension
 from seqfast.ngram_lm import CharNGramLM
@@ -254,7 +257,7 @@ def scaled_dot_product_attention(
     if _TORCH_AMX_BF16 and _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p, enable_gqa):
         return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     bottom_right = False
-    if isinstance(attn_mask, CausalBias):
+    if _is_causal_bias(attn_mask):
         is_causal, bottom_right = _causal_bias(attn_mask, query, key, is_causal)
         attn_mask = None
     elif attn_mask is None and not dropout_p and _COMMON_ATTENTION is not None and _backend.is_plain_auto():
@@ -299,12 +302,22 @@ def _nested_attention(query, key, value, attn_mask, dropout_p: float, is_causal:
     return torch.nested.nested_tensor_from_jagged(out, off_q).transpose(1, 2)
 
 
+def _is_causal_bias(mask: object) -> bool:
+    """Whether ``mask`` is torch's ``CausalBias``. Its module is looked up, not imported: a CausalBias can only
+    exist once ``torch.nn.attention.bias`` is loaded, and importing that module loads torch._dynamo (about 2 s),
+    which ``import seqfast`` should not add to a script that never uses it."""
+    module = sys.modules.get("torch.nn.attention.bias")
+    return module is not None and isinstance(mask, module.CausalBias)
+
+
 def _causal_bias(bias: CausalBias, query: torch.Tensor, key: torch.Tensor, is_causal: bool) -> tuple[bool, bool]:
     """(is_causal, bottom_right) for a ``CausalBias`` mask, with torch's rules: not with ``is_causal``; upper-left,
     or equal lengths, is ``is_causal`` on the inputs' own lengths; lower-right must match the inputs' lengths
     (torch materialises it as a (Lq, Lk) mask there)."""
     if is_causal:
         raise ArgumentError("CausalBias should not be used with causal=True (as torch)")
+    from torch.nn.attention.bias import CausalVariant  # loaded already: the caller made a CausalBias
+
     if bias.seq_len_q == bias.seq_len_kv or bias.variant == CausalVariant.UPPER_LEFT:
         return True, False
     if bias.variant != CausalVariant.LOWER_RIGHT:

@@ -805,6 +805,30 @@ def graph_breaks(fn, *args) -> int:
     return torch._dynamo.explain(fn)(*args).graph_break_count
 
 
+
+def test_constant_mark_is_torchs():
+    """seqfast marks its ISA and thread-count lookups as constants of a compiled graph without importing
+    torch._dynamo: the mark must be the one torch's own decorator sets (dynamo then takes the value at tracing)."""
+    from seqfast.ops import ctc_loss as ctc_ops
+
+    def theirs():
+        return 1
+
+    def ours():
+        return 1
+
+    torch.compiler.assume_constant_result(theirs)
+    ctc_ops._constant_when_compiled(ours)
+    assert vars(ours) == vars(theirs) and vars(ours)
+
+    def fn(x):
+        return x + len(ctc_ops._cpu_isa()) + ctc_ops._threads()
+
+    assert graph_breaks(fn, torch.ones(2)) == 0
+    x = torch.ones(2)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(x), fn(x), rtol=0, atol=0)
+
+
 def _sdpa_cases():
     g = torch.Generator().manual_seed(3)
     B, H, L, S, D = 2, 4, 6, 7, 8

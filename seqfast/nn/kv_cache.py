@@ -9,7 +9,6 @@ torch's ``causal_lower_right(Lq, Lk)``, which seqfast runs as a kernel mode (no 
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
 from seqfast.functional import scaled_dot_product_attention
 
@@ -62,6 +61,9 @@ class KVCache:
                enable_gqa: bool = False) -> torch.Tensor:
         """Append this step's ``key`` / ``value`` and attend ``query`` (B, Hq, Lstep, D) over the whole cache with
         lower-right causal alignment; returns (B, Hq, Lstep, Dv)."""
+        # Imported here: torch.nn.attention.bias loads torch._dynamo (about 2 s), which importing seqfast should not.
+        from torch.nn.attention.bias import causal_lower_right
+
         keys, values = self.append(key, value)
         bias = causal_lower_right(query.shape[2], keys.shape[2])
         return scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale, enable_gqa=enable_gqa)

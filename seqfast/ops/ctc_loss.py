@@ -89,7 +89,15 @@ SEGMENT_BYTES = 768 << 10
 TABLE_ROW_BYTES = 2048
 
 
-@torch.compiler.assume_constant_result
+def _constant_when_compiled(fn):
+    """torch.compiler.assume_constant_result without its import of torch._dynamo (about 2 s, which ``import
+    seqfast`` should not cost): torch's decorator only marks the function, and dynamo reads the mark when it traces
+    a call. tests/test_compile.py checks that this mark is the one torch's decorator sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_compiled
 def _cpu_isa() -> str:
     """The C++ kernels' ISA now. torch.compile takes the value at tracing as a constant of the graph, so that a
     compiled loss checkpoints as the eager one does (the same K, the same gradient bits); a cap set to "baseline"
@@ -100,7 +108,7 @@ def _cpu_isa() -> str:
     return _C.cpu_isa()
 
 
-@torch.compiler.assume_constant_result
+@_constant_when_compiled
 def _threads() -> int:
     """torch.get_num_threads(), likewise a constant of a compiled graph (it only sizes the checkpoint spacing)."""
     return torch.get_num_threads()
