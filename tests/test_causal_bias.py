@@ -52,6 +52,22 @@ def test_matches_torch(variant, Lq, Lk, backend):
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("variant", [causal_lower_right, causal_upper_left])
+def test_compiled_matches_torch(variant):
+    """A CausalBias is recognised inside a compiled graph too (seqfast finds its class through sys.modules)."""
+    tensors = _inputs(3, 10)
+    bias = _bias(variant, 3, 10)
+
+    def fn(q, k, v):
+        return seqfast.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    torch._dynamo.reset()
+    out, grads = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), tensors)
+    want, want_grads = _run(F.scaled_dot_product_attention, tensors, attn_mask=bias)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
 def test_lower_right_is_the_bottom_right_mask():
     """The kernels' mode equals the materialised mask (query i sees keys j <= i + Lk - Lq)."""
     q, k, v = _inputs(5, 9)
