@@ -151,9 +151,23 @@ bool records(std::initializer_list<const Tensor*> inputs) {
   return false;
 }
 
+// Forward-mode AD (torch.autograd.forward_ad): the ops have no forward formula, and neither have torch's fused
+// attention and ctc_loss kernels. A dual input is refused as torch refuses it (NotImplementedError), never given an
+// output without a tangent. Checked whether or not the call records a node: a dual input need not require grad.
+// (torch.func.jvp does not come here: seqfast/_backend.py's functorch path raises torch's own error for it.)
+void refuse_forward_ad(const char* op_name, std::initializer_list<const Tensor*> inputs) {
+  for (const Tensor* t : inputs) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!(t->defined() && t->_fw_grad(/*level=*/0).defined()),
+                                "Trying to use forward AD with ", op_name,
+                                " that does not support it (torch's fused kernels have no forward-mode AD either); "
+                                "use reverse mode (backward, torch.autograd.grad, torch.func.vjp / jacrev)");
+  }
+}
+
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask,
                                              double dropout_p, int64_t causal, double scale, const Tensor& seed) {
   const Tensor none;
+  refuse_forward_ad("seqfast::attention_forward", {&q, &k, &v, mask.has_value() ? &*mask : &none});
   if (!records({&q, &k, &v, mask.has_value() ? &*mask : &none})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto fwd = op<AttnFwdSig>("seqfast::attention_forward");
@@ -165,6 +179,7 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
 std::tuple<Tensor, Tensor> varlen_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
                                                     int64_t max_k, int64_t causal, double scale) {
+  refuse_forward_ad("seqfast::varlen_attention_forward", {&q, &k, &v});
   if (!records({&q, &k, &v})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto fwd = op<VarlenFwdSig>("seqfast::varlen_attention_forward");
@@ -177,6 +192,7 @@ std::tuple<Tensor, Tensor> ctc_loss_forward(const Tensor& log_probs, const Tenso
                                             const Tensor& input_lengths, const Tensor& target_lengths, int64_t blank,
                                             bool zero_infinity, bool from_logits, bool keep_alpha,
                                             int64_t alpha_every) {
+  refuse_forward_ad("seqfast::ctc_loss_forward", {&log_probs});
   if (!records({&log_probs})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto fwd = op<CtcFwdSig>("seqfast::ctc_loss_forward");

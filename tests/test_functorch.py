@@ -96,6 +96,51 @@ def test_second_order_and_forward_mode_refused_as_torch():
         torch.func.grad(lambda x: torch.func.grad(lambda x: seqfast.ctc_loss(x, tg, il, tl))(x).sum())(lp)
 
 
+def _forward_ad_cases():
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v, mask = attention_inputs()
+    lp, tg, il, tl = ctc_inputs()
+    packed = q[0].transpose(0, 1).contiguous()  # (total 5, H, D): two sequences of 2 and 3
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+
+    def dual(t):
+        return fwAD.make_dual(t, torch.ones_like(t))
+
+    cases = {}
+    for name, f in zip(("torch", "seqfast"), SDPA):
+        cases[f"sdpa dual query ({name})"] = lambda f=f: f(dual(q), k, v)
+        cases[f"sdpa dual value, causal ({name})"] = lambda f=f: f(q, k, dual(v), is_causal=True)
+        cases[f"sdpa dual mask ({name})"] = lambda f=f: f(q, k, v, attn_mask=dual(mask))
+    for name, f in (("torch", F.ctc_loss), ("seqfast", seqfast.ctc_loss)):
+        cases[f"ctc_loss dual log_probs ({name})"] = lambda f=f: f(dual(lp), tg, il, tl)
+    cases["varlen_attn dual key (seqfast)"] = lambda: seqfast.varlen_attn(packed, dual(packed), packed, cu, cu, 3, 3)
+    module = seqfast.nn.MultiheadAttention(4, 2, batch_first=True, dtype=torch.float64)
+    cases["MultiheadAttention dual query (seqfast)"] = lambda: module(dual(q[0]), q[0], q[0])
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_forward_ad_cases()))
+def test_forward_ad_refused_as_torch(case):
+    """torch.autograd.forward_ad: torch's fused kernels have no forward formula and refuse a dual input; seqfast's
+    ops refuse it the same way (before, they returned an output without a tangent: a silently wrong JVP)."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward AD"):
+        _forward_ad_cases()[case]()
+
+
+def test_forward_ad_level_without_duals_changes_nothing():
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v, mask = attention_inputs()
+    lp, tg, il, tl = ctc_inputs()
+    outside = seqfast.scaled_dot_product_attention(q, k, v, attn_mask=mask), seqfast.ctc_loss(lp, tg, il, tl)
+    with fwAD.dual_level():
+        inside = seqfast.scaled_dot_product_attention(q, k, v, attn_mask=mask), seqfast.ctc_loss(lp, tg, il, tl)
+    for a, b in zip(inside, outside):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_grad_of_ctc_matches_torch_and_eager(dtype, reduction):
