@@ -217,6 +217,8 @@ def ctc_arguments(
     if not batched and not padded:
         tg, padded = tg.unsqueeze(0), True
     S = tg.shape[1] if padded else tg.shape[0]
+    if not vmapped and any(t.device.type in _SHAPE_ONLY_DEVICES for t in (tg, il, tl)):
+        return _ctc_meta(lp, tg, il, tl, batched, padded, N, blank)
     if torch.compiler.is_compiling() and not vmapped:
         il, tl, tg = il.to(device), tl.to(device), tg.to(device)
         return _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank)
@@ -369,6 +371,24 @@ def _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank) -> CTCArguments
         idx = (starts[:, None] + cols[None, :]).clamp_max(max(S - 1, 0))
         tg = torch.where(cols[None, :] < tl[:, None], tg[idx], blank) if S else tg.new_zeros((tl.shape[0], tl_max))
     return CTCArguments(lp.contiguous(), tg.contiguous(), il, tl, batched)
+
+
+# Devices whose tensors hold no values to check (tests stand meta in for a device with data by emptying this).
+_SHAPE_ONLY_DEVICES = ("meta",)
+
+
+def _ctc_meta(lp, tg, il, tl, batched, padded, N, blank) -> CTCArguments:
+    """Values on the meta device (shape inference, as model summaries and FLOP counters run it): nothing to read or
+    check (host values are checked as usual, then moved), and the outputs' shapes depend on N only. Padded targets
+    keep their width; concatenated ones are padded to the longest target, which needs target_lengths on the host
+    (a list or a CPU tensor: torch takes lists there too)."""
+    if not padded:
+        if tl.device.type == "meta":
+            raise ArgumentError("concatenated targets with meta log_probs need target_lengths on the host (a list or "
+                                "a CPU tensor): the longest target sets the padded width")
+        tl_max = int(tl.max()) if tl.numel() else 0
+        tg = torch.full((N, tl_max), blank, dtype=torch.int64, device="meta")
+    return CTCArguments(lp.contiguous(), tg.to("meta").contiguous(), il.to("meta"), tl.to("meta"), batched)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -92,6 +92,25 @@ def test_ctc_empty_log_probs_refused_as_torch(shape):
         seqfast.ctc_loss(lp, *args)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("form", ["padded", "concatenated", "unbatched"])
+def test_ctc_on_meta_as_torch(form, reduction):
+    """Meta log_probs (shape inference: model summaries, FLOP counters): torch's forward takes them with list
+    lengths and gives meta results; seqfast gives the same shapes and dtypes, and a gradient too (torch's backward
+    has no meta kernel)."""
+    batched = form != "unbatched"
+    lp = torch.randn((10, 2, 5) if batched else (10, 5), device="meta", requires_grad=True)
+    il, tl = ([10, 7], [3, 2]) if batched else ([10], [3])
+    tg = torch.ones(5 if form == "concatenated" else 3 if not batched else (2, 3), dtype=torch.long, device="meta")
+    theirs = F.ctc_loss(lp, tg, il, tl, reduction=reduction)
+    ours = seqfast.ctc_loss(lp, tg, il, tl, reduction=reduction)
+    assert (ours.shape, ours.dtype, ours.device) == (theirs.shape, theirs.dtype, theirs.device)
+    (grad,) = torch.autograd.grad(ours.sum(), lp)
+    assert (grad.shape, grad.dtype, grad.device) == (lp.shape, lp.dtype, lp.device)
+    with pytest.raises(ArgumentError, match="on the host"):
+        seqfast.ctc_loss(torch.zeros(10, 2, 5, device="meta"), torch.ones(5, dtype=torch.long, device="meta"),
+                         torch.tensor([10, 7], device="meta"), torch.tensor([3, 2], device="meta"))
+
 def test_ctc_module_is_torchs_class():
     module = seqfast.nn.CTCLoss(blank=1, reduction="sum", zero_infinity=True)
     assert isinstance(module, torch.nn.CTCLoss)
