@@ -195,16 +195,17 @@ def test_info_warns_when_torch_differs_from_the_build(monkeypatch):
 
 
 def test_import_costs_no_more_than_torch():
-    """``import seqfast`` loads neither torch._dynamo nor sympy (about 2 s on top of torch's own import), and nor do
-    the first plain CPU calls: only compiling, forced backends and CausalBias masks (whose module torch loads with
-    dynamo) may."""
+    """``import seqfast`` loads neither torch._dynamo nor sympy (about 2 s on top of torch's own import), nor
+    torch.utils.flop_counter (0.2 s), and nor do the first plain CPU calls: only compiling, forced backends and
+    CausalBias masks (whose module torch loads with dynamo) may."""
     code = ("import sys, torch, seqfast\n"
             "q = torch.randn(1, 2, 5, 8)\n"
             "seqfast.scaled_dot_product_attention(q, q, q, is_causal=True)\n"
             "seqfast.nn.MultiheadAttention(8, 2)(q[0], q[0], q[0])\n"
             "lp = torch.randn(6, 2, 5).log_softmax(-1).requires_grad_()\n"
             "seqfast.ctc_loss(lp, torch.tensor([[1, 2], [3, 3]]), [6, 5], [2, 2]).backward()\n"
-            "print(sorted(m for m in ('torch._dynamo', 'sympy', 'torch.nn.attention.bias') if m in sys.modules))\n")
+            "print(sorted(m for m in ('torch._dynamo', 'sympy', 'torch.nn.attention.bias', 'torch.utils.flop_counter')"
+            " if m in sys.modules))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEQFAST_BACKEND")}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)

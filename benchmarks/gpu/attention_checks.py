@@ -507,6 +507,34 @@ def check_varlen_attn(ctx: Context, c: Case) -> None:
         c.check(err <= 2e-2 and lse_err <= 1e-2, f"{key}: off torch's varlen_attn by {err:.3g} (lse {lse_err:.3g})")
 
 
+def check_flop_counts(ctx: Context, c: Case) -> None:
+    """torch.utils.flop_counter on the device: seqfast's SDPA forward+backward counts what torch's CUDA kernels
+    count (both by torch's formulas; on the CPU torch counts its own attention as 0, so only here do both count)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import seqfast
+
+    dtype = torch.bfloat16 if not ctx.dry_run else torch.float32
+    for gqa in (False, True):
+        totals = {}
+        for name, fn in (("torch", torch.nn.functional.scaled_dot_product_attention),
+                         ("seqfast", seqfast.scaled_dot_product_attention)):
+            q = torch.randn(2, 8, 77, 64, dtype=dtype, device=ctx.device, requires_grad=True)
+            k, v = (torch.randn(2, 2 if gqa else 8, 93, 64, dtype=dtype, device=ctx.device, requires_grad=True)
+                    for _ in "kv")
+            # The dispatcher's own kernels (no forced backend: a forced one runs under a dispatch mode of its own,
+            # which the counter, an outer mode, does not see through).
+            with FlopCounterMode(display=False) as counter:
+                fn(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()
+            totals[name] = counter.get_total_flops()
+        key = "gqa" if gqa else "mha"
+        c.metrics[f"{key}_torch"], c.metrics[f"{key}_seqfast"] = totals["torch"], totals["seqfast"]
+        if ctx.dry_run:  # the CPU: torch counts nothing for its attention
+            c.check(totals["seqfast"] > 0, f"{key}: seqfast's attention counted no FLOPs")
+        else:
+            c.check(totals["torch"] == totals["seqfast"], f"{key}: FLOP counts differ from torch's")
+
 def attention_correctness(ctx: Context) -> None:
     import torch
 
@@ -539,6 +567,7 @@ def attention_correctness(ctx: Context) -> None:
     ordered.append(("empty dims as torch", lambda c: check_empty_dims(ctx, c)))
     ordered.append(("varlen_attn against torch's", lambda c: check_varlen_attn(ctx, c)))
     ordered.append(("MultiheadAttention output strides as torch's", lambda c: check_module_layouts(ctx, c)))
+    ordered.append(("FLOP counts as torch's", lambda c: check_flop_counts(ctx, c)))
     for name, fn in ordered:
         ctx.run(name, fn, min_seconds=3.0)
 

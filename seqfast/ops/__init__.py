@@ -8,7 +8,7 @@ by the C++ extension (``csrc/``), the CUDA kernels launch the Triton kernels
 
 import torch
 
-from seqfast.ops import attention, ctc_beam_search, ctc_decode, ctc_loss
+from seqfast.ops import attention, ctc_beam_search, ctc_decode, ctc_loss, flop_counts
 
 __all__ = ["CONTRACT", "attention", "ctc_beam_search", "ctc_decode", "ctc_loss"]
 
@@ -27,3 +27,4 @@ def _tag_compile_caches() -> None:
 
 
 _tag_compile_caches()
+flop_counts.install()
