@@ -259,11 +259,25 @@ def _attention_dtypes(t: Any) -> tuple[torch.dtype, ...]:
     return FLOAT_DTYPES if on_cpu else (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _only_torch_math_allowed(device_type: str) -> bool:
+    """Whether torch's backend flags (``torch.nn.attention.sdpa_kernel``, ``torch.backends.cuda.enable_*_sdp``)
+    leave none of its fused kernels, whose place seqfast's take: the caller asked for torch's math kernel (double
+    backward, forward AD, its float32 upcast), or for no kernel at all (torch's error). On the CPU torch's only
+    fused kernel is flash, switched by the same flag."""
+    flags = torch.backends.cuda
+    if device_type == "cpu":
+        return not flags.flash_sdp_enabled()
+    return not (flags.flash_sdp_enabled() or flags.mem_efficient_sdp_enabled() or flags.cudnn_sdp_enabled())
+
+
 def _sdpa_reason(query, key, value, attn_mask) -> str | None:
     """Why seqfast cannot serve this attention call (None when it can)."""
     reason = _no_kernel_reason(query, _attention_dtypes(query))
+    # Compiled: dynamo cannot trace the flags' getters, and seqfast's op serves the graph.
     if reason is not None or torch.compiler.is_compiling():
         return reason
+    if _only_torch_math_allowed(query.device.type):
+        return "torch's fused kernels are switched off (sdpa_kernel / torch.backends.cuda flags)"
     for name, t in (("key", key), ("value", value)):
         if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or t.is_nested):
             return f"{name} is a {type(t).__name__}"

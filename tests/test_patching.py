@@ -221,6 +221,32 @@ def test_unsupported_calls_fall_through_counted_and_equal_to_torch():
     assert "2 fell through to torch" not in str(report) and "1 fell through to torch" in str(report)
 
 
+def test_torchs_math_kernel_when_the_caller_chose_it():
+    """Under ``sdpa_kernel(SDPBackend.MATH)`` (or the backend flags with no fused kernel left) the patched call is
+    torch's own: its bits, and its double backward, which seqfast's fused kernels (as torch's) do not have. With a
+    fused kernel allowed seqfast serves; with none at all torch's error is raised."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+
+    def second_order():
+        out = F.scaled_dot_product_attention(q, q.sin(), q.cos(), is_causal=True)
+        (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        return out, torch.autograd.grad(g.sum(), q)[0]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = second_order()
+        with seqfast.patch_functional() as report:
+            got = second_order()
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert report.served == {} and report.total_fell_through == 1
+    with seqfast.patch_functional() as report:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+            F.scaled_dot_product_attention(q, q, q)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), pytest.raises(RuntimeError, match="No viable backend"):
+            F.scaled_dot_product_attention(q, q, q)  # the CPU has no efficient kernel: torch refuses
+    assert report.served == {"scaled_dot_product_attention": 1} and report.total_fell_through == 1
+
 def test_invalid_arguments_raise_torchs_own_error():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError) as theirs:
