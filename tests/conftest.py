@@ -5,7 +5,10 @@ switched on before triton is first imported: hence here, before any test module 
 """
 
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -49,3 +52,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fresh_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``code`` run by a new interpreter from the repository root (what a fresh ``import seqfast`` sees), without
+    this run's backend and interpreter switches; fails the test with its stderr if it fails."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEQFAST_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result

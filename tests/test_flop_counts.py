@@ -3,20 +3,14 @@ formulas, the same shapes); the formulas are registered whichever of seqfast and
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fresh_python
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import seqfast
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _counts(fn) -> dict[str, int]:
@@ -86,8 +80,4 @@ def test_formulas_registered_whatever_the_import_order(order):
             "with FlopCounterMode(display=False) as c:\n"
             "    seqfast.scaled_dot_product_attention(q, q, q)\n"
             "print(c.get_total_flops())\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEQFAST_BACKEND")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split()[-1]) == 2 * 2 * (2 * 8 * 8 * 4)
+    assert int(fresh_python(code).stdout.split()[-1]) == 2 * 2 * (2 * 8 * 8 * 4)

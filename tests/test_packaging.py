@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import fresh_python
 from packaging.requirements import Requirement
 
 import seqfast
@@ -206,8 +207,5 @@ def test_import_costs_no_more_than_torch():
             "seqfast.ctc_loss(lp, torch.tensor([[1, 2], [3, 3]]), [6, 5], [2, 2]).backward()\n"
             "print(sorted(m for m in ('torch._dynamo', 'sympy', 'torch.nn.attention.bias', 'torch.utils.flop_counter')"
             " if m in sys.modules))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEQFAST_BACKEND")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = fresh_python(code)
     assert result.stdout.split("\n")[-2] == "[]", result.stdout
