@@ -29,7 +29,7 @@ class Group:
 
 GROUPS = (
     Group("facts", "facts:facts", 0.06, dry_share=0.06),
-    Group("attention_correctness", "attention_checks:attention_correctness", 0.26, shards=3, dry_share=0.15),
+    Group("attention_correctness", "attention_checks:attention_correctness", 0.26, shards=3, dry_share=0.2),
     Group("ctc_correctness", "ctc_checks:ctc_correctness", 0.10, shards=2, dry_share=0.10),
     Group("ctc_decoding", "ctc_decode_checks:ctc_decoding", 0.04, dry_share=0.05),
     Group("opcheck", "opchecks:opcheck", 0.07, dry_share=0.15),
