@@ -218,7 +218,7 @@ def ctc_arguments(
         tg, padded = tg.unsqueeze(0), True
     S = tg.shape[1] if padded else tg.shape[0]
     if not vmapped and any(t.device.type in _SHAPE_ONLY_DEVICES for t in (tg, il, tl)):
-        return _ctc_meta(lp, tg, il, tl, batched, padded, N, blank)
+        return _ctc_meta(lp, tg, il, tl, batched, padded, T, N, S, blank)
     if torch.compiler.is_compiling() and not vmapped:
         il, tl, tg = il.to(device), tl.to(device), tg.to(device)
         return _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank)
@@ -269,6 +269,20 @@ def check_ctc_values(tg: torch.Tensor, il: torch.Tensor, tl: torch.Tensor, T: in
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_host(tg, il, tl, padded, C, blank)
     else:
         il_min, il_max, tl_min, tl_max, tl_sum, bad = _ctc_stats_on_device(tg, il, tl, padded, C, blank)
+    _check_ctc_lengths(il, tl, (il_min, il_max, tl_min, tl_max, tl_sum), T, S, padded)
+    if bad is not None:
+        where = bad() if callable(bad) else bad
+        value = int(tg[where])
+        raise ArgumentError(f"targets must hold labels in [0, {C}) other than blank={blank}; got {value} at "
+                            f"position {where if padded else where[0]}")
+    return tl_min, tl_max
+
+
+def _check_ctc_lengths(il: torch.Tensor, tl: torch.Tensor, stats: tuple[int, int, int, int, int], T: int, S: int,
+                       padded: bool) -> None:
+    """The length checks of :func:`check_ctc_values`, from (min, max) of input_lengths and (min, max, sum) of
+    target_lengths; the lengths themselves only name the offending index."""
+    il_min, il_max, tl_min, tl_max, tl_sum = stats
     if il_min < 0:
         raise ArgumentError(f"input_lengths must be >= 0, got {il_min} at index {int(il.argmin())}")
     if il_max > T:
@@ -281,12 +295,6 @@ def check_ctc_values(tg: torch.Tensor, il: torch.Tensor, tl: torch.Tensor, T: in
     if not padded and tl_sum != S:
         raise ArgumentError(f"sum(target_lengths) = {tl_sum} must equal len(targets) = {S} for concatenated "
                             "targets")
-    if bad is not None:
-        where = bad() if callable(bad) else bad
-        value = int(tg[where])
-        raise ArgumentError(f"targets must hold labels in [0, {C}) other than blank={blank}; got {value} at "
-                            f"position {where if padded else where[0]}")
-    return tl_min, tl_max
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -377,11 +385,16 @@ def _ctc_traced(lp, tg, il, tl, batched, padded, T, C, S, blank) -> CTCArguments
 _SHAPE_ONLY_DEVICES = ("meta",)
 
 
-def _ctc_meta(lp, tg, il, tl, batched, padded, N, blank) -> CTCArguments:
-    """Values on the meta device (shape inference, as model summaries and FLOP counters run it): nothing to read or
-    check (host values are checked as usual, then moved), and the outputs' shapes depend on N only. Padded targets
-    keep their width; concatenated ones are padded to the longest target, which needs target_lengths on the host
-    (a list or a CPU tensor: torch takes lists there too)."""
+def _ctc_meta(lp, tg, il, tl, batched, padded, T, N, S, blank) -> CTCArguments:
+    """Values on the meta device (shape inference, as model summaries and FLOP counters run it): the labels cannot
+    be read, lengths on the host are checked as torch checks them there, and the outputs' shapes depend on N only.
+    Padded targets keep their width; concatenated ones are padded to the longest target, which needs
+    target_lengths on the host (a list or a CPU tensor: torch takes lists there too)."""
+    if lp.device.type != "meta":
+        raise ArgumentError(f"targets and lengths on the meta device need log_probs there too, got {lp.device}")
+    if il.device.type == tl.device.type == "cpu" and il.numel():
+        stats = (int(il.min()), int(il.max()), int(tl.min()), int(tl.max()), int(tl.sum()))
+        _check_ctc_lengths(il, tl, stats, T, S, padded)
     if not padded:
         if tl.device.type == "meta":
             raise ArgumentError("concatenated targets with meta log_probs need target_lengths on the host (a list or "

@@ -111,6 +111,15 @@ def test_ctc_on_meta_as_torch(form, reduction):
         seqfast.ctc_loss(torch.zeros(10, 2, 5, device="meta"), torch.ones(5, dtype=torch.long, device="meta"),
                          torch.tensor([10, 7], device="meta"), torch.tensor([3, 2], device="meta"))
 
+
+@pytest.mark.parametrize("lengths", [([11, 7], [3, 2]), ([10, 7], [4, 2]), ([10, -1], [3, 2]), ([10, 7], [3, -2])])
+def test_ctc_on_meta_checks_host_lengths_as_torch(lengths):
+    lp, tg = torch.zeros(10, 2, 5, device="meta"), torch.ones(2, 3, dtype=torch.long, device="meta")
+    with pytest.raises(RuntimeError):
+        F.ctc_loss(lp, tg, *lengths)
+    with pytest.raises(ArgumentError, match="_lengths must be"):
+        seqfast.ctc_loss(lp, tg, *lengths)
+
 def test_ctc_module_is_torchs_class():
     module = seqfast.nn.CTCLoss(blank=1, reduction="sum", zero_infinity=True)
     assert isinstance(module, torch.nn.CTCLoss)

@@ -535,6 +535,7 @@ def check_flop_counts(ctx: Context, c: Case) -> None:
         else:
             c.check(totals["torch"] == totals["seqfast"], f"{key}: FLOP counts differ from torch's")
 
+
 def attention_correctness(ctx: Context) -> None:
     import torch
 

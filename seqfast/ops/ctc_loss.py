@@ -92,7 +92,8 @@ TABLE_ROW_BYTES = 2048
 def _constant_when_compiled(fn):
     """torch.compiler.assume_constant_result without its import of torch._dynamo (about 2 s, which ``import
     seqfast`` should not cost): torch's decorator only marks the function, and dynamo reads the mark when it traces
-    a call. tests/test_compile.py checks that this mark is the one torch's decorator sets."""
+    a call. tests/test_dropin.py (test_constant_mark_is_torchs) checks that this mark is the one torch's decorator
+    sets."""
     fn._dynamo_marked_constant = True
     return fn
 
