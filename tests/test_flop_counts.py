@@ -81,3 +81,28 @@ def test_formulas_registered_whatever_the_import_order(order):
             "    seqfast.scaled_dot_product_attention(q, q, q)\n"
             "print(c.get_total_flops())\n")
     assert int(fresh_python(code).stdout.split()[-1]) == 2 * 2 * (2 * 8 * 8 * 4)
+
+
+
+def test_grouped_heads_count_with_formulas_that_assert_equal_heads():
+    """torch's formulas before grouped-head support assert equal heads (the GPU machine's torch may be one):
+    seqfast hands them key and value shapes with the query's heads, which cost the same count. In a fresh process,
+    so that seqfast registers its formulas over such strict ones."""
+    code = ("import torch\n"
+            "import torch.utils.flop_counter as fc\n"
+            "def strict(formula):\n"
+            "    def checked(*shapes):\n"
+            "        assert len({s[1] for s in shapes}) == 1, 'heads differ'\n"
+            "        return formula(*shapes)\n"
+            "    return checked\n"
+            "loose = fc.sdpa_flop_count, fc.sdpa_backward_flop_count\n"
+            "fc.sdpa_flop_count, fc.sdpa_backward_flop_count = map(strict, loose)\n"
+            "import seqfast\n"
+            "q = torch.randn(2, 6, 11, 16, requires_grad=True)\n"
+            "k, v = (torch.randn(2, 2, 13, 16, requires_grad=True) for _ in 'kv')\n"
+            "with fc.FlopCounterMode(display=False) as c:\n"
+            "    seqfast.scaled_dot_product_attention(q, k, v, enable_gqa=True).sum().backward()\n"
+            "print(c.get_total_flops(), loose[0](q.shape, k.shape, v.shape) + loose[1](q.shape, q.shape, k.shape,"
+            " v.shape))\n")
+    counted, expected = fresh_python(code).stdout.split()[-2:]
+    assert counted == expected

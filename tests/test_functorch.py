@@ -141,6 +141,7 @@ def test_forward_ad_level_without_duals_changes_nothing():
     for a, b in zip(inside, outside):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_grad_of_ctc_matches_torch_and_eager(dtype, reduction):

@@ -247,6 +247,7 @@ def test_torchs_math_kernel_when_the_caller_chose_it():
             F.scaled_dot_product_attention(q, q, q)  # the CPU has no efficient kernel: torch refuses
     assert report.served == {"scaled_dot_product_attention": 1} and report.total_fell_through == 1
 
+
 def test_invalid_arguments_raise_torchs_own_error():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError) as theirs:

@@ -517,7 +517,8 @@ def check_flop_counts(ctx: Context, c: Case) -> None:
 
     dtype = torch.bfloat16 if not ctx.dry_run else torch.float32
     for gqa in (False, True):
-        totals = {}
+        key = "gqa" if gqa else "mha"
+        totals, errors = {}, {}
         for name, fn in (("torch", torch.nn.functional.scaled_dot_product_attention),
                          ("seqfast", seqfast.scaled_dot_product_attention)):
             q = torch.randn(2, 8, 77, 64, dtype=dtype, device=ctx.device, requires_grad=True)
@@ -525,11 +526,17 @@ def check_flop_counts(ctx: Context, c: Case) -> None:
                     for _ in "kv")
             # The dispatcher's own kernels (no forced backend: a forced one runs under a dispatch mode of its own,
             # which the counter, an outer mode, does not see through).
-            with FlopCounterMode(display=False) as counter:
-                fn(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()
-            totals[name] = counter.get_total_flops()
-        key = "gqa" if gqa else "mha"
-        c.metrics[f"{key}_torch"], c.metrics[f"{key}_seqfast"] = totals["torch"], totals["seqfast"]
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    fn(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()
+                totals[name] = counter.get_total_flops()
+            except AssertionError as exc:  # torch's formulas before grouped-head support assert equal heads
+                errors[name] = str(exc)[:200]
+        c.metrics.update({f"{key}_{name}": n for name, n in totals.items()})
+        c.metrics.update({f"{key}_{name}_error": e for name, e in errors.items()})
+        c.check("seqfast" not in errors, f"{key}: seqfast's FLOP count failed")
+        if "torch" in errors or "seqfast" in errors:
+            continue
         if ctx.dry_run:  # the CPU: torch counts nothing for its attention
             c.check(totals["seqfast"] > 0, f"{key}: seqfast's attention counted no FLOPs")
         else:

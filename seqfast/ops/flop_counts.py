@@ -43,12 +43,24 @@ def _varlen_shapes(query, key, value, cu_q, cu_k, max_q: int, max_k: int):
         yield (1, hq, lq, d), (1, hk, lk, d), (1, hk, lk, dv)
 
 
+def _as_query_heads(query, key, value):
+    """Key and value shapes with the query's head count: grouped heads cost what repeated ones would (torch's own
+    formulas count b * h_q products), and torch's formulas before grouped-head support assert equal heads."""
+    (b, hq, _, _), (_, _, lk, d), dv = query, key, value[3]
+    return query, (b, hq, lk, d), (b, hq, lk, dv)
+
+
 def _register(flop_counter: ModuleType) -> None:
     ops = torch.ops.seqfast
     if ops.attention_forward in flop_counter.flop_registry:
         return
-    register, count, count_backward = (flop_counter.register_flop_formula, flop_counter.sdpa_flop_count,
-                                       flop_counter.sdpa_backward_flop_count)
+    register = flop_counter.register_flop_formula
+
+    def count(query, key, value) -> int:
+        return flop_counter.sdpa_flop_count(*_as_query_heads(query, key, value))
+
+    def count_backward(grad_out, query, key, value) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, *_as_query_heads(query, key, value))
 
     @register(ops.attention_forward)
     def attention_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
