@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from seqfast import _extension
+
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
 _state = threading.local()  # .forced: the innermost backend() context's name, absent or None outside any
@@ -147,9 +149,25 @@ def register_eager(op: Callable[..., Any], fn: Callable[..., Any]) -> None:
     _EAGER[op] = fn
 
 
+def refuse_forward_ad(op: Callable[..., Any], args: tuple) -> None:
+    """A forward-mode AD dual among ``args`` refused, as torch refuses it for its fused kernels. The extension's
+    autograd kernels check this themselves (csrc/autograd.cpp); without the extension (CUDA with a torch other
+    than the build's) the ops' autograd is torch.library's, which would give a dual input that needs no gradient
+    an output without a tangent."""
+    if torch.autograd.forward_ad._current_level < 0:
+        return
+    for a in args:
+        if isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
+            raise NotImplementedError(f"Trying to use forward AD with {op} that does not support it (torch's fused "
+                                      "kernels have no forward-mode AD either); use reverse mode (backward, "
+                                      "torch.autograd.grad, torch.func.vjp / jacrev)")
+
+
 def dispatch(name: str | None, op: Callable[..., Any], *args: Any) -> Any:
     """Call ``op`` under backend ``name`` (``None`` means :func:`current`)."""
     name = current() if name is None else name
+    if not _extension.AVAILABLE:
+        refuse_forward_ad(op, args)
     if name == "auto":
         if torch.compiler.is_compiling():
             return op(*args)

@@ -130,6 +130,26 @@ def test_forward_ad_refused_as_torch(case):
         _forward_ad_cases()[case]()
 
 
+def test_forward_ad_refused_without_the_extension_too():
+    """Without the extension (CUDA with another torch than the build's) the ops' autograd is torch.library's, which
+    gives a dual input that needs no gradient an output without a tangent (checked here on a toy op); seqfast's
+    dispatch refuses such a dual itself there (gpu_validate checks it on the device)."""
+    import torch.autograd.forward_ad as fwAD
+
+    lib = torch.library.Library("seqfast_fwad_probe", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: x * 2, "CPU")
+    torch.library.register_autograd("seqfast_fwad_probe::twice", lambda ctx, g: g * 2,
+                                    setup_context=lambda ctx, inputs, output: None, lib=lib)
+    op, x = torch.ops.seqfast_fwad_probe.twice, torch.randn(3)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones(3))
+        assert fwAD.unpack_dual(op(dual)).tangent is None  # what torch.library's autograd does
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            _backend.refuse_forward_ad(op, (dual,))
+        _backend.refuse_forward_ad(op, (x, 1.0, None))  # no dual: nothing refused
+    _backend.refuse_forward_ad(op, (x,))
+
 def test_forward_ad_level_without_duals_changes_nothing():
     import torch.autograd.forward_ad as fwAD
 

@@ -543,6 +543,32 @@ def check_flop_counts(ctx: Context, c: Case) -> None:
             c.check(totals["torch"] == totals["seqfast"], f"{key}: FLOP counts differ from torch's")
 
 
+def check_forward_ad(ctx: Context, c: Case) -> None:
+    """torch.autograd.forward_ad on the device: a dual query (needing no gradient, and needing one) is refused by
+    seqfast's attention as by torch's (NotImplementedError), never answered without a tangent."""
+    import torch
+    import torch.autograd.forward_ad as fwAD
+
+    import seqfast
+
+    for name, fn in (("torch", torch.nn.functional.scaled_dot_product_attention),
+                     ("seqfast", seqfast.scaled_dot_product_attention)):
+        for grad in (False, True):
+            q = torch.randn(1, 2, 9, 16, device=ctx.device, requires_grad=grad)
+            outcome = "no error"
+            try:
+                with fwAD.dual_level(), ctx.seqfast_backend() if name == "seqfast" else _null():
+                    out = fn(fwAD.make_dual(q, torch.ones_like(q)), q.detach(), q.detach())
+                    outcome = "tangent" if fwAD.unpack_dual(out).tangent is not None else "no tangent"
+            except NotImplementedError:
+                outcome = "refused"
+            except RuntimeError as exc:
+                outcome = f"error: {str(exc)[:120]}"
+            key = f"{name}_{'grad' if grad else 'nograd'}"
+            c.metrics[key] = outcome
+            if name == "seqfast":
+                c.check(outcome == "refused", f"{key}: {outcome}")
+
 def attention_correctness(ctx: Context) -> None:
     import torch
 
@@ -576,6 +602,7 @@ def attention_correctness(ctx: Context) -> None:
     ordered.append(("varlen_attn against torch's", lambda c: check_varlen_attn(ctx, c)))
     ordered.append(("MultiheadAttention output strides as torch's", lambda c: check_module_layouts(ctx, c)))
     ordered.append(("FLOP counts as torch's", lambda c: check_flop_counts(ctx, c)))
+    ordered.append(("forward-mode AD refused as torch", lambda c: check_forward_ad(ctx, c)))
     for name, fn in ordered:
         ctx.run(name, fn, min_seconds=3.0)
 
