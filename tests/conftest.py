@@ -57,11 +57,11 @@ def one_torch_thread():
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fresh_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def fresh_python(code: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     """``code`` run by a new interpreter from the repository root (what a fresh ``import seqfast`` sees), without
-    this run's backend and interpreter switches; fails the test with its stderr if it fails."""
+    this run's backend and interpreter switches; with ``check``, fails the test with its stderr if it fails."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEQFAST_BACKEND")}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, result.stderr
+    assert not check or result.returncode == 0, result.stderr
     return result

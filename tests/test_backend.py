@@ -1,18 +1,12 @@
 """Backend selection, the op registrations and the missing-extension path."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fresh_python
 
 import seqfast
 from seqfast import _backend, _extension
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ctc_inputs(dtype=torch.float64):
@@ -90,13 +84,6 @@ def test_missing_kernel_explains_how_to_build():
         _extension.missing_kernel("ctc_loss_forward")()
 
 
-def _run(code, **env):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEQFAST_BACKEND")}
-    full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_import_survives_a_broken_extension_and_cpu_calls_say_why():
     code = (
         "import sys; sys.modules['seqfast._C'] = None\n"
@@ -108,7 +95,7 @@ def test_import_survives_a_broken_extension_and_cpu_calls_say_why():
         "except seqfast._extension.ExtensionNotBuiltError as e:\n"
         "    print('ERR', e)\n"
     )
-    result = _run(code)
+    result = fresh_python(code, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert "ERR seqfast::ctc_loss_forward on CPU needs the C++ extension" in result.stdout
     assert "make build" in result.stdout
@@ -121,7 +108,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
         "with seqfast.backend('triton'):\n"
         "    seqfast.ctc_loss(lp, torch.tensor([[1]]), [4], [1])\n"
     )
-    result = _run(code)
+    result = fresh_python(code, timeout=300, check=False)
     assert result.returncode != 0
     assert "TRITON_INTERPRET=1" in result.stderr
 
