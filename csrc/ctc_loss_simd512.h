@@ -339,18 +339,21 @@ SEQFAST_AVX512_INLINE float hsum8(__m256 acc) {
   return _mm_cvtss_f32(h);
 }
 
+template <bool Full>
+SEQFAST_AVX512_INLINE void posterior_ext_vec16(int64_t s, __mmask16 k, int64_t n, __m256* acc, float* post,
+                                               const float* alpha, const float* bxm, const int32_t* bxe, __m512 vnll) {
+  const __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(loadi16<Full>(k, bxe + s)), splat16(0.693147180559945309f),
+                                   _mm512_add_ps(loadf16<Full>(k, alpha + s), vnll));
+  const __m512 p = _mm512_mul_ps(exp_any16(x), loadf16<Full>(k, bxm + s));
+  storef16<Full>(post + s, k, p);
+  *acc = add_even_avx2_order(*acc, p, n - s);
+}
+
 SEQFAST_TARGET_AVX512 static float posterior_ext_row_avx512(float* post, const float* alpha, const float* bxm,
                                                             const int32_t* bxe, float nll, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   const __m512 vnll = splat16(nll);
-  for (int64_t s = 0; s < n; s += 16) {
-    const __mmask16 k = lanes(n - s);
-    const __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(loadi16(k, bxe + s)), splat16(0.693147180559945309f),
-                                     _mm512_add_ps(loadf16(k, alpha + s), vnll));
-    const __m512 p = _mm512_mul_ps(exp_any16(x), loadf16(k, bxm + s));
-    _mm512_mask_storeu_ps(post + s, k, p);
-    acc = add_even_avx2_order(acc, p, n - s);
-  }
+  SEQFAST_FOR_VECTORS16(n, posterior_ext_vec16, n, &acc, post, alpha, bxm, bxe, vnll);
   return hsum8(acc);
 }
 
@@ -363,6 +366,16 @@ SEQFAST_AVX512_INLINE __m512 posterior_lin_vec16(__m512 am, __m512i ae, __m512 b
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(am, bm), vnm), _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
 }
 
+template <bool Full>
+SEQFAST_AVX512_INLINE void posterior_lin_step16(int64_t s, __mmask16 k, int64_t n, __m256* acc, float* post,
+                                                const float* am, const int32_t* ae, const float* bxm,
+                                                const int32_t* bxe, __m512 vnm, __m512i vne) {
+  const __m512 p = posterior_lin_vec16(loadf16<Full>(k, am + s), loadi16<Full>(k, ae + s), loadf16<Full>(k, bxm + s),
+                                       loadi16<Full>(k, bxe + s), vnm, vne);
+  storef16<Full>(post + s, k, p);
+  *acc = add_even_avx2_order(*acc, p, n - s);
+}
+
 // posterior_lin_row_avx2, same bits per lane and the AVX2 order for the blank sum.
 SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const float* am, const int32_t* ae,
                                                             const float* bxm, const int32_t* bxe, float nm, int32_t ne,
@@ -370,13 +383,7 @@ SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const f
   __m256 acc = _mm256_setzero_ps();
   const __m512 vnm = splat16(nm);
   const __m512i vne = _mm512_set1_epi32(ne);
-  for (int64_t s = 0; s < n; s += 16) {
-    const __mmask16 k = lanes(n - s);
-    const __m512 p = posterior_lin_vec16(loadf16(k, am + s), loadi16(k, ae + s), loadf16(k, bxm + s),
-                                         loadi16(k, bxe + s), vnm, vne);
-    _mm512_mask_storeu_ps(post + s, k, p);
-    acc = add_even_avx2_order(acc, p, n - s);
-  }
+  SEQFAST_FOR_VECTORS16(n, posterior_lin_step16, n, &acc, post, am, ae, bxm, bxe, vnm, vne);
   return hsum8(acc);
 }
 
