@@ -16,7 +16,6 @@ Two tools, both reversible:
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,8 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from seqfast import _backend, _extension
 from seqfast import nn as seqfast_nn
+from seqfast._torch_math import SWAPPED as _SWAPPED
+from seqfast._torch_math import only_math_allowed as _only_torch_math_allowed
 from seqfast.functional import JaggedTensor, _any_nested
 from seqfast.functional import ctc_loss as _seqfast_ctc_loss
 from seqfast.functional import scaled_dot_product_attention as _seqfast_sdpa
@@ -48,8 +49,6 @@ _MODULE_SWAPS: dict[type, type] = {
     torch.nn.CTCLoss: seqfast_nn.CTCLoss,
 }
 _SEQFAST_CLASSES = frozenset(_MODULE_SWAPS.values())
-# Modules swapped by patch() -> the class they had, so that unpatch() reverts exactly those.
-_SWAPPED: weakref.WeakKeyDictionary[torch.nn.Module, type] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -136,6 +135,11 @@ def patch(model: torch.nn.Module) -> PatchReport:
     ``state_dict`` stay as they were. Left alone, and listed in the report's ``skipped``: subclasses of
     those classes (their ``forward`` may differ), and modules whose tensors are on a device seqfast has no
     kernel for.
+
+    While torch's flags allow only its math attention kernel (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``,
+    ``torch.backends.cuda.enable_*_sdp(False)``), the converted attention modules and encoder layers run torch's
+    own ``forward``: the caller asked for torch's math kernel (its double backward, its bits), as
+    :func:`patch_functional` honours it too.
 
     Returns a :class:`PatchReport`; :func:`unpatch` undoes exactly the swaps it lists.
     """
@@ -257,17 +261,6 @@ def _attention_dtypes(t: Any) -> tuple[torch.dtype, ...]:
     """The dtypes seqfast's attention kernels take on ``t``'s device: the Triton ones have no float64."""
     on_cpu = isinstance(t, torch.Tensor) and t.device.type == "cpu"
     return FLOAT_DTYPES if on_cpu else (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _only_torch_math_allowed(device_type: str) -> bool:
-    """Whether torch's backend flags (``torch.nn.attention.sdpa_kernel``, ``torch.backends.cuda.enable_*_sdp``)
-    leave none of its fused kernels, whose place seqfast's take: the caller asked for torch's math kernel (double
-    backward, forward AD, its float32 upcast), or for no kernel at all (torch's error). On the CPU torch's only
-    fused kernel is flash, switched by the same flag."""
-    flags = torch.backends.cuda
-    if device_type == "cpu":
-        return not flags.flash_sdp_enabled()
-    return not (flags.flash_sdp_enabled() or flags.mem_efficient_sdp_enabled() or flags.cudnn_sdp_enabled())
 
 
 def _sdpa_reason(query, key, value, attn_mask) -> str | None:

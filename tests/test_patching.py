@@ -248,6 +248,45 @@ def test_torchs_math_kernel_when_the_caller_chose_it():
     assert report.served == {"scaled_dot_product_attention": 1} and report.total_fell_through == 1
 
 
+def test_converted_modules_run_torchs_forward_when_the_caller_chose_torchs_math_kernel():
+    """A model converted by ``seqfast.patch`` under ``sdpa_kernel(SDPBackend.MATH)`` computes what the unconverted
+    model computes there: torch's bits, its double backward (seqfast's fused kernels, as torch's, have none) and,
+    in eval mode, its inference path. Outside the context the converted modules are seqfast's (the double
+    backward refused), and a module built as seqfast's class stays seqfast's under the context too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def build():
+        torch.manual_seed(0)
+        encoder = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        return torch.nn.Sequential(encoder, torch.nn.Linear(16, 3))
+
+    x = torch.randn(2, 7, 16, requires_grad=True)
+
+    def second_order(model):
+        out = model(x).square().sum()
+        (g,) = torch.autograd.grad(out, x, create_graph=True)
+        return out, g, torch.autograd.grad(g.square().sum(), x)[0]
+
+    ref, converted = build(), build()
+    assert len(seqfast.patch(converted).swapped) == 2  # the layer and its self_attn
+    with sdpa_kernel(SDPBackend.MATH):
+        expected, got = second_order(ref), second_order(converted)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        ref.eval(), converted.eval()
+        with torch.no_grad():
+            assert torch.equal(converted(x), ref(x))
+        converted.train()
+    with pytest.raises(RuntimeError, match="derivative for seqfast::attention_backward is not implemented"):
+        second_order(converted)
+
+    mha = seqfast.nn.MultiheadAttention(16, 4, batch_first=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        out, _ = mha(x, x, x, need_weights=False)
+        with pytest.raises(RuntimeError, match="derivative for seqfast::attention_backward is not implemented"):
+            (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+            torch.autograd.grad(g.sum(), x)
+
+
 def test_invalid_arguments_raise_torchs_own_error():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError) as theirs:

@@ -4,7 +4,9 @@ The module subclasses torch's: constructor, parameters (``in_proj_weight`` or ``
 ``in_proj_bias``, ``out_proj``, ``bias_k``, ``bias_v``), initialisation and ``state_dict`` are torch's own,
 so weights move between the two classes with ``load_state_dict`` and a fresh module is drawn from the same
 distribution (bit-identical under the same seed). Only ``forward`` differs: the attention output always comes
-from :func:`seqfast.scaled_dot_product_attention`, never from torch's kernels or its inference fast path.
+from :func:`seqfast.scaled_dot_product_attention`, never from torch's kernels or its inference fast path. (A
+module that :func:`seqfast.patch` converted runs torch's ``forward`` while torch's flags allow only its math
+kernel: ``seqfast/_torch_math.py``.)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from seqfast import _backend
+from seqfast._torch_math import torch_class_chosen
 from seqfast.functional import _dropout_seed, _seeded_attention
 from seqfast.nn._scripting import NotScriptable
 from seqfast.ops import attention as attention_ops
@@ -182,6 +185,10 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        torch_class = torch_class_chosen(self, query)
+        if torch_class is not None:  # converted by seqfast.patch, under torch's math-only flags
+            return torch_class.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                       average_attn_weights, is_causal)
         batched = _check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention); "

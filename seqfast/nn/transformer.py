@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from seqfast._torch_math import torch_class_chosen
 from seqfast.nn._scripting import NotScriptable
 from seqfast.nn.multihead_attention import MultiheadAttention
 from seqfast.validation import ArgumentError
@@ -104,6 +105,9 @@ class TransformerEncoderLayer(NotScriptable, torch.nn.TransformerEncoderLayer):
         src_key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
+        torch_class = torch_class_chosen(self, src)
+        if torch_class is not None:  # converted by seqfast.patch, under torch's math-only flags
+            return torch_class.forward(self, src, src_mask, src_key_padding_mask, is_causal)
         if not src.is_nested:
             out = _plain_encoder_layer(self, src, src_mask, src_key_padding_mask, is_causal)
             fused_dtype = _fused_layer_dtype(self, src)
