@@ -10,13 +10,25 @@ flags say.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-# Modules that seqfast.patch() converted -> the torch class they had (unpatch() restores it; their forward defers
-# to it while only torch's math kernel is allowed).
-SWAPPED: weakref.WeakKeyDictionary[torch.nn.Module, type] = weakref.WeakKeyDictionary()
+# A module that seqfast.patch() converted holds the torch class it had under this instance attribute: unpatch()
+# restores it, and its forward defers to it while only torch's math kernel is allowed. On the instance (not in a
+# registry) so that copy.deepcopy and pickling (an EMA copy, a checkpoint of the whole model) keep it.
+_CONVERTED_FROM = "_seqfast_converted_from"
+
+
+def mark_converted(module: torch.nn.Module, torch_class: type) -> None:
+    module.__dict__[_CONVERTED_FROM] = torch_class
+
+
+def converted_from(module: torch.nn.Module) -> type | None:
+    """The torch class :func:`seqfast.patch` converted ``module`` from, or None."""
+    return module.__dict__.get(_CONVERTED_FROM)
+
+
+def unmark_converted(module: torch.nn.Module) -> type | None:
+    return module.__dict__.pop(_CONVERTED_FROM, None)
 
 
 def only_math_allowed(device_type: str) -> bool:
@@ -35,7 +47,7 @@ def torch_class_chosen(module: torch.nn.Module, x: torch.Tensor) -> type | None:
     own ``forward``). Modules built as seqfast's classes are never deferred."""
     if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
         return None
-    old = SWAPPED.get(module)
+    old = converted_from(module)
     if old is None or not only_math_allowed(x.device.type):
         return None
     return old

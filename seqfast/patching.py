@@ -26,7 +26,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from seqfast import _backend, _extension
 from seqfast import nn as seqfast_nn
-from seqfast._torch_math import SWAPPED as _SWAPPED
+from seqfast._torch_math import mark_converted, unmark_converted
 from seqfast._torch_math import only_math_allowed as _only_torch_math_allowed
 from seqfast.functional import JaggedTensor, _any_nested
 from seqfast.functional import ctc_loss as _seqfast_ctc_loss
@@ -130,7 +130,8 @@ def patch(model: torch.nn.Module) -> PatchReport:
 
     Every submodule (``model`` included) of exactly ``torch.nn.MultiheadAttention``,
     ``torch.nn.TransformerEncoderLayer``, ``torch.nn.TransformerDecoderLayer`` or ``torch.nn.CTCLoss``
-    becomes the seqfast subclass of the same name. Only the class changes: parameters and buffers (the
+    becomes the seqfast subclass of the same name. Only the class changes (and an attribute records the torch
+    class, so that copies and pickles of the model can be unpatched too): parameters and buffers (the
     same tensor objects, so an optimizer built before keeps working), hooks, ``training`` and
     ``state_dict`` stay as they were. Left alone, and listed in the report's ``skipped``: subclasses of
     those classes (their ``forward`` may differ), and modules whose tensors are on a device seqfast has no
@@ -161,7 +162,7 @@ def patch(model: torch.nn.Module) -> PatchReport:
                                        "no kernel"))
             continue
         module.__class__ = new
-        _SWAPPED[module] = cls
+        mark_converted(module, cls)
         report.swapped.append(Swap(name, _qualname(cls), _qualname(new)))
     report.notes.extend(_attention_notes(model))
     return report
@@ -175,7 +176,7 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     """
     report = PatchReport()
     for name, module in model.named_modules():
-        old = _SWAPPED.pop(module, None)
+        old = unmark_converted(module)
         if old is None:
             continue
         before = type(module)

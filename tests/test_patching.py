@@ -112,6 +112,28 @@ def test_round_trip_keeps_outputs_parameters_state_dict_and_training_state():
     assert not seqfast.unpatch(model).swapped  # nothing left to revert
 
 
+def test_copies_of_a_patched_model_stay_patched_and_unpatch():
+    """copy.deepcopy and pickling (an EMA copy, a whole-model checkpoint) keep what patch did: the copy computes as
+    the original, and unpatch reverts the copy's modules as it reverts the original's."""
+    import copy
+    import io
+
+    model = SpeechModel()
+    classes = {n: type(m) for n, m in model.named_modules()}
+    swapped = [s.name for s in seqfast.patch(model).swapped]
+    batch = _batch()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(twin(*batch), model(*batch)))
+        assert [s.name for s in seqfast.unpatch(twin).swapped] == swapped
+        assert {n: type(m) for n, m in twin.named_modules()} == classes
+        assert all("_seqfast_converted_from" not in vars(m) for m in twin.modules())
+    assert [s.name for s in seqfast.unpatch(model).swapped] == swapped
+
+
 def test_unpatch_leaves_modules_built_as_seqfast_alone():
     model = torch.nn.Sequential(seqfast.nn.CTCLoss(), torch.nn.CTCLoss())
     assert [s.name for s in seqfast.patch(model).swapped] == ["1"]
