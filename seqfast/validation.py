@@ -127,6 +127,9 @@ def _lengths(name: str, value: IntLengths, batched: bool, n: int) -> torch.Tenso
         else:
             values = [_index(name, value)]
         t = torch.tensor(values, dtype=torch.int64)
+    # torch reads a lengths tensor by its elements, whatever its shape ((N, 1), (1, N), 0-d for N = 1): so here.
+    if t.dim() != 1 and isinstance(value, torch.Tensor) and t.numel() == n:
+        t = t.reshape(-1)
     if t.dim() != 1:
         t = t.reshape(-1) if (not batched and t.dim() == 0) else t
     if t.dim() != 1 or t.shape[0] != n:

@@ -55,6 +55,37 @@ def test_ctc_lengths_in_every_form_torch_accepts(form):
     close(got[1][0], expected[1][0])
 
 
+@pytest.mark.parametrize("shape", ["(N, 1)", "(1, N)", "(N, 1) strided", "N=1 0-d", "N=1 (1, 1)", "unbatched (1, 1)"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_ctc_length_tensors_of_any_shape_with_n_entries_as_torch(shape, reduction):
+    """torch reads a lengths tensor by its elements: (N, 1), (1, N), a 0-d tensor for one sample. The loss and
+    gradient are torch's; a tensor with another number of entries is refused by both."""
+    lp, tg, il, tl = ctc_case()
+    il, tl = torch.tensor(il), torch.tensor(tl)
+    form = {
+        "(N, 1)": lambda x: x[:, None],
+        "(1, N)": lambda x: x[None],
+        "(N, 1) strided": lambda x: torch.stack([x, x], 1)[:, :1],
+        "N=1 0-d": lambda x: x[0],
+        "N=1 (1, 1)": lambda x: x[:1, None],
+        "unbatched (1, 1)": lambda x: x[:1, None],
+    }[shape]
+    if shape.startswith("N=1"):
+        lp, tg = lp[:, :1].detach().requires_grad_(), tg[:1]
+    elif shape.startswith("unbatched"):
+        lp, tg = lp[:, 0].detach().requires_grad_(), tg[0]
+    expected = grads(lambda x: F.ctc_loss(x, tg, form(il), form(tl), reduction=reduction), lp)
+    got = grads(lambda x: seqfast.ctc_loss(x, tg, form(il), form(tl), reduction=reduction), lp)
+    assert got[0].shape == expected[0].shape
+    close(got[0], expected[0])
+    close(got[1][0], expected[1][0])
+    if not shape.startswith(("N=1", "unbatched")):
+        with pytest.raises(RuntimeError, match="input_lengths must be of size batch_size"):
+            F.ctc_loss(lp, tg, il[:2, None], tl)
+        with pytest.raises(ValueError, match="input_lengths must have 3 entries"):
+            seqfast.ctc_loss(lp, tg, il[:2, None], tl)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.bool])
 @pytest.mark.parametrize("concatenated", [False, True])
 def test_ctc_targets_of_other_dtypes_as_torch(dtype, concatenated):
