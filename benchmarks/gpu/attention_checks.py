@@ -569,6 +569,40 @@ def check_forward_ad(ctx: Context, c: Case) -> None:
             if name == "seqfast":
                 c.check(outcome == "refused", f"{key}: {outcome}")
 
+def check_patched_math_choice(ctx: Context, c: Case) -> None:
+    """seqfast.patch(model) under sdpa_kernel(SDPBackend.MATH) on the device: the converted encoder layer and its
+    attention run torch's forward, so the loss, gradient and second-order gradient equal the unconverted model's
+    bit for bit (on CUDA the flags switch off flash, memory-efficient and cuDNN attention)."""
+    import copy
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import seqfast
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, device=ctx.device)
+    ref = torch.nn.Sequential(layer, torch.nn.Linear(32, 3, device=ctx.device))
+    converted = copy.deepcopy(ref)
+    c.metrics["swapped"] = len(seqfast.patch(converted).swapped)
+    x = torch.randn(2, 9, 32, device=ctx.device, requires_grad=True)
+
+    def second_order(model):
+        out = model(x).square().sum()
+        (g,) = torch.autograd.grad(out, x, create_graph=True)
+        return out, g, torch.autograd.grad(g.square().sum(), x)[0]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        try:
+            expected, got = second_order(ref), second_order(converted)
+        except RuntimeError as exc:
+            c.check(False, f"under MATH: {str(exc)[:200]}")
+            return
+    same = [bool(torch.equal(a, b)) for a, b in zip(expected, got)]
+    c.metrics["equal_loss_grad_grad2"] = str(same)
+    c.check(all(same), f"under MATH the converted model differs from torch's: {same}")
+
+
 def attention_correctness(ctx: Context) -> None:
     import torch
 
@@ -603,6 +637,7 @@ def attention_correctness(ctx: Context) -> None:
     ordered.append(("MultiheadAttention output strides as torch's", lambda c: check_module_layouts(ctx, c)))
     ordered.append(("FLOP counts as torch's", lambda c: check_flop_counts(ctx, c)))
     ordered.append(("forward-mode AD refused as torch", lambda c: check_forward_ad(ctx, c)))
+    ordered.append(("seqfast.patch under sdpa_kernel(MATH) as torch", lambda c: check_patched_math_choice(ctx, c)))
     for name, fn in ordered:
         ctx.run(name, fn, min_seconds=3.0)
 
