@@ -115,7 +115,7 @@ def _index(name: str, v: object) -> int:
         raise ArgumentError(f"{name} must hold integers, got {v!r}") from None
 
 
-def _lengths(name: str, value: IntLengths, batched: bool, n: int) -> torch.Tensor:
+def _lengths(name: str, value: IntLengths, n: int) -> torch.Tensor:
     """(n,) int64 lengths where they are: a tensor stays on its device, a list becomes a CPU tensor."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
@@ -127,11 +127,10 @@ def _lengths(name: str, value: IntLengths, batched: bool, n: int) -> torch.Tenso
         else:
             values = [_index(name, value)]
         t = torch.tensor(values, dtype=torch.int64)
-    # torch reads a lengths tensor by its elements, whatever its shape ((N, 1), (1, N), 0-d for N = 1): so here.
-    if t.dim() != 1 and isinstance(value, torch.Tensor) and t.numel() == n:
+    # torch reads a lengths tensor by its elements, whatever its shape ((N, 1), (1, N), 0-d for N = 1 and for an
+    # unbatched sample): so here. (A list is 1-D already.)
+    if t.dim() != 1 and t.numel() == n:
         t = t.reshape(-1)
-    if t.dim() != 1:
-        t = t.reshape(-1) if (not batched and t.dim() == 0) else t
     if t.dim() != 1 or t.shape[0] != n:
         raise ArgumentError(f"{name} must have {n} entr{'y' if n == 1 else 'ies'} (one per batch element), got "
                             f"shape {tuple(value.shape) if isinstance(value, torch.Tensor) else len(t)}")
@@ -206,8 +205,8 @@ def ctc_arguments(
         raise ArgumentError(f"targets must be a real tensor, got {getattr(targets, 'dtype', type(targets))}")
     _blank(blank, C)
     device = lp.device
-    il = _lengths("input_lengths", input_lengths, batched, N)
-    tl = _lengths("target_lengths", target_lengths, batched, N)
+    il = _lengths("input_lengths", input_lengths, N)
+    tl = _lengths("target_lengths", target_lengths, N)
     tg = targets if targets.dtype == torch.int64 else targets.to(torch.int64)
     if batched and tg.dim() not in (1, 2):
         raise ArgumentError(f"targets must be (N, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
@@ -447,7 +446,7 @@ def ctc_greedy_arguments(log_probs: torch.Tensor, input_lengths: IntLengths, bla
     T, N, C = lp.shape
     _blank(blank, C)
     try:
-        il = _lengths("input_lengths", input_lengths, batched, N)
+        il = _lengths("input_lengths", input_lengths, N)
     except ArgumentError as exc:
         raise ArgumentError(f"{exc}; {LAYOUT_HINT}" if batched and "entr" in str(exc) else str(exc)) from None
     if torch.compiler.is_compiling():
@@ -832,7 +831,7 @@ def ctc_beam_search_arguments(
     if lengths is None:
         il = torch.full((N,), T, dtype=torch.int64)
     else:
-        il = _lengths("input_lengths", lengths, batched, N)
+        il = _lengths("input_lengths", lengths, N)
         _input_lengths_within(il, T)
     if lp.dtype in (torch.float16, torch.bfloat16):
         lp = lp.float()

@@ -569,6 +569,7 @@ def check_forward_ad(ctx: Context, c: Case) -> None:
             if name == "seqfast":
                 c.check(outcome == "refused", f"{key}: {outcome}")
 
+
 def check_patched_math_choice(ctx: Context, c: Case) -> None:
     """seqfast.patch(model) under sdpa_kernel(SDPBackend.MATH) on the device: the converted encoder layer and its
     attention run torch's forward, so the loss, gradient and second-order gradient equal the unconverted model's
