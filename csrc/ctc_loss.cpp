@@ -211,14 +211,16 @@ struct Sample {
   std::vector<acc_t> skip;  // [padded + 2]: -inf past the last state, so that skip + 2 serves beta
   std::vector<acc_t> lpe;   // [padded]: -inf past the last state
   std::vector<int32_t> lab32;  // the labels as int32, then class 0 up to L + 24 (the lookups' reach)
+  std::vector<int32_t> cls32;  // [padded + 16]: label k's class at state 2k + 1, class 0 elsewhere
 
   Sample(const int64_t* labels_, int64_t L_)
       : L(L_), states(2 * L_ + 1), padded(pad_to_lanes(2 * L_ + 1)), labels(labels_),
-        skip(padded + 2, neg_inf<acc_t>()), lpe(padded, neg_inf<acc_t>()), lab32(L_ + 24, 0) {
+        skip(padded + 2, neg_inf<acc_t>()), lpe(padded, neg_inf<acc_t>()), lab32(L_ + 24, 0),
+        cls32(padded + 16, 0) {
     for (int64_t k = 1; k < L; ++k) {
       if (labels[k] != labels[k - 1]) skip[2 * k + 1] = 0;
     }
-    for (int64_t k = 0; k < L; ++k) lab32[k] = static_cast<int32_t>(labels[k]);
+    for (int64_t k = 0; k < L; ++k) lab32[k] = cls32[2 * k + 1] = static_cast<int32_t>(labels[k]);
   }
 
   // Frame t's emissions from its row of log_probs (minus the row's log-normaliser for logits).
@@ -451,8 +453,20 @@ ExtOps ext_ops(int64_t classes) {
 
 constexpr int64_t kWidenClasses = 256;  // 16-bit rows up to this long may be widened on the stack (frame_emissions)
 
+// A small alphabet's class emissions (ctc_simd::class_emissions_avx2's tables): 16 classes a vector for float32
+// rows, the same bits.
+template <bool Sum, typename scalar_t, int Q>
+void class_emissions(float* tm, int32_t* te, float* poison, const scalar_t* row, int64_t C, float lse) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    ctc_simd::class_emissions_avx512<Sum, Q>(tm, te, poison, row, C, lse);
+  } else {
+    ctc_simd::class_emissions_avx2<Sum, scalar_t, Q>(tm, te, poison, row, C, lse);
+  }
+}
+
 // Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2), or on AVX-512
-// for an alphabet of up to 64 classes from the row's class emissions (class_emissions_avx2, emission_lookup_avx512).
+// for an alphabet of up to 64 classes from the row's class emissions (class_emissions, then
+// emission_lookup_states_avx512 or emission_lookup_avx512).
 // The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
 template <bool Sum, typename scalar_t>
 void frame_emissions(const ExtOps& ops, const Sample<scalar_t, float>& smp, const scalar_t* row, float lse,
@@ -464,11 +478,11 @@ void frame_emissions(const ExtOps& ops, const Sample<scalar_t, float>& smp, cons
     alignas(64) float tm[64];  // class_emissions_avx2 writes the 8 Q entries read
     alignas(64) int32_t te[64];
     if (C <= 32) {
-      ctc_simd::class_emissions_avx2<Sum, scalar_t, 4>(tm, te, poison, row, C, lse);
-      ctc_simd::emission_lookup_avx512<4>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
+      class_emissions<Sum, scalar_t, 4>(tm, te, poison, row, C, lse);
+      ctc_simd::emission_lookup_states_avx512(em, ee, tm, te, blank, smp.cls32.data(), smp.states, lo, hi);
     } else {
-      ctc_simd::class_emissions_avx2<Sum, scalar_t, 8>(tm, te, poison, row, C, lse);
-      ctc_simd::emission_lookup_avx512<8>(em, ee, tm, te, blank, lab, smp.L, lo, hi);
+      class_emissions<Sum, scalar_t, 8>(tm, te, poison, row, C, lse);
+      ctc_simd::emission_lookup_avx512(em, ee, tm, te, blank, lab, smp.L, lo, hi);
     }
   } else {
     if constexpr (!std::is_same_v<scalar_t, float>) {

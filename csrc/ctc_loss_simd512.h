@@ -414,16 +414,14 @@ SEQFAST_TARGET_AVX512 static float beta_post_row_avx512(float* bm, int32_t* be, 
   return hsum8(acc);
 }
 
-// The labels' emissions from class_emissions_avx2's tables (Q vectors of 8 classes, Q <= 8) for states [lo, hi):
-// emission_gather_avx2's bits, 16 labels a step, with one vpermt2ps per 32 classes for the labels' mantissas and
-// as many for their exponents (no exp, no scalar load), two more each to interleave them with the blank's. On AVX2,
-// vpermps and blends cost about what they save (measured: NOTES, "CTC: a small alphabet's emissions"). lab
-// readable up to hi / 2 + 16.
-template <int Q>
+// The labels' emissions from class_emissions_avx2's tables of 64 classes (8 vectors of 8, C <= 64) for states
+// [lo, hi): emission_gather_avx2's bits, 16 labels a step, with two vpermt2ps and a blend for the labels'
+// mantissas and as many for their exponents (no exp, no scalar load), two more each to interleave them with the
+// blank's. On AVX2, vpermps and blends cost about what they save (measured: NOTES, "CTC: a small alphabet's
+// emissions"). lab readable up to hi / 2 + 16.
 SEQFAST_TARGET_AVX512 static void emission_lookup_avx512(float* em, int32_t* ee, const float* tm, const int32_t* te,
                                                          int64_t blank, const int32_t* lab, int64_t L, int64_t lo,
                                                          int64_t hi) {
-  static_assert(Q == 4 || Q == 8);
   const __m512 bm = splat16(tm[blank]);
   const __m512i be = _mm512_set1_epi32(te[blank]);
   // State 2 (k + i) is the blank, 2 (k + i) + 1 label k + i: lanes [b0, m0, b1, m1, ...] from (blank, labels).
@@ -435,13 +433,11 @@ SEQFAST_TARGET_AVX512 static void emission_lookup_avx512(float* em, int32_t* ee,
     const __m512i idx = _mm512_loadu_si512(lab + k);
     __m512 m = _mm512_permutex2var_ps(_mm512_loadu_ps(tm), idx, _mm512_loadu_ps(tm + 16));
     __m512i e = _mm512_permutex2var_epi32(_mm512_loadu_si512(te), idx, _mm512_loadu_si512(te + 16));
-    if constexpr (Q == 8) {  // classes 32 .. 63: bit 5 of the index
-      const __mmask16 upper = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
-      m = _mm512_mask_blend_ps(upper, m,
-                               _mm512_permutex2var_ps(_mm512_loadu_ps(tm + 32), idx, _mm512_loadu_ps(tm + 48)));
-      e = _mm512_mask_blend_epi32(upper, e, _mm512_permutex2var_epi32(_mm512_loadu_si512(te + 32), idx,
-                                                                      _mm512_loadu_si512(te + 48)));
-    }
+    // Classes 32 .. 63: bit 5 of the index.
+    const __mmask16 upper = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    m = _mm512_mask_blend_ps(upper, m, _mm512_permutex2var_ps(_mm512_loadu_ps(tm + 32), idx, _mm512_loadu_ps(tm + 48)));
+    e = _mm512_mask_blend_epi32(upper, e, _mm512_permutex2var_epi32(_mm512_loadu_si512(te + 32), idx,
+                                                                    _mm512_loadu_si512(te + 48)));
     m = _mm512_maskz_mov_ps(live, m);
     e = _mm512_maskz_mov_epi32(live, e);
     const __m512 bmk = _mm512_maskz_mov_ps(blank_live, bm);
@@ -451,6 +447,71 @@ SEQFAST_TARGET_AVX512 static void emission_lookup_avx512(float* em, int32_t* ee,
     _mm512_mask_storeu_epi32(ee + 2 * k, out0, _mm512_permutex2var_epi32(bek, first, e));
     _mm512_mask_storeu_ps(em + 2 * k + 16, out1, _mm512_permutex2var_ps(bmk, second, m));
     _mm512_mask_storeu_epi32(ee + 2 * k + 16, out1, _mm512_permutex2var_epi32(bek, second, e));
+  }
+}
+
+// emission_vec of ctc_loss_simd.h in 16 lanes: the same operations, so the same bits.
+SEQFAST_AVX512_INLINE void emission_vec16(__m512 x, __m512* m, __m512i* e) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, splat16(kEmitLo), _CMP_GT_OQ);  // not (x <= kEmitLo, or NaN)
+  __m512 nf;
+  const __m512 r = exp_reduced16(_mm512_min_ps(splat16(-kEmitLo), _mm512_max_ps(splat16(kEmitLo), x)), &nf);
+  *m = _mm512_maskz_mov_ps(live, r);
+  *e = _mm512_maskz_mov_epi32(live, _mm512_cvtps_epi32(nf));
+}
+
+// class_emissions_avx2 for float32 rows, 16 classes a vector: the same values in tm / te and, with Sum, the same
+// poison sums (each 16-class vector added to the 8-lane accumulator half by half, in the AVX2 order). Lanes past
+// C load zeros, as the AVX2 version's zero-filled copy of the row's tail gives them.
+template <bool Sum, int Q>
+SEQFAST_TARGET_AVX512 static void class_emissions_avx512(float* tm, int32_t* te, float* poison, const float* row,
+                                                         int64_t C, float lse) {
+  static_assert(Q == 4 || Q == 8);
+  const __m512 vlse = splat16(lse);
+  __m256 acc = Sum ? _mm256_loadu_ps(poison) : _mm256_setzero_ps();
+  for (int q = 0; q < Q / 2; ++q) {
+    const __mmask16 real = lanes(std::max<int64_t>(0, C - 16 * q));
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(real, row + 16 * q), vlse);
+    if constexpr (Sum) {
+      const __m512 xr = _mm512_maskz_mov_ps(real, x);
+      acc = _mm256_add_ps(acc, _mm512_castps512_ps256(xr));
+      acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(xr, 1));
+    }
+    __m512 m;
+    __m512i e;
+    emission_vec16(x, &m, &e);
+    _mm512_storeu_ps(tm + 16 * q, m);
+    _mm512_storeu_si512(te + 16 * q, e);
+  }
+  if constexpr (Sum) _mm256_storeu_ps(poison, acc);
+}
+
+// emission_lookup_avx512 for up to 32 classes, state by state: cls holds each label state's class (odd s) and
+// anything in [0, 32) at the blank states (even s), readable up to hi + 15; states from `states` on get (0, 0). One
+// index vector per 16 states, two permutes and plain stores instead of interleaving the labels with the blank:
+// -2-4 % of a (500,16,32,100) forward. With 64 classes (two tables, a blend) the interleaving version is faster
+// (NOTES, "A small alphabet's emissions, 16 classes a vector").
+SEQFAST_TARGET_AVX512 static void emission_lookup_states_avx512(float* em, int32_t* ee, const float* tm,
+                                                                const int32_t* te, int64_t blank, const int32_t* cls,
+                                                                int64_t states, int64_t lo, int64_t hi) {
+  const __m512i vblank = _mm512_set1_epi32(static_cast<int32_t>(blank));
+  const __m512 m0 = _mm512_loadu_ps(tm), m1 = _mm512_loadu_ps(tm + 16);
+  const __m512i e0 = _mm512_loadu_si512(te), e1 = _mm512_loadu_si512(te + 16);
+  for (int64_t s = lo; s < hi; s += 16) {
+    const __m512i idx = _mm512_mask_blend_epi32(0x5555, _mm512_loadu_si512(cls + s), vblank);
+    __m512 m = _mm512_permutex2var_ps(m0, idx, m1);
+    __m512i e = _mm512_permutex2var_epi32(e0, idx, e1);
+    if (s + 16 > states) {
+      const __mmask16 live = lanes(std::max<int64_t>(0, states - s));
+      m = _mm512_maskz_mov_ps(live, m);
+      e = _mm512_maskz_mov_epi32(live, e);
+    }
+    if (s + 16 <= hi) {
+      _mm512_storeu_ps(em + s, m);
+      _mm512_storeu_si512(ee + s, e);
+    } else {
+      _mm512_mask_storeu_ps(em + s, lanes(hi - s), m);
+      _mm512_mask_storeu_epi32(ee + s, lanes(hi - s), e);
+    }
   }
 }
 
