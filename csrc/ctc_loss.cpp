@@ -847,6 +847,11 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
                                          groups.lane_idx.data(), groups.block_rows.data(),
                                          static_cast<int64_t>(groups.block_rows.size()));
       corrected = true;
+    } else if (has_avx2()) {
+      ctc_simd::label_corrections_avx2(row, c, g, groups.lane_label.data(), groups.lane_count.data(),
+                                       groups.lane_idx.data(), groups.block_rows.data(),
+                                       static_cast<int64_t>(groups.block_rows.size()));
+      corrected = true;
     }
   }
 #endif

@@ -648,6 +648,36 @@ SEQFAST_TARGET_AVX2 static float beta_post_row_avx2(float* bm, int32_t* be, floa
   return hsum(acc);
 }
 
+// label_corrections_avx512 (ctc_loss_simd512.h) in 8 lanes, for the same LabelGroups blocks of 16 taken as two
+// halves: lane j's group sums its posteriors c[idx[m * 16 + j]], m < count[j], in position order, and
+// row[label[j]] -= g * sum. AVX2 gathers but cannot scatter: the products go to the row by scalar stores. The
+// scalar loop's operations per group, so the same bits.
+SEQFAST_TARGET_AVX2 static void label_corrections_avx2(float* row, const float* c, float g, const int32_t* label,
+                                                       const int32_t* count, const int32_t* idx, const int32_t* rows,
+                                                       int64_t blocks) {
+  const __m256 vg = splat(g), zero = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, label += 16, count += 16) {
+    for (int h = 0; h < 16; h += 8) {
+      const __m256i n = loadi(count + h);
+      const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(n, _mm256_setzero_si256()));
+      if (_mm256_testz_ps(live, live)) break;  // the groups fill the lanes in order: none further in this block
+      __m256 sum = _mm256_mask_i32gather_ps(zero, c, loadi(idx + h), live, 4);
+      for (int32_t m = 1; m < rows[b]; ++m) {
+        const __m256 more = _mm256_castsi256_ps(_mm256_cmpgt_epi32(n, _mm256_set1_epi32(m)));
+        if (_mm256_testz_ps(more, more)) break;
+        const __m256 next = _mm256_mask_i32gather_ps(zero, c, loadi(idx + 16 * m + h), more, 4);
+        sum = _mm256_blendv_ps(sum, _mm256_add_ps(sum, next), more);
+      }
+      __m256 p = _mm256_mul_ps(vg, sum);
+      asm("" : "+x"(p));  // rounded before the subtraction, as the scalar loop
+      alignas(32) float prod[8];
+      _mm256_store_ps(prod, p);
+      for (int j = 0; j < 8 && count[h + j] > 0; ++j) row[label[h + j]] -= prod[j];
+    }
+    idx += 16 * static_cast<int64_t>(rows[b]);
+  }
+}
+
 #undef SEQFAST_AVX2_INLINE
 
 }  // namespace seqfast::ctc_simd
