@@ -771,7 +771,11 @@ class BetaExt {
       c_[0] = ops_.posterior_lin(post_.data() + lo, seg_m(j) + lo, seg_e(j) + lo, bx_.m.data() + lo,
                                  bx_.e.data() + lo, exp_nll_m_, exp_nll_e_, P - lo);
     }
-    for (int64_t k = 0; k < L; ++k) c_[1 + k] = post_[2 * k + 1];
+    if (ops_.avx512) {
+      ctc_simd::odd_entries_avx512(c_.data() + 1, post_.data(), L);
+    } else {
+      for (int64_t k = 0; k < L; ++k) c_[1 + k] = post_[2 * k + 1];
+    }
     std::swap(nm_, cm_);
     std::swap(ne_, ce_);
     return c_.data();

@@ -515,6 +515,23 @@ SEQFAST_TARGET_AVX512 static void emission_lookup_states_avx512(float* em, int32
   }
 }
 
+// out[k] = post[2k + 1] for k < L (the label states' posteriors, one per target position): one permute per 16
+// labels where the compiler's loop shuffles four at a time. post readable up to 2L.
+SEQFAST_TARGET_AVX512 static void odd_entries_avx512(float* out, const float* post, int64_t L) {
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  int64_t k = 0;
+  for (; k + 16 <= L; k += 16) {
+    _mm512_storeu_ps(out + k,
+                     _mm512_permutex2var_ps(_mm512_loadu_ps(post + 2 * k), odd, _mm512_loadu_ps(post + 2 * k + 16)));
+  }
+  if (k < L) {
+    const int64_t n = 2 * (L - k);  // entries [2k, 2L) hold the rest
+    const __m512 lo = _mm512_maskz_loadu_ps(lanes(n), post + 2 * k);
+    const __m512 hi = _mm512_maskz_loadu_ps(lanes(std::max<int64_t>(0, n - 16)), post + 2 * k + 16);
+    _mm512_mask_storeu_ps(out + k, lanes(L - k), _mm512_permutex2var_ps(lo, odd, hi));
+  }
+}
+
 #undef SEQFAST_FOR_VECTORS16
 #undef SEQFAST_AVX512_INLINE
 
