@@ -773,8 +773,8 @@ class BetaExt {
     }
     if (ops_.avx512) {
       ctc_simd::odd_entries_avx512(c_.data() + 1, post_.data(), L);
-    } else {
-      for (int64_t k = 0; k < L; ++k) c_[1 + k] = post_[2 * k + 1];
+    } else {  // the extended path runs on AVX2 or AVX-512 only (use_extended)
+      ctc_simd::odd_entries_avx2(c_.data() + 1, post_.data(), L);
     }
     std::swap(nm_, cm_);
     std::swap(ne_, ce_);

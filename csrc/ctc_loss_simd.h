@@ -678,6 +678,18 @@ SEQFAST_TARGET_AVX2 static void label_corrections_avx2(float* row, const float* 
   }
 }
 
+// out[k] = post[2k + 1] for k < L, eight a step (odd_entries_avx512 in 8 lanes). post readable up to 2L.
+SEQFAST_TARGET_AVX2 static void odd_entries_avx2(float* out, const float* post, int64_t L) {
+  int64_t k = 0;
+  for (; k + 8 <= L; k += 8) {
+    // [a1 a3 b1 b3 | a5 a7 b5 b7], then its 64-bit pairs in the order 0 2 1 3.
+    const __m256 odd = _mm256_shuffle_ps(_mm256_loadu_ps(post + 2 * k), _mm256_loadu_ps(post + 2 * k + 8),
+                                         _MM_SHUFFLE(3, 1, 3, 1));
+    _mm256_storeu_ps(out + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), _MM_SHUFFLE(3, 1, 2, 0))));
+  }
+  for (; k < L; ++k) out[k] = post[2 * k + 1];
+}
+
 #undef SEQFAST_AVX2_INLINE
 
 }  // namespace seqfast::ctc_simd
