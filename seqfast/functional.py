@@ -254,6 +254,9 @@ def scaled_dot_product_attention(
         scale = real(fn, "scale", scale, optional=True)
     if _any_nested(query, key, value):
         return _nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if _any_strided_nested(query, key, value):
+        raise ArgumentError("seqfast takes jagged nested tensors (torch.nested, layout=torch.jagged), not the strided "
+                            "layout, whose sequences may be ragged in any dim: torch's own function serves those")
     if _TORCH_AMX_BF16 and _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p, enable_gqa):
         return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     bottom_right = False
@@ -275,6 +278,12 @@ def _any_nested(*tensors) -> bool:
     """Whether any is a jagged nested tensor (an isinstance test: reading ``is_nested`` off a tensor subclass would
     call its ``__torch_function__``)."""
     return any(isinstance(t, JaggedTensor) for t in tensors)
+
+
+def _any_strided_nested(*tensors) -> bool:
+    """Whether any is a nested tensor of the strided layout (``torch.nested.nested_tensor``'s default): a plain
+    ``torch.Tensor`` whose ``is_nested`` is set. Subclasses are not asked (see ``_any_nested``)."""
+    return any(type(t) is torch.Tensor and t.is_nested for t in tensors)
 
 
 def _nested_attention(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool):

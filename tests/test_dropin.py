@@ -1240,3 +1240,17 @@ def test_common_attention_route_accepts_only_what_the_checks_accept(name, causal
         return  # the full path decides
     assert expected is not None, "the route took a call the checks refuse"
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_sdpa_strided_nested_refused_by_name():
+    """Nested tensors of the strided layout (torch.nested.nested_tensor's default) may be ragged in any dim, which
+    seqfast's varlen kernels do not take: refused by name (it used to fail inside with "dimension 2 is irregular"),
+    so that a patched call falls through to torch's own function, which serves it."""
+    q = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 9, 8)])
+    expected = F.scaled_dot_product_attention(q, q, q)
+    with pytest.raises(ArgumentError, match="jagged nested tensors .* not the strided layout"):
+        seqfast.scaled_dot_product_attention(q, q, q)
+    with seqfast.patch_functional() as report:
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert torch.equal(out.to_padded_tensor(0.0), expected.to_padded_tensor(0.0))
+    assert report.fell_through and not report.served

@@ -579,3 +579,27 @@ def test_errors():
         ours(q, k[0], v)
     with pytest.raises(ValueError, match="source length"):
         ours(q, k, v[1:])
+
+
+@pytest.mark.parametrize("how", ["seqfast class", "patched"])
+def test_multihead_attention_takes_nested_input_as_torch(how):
+    """torch's MultiheadAttention takes (strided) nested inputs on its fused inference path and refuses them
+    elsewhere; seqfast's module, built as its class or converted by seqfast.patch, runs torch's forward for them:
+    the same bits where torch serves them, torch's own error where it does not."""
+    torch.manual_seed(0)
+    x = torch.nested.nested_tensor([torch.randn(5, 16), torch.randn(7, 16)])
+    ref = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    if how == "patched":
+        ours = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+        ours.load_state_dict(ref.state_dict())
+        seqfast.patch(ours)
+    else:
+        ours = seqfast.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+        ours.load_state_dict(ref.state_dict())
+    assert isinstance(ours, seqfast.nn.MultiheadAttention)
+    with torch.no_grad():
+        expected, got = ref(x, x, x, need_weights=False)[0], ours(x, x, x, need_weights=False)[0]
+    assert got.is_nested and torch.equal(got.to_padded_tensor(0.0), expected.to_padded_tensor(0.0))
+    for module in (ref, ours):  # with a gradient to come: off torch's fast path, which alone takes nested input
+        with pytest.raises(AssertionError, match="NestedTensor outside of its fast path"):
+            module(x, x, x, need_weights=False)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from seqfast import _backend
-from seqfast._torch_math import torch_class_chosen
+from seqfast._torch_math import converted_from, torch_class_chosen
 from seqfast.functional import _dropout_seed, _seeded_attention
 from seqfast.nn._scripting import NotScriptable
 from seqfast.ops import attention as attention_ops
@@ -89,11 +89,12 @@ def _transposed_alike(query, key, value):
     return q, k, v
 
 
+def _any_nested(*tensors) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors)
+
+
 def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
     """torch's shape rules for MHA inputs; returns whether the input is batched."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.is_nested:
-            raise ArgumentError(f"seqfast.nn.MultiheadAttention does not take nested tensors ({name} is nested)")
     if query.dim() not in (2, 3):
         raise ArgumentError(f"query must be 2-D (L, E) unbatched or 3-D batched, got shape {tuple(query.shape)}")
     batched = query.dim() == 3
@@ -170,8 +171,9 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
 
     A query that sees no key (every key masked) gets torch's output: 0 without the weights (its
     scaled_dot_product_attention path), NaN with them (its weights @ v, the weights NaN there), and the
-    gradients that follow from each. Difference from torch: there is no nested-tensor fast path: nested inputs
-    raise ``ArgumentError`` (a ``ValueError`` and a ``RuntimeError``).
+    gradients that follow from each. Nested inputs run torch's own ``forward`` on this module's parameters: torch
+    takes them on its fused inference path (eval mode, no gradient, self-attention, ...) and refuses them
+    elsewhere, and so does this module.
     """
 
     def forward(  # type: ignore[override]
@@ -186,7 +188,11 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         torch_class = torch_class_chosen(self, query)
-        if torch_class is not None:  # converted by seqfast.patch, under torch's math-only flags
+        if torch_class is None and _any_nested(query, key, value):
+            # torch's module takes nested inputs on its fused inference path only (eval, no gradient, ...) and
+            # refuses them elsewhere: its own forward decides, with its kernels.
+            torch_class = converted_from(self) or torch.nn.MultiheadAttention
+        if torch_class is not None:  # converted by seqfast.patch, under torch's math-only flags; or nested input
             return torch_class.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                        average_attn_weights, is_causal)
         batched = _check_inputs(query, key, value, key_padding_mask, attn_mask)
