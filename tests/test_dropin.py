@@ -1254,3 +1254,42 @@ def test_sdpa_strided_nested_refused_by_name():
         out = F.scaled_dot_product_attention(q, q, q)
     assert torch.equal(out.to_padded_tensor(0.0), expected.to_padded_tensor(0.0))
     assert report.fell_through and not report.served
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_recomputes_the_same_dropout(reentrant):
+    """torch.utils.checkpoint reruns the forward in backward with torch's RNG state restored: the dropout drawn
+    there must be the first forward's, or the gradients are silently those of another mask. seqfast draws its
+    dropout seed from torch's generator, so a checkpointed call gives the plain call's output and gradients, bit
+    for bit, as torch's own function does (checked on both)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(fn, checkpointed):
+        g = torch.Generator().manual_seed(0)
+        leaves = [torch.randn(2, 3, n, 16, generator=g, requires_grad=True) for n in (17, 19, 19)]
+        torch.manual_seed(123)
+
+        def block(q, k, v):
+            return fn(q, k, v, dropout_p=0.3).sin()
+
+        out = checkpoint(block, *leaves, use_reentrant=reentrant) if checkpointed else block(*leaves)
+        out.sum().backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    for fn in (F.scaled_dot_product_attention, seqfast.scaled_dot_product_attention):
+        plain, checkpointed = run(fn, False), run(fn, True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed)), fn
+
+    module = seqfast.nn.MultiheadAttention(16, 4, dropout=0.2, batch_first=True)
+    results = []
+    for checkpointed in (False, True):
+        x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(5)
+
+        def attend(t):
+            return module(t, t, t, need_weights=False)[0]
+
+        out = checkpoint(attend, x, use_reentrant=reentrant) if checkpointed else attend(x)
+        out.sum().backward()  # (the reentrant checkpoint takes no torch.autograd.grad)
+        results.append((out.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
