@@ -464,7 +464,8 @@ void class_emissions(float* tm, int32_t* te, float* poison, const scalar_t* row,
   }
 }
 
-// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2), or on AVX-512
+// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2, for float32
+// rows on AVX-512 emission_gather_avx512), or on AVX-512
 // for an alphabet of up to 64 classes from the row's class emissions (class_emissions, then
 // emission_lookup_states_avx512 or emission_lookup_avx512).
 // The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
@@ -493,6 +494,12 @@ void frame_emissions(const ExtOps& ops, const Sample<scalar_t, float>& smp, cons
         alignas(32) float wide[kWidenClasses];
         load_row_avx2(row, C, wide);
         ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, wide, lab, smp.L, lse, blank, lo, hi);
+        return;
+      }
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (ops.avx512) {
+        ctc_simd::emission_gather_avx512<Sum>(em, ee, poison, row, lab, smp.L, lse, blank, lo, hi);
         return;
       }
     }

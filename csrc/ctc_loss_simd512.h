@@ -485,6 +485,63 @@ SEQFAST_TARGET_AVX512 static void class_emissions_avx512(float* tm, int32_t* te,
   if constexpr (Sum) _mm256_storeu_ps(poison, acc);
 }
 
+// emission_gather_avx2 for float32 rows, 16 labels a step: the same em / ee (emission_vec16 of the same floats,
+// interleaved with the blank's by two permutes each) and, with Sum, the same poison sums (8 labels at a time, in
+// the AVX2 loop's order). lab readable (any valid class) up to hi / 2 + 16.
+template <bool Sum>
+SEQFAST_TARGET_AVX512 static void emission_gather_avx512(float* em, int32_t* ee, float* poison, const float* row,
+                                                         const int32_t* lab, int64_t L, float lse, int64_t blank,
+                                                         int64_t lo, int64_t hi) {
+  const __m512 vlse = splat16(lse);
+  const __m512 bx = _mm512_sub_ps(splat16(row[blank]), vlse);
+  __m512 bm;
+  __m512i be;
+  emission_vec16(bx, &bm, &be);
+  __m256 acc = _mm256_setzero_ps();
+  if constexpr (Sum) acc = _mm256_add_ps(_mm256_loadu_ps(poison), _mm512_castps512_ps256(bx));
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512 minus_inf = splat16(-std::numeric_limits<float>::infinity());
+  int64_t k = lo / 2;
+  for (; 2 * k < hi; k += 16) {
+    const __mmask16 live = lanes(std::max<int64_t>(0, L - k));
+    const __mmask16 blank_live = lanes(std::max<int64_t>(0, L + 1 - k));
+    const int32_t* l = lab + k;  // scalar loads, as gather8's
+    const __m512 g = _mm512_setr_ps(row[l[0]], row[l[1]], row[l[2]], row[l[3]], row[l[4]], row[l[5]], row[l[6]],
+                                    row[l[7]], row[l[8]], row[l[9]], row[l[10]], row[l[11]], row[l[12]], row[l[13]],
+                                    row[l[14]], row[l[15]]);
+    const __m512 x = _mm512_mask_blend_ps(live, minus_inf, _mm512_sub_ps(g, vlse));
+    if constexpr (Sum) {
+      const __m512 xl = _mm512_maskz_mov_ps(live, x);
+      acc = _mm256_add_ps(acc, _mm512_castps512_ps256(xl));
+      if (2 * (k + 8) < hi) acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(xl, 1));
+    }
+    __m512 m;
+    __m512i e;
+    emission_vec16(x, &m, &e);
+    const __m512 bmk = _mm512_maskz_mov_ps(blank_live, bm);
+    const __m512i bek = _mm512_maskz_mov_epi32(blank_live, be);
+    const __mmask16 out0 = lanes(hi - 2 * k), out1 = lanes(std::max<int64_t>(0, hi - 2 * k - 16));
+    _mm512_mask_storeu_ps(em + 2 * k, out0, _mm512_permutex2var_ps(bmk, first, m));
+    _mm512_mask_storeu_epi32(ee + 2 * k, out0, _mm512_permutex2var_epi32(bek, first, e));
+    _mm512_mask_storeu_ps(em + 2 * k + 16, out1, _mm512_permutex2var_ps(bmk, second, m));
+    _mm512_mask_storeu_epi32(ee + 2 * k + 16, out1, _mm512_permutex2var_epi32(bek, second, e));
+  }
+  if constexpr (Sum) {
+    if (k - 8 >= lo / 2 && 2 * (k - 8) >= hi) k -= 8;  // the AVX2 loop stopped at the last step's second half
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; k < L; k += 8) {  // labels of states not reached yet: still checked
+      const __m256i left = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(L - k, 8)));
+      const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(left, iota));
+      const int32_t* l = lab + k;
+      const __m256 g = _mm256_setr_ps(row[l[0]], row[l[1]], row[l[2]], row[l[3]], row[l[4]], row[l[5]], row[l[6]],
+                                      row[l[7]]);
+      acc = _mm256_add_ps(acc, _mm256_and_ps(_mm256_sub_ps(g, _mm512_castps512_ps256(vlse)), live));
+    }
+    _mm256_storeu_ps(poison, acc);
+  }
+}
+
 // emission_lookup_avx512 for up to 32 classes, state by state: cls holds each label state's class (odd s) and
 // anything in [0, 32) at the blank states (even s), readable up to hi + 15; states from `states` on get (0, 0). One
 // index vector per 16 states, two permutes and plain stores instead of interleaving the labels with the blank:
