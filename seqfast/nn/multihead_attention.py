@@ -89,7 +89,8 @@ def _transposed_alike(query, key, value):
     return q, k, v
 
 
-def _any_nested(*tensors) -> bool:
+def _any_nested_input(*tensors) -> bool:
+    """Whether any input is a nested tensor, of either layout: torch's own forward decides what becomes of those."""
     return any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors)
 
 
@@ -188,7 +189,7 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         torch_class = torch_class_chosen(self, query)
-        if torch_class is None and _any_nested(query, key, value):
+        if torch_class is None and _any_nested_input(query, key, value):
             # torch's module takes nested inputs on its fused inference path only (eval, no gradient, ...) and
             # refuses them elsewhere: its own forward decides, with its kernels.
             torch_class = converted_from(self) or torch.nn.MultiheadAttention
