@@ -414,6 +414,22 @@ SEQFAST_TARGET_AVX512 static float beta_post_row_avx512(float* bm, int32_t* be, 
   return hsum8(acc);
 }
 
+// States 2k .. 2k+31 (those below hi) from labels k .. k+15 (m, e: their emissions, 0 where dead) and the blank's
+// (bm, be, kept in the lanes of blank_live): store_label_states of ctc_loss_simd.h in 16 lanes. State 2 (k + i) is
+// the blank, 2 (k + i) + 1 label k + i: lanes [b0, m0, b1, m1, ...] from (blank, labels), two permutes each.
+SEQFAST_AVX512_INLINE void store_label_states16(float* em, int32_t* ee, int64_t k, int64_t hi, __m512 m, __m512i e,
+                                                __m512 bm, __m512i be, __mmask16 blank_live) {
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512 bmk = _mm512_maskz_mov_ps(blank_live, bm);
+  const __m512i bek = _mm512_maskz_mov_epi32(blank_live, be);
+  const __mmask16 out0 = lanes(hi - 2 * k), out1 = lanes(std::max<int64_t>(0, hi - 2 * k - 16));
+  _mm512_mask_storeu_ps(em + 2 * k, out0, _mm512_permutex2var_ps(bmk, first, m));
+  _mm512_mask_storeu_epi32(ee + 2 * k, out0, _mm512_permutex2var_epi32(bek, first, e));
+  _mm512_mask_storeu_ps(em + 2 * k + 16, out1, _mm512_permutex2var_ps(bmk, second, m));
+  _mm512_mask_storeu_epi32(ee + 2 * k + 16, out1, _mm512_permutex2var_epi32(bek, second, e));
+}
+
 // The labels' emissions from class_emissions_avx2's tables of 64 classes (8 vectors of 8, C <= 64) for states
 // [lo, hi): emission_gather_avx2's bits, 16 labels a step, with two vpermt2ps and a blend for the labels'
 // mantissas and as many for their exponents (no exp, no scalar load), two more each to interleave them with the
@@ -424,9 +440,6 @@ SEQFAST_TARGET_AVX512 static void emission_lookup_avx512(float* em, int32_t* ee,
                                                          int64_t hi) {
   const __m512 bm = splat16(tm[blank]);
   const __m512i be = _mm512_set1_epi32(te[blank]);
-  // State 2 (k + i) is the blank, 2 (k + i) + 1 label k + i: lanes [b0, m0, b1, m1, ...] from (blank, labels).
-  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   for (int64_t k = lo / 2; 2 * k < hi; k += 16) {
     const __mmask16 live = lanes(std::max<int64_t>(0, L - k));
     const __mmask16 blank_live = lanes(std::max<int64_t>(0, L + 1 - k));
@@ -440,13 +453,7 @@ SEQFAST_TARGET_AVX512 static void emission_lookup_avx512(float* em, int32_t* ee,
                                                                     _mm512_loadu_si512(te + 48)));
     m = _mm512_maskz_mov_ps(live, m);
     e = _mm512_maskz_mov_epi32(live, e);
-    const __m512 bmk = _mm512_maskz_mov_ps(blank_live, bm);
-    const __m512i bek = _mm512_maskz_mov_epi32(blank_live, be);
-    const __mmask16 out0 = lanes(hi - 2 * k), out1 = lanes(std::max<int64_t>(0, hi - 2 * k - 16));
-    _mm512_mask_storeu_ps(em + 2 * k, out0, _mm512_permutex2var_ps(bmk, first, m));
-    _mm512_mask_storeu_epi32(ee + 2 * k, out0, _mm512_permutex2var_epi32(bek, first, e));
-    _mm512_mask_storeu_ps(em + 2 * k + 16, out1, _mm512_permutex2var_ps(bmk, second, m));
-    _mm512_mask_storeu_epi32(ee + 2 * k + 16, out1, _mm512_permutex2var_epi32(bek, second, e));
+    store_label_states16(em, ee, k, hi, m, e, bm, be, blank_live);
   }
 }
 
@@ -499,8 +506,6 @@ SEQFAST_TARGET_AVX512 static void emission_gather_avx512(float* em, int32_t* ee,
   emission_vec16(bx, &bm, &be);
   __m256 acc = _mm256_setzero_ps();
   if constexpr (Sum) acc = _mm256_add_ps(_mm256_loadu_ps(poison), _mm512_castps512_ps256(bx));
-  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   const __m512 minus_inf = splat16(-std::numeric_limits<float>::infinity());
   int64_t k = lo / 2;
   for (; 2 * k < hi; k += 16) {
@@ -519,13 +524,7 @@ SEQFAST_TARGET_AVX512 static void emission_gather_avx512(float* em, int32_t* ee,
     __m512 m;
     __m512i e;
     emission_vec16(x, &m, &e);
-    const __m512 bmk = _mm512_maskz_mov_ps(blank_live, bm);
-    const __m512i bek = _mm512_maskz_mov_epi32(blank_live, be);
-    const __mmask16 out0 = lanes(hi - 2 * k), out1 = lanes(std::max<int64_t>(0, hi - 2 * k - 16));
-    _mm512_mask_storeu_ps(em + 2 * k, out0, _mm512_permutex2var_ps(bmk, first, m));
-    _mm512_mask_storeu_epi32(ee + 2 * k, out0, _mm512_permutex2var_epi32(bek, first, e));
-    _mm512_mask_storeu_ps(em + 2 * k + 16, out1, _mm512_permutex2var_ps(bmk, second, m));
-    _mm512_mask_storeu_epi32(ee + 2 * k + 16, out1, _mm512_permutex2var_epi32(bek, second, e));
+    store_label_states16(em, ee, k, hi, m, e, bm, be, blank_live);
   }
   if constexpr (Sum) {
     if (k - 8 >= lo / 2 && 2 * (k - 8) >= hi) k -= 8;  // the AVX2 loop stopped at the last step's second half
