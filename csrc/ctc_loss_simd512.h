@@ -43,11 +43,13 @@ SEQFAST_AVX512_INLINE __m512 exp_reduced16(__m512 x, __m512* n_out) {
   return _mm512_add_ps(p, splat16(1.0f));
 }
 
+// p 2^n by vscalefps, one instruction for exp_core's four (convert, bias, shift, multiply) and the same bits: the
+// product is exact either way, its result being a normal float over exp_core's range (vscalefps is slow only
+// when it makes subnormals).
 SEQFAST_AVX512_INLINE __m512 exp_core16(__m512 x) {
   __m512 n;
   const __m512 p = exp_reduced16(x, &n);
-  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(pow2));
+  return _mm512_scalef_ps(p, n);
 }
 
 // exp_any of ctc_loss_simd.h: 0 below kExpLo (and for -inf), +inf above kExpHi, NaN for NaN.
@@ -85,24 +87,59 @@ SEQFAST_AVX512_INLINE __m512 log_normal16(__m512 x) {
 
 constexpr int64_t kExpRowAhead = 1024;  // floats: 4 KiB (measured best of 1, 2, 4, 8 KiB)
 
-// out[c] = g * exp(in[c] - off) for any n; out may alias in.
-SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, float off, float g, int64_t n) {
-  const __m512 voff = splat16(off), vg = splat16(g);
+// exp_rows_impl of ctc_loss_simd.h, 16 lanes: blocks of 32 entries within |x| <= -kExpLo take exp_core16 alone
+// (exp_any16's bits there); Off / G: whether off / g are other than +0 / 1, identities skipped bit for bit.
+template <bool Off, bool G>
+SEQFAST_TARGET_AVX512 static void exp_row_avx512_impl(float* out, const float* in, float off, float g, int64_t n) {
+  const __m512 voff = splat16(off), vg = splat16(g), lim = splat16(-kExpLo);
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
     // Rows are long (C floats) and read once: ask for them well ahead, the stream prefetcher restarts at every
     // 4 KiB page. Past the row's end this reaches into the next one, which the callers read next.
     _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead + 16), _MM_HINT_T0);
-    const __m512 x0 = _mm512_loadu_ps(in + c), x1 = _mm512_loadu_ps(in + c + 16);
-    _mm512_storeu_ps(out + c, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x0, voff))));
-    _mm512_storeu_ps(out + c + 16, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x1, voff))));
+    __m512 x0 = _mm512_loadu_ps(in + c), x1 = _mm512_loadu_ps(in + c + 16);
+    if constexpr (Off) {
+      x0 = _mm512_sub_ps(x0, voff);
+      x1 = _mm512_sub_ps(x1, voff);
+    }
+    // NaN fails the compare (ordered), so such blocks take exp_any16.
+    const __mmask16 ok0 = _mm512_cmp_ps_mask(_mm512_abs_ps(x0), lim, _CMP_LE_OQ);
+    const __mmask16 ok1 = _mm512_cmp_ps_mask(_mm512_abs_ps(x1), lim, _CMP_LE_OQ);
+    __m512 e0, e1;
+    if (__builtin_expect((ok0 & ok1) == 0xffff, 1)) {
+      e0 = exp_core16(x0);
+      e1 = exp_core16(x1);
+    } else {
+      e0 = exp_any16(x0);
+      e1 = exp_any16(x1);
+    }
+    if constexpr (G) {
+      e0 = _mm512_mul_ps(vg, e0);
+      e1 = _mm512_mul_ps(vg, e1);
+    }
+    _mm512_storeu_ps(out + c, e0);
+    _mm512_storeu_ps(out + c + 16, e1);
   }
   for (; c < n; c += 16) {
     const __mmask16 k = lanes(n - c);
-    const __m512 x = _mm512_maskz_loadu_ps(k, in + c);
-    _mm512_mask_storeu_ps(out + c, k, _mm512_mul_ps(vg, exp_any16(_mm512_sub_ps(x, voff))));
+    __m512 x = _mm512_maskz_loadu_ps(k, in + c);
+    if constexpr (Off) x = _mm512_sub_ps(x, voff);
+    __m512 e = exp_any16(x);
+    if constexpr (G) e = _mm512_mul_ps(vg, e);
+    _mm512_mask_storeu_ps(out + c, k, e);
   }
+}
+
+
+// out[c] = g * exp(in[c] - off) for any n; out may alias in.
+SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, float off, float g, int64_t n) {
+  if (off == 0.0f && !std::signbit(off)) {  // x - (-0) is +0 for x = -0
+    if (g == 1.0f) return exp_row_avx512_impl<false, false>(out, in, off, g, n);
+    return exp_row_avx512_impl<false, true>(out, in, off, g, n);
+  }
+  if (g == 1.0f) return exp_row_avx512_impl<true, false>(out, in, off, g, n);
+  exp_row_avx512_impl<true, true>(out, in, off, g, n);
 }
 
 // The label corrections of a gradient row, 16 labels at a time: for block b of label groups, lane j's group has
