@@ -95,9 +95,13 @@ SEQFAST_TARGET_AVX512 static void exp_row_avx512_impl(float* out, const float* i
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
     // Rows are long (C floats) and read once: ask for them well ahead, the stream prefetcher restarts at every
-    // 4 KiB page. Past the row's end this reaches into the next one, which the callers read next.
+    // 4 KiB page. Past the row's end this reaches into the next one, which the callers read next. The output's
+    // lines as far ahead, for writing: their reads for ownership overlap the work instead of holding up the
+    // stores (NOTES, "Gradient rows: the output's lines prefetched for writing").
     _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead + 16), _MM_HINT_T0);
+    prefetch_line_write(out + c + kExpRowAhead);
+    prefetch_line_write(out + c + kExpRowAhead + 16);
     __m512 x0 = _mm512_loadu_ps(in + c), x1 = _mm512_loadu_ps(in + c + 16);
     if constexpr (Off) {
       x0 = _mm512_sub_ps(x0, voff);
