@@ -236,10 +236,11 @@ SEQFAST_TARGET_AVX2_F16C static void exp_rows_impl(float* out, const Row* in, fl
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     // Long rows read once: prefetch 4 KiB ahead (the stream prefetcher restarts at every page); past the row's
-    // end this reaches into the next row, which the callers read next. The output line as far ahead, for
-    // writing (its read for ownership then overlaps the work).
+    // end this reaches into the next row, which the callers read next. With float rows the output is the
+    // gradient itself (16-bit rows go through a buffer in L1): its line as far ahead, for writing (its read
+    // for ownership then overlaps the work).
     _mm_prefetch(reinterpret_cast<const char*>(in + c + 4096 / sizeof(Row)), _MM_HINT_T0);
-    prefetch_line_write(out + c + 1024);
+    if constexpr (std::is_same_v<Row, float>) prefetch_line_write(out + c + 1024);
     __m256 x0 = load8_row(in + c), x1 = load8_row(in + c + 8);
     if constexpr (Off) {
       x0 = _mm256_sub_ps(x0, voff);
