@@ -277,16 +277,26 @@ SEQFAST_TARGET_AVX2_F16C static void exp_rows_impl(float* out, const Row* in, fl
   }
 }
 
+// Calls row(std::bool_constant<Off>{}, std::bool_constant<G>{}) with Off / G saying whether the exp rows' `off` /
+// `g` are other than +0 / 1: the template flags of exp_rows_impl and exp_row_avx512_impl, chosen once here.
+template <typename Row>
+inline void with_row_identities(float off, float g, const Row& row) {
+  const bool has_off = !(off == 0.0f && !std::signbit(off));  // x - (-0) is +0 for x = -0
+  if (has_off) {
+    if (g == 1.0f) return row(std::true_type{}, std::false_type{});
+    return row(std::true_type{}, std::true_type{});
+  }
+  if (g == 1.0f) return row(std::false_type{}, std::false_type{});
+  row(std::false_type{}, std::true_type{});
+}
+
 // out[c] = g * exp(float(in[c]) - off) for any n (masked tail); Row: float (out may alias in), or c10::Half /
 // c10::BFloat16 (widened on the fly, the same bits as widening first).
 template <typename Row>
 SEQFAST_TARGET_AVX2_F16C static void exp_rows_avx2(float* out, const Row* in, float off, float g, int64_t n) {
-  if (off == 0.0f && !std::signbit(off)) {  // x - (-0) is +0 for x = -0
-    if (g == 1.0f) return exp_rows_impl<false, false>(out, in, off, g, n);
-    return exp_rows_impl<false, true>(out, in, off, g, n);
-  }
-  if (g == 1.0f) return exp_rows_impl<true, false>(out, in, off, g, n);
-  exp_rows_impl<true, true>(out, in, off, g, n);
+  with_row_identities(off, g, [&](auto has_off, auto has_g) {
+    exp_rows_impl<decltype(has_off)::value, decltype(has_g)::value>(out, in, off, g, n);
+  });
 }
 
 // The float32 row (no F16C instruction is used for it).

@@ -135,15 +135,11 @@ SEQFAST_TARGET_AVX512 static void exp_row_avx512_impl(float* out, const float* i
   }
 }
 
-
 // out[c] = g * exp(in[c] - off) for any n; out may alias in.
 SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, float off, float g, int64_t n) {
-  if (off == 0.0f && !std::signbit(off)) {  // x - (-0) is +0 for x = -0
-    if (g == 1.0f) return exp_row_avx512_impl<false, false>(out, in, off, g, n);
-    return exp_row_avx512_impl<false, true>(out, in, off, g, n);
-  }
-  if (g == 1.0f) return exp_row_avx512_impl<true, false>(out, in, off, g, n);
-  exp_row_avx512_impl<true, true>(out, in, off, g, n);
+  with_row_identities(off, g, [&](auto has_off, auto has_g) {
+    exp_row_avx512_impl<decltype(has_off)::value, decltype(has_g)::value>(out, in, off, g, n);
+  });
 }
 
 // The label corrections of a gradient row, 16 labels at a time: for block b of label groups, lane j's group has
