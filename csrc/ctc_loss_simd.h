@@ -277,17 +277,17 @@ SEQFAST_TARGET_AVX2_F16C static void exp_rows_impl(float* out, const Row* in, fl
   }
 }
 
-// Calls row(std::bool_constant<Off>{}, std::bool_constant<G>{}) with Off / G saying whether the exp rows' `off` /
+// Calls body(std::bool_constant<Off>{}, std::bool_constant<G>{}) with Off / G saying whether the exp rows' `off` /
 // `g` are other than +0 / 1: the template flags of exp_rows_impl and exp_row_avx512_impl, chosen once here.
-template <typename Row>
-inline void with_row_identities(float off, float g, const Row& row) {
+template <typename Body>
+inline void with_row_identities(float off, float g, const Body& body) {
   const bool has_off = !(off == 0.0f && !std::signbit(off));  // x - (-0) is +0 for x = -0
   if (has_off) {
-    if (g == 1.0f) return row(std::true_type{}, std::false_type{});
-    return row(std::true_type{}, std::true_type{});
+    if (g == 1.0f) return body(std::true_type{}, std::false_type{});
+    return body(std::true_type{}, std::true_type{});
   }
-  if (g == 1.0f) return row(std::false_type{}, std::false_type{});
-  row(std::false_type{}, std::true_type{});
+  if (g == 1.0f) return body(std::false_type{}, std::false_type{});
+  body(std::false_type{}, std::true_type{});
 }
 
 // out[c] = g * exp(float(in[c]) - off) for any n (masked tail); Row: float (out may alias in), or c10::Half /
