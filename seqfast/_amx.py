@@ -1,11 +1,12 @@
-"""Whether torch multiplies bfloat16 on AMX tiles here, and so beats seqfast's CPU attention forward in bfloat16.
+"""Whether torch multiplies bfloat16 on AMX tiles here, and so beats seqfast's CPU attention in bfloat16.
 
 On CPUs with AMX (Intel Sapphire Rapids and later) torch's fused CPU attention runs its bfloat16 products on the
 tile unit; seqfast's kernels widen bfloat16 to float32 and use the vector FMA units, and measured 1.3-2.8x
-slower there in bfloat16 inference at 2 threads (benchmarks/NOTES.md, "bfloat16 inference on AMX goes to torch").
-The AVX512-BF16 dot product is no substitute on that CPU (about half the FMA's rate), so seqfast hands those calls
-to torch: the same numbers as torch, at torch's speed. ``SEQFAST_BF16_ATTENTION=seqfast`` keeps them on seqfast's
-kernel.
+slower there in bfloat16 inference at 2 threads (benchmarks/NOTES.md, "bfloat16 inference on AMX goes to torch"),
+and up to 2x slower in forward+backward once a head's work is large ("bfloat16 training on AMX"). The AVX512-BF16
+dot product is no substitute on that CPU (about half the FMA's rate), so seqfast hands those calls to torch
+(``functional._bf16_for_torch`` says which): the same numbers as torch, at torch's speed.
+``SEQFAST_BF16_ATTENTION=seqfast`` keeps them on seqfast's kernel.
 """
 
 from __future__ import annotations

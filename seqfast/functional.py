@@ -236,8 +236,9 @@ def scaled_dot_product_attention(
         ``out.transpose(1, 2).view(B, L, H * E)`` works for (B, L, H, E)-view queries; else contiguous. Rows
         that see no key are 0, as in torch 2.13.
 
-    On a CPU whose AMX tiles torch uses (seqfast/_amx.py), an eager bfloat16 call with no gradient to come that
-    torch runs fused is torch's own call: torch is faster there. ``SEQFAST_BF16_ATTENTION=seqfast`` turns this off.
+    On a CPU whose AMX tiles torch uses (seqfast/_amx.py), an eager bfloat16 call that torch runs fused is torch's
+    own call where torch is faster: with no gradient to come, and with one where the work is large (head dim at
+    least 64 and Lq * Lk * E at least 2^23, causal above 2^26). ``SEQFAST_BF16_ATTENTION=seqfast`` turns this off.
     A 16-bit CPU call with a gradient to come that torch computes unfused runs in float32 and casts back, as
     torch's math path does (gradients as close to float64 as torch's).
     """
@@ -257,7 +258,7 @@ def scaled_dot_product_attention(
     if _any_strided_nested(query, key, value):
         raise ArgumentError("seqfast takes jagged nested tensors (torch.nested, layout=torch.jagged), not the strided "
                             "layout, whose sequences may be ragged in any dim: torch's own function serves those")
-    if _TORCH_AMX_BF16 and _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p, enable_gqa):
+    if _TORCH_AMX_BF16 and _bf16_for_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
         return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     bottom_right = False
     if _is_causal_bias(attn_mask):
@@ -439,11 +440,19 @@ def _fused_in_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: 
     return query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
 
 
-def _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: bool) -> bool:
-    """A CPU call in bfloat16 (its inputs', or CPU autocast's of float32 inputs) with no gradient to come, that
-    torch runs fused: on CPUs with AMX torch's own kernel is faster there (seqfast/_amx.py), and its numbers are
-    torch's by definition. Only eager calls on the ``auto`` backend (``_backend.is_plain_auto``: compiled and
-    torch.func calls keep seqfast's op); any gradient keeps the call on seqfast's kernels."""
+# Training calls (a gradient to come) go to torch's AMX kernel only above these sizes, Lq * Lk * E, with E >= 64:
+# below them seqfast's forward+backward was the faster one (benchmarks/NOTES.md, "bfloat16 training on AMX").
+# Causal calls have the higher bar: seqfast computes only the visible half, torch's CPU kernel more of the rest.
+AMX_TRAINING_MIN_WORK = 1 << 23
+AMX_TRAINING_MIN_WORK_CAUSAL = 1 << 26
+AMX_TRAINING_MIN_HEAD_DIM = 64
+
+
+def _bf16_for_torch(query, key, value, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool) -> bool:
+    """A CPU call in bfloat16 (its inputs', or CPU autocast's of float32 inputs) that torch runs fused, with no
+    gradient to come or, with one, big enough (``AMX_TRAINING_MIN_WORK``): on CPUs with AMX torch's own kernel is
+    faster there (seqfast/_amx.py), and its numbers, gradients included, are torch's by definition. Only eager
+    calls on the ``auto`` backend (``_backend.is_plain_auto``: compiled and torch.func calls keep seqfast's op)."""
     if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
         return False
     # The dtype first: on an AMX machine every float32 call passes through here.
@@ -458,7 +467,17 @@ def _bf16_inference_for_torch(query, key, value, attn_mask, dropout_p: float, en
     if query.device.type != "cpu" or not _backend.is_plain_auto():
         return False
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return False
+        if query.dim() != 4 or key.dim() != 4:
+            return False  # not fused in torch either
+        E = query.shape[-1]
+        if E < AMX_TRAINING_MIN_HEAD_DIM:
+            return False
+        work = query.shape[-2] * key.shape[-2] * E
+        if is_causal or _is_causal_bias(attn_mask):
+            if work <= AMX_TRAINING_MIN_WORK_CAUSAL:
+                return False
+        elif work < AMX_TRAINING_MIN_WORK:
+            return False
     # A mask that requires grad is not fused on the CPU (_fused_in_torch), so it stays here in any grad mode.
     return _fused_in_torch(query, key, value, attn_mask, dropout_p, enable_gqa)
 

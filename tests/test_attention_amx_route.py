@@ -1,8 +1,8 @@
-"""bfloat16 inference attention on CPUs whose AMX tiles torch uses goes to torch's own kernel (seqfast/_amx.py).
+"""bfloat16 attention on CPUs whose AMX tiles torch uses goes to torch's own kernel (seqfast/_amx.py).
 
 The suite runs with the route off (conftest.py); here it is switched on, whatever the machine, and a spy on
-torch's attention says which calls took it: bfloat16 calls with no gradient to come that torch runs fused, and
-no others.
+torch's attention says which calls took it: bfloat16 calls that torch runs fused, with no gradient to come or
+with one and enough work (functional.AMX_TRAINING_MIN_WORK), and no others.
 """
 
 from __future__ import annotations
@@ -66,11 +66,55 @@ def test_autocast_bf16_inference_is_torchs_call(route):
     assert route == [torch.float32]
 
 
+# (Lq, Lk, E) at the training thresholds: 2^23 (full) and above 2^26 (causal), head dim at least 64.
+@pytest.mark.parametrize("causal,lq,lk,e,routed", [
+    (False, 362, 362, 64, False),   # 8386816 < 2^23
+    (False, 256, 512, 64, True),    # 2^23
+    (False, 1024, 256, 32, False),  # 2^23, but E < 64
+    (True, 1024, 1024, 64, False),  # 2^26: not above it
+    (True, 1024, 1025, 64, True),
+    (True, 512, 1024, 128, False),
+    (True, 1024, 520, 128, True),
+])
+def test_bf16_training_goes_to_torch_above_the_work_threshold(route, causal, lq, lk, e, routed):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 1, lq, e, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, 1, lk, e, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    go = torch.randn(1, 1, lq, e, generator=g).bfloat16()
+    out = seqfast.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    assert route == ([torch.bfloat16] if routed else [])
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go)
+    if routed:  # torch's call: torch's bits, forward and gradients
+        assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    else:  # seqfast's kernels: close to torch, not its bits
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_training_route_takes_masks_and_autocast(route):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 512, 64, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.randn(512, 512, generator=g).bfloat16()  # a mask is judged as full attention
+    out = seqfast.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out, ref)
+    out.float().sum().backward()
+    qf = torch.randn(2, 2, 512, 64, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outf = seqfast.scaled_dot_product_attention(qf, qf, qf)
+    assert outf.dtype == torch.bfloat16
+    assert route == [torch.bfloat16, torch.float32]
+
+
 def test_other_calls_stay_on_seqfast(route):
     q, k, v = _qkv(requires_grad=True)
-    out = seqfast.scaled_dot_product_attention(q, k, v)  # a gradient to come: seqfast's backward
+    out = seqfast.scaled_dot_product_attention(q, k, v)  # a small gradient to come: seqfast's backward
     out.float().sum().backward()
     assert q.grad is not None
+    big = [torch.randn(1, 1, 2048, 64).bfloat16().requires_grad_() for _ in range(3)]
+    seqfast.scaled_dot_product_attention(*big, dropout_p=0.1)  # large, but dropout: torch runs it unfused
+    seqfast.scaled_dot_product_attention(*(x.detach().squeeze(0).requires_grad_() for x in big))  # 3-D
     with torch.no_grad():
         for dtype in (torch.float32, torch.float16):
             seqfast.scaled_dot_product_attention(*_qkv(dtype=dtype))
