@@ -840,7 +840,10 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
     buf.resize(C);
     row = buf.data();
 #if SEQFAST_X86
-    if (has_avx2()) {  // widen while taking the exp: the row is read once, prefetched ahead
+    // Widen while taking the exp: the row is read once, prefetched ahead.
+    if (has_avx512()) {
+      ctc_simd::exp_rows_avx512(row, lp_row, off, g, C);
+    } else if (has_avx2()) {
       ctc_simd::exp_rows_avx2(row, lp_row, off, g, C);
     } else
 #endif

@@ -87,22 +87,51 @@ SEQFAST_AVX512_INLINE __m512 log_normal16(__m512 x) {
 
 constexpr int64_t kExpRowAhead = 1024;  // floats: 4 KiB (measured best of 1, 2, 4, 8 KiB)
 
+// Sixteen consecutive values from p as floats, exactly (Row: float, c10::Half or c10::BFloat16); the masked form
+// reads lanes k only (the others are 0).
+template <typename Row>
+SEQFAST_AVX512_INLINE __m512 load16_row(const Row* p) {
+  if constexpr (std::is_same_v<Row, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<Row, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {  // a bfloat16 is a float's top half
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+}
+template <typename Row>
+SEQFAST_AVX512_INLINE __m512 load16_row(const Row* p, __mmask16 k) {
+  if constexpr (std::is_same_v<Row, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else if constexpr (std::is_same_v<Row, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+  }
+}
+
 // exp_rows_impl of ctc_loss_simd.h, 16 lanes: blocks of 32 entries within |x| <= -kExpLo take exp_core16 alone
 // (exp_any16's bits there); Off / G: whether off / g are other than +0 / 1, identities skipped bit for bit.
-template <bool Off, bool G>
-SEQFAST_TARGET_AVX512 static void exp_row_avx512_impl(float* out, const float* in, float off, float g, int64_t n) {
+// Row: float, or c10::Half / c10::BFloat16 widened on the fly (exactly, so the same bits as widening first).
+template <bool Off, bool G, typename Row>
+SEQFAST_TARGET_AVX512 static void exp_row_avx512_impl(float* out, const Row* in, float off, float g, int64_t n) {
   const __m512 voff = splat16(off), vg = splat16(g), lim = splat16(-kExpLo);
+  constexpr int64_t kAhead = kExpRowAhead * sizeof(float) / sizeof(Row);  // 4 KiB of input
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
     // Rows are long (C floats) and read once: ask for them well ahead, the stream prefetcher restarts at every
     // 4 KiB page. Past the row's end this reaches into the next one, which the callers read next. The output's
     // lines as far ahead, for writing: their reads for ownership overlap the work instead of holding up the
-    // stores (NOTES, "Gradient rows: the output's lines prefetched for writing").
-    _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(in + c + kExpRowAhead + 16), _MM_HINT_T0);
-    prefetch_line_write(out + c + kExpRowAhead);
-    prefetch_line_write(out + c + kExpRowAhead + 16);
-    __m512 x0 = _mm512_loadu_ps(in + c), x1 = _mm512_loadu_ps(in + c + 16);
+    // stores (NOTES, "Gradient rows: the output's lines prefetched for writing"). A 16-bit row's output is a
+    // buffer in L1 (the caller narrows it into the gradient), which needs no such prefetch.
+    _mm_prefetch(reinterpret_cast<const char*>(in + c + kAhead), _MM_HINT_T0);
+    if constexpr (std::is_same_v<Row, float>) {
+      _mm_prefetch(reinterpret_cast<const char*>(in + c + kAhead + 16), _MM_HINT_T0);
+      prefetch_line_write(out + c + kExpRowAhead);
+      prefetch_line_write(out + c + kExpRowAhead + 16);
+    }
+    __m512 x0 = load16_row(in + c), x1 = load16_row(in + c + 16);
     if constexpr (Off) {
       x0 = _mm512_sub_ps(x0, voff);
       x1 = _mm512_sub_ps(x1, voff);
@@ -127,7 +156,7 @@ SEQFAST_TARGET_AVX512 static void exp_row_avx512_impl(float* out, const float* i
   }
   for (; c < n; c += 16) {
     const __mmask16 k = lanes(n - c);
-    __m512 x = _mm512_maskz_loadu_ps(k, in + c);
+    __m512 x = load16_row(in + c, k);
     if constexpr (Off) x = _mm512_sub_ps(x, voff);
     __m512 e = exp_any16(x);
     if constexpr (G) e = _mm512_mul_ps(vg, e);
@@ -135,11 +164,17 @@ SEQFAST_TARGET_AVX512 static void exp_row_avx512_impl(float* out, const float* i
   }
 }
 
-// out[c] = g * exp(in[c] - off) for any n; out may alias in.
-SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, float off, float g, int64_t n) {
+// out[c] = g * exp(float(in[c]) - off) for any n; Row: float (out may alias in), or c10::Half / c10::BFloat16.
+template <typename Row>
+SEQFAST_TARGET_AVX512 static void exp_rows_avx512(float* out, const Row* in, float off, float g, int64_t n) {
   with_row_identities(off, g, [&](auto has_off, auto has_g) {
     exp_row_avx512_impl<decltype(has_off)::value, decltype(has_g)::value>(out, in, off, g, n);
   });
+}
+
+// The float32 row.
+SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, float off, float g, int64_t n) {
+  exp_rows_avx512(out, in, off, g, n);
 }
 
 // The label corrections of a gradient row, 16 labels at a time: for block b of label groups, lane j's group has

@@ -1,5 +1,5 @@
 // Rows of float16 / bfloat16 to and from float32 (the compute type of every 16-bit CPU kernel), eight lanes at a
-// time on AVX2 + F16C, with the rounding c10 uses (round to nearest even; a bfloat16 NaN becomes 0x7FC0); scalar
+// time on AVX2 + F16C (stores sixteen on AVX-512), with the rounding c10 uses (round to nearest even; a bfloat16 NaN becomes 0x7FC0); scalar
 // tails, strided rows and other CPUs go through the c10 conversions themselves, so results do not depend on the path.
 #pragma once
 
@@ -64,6 +64,34 @@ SEQFAST_TARGET_AVX2_F16C inline void store_row_avx2(const float* src, float mul,
   for (; c + 8 <= n; c += 8) store8_avx2(dst + c, _mm256_mul_ps(_mm256_loadu_ps(src + c), vm));
   for (; c < n; ++c) dst[c] = static_cast<S>(src[c] * mul);
 }
+
+// GCC 12 reports its own AVX-512 intrinsics' deliberately undefined vectors as maybe uninitialised.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+// store_row_avx2 sixteen lanes at a time, the same bits: F16C's conversion and AVX-512's are one instruction
+// with one rounding, and the bfloat16 rounding is the same integer arithmetic.
+SEQFAST_TARGET_AVX512 inline void store16_avx512(c10::Half* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+SEQFAST_TARGET_AVX512 inline void store16_avx512(c10::BFloat16* p, __m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));  // each lane fits 16 bits
+}
+
+template <typename S>
+SEQFAST_TARGET_AVX512 inline void store_row_avx512(const float* src, float mul, int64_t n, S* dst) {
+  const __m512 vm = _mm512_set1_ps(mul);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) store16_avx512(dst + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), vm));
+  if (c < n) store_row_avx2(src + c, mul, n - c, dst + c);
+}
+#pragma GCC diagnostic pop
 #endif  // SEQFAST_X86
 
 template <typename S>
@@ -85,6 +113,7 @@ template <typename S, typename T>
 inline void store_row(const T* src, T mul, int64_t n, S* dst, int64_t stride) {
 #if SEQFAST_X86
   if constexpr (kIsHalfType<S> && std::is_same_v<T, float>) {
+    if (stride == 1 && has_avx512()) return store_row_avx512(src, mul, n, dst);
     if (stride == 1 && has_avx2()) return store_row_avx2(src, mul, n, dst);
   }
 #endif

@@ -4,6 +4,7 @@
 
 #include "buffer_cache.h"
 #include "cpu_features.h"
+#include "half_rows.h"
 
 namespace seqfast {
 pybind11::dict build_info();                  // csrc/build_info.cpp
@@ -35,6 +36,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return pybind11::dict(pybind11::arg("hits") = s.hits, pybind11::arg("misses") = s.misses,
                           pybind11::arg("idle_bytes") = s.idle_bytes, pybind11::arg("limit_bytes") = s.limit_bytes);
   }, "Counters of the cache of large CPU output buffers (csrc/buffer_cache.h).");
+  m.def("round_rows", [](const at::Tensor& x, const std::string& dtype) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1 && x.is_contiguous() && x.device().is_cpu(),
+                "round_rows: expected a contiguous 1-D float32 CPU tensor");
+    TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "round_rows: dtype must be bfloat16 or float16");
+    at::Tensor out = at::empty({x.numel()}, x.options().dtype(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf));
+    if (dtype == "bfloat16") {
+      seqfast::store_row(x.data_ptr<float>(), 1.0f, x.numel(), out.data_ptr<c10::BFloat16>(), 1);
+    } else {
+      seqfast::store_row(x.data_ptr<float>(), 1.0f, x.numel(), out.data_ptr<c10::Half>(), 1);
+    }
+    return out;
+  }, "x rounded to bfloat16 / float16 by the kernels' own row narrowing on the active ISA (for tests).");
   m.def("buffer_cache_set_limit", [](int64_t bytes) { return seqfast::BufferCache::get().set_limit(bytes); },
         "Sets the idle-byte limit of the CPU output buffer cache (0: off, idle blocks are freed); returns the old "
         "one.");
