@@ -453,20 +453,9 @@ ExtOps ext_ops(int64_t classes) {
 
 constexpr int64_t kWidenClasses = 256;  // 16-bit rows up to this long may be widened on the stack (frame_emissions)
 
-// A small alphabet's class emissions (ctc_simd::class_emissions_avx2's tables): 16 classes a vector for float32
-// rows, the same bits.
-template <bool Sum, typename scalar_t, int Q>
-void class_emissions(float* tm, int32_t* te, float* poison, const scalar_t* row, int64_t C, float lse) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    ctc_simd::class_emissions_avx512<Sum, Q>(tm, te, poison, row, C, lse);
-  } else {
-    ctc_simd::class_emissions_avx2<Sum, scalar_t, Q>(tm, te, poison, row, C, lse);
-  }
-}
-
-// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2, for float32
-// rows on AVX-512 emission_gather_avx512), or on AVX-512
-// for an alphabet of up to 64 classes from the row's class emissions (class_emissions, then
+// Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2, on AVX-512
+// emission_gather_avx512 for float32 rows and widened 16-bit ones), or on AVX-512 for an alphabet of up to 64
+// classes from the row's class emissions (class_emissions_avx512, 16 classes a vector, the AVX2 tables' bits; then
 // emission_lookup_states_avx512 or emission_lookup_avx512).
 // The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
 template <bool Sum, typename scalar_t>
@@ -476,13 +465,13 @@ void frame_emissions(const ExtOps& ops, const Sample<scalar_t, float>& smp, cons
   const int32_t* lab = smp.lab32.data();
   if (ops.avx512 && C <= 64 && labels >= std::max<int64_t>(16, C)) {
     // A small alphabet, more labels in the range than classes in the row: one exp per class, labels looked up.
-    alignas(64) float tm[64];  // class_emissions_avx2 writes the 8 Q entries read
+    alignas(64) float tm[64];  // class_emissions_avx512 writes the 8 Q entries read
     alignas(64) int32_t te[64];
     if (C <= 32) {
-      class_emissions<Sum, scalar_t, 4>(tm, te, poison, row, C, lse);
+      ctc_simd::class_emissions_avx512<Sum, 4>(tm, te, poison, row, C, lse);
       ctc_simd::emission_lookup_states_avx512(em, ee, tm, te, blank, smp.cls32.data(), smp.states, lo, hi);
     } else {
-      class_emissions<Sum, scalar_t, 8>(tm, te, poison, row, C, lse);
+      ctc_simd::class_emissions_avx512<Sum, 8>(tm, te, poison, row, C, lse);
       ctc_simd::emission_lookup_avx512(em, ee, tm, te, blank, lab, smp.L, lo, hi);
     }
   } else {
@@ -493,7 +482,11 @@ void frame_emissions(const ExtOps& ops, const Sample<scalar_t, float>& smp, cons
         // inserts), and here the gathers outnumber the row's vectors.
         alignas(32) float wide[kWidenClasses];
         load_row_avx2(row, C, wide);
-        ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, wide, lab, smp.L, lse, blank, lo, hi);
+        if (ops.avx512) {
+          ctc_simd::emission_gather_avx512<Sum>(em, ee, poison, wide, lab, smp.L, lse, blank, lo, hi);
+        } else {
+          ctc_simd::emission_gather_avx2<Sum>(em, ee, poison, wide, lab, smp.L, lse, blank, lo, hi);
+        }
         return;
       }
     }

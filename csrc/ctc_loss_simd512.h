@@ -538,18 +538,19 @@ SEQFAST_AVX512_INLINE void emission_vec16(__m512 x, __m512* m, __m512i* e) {
   *e = _mm512_maskz_mov_epi32(live, _mm512_cvtps_epi32(nf));
 }
 
-// class_emissions_avx2 for float32 rows, 16 classes a vector: the same values in tm / te and, with Sum, the same
-// poison sums (each 16-class vector added to the 8-lane accumulator half by half, in the AVX2 order). Lanes past
-// C load zeros, as the AVX2 version's zero-filled copy of the row's tail gives them.
-template <bool Sum, int Q>
-SEQFAST_TARGET_AVX512 static void class_emissions_avx512(float* tm, int32_t* te, float* poison, const float* row,
+// class_emissions_avx2, 16 classes a vector: the same values in tm / te and, with Sum, the same poison sums (each
+// 16-class vector added to the 8-lane accumulator half by half, in the AVX2 order). Lanes past C load zeros, as the
+// AVX2 version's zero-filled copy of the row's tail gives them. Row: float, c10::Half or c10::BFloat16 (widened
+// exactly, as the AVX2 version widens them).
+template <bool Sum, int Q, typename Row>
+SEQFAST_TARGET_AVX512 static void class_emissions_avx512(float* tm, int32_t* te, float* poison, const Row* row,
                                                          int64_t C, float lse) {
   static_assert(Q == 4 || Q == 8);
   const __m512 vlse = splat16(lse);
   __m256 acc = Sum ? _mm256_loadu_ps(poison) : _mm256_setzero_ps();
   for (int q = 0; q < Q / 2; ++q) {
     const __mmask16 real = lanes(std::max<int64_t>(0, C - 16 * q));
-    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(real, row + 16 * q), vlse);
+    const __m512 x = _mm512_sub_ps(load16_row(row + 16 * q, real), vlse);
     if constexpr (Sum) {
       const __m512 xr = _mm512_maskz_mov_ps(real, x);
       acc = _mm256_add_ps(acc, _mm512_castps512_ps256(xr));

@@ -219,14 +219,16 @@ def test_half_inputs(dtype):
         torch.testing.assert_close(grad.double(), ref_grad2, rtol=eps / 2, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(41, 6, 37, 19), (80, 6, 13, 30), (23, 6, 75, 19)], ids=["C37", "C13", "C75"])
+@pytest.mark.parametrize("shape", [(41, 6, 37, 19), (80, 6, 13, 30), (110, 6, 40, 50), (23, 6, 75, 19)],
+                         ids=["C37", "C13", "C40", "C75"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_half_inputs_are_the_float32_kernel_rounded_once(dtype, isa, shape):
     """16-bit log_probs are read exactly (the emissions gathered straight from the 16-bit rows, or from the row
     widened once where labels cover half the classes (on AVX2: C13, and C37 past its first frames), or looked up in
-    the row's class emissions where labels outnumber classes (AVX-512), the gradient rows widened and narrowed eight
-    at a time on AVX2, sixteen on AVX-512: C75 is two blocks of 32 and a masked tail there):
+    the row's class emissions where labels outnumber classes (AVX-512: C13 four vectors of 8 classes, C40 eight), the
+    gradient rows widened and narrowed eight at a time on AVX2, sixteen on AVX-512: C75 is two blocks of 32 and a
+    masked tail there):
     loss and gradient are the float32 kernel's on the widened inputs, rounded once to dtype, bit for bit. Label
     counts below, at and past a vector of 8 (and 0), C not a multiple of 8, a NaN and a +inf log-prob, a -inf row."""
     from seqfast import _C
