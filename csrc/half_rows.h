@@ -1,6 +1,7 @@
 // Rows of float16 / bfloat16 to and from float32 (the compute type of every 16-bit CPU kernel), eight lanes at a
-// time on AVX2 + F16C (stores sixteen on AVX-512), with the rounding c10 uses (round to nearest even; a bfloat16 NaN becomes 0x7FC0); scalar
-// tails, strided rows and other CPUs go through the c10 conversions themselves, so results do not depend on the path.
+// time on AVX2 + F16C (stores sixteen on AVX-512), with the rounding c10 uses (round to nearest even; a bfloat16
+// NaN becomes 0x7FC0); scalar tails, strided rows and other CPUs go through the c10 conversions themselves, so
+// results do not depend on the path (tests/test_half_rows.py holds the ties to torch's on every ISA).
 #pragma once
 
 #include <c10/util/BFloat16.h>
