@@ -258,8 +258,9 @@ def scaled_dot_product_attention(
     if _any_strided_nested(query, key, value):
         raise ArgumentError("seqfast takes jagged nested tensors (torch.nested, layout=torch.jagged), not the strided "
                             "layout, whose sequences may be ragged in any dim: torch's own function serves those")
-    if _TORCH_AMX_BF16 and _bf16_for_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-        return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    out = _amx_bf16_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if out is not None:
+        return out
     bottom_right = False
     if _is_causal_bias(attn_mask):
         is_causal, bottom_right = _causal_bias(attn_mask, query, key, is_causal)
@@ -446,6 +447,14 @@ def _fused_in_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: 
 AMX_TRAINING_MIN_WORK = 1 << 23
 AMX_TRAINING_MIN_WORK_CAUSAL = 1 << 26
 AMX_TRAINING_MIN_HEAD_DIM = 64
+
+
+def _amx_bf16_attention(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool):
+    """torch's own attention of the call where _bf16_for_torch sends it there (on CPUs whose AMX tiles torch
+    uses), else None: seqfast's kernels are to compute it."""
+    if _TORCH_AMX_BF16 and _bf16_for_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+        return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    return None
 
 
 def _bf16_for_torch(query, key, value, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool) -> bool:

@@ -168,3 +168,28 @@ def test_compiled_and_torch_func_calls_keep_seqfasts_op(route, monkeypatch):
     with torch.no_grad():
         assert torch.equal(out, seqfast.scaled_dot_product_attention(q, k, v, is_causal=True))
         assert torch.equal(batched[0], seqfast.scaled_dot_product_attention(q[0], k[0], v[0]))
+
+
+def test_multihead_attention_takes_the_same_route(route):
+    # seqfast.nn.MultiheadAttention computes its attention as seqfast.scaled_dot_product_attention does, the AMX
+    # route included: with it, a large bfloat16 training call without weights is torch's module's own numbers.
+    torch.manual_seed(0)
+    E, H, L = 512, 8, 512  # head dim 64, L * L * 64 = 2^24
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.bfloat16)
+    mha = seqfast.nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.bfloat16)
+    mha.load_state_dict(ref.state_dict())
+    x = torch.randn(2, L, E).bfloat16()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    out = mha(xs[0], xs[0], xs[0], need_weights=False)[0]
+    expected = ref(xs[1], xs[1], xs[1], need_weights=False)[0]
+    assert route == [torch.bfloat16]
+    assert torch.equal(out, expected)
+    go = torch.randn_like(out)
+    out.backward(go)
+    expected.backward(go)
+    assert torch.equal(xs[0].grad, xs[1].grad)
+    small = x[:, :16].clone().requires_grad_()
+    mha(small, small, small, need_weights=False)  # a small call stays on seqfast's kernels
+    mha.dropout = 0.1
+    mha(xs[0], xs[0], xs[0], need_weights=False)  # dropout: torch would run it unfused
+    assert route == [torch.bfloat16]

@@ -4,9 +4,10 @@ The module subclasses torch's: constructor, parameters (``in_proj_weight`` or ``
 ``in_proj_bias``, ``out_proj``, ``bias_k``, ``bias_v``), initialisation and ``state_dict`` are torch's own,
 so weights move between the two classes with ``load_state_dict`` and a fresh module is drawn from the same
 distribution (bit-identical under the same seed). Only ``forward`` differs: the attention output always comes
-from :func:`seqfast.scaled_dot_product_attention`, never from torch's kernels or its inference fast path. (A
-module that :func:`seqfast.patch` converted runs torch's ``forward`` while torch's flags allow only its math
-kernel: ``seqfast/_torch_math.py``.)
+from :func:`seqfast.scaled_dot_product_attention`, never from torch's inference fast path: from seqfast's kernels,
+except where that function hands a bfloat16 call to torch's AMX kernel (``seqfast/_amx.py``). (A module that
+:func:`seqfast.patch` converted runs torch's ``forward`` while torch's flags allow only its math kernel:
+``seqfast/_torch_math.py``.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from seqfast import _backend
 from seqfast._torch_math import converted_from, torch_class_chosen
-from seqfast.functional import _dropout_seed, _seeded_attention
+from seqfast.functional import _amx_bf16_attention, _dropout_seed, _seeded_attention
 from seqfast.nn._scripting import NotScriptable
 from seqfast.ops import attention as attention_ops
 from seqfast.validation import ArgumentError
@@ -248,7 +249,11 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         elif weights is not None and _hides_a_row(mask):
             out = torch.matmul(weights, v)
         else:
-            out = _seeded_attention(q, k, v, mask, dropout_p, use_causal, None, False, seed)
+            # Where seqfast.scaled_dot_product_attention hands a bfloat16 call to torch's AMX kernel, so does the
+            # module (never with dropout: torch runs that unfused).
+            out = _amx_bf16_attention(q, k, v, mask, dropout_p, use_causal, None, False)
+            if out is None:
+                out = _seeded_attention(q, k, v, mask, dropout_p, use_causal, None, False, seed)
         out = self._merge_heads(out, batch_first)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
