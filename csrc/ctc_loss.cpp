@@ -455,8 +455,8 @@ constexpr int64_t kWidenClasses = 256;  // 16-bit rows up to this long may be wi
 
 // Emissions of states [lo, hi) of frame `row` straight from the row (ctc_simd::emission_gather_avx2, on AVX-512
 // emission_gather_avx512 for float32 rows and widened 16-bit ones), or on AVX-512 for an alphabet of up to 64
-// classes from the row's class emissions (class_emissions_avx512, 16 classes a vector, the AVX2 tables' bits; then
-// emission_lookup_states_avx512 or emission_lookup_avx512).
+// classes from the row's class emissions (class_emissions_avx512, then emission_lookup_states_avx512 or
+// emission_lookup_avx512).
 // The same bits either way. Sum: the forward's poison check as well (every state, whatever the range).
 template <bool Sum, typename scalar_t>
 void frame_emissions(const ExtOps& ops, const Sample<scalar_t, float>& smp, const scalar_t* row, float lse,

@@ -419,41 +419,6 @@ SEQFAST_TARGET_AVX2_F16C static void emission_gather_avx2(float* em, int32_t* ee
   }
 }
 
-// A small alphabet's emissions, for frames with more labels than the row has classes: tm[c] 2^te[c] for every
-// class c < 8 Q of the row (classes from C on: zero-filled row entries, never looked up), as emission_vec gives them
-// from row[c] - lse: one exp per class, after which the labels' emissions are looked up (emission_lookup_avx512)
-// in the bits emission_gather_avx2 would give. With Sum, poison[0, 8) sums every class of the row rather than the
-// blank and the labels: a NaN or +inf anywhere in the row is noted, which at worst sends a sample to the exact
-// check (poison_reaches_end) for nothing.
-template <bool Sum, typename Row, int Q>
-SEQFAST_TARGET_AVX2_F16C static void class_emissions_avx2(float* tm, int32_t* te, float* poison, const Row* row,
-                                                          int64_t C, float lse) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 vlse = splat(lse);
-  // The row's tail copied, so that the vector loads stay inside the row.
-  alignas(32) Row buf[8 * Q] = {};
-  const Row* src = row;
-  if (C != 8 * Q) {
-    std::copy(row, row + C, buf);
-    src = buf;
-  }
-  __m256 acc = Sum ? _mm256_loadu_ps(poison) : _mm256_setzero_ps();
-  for (int q = 0; q < Q; ++q) {
-    const __m256 x = _mm256_sub_ps(load8_row(src + 8 * q), vlse);
-    if constexpr (Sum) {
-      const __m256i cls = _mm256_add_epi32(iota, _mm256_set1_epi32(8 * q));
-      const __m256i real = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(C)), cls);
-      acc = _mm256_add_ps(acc, _mm256_and_ps(x, _mm256_castsi256_ps(real)));
-    }
-    __m256 m;
-    __m256i e;
-    emission_vec(x, &m, &e);
-    _mm256_storeu_ps(tm + 8 * q, m);
-    storei(te + 8 * q, e);
-  }
-  if constexpr (Sum) _mm256_storeu_ps(poison, acc);
-}
-
 // v * 2^E (v >= 0, finite) -> normalised (m, e); 0 and exponents below kLiveE become (0, kZeroE).
 SEQFAST_AVX2_INLINE void renormalise(__m256 v, __m256i E, __m256* m_out, __m256i* e_out) {
   const __m256i bits = _mm256_castps_si256(v);

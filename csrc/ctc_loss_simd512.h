@@ -502,7 +502,7 @@ SEQFAST_AVX512_INLINE void store_label_states16(float* em, int32_t* ee, int64_t 
   _mm512_mask_storeu_epi32(ee + 2 * k + 16, out1, _mm512_permutex2var_epi32(bek, second, e));
 }
 
-// The labels' emissions from class_emissions_avx2's tables of 64 classes (8 vectors of 8, C <= 64) for states
+// The labels' emissions from class_emissions_avx512's tables of 64 classes (C <= 64) for states
 // [lo, hi): emission_gather_avx2's bits, 16 labels a step, with two vpermt2ps and a blend for the labels'
 // mantissas and as many for their exponents (no exp, no scalar load), two more each to interleave them with the
 // blank's. On AVX2, vpermps and blends cost about what they save (measured: NOTES, "CTC: a small alphabet's
@@ -538,10 +538,13 @@ SEQFAST_AVX512_INLINE void emission_vec16(__m512 x, __m512* m, __m512i* e) {
   *e = _mm512_maskz_mov_epi32(live, _mm512_cvtps_epi32(nf));
 }
 
-// class_emissions_avx2, 16 classes a vector: the same values in tm / te and, with Sum, the same poison sums (each
-// 16-class vector added to the 8-lane accumulator half by half, in the AVX2 order). Lanes past C load zeros, as the
-// AVX2 version's zero-filled copy of the row's tail gives them. Row: float, c10::Half or c10::BFloat16 (widened
-// exactly, as the AVX2 version widens them).
+// A small alphabet's emissions, for frames with more labels than the row has classes: tm[c] 2^te[c] for every
+// class c < 8 Q of the row (classes from C on: zeros, never looked up), as emission_vec gives them from
+// row[c] - lse: one exp per class, after which the labels' emissions are looked up (emission_lookup_avx512) in the
+// bits emission_gather_avx2 would give. 16 classes a vector. With Sum, poison[0, 8) sums every class of the row
+// rather than the blank and the labels, each 16-class vector added to the 8-lane accumulator half by half (the
+// AVX2 gather's order): a NaN or +inf anywhere in the row is noted, which at worst sends a sample to the exact check
+// (poison_reaches_end) for nothing. Row: float, c10::Half or c10::BFloat16 (widened exactly).
 template <bool Sum, int Q, typename Row>
 SEQFAST_TARGET_AVX512 static void class_emissions_avx512(float* tm, int32_t* te, float* poison, const Row* row,
                                                          int64_t C, float lse) {
