@@ -96,7 +96,8 @@ inline T exp2_offset(T m) {
 // kRowMajorA: a_ks == 1 (A rows contiguous, e.g. Q or P); else A is read down columns (P^T, dS^T).
 // The accumulators are named variables, not an array: GCC keeps an array of __m256 in memory and
 // stores it every iteration.
-template <int R, bool kRowMajorA>
+// kRS > 0: A's row stride is that constant (kRowMajorA only; see gemm_avx512).
+template <int R, bool kRowMajorA, int kRS = 0>
 SEQFAST_TARGET_AVX2 inline void tile_avx2(const Gemm<float>& g, int64_t i0, int64_t j0) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -104,7 +105,7 @@ SEQFAST_TARGET_AVX2 inline void tile_avx2(const Gemm<float>& g, int64_t i0, int6
   const float* b = g.B + (j0 / kNR) * g.b_bs;
   const int64_t K = g.K, ldb = g.ldb, a_rs = g.a_rs, a_ks = g.a_ks;
   // Row r of A at step k.
-  const int64_t rs = kRowMajorA ? a_rs : 1;
+  const int64_t rs = kRowMajorA ? (kRS > 0 ? kRS : a_rs) : 1;
   const float* a0 = a;
   const float* a1 = a + rs;
   const float* a2 = a + 2 * rs;
@@ -152,27 +153,33 @@ SEQFAST_TARGET_AVX2 inline void tile_avx2(const Gemm<float>& g, int64_t i0, int6
 #undef SEQFAST_STORE_ROW
 }
 
-template <bool kRowMajorA>
+template <bool kRowMajorA, int kRS = 0>
 SEQFAST_TARGET_AVX2 inline void gemm_avx2_impl(const Gemm<float>& g) {
   for (int64_t j0 = 0; j0 < g.N; j0 += kNR) {
     int64_t i0 = 0;
-    for (; i0 + kMR <= g.M; i0 += kMR) tile_avx2<kMR, kRowMajorA>(g, i0, j0);
+    for (; i0 + kMR <= g.M; i0 += kMR) tile_avx2<kMR, kRowMajorA, kRS>(g, i0, j0);
     switch (g.M - i0) {
-      case 5: tile_avx2<5, kRowMajorA>(g, i0, j0); break;
-      case 4: tile_avx2<4, kRowMajorA>(g, i0, j0); break;
-      case 3: tile_avx2<3, kRowMajorA>(g, i0, j0); break;
-      case 2: tile_avx2<2, kRowMajorA>(g, i0, j0); break;
-      case 1: tile_avx2<1, kRowMajorA>(g, i0, j0); break;
+      case 5: tile_avx2<5, kRowMajorA, kRS>(g, i0, j0); break;
+      case 4: tile_avx2<4, kRowMajorA, kRS>(g, i0, j0); break;
+      case 3: tile_avx2<3, kRowMajorA, kRS>(g, i0, j0); break;
+      case 2: tile_avx2<2, kRowMajorA, kRS>(g, i0, j0); break;
+      case 1: tile_avx2<1, kRowMajorA, kRS>(g, i0, j0); break;
       default: break;
     }
   }
 }
 
+// The row strides gemm_avx512 takes as constants (why: there). Six row pointers fit here, but each step then
+// spends two LEAs and three pointer adds beside its 12 FMAs (2-7 % of the forward on an Intel core).
 SEQFAST_TARGET_AVX2 inline void gemm_avx2(const Gemm<float>& g) {
-  if (g.a_ks == 1) {
-    gemm_avx2_impl<true>(g);
-  } else {
-    gemm_avx2_impl<false>(g);
+  if (g.a_ks != 1) return gemm_avx2_impl<false>(g);
+  switch (g.a_rs) {
+    case 64: return gemm_avx2_impl<true, 64>(g);
+    case 128: return gemm_avx2_impl<true, 128>(g);
+    case 256: return gemm_avx2_impl<true, 256>(g);
+    case 512: return gemm_avx2_impl<true, 512>(g);
+    case 1024: return gemm_avx2_impl<true, 1024>(g);
+    default: return gemm_avx2_impl<true>(g);
   }
 }
 
@@ -349,8 +356,8 @@ constexpr int64_t kMR512 = 12;  // rows per AVX-512 register tile
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// W zmm columns (1 or 2); R <= kMR512 rows.
-template <int R, int W, bool kRowMajorA>
+// W zmm columns (1 or 2); R <= kMR512 rows. kRS > 0: A's row stride is that constant (kRowMajorA only).
+template <int R, int W, bool kRowMajorA, int kRS = 0>
 SEQFAST_TARGET_AVX512 inline void tile_avx512(const Gemm<float>& g, int64_t i0, int64_t j0) {
   static_assert(R >= 1 && R <= kMR512 && (W == 1 || W == 2));
   __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
@@ -361,7 +368,7 @@ SEQFAST_TARGET_AVX512 inline void tile_avx512(const Gemm<float>& g, int64_t i0, 
   const float* b0p = g.B + (j0 / kNR) * g.b_bs;
   const float* b1p = b0p + g.b_bs;
   const int64_t K = g.K, ldb = g.ldb;
-  const int64_t rs = kRowMajorA ? g.a_rs : 1;
+  const int64_t rs = kRowMajorA ? (kRS > 0 ? kRS : g.a_rs) : 1;
   const int64_t ks = kRowMajorA ? 1 : g.a_ks;
 #define SEQFAST_FMA512_ROW(r, idx)                                          \
   if constexpr (R > idx) {                                                  \
@@ -414,38 +421,47 @@ SEQFAST_TARGET_AVX512 inline void tile_avx512(const Gemm<float>& g, int64_t i0, 
 #undef SEQFAST_STORE512_ROW
 }
 
-template <int W, bool kRowMajorA>
+template <int W, bool kRowMajorA, int kRS>
 SEQFAST_TARGET_AVX512 inline void column_block_avx512(const Gemm<float>& g, int64_t j0) {
   int64_t i0 = 0;
-  for (; i0 + kMR512 <= g.M; i0 += kMR512) tile_avx512<kMR512, W, kRowMajorA>(g, i0, j0);
+  for (; i0 + kMR512 <= g.M; i0 += kMR512) tile_avx512<kMR512, W, kRowMajorA, kRS>(g, i0, j0);
   switch (g.M - i0) {
-    case 11: tile_avx512<11, W, kRowMajorA>(g, i0, j0); break;
-    case 10: tile_avx512<10, W, kRowMajorA>(g, i0, j0); break;
-    case 9: tile_avx512<9, W, kRowMajorA>(g, i0, j0); break;
-    case 8: tile_avx512<8, W, kRowMajorA>(g, i0, j0); break;
-    case 7: tile_avx512<7, W, kRowMajorA>(g, i0, j0); break;
-    case 6: tile_avx512<6, W, kRowMajorA>(g, i0, j0); break;
-    case 5: tile_avx512<5, W, kRowMajorA>(g, i0, j0); break;
-    case 4: tile_avx512<4, W, kRowMajorA>(g, i0, j0); break;
-    case 3: tile_avx512<3, W, kRowMajorA>(g, i0, j0); break;
-    case 2: tile_avx512<2, W, kRowMajorA>(g, i0, j0); break;
-    case 1: tile_avx512<1, W, kRowMajorA>(g, i0, j0); break;
+    case 11: tile_avx512<11, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 10: tile_avx512<10, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 9: tile_avx512<9, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 8: tile_avx512<8, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 7: tile_avx512<7, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 6: tile_avx512<6, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 5: tile_avx512<5, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 4: tile_avx512<4, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 3: tile_avx512<3, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 2: tile_avx512<2, W, kRowMajorA, kRS>(g, i0, j0); break;
+    case 1: tile_avx512<1, W, kRowMajorA, kRS>(g, i0, j0); break;
     default: break;
   }
 }
 
-template <bool kRowMajorA>
+template <bool kRowMajorA, int kRS = 0>
 SEQFAST_TARGET_AVX512 inline void gemm_avx512_impl(const Gemm<float>& g) {
   int64_t j0 = 0;
-  for (; j0 + 2 * kNR <= g.N; j0 += 2 * kNR) column_block_avx512<2, kRowMajorA>(g, j0);
-  if (j0 < g.N) column_block_avx512<1, kRowMajorA>(g, j0);
+  for (; j0 + 2 * kNR <= g.N; j0 += 2 * kNR) column_block_avx512<2, kRowMajorA, kRS>(g, j0);
+  if (j0 < g.N) column_block_avx512<1, kRowMajorA, kRS>(g, j0);
 }
 
+// Row-major A at one of these strides (Q, K, V, dO rows of a contiguous (B, H, L, D) tensor with D 64-256, or of
+// a (B, L, H, D) one with H * D 512 or 1024; the score tiles, 512 and 128 wide) takes a tile with the stride as a
+// constant: the 12 broadcasts then address A as one pointer plus displacements. With a run-time stride GCC keeps
+// 12 row pointers, which do not fit in the registers left beside the accumulators, and reloads some from the stack
+// every step (benchmarks/NOTES.md: 2-4 % of the forward, the same bits).
 SEQFAST_TARGET_AVX512 inline void gemm_avx512(const Gemm<float>& g) {
-  if (g.a_ks == 1) {
-    gemm_avx512_impl<true>(g);
-  } else {
-    gemm_avx512_impl<false>(g);
+  if (g.a_ks != 1) return gemm_avx512_impl<false>(g);
+  switch (g.a_rs) {
+    case 64: return gemm_avx512_impl<true, 64>(g);
+    case 128: return gemm_avx512_impl<true, 128>(g);
+    case 256: return gemm_avx512_impl<true, 256>(g);
+    case 512: return gemm_avx512_impl<true, 512>(g);
+    case 1024: return gemm_avx512_impl<true, 1024>(g);
+    default: return gemm_avx512_impl<true>(g);
   }
 }
 
