@@ -184,6 +184,20 @@ def test_checkpoint_choice_does_not_depend_on_the_batch(monkeypatch):
         assert torch.equal(*results), isa
 
 
+def test_avx512_keeps_the_table_from_rows_of_5_kib(monkeypatch):
+    # Rows of 4000 bytes ran forward+backward faster with checkpoints, rows of 6000 bytes with the table, on two Xeons
+    # (NOTES, "CTC: the table or checkpoints, by row width"). The rule is patched to AVX-512's, so this holds on any
+    # machine; AVX2 checkpoints at every width.
+    tg = torch.ones(3, 20, dtype=torch.long)
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setattr(ctc_ops, "_cpu_isa", lambda isa=isa: isa)
+        cases = ((1000, torch.float32, False), (1279, torch.float32, False), (1280, torch.float32, True),
+                 (2000, torch.bfloat16, False), (2560, torch.float16, True), (5000, torch.float32, True))
+        for C, dtype, table in cases:
+            rows = torch.zeros(50, 3, C, dtype=dtype)
+            assert (ctc_ops.choose_alpha_every(rows, tg, True) == 1) == (table and isa == "avx512"), (isa, C, dtype)
+
+
 def test_public_function_chooses_checkpoints_on_the_cpu_float32_path_only():
     logits, tg, il, tl, _ = _case(50, 3, 5, 6, 9)
     lp32 = logits.log_softmax(2).float().requires_grad_()

@@ -86,7 +86,7 @@ ALPHA_EVERY: int | None = None
 # cost backward (benchmarks/NOTES.md, "CTC: checkpointed alpha").
 SEGMENT_BYTES = 768 << 10
 # On AVX-512, log_probs rows of at least this many bytes keep the full log_alpha table (choose_alpha_every).
-TABLE_ROW_BYTES = 2048
+TABLE_ROW_BYTES = 5120
 
 
 def _constant_when_compiled(fn):
@@ -134,8 +134,10 @@ def choose_alpha_every(log_probs: torch.Tensor, targets: torch.Tensor, keep_alph
     # The recompute gathers a frame's emissions from its log_probs row K frames before the gradient pass streams
     # that row: the gathered cache lines (one per label at worst) are read twice, where the table costs a write and
     # a read of (2S+1) floats plus a log per state in the forward. On AVX-512, whose log is cheap, the table is kept
-    # for long rows. Measured (NOTES, "CTC: checkpointed alpha"): C = 5000, S = 50 lost 2.5 % forward+backward with
-    # checkpoints on AVX-512, C = 1000, S = 200 6 %. The choice looks at the row's width only, not at the target
+    # for long rows. Measured on two Xeons (NOTES, "CTC: the table or checkpoints, by row width"), forward+backward
+    # with checkpoints against the table: rows of 2400 bytes 9-12 % faster, of 4000 bytes 1-7 % faster, of 6000
+    # bytes and more 3-6 % slower, float32 and bfloat16 alike (the forward alone is 5-25 % faster with checkpoints
+    # at every width). The choice looks at the row's width only, not at the target
     # length: S is the batch's longest target, and the table and the checkpoints round the posteriors differently,
     # so an S-dependent choice would give a sample other gradient bits in another batch (NOTES, "CTC: a sample's
     # gradient bits do not depend on its batch"). On AVX2 (Zen 3, NOTES, "Checkpoints for long rows with few labels
