@@ -7,7 +7,8 @@
 // through kNR-key panels of K^T, the B operand of the score tile, packed into each thread's scratch:
 //   forward : one task per (sequence, query head, query tile); tasks of one (sequence, kv head) run
 //             back to back so each thread packs that head's K^T once; key tiles stream through an
-//             online softmax, only the row log-sum-exp is kept;
+//             online softmax, only the row log-sum-exp is kept; calls of at most kRowScoresMaxRows query rows a
+//             sequence (decoding) take the scores from K's rows in place (row_scores) and pack no panels;
 //   backward: one parallel region of tasks, one per (sequence, kv head, key split); a task computes
 //             the row terms (delta, lse) of its query heads, then each of its key tiles (panels packed
 //             by the one task that owns it) accumulates dK, dV over those heads and query tiles,
@@ -46,6 +47,9 @@ constexpr int64_t kBlockK = 128;  // keys per backward tile (a multiple of kNR)
 // rescale of its output row, the output tile's loads and stores in P V), which 512 keys spread 4x thinner
 // than 128; the score tile (96 x 512 fp32, 192 KiB) lives in L2 either way (benchmarks/NOTES.md).
 constexpr int64_t kBlockKForward = 512;
+// Calls whose sequences have at most this many query rows (decoding) take their scores from K's rows in place
+// (row_scores) instead of packed K^T panels: each head's K is then read once, not read, written and read again.
+constexpr int64_t kRowScoresMaxRows = 4;
 constexpr int64_t kBackwardTasks = 16;  // key splits target this many backward tasks (fixed: determinism)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
@@ -323,6 +327,14 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   at::Tensor qp_buf, vp_buf;
   const View<const T> Qv = row_operand<S, T>(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, qp_buf);
   const View<const T> Vv = row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
+  bool by_rows = false;
+  if constexpr (std::is_same_v<T, float>) {
+    by_rows = row_scores_available() && !sq.q_len.empty() &&
+              *std::max_element(sq.q_len.begin(), sq.q_len.end()) <= kRowScoresMaxRows;
+  }
+  at::Tensor kp_buf;
+  View<const T> Kv{};
+  if (by_rows) Kv = row_operand<S, T>(k, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.D, Dp, kp_buf);
 
   struct Task {
     int64_t b, h, q0;
@@ -360,12 +372,12 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   };
   auto make = [&] {
     return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * Dvp), Scratch<T>(BQ), Scratch<T>(BQ),
-                   Scratch<T>(max_kpan * Dp * kNR)};
+                   Scratch<T>(by_rows ? 1 : max_kpan * Dp * kNR)};
   };
   run_tasks(order, make, [&](int64_t t, Buffers& buf) {
     const auto [b, h, q0] = tasks[t];
     const int64_t hk = h / pb.group;
-    if (buf.kt_group != group(t)) {
+    if (!by_rows && buf.kt_group != group(t)) {
       pack_head_panels(k, b, hk, 0, sq.k_len[b], pb.D, Dp, buf.kt.get());
       buf.kt_group = group(t);
     }
@@ -384,11 +396,17 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       const int64_t seen_by_all = pb.visible(b, q0, j0, nk) / kNR * kNR;
       if (seen_by_all > 0 && seen_by_all < nk) nk = seen_by_all;
       const int64_t nkp = round_up(nk, kNR);
-      const T* Kpan = buf.kt.get() + (j0 / kNR) * Dp * kNR;
+      const T* Kpan = by_rows ? nullptr : buf.kt.get() + (j0 / kNR) * Dp * kNR;
       const T* Vt = Vv.row(b, hk, j0);
       // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.
       auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
-        if (ncols > 0) {
+        if (ncols > 0 && by_rows) {
+          if constexpr (std::is_same_v<T, float>) {
+            for (int64_t r = r0; r < r0 + rows; ++r) {
+              row_scores(Qt + r * Qv.si, Kv.row(b, hk, j0), Kv.si, std::min(ncols, nk), Dp, Sb + r * BK);
+            }
+          }
+        } else if (ncols > 0) {
           gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false});
         }
         for (int64_t r = r0; r < r0 + rows; ++r) {

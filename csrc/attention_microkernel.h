@@ -343,6 +343,39 @@ SEQFAST_TARGET_AVX2 inline void scale_row_avx2(float* o, int64_t n, float alpha)
   for (int64_t c = 0; c < n; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), va));
 }
 
+// Lane j of the result is the sum of the 8 lanes of a[j].
+SEQFAST_TARGET_AVX2 inline __m256 sum_lanes8_avx2(const __m256* a) {
+  __m256 t[4], u[2];
+  for (int p = 0; p < 4; ++p) {
+    t[p] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm256_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+  }
+  for (int p = 0; p < 2; ++p) {
+    const __m256d x = _mm256_castps_pd(t[2 * p]), y = _mm256_castps_pd(t[2 * p + 1]);
+    u[p] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+}
+
+// As row_scores_avx512 (zeros up to the next multiple of 16 too), 8 keys a block.
+SEQFAST_TARGET_AVX2 inline void row_scores_avx2(const float* q, const float* K, int64_t ks, int64_t n, int64_t Dp,
+                                                float* s) {
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, n - j0);
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m256 a = _mm256_setzero_ps();
+      if (j < nb) {
+        const float* kr = K + (j0 + j) * ks;
+        for (int64_t d = 0; d < Dp; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(kr + d), _mm256_loadu_ps(q + d), a);
+      }
+      acc[j] = a;
+    }
+    _mm256_storeu_ps(s + j0, sum_lanes8_avx2(acc));
+  }
+  if (n % 16 > 0 && n % 16 <= 8) _mm256_storeu_ps(s + n / 16 * 16 + 8, _mm256_setzero_ps());  // up to 16 | n
+}
+
 // ---------------------------------------------------------------------------------------------
 // AVX-512 fp32 tiles: kMR512 rows x 32 columns (two zmm per row, 24 accumulators of the 32 zmm
 // registers), or x 16 for an odd last column block. The 32 columns are two adjacent kNR-wide
@@ -580,6 +613,47 @@ SEQFAST_TARGET_AVX512 inline void scale_row_avx512(float* o, int64_t n, float al
   const __m512 va = _mm512_set1_ps(alpha);
   for (int64_t c = 0; c < n; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), va));
 }
+
+// Lane j of the result is the sum of the 16 lanes of a[j]: pairs of vectors are folded into one by adding their
+// interleaved halves, four times (lanes, 64-bit pairs, then 128-bit blocks twice).
+SEQFAST_TARGET_AVX512 inline __m512 sum_lanes16_avx512(const __m512* a) {
+  __m512 t[8], u[4], w[2];
+  for (int p = 0; p < 8; ++p) {
+    t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+  }
+  for (int p = 0; p < 4; ++p) {
+    const __m512d x = _mm512_castps_pd(t[2 * p]), y = _mm512_castps_pd(t[2 * p + 1]);
+    u[p] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int p = 0; p < 2; ++p) {
+    w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+// Scores of one query row against n key rows read in place, for a call with a query row or a few a sequence
+// (decoding), where packing K^T panels for the register tiles costs more than the products they feed:
+// s[j] = q . K[j] for j < n, K's rows ks floats apart and Dp floats wide (a multiple of 16, zero-padded as q is);
+// s is written up to the next multiple of 16, with zeros past n. Each key sums its own 16 lanes (one FMA chain a
+// lane over d), then 16 keys' sums are folded into one vector: a fixed order, so the same bits every call.
+SEQFAST_TARGET_AVX512 inline void row_scores_avx512(const float* q, const float* K, int64_t ks, int64_t n, int64_t Dp,
+                                                    float* s) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, n - j0);
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      __m512 a = _mm512_setzero_ps();
+      if (j < nb) {
+        const float* kr = K + (j0 + j) * ks;
+        for (int64_t d = 0; d < Dp; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(kr + d), _mm512_loadu_ps(q + d), a);
+      }
+      acc[j] = a;
+    }
+    _mm512_storeu_ps(s + j0, sum_lanes16_avx512(acc));
+  }
+}
 #pragma GCC diagnostic pop
 #endif  // SEQFAST_X86
 
@@ -699,6 +773,22 @@ inline void gemm(const Gemm<float>& g) {
   if (has_avx2()) return gemm_avx2(g);
 #endif
   gemm_portable(g);
+}
+
+// row_scores: the AVX-512 or AVX2 kernel; the callers keep the register tiles where neither is there.
+inline bool row_scores_available() {
+#if SEQFAST_X86
+  return has_avx512() || has_avx2();
+#else
+  return false;
+#endif
+}
+inline void row_scores(const float* q, const float* K, int64_t ks, int64_t n, int64_t Dp, float* s) {
+#if SEQFAST_X86
+  if (has_avx512()) return row_scores_avx512(q, K, ks, n, Dp, s);
+  if (has_avx2()) return row_scores_avx2(q, K, ks, n, Dp, s);
+#endif
+  (void)q, (void)K, (void)ks, (void)n, (void)Dp, (void)s;
 }
 
 // Rows of the register tile gemm() uses for T: the row (and key) block of the causal diagonal paths, so

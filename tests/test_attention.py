@@ -101,6 +101,49 @@ def test_fp32_against_reference_and_torch(shape, causal):
     assert rel_err(out, tout) < 1e-4
 
 
+@pytest.mark.parametrize("Lq", [1, 2, 4, 5])  # up to 4 rows a sequence: scores from K's rows in place; 5: tiles
+@pytest.mark.parametrize("Lk, D", [(1, 16), (17, 59), (513, 64), (1100, 8), (40, 130)])
+def test_decoding_rows_against_reference(Lq, Lk, D):
+    """Calls with a few query rows a sequence (decoding with a cache of keys) take their scores as dot products
+    with K's rows in place: awkward key counts (one, past a 16-key block, past a 512-key tile) and widths, grouped
+    heads, both causal alignments, a float mask with its gradient, K strided and in bfloat16 (copied first)."""
+    B, Hq, Hk = 3, 4, 2
+    q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, D)
+    g = torch.randn(B, Hq, Lq, D)
+    kr, vr = (t.repeat_interleave(Hq // Hk, 1) for t in (k, v))
+    for causal in (0, 1, 2):
+        out, lse = ops.attention_forward(q, k, v, None, 0.0, causal, D ** -0.5, seed_tensor(0))
+        rout, rlse = ref.attention(q.double(), kr.double(), vr.double(), None, causal, D ** -0.5, 0.0, None)
+        assert rel_err(out, rout) < 1e-5, causal
+        finite = torch.isfinite(rlse)
+        assert torch.equal(torch.isfinite(lse), finite) and rel_err(lse[finite], rlse[finite]) < 1e-5
+    mask = torch.randn(B, Hq, Lq, Lk)
+    out, grads = seqfast_with_grads(q, k, v, g, attn_mask=mask, enable_gqa=True)
+    rout, _, rgrads = ref_with_grads(q, kr, vr, g, mask=mask)
+    assert rel_err(out, rout) < 1e-5
+    rgrads = (rgrads[0], *(t.unflatten(1, (Hk, Hq // Hk)).sum(2) for t in rgrads[1:3]), rgrads[3])
+    for a, b in zip(grads, rgrads):  # dQ is 0 with a single key: rounding against a scale of at least 1
+        assert (a.double() - b).abs().max().item() <= 1e-4 * max(b.abs().max().item(), 1.0)
+    k_strided = torch.randn(B, Lk, Hk, 2 * D)[..., ::2].transpose(1, 2).copy_(k)
+    torch.testing.assert_close(seqfast.scaled_dot_product_attention(q, k_strided, v, enable_gqa=True),
+                               seqfast.scaled_dot_product_attention(q, k, v, enable_gqa=True), rtol=0, atol=0)
+    qh, kh, vh = (t.bfloat16() for t in (q, k, v))
+    hout, _ = ops.attention_forward(qh, kh, vh, None, 0.0, 0, D ** -0.5, seed_tensor(0))
+    fout, _ = ops.attention_forward(qh.float(), kh.float(), vh.float(), None, 0.0, 0, D ** -0.5, seed_tensor(0))
+    torch.testing.assert_close(hout, fout.bfloat16(), rtol=0, atol=0)
+
+
+def test_decoding_rows_spread_nan_and_inf_as_torch():
+    """A NaN or inf in a key row reaches that row's score, hence every query of its head group, as in torch."""
+    q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 300, 64), torch.randn(2, 2, 300, 64)
+    k[0, 1, 17, 5] = float("nan")
+    k[1, 0, 299, 63] = float("inf")
+    ours = seqfast.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_float64_matches_reference_closely():
     q, k, v = torch.randn(2, 2, 37, 40, dtype=torch.float64), torch.randn(2, 2, 50, 40, dtype=torch.float64), \
         torch.randn(2, 2, 50, 24, dtype=torch.float64)
@@ -538,6 +581,8 @@ def test_narrower_cpu_paths_against_reference(isa):
                                                          (1, 2, 1, 129, 97, 80, 48, False, True),
                                                          (1, 2, 2, 200, 200, 64, 64, True, False),
                                                          (1, 1, 1, 40, 700, 32, 32, False, False),
+                                                         (2, 4, 2, 1, 700, 64, 64, False, True),
+                                                         (1, 2, 2, 3, 37, 59, 59, True, False),
                                                          (1, 1, 1, 600, 600, 16, 16, True, False)]:
             q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, Dv)
             mask = torch.rand(Lq, Lk) > 0.3 if masked else None
