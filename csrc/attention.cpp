@@ -8,7 +8,8 @@
 //   forward : one task per (sequence, query head, query tile); tasks of one (sequence, kv head) run
 //             back to back so each thread packs that head's K^T once; key tiles stream through an
 //             online softmax, only the row log-sum-exp is kept; calls of at most kRowScoresMaxRows query rows a
-//             sequence (decoding) take the scores from K's rows in place (row_scores) and pack no panels;
+//             sequence (decoding) take the scores from K's rows in place (row_scores) and pack no panels, and
+//             each row's P V in one pass over V's rows (row_pv: the tiles' bits);
 //   backward: one parallel region of tasks, one per (sequence, kv head, key split); a task computes
 //             the row terms (delta, lse) of its query heads, then each of its key tiles (panels packed
 //             by the one task that owns it) accumulates dK, dV over those heads and query tiles,
@@ -426,7 +427,13 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
           }
           if (alpha != T(1)) scale_row(O + r * Dvp, Dvp, alpha);
         }
-        if (kred > 0) gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Vv.si, kNR, O + r0 * Dvp, Dvp, true});
+        if (kred > 0 && by_rows) {
+          if constexpr (std::is_same_v<T, float>) {
+            for (int64_t r = r0; r < r0 + rows; ++r) row_pv(Sb + r * BK, kred, Vt, Vv.si, Dvp, O + r * Dvp);
+          }
+        } else if (kred > 0) {
+          gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Vv.si, kNR, O + r0 * Dvp, Dvp, true});
+        }
       };
       if (pb.visible(b, q0, j0, nk) == nk) {
         rows_step(0, nq, nkp, nk);

@@ -376,6 +376,34 @@ SEQFAST_TARGET_AVX2 inline void row_scores_avx2(const float* q, const float* K, 
   if (n % 16 > 0 && n % 16 <= 8) _mm256_storeu_ps(s + n / 16 * 16 + 8, _mm256_setzero_ps());  // up to 16 | n
 }
 
+// As row_pv_chunk_avx512, 8 columns a register.
+template <int NV>
+SEQFAST_TARGET_AVX2 inline void row_pv_chunk_avx2(const float* p, int64_t n, const float* V, int64_t vs, float* o) {
+  __m256 acc[NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; ++k, V += vs) {
+    const __m256 pk = _mm256_set1_ps(p[k]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(pk, _mm256_loadu_ps(V + 8 * i), acc[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + 8 * i, _mm256_add_ps(acc[i], _mm256_loadu_ps(o + 8 * i)));
+}
+
+// As row_pv_avx512, in chunks of 64 columns (Dvp a multiple of 16).
+SEQFAST_TARGET_AVX2 inline void row_pv_avx2(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp,
+                                            float* o) {
+  int64_t c = 0;
+  for (; c + 64 <= Dvp; c += 64) row_pv_chunk_avx2<8>(p, n, V + c, vs, o + c);
+  switch ((Dvp - c) / 16) {
+    case 3: return row_pv_chunk_avx2<6>(p, n, V + c, vs, o + c);
+    case 2: return row_pv_chunk_avx2<4>(p, n, V + c, vs, o + c);
+    case 1: return row_pv_chunk_avx2<2>(p, n, V + c, vs, o + c);
+    default: return;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AVX-512 fp32 tiles: kMR512 rows x 32 columns (two zmm per row, 24 accumulators of the 32 zmm
 // registers), or x 16 for an odd last column block. The 32 columns are two adjacent kNR-wide
@@ -654,6 +682,41 @@ SEQFAST_TARGET_AVX512 inline void row_scores_avx512(const float* q, const float*
     _mm512_storeu_ps(s + j0, sum_lanes16_avx512(acc));
   }
 }
+
+// o[c] += sum_k p[k] V[k][c] for one output row, V's rows vs floats apart: columns [c0, c0 + 16 NV), each a chain of
+// FMAs over k from zero then added to o, as the register tiles do (the same bits), but one pass over V's rows
+// instead of one per 32 columns.
+template <int NV>
+SEQFAST_TARGET_AVX512 inline void row_pv_chunk_avx512(const float* p, int64_t n, const float* V, int64_t vs,
+                                                      float* o) {
+  __m512 acc[NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; ++k, V += vs) {
+    const __m512 pk = _mm512_set1_ps(p[k]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(pk, _mm512_loadu_ps(V + 16 * i), acc[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_add_ps(acc[i], _mm512_loadu_ps(o + 16 * i)));
+}
+
+// One query row's P V (decoding; Dvp a multiple of 16), in chunks of 128 columns.
+SEQFAST_TARGET_AVX512 inline void row_pv_avx512(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp,
+                                                float* o) {
+  int64_t c = 0;
+  for (; c + 128 <= Dvp; c += 128) row_pv_chunk_avx512<8>(p, n, V + c, vs, o + c);
+  switch ((Dvp - c) / 16) {
+    case 7: return row_pv_chunk_avx512<7>(p, n, V + c, vs, o + c);
+    case 6: return row_pv_chunk_avx512<6>(p, n, V + c, vs, o + c);
+    case 5: return row_pv_chunk_avx512<5>(p, n, V + c, vs, o + c);
+    case 4: return row_pv_chunk_avx512<4>(p, n, V + c, vs, o + c);
+    case 3: return row_pv_chunk_avx512<3>(p, n, V + c, vs, o + c);
+    case 2: return row_pv_chunk_avx512<2>(p, n, V + c, vs, o + c);
+    case 1: return row_pv_chunk_avx512<1>(p, n, V + c, vs, o + c);
+    default: return;
+  }
+}
 #pragma GCC diagnostic pop
 #endif  // SEQFAST_X86
 
@@ -775,7 +838,7 @@ inline void gemm(const Gemm<float>& g) {
   gemm_portable(g);
 }
 
-// row_scores: the AVX-512 or AVX2 kernel; the callers keep the register tiles where neither is there.
+// row_scores, row_pv: the AVX-512 or AVX2 kernels; the callers keep the register tiles where neither is there.
 inline bool row_scores_available() {
 #if SEQFAST_X86
   return has_avx512() || has_avx2();
@@ -789,6 +852,13 @@ inline void row_scores(const float* q, const float* K, int64_t ks, int64_t n, in
   if (has_avx2()) return row_scores_avx2(q, K, ks, n, Dp, s);
 #endif
   (void)q, (void)K, (void)ks, (void)n, (void)Dp, (void)s;
+}
+inline void row_pv(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp, float* o) {
+#if SEQFAST_X86
+  if (has_avx512()) return row_pv_avx512(p, n, V, vs, Dvp, o);
+  if (has_avx2()) return row_pv_avx2(p, n, V, vs, Dvp, o);
+#endif
+  (void)p, (void)n, (void)V, (void)vs, (void)Dvp, (void)o;
 }
 
 // Rows of the register tile gemm() uses for T: the row (and key) block of the causal diagonal paths, so
