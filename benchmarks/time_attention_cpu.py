@@ -1,7 +1,7 @@
 """Standalone timing of the CPU attention kernels against torch, all in one run (medians).
 
     PYTHONPATH=. .venv/bin/python benchmarks/time_attention_cpu.py [--rounds 7] [--threads N] [--cpu-time]
-        [--isa avx512|avx2|baseline] [--cases fwd,causal-fwd,...] [--L 1024] [--D 64]
+        [--isa avx512|avx2|baseline] [--cases fwd,causal-fwd,...] [--L 1024] [--D 64] [--Lq 1]
 
 Prints the machine first (CPU model, ISA in use, the FMA-loop peak of that ISA measured in the same run,
 load average), then GFLOP/s (forward 4*B*H*Lq*Lk*D flops non-causal, half for causal; forward+backward 3.5x
@@ -12,7 +12,8 @@ instead of wall time (the steady measure on a shared machine, best with --thread
 sums its threads, so the rate is then per core and its peak share uses the per-core peak (at any thread count;
 time a thread spends spinning at a barrier counts against it), else the all-threads wall-clock peak.
 ``--torch-isa avx2`` caps torch as well (ATen's kernels, MKL, oneDNN), so that an AVX-512 machine stands in for
-an AVX2 one on both sides of the ratio.
+an AVX2 one on both sides of the ratio. ``--Lq`` gives the queries fewer rows than the keys' L (``--Lq 1``: a
+decoding step against a cache of L keys; causal cases then align the mask top-left, as torch's is_causal does).
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def alternating_medians(fns, rounds: int, clock) -> list[float]:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def attention_case(B, H, L, D, causal, backward, rounds, clock, dtype=torch.float32):
-    q, k, v = (torch.randn(B, H, L, D, dtype=dtype, requires_grad=backward) for _ in range(3))
-    g = torch.randn(B, H, L, D, dtype=dtype)
+def attention_case(B, H, L, D, causal, backward, rounds, clock, dtype=torch.float32, Lq=None):
+    Lq = L if Lq is None else Lq
+    q, k, v = (torch.randn(B, H, n, D, dtype=dtype, requires_grad=backward) for n in (Lq, L, L))
+    g = torch.randn(B, H, Lq, D, dtype=dtype)
 
     def run(f):
         def go():
@@ -71,7 +73,7 @@ def attention_case(B, H, L, D, causal, backward, rounds, clock, dtype=torch.floa
 
     ours, theirs = alternating_medians([run(seqfast.scaled_dot_product_attention),
                                         run(F.scaled_dot_product_attention)], rounds, clock)
-    flops = 4 * B * H * L * L * D * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
+    flops = 4 * B * H * Lq * L * D * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
     return flops / ours / 1e9, flops / theirs / 1e9, theirs / ours
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     parser.add_argument("--L", type=int, nargs="*", default=[1024])
     parser.add_argument("--D", type=int, nargs="*", default=[64])
+    parser.add_argument("--Lq", type=int, default=None, help="query rows (default: L)")
     parser.add_argument("--B", type=int, default=2)
     parser.add_argument("--H", type=int, default=8)
     parser.add_argument("--no-mm", action="store_true", help="skip the torch.mm yardstick")
@@ -112,8 +115,9 @@ def main() -> None:
             for name in args.cases.split(","):
                 causal, backward = CASES[name]
                 ours, theirs, ratio = attention_case(args.B, args.H, L, D, causal, backward, args.rounds, clock,
-                                                     DTYPES[args.dtype])
-                label = f"B={args.B} H={args.H} L={L} D={D} {name} {args.dtype}"
+                                                     DTYPES[args.dtype], args.Lq)
+                rows = "" if args.Lq is None else f"Lq={args.Lq} "
+                label = f"B={args.B} H={args.H} {rows}L={L} D={D} {name} {args.dtype}"
                 print(f"{label:44s} {ours:9.1f} {theirs:9.1f} {ratio:7.2f}x {100 * ours / limit:6.0f}%", flush=True)
     print(f"load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
