@@ -364,11 +364,12 @@ def test_dropout_reproducible_from_torch_seed():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_against_reference(causal):
-    cu_q = torch.tensor([0, 5, 5, 135, 136], dtype=torch.int32)
+@pytest.mark.parametrize("q_ends", [[5, 5, 135, 136], [1, 1, 4, 5]], ids=["tiles", "decoding"])
+def test_varlen_against_reference(causal, q_ends):
+    cu_q = torch.tensor([0] + q_ends, dtype=torch.int32)
     cu_k = torch.tensor([0, 7, 20, 150, 151], dtype=torch.int64)
-    q, k, v = torch.randn(136, 4, 24), torch.randn(151, 2, 24), torch.randn(151, 2, 33)
-    g = torch.randn(136, 4, 33)
+    q, k, v = torch.randn(q_ends[-1], 4, 24), torch.randn(151, 2, 24), torch.randn(151, 2, 33)
+    g = torch.randn(q_ends[-1], 4, 33)
     ins = leaves(q, k, v)
     out = seqfast.varlen_attention(*ins, cu_q, cu_k, 130, 130, causal=causal)
     grads = torch.autograd.grad(out, ins, g)
