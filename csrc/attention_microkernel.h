@@ -4,10 +4,13 @@
 //     C[M x N] (+)= A[M x K] * B[K x N]
 // with A read through two strides (so P and P^T are the same buffer) and B made of NR-wide
 // column blocks whose rows are contiguous (a K^T panel, or a row-major V / dO / Q / K tile).
-// N is always a multiple of NR: the packed operands are zero-padded to it.
+// N is always a multiple of NR: the packed operands are zero-padded to it. The one exception is the
+// forward of a call with a few query rows a sequence (decoding): row_scores and row_pv take one query
+// row at a time against K's and V's rows in place.
 //
 // fp32 has an AVX2+FMA version (6 x 16 accumulators in 12 ymm registers, one broadcast and two
-// loads per 12 FMAs) chosen at run time; the portable version serves float64 and CPUs without AVX2.
+// loads per 12 FMAs) and an AVX-512 one (12 x 32 in 24 zmm), chosen at run time; the portable version
+// serves float64 and CPUs without AVX2.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -683,9 +686,9 @@ SEQFAST_TARGET_AVX512 inline void row_scores_avx512(const float* q, const float*
   }
 }
 
-// o[c] += sum_k p[k] V[k][c] for one output row, V's rows vs floats apart: columns [c0, c0 + 16 NV), each a chain of
-// FMAs over k from zero then added to o, as the register tiles do (the same bits), but one pass over V's rows
-// instead of one per 32 columns.
+// o[c] += sum_k p[k] V[k][c] for one output row, V's rows vs floats apart, for the 16 NV columns o and V point at:
+// each a chain of FMAs over k from zero, then added to o, as the register tiles do (the same bits), but one pass
+// over V's rows instead of one per 32 columns.
 template <int NV>
 SEQFAST_TARGET_AVX512 inline void row_pv_chunk_avx512(const float* p, int64_t n, const float* V, int64_t vs,
                                                       float* o) {
