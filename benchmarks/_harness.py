@@ -71,6 +71,24 @@ class AttentionShape:
 
 
 @dataclass(frozen=True)
+class DecodeShape:
+    """One decoding step: a single query row a sequence and head against a cache of L keys."""
+
+    B: int
+    H: int
+    L: int
+    D: int
+
+    @property
+    def label(self) -> str:
+        return f"B{self.B}_H{self.H}_Lq1_L{self.L}_D{self.D}"
+
+    def work(self, direction: str) -> float:
+        """FLOPs: q K^T and P V, 2 * L * D each per head (forward only)."""
+        return 4 * self.B * self.H * self.L * self.D
+
+
+@dataclass(frozen=True)
 class MatmulShape:
     n: int
 
@@ -109,6 +127,18 @@ def attention_cases(size: str, device: str) -> list[tuple[AttentionShape, str]]:
                         continue
                     cases.append((AttentionShape(B, H, L, D, causal), direction))
     return cases
+
+
+_DECODE = {
+    "smoke": [DecodeShape(1, 2, 16, 8)],
+    "quick": [DecodeShape(8, 8, 1024, 64)],
+    "all": [DecodeShape(32, 8, 256, 64), DecodeShape(8, 8, 1024, 64), DecodeShape(8, 8, 4096, 64),
+            DecodeShape(8, 8, 1024, 128)],
+}
+
+
+def decode_shapes(size: str) -> list[DecodeShape]:
+    return _DECODE["all" if size in ("default", "full") else size]
 
 
 def matmul_shape(size: str) -> MatmulShape:

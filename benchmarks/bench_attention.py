@@ -1,7 +1,7 @@
 """Attention: ``seqfast.scaled_dot_product_attention`` vs ``F.scaled_dot_product_attention``, float32,
 (B, H, L, D) = (2, 8, L, D) for L in {512, 1024, 2048, 4096}, D in {64, 128}, causal and not, forward and
-forward+backward; plus a ``torch.mm`` 2048x2048 float32 case, the machine's matmul rate to compare
-attention's GFLOP/s with.
+forward+backward; decoding steps (``attention_decode``: one query row against a cache of L keys, forward);
+plus a ``torch.mm`` 2048x2048 float32 case, the machine's matmul rate to compare attention's GFLOP/s with.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _harness import FWD, PROVIDERS, attention_cases, bench_device, matmul_shape, measure
+from _harness import FWD, PROVIDERS, attention_cases, bench_device, decode_shapes, matmul_shape, measure
 
 import seqfast
 
@@ -20,6 +20,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.function.__name__ == "test_attention":
         cases = attention_cases(size, device)
         metafunc.parametrize(("shape", "direction"), cases, ids=[f"{s.label}-{d}" for s, d in cases])
+        metafunc.parametrize("provider", PROVIDERS)
+    elif metafunc.function.__name__ == "test_attention_decode":
+        shapes = decode_shapes(size)
+        metafunc.parametrize("shape", shapes, ids=[s.label for s in shapes])
         metafunc.parametrize("provider", PROVIDERS)
     elif metafunc.function.__name__ == "test_matmul_rate":
         shape = matmul_shape(size)
@@ -46,6 +50,19 @@ def test_attention(benchmark, shape, direction, provider, device, size):
             q.grad = k.grad = v.grad = None
 
     measure(benchmark, fn, op="attention", shape=shape, direction=direction, provider=provider, device=device,
+            size=size)
+
+
+def test_attention_decode(benchmark, shape, provider, device, size):
+    q = torch.randn(shape.B, shape.H, 1, shape.D, device=device)
+    k, v = (torch.randn(shape.B, shape.H, shape.L, shape.D, device=device) for _ in range(2))
+    attend = seqfast.scaled_dot_product_attention if provider == "seqfast" else F.scaled_dot_product_attention
+
+    def fn():
+        with torch.no_grad():
+            return attend(q, k, v)
+
+    measure(benchmark, fn, op="attention_decode", shape=shape, direction=FWD, provider=provider, device=device,
             size=size)
 
 

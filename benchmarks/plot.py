@@ -24,6 +24,8 @@ def _series(row: Row) -> str:
     p = row.shape_params
     if row.op == "attention":
         return f"{row.direction} D={p.get('D')}" + (" causal" if p.get("causal") else "")
+    if row.op == "attention_decode":
+        return f"{row.direction} D={p.get('D')}"
     return row.direction
 
 

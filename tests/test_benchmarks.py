@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OPS = ("attention", "ctc_loss", "ctc_loss_from_logits", "overhead_attention", "overhead_ctc_loss")
 # Forward-only ops (no gradient); the beam search's baseline is another library (pyctcdecode, in the
 # table's torch column).
-FORWARD_ONLY_OPS = ("ctc_greedy_decode", "ctc_forced_align", "ctc_beam_search")
+FORWARD_ONLY_OPS = ("ctc_greedy_decode", "ctc_forced_align", "ctc_beam_search", "attention_decode")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,8 @@ def test_table_and_plots(smoke_run):
     for column in ("op", "shape", "dir", "torch ms", "seqfast ms", "speedup", "GFLOP/s torch", "peak mem seqfast"):
         assert column in header
     lines = [line for line in table.splitlines() if line.startswith(("attention", "ctc_loss", "matmul"))]
-    assert len(lines) == 17  # 2 CTC shapes x 2 directions x 2 ops + 4 attention shapes x 2 directions + matmul
+    # 2 CTC shapes x 2 directions x 2 ops + 4 attention shapes x 2 directions + 1 decoding step + matmul
+    assert len(lines) == 18
     ctc = next(line for line in lines if line.startswith("ctc_loss ") and "fwd+bwd" in line)
     assert ctc.split()[5].endswith("x")  # both providers timed: a speedup is shown
     for op in OPS:
@@ -94,6 +95,10 @@ def test_tiers():
     assert {(s.L, d) for s, d in dropped} == {(4096, "fwd+bwd")} and len(dropped) == 4
     assert {s.L for s, _ in h.attention_cases("quick", "cpu")} == {512}
     assert h.matmul_shape("quick").n == 2048
+    assert [(s.B, s.H, s.L, s.D) for s in h.decode_shapes("default")] == [
+        (32, 8, 256, 64), (8, 8, 1024, 64), (8, 8, 4096, 64), (8, 8, 1024, 128)]
+    assert h.decode_shapes("full") == h.decode_shapes("default") and len(h.decode_shapes("quick")) == 1
+    assert h.DecodeShape(8, 8, 1024, 64).work("fwd") == 4 * 8 * 8 * 1024 * 64
     # work counts: attention 4*B*H*L*L*D (halved causal, x3.5 with backward); CTC N*T*(2S+1) per recursion
     a = h.AttentionShape(2, 8, 512, 64, causal=True)
     assert a.work("fwd") == 4 * 2 * 8 * 512 * 512 * 64 / 2 and a.work("fwd+bwd") == 3.5 * a.work("fwd")
