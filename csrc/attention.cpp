@@ -403,9 +403,13 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
         if (ncols > 0 && by_rows) {
           if constexpr (std::is_same_v<T, float>) {
-            for (int64_t r = r0; r < r0 + rows; ++r) {
-              row_scores(Qt + r * Qv.si, Kv.row(b, hk, j0), Kv.si, std::min(ncols, nk), Dp, Sb + r * BK);
+            const float* K0 = Kv.row(b, hk, j0);
+            const int64_t n = std::min(ncols, nk);
+            int64_t r = r0;
+            for (; r + 2 <= r0 + rows; r += 2) {
+              row_scores2(Qt + r * Qv.si, Qt + (r + 1) * Qv.si, K0, Kv.si, n, Dp, Sb + r * BK, Sb + (r + 1) * BK);
             }
+            if (r < r0 + rows) row_scores(Qt + r * Qv.si, K0, Kv.si, n, Dp, Sb + r * BK);
           }
         } else if (ncols > 0) {
           gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false});
@@ -429,7 +433,11 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
         }
         if (kred > 0 && by_rows) {
           if constexpr (std::is_same_v<T, float>) {
-            for (int64_t r = r0; r < r0 + rows; ++r) row_pv(Sb + r * BK, kred, Vt, Vv.si, Dvp, O + r * Dvp);
+            int64_t r = r0;
+            for (; r + 2 <= r0 + rows; r += 2) {
+              row_pv2(Sb + r * BK, Sb + (r + 1) * BK, kred, Vt, Vv.si, Dvp, O + r * Dvp, O + (r + 1) * Dvp);
+            }
+            if (r < r0 + rows) row_pv(Sb + r * BK, kred, Vt, Vv.si, Dvp, O + r * Dvp);
           }
         } else if (kred > 0) {
           gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Vv.si, kNR, O + r0 * Dvp, Dvp, true});

@@ -704,6 +704,77 @@ SEQFAST_TARGET_AVX512 inline void row_pv_chunk_avx512(const float* p, int64_t n,
   for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_add_ps(acc[i], _mm512_loadu_ps(o + 16 * i)));
 }
 
+// row_scores_avx512 for two query rows at once, sharing each load of K: 8 keys a block, the two rows' 8 sums folded
+// into one vector by the same lane tree (it treats every key alike), so the bits are row_scores_avx512's.
+SEQFAST_TARGET_AVX512 inline void row_scores2_avx512(const float* q0, const float* q1, const float* K, int64_t ks,
+                                                     int64_t n, int64_t Dp, float* s0, float* s1) {
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, n - j0);
+    __m512 acc[16];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m512 a = _mm512_setzero_ps(), b = a;
+      if (j < nb) {
+        const float* kr = K + (j0 + j) * ks;
+        for (int64_t d = 0; d < Dp; d += 16) {
+          const __m512 kv = _mm512_loadu_ps(kr + d);
+          a = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q0 + d), a);
+          b = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q1 + d), b);
+        }
+      }
+      acc[j] = a;
+      acc[8 + j] = b;
+    }
+    const __m512 v = sum_lanes16_avx512(acc);
+    _mm256_storeu_ps(s0 + j0, _mm512_castps512_ps256(v));
+    _mm256_storeu_ps(s1 + j0, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  if (n % 16 > 0 && n % 16 <= 8) {  // up to 16 | n, as row_scores_avx512
+    _mm256_storeu_ps(s0 + n / 16 * 16 + 8, _mm256_setzero_ps());
+    _mm256_storeu_ps(s1 + n / 16 * 16 + 8, _mm256_setzero_ps());
+  }
+}
+
+// row_pv_chunk_avx512 for two rows at once, sharing each load of V (the same bits).
+template <int NV>
+SEQFAST_TARGET_AVX512 inline void row_pv2_chunk_avx512(const float* p0, const float* p1, int64_t n, const float* V,
+                                                       int64_t vs, float* o0, float* o1) {
+  __m512 a0[NV], a1[NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; ++k, V += vs) {
+    const __m512 pk0 = _mm512_set1_ps(p0[k]), pk1 = _mm512_set1_ps(p1[k]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) {
+      const __m512 vv = _mm512_loadu_ps(V + 16 * i);
+      a0[i] = _mm512_fmadd_ps(pk0, vv, a0[i]);
+      a1[i] = _mm512_fmadd_ps(pk1, vv, a1[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) {
+    _mm512_storeu_ps(o0 + 16 * i, _mm512_add_ps(a0[i], _mm512_loadu_ps(o0 + 16 * i)));
+    _mm512_storeu_ps(o1 + 16 * i, _mm512_add_ps(a1[i], _mm512_loadu_ps(o1 + 16 * i)));
+  }
+}
+
+// Two rows' P V in chunks of 128 columns.
+SEQFAST_TARGET_AVX512 inline void row_pv2_avx512(const float* p0, const float* p1, int64_t n, const float* V,
+                                                 int64_t vs, int64_t Dvp, float* o0, float* o1) {
+  int64_t c = 0;
+  for (; c + 128 <= Dvp; c += 128) row_pv2_chunk_avx512<8>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+  switch ((Dvp - c) / 16) {
+    case 7: return row_pv2_chunk_avx512<7>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 6: return row_pv2_chunk_avx512<6>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 5: return row_pv2_chunk_avx512<5>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 4: return row_pv2_chunk_avx512<4>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 3: return row_pv2_chunk_avx512<3>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 2: return row_pv2_chunk_avx512<2>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 1: return row_pv2_chunk_avx512<1>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    default: return;
+  }
+}
+
 // One query row's P V (decoding; Dvp a multiple of 16), in chunks of 128 columns.
 SEQFAST_TARGET_AVX512 inline void row_pv_avx512(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp,
                                                 float* o) {
@@ -855,6 +926,25 @@ inline void row_scores(const float* q, const float* K, int64_t ks, int64_t n, in
   if (has_avx2()) return row_scores_avx2(q, K, ks, n, Dp, s);
 #endif
   (void)q, (void)K, (void)ks, (void)n, (void)Dp, (void)s;
+}
+// Two query rows at once where AVX-512 shares the loads of K and V between them; elsewhere one row after the other.
+// The same bits either way.
+inline void row_scores2(const float* q0, const float* q1, const float* K, int64_t ks, int64_t n, int64_t Dp,
+                        float* s0, float* s1) {
+#if SEQFAST_X86
+  if (has_avx512()) return row_scores2_avx512(q0, q1, K, ks, n, Dp, s0, s1);
+#endif
+  row_scores(q0, K, ks, n, Dp, s0);
+  row_scores(q1, K, ks, n, Dp, s1);
+}
+inline void row_pv(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp, float* o);
+inline void row_pv2(const float* p0, const float* p1, int64_t n, const float* V, int64_t vs, int64_t Dvp, float* o0,
+                    float* o1) {
+#if SEQFAST_X86
+  if (has_avx512()) return row_pv2_avx512(p0, p1, n, V, vs, Dvp, o0, o1);
+#endif
+  row_pv(p0, n, V, vs, Dvp, o0);
+  row_pv(p1, n, V, vs, Dvp, o1);
 }
 inline void row_pv(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp, float* o) {
 #if SEQFAST_X86
