@@ -50,7 +50,8 @@ constexpr int64_t kBlockK = 128;  // keys per backward tile (a multiple of kNR)
 constexpr int64_t kBlockKForward = 512;
 // Calls whose sequences have at most this many query rows (decoding) take their scores from K's rows in place
 // (row_scores) instead of packed K^T panels: each head's K is then read once, not read, written and read again.
-constexpr int64_t kRowScoresMaxRows = 4;
+// Rows / tiles, B8 H8 Lk1024 (benchmarks/NOTES.md): 0.83 at 4 rows, 0.91-0.96 at 5-6, 1.07-1.12 at 8.
+constexpr int64_t kRowScoresMaxRows = 6;
 constexpr int64_t kBackwardTasks = 16;  // key splits target this many backward tasks (fixed: determinism)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
