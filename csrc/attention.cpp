@@ -250,6 +250,17 @@ inline void prefetch_row(const P* row, int64_t n, int64_t stride) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(P)); off += 64) prefetch_line(p + off);
 }
 
+// Rows [0, len) of (sequence b, head h): dst[i][0:wpad], zero beyond width.
+template <typename S, typename T>
+void pack_head_rows(const View<const S>& v, int64_t b, int64_t h, int64_t len, int64_t width, int64_t wpad, T* dst) {
+  for (int64_t i = 0; i < len; ++i) {
+    T* d = dst + i * wpad;
+    if (i + kRowsAhead < len) prefetch_row(v.row(b, h, i + kRowsAhead), width, v.sd);
+    load_row(v.row(b, h, i), v.sd, width, d);
+    for (int64_t c = width; c < wpad; ++c) d[c] = T(0);
+  }
+}
+
 // Rows: dst[h][start[b] + i][0:wpad], zero beyond width.
 template <typename S, typename T>
 void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const std::vector<int64_t>& len,
@@ -258,12 +269,7 @@ void pack_rows(const View<const S>& v, const std::vector<int64_t>& start, const 
   at::parallel_for(0, H * n, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t h = t / n, b = t % n;
-      for (int64_t i = 0; i < len[b]; ++i) {
-        T* d = dst + (h * total + start[b] + i) * wpad;
-        if (i + kRowsAhead < len[b]) prefetch_row(v.row(b, h, i + kRowsAhead), width, v.sd);
-        load_row(v.row(b, h, i), v.sd, width, d);
-        for (int64_t c = width; c < wpad; ++c) d[c] = T(0);
-      }
+      pack_head_rows(v, b, h, len[b], width, wpad, dst + (h * total + start[b]) * wpad);
     }
   });
 }
@@ -334,9 +340,10 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     by_rows = row_scores_available() && !sq.q_len.empty() &&
               *std::max_element(sq.q_len.begin(), sq.q_len.end()) <= kRowScoresMaxRows;
   }
-  at::Tensor kp_buf;
-  View<const T> Kv{};
-  if (by_rows) Kv = row_operand<S, T>(k, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.D, Dp, kp_buf);
+  // The rows path reads K in place where its rows already are float rows Dp wide; else, like the panels, each
+  // thread converts the head it works on into its own scratch (rows Dp apart), not all of K at once.
+  bool k_in_place = false;
+  if constexpr (std::is_same_v<S, T>) k_in_place = k.sd == 1 && pb.D == Dp;
 
   struct Task {
     int64_t b, h, q0;
@@ -374,13 +381,17 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   };
   auto make = [&] {
     return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * Dvp), Scratch<T>(BQ), Scratch<T>(BQ),
-                   Scratch<T>(by_rows ? 1 : max_kpan * Dp * kNR)};
+                   Scratch<T>(by_rows && k_in_place ? 1 : max_kpan * Dp * kNR)};
   };
   run_tasks(order, make, [&](int64_t t, Buffers& buf) {
     const auto [b, h, q0] = tasks[t];
     const int64_t hk = h / pb.group;
-    if (!by_rows && buf.kt_group != group(t)) {
-      pack_head_panels(k, b, hk, 0, sq.k_len[b], pb.D, Dp, buf.kt.get());
+    if (buf.kt_group != group(t) && !(by_rows && k_in_place)) {
+      if (by_rows) {
+        pack_head_rows(k, b, hk, sq.k_len[b], pb.D, Dp, buf.kt.get());
+      } else {
+        pack_head_panels(k, b, hk, 0, sq.k_len[b], pb.D, Dp, buf.kt.get());
+      }
       buf.kt_group = group(t);
     }
     const int64_t nq = std::min(BQ, sq.q_len[b] - q0);
@@ -404,13 +415,17 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
         if (ncols > 0 && by_rows) {
           if constexpr (std::is_same_v<T, float>) {
-            const float* K0 = Kv.row(b, hk, j0);
+            const float* K0 = buf.kt.get() + j0 * Dp;
+            int64_t ks = Dp;
+            if constexpr (std::is_same_v<S, T>) {
+              if (k_in_place) K0 = k.row(b, hk, j0), ks = k.si;
+            }
             const int64_t n = std::min(ncols, nk);
             int64_t r = r0;
             for (; r + 2 <= r0 + rows; r += 2) {
-              row_scores2(Qt + r * Qv.si, Qt + (r + 1) * Qv.si, K0, Kv.si, n, Dp, Sb + r * BK, Sb + (r + 1) * BK);
+              row_scores2(Qt + r * Qv.si, Qt + (r + 1) * Qv.si, K0, ks, n, Dp, Sb + r * BK, Sb + (r + 1) * BK);
             }
-            if (r < r0 + rows) row_scores(Qt + r * Qv.si, K0, Kv.si, n, Dp, Sb + r * BK);
+            if (r < r0 + rows) row_scores(Qt + r * Qv.si, K0, ks, n, Dp, Sb + r * BK);
           }
         } else if (ncols > 0) {
           gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false});
