@@ -253,6 +253,12 @@ inline void prefetch_row(const P* row, int64_t n, int64_t stride) {
 // Rows [0, len) of (sequence b, head h): dst[i][0:wpad], zero beyond width.
 template <typename S, typename T>
 void pack_head_rows(const View<const S>& v, int64_t b, int64_t h, int64_t len, int64_t width, int64_t wpad, T* dst) {
+  if (len > 0 && load_rows(v.row(b, h, 0), v.sd, v.si, len, width, dst, wpad)) {
+    if (width < wpad) {
+      for (int64_t i = 0; i < len; ++i) std::fill(dst + i * wpad + width, dst + (i + 1) * wpad, T(0));
+    }
+    return;
+  }
   for (int64_t i = 0; i < len; ++i) {
     T* d = dst + i * wpad;
     if (i + kRowsAhead < len) prefetch_row(v.row(b, h, i + kRowsAhead), width, v.sd);
@@ -334,16 +340,19 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   const int64_t BQ = pb.block_q, BK = pb.block_k_fwd, Dp = pb.Dp, Dvp = pb.Dvp;
   at::Tensor qp_buf, vp_buf;
   const View<const T> Qv = row_operand<S, T>(q, sq.q_start, sq.q_len, sq.total_q, pb.Hq, pb.D, Dp, qp_buf);
-  const View<const T> Vv = row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
   bool by_rows = false;
   if constexpr (std::is_same_v<T, float>) {
     by_rows = row_scores_available() && !sq.q_len.empty() &&
               *std::max_element(sq.q_len.begin(), sq.q_len.end()) <= kRowScoresMaxRows;
   }
-  // The rows path reads K in place where its rows already are float rows Dp wide; else, like the panels, each
-  // thread converts the head it works on into its own scratch (rows Dp apart), not all of K at once.
-  bool k_in_place = false;
-  if constexpr (std::is_same_v<S, T>) k_in_place = k.sd == 1 && pb.D == Dp;
+  // The rows path reads K and V in place where their rows already are float rows Dp (Dvp) wide; else, like the
+  // panels, each thread converts the head it works on into its own scratch (rows Dp, Dvp apart), not all of K and V
+  // at once: a decoding step reads each once from memory, with no float copy written and read back.
+  bool k_in_place = false, v_in_place = false;
+  if constexpr (std::is_same_v<S, T>) k_in_place = k.sd == 1 && pb.D == Dp, v_in_place = v.sd == 1 && pb.Dv == Dvp;
+  const bool v_per_head = by_rows && !v_in_place;
+  const View<const T> Vv =
+      v_per_head ? View<const T>{} : row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
 
   struct Task {
     int64_t b, h, q0;
@@ -376,21 +385,23 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   });
 
   struct Buffers {
-    Scratch<T> s, o, m, l, kt;
+    Scratch<T> s, o, m, l, kt, vt;
     int64_t kt_group = -1;  // the (sequence, kv head) whose K^T panels kt holds
   };
   auto make = [&] {
     return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * Dvp), Scratch<T>(BQ), Scratch<T>(BQ),
-                   Scratch<T>(by_rows && k_in_place ? 1 : max_kpan * Dp * kNR)};
+                   Scratch<T>(by_rows && k_in_place ? 1 : max_kpan * Dp * kNR),
+                   Scratch<T>(v_per_head ? max_kpan * kNR * Dvp : 1)};
   };
   run_tasks(order, make, [&](int64_t t, Buffers& buf) {
     const auto [b, h, q0] = tasks[t];
     const int64_t hk = h / pb.group;
-    if (buf.kt_group != group(t) && !(by_rows && k_in_place)) {
-      if (by_rows) {
-        pack_head_rows(k, b, hk, sq.k_len[b], pb.D, Dp, buf.kt.get());
-      } else {
+    if (buf.kt_group != group(t)) {
+      if (!by_rows) {
         pack_head_panels(k, b, hk, 0, sq.k_len[b], pb.D, Dp, buf.kt.get());
+      } else {
+        if (!k_in_place) pack_head_rows(k, b, hk, sq.k_len[b], pb.D, Dp, buf.kt.get());
+        if (v_per_head) pack_head_rows(v, b, hk, sq.k_len[b], pb.Dv, Dvp, buf.vt.get());
       }
       buf.kt_group = group(t);
     }
@@ -410,7 +421,8 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       if (seen_by_all > 0 && seen_by_all < nk) nk = seen_by_all;
       const int64_t nkp = round_up(nk, kNR);
       const T* Kpan = by_rows ? nullptr : buf.kt.get() + (j0 / kNR) * Dp * kNR;
-      const T* Vt = Vv.row(b, hk, j0);
+      const T* Vt = v_per_head ? buf.vt.get() + j0 * Dvp : Vv.row(b, hk, j0);
+      const int64_t vs = v_per_head ? Dvp : Vv.si;
       // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.
       auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
         if (ncols > 0 && by_rows) {
@@ -451,9 +463,9 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
           if constexpr (std::is_same_v<T, float>) {
             int64_t r = r0;
             for (; r + 2 <= r0 + rows; r += 2) {
-              row_pv2(Sb + r * BK, Sb + (r + 1) * BK, kred, Vt, Vv.si, Dvp, O + r * Dvp, O + (r + 1) * Dvp);
+              row_pv2(Sb + r * BK, Sb + (r + 1) * BK, kred, Vt, vs, Dvp, O + r * Dvp, O + (r + 1) * Dvp);
             }
-            if (r < r0 + rows) row_pv(Sb + r * BK, kred, Vt, Vv.si, Dvp, O + r * Dvp);
+            if (r < r0 + rows) row_pv(Sb + r * BK, kred, Vt, vs, Dvp, O + r * Dvp);
           }
         } else if (kred > 0) {
           gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Vv.si, kNR, O + r0 * Dvp, Dvp, true});

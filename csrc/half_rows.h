@@ -58,6 +58,21 @@ SEQFAST_TARGET_AVX2_F16C inline void load_row_avx2(const S* src, int64_t n, floa
   for (; c < n; ++c) dst[c] = static_cast<float>(src[c]);
 }
 
+// load_row_avx2 over rows src + r * ss -> dst + r * ds, r < rows, in one target function (the per-row dispatch and
+// call cost as much as a short row's conversion); asks for the row 4 ahead, as the callers' row loops do.
+template <typename S>
+SEQFAST_TARGET_AVX2_F16C inline void load_rows_avx2(const S* src, int64_t ss, int64_t rows, int64_t n, float* dst,
+                                                    int64_t ds) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + 4 < rows) {
+      for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(S)); off += 64) {
+        prefetch_line(reinterpret_cast<const char*>(src + (r + 4) * ss) + off);
+      }
+    }
+    load_row_avx2(src + r * ss, n, dst + r * ds);
+  }
+}
+
 template <typename S>
 SEQFAST_TARGET_AVX2_F16C inline void store_row_avx2(const float* src, float mul, int64_t n, S* dst) {
   const __m256 vm = _mm256_set1_ps(mul);
@@ -107,6 +122,22 @@ inline void load_row(const S* src, int64_t stride, int64_t n, T* dst) {
   }
 #endif
   for (int64_t c = 0; c < n; ++c) dst[c] = cast_to<T>(src[c * stride]);
+}
+
+// load_row over `rows` rows, src's ss elements apart and dst's ds apart; false (nothing done) unless the rows are
+// 16-bit with unit column stride and the CPU has AVX2, where the caller's own row loop is the path.
+template <typename S, typename T>
+inline bool load_rows(const S* src, int64_t stride, int64_t ss, int64_t rows, int64_t n, T* dst, int64_t ds) {
+#if SEQFAST_X86
+  if constexpr (kIsHalfType<S> && std::is_same_v<T, float>) {
+    if (stride == 1 && has_avx2()) {
+      load_rows_avx2(src, ss, rows, n, dst, ds);
+      return true;
+    }
+  }
+#endif
+  (void)src, (void)stride, (void)ss, (void)rows, (void)n, (void)dst, (void)ds;
+  return false;
 }
 
 // dst[c * stride] = src[c] * mul for c < n, rounded to the storage dtype.
