@@ -345,14 +345,18 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     by_rows = row_scores_available() && !sq.q_len.empty() &&
               *std::max_element(sq.q_len.begin(), sq.q_len.end()) <= kRowScoresMaxRows;
   }
-  // The rows path reads K and V in place where their rows already are float rows Dp (Dvp) wide; else, like the
-  // panels, each thread converts the head it works on into its own scratch (rows Dp, Dvp apart), not all of K and V
-  // at once: a decoding step reads each once from memory, with no float copy written and read back.
-  bool k_in_place = false, v_in_place = false;
-  if constexpr (std::is_same_v<S, T>) k_in_place = k.sd == 1 && pb.D == Dp, v_in_place = v.sd == 1 && pb.Dv == Dvp;
-  const bool v_per_head = by_rows && !v_in_place;
+  // The rows path reads K and V where they lie when their rows are Dp (Dvp) wide with unit column stride, in float
+  // or, on AVX-512, in 16 bits (row_reads_rows_of); else, like the panels, each thread converts the head it works on
+  // into its own scratch (rows Dp, Dvp apart), not all of K and V at once: a decoding step reads each once from
+  // memory, with no float copy written and read back.
+  bool k_direct = false, v_direct = false;
+  if constexpr (std::is_same_v<T, float>) {
+    k_direct = row_reads_rows_of<S>() && k.sd == 1 && pb.D == Dp;
+    v_direct = row_reads_rows_of<S>() && v.sd == 1 && pb.Dv == Dvp;
+  }
+  const bool v_per_head = by_rows && !v_direct;
   const View<const T> Vv =
-      v_per_head ? View<const T>{} : row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
+      by_rows ? View<const T>{} : row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
 
   struct Task {
     int64_t b, h, q0;
@@ -390,7 +394,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   };
   auto make = [&] {
     return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * Dvp), Scratch<T>(BQ), Scratch<T>(BQ),
-                   Scratch<T>(by_rows && k_in_place ? 1 : max_kpan * Dp * kNR),
+                   Scratch<T>(by_rows && k_direct ? 1 : max_kpan * Dp * kNR),
                    Scratch<T>(v_per_head ? max_kpan * kNR * Dvp : 1)};
   };
   run_tasks(order, make, [&](int64_t t, Buffers& buf) {
@@ -400,7 +404,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       if (!by_rows) {
         pack_head_panels(k, b, hk, 0, sq.k_len[b], pb.D, Dp, buf.kt.get());
       } else {
-        if (!k_in_place) pack_head_rows(k, b, hk, sq.k_len[b], pb.D, Dp, buf.kt.get());
+        if (!k_direct) pack_head_rows(k, b, hk, sq.k_len[b], pb.D, Dp, buf.kt.get());
         if (v_per_head) pack_head_rows(v, b, hk, sq.k_len[b], pb.Dv, Dvp, buf.vt.get());
       }
       buf.kt_group = group(t);
@@ -421,23 +425,24 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       if (seen_by_all > 0 && seen_by_all < nk) nk = seen_by_all;
       const int64_t nkp = round_up(nk, kNR);
       const T* Kpan = by_rows ? nullptr : buf.kt.get() + (j0 / kNR) * Dp * kNR;
-      const T* Vt = v_per_head ? buf.vt.get() + j0 * Dvp : Vv.row(b, hk, j0);
-      const int64_t vs = v_per_head ? Dvp : Vv.si;
+      const T* Vt = by_rows ? nullptr : Vv.row(b, hk, j0);
       // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.
       auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
         if (ncols > 0 && by_rows) {
           if constexpr (std::is_same_v<T, float>) {
-            const float* K0 = buf.kt.get() + j0 * Dp;
-            int64_t ks = Dp;
-            if constexpr (std::is_same_v<S, T>) {
-              if (k_in_place) K0 = k.row(b, hk, j0), ks = k.si;
-            }
             const int64_t n = std::min(ncols, nk);
-            int64_t r = r0;
-            for (; r + 2 <= r0 + rows; r += 2) {
-              row_scores2(Qt + r * Qv.si, Qt + (r + 1) * Qv.si, K0, ks, n, Dp, Sb + r * BK, Sb + (r + 1) * BK);
+            auto scores = [&](const auto* K0, int64_t ks) {  // K0: S rows where they lie, or float scratch
+              int64_t r = r0;
+              for (; r + 2 <= r0 + rows; r += 2) {
+                row_scores2(Qt + r * Qv.si, Qt + (r + 1) * Qv.si, K0, ks, n, Dp, Sb + r * BK, Sb + (r + 1) * BK);
+              }
+              if (r < r0 + rows) row_scores(Qt + r * Qv.si, K0, ks, n, Dp, Sb + r * BK);
+            };
+            if (k_direct) {
+              scores(k.row(b, hk, j0), k.si);
+            } else {
+              scores(static_cast<const float*>(buf.kt.get() + j0 * Dp), Dp);
             }
-            if (r < r0 + rows) row_scores(Qt + r * Qv.si, K0, ks, n, Dp, Sb + r * BK);
           }
         } else if (ncols > 0) {
           gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false});
@@ -461,11 +466,18 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
         }
         if (kred > 0 && by_rows) {
           if constexpr (std::is_same_v<T, float>) {
-            int64_t r = r0;
-            for (; r + 2 <= r0 + rows; r += 2) {
-              row_pv2(Sb + r * BK, Sb + (r + 1) * BK, kred, Vt, vs, Dvp, O + r * Dvp, O + (r + 1) * Dvp);
+            auto pv = [&](const auto* V0, int64_t vs) {  // V0: S rows where they lie, or float scratch
+              int64_t r = r0;
+              for (; r + 2 <= r0 + rows; r += 2) {
+                row_pv2(Sb + r * BK, Sb + (r + 1) * BK, kred, V0, vs, Dvp, O + r * Dvp, O + (r + 1) * Dvp);
+              }
+              if (r < r0 + rows) row_pv(Sb + r * BK, kred, V0, vs, Dvp, O + r * Dvp);
+            };
+            if (v_direct) {
+              pv(v.row(b, hk, j0), v.si);
+            } else {
+              pv(static_cast<const float*>(buf.vt.get() + j0 * Dvp), Dvp);
             }
-            if (r < r0 + rows) row_pv(Sb + r * BK, kred, Vt, vs, Dvp, O + r * Dvp);
           }
         } else if (kred > 0) {
           gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Vv.si, kNR, O + r0 * Dvp, Dvp, true});

@@ -663,12 +663,23 @@ SEQFAST_TARGET_AVX512 inline __m512 sum_lanes16_avx512(const __m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
+// Sixteen values of a key or value row as floats, exactly: decoding reads 16-bit K and V rows where they lie.
+SEQFAST_TARGET_AVX512 inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+SEQFAST_TARGET_AVX512 inline __m512 load16f(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+SEQFAST_TARGET_AVX512 inline __m512 load16f(const c10::BFloat16* p) {  // a bfloat16 is a float's top half
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 // Scores of one query row against n key rows read in place, for a call with a query row or a few a sequence
 // (decoding), where packing K^T panels for the register tiles costs more than the products they feed:
 // s[j] = q . K[j] for j < n, K's rows ks floats apart and Dp floats wide (a multiple of 16, zero-padded as q is);
 // s is written up to the next multiple of 16, with zeros past n. Each key sums its own 16 lanes (one FMA chain a
 // lane over d), then 16 keys' sums are folded into one vector: a fixed order, so the same bits every call.
-SEQFAST_TARGET_AVX512 inline void row_scores_avx512(const float* q, const float* K, int64_t ks, int64_t n, int64_t Dp,
+template <typename S>
+SEQFAST_TARGET_AVX512 inline void row_scores_avx512(const float* q, const S* K, int64_t ks, int64_t n, int64_t Dp,
                                                     float* s) {
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nb = std::min<int64_t>(16, n - j0);
@@ -677,8 +688,8 @@ SEQFAST_TARGET_AVX512 inline void row_scores_avx512(const float* q, const float*
     for (int j = 0; j < 16; ++j) {
       __m512 a = _mm512_setzero_ps();
       if (j < nb) {
-        const float* kr = K + (j0 + j) * ks;
-        for (int64_t d = 0; d < Dp; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(kr + d), _mm512_loadu_ps(q + d), a);
+        const S* kr = K + (j0 + j) * ks;
+        for (int64_t d = 0; d < Dp; d += 16) a = _mm512_fmadd_ps(load16f(kr + d), _mm512_loadu_ps(q + d), a);
       }
       acc[j] = a;
     }
@@ -689,16 +700,15 @@ SEQFAST_TARGET_AVX512 inline void row_scores_avx512(const float* q, const float*
 // o[c] += sum_k p[k] V[k][c] for one output row, V's rows vs floats apart, for the 16 NV columns o and V point at:
 // each a chain of FMAs over k from zero, then added to o, as the register tiles do (the same bits), but one pass
 // over V's rows instead of one per 32 columns.
-template <int NV>
-SEQFAST_TARGET_AVX512 inline void row_pv_chunk_avx512(const float* p, int64_t n, const float* V, int64_t vs,
-                                                      float* o) {
+template <int NV, typename S>
+SEQFAST_TARGET_AVX512 inline void row_pv_chunk_avx512(const float* p, int64_t n, const S* V, int64_t vs, float* o) {
   __m512 acc[NV];
 #pragma GCC unroll 8
   for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; ++k, V += vs) {
     const __m512 pk = _mm512_set1_ps(p[k]);
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(pk, _mm512_loadu_ps(V + 16 * i), acc[i]);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(pk, load16f(V + 16 * i), acc[i]);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_add_ps(acc[i], _mm512_loadu_ps(o + 16 * i)));
@@ -706,7 +716,8 @@ SEQFAST_TARGET_AVX512 inline void row_pv_chunk_avx512(const float* p, int64_t n,
 
 // row_scores_avx512 for two query rows at once, sharing each load of K: 8 keys a block, the two rows' 8 sums folded
 // into one vector by the same lane tree (it treats every key alike), so the bits are row_scores_avx512's.
-SEQFAST_TARGET_AVX512 inline void row_scores2_avx512(const float* q0, const float* q1, const float* K, int64_t ks,
+template <typename S>
+SEQFAST_TARGET_AVX512 inline void row_scores2_avx512(const float* q0, const float* q1, const S* K, int64_t ks,
                                                      int64_t n, int64_t Dp, float* s0, float* s1) {
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
     const int64_t nb = std::min<int64_t>(8, n - j0);
@@ -715,9 +726,9 @@ SEQFAST_TARGET_AVX512 inline void row_scores2_avx512(const float* q0, const floa
     for (int j = 0; j < 8; ++j) {
       __m512 a = _mm512_setzero_ps(), b = a;
       if (j < nb) {
-        const float* kr = K + (j0 + j) * ks;
+        const S* kr = K + (j0 + j) * ks;
         for (int64_t d = 0; d < Dp; d += 16) {
-          const __m512 kv = _mm512_loadu_ps(kr + d);
+          const __m512 kv = load16f(kr + d);
           a = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q0 + d), a);
           b = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q1 + d), b);
         }
@@ -736,8 +747,8 @@ SEQFAST_TARGET_AVX512 inline void row_scores2_avx512(const float* q0, const floa
 }
 
 // row_pv_chunk_avx512 for two rows at once, sharing each load of V (the same bits).
-template <int NV>
-SEQFAST_TARGET_AVX512 inline void row_pv2_chunk_avx512(const float* p0, const float* p1, int64_t n, const float* V,
+template <int NV, typename S>
+SEQFAST_TARGET_AVX512 inline void row_pv2_chunk_avx512(const float* p0, const float* p1, int64_t n, const S* V,
                                                        int64_t vs, float* o0, float* o1) {
   __m512 a0[NV], a1[NV];
 #pragma GCC unroll 8
@@ -746,7 +757,7 @@ SEQFAST_TARGET_AVX512 inline void row_pv2_chunk_avx512(const float* p0, const fl
     const __m512 pk0 = _mm512_set1_ps(p0[k]), pk1 = _mm512_set1_ps(p1[k]);
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) {
-      const __m512 vv = _mm512_loadu_ps(V + 16 * i);
+      const __m512 vv = load16f(V + 16 * i);
       a0[i] = _mm512_fmadd_ps(pk0, vv, a0[i]);
       a1[i] = _mm512_fmadd_ps(pk1, vv, a1[i]);
     }
@@ -759,35 +770,37 @@ SEQFAST_TARGET_AVX512 inline void row_pv2_chunk_avx512(const float* p0, const fl
 }
 
 // Two rows' P V in chunks of 128 columns.
-SEQFAST_TARGET_AVX512 inline void row_pv2_avx512(const float* p0, const float* p1, int64_t n, const float* V,
+template <typename S>
+SEQFAST_TARGET_AVX512 inline void row_pv2_avx512(const float* p0, const float* p1, int64_t n, const S* V,
                                                  int64_t vs, int64_t Dvp, float* o0, float* o1) {
   int64_t c = 0;
-  for (; c + 128 <= Dvp; c += 128) row_pv2_chunk_avx512<8>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+  for (; c + 128 <= Dvp; c += 128) row_pv2_chunk_avx512<8, S>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
   switch ((Dvp - c) / 16) {
-    case 7: return row_pv2_chunk_avx512<7>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
-    case 6: return row_pv2_chunk_avx512<6>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
-    case 5: return row_pv2_chunk_avx512<5>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
-    case 4: return row_pv2_chunk_avx512<4>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
-    case 3: return row_pv2_chunk_avx512<3>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
-    case 2: return row_pv2_chunk_avx512<2>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
-    case 1: return row_pv2_chunk_avx512<1>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 7: return row_pv2_chunk_avx512<7, S>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 6: return row_pv2_chunk_avx512<6, S>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 5: return row_pv2_chunk_avx512<5, S>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 4: return row_pv2_chunk_avx512<4, S>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 3: return row_pv2_chunk_avx512<3, S>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 2: return row_pv2_chunk_avx512<2, S>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
+    case 1: return row_pv2_chunk_avx512<1, S>(p0, p1, n, V + c, vs, o0 + c, o1 + c);
     default: return;
   }
 }
 
 // One query row's P V (decoding; Dvp a multiple of 16), in chunks of 128 columns.
-SEQFAST_TARGET_AVX512 inline void row_pv_avx512(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp,
+template <typename S>
+SEQFAST_TARGET_AVX512 inline void row_pv_avx512(const float* p, int64_t n, const S* V, int64_t vs, int64_t Dvp,
                                                 float* o) {
   int64_t c = 0;
-  for (; c + 128 <= Dvp; c += 128) row_pv_chunk_avx512<8>(p, n, V + c, vs, o + c);
+  for (; c + 128 <= Dvp; c += 128) row_pv_chunk_avx512<8, S>(p, n, V + c, vs, o + c);
   switch ((Dvp - c) / 16) {
-    case 7: return row_pv_chunk_avx512<7>(p, n, V + c, vs, o + c);
-    case 6: return row_pv_chunk_avx512<6>(p, n, V + c, vs, o + c);
-    case 5: return row_pv_chunk_avx512<5>(p, n, V + c, vs, o + c);
-    case 4: return row_pv_chunk_avx512<4>(p, n, V + c, vs, o + c);
-    case 3: return row_pv_chunk_avx512<3>(p, n, V + c, vs, o + c);
-    case 2: return row_pv_chunk_avx512<2>(p, n, V + c, vs, o + c);
-    case 1: return row_pv_chunk_avx512<1>(p, n, V + c, vs, o + c);
+    case 7: return row_pv_chunk_avx512<7, S>(p, n, V + c, vs, o + c);
+    case 6: return row_pv_chunk_avx512<6, S>(p, n, V + c, vs, o + c);
+    case 5: return row_pv_chunk_avx512<5, S>(p, n, V + c, vs, o + c);
+    case 4: return row_pv_chunk_avx512<4, S>(p, n, V + c, vs, o + c);
+    case 3: return row_pv_chunk_avx512<3, S>(p, n, V + c, vs, o + c);
+    case 2: return row_pv_chunk_avx512<2, S>(p, n, V + c, vs, o + c);
+    case 1: return row_pv_chunk_avx512<1, S>(p, n, V + c, vs, o + c);
     default: return;
   }
 }
@@ -920,38 +933,54 @@ inline bool row_scores_available() {
   return false;
 #endif
 }
-inline void row_scores(const float* q, const float* K, int64_t ks, int64_t n, int64_t Dp, float* s) {
+// K and V rows of another dtype than float (S: 16-bit) are read where they lie on AVX-512 only (row_reads_rows_of);
+// elsewhere the caller converts them into float rows first.
+template <typename S>
+inline bool row_reads_rows_of() {
+#if SEQFAST_X86
+  if constexpr (!std::is_same_v<S, float>) return has_avx512();
+#endif
+  return std::is_same_v<S, float>;
+}
+template <typename S>
+inline void row_scores(const float* q, const S* K, int64_t ks, int64_t n, int64_t Dp, float* s) {
 #if SEQFAST_X86
   if (has_avx512()) return row_scores_avx512(q, K, ks, n, Dp, s);
-  if (has_avx2()) return row_scores_avx2(q, K, ks, n, Dp, s);
+  if constexpr (std::is_same_v<S, float>) {
+    if (has_avx2()) return row_scores_avx2(q, K, ks, n, Dp, s);
+  }
 #endif
   (void)q, (void)K, (void)ks, (void)n, (void)Dp, (void)s;
 }
 // Two query rows at once where AVX-512 shares the loads of K and V between them; elsewhere one row after the other.
 // The same bits either way.
-inline void row_scores2(const float* q0, const float* q1, const float* K, int64_t ks, int64_t n, int64_t Dp,
-                        float* s0, float* s1) {
+template <typename S>
+inline void row_scores2(const float* q0, const float* q1, const S* K, int64_t ks, int64_t n, int64_t Dp, float* s0,
+                        float* s1) {
 #if SEQFAST_X86
   if (has_avx512()) return row_scores2_avx512(q0, q1, K, ks, n, Dp, s0, s1);
 #endif
   row_scores(q0, K, ks, n, Dp, s0);
   row_scores(q1, K, ks, n, Dp, s1);
 }
-inline void row_pv(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp, float* o);
-inline void row_pv2(const float* p0, const float* p1, int64_t n, const float* V, int64_t vs, int64_t Dvp, float* o0,
+template <typename S>
+inline void row_pv(const float* p, int64_t n, const S* V, int64_t vs, int64_t Dvp, float* o) {
+#if SEQFAST_X86
+  if (has_avx512()) return row_pv_avx512(p, n, V, vs, Dvp, o);
+  if constexpr (std::is_same_v<S, float>) {
+    if (has_avx2()) return row_pv_avx2(p, n, V, vs, Dvp, o);
+  }
+#endif
+  (void)p, (void)n, (void)V, (void)vs, (void)Dvp, (void)o;
+}
+template <typename S>
+inline void row_pv2(const float* p0, const float* p1, int64_t n, const S* V, int64_t vs, int64_t Dvp, float* o0,
                     float* o1) {
 #if SEQFAST_X86
   if (has_avx512()) return row_pv2_avx512(p0, p1, n, V, vs, Dvp, o0, o1);
 #endif
   row_pv(p0, n, V, vs, Dvp, o0);
   row_pv(p1, n, V, vs, Dvp, o1);
-}
-inline void row_pv(const float* p, int64_t n, const float* V, int64_t vs, int64_t Dvp, float* o) {
-#if SEQFAST_X86
-  if (has_avx512()) return row_pv_avx512(p, n, V, vs, Dvp, o);
-  if (has_avx2()) return row_pv_avx2(p, n, V, vs, Dvp, o);
-#endif
-  (void)p, (void)n, (void)V, (void)vs, (void)Dvp, (void)o;
 }
 
 // Rows of the register tile gemm() uses for T: the row (and key) block of the causal diagonal paths, so

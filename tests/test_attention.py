@@ -127,10 +127,11 @@ def test_decoding_rows_against_reference(Lq, Lk, D):
     k_strided = torch.randn(B, Lk, Hk, 2 * D)[..., ::2].transpose(1, 2).copy_(k)
     torch.testing.assert_close(seqfast.scaled_dot_product_attention(q, k_strided, v, enable_gqa=True),
                                seqfast.scaled_dot_product_attention(q, k, v, enable_gqa=True), rtol=0, atol=0)
-    qh, kh, vh = (t.bfloat16() for t in (q, k, v))
-    hout, _ = ops.attention_forward(qh, kh, vh, None, 0.0, 0, D ** -0.5, seed_tensor(0))
-    fout, _ = ops.attention_forward(qh.float(), kh.float(), vh.float(), None, 0.0, 0, D ** -0.5, seed_tensor(0))
-    torch.testing.assert_close(hout, fout.bfloat16(), rtol=0, atol=0)
+    for dt in (torch.bfloat16, torch.float16):  # 16-bit K and V rows read where they lie, or converted per head
+        qh, kh, vh = (t.to(dt) for t in (q, k, v))
+        hout, _ = ops.attention_forward(qh, kh, vh, None, 0.0, 0, D ** -0.5, seed_tensor(0))
+        fout, _ = ops.attention_forward(qh.float(), kh.float(), vh.float(), None, 0.0, 0, D ** -0.5, seed_tensor(0))
+        torch.testing.assert_close(hout, fout.to(dt), rtol=0, atol=0)
 
 
 def test_decoding_rows_spread_nan_and_inf_as_torch():
@@ -598,6 +599,10 @@ def test_narrower_cpu_paths_against_reference(isa):
             rgrads = torch.autograd.grad(rout, rins, g.double())
             for a, b in zip((out, *grads), (rout, *rgrads)):
                 worst = max(worst, ((a.double() - b).abs().max() / b.abs().max()).item())
+        for dt, D in ((torch.bfloat16, 64), (torch.float16, 59)):  # decoding rows from 16-bit K and V
+            qh, kh, vh = (torch.randn(2, 4, n, D).to(dt) for n in (3, 300, 300))
+            fwd = lambda *t: torch.ops.seqfast.attention_forward(*t, None, 0.0, 0, 0.125, torch.tensor(0))[0]
+            assert torch.equal(fwd(qh, kh, vh), fwd(qh.float(), kh.float(), vh.float()).to(dt)), (dt, D)
         print(worst)
     """)
     env = dict(os.environ, SEQFAST_CPU_ISA=isa)
