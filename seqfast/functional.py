@@ -447,6 +447,10 @@ def _fused_in_torch(query, key, value, attn_mask, dropout_p: float, enable_gqa: 
 AMX_TRAINING_MIN_WORK = 1 << 23
 AMX_TRAINING_MIN_WORK_CAUSAL = 1 << 26
 AMX_TRAINING_MIN_HEAD_DIM = 64
+# Decoding calls, at most this many query rows, stay with seqfast in any grad mode: its row kernels read bfloat16 K
+# and V once where they lie, which torch's AMX tiles do not beat (1.08-2.2x torch's time on this path's shapes,
+# benchmarks/NOTES.md, "Decoding in bfloat16 against torch's AMX kernel").
+AMX_DECODING_MAX_ROWS = 4
 
 
 def _amx_bf16_attention(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool):
@@ -458,8 +462,9 @@ def _amx_bf16_attention(query, key, value, attn_mask, dropout_p: float, is_causa
 
 
 def _bf16_for_torch(query, key, value, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool) -> bool:
-    """A CPU call in bfloat16 (its inputs', or CPU autocast's of float32 inputs) that torch runs fused, with no
-    gradient to come or, with one, big enough (``AMX_TRAINING_MIN_WORK``): on CPUs with AMX torch's own kernel is
+    """A CPU call in bfloat16 (its inputs', or CPU autocast's of float32 inputs) that torch runs fused, of more than
+    ``AMX_DECODING_MAX_ROWS`` query rows, with no gradient to come or, with one, big enough
+    (``AMX_TRAINING_MIN_WORK``): on CPUs with AMX torch's own kernel is
     faster there (seqfast/_amx.py), and its numbers, gradients included, are torch's by definition. Only eager
     calls on the ``auto`` backend (``_backend.is_plain_auto``: compiled and torch.func calls keep seqfast's op)."""
     if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
@@ -474,6 +479,8 @@ def _bf16_for_torch(query, key, value, attn_mask, dropout_p: float, is_causal: b
     if not (query.dtype in eligible and key.dtype in eligible and value.dtype in eligible):
         return False
     if query.device.type != "cpu" or not _backend.is_plain_auto():
+        return False
+    if query.dim() >= 2 and query.shape[-2] <= AMX_DECODING_MAX_ROWS:
         return False
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         if query.dim() != 4 or key.dim() != 4:

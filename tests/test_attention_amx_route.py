@@ -193,3 +193,16 @@ def test_multihead_attention_takes_the_same_route(route):
     mha.dropout = 0.1
     mha(xs[0], xs[0], xs[0], need_weights=False)  # dropout: torch would run it unfused
     assert route == [torch.bfloat16]
+
+
+def test_decoding_calls_stay_with_seqfast(route):
+    """At most AMX_DECODING_MAX_ROWS query rows: seqfast's row kernels, not torch's AMX kernel; one row more goes
+    to torch."""
+    for Lq, routed in ((1, False), (sf.AMX_DECODING_MAX_ROWS, False), (sf.AMX_DECODING_MAX_ROWS + 1, True)):
+        q = torch.randn(2, 4, Lq, 64).bfloat16()
+        k, v = torch.randn(2, 4, 300, 64).bfloat16(), torch.randn(2, 4, 300, 64).bfloat16()
+        before = len(route)
+        out = seqfast.scaled_dot_product_attention(q, k, v)
+        assert (len(route) > before) == routed, Lq
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=2e-2, atol=2e-2)
+    assert len(route) == 1
