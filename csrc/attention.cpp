@@ -250,10 +250,11 @@ inline void prefetch_row(const P* row, int64_t n, int64_t stride) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(P)); off += 64) prefetch_line(p + off);
 }
 
-// Rows [0, len) of (sequence b, head h): dst[i][0:wpad], zero beyond width.
+// Rows [row0, row0 + len) of (sequence b, head h): dst[i][0:wpad] row row0 + i, zero beyond width.
 template <typename S, typename T>
-void pack_head_rows(const View<const S>& v, int64_t b, int64_t h, int64_t len, int64_t width, int64_t wpad, T* dst) {
-  if (len > 0 && load_rows(v.row(b, h, 0), v.sd, v.si, len, width, dst, wpad)) {
+void pack_head_rows(const View<const S>& v, int64_t b, int64_t h, int64_t len, int64_t width, int64_t wpad, T* dst,
+                    int64_t row0 = 0) {
+  if (len > 0 && load_rows(v.row(b, h, row0), v.sd, v.si, len, width, dst, wpad)) {
     if (width < wpad) {
       for (int64_t i = 0; i < len; ++i) std::fill(dst + i * wpad + width, dst + (i + 1) * wpad, T(0));
     }
@@ -261,8 +262,8 @@ void pack_head_rows(const View<const S>& v, int64_t b, int64_t h, int64_t len, i
   }
   for (int64_t i = 0; i < len; ++i) {
     T* d = dst + i * wpad;
-    if (i + kRowsAhead < len) prefetch_row(v.row(b, h, i + kRowsAhead), width, v.sd);
-    load_row(v.row(b, h, i), v.sd, width, d);
+    if (i + kRowsAhead < len) prefetch_row(v.row(b, h, row0 + i + kRowsAhead), width, v.sd);
+    load_row(v.row(b, h, row0 + i), v.sd, width, d);
     for (int64_t c = width; c < wpad; ++c) d[c] = T(0);
   }
 }
@@ -388,29 +389,77 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     return cost[x] > cost[y];
   });
 
+  // V rows far apart (a (B, L, H, D) tensor's heads, rows H * D apart: often 4 KiB, one L1 set for all of them)
+  // make P V's operand loads miss: where a head's V serves more than one task, the tile path copies its rows
+  // together into the thread's scratch, a key block at a time like the K^T panels (B2 H8 L1024 D128: 42 -> 31
+  // ms, benchmarks/NOTES.md). A head read by one task only is read where it lies, prefetched.
+  int64_t max_q_blocks = 0;
+  for (int64_t b = 0; b < sq.n; ++b) max_q_blocks = std::max(max_q_blocks, ceil_div(sq.q_len[b], BQ) * pb.group);
+  const bool v_pack = !by_rows && Vv.si != Dvp && max_q_blocks > 1;
+
   struct Buffers {
     Scratch<T> s, o, m, l, kt, vt;
-    int64_t kt_group = -1;  // the (sequence, kv head) whose K^T panels kt holds
+    int64_t kt_group = -1;  // the (sequence, kv head) whose K^T panels (and packed V rows) kt (vt) hold
+    int64_t kt_packed = 0;  // keys [0, kt_packed) of kt_group are packed (the tile path packs as it goes)
+    int64_t vt_packed = 0;  // the same for V rows (v_pack)
   };
   auto make = [&] {
     return Buffers{Scratch<T>(BQ * BK), Scratch<T>(BQ * Dvp), Scratch<T>(BQ), Scratch<T>(BQ),
                    Scratch<T>(by_rows && k_direct ? 1 : max_kpan * Dp * kNR),
-                   Scratch<T>(v_per_head ? max_kpan * kNR * Dvp : 1)};
+                   Scratch<T>(v_per_head || v_pack ? max_kpan * kNR * Dvp : 1)};
   };
-  run_tasks(order, make, [&](int64_t t, Buffers& buf) {
+  // The tile path prefetches a head's K rows (packed into panels as the key blocks come) and V rows where they are
+  // one run of memory. Rows apart (one 4 KiB page each in a (B, L, H, D) tensor), prefetching was 5-11 % slower on
+  // the AVX2 path and 1-4 % faster on AVX-512's (B8 H8 Lq16 Lk2048): they are left to the demand loads.
+  const bool k_runs = k.sd == 1 && k.si == pb.D, v_runs = Vv.si == Dvp;
+  constexpr int64_t kSb = sizeof(S), kTb = sizeof(T);
+  const auto kend_of = [&](const Task& tk) {
+    const int64_t nq = std::min(BQ, sq.q_len[tk.b] - tk.q0);
+    return pb.causal ? std::clamp<int64_t>(tk.q0 + nq + pb.shift(tk.b), 0, sq.k_len[tk.b]) : sq.k_len[tk.b];
+  };
+  // The tile path's key block [j0, j0 + nk) of task t: its K^T panels and (v_pack) V rows packed where not yet,
+  // and the rows to prefetch while its products run: the next block's (this task's, else the next task's first).
+  const auto ready_key_block = [&](Buffers& buf, int64_t t, TaskAhead& ahead, int64_t j0, int64_t nk, int64_t nkp,
+                                   int64_t nq, int64_t kend) {
+    const int64_t b = tasks[t].b, hk = tasks[t].h / pb.group;
+    const int64_t packed_to = std::min(sq.k_len[b], j0 + nkp);
+    if (packed_to > buf.kt_packed) {
+      pack_head_panels(k, b, hk, buf.kt_packed, packed_to - buf.kt_packed, pb.D, Dp,
+                       buf.kt.get() + buf.kt_packed / kNR * Dp * kNR);
+      buf.kt_packed = packed_to;
+    }
+    if (v_pack && j0 + nk > buf.vt_packed) {
+      pack_head_rows(Vv, b, hk, j0 + nk - buf.vt_packed, pb.Dv, Dvp, buf.vt.get() + buf.vt_packed * Dvp,
+                     buf.vt_packed);
+      buf.vt_packed = j0 + nk;
+    }
+    Prefetch rows;
+    if (j0 + nk < kend) {
+      const int64_t end = j0 + nk + std::min(BK, kend - j0 - nk), kfrom = std::max(j0 + nk, buf.kt_packed);
+      if (k_runs) rows.add(k.row(b, hk, kfrom), (end - kfrom) * pb.D * kSb);
+      if (v_runs) rows.add(Vv.row(b, hk, j0 + nk), (end - j0 - nk) * Dvp * kTb);
+    } else if (const int64_t t2 = ahead.claim(); t2 >= 0) {
+      const Task& tk = tasks[t2];
+      const int64_t next = std::min(BK, kend_of(tk)), hk2 = tk.h / pb.group;
+      if (k_runs && group(t2) != group(t)) rows.add(k.row(tk.b, hk2, 0), next * pb.D * kSb);
+      if (v_runs) rows.add(Vv.row(tk.b, hk2, 0), next * Dvp * kTb);
+    }
+    rows.rate = rows.lines() > tile_steps<T>(nq, nkp, Dp) + tile_steps<T>(nq, Dvp, nk) ? 2 : 1;
+    return rows;
+  };
+  run_tasks_ahead(order, make, [&](int64_t t, Buffers& buf, TaskAhead& ahead) {
     const auto [b, h, q0] = tasks[t];
     const int64_t hk = h / pb.group;
     if (buf.kt_group != group(t)) {
-      if (!by_rows) {
-        pack_head_panels(k, b, hk, 0, sq.k_len[b], pb.D, Dp, buf.kt.get());
-      } else {
+      if (by_rows) {
         if (!k_direct) pack_head_rows(k, b, hk, sq.k_len[b], pb.D, Dp, buf.kt.get());
         if (v_per_head) pack_head_rows(v, b, hk, sq.k_len[b], pb.Dv, Dvp, buf.vt.get());
       }
       buf.kt_group = group(t);
+      buf.kt_packed = buf.vt_packed = 0;
     }
     const int64_t nq = std::min(BQ, sq.q_len[b] - q0);
-    const int64_t kend = pb.causal ? std::clamp<int64_t>(q0 + nq + pb.shift(b), 0, sq.k_len[b]) : sq.k_len[b];
+    const int64_t kend = kend_of(tasks[t]);
     T *Sb = buf.s.get(), *O = buf.o.get(), *m = buf.m.get(), *l = buf.l.get();
     std::fill(O, O + nq * Dvp, T(0));
     std::fill(m, m + nq, -std::numeric_limits<T>::infinity());
@@ -425,7 +474,10 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       if (seen_by_all > 0 && seen_by_all < nk) nk = seen_by_all;
       const int64_t nkp = round_up(nk, kNR);
       const T* Kpan = by_rows ? nullptr : buf.kt.get() + (j0 / kNR) * Dp * kNR;
-      const T* Vt = by_rows ? nullptr : Vv.row(b, hk, j0);
+      const T* Vt = by_rows ? nullptr : v_pack ? buf.vt.get() + j0 * Dvp : Vv.row(b, hk, j0);
+      const int64_t Vld = v_pack ? Dvp : Vv.si;
+      Prefetch ahead_rows;
+      if (!by_rows) ahead_rows = ready_key_block(buf, t, ahead, j0, nk, nkp, nq, kend);
       // Rows [r0, r0 + rows): scores for the first ncols keys, P V reduced over the first kred.
       auto rows_step = [&](int64_t r0, int64_t rows, int64_t ncols, int64_t kred) {
         if (ncols > 0 && by_rows) {
@@ -445,7 +497,8 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
             }
           }
         } else if (ncols > 0) {
-          gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false});
+          gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false,
+                       &ahead_rows});
         }
         for (int64_t r = r0; r < r0 + rows; ++r) {
           const int64_t i = q0 + r;
@@ -480,7 +533,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
             }
           }
         } else if (kred > 0) {
-          gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Vv.si, kNR, O + r0 * Dvp, Dvp, true});
+          gemm(Gemm<T>{rows, Dvp, kred, Sb + r0 * BK, BK, 1, Vt, Vld, kNR, O + r0 * Dvp, Dvp, true, &ahead_rows});
         }
       };
       if (pb.visible(b, q0, j0, nk) == nk) {

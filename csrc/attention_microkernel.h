@@ -16,6 +16,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -33,6 +34,44 @@ namespace seqfast::attn {
 constexpr int64_t kNR = 16;  // columns per register tile; packed widths are multiples of it
 constexpr int64_t kMR = 6;   // rows per register tile
 
+// Memory to bring into L2 while products run (the next key block's rows, which would otherwise arrive on
+// demand, one line fill buffer per line): each register tile takes the next slice of up to `rate` lines per step
+// of its k loop and requests one or two of them a step, spread through its FMAs. A burst of requests would stall
+// on the fill buffers instead. Up to kRanges runs of contiguous memory, taken in order.
+struct Prefetch {
+  static constexpr int kRanges = 2;
+  const char* next[kRanges] = {};  // the run's first line not yet handed out
+  const char* end[kRanges] = {};
+  int used = 0;
+  int64_t rate = 1;  // lines per k step: 1 or 2
+
+  // Adds the lines holding [first, first + bytes) as the next run (at most kRanges).
+  void add(const void* first, int64_t bytes) {
+    if (used == kRanges || bytes <= 0) return;
+    const auto a = reinterpret_cast<uintptr_t>(first);
+    next[used] = reinterpret_cast<const char*>(a & ~uintptr_t{63});
+    end[used++] = reinterpret_cast<const char*>((a + static_cast<uintptr_t>(bytes) + 63) & ~uintptr_t{63});
+  }
+  int64_t lines() const {
+    int64_t n = 0;
+    for (int r = 0; r < used; ++r) n += (end[r] - next[r]) / 64;
+    return n;
+  }
+  // The next slice of at most n lines, within one run: its first line, and its length in *len (0: none left).
+  const char* take(int64_t n, int64_t* len) {
+    for (int r = 0; r < used; ++r) {
+      if (next[r] < end[r]) {
+        const char* s = next[r];
+        *len = std::min<int64_t>(n, (end[r] - s) / 64);
+        next[r] = s + *len * 64;
+        return s;
+      }
+    }
+    *len = 0;
+    return nullptr;
+  }
+};
+
 template <typename T>
 struct Gemm {
   int64_t M, N, K;
@@ -43,6 +82,7 @@ struct Gemm {
   T* C;
   int64_t ldc;
   bool accumulate;
+  Prefetch* prefetch = nullptr;  // lines to request while the tiles run (x86 fp32 tiles), or none
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -116,6 +156,8 @@ SEQFAST_TARGET_AVX2 inline void tile_avx2(const Gemm<float>& g, int64_t i0, int6
   const float* a4 = a + 4 * rs;
   const float* a5 = a + 5 * rs;
   const int64_t ks = kRowMajorA ? 1 : a_ks;
+  int64_t npf = 0;
+  const char* pf = g.prefetch ? g.prefetch->take(g.prefetch->rate * K, &npf) : nullptr;
 #define SEQFAST_FMA_ROW(r)                               \
   if constexpr (R > r) {                                 \
     const __m256 ar = _mm256_broadcast_ss(a##r + k * ks); \
@@ -123,6 +165,8 @@ SEQFAST_TARGET_AVX2 inline void tile_avx2(const Gemm<float>& g, int64_t i0, int6
     c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);          \
   }
   for (int64_t k = 0; k < K; ++k) {
+    if (k < npf) prefetch_line_l2(pf + k * 64);
+    if (k + K < npf) prefetch_line_l2(pf + (k + K) * 64);
     const __m256 b0 = _mm256_loadu_ps(b);
     const __m256 b1 = _mm256_loadu_ps(b + 8);
     b += ldb;
@@ -434,6 +478,8 @@ SEQFAST_TARGET_AVX512 inline void tile_avx512(const Gemm<float>& g, int64_t i0, 
   const int64_t K = g.K, ldb = g.ldb;
   const int64_t rs = kRowMajorA ? (kRS > 0 ? kRS : g.a_rs) : 1;
   const int64_t ks = kRowMajorA ? 1 : g.a_ks;
+  int64_t npf = 0;
+  const char* pf = g.prefetch ? g.prefetch->take(g.prefetch->rate * K, &npf) : nullptr;
 #define SEQFAST_FMA512_ROW(r, idx)                                          \
   if constexpr (R > idx) {                                                  \
     const __m512 ar = _mm512_set1_ps(a[idx * rs + k * ks]);                \
@@ -441,6 +487,8 @@ SEQFAST_TARGET_AVX512 inline void tile_avx512(const Gemm<float>& g, int64_t i0, 
     if constexpr (W == 2) c##r##1 = _mm512_fmadd_ps(ar, b1, c##r##1);       \
   }
   for (int64_t k = 0; k < K; ++k) {
+    if (k < npf) prefetch_line_l2(pf + k * 64);
+    if (k + K < npf) prefetch_line_l2(pf + (k + K) * 64);
     const __m512 b0 = _mm512_loadu_ps(b0p + k * ldb);
     const __m512 b1 = W == 2 ? _mm512_loadu_ps(b1p + k * ldb) : b0;
     SEQFAST_FMA512_ROW(0, 0)
@@ -993,6 +1041,18 @@ inline int64_t tile_rows() {
   }
 #endif
   return kMR;
+}
+
+// Steps of the tiles' k loops in gemm(M x N x K) for T: what a Prefetch is spread over.
+template <typename T>
+inline int64_t tile_steps(int64_t M, int64_t N, int64_t K) {
+  int64_t cols = kNR;
+#if SEQFAST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) cols = 2 * kNR;
+  }
+#endif
+  return (M + tile_rows<T>() - 1) / tile_rows<T>() * ((N + cols - 1) / cols) * K;
 }
 
 inline double online_softmax_row(double* s, int64_t nv, int64_t ncols, double f, double& m, double& l) {

@@ -33,6 +33,52 @@ void run_tasks(const std::vector<int64_t>& order, MakeScratch make_scratch, Run 
   });
 }
 
+// A running task's look at its thread's next one (run_tasks_ahead): claim() takes the next task from the shared
+// counter now rather than when this one ends, so that this task can prefetch that one's first inputs while its
+// own products run. It claims only while at least one unclaimed task per thread remains: a thread holding a
+// claimed task cannot leave another thread idle for more than the end of one task.
+class TaskAhead {
+ public:
+  TaskAhead(std::atomic<int64_t>* next, const std::vector<int64_t>* order, int64_t threads)
+      : next_(next), order_(order), threads_(threads) {}
+
+  // The task this thread runs next (claimed once, at the first call), or -1: none claimed.
+  int64_t claim() {
+    if (!asked_) {
+      asked_ = true;
+      const int64_t n = static_cast<int64_t>(order_->size());
+      if (n - next_->load(std::memory_order_relaxed) >= threads_) claimed_ = next_->fetch_add(1);
+    }
+    return claimed_ >= 0 && claimed_ < static_cast<int64_t>(order_->size()) ? (*order_)[claimed_] : -1;
+  }
+  // The index into order of the claimed task, or -1 (set only by claim()).
+  int64_t claimed_index() const { return claimed_; }
+
+ private:
+  std::atomic<int64_t>* next_;
+  const std::vector<int64_t>* order_;
+  int64_t threads_;
+  bool asked_ = false;
+  int64_t claimed_ = -1;
+};
+
+// run_tasks with run(task, scratch, ahead): a task may claim its thread's next one through ahead (TaskAhead).
+template <typename MakeScratch, typename Run>
+void run_tasks_ahead(const std::vector<int64_t>& order, MakeScratch make_scratch, Run run) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(order.size());
+  if (n == 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < n;) {
+      TaskAhead ahead(&next, &order, threads);
+      run(order[t], scratch, ahead);
+      t = ahead.claimed_index() >= 0 ? ahead.claimed_index() : next.fetch_add(1);
+    }
+  });
+}
+
 // Task indices 0..n-1 by decreasing cost, ties in index order.
 inline std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
   std::vector<int64_t> order(cost.size());

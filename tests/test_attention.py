@@ -412,6 +412,30 @@ def test_strided_inputs():
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("Lq", [3, 16, 200])
+@pytest.mark.parametrize("D", [64, 40])
+def test_forward_layouts_give_the_same_bits(Lq, D):
+    """K and V as (B, L, H, D) views (rows H * D apart) against the same values contiguous: the forward packs K's
+    panels a key block at a time, copies far-apart V rows into its scratch where several tasks read a head (Lq
+    200: three query blocks; GQA), reads them in place where one task does, and prefetches the next block's rows
+    (and the next task's first) of contiguous heads (D 40: a padded float copy). None of that may change a bit.
+    Keys over two forward key blocks (512), causal with both alignments."""
+    B, Hq, Hk, Lk = 2, 4, 2, 1100
+    q = torch.randn(B, Hq, Lq, D)
+    k, v = torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, D)
+    k_far, v_far = (torch.randn(B, Lk, Hk, D).transpose(1, 2).copy_(t) for t in (k, v))
+    assert k_far.stride(2) == Hk * D and not v_far.is_contiguous()
+    outs = []
+    for causal in (0, 1, 2):
+        a = ops.attention_forward(q, k, v, None, 0.0, causal, D ** -0.5, seed_tensor(0))
+        b = ops.attention_forward(q, k_far, v_far, None, 0.0, causal, D ** -0.5, seed_tensor(0))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (Lq, D, causal)
+        outs.append(a[0])
+    ref_out, _ = ref.attention(q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1),
+                               None, 0, D ** -0.5, 0.0, None)
+    assert rel_err(outs[0], ref_out) < 1e-5
+
+
 def test_gradcheck_float64():
     q, k, v = (torch.randn(1, 2, n, 5, dtype=torch.float64, requires_grad=True) for n in (4, 6, 6))
     mask = torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True)
@@ -571,7 +595,8 @@ def test_validation_errors(case, match):
 def test_narrower_cpu_paths_against_reference(isa):
     """The AVX2 and portable fp32 kernels, forced with SEQFAST_CPU_ISA in a fresh process (the ISA is
     chosen once per process), against the float64 reference: odd sizes, causal, a bool mask, GQA, and more
-    keys than one forward key tile (512), so the online softmax rescales across tiles on each path."""
+    keys than one forward key tile (512), so the online softmax rescales across tiles on each path; and the
+    forward's bits with K and V rows far apart against the same values contiguous."""
     code = textwrap.dedent("""
         import sys, torch, seqfast
         from seqfast import _C
@@ -603,6 +628,10 @@ def test_narrower_cpu_paths_against_reference(isa):
             qh, kh, vh = (torch.randn(2, 4, n, D).to(dt) for n in (3, 300, 300))
             fwd = lambda *t: torch.ops.seqfast.attention_forward(*t, None, 0.0, 0, 0.125, torch.tensor(0))[0]
             assert torch.equal(fwd(qh, kh, vh), fwd(qh.float(), kh.float(), vh.float()).to(dt)), (dt, D)
+        kf, vf = (torch.randn(2, 1100, 2, 64).transpose(1, 2) for _ in range(2))  # rows far apart: V copied
+        for n in (16, 200):
+            qf = torch.randn(2, 4, n, 64)
+            assert torch.equal(fwd(qf, kf, vf), fwd(qf, kf.contiguous(), vf.contiguous())), n
         print(worst)
     """)
     env = dict(os.environ, SEQFAST_CPU_ISA=isa)
