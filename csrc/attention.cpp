@@ -356,8 +356,19 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     v_direct = row_reads_rows_of<S>() && v.sd == 1 && pb.Dv == Dvp;
   }
   const bool v_per_head = by_rows && !v_direct;
-  const View<const T> Vv =
-      by_rows ? View<const T>{} : row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv, Dvp, vp_buf);
+  // The tile path's V operand: V itself where its rows are float, of unit stride and Dvp wide. Otherwise (16-bit,
+  // padded width, strided elements) each thread converts the head it works on into its scratch a key block at a
+  // time, as the K^T panels, instead of a float copy of all of V per call (B8 H8 Lq16 Lk2048 D128 bf16: 12.8 ->
+  // 7.6 ms, benchmarks/NOTES.md). Float rows far apart (a (B, L, H, D) tensor's heads, rows H * D apart: often 4
+  // KiB, one L1 set for all of them) make P V's operand loads miss: where a head serves more than one task they
+  // are copied together the same way (B2 H8 L1024 D128: 42 -> 31 ms); a head read by one task only stays in place.
+  int64_t max_q_blocks = 0;
+  for (int64_t b = 0; b < sq.n; ++b) max_q_blocks = std::max(max_q_blocks, ceil_div(sq.q_len[b], BQ) * pb.group);
+  const bool v_in_place = std::is_same_v<S, T> && v.sd == 1 && pb.Dv == Dvp;
+  const bool v_pack = !by_rows && (!v_in_place || (v.si != Dvp && max_q_blocks > 1));
+  const View<const T> Vv = by_rows || v_pack ? View<const T>{}
+                                             : row_operand<S, T>(v, sq.k_start, sq.k_len, sq.total_k, pb.Hk, pb.Dv,
+                                                                 Dvp, vp_buf);  // in place: no copy
 
   struct Task {
     int64_t b, h, q0;
@@ -389,14 +400,6 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     return cost[x] > cost[y];
   });
 
-  // V rows far apart (a (B, L, H, D) tensor's heads, rows H * D apart: often 4 KiB, one L1 set for all of them)
-  // make P V's operand loads miss: where a head's V serves more than one task, the tile path copies its rows
-  // together into the thread's scratch, a key block at a time like the K^T panels (B2 H8 L1024 D128: 42 -> 31
-  // ms, benchmarks/NOTES.md). A head read by one task only is read where it lies, prefetched.
-  int64_t max_q_blocks = 0;
-  for (int64_t b = 0; b < sq.n; ++b) max_q_blocks = std::max(max_q_blocks, ceil_div(sq.q_len[b], BQ) * pb.group);
-  const bool v_pack = !by_rows && Vv.si != Dvp && max_q_blocks > 1;
-
   struct Buffers {
     Scratch<T> s, o, m, l, kt, vt;
     int64_t kt_group = -1;  // the (sequence, kv head) whose K^T panels (and packed V rows) kt (vt) hold
@@ -411,8 +414,13 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   // The tile path prefetches a head's K rows (packed into panels as the key blocks come) and V rows where they are
   // one run of memory. Rows apart (one 4 KiB page each in a (B, L, H, D) tensor), prefetching was 5-11 % slower on
   // the AVX2 path and 1-4 % faster on AVX-512's (B8 H8 Lq16 Lk2048): they are left to the demand loads.
-  const bool k_runs = k.sd == 1 && k.si == pb.D, v_runs = Vv.si == Dvp;
-  constexpr int64_t kSb = sizeof(S), kTb = sizeof(T);
+  const bool k_runs = k.sd == 1 && k.si == pb.D;
+  const bool v_runs = v_pack ? v.sd == 1 && v.si == pb.Dv : v.si == Dvp;  // of the rows the block reads: v's
+  constexpr int64_t kSb = sizeof(S);
+  // V rows [from, to) of (b, hk) as the product (!v_pack) or the packing (v_pack) will read them.
+  const auto v_ahead = [&](Prefetch& rows, int64_t b, int64_t hk, int64_t from, int64_t to) {
+    if (v_runs) rows.add(v.row(b, hk, from), (to - from) * pb.Dv * kSb);
+  };
   const auto kend_of = [&](const Task& tk) {
     const int64_t nq = std::min(BQ, sq.q_len[tk.b] - tk.q0);
     return pb.causal ? std::clamp<int64_t>(tk.q0 + nq + pb.shift(tk.b), 0, sq.k_len[tk.b]) : sq.k_len[tk.b];
@@ -429,7 +437,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
       buf.kt_packed = packed_to;
     }
     if (v_pack && j0 + nk > buf.vt_packed) {
-      pack_head_rows(Vv, b, hk, j0 + nk - buf.vt_packed, pb.Dv, Dvp, buf.vt.get() + buf.vt_packed * Dvp,
+      pack_head_rows(v, b, hk, j0 + nk - buf.vt_packed, pb.Dv, Dvp, buf.vt.get() + buf.vt_packed * Dvp,
                      buf.vt_packed);
       buf.vt_packed = j0 + nk;
     }
@@ -437,12 +445,15 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     if (j0 + nk < kend) {
       const int64_t end = j0 + nk + std::min(BK, kend - j0 - nk), kfrom = std::max(j0 + nk, buf.kt_packed);
       if (k_runs) rows.add(k.row(b, hk, kfrom), (end - kfrom) * pb.D * kSb);
-      if (v_runs) rows.add(Vv.row(b, hk, j0 + nk), (end - j0 - nk) * Dvp * kTb);
+      v_ahead(rows, b, hk, v_pack ? std::max(j0 + nk, buf.vt_packed) : j0 + nk, end);
     } else if (const int64_t t2 = ahead.claim(); t2 >= 0) {
       const Task& tk = tasks[t2];
       const int64_t next = std::min(BK, kend_of(tk)), hk2 = tk.h / pb.group;
-      if (k_runs && group(t2) != group(t)) rows.add(k.row(tk.b, hk2, 0), next * pb.D * kSb);
-      if (v_runs) rows.add(Vv.row(tk.b, hk2, 0), next * Dvp * kTb);
+      if (group(t2) != group(t)) {
+        if (k_runs) rows.add(k.row(tk.b, hk2, 0), next * pb.D * kSb);
+        if (v_pack) v_ahead(rows, tk.b, hk2, 0, next);
+      }
+      if (!v_pack) v_ahead(rows, tk.b, hk2, 0, next);
     }
     rows.rate = rows.lines() > tile_steps<T>(nq, nkp, Dp) + tile_steps<T>(nq, Dvp, nk) ? 2 : 1;
     return rows;

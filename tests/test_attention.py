@@ -418,8 +418,8 @@ def test_forward_layouts_give_the_same_bits(Lq, D):
     """K and V as (B, L, H, D) views (rows H * D apart) against the same values contiguous: the forward packs K's
     panels a key block at a time, copies far-apart V rows into its scratch where several tasks read a head (Lq
     200: three query blocks; GQA), reads them in place where one task does, and prefetches the next block's rows
-    (and the next task's first) of contiguous heads (D 40: a padded float copy). None of that may change a bit.
-    Keys over two forward key blocks (512), causal with both alignments."""
+    (and the next task's first) of contiguous heads; 16-bit V and V of padded width (D 40) are converted the same
+    way. None of that may change a bit. Keys over two forward key blocks (512), causal with both alignments."""
     B, Hq, Hk, Lk = 2, 4, 2, 1100
     q = torch.randn(B, Hq, Lq, D)
     k, v = torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, D)
@@ -431,6 +431,11 @@ def test_forward_layouts_give_the_same_bits(Lq, D):
         b = ops.attention_forward(q, k_far, v_far, None, 0.0, causal, D ** -0.5, seed_tensor(0))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (Lq, D, causal)
         outs.append(a[0])
+        # 16-bit K and V (converted a key block at a time) give the float kernel's bits on the widened values.
+        qh, kh, vh = (t.to(torch.bfloat16) for t in (q, k_far, v_far))
+        h = ops.attention_forward(qh, kh, vh, None, 0.0, causal, D ** -0.5, seed_tensor(0))
+        f = ops.attention_forward(qh.float(), kh.float(), vh.float(), None, 0.0, causal, D ** -0.5, seed_tensor(0))
+        assert torch.equal(h[0], f[0].to(torch.bfloat16)) and torch.equal(h[1], f[1]), (Lq, D, causal)
     ref_out, _ = ref.attention(q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1),
                                None, 0, D ** -0.5, 0.0, None)
     assert rel_err(outs[0], ref_out) < 1e-5
