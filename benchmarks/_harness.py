@@ -72,20 +72,22 @@ class AttentionShape:
 
 @dataclass(frozen=True)
 class DecodeShape:
-    """One decoding step: a single query row a sequence and head against a cache of L keys."""
+    """Lq query rows a sequence and head against a cache of L keys: a decoding step (Lq 1), or a short chunk of
+    queries (a prefill chunk, a draft's tokens checked at once)."""
 
     B: int
     H: int
     L: int
     D: int
+    Lq: int = 1
 
     @property
     def label(self) -> str:
-        return f"B{self.B}_H{self.H}_Lq1_L{self.L}_D{self.D}"
+        return f"B{self.B}_H{self.H}_Lq{self.Lq}_L{self.L}_D{self.D}"
 
     def work(self, direction: str) -> float:
-        """FLOPs: q K^T and P V, 2 * L * D each per head (forward only)."""
-        return 4 * self.B * self.H * self.L * self.D
+        """FLOPs: Q K^T and P V, 2 * Lq * L * D each per head (forward only)."""
+        return 4 * self.B * self.H * self.Lq * self.L * self.D
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ _DECODE = {
     "smoke": [DecodeShape(1, 2, 16, 8)],
     "quick": [DecodeShape(8, 8, 1024, 64)],
     "all": [DecodeShape(32, 8, 256, 64), DecodeShape(8, 8, 1024, 64), DecodeShape(8, 8, 4096, 64),
-            DecodeShape(8, 8, 1024, 128)],
+            DecodeShape(8, 8, 1024, 128), DecodeShape(8, 8, 2048, 128, Lq=16)],
 }
 
 

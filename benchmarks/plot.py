@@ -25,7 +25,7 @@ def _series(row: Row) -> str:
     if row.op == "attention":
         return f"{row.direction} D={p.get('D')}" + (" causal" if p.get("causal") else "")
     if row.op == "attention_decode":
-        return f"{row.direction} D={p.get('D')}"
+        return f"{row.direction} D={p.get('D')}" + (f" Lq={p['Lq']}" if p.get("Lq", 1) > 1 else "")
     return row.direction
 
 

@@ -95,10 +95,12 @@ def test_tiers():
     assert {(s.L, d) for s, d in dropped} == {(4096, "fwd+bwd")} and len(dropped) == 4
     assert {s.L for s, _ in h.attention_cases("quick", "cpu")} == {512}
     assert h.matmul_shape("quick").n == 2048
-    assert [(s.B, s.H, s.L, s.D) for s in h.decode_shapes("default")] == [
-        (32, 8, 256, 64), (8, 8, 1024, 64), (8, 8, 4096, 64), (8, 8, 1024, 128)]
+    assert [(s.B, s.H, s.Lq, s.L, s.D) for s in h.decode_shapes("default")] == [
+        (32, 8, 1, 256, 64), (8, 8, 1, 1024, 64), (8, 8, 1, 4096, 64), (8, 8, 1, 1024, 128), (8, 8, 16, 2048, 128)]
     assert h.decode_shapes("full") == h.decode_shapes("default") and len(h.decode_shapes("quick")) == 1
     assert h.DecodeShape(8, 8, 1024, 64).work("fwd") == 4 * 8 * 8 * 1024 * 64
+    assert h.DecodeShape(8, 8, 2048, 128, Lq=16).work("fwd") == 4 * 8 * 8 * 16 * 2048 * 128
+    assert h.DecodeShape(8, 8, 2048, 128, Lq=16).label == "B8_H8_Lq16_L2048_D128"
     # work counts: attention 4*B*H*L*L*D (halved causal, x3.5 with backward); CTC N*T*(2S+1) per recursion
     a = h.AttentionShape(2, 8, 512, 64, causal=True)
     assert a.work("fwd") == 4 * 2 * 8 * 512 * 512 * 64 / 2 and a.work("fwd+bwd") == 3.5 * a.work("fwd")
