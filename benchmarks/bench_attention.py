@@ -1,6 +1,7 @@
 """Attention: ``seqfast.scaled_dot_product_attention`` vs ``F.scaled_dot_product_attention``, float32,
 (B, H, L, D) = (2, 8, L, D) for L in {512, 1024, 2048, 4096}, D in {64, 128}, causal and not, forward and
-forward+backward; decoding steps (``attention_decode``: one query row, or a chunk of 16, against a cache of L keys, forward);
+forward+backward; decoding steps (``attention_decode``: one query row, or a chunk of 16, against a cache of L
+keys, forward);
 plus a ``torch.mm`` 2048x2048 float32 case, the machine's matmul rate to compare attention's GFLOP/s with.
 """
 
