@@ -19,20 +19,6 @@
 
 namespace seqfast {
 
-// Runs run(order[0]), run(order[1]), ... on the intra-op threads, each thread with its own scratch from
-// make_scratch(), passed to run as run(task, scratch).
-template <typename MakeScratch, typename Run>
-void run_tasks(const std::vector<int64_t>& order, MakeScratch make_scratch, Run run) {
-  std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(order.size());
-  if (n == 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    auto scratch = make_scratch();
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) run(order[t], scratch);
-  });
-}
-
 // A running task's look at its thread's next one (run_tasks_ahead): claim() takes the next task from the shared
 // counter now rather than when this one ends, so that this task can prefetch that one's first inputs while its
 // own products run. It claims only while at least one unclaimed task per thread remains: a thread holding a
@@ -62,7 +48,8 @@ class TaskAhead {
   int64_t claimed_ = -1;
 };
 
-// run_tasks with run(task, scratch, ahead): a task may claim its thread's next one through ahead (TaskAhead).
+// Runs run(order[0], ...), run(order[1], ...), ... on the intra-op threads, each thread with its own scratch from
+// make_scratch(), passed to run as run(task, scratch, ahead): a task may claim its thread's next one through ahead.
 template <typename MakeScratch, typename Run>
 void run_tasks_ahead(const std::vector<int64_t>& order, MakeScratch make_scratch, Run run) {
   std::atomic<int64_t> next{0};
@@ -77,6 +64,12 @@ void run_tasks_ahead(const std::vector<int64_t>& order, MakeScratch make_scratch
       t = ahead.claimed_index() >= 0 ? ahead.claimed_index() : next.fetch_add(1);
     }
   });
+}
+
+// run_tasks_ahead for tasks that never look ahead: run(task, scratch).
+template <typename MakeScratch, typename Run>
+void run_tasks(const std::vector<int64_t>& order, MakeScratch make_scratch, Run run) {
+  run_tasks_ahead(order, make_scratch, [&](int64_t t, auto& scratch, TaskAhead&) { run(t, scratch); });
 }
 
 // Task indices 0..n-1 by decreasing cost, ties in index order.
