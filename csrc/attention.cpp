@@ -358,10 +358,10 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   const bool v_per_head = by_rows && !v_direct;
   // The tile path's V operand: V itself where its rows are float, of unit stride and Dvp wide. Otherwise (16-bit,
   // padded width, strided elements) each thread converts the head it works on into its scratch a key block at a
-  // time, as the K^T panels, instead of a float copy of all of V per call (B8 H8 Lq16 Lk2048 D128 bf16: 12.8 ->
-  // 7.6 ms, benchmarks/NOTES.md). Float rows far apart (a (B, L, H, D) tensor's heads, rows H * D apart: often 4
+  // time, as the K^T panels, instead of a float copy of all of V per call (B8 H8 Lq16 Lk2048 D128 bf16: 17.0 ->
+  // 7.8 ms, benchmarks/NOTES.md). Float rows far apart (a (B, L, H, D) tensor's heads, rows H * D apart: often 4
   // KiB, one L1 set for all of them) make P V's operand loads miss: where a head serves more than one task they
-  // are copied together the same way (B2 H8 L1024 D128: 42 -> 31 ms); a head read by one task only stays in place.
+  // are copied together the same way (B2 H8 L1024 D128: 45 -> 31 ms); a head read by one task only stays in place.
   int64_t max_q_blocks = 0;
   for (int64_t b = 0; b < sq.n; ++b) max_q_blocks = std::max(max_q_blocks, ceil_div(sq.q_len[b], BQ) * pb.group);
   const bool v_in_place = std::is_same_v<S, T> && v.sd == 1 && pb.Dv == Dvp;
@@ -373,6 +373,11 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   struct Task {
     int64_t b, h, q0;
   };
+  // The keys a task's query block sees: [0, kend).
+  const auto kend_of = [&](const Task& tk) {
+    const int64_t nq = std::min(BQ, sq.q_len[tk.b] - tk.q0);
+    return pb.causal ? std::clamp<int64_t>(tk.q0 + nq + pb.shift(tk.b), 0, sq.k_len[tk.b]) : sq.k_len[tk.b];
+  };
   std::vector<Task> tasks;
   std::vector<int64_t> cost, group_cost(sq.n * pb.Hk, 0);
   int64_t max_kpan = 1;
@@ -381,8 +386,8 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     for (int64_t h = 0; h < pb.Hq; ++h) {
       for (int64_t q0 = 0; q0 < sq.q_len[b]; q0 += BQ) {
         const int64_t nq = std::min(BQ, sq.q_len[b] - q0);
-        const int64_t kend = pb.causal ? std::clamp<int64_t>(q0 + nq + pb.shift(b), 0, sq.k_len[b]) : sq.k_len[b];
         tasks.push_back({b, h, q0});
+        const int64_t kend = kend_of(tasks.back());
         cost.push_back(kend * nq);
         group_cost[b * pb.Hk + h / pb.group] += kend * nq;
       }
@@ -421,10 +426,6 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
   const auto v_ahead = [&](Prefetch& rows, int64_t b, int64_t hk, int64_t from, int64_t to) {
     if (v_runs) rows.add(v.row(b, hk, from), (to - from) * pb.Dv * kSb);
   };
-  const auto kend_of = [&](const Task& tk) {
-    const int64_t nq = std::min(BQ, sq.q_len[tk.b] - tk.q0);
-    return pb.causal ? std::clamp<int64_t>(tk.q0 + nq + pb.shift(tk.b), 0, sq.k_len[tk.b]) : sq.k_len[tk.b];
-  };
   // The tile path's key block [j0, j0 + nk) of task t: its K^T panels and (v_pack) V rows packed where not yet,
   // and the rows to prefetch while its products run: the next block's (this task's, else the next task's first).
   const auto ready_key_block = [&](Buffers& buf, int64_t t, TaskAhead& ahead, int64_t j0, int64_t nk, int64_t nkp,
@@ -449,11 +450,9 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     } else if (const int64_t t2 = ahead.claim(); t2 >= 0) {
       const Task& tk = tasks[t2];
       const int64_t next = std::min(BK, kend_of(tk)), hk2 = tk.h / pb.group;
-      if (group(t2) != group(t)) {
-        if (k_runs) rows.add(k.row(tk.b, hk2, 0), next * pb.D * kSb);
-        if (v_pack) v_ahead(rows, tk.b, hk2, 0, next);
-      }
-      if (!v_pack) v_ahead(rows, tk.b, hk2, 0, next);
+      // The same group's packed panels and V rows are already in this thread's scratch.
+      if (k_runs && group(t2) != group(t)) rows.add(k.row(tk.b, hk2, 0), next * pb.D * kSb);
+      if (!v_pack || group(t2) != group(t)) v_ahead(rows, tk.b, hk2, 0, next);
     }
     rows.rate = rows.lines() > tile_steps<T>(nq, nkp, Dp) + tile_steps<T>(nq, Dvp, nk) ? 2 : 1;
     return rows;
