@@ -281,6 +281,9 @@ struct LabelGroups {
   // The groups in blocks of 16 for label_corrections_avx512: per block, each lane's label and count, and the
   // posterior indices 1 + position, a row of 16 per position up to the block's largest count (block_rows).
   std::vector<int32_t> lane_label, lane_count, lane_idx, block_rows;
+  // For alphabets of up to 32 classes (gradient_row32_avx512): class k's block * 16 + lane, or -1 (not a label).
+  std::vector<int32_t> class_slot = std::vector<int32_t>(32, -1);
+  std::vector<int32_t> lane_state;  // lane_idx as indices of the label states: 1 + position -> 2 position + 1
 
   LabelGroups() = default;
   LabelGroups(const int64_t* labels, int64_t L) : order(L) {
@@ -294,22 +297,34 @@ struct LabelGroups {
     }
     start.push_back(static_cast<int32_t>(L));
     const int64_t groups = static_cast<int64_t>(label.size()), blocks = (groups + 15) / 16;
+    // Lanes take the groups by decreasing count, so that a block's rows (its largest count) are few where its
+    // groups are short: each row is one gather. A group's sum is its own, so the lane order changes no bits.
+    std::vector<int32_t> by_count(groups);
+    for (int64_t j = 0; j < groups; ++j) by_count[j] = static_cast<int32_t>(j);
+    std::stable_sort(by_count.begin(), by_count.end(),
+                     [&](int32_t x, int32_t y) { return start[x + 1] - start[x] > start[y + 1] - start[y]; });
     lane_label.assign(blocks * 16, 0);
     lane_count.assign(blocks * 16, 0);
     for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first_lane = b * 16, lanes_here = std::min<int64_t>(16, groups - first_lane);
       int32_t rows = 0;
-      for (int64_t j = b * 16; j < std::min(groups, b * 16 + 16); ++j) {
-        lane_label[j] = static_cast<int32_t>(label[j]);
-        lane_count[j] = start[j + 1] - start[j];
-        rows = std::max(rows, lane_count[j]);
+      for (int64_t i = first_lane; i < first_lane + lanes_here; ++i) {
+        const int32_t j = by_count[i];
+        lane_label[i] = static_cast<int32_t>(label[j]);
+        lane_count[i] = start[j + 1] - start[j];
+        rows = std::max(rows, lane_count[i]);
+        if (label[j] < 32) class_slot[label[j]] = static_cast<int32_t>(i);
       }
       block_rows.push_back(rows);
       const size_t first = lane_idx.size();
       lane_idx.resize(first + rows * 16, 0);
-      for (int64_t j = b * 16; j < std::min(groups, b * 16 + 16); ++j) {
-        for (int32_t m = 0; m < lane_count[j]; ++m) lane_idx[first + m * 16 + (j - b * 16)] = 1 + order[start[j] + m];
+      for (int64_t i = first_lane; i < first_lane + lanes_here; ++i) {
+        const int32_t j = by_count[i];
+        for (int32_t m = 0; m < lane_count[i]; ++m) lane_idx[first + m * 16 + (i - first_lane)] = 1 + order[start[j] + m];
       }
     }
+    lane_state.resize(lane_idx.size());
+    for (size_t i = 0; i < lane_idx.size(); ++i) lane_state[i] = 2 * lane_idx[i] - 1;
   }
 };
 
@@ -781,6 +796,9 @@ class BetaExt {
     return c_.data();
   }
 
+  // The last step's posteriors of the states (c's entries 1.. are its odd ones).
+  const float* posteriors() const { return post_.data(); }
+
   Sample<scalar_t, float> smp;
 
  private:
@@ -822,9 +840,32 @@ class BetaExt {
 
 // One (t, n) row of the gradient: g * exp(lp - off), minus g times the posteriors c (blank first, then one per
 // target position): at the blank, and at each label g times its positions' posteriors summed in target order.
+// post, where the caller has it: the frame's state posteriors, whose odd entries are c[1..]. The AVX-512 label
+// sums gather them there: c was stored just now, and a gather waits for such stores to retire (NOTES).
 template <typename scalar_t, typename acc_t>
 void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, const acc_t* c, const LabelGroups& groups,
-                  int64_t blank, int64_t C, const RowOps<acc_t>& ops, std::vector<acc_t>& buf) {
+                  int64_t blank, int64_t C, const RowOps<acc_t>& ops, std::vector<acc_t>& buf,
+                  const acc_t* post = nullptr) {
+#if SEQFAST_X86
+  // Up to 32 classes, the whole row in two registers (the same bits as below).
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (C <= 32 && has_avx512()) {
+      float* dst;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        dst = out;
+      } else {
+        buf.resize(C);
+        dst = buf.data();
+      }
+      ctc_simd::gradient_row32_avx512(dst, lp_row, off, g, c[0], blank, post ? post : c, groups.lane_count.data(),
+                                      post ? groups.lane_state.data() : groups.lane_idx.data(),
+                                      groups.block_rows.data(), static_cast<int64_t>(groups.block_rows.size()),
+                                      groups.class_slot.data(), C);
+      if constexpr (!std::is_same_v<scalar_t, float>) store_row(dst, acc_t(1), C, out, 1);
+      return;
+    }
+  }
+#endif
   acc_t* row;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     row = out;
@@ -850,8 +891,9 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
 #if SEQFAST_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     if (has_avx512()) {
-      ctc_simd::label_corrections_avx512(row, c, g, groups.lane_label.data(), groups.lane_count.data(),
-                                         groups.lane_idx.data(), groups.block_rows.data(),
+      ctc_simd::label_corrections_avx512(row, post ? post : c, g, groups.lane_label.data(), groups.lane_count.data(),
+                                         post ? groups.lane_state.data() : groups.lane_idx.data(),
+                                         groups.block_rows.data(),
                                          static_cast<int64_t>(groups.block_rows.size()));
       corrected = true;
     } else if (has_avx2()) {
@@ -1142,7 +1184,7 @@ at::Tensor backward_impl(const at::Tensor& grad_nll, const at::Tensor& log_probs
             const acc_t off = lse ? lse[r] : acc_t(0);
             const float* c = beta->step(t, lp + r * z.C, off, blank);
             gradient_row<scalar_t, acc_t>(gr + r * z.C, lp + r * z.C, off, gn[n], c, groups[n - begin], blank, z.C,
-                                          ops, buf);
+                                          ops, buf, beta->posteriors());
           }
         }
       });

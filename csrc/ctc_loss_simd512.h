@@ -177,6 +177,24 @@ SEQFAST_TARGET_AVX512 static void exp_row_avx512(float* out, const float* in, fl
   exp_rows_avx512(out, in, off, g, n);
 }
 
+// One block of 16 label groups (see label_corrections_avx512): lane j holds g times its group's posteriors summed in
+// position order, rounded before any subtraction (the scalar loop's operations); idx moves past the block's rows.
+// The posteriors are c[idx] (c: blank sum, then one per target position), or the same values read as post[idx]
+// from the state posteriors (idx: LabelGroups::lane_state).
+SEQFAST_AVX512_INLINE __m512 label_block_products16(const float* c, __m512 vg, __m512i count, __mmask16 live,
+                                                    const int32_t*& idx, int32_t rows) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 sum = _mm512_mask_i32gather_ps(zero, live, _mm512_loadu_si512(idx), c, 4);
+  idx += 16;
+  for (int32_t m = 1; m < rows; ++m, idx += 16) {
+    const __mmask16 more = _mm512_cmpgt_epi32_mask(count, _mm512_set1_epi32(m));
+    sum = _mm512_mask_add_ps(sum, more, sum, _mm512_mask_i32gather_ps(zero, more, _mm512_loadu_si512(idx), c, 4));
+  }
+  __m512 p = _mm512_mul_ps(vg, sum);
+  asm("" : "+v"(p));  // rounded before the subtraction, as the scalar loop: GCC would contract the two into an FMA
+  return p;
+}
+
 // The label corrections of a gradient row, 16 labels at a time: for block b of label groups, lane j's group has
 // count[j] target positions whose posterior indices (into c) are idx[m * 16 + j], m < count[j]; its sum goes in
 // position order, and row[label[j]] -= g * sum (the scalar loop's operations, so the same bits). Lanes past the
@@ -189,18 +207,58 @@ SEQFAST_TARGET_AVX512 static void label_corrections_avx512(float* row, const flo
   for (int64_t b = 0; b < blocks; ++b, label += 16, count += 16) {
     const __m512i n = _mm512_loadu_si512(count);
     const __mmask16 live = _mm512_cmpgt_epi32_mask(n, _mm512_setzero_si512());
-    __m512 sum = _mm512_mask_i32gather_ps(zero, live, _mm512_loadu_si512(idx), c, 4);
-    idx += 16;
-    for (int32_t m = 1; m < rows[b]; ++m, idx += 16) {
-      const __mmask16 more = _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32(m));
-      sum = _mm512_mask_add_ps(sum, more, sum, _mm512_mask_i32gather_ps(zero, more, _mm512_loadu_si512(idx), c, 4));
-    }
+    const __m512 p = label_block_products16(c, vg, n, live, idx, rows[b]);
     const __m512i at = _mm512_loadu_si512(label);
     const __m512 r = _mm512_mask_i32gather_ps(zero, live, at, row, 4);
-    __m512 p = _mm512_mul_ps(vg, sum);
-    asm("" : "+v"(p));  // rounded before the subtraction, as the scalar loop: GCC would contract the two into an FMA
     _mm512_mask_i32scatter_ps(row, live, at, _mm512_sub_ps(r, p), 4);
   }
+}
+
+// A whole gradient row of at most 32 classes in two registers: out[k] = g * exp(in[k] - off) (exp_rows_avx512's
+// bits), minus g * c[0] at the blank, minus each label's block product (label_block_products16) at that label: the
+// operations of exp_rows_avx512, the blank's correction and label_corrections_avx512, without the row's store,
+// gather and scatter in between. The label posteriors are lab[idx] (c and LabelGroups::lane_idx, or the state
+// posteriors and lane_state: the same values, which the frame's beta step wrote longer before). slot[k] (32
+// entries): block * 16 + lane of class k's label group, or -1 (no label); at most two blocks (a row of 32 classes
+// has at most 31 labels). Row: float or c10::Half / BFloat16.
+template <bool Off, bool G, typename Row>
+SEQFAST_TARGET_AVX512 static void gradient_row32_avx512_impl(float* out, const Row* in, float off, float g,
+                                                             float c0, int64_t blank, const float* lab,
+                                                             const int32_t* count, const int32_t* idx,
+                                                             const int32_t* rows, int64_t blocks, const int32_t* slot,
+                                                             int64_t n) {
+  const __m512 vg = splat16(g), voff = splat16(off);
+  __m512 p[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512i cnt = _mm512_loadu_si512(count + 16 * b);
+    p[b] = label_block_products16(lab, vg, cnt, _mm512_cmpgt_epi32_mask(cnt, _mm512_setzero_si512()), idx, rows[b]);
+  }
+  __m512 pb = _mm512_mul_ps(vg, splat16(c0));
+  asm("" : "+v"(pb));  // as the scalar `row[blank] -= g * c[0]`: no FMA
+  for (int64_t h = 0; h < 2 && 16 * h < n; ++h) {
+    const __mmask16 k = lanes(n - 16 * h);
+    __m512 x = load16_row(in + 16 * h, k);
+    if constexpr (Off) x = _mm512_sub_ps(x, voff);
+    __m512 e = exp_any16(x);
+    if constexpr (G) e = _mm512_mul_ps(vg, e);
+    const __mmask16 at_blank = blank >= 16 * h && blank < 16 * h + 16 ? __mmask16(1u << (blank - 16 * h)) : 0;
+    e = _mm512_mask_sub_ps(e, at_blank, e, pb);
+    const __m512i s = _mm512_loadu_si512(slot + 16 * h);
+    const __mmask16 labelled = _mm512_cmpge_epi32_mask(s, _mm512_setzero_si512());
+    e = _mm512_mask_sub_ps(e, labelled, e, _mm512_permutex2var_ps(p[0], s, p[1]));
+    _mm512_mask_storeu_ps(out + 16 * h, k, e);
+  }
+}
+
+template <typename Row>
+SEQFAST_TARGET_AVX512 static void gradient_row32_avx512(float* out, const Row* in, float off, float g, float c0,
+                                                        int64_t blank, const float* lab, const int32_t* count,
+                                                        const int32_t* idx, const int32_t* rows, int64_t blocks,
+                                                        const int32_t* slot, int64_t n) {
+  with_row_identities(off, g, [&](auto has_off, auto has_g) {
+    gradient_row32_avx512_impl<decltype(has_off)::value, decltype(has_g)::value>(out, in, off, g, c0, blank, lab, count,
+                                                                                 idx, rows, blocks, slot, n);
+  });
 }
 
 // logsumexp_row_avx2, same bits: the max is exact in any order, and the sum of exps runs in the AVX2 order (an

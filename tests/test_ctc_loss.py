@@ -713,6 +713,29 @@ def test_cpu_isa_paths_avx512_equals_avx2_bitwise(alpha_every, monkeypatch):
                 assert torch.equal(g5.nan_to_num(7.0), g2.nan_to_num(7.0)) and g5.isnan().equal(g2.isnan())
 
 
+@pytest.mark.parametrize("C,blank", [(32, 0), (32, 20), (32, 31), (17, 16), (5, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_small_alphabet_gradient_rows_avx512_equal_avx2_bitwise(C, blank, dtype):
+    """Alphabets of up to 32 classes take AVX-512's whole-row gradient (exp, the blank's and the labels'
+    corrections in two registers): the same bits as AVX2's row, with the blank in either half of the row, labels
+    repeated up to 12 times beside labels met once, and more than 16 distinct labels (two blocks of lanes)."""
+    from seqfast import _C
+
+    if _C.cpu_isa() != "avx512":
+        pytest.skip("needs an AVX-512 CPU")
+    log_probs, targets, input_lengths, _ = make_case(120, 3, C, 40, blank=blank, dtype=dtype, seed=C + blank)
+    labels = [c for c in range(C) if c != blank]
+    targets[0, :24] = labels[len(labels) // 2]
+    targets[0, 24:] = torch.tensor(labels)[torch.arange(16) % len(labels)]
+    target_lengths = torch.tensor([40, 40, 23])
+    runs = {isa: _with_isa(isa, lambda: loss_and_grad(seqfast.ctc_loss, log_probs, targets, input_lengths,
+                                                      target_lengths, blank=blank)) for isa in ("avx512", "avx2")}
+    (l5, g5), (l2, g2) = runs["avx512"], runs["avx2"]
+    assert torch.isfinite(l5).all() and g5.abs().sum() > 0
+    assert torch.equal(l5, l2)
+    assert torch.equal(g5, g2)
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 def test_cpu_isa_paths_against_reference(isa):
     from seqfast import _C
