@@ -420,9 +420,9 @@ SEQFAST_TARGET_AVX2_F16C static void emission_gather_avx2(float* em, int32_t* ee
 }
 
 // v * 2^E (v >= 0, finite) -> normalised (m, e); 0 and exponents below kLiveE become (0, kZeroE).
-SEQFAST_AVX2_INLINE void renormalise(__m256 v, __m256i E, __m256* m_out, __m256i* e_out) {
+SEQFAST_AVX2_INLINE void renormalise(__m256 v, __m256i Eb, __m256* m_out, __m256i* e_out) {
   const __m256i bits = _mm256_castps_si256(v);
-  const __m256i e = _mm256_add_epi32(E, _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)));
+  const __m256i e = _mm256_add_epi32(Eb, _mm256_srli_epi32(bits, 23));  // Eb: the exponent minus the float bias
   const __m256 m = _mm256_castsi256_ps(
       _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
   const __m256i zero = _mm256_or_si256(_mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ)),
@@ -431,19 +431,19 @@ SEQFAST_AVX2_INLINE void renormalise(__m256 v, __m256i E, __m256* m_out, __m256i
   *e_out = _mm256_blendv_epi8(e, _mm256_set1_epi32(kZeroE), zero);
 }
 
-// 2^(e - E) for e <= E as a float, 0 when e - E < -126 (no subnormals).
-SEQFAST_AVX2_INLINE __m256 pow2_diff(__m256i e, __m256i E) {
-  const __m256i biased = _mm256_max_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, E), _mm256_set1_epi32(127)),
-                                          _mm256_setzero_si256());
+// 2^(e - E) for e <= E as a float, 0 when e - E < -126 (no subnormals); Eb = E - 127, the float bias taken off
+// once for the three terms and the renormalisation after them.
+SEQFAST_AVX2_INLINE __m256 pow2_diff(__m256i e, __m256i Eb) {
+  const __m256i biased = _mm256_max_epi32(_mm256_sub_epi32(e, Eb), _mm256_setzero_si256());
   return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
 }
 
-// (ma 2^ea + mb 2^eb + mc 2^ec) = sum * 2^E, sum in [0, 6).
-SEQFAST_AVX2_INLINE __m256 add3(__m256 ma, __m256i ea, __m256 mb, __m256i eb, __m256 mc, __m256i ec, __m256i* E) {
-  *E = _mm256_max_epi32(_mm256_max_epi32(ea, eb), ec);
-  __m256 sum = _mm256_mul_ps(ma, pow2_diff(ea, *E));
-  sum = _mm256_fmadd_ps(mb, pow2_diff(eb, *E), sum);
-  return _mm256_fmadd_ps(mc, pow2_diff(ec, *E), sum);
+// (ma 2^ea + mb 2^eb + mc 2^ec) = sum * 2^E, sum in [0, 6); *Eb = E - 127.
+SEQFAST_AVX2_INLINE __m256 add3(__m256 ma, __m256i ea, __m256 mb, __m256i eb, __m256 mc, __m256i ec, __m256i* Eb) {
+  *Eb = _mm256_sub_epi32(_mm256_max_epi32(_mm256_max_epi32(ea, eb), ec), _mm256_set1_epi32(127));
+  __m256 sum = _mm256_mul_ps(ma, pow2_diff(ea, *Eb));
+  sum = _mm256_fmadd_ps(mb, pow2_diff(eb, *Eb), sum);
+  return _mm256_fmadd_ps(mc, pow2_diff(ec, *Eb), sum);
 }
 
 
@@ -496,14 +496,14 @@ SEQFAST_AVX2_INLINE void alpha_ext_steps(float* m_out, int32_t* e_out, float* lo
                                          const int32_t* e_prev, const float* skip_m, const int32_t* skip_e,
                                          const float* em, const int32_t* ee, int64_t n) {
   for (int64_t s = 0; s < n; s += 8) {
-    __m256i E;
+    __m256i Eb;
     const __m256 skipped = _mm256_and_ps(_mm256_loadu_ps(m_prev + s - 2), _mm256_loadu_ps(skip_m + s));
     const __m256 sum = add3(_mm256_loadu_ps(m_prev + s), loadi(e_prev + s), _mm256_loadu_ps(m_prev + s - 1),
                             loadi(e_prev + s - 1), skipped, _mm256_add_epi32(loadi(e_prev + s - 2), loadi(skip_e + s)),
-                            &E);
+                            &Eb);
     __m256 m;
     __m256i e;
-    renormalise(_mm256_mul_ps(sum, _mm256_loadu_ps(em + s)), _mm256_add_epi32(E, loadi(ee + s)), &m, &e);
+    renormalise(_mm256_mul_ps(sum, _mm256_loadu_ps(em + s)), _mm256_add_epi32(Eb, loadi(ee + s)), &m, &e);
     _mm256_storeu_ps(m_out + s, m);
     storei(e_out + s, e);
     if constexpr (Log) _mm256_storeu_ps(log_out + s, ext_log(m, e));
@@ -526,11 +526,11 @@ SEQFAST_TARGET_AVX2 static void alpha_ext_row_avx2(float* m_out, int32_t* e_out,
 // bx at states s..s+7: next[s] + next[s+1] + skip[s] next[s+2], renormalised.
 SEQFAST_AVX2_INLINE void beta_bx(const float* nm, const int32_t* ne, const float* skip_m, const int32_t* skip_e,
                                  int64_t s, __m256* m, __m256i* e) {
-  __m256i E;
+  __m256i Eb;
   const __m256 sum = add3(_mm256_loadu_ps(nm + s), loadi(ne + s), _mm256_loadu_ps(nm + s + 1), loadi(ne + s + 1),
                           _mm256_and_ps(_mm256_loadu_ps(nm + s + 2), _mm256_loadu_ps(skip_m + s)),
-                          _mm256_add_epi32(loadi(ne + s + 2), loadi(skip_e + s)), &E);
-  renormalise(sum, E, m, e);
+                          _mm256_add_epi32(loadi(ne + s + 2), loadi(skip_e + s)), &Eb);
+  renormalise(sum, Eb, m, e);
 }
 
 // b = bx * emission at states s..s+7, stored unnormalised (m in [0.7, 2.84)): add3 takes that as well, and the sum

@@ -324,29 +324,43 @@ SEQFAST_AVX512_INLINE void storei16(int32_t* p, __mmask16 k, __m512i v) {
     if (s_ < (n)) STEP<false>(s_, lanes((n) - s_), __VA_ARGS__);                                           \
   } while (0)
 
-SEQFAST_AVX512_INLINE void renormalise16(__m512 v, __m512i E, __m512* m_out, __m512i* e_out) {
+// v 2^(Eb + 127) as a normalised extended number (m in [1, 2), or 0 with kZeroE). Eb is the exponent minus the
+// float bias, so that v's biased exponent bits add to it directly; (bits & mantissa) | 1.0 is one vpternlogd.
+SEQFAST_AVX512_INLINE void renormalise16(__m512 v, __m512i Eb, __m512* m_out, __m512i* e_out) {
   const __m512i bits = _mm512_castps_si512(v);
-  const __m512i e = _mm512_add_epi32(E, _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(127)));
+  const __m512i e = _mm512_add_epi32(Eb, _mm512_srli_epi32(bits, 23));
   const __m512 m = _mm512_castsi512_ps(
-      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f800000)));
+      _mm512_ternarylogic_epi32(bits, _mm512_set1_epi32(0x007fffff), _mm512_set1_epi32(0x3f800000), 0xEA));
   const __mmask16 zero = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_EQ_OQ) |
                          _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(kLiveE), e);
-  *m_out = _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), m);
+  *m_out = _mm512_mask_mov_ps(m, zero, _mm512_setzero_ps());
   *e_out = _mm512_mask_mov_epi32(e, zero, _mm512_set1_epi32(kZeroE));
 }
 
-SEQFAST_AVX512_INLINE __m512 pow2_diff16(__m512i e, __m512i E) {
-  const __m512i biased = _mm512_max_epi32(_mm512_add_epi32(_mm512_sub_epi32(e, E), _mm512_set1_epi32(127)),
-                                          _mm512_setzero_si512());
+// 2^(e - Eb - 127) as a float, 0 below 2^-126 (Eb: the largest exponent minus 127).
+SEQFAST_AVX512_INLINE __m512 pow2_diff16(__m512i e, __m512i Eb) {
+  const __m512i biased = _mm512_max_epi32(_mm512_sub_epi32(e, Eb), _mm512_setzero_si512());
   return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
 }
 
+// a + b + c, the third only in the lanes `skip` (the s-2 -> s transition), as its exponent's largest and a mantissa
+// sum; *Eb: that exponent minus 127. Where the skip is not allowed the third term is left out, which is what
+// adding 0 2^kNoSkipE did (ctc_loss_simd.h's add3): the same bits, two vector operations fewer.
 SEQFAST_AVX512_INLINE __m512 add3_16(__m512 ma, __m512i ea, __m512 mb, __m512i eb, __m512 mc, __m512i ec,
-                                     __m512i* E) {
-  *E = _mm512_max_epi32(_mm512_max_epi32(ea, eb), ec);
-  __m512 sum = _mm512_mul_ps(ma, pow2_diff16(ea, *E));
-  sum = _mm512_fmadd_ps(mb, pow2_diff16(eb, *E), sum);
-  return _mm512_fmadd_ps(mc, pow2_diff16(ec, *E), sum);
+                                     __mmask16 skip, __m512i* Eb) {
+  __m512i E = _mm512_max_epi32(ea, eb);
+  E = _mm512_mask_max_epi32(E, skip, E, ec);
+  *Eb = _mm512_sub_epi32(E, _mm512_set1_epi32(127));
+  __m512 sum = _mm512_mul_ps(ma, pow2_diff16(ea, *Eb));
+  sum = _mm512_fmadd_ps(mb, pow2_diff16(eb, *Eb), sum);
+  return _mm512_mask3_fmadd_ps(mc, pow2_diff16(ec, *Eb), sum, skip);
+}
+
+// The lanes of states s.. where the skip s-2 -> s is allowed (ExtSkip::m: all-ones bits there, else 0).
+template <bool Full>
+SEQFAST_AVX512_INLINE __mmask16 skip_lanes16(__mmask16 k, const float* skip_m) {
+  const __m512i bits = _mm512_castps_si512(loadf16<Full>(k, skip_m));
+  return _mm512_test_epi32_mask(bits, bits);
 }
 
 // log_mantissa of ctc_loss_simd.h: the 16-entry tables fit one permute.
@@ -374,14 +388,15 @@ template <bool Full, bool Log>
 SEQFAST_AVX512_INLINE void alpha_ext_vec16(int64_t s, __mmask16 k, float* m_out, int32_t* e_out, float* log_out,
                                            const float* m_prev, const int32_t* e_prev, const float* skip_m,
                                            const int32_t* skip_e, const float* em, const int32_t* ee) {
-  __m512i E;
-  const __m512 c = _mm512_and_ps(loadf16<Full>(k, m_prev + s - 2), loadf16<Full>(k, skip_m + s));
+  __m512i Eb;
   const __m512 sum = add3_16(loadf16<Full>(k, m_prev + s), loadi16<Full>(k, e_prev + s),
-                             loadf16<Full>(k, m_prev + s - 1), loadi16<Full>(k, e_prev + s - 1), c,
-                             _mm512_add_epi32(loadi16<Full>(k, e_prev + s - 2), loadi16<Full>(k, skip_e + s)), &E);
+                             loadf16<Full>(k, m_prev + s - 1), loadi16<Full>(k, e_prev + s - 1),
+                             loadf16<Full>(k, m_prev + s - 2), loadi16<Full>(k, e_prev + s - 2),
+                             skip_lanes16<Full>(k, skip_m + s), &Eb);
   __m512 m;
   __m512i e;
-  renormalise16(_mm512_mul_ps(sum, loadf16<Full>(k, em + s)), _mm512_add_epi32(E, loadi16<Full>(k, ee + s)), &m, &e);
+  renormalise16(_mm512_mul_ps(sum, loadf16<Full>(k, em + s)), _mm512_add_epi32(Eb, loadi16<Full>(k, ee + s)), &m,
+                &e);
   storef16<Full>(m_out + s, k, m);
   storei16<Full>(e_out + s, k, e);
   if constexpr (Log) storef16<Full>(log_out + s, k, ext_log16(m, e));
@@ -416,12 +431,11 @@ SEQFAST_TARGET_AVX512 static void alpha_ext_row_avx512(float* m_out, int32_t* e_
 template <bool Full>
 SEQFAST_AVX512_INLINE void beta_bx16(const float* nm, const int32_t* ne, const float* skip_m, const int32_t* skip_e,
                                      int64_t s, __mmask16 k, __m512* m, __m512i* e) {
-  __m512i E;
-  const __m512 c = _mm512_and_ps(loadf16<Full>(k, nm + s + 2), loadf16<Full>(k, skip_m + s));
+  __m512i Eb;
   const __m512 sum = add3_16(loadf16<Full>(k, nm + s), loadi16<Full>(k, ne + s), loadf16<Full>(k, nm + s + 1),
-                             loadi16<Full>(k, ne + s + 1), c,
-                             _mm512_add_epi32(loadi16<Full>(k, ne + s + 2), loadi16<Full>(k, skip_e + s)), &E);
-  renormalise16(sum, E, m, e);
+                             loadi16<Full>(k, ne + s + 1), loadf16<Full>(k, nm + s + 2), loadi16<Full>(k, ne + s + 2),
+                             skip_lanes16<Full>(k, skip_m + s), &Eb);
+  renormalise16(sum, Eb, m, e);
 }
 
 template <bool Full>
