@@ -235,25 +235,26 @@ struct Sample {
 
   // A later frame's emissions, scattered over its row: loading them starts while this frame computes. Two
   // distances (kFarSteps): into L2 several steps ahead (to_l2), into L1 the step before.
-  void prefetch(const scalar_t* row, int64_t blank, int64_t C, bool to_l2 = false) const {
+  // Labels from `first` on (the forward's states below can no longer reach the end: AlphaExt::first_label).
+  void prefetch(const scalar_t* row, int64_t blank, int64_t C, bool to_l2 = false, int64_t first = 0) const {
     if (to_l2) {
-      prefetch_lines<true>(row, blank, C);
+      prefetch_lines<true>(row, blank, C, first);
     } else {
-      prefetch_lines<false>(row, blank, C);
+      prefetch_lines<false>(row, blank, C, first);
     }
   }
 
  private:
   // With more labels than cache lines in the row, the row's lines in order instead (fewer requests).
   template <bool ToL2>
-  void prefetch_lines(const scalar_t* row, int64_t blank, int64_t C) const {
+  void prefetch_lines(const scalar_t* row, int64_t blank, int64_t C, int64_t first) const {
     constexpr int64_t per_line = 64 / sizeof(scalar_t);
     const auto line = [](const void* p) { ToL2 ? prefetch_line_l2(p) : prefetch_line(p); };
-    if (L + 1 > C / per_line) {
+    if (L - first + 1 > C / per_line) {
       for (int64_t c = 0; c < C; c += per_line) line(row + c);
     } else {
       line(row + blank);
-      for (int64_t k = 0; k < L; ++k) line(row + labels[k]);
+      for (int64_t k = first; k < L; ++k) line(row + labels[k]);
     }
   }
 };
@@ -562,9 +563,11 @@ inline void set_normalised(float em, int32_t ee, float* m, int32_t* e) {
 template <typename scalar_t>
 class AlphaExt {
  public:
-  AlphaExt(const ExtOps& ops, const int64_t* labels, int64_t L)
-      : smp(labels, L), ops_(ops), skip_(smp), rows_(2 * (smp.padded + 2)), em_(smp.padded),
-        logrow_(smp.padded, neg_inf<float>()), ee_(smp.padded) {
+  // len: the sample's input length. live_only: no log rows are wanted (a loss alone, or checkpoints), so the
+  // states that can no longer reach the end are left out (first_live).
+  AlphaExt(const ExtOps& ops, const int64_t* labels, int64_t L, int64_t len, bool live_only)
+      : smp(labels, L), ops_(ops), len_(len), live_only_(live_only), skip_(smp), rows_(2 * (smp.padded + 2)),
+        em_(smp.padded), logrow_(smp.padded, neg_inf<float>()), ee_(smp.padded) {
     pm_ = rows_.m.data() + 2;
     pe_ = rows_.e.data() + 2;
     cm_ = rows_.m.data() + smp.padded + 4;
@@ -589,9 +592,10 @@ class AlphaExt {
   void advance(int64_t t, const scalar_t* row, float lse, int64_t blank, const float* pm, const int32_t* pe, float* cm,
                int32_t* ce, float* log_out) {
     const int64_t P = smp.padded, states = smp.states;
-    const int64_t hi = reach(t);
-    // Poison on states not reached yet can still reach the end: the check covers every state.
-    frame_emissions<true>(ops_, smp, row, lse, blank, 0, hi, em_.data(), ee_.data(), poison_);
+    const int64_t hi = reach(t), lo = t == 0 || log_out ? 0 : first_vector(t);
+    // Poison on states not reached yet can still reach the end: the check covers every state from lo on (those
+    // below cannot reach it).
+    frame_emissions<true>(ops_, smp, row, lse, blank, lo, hi, em_.data(), ee_.data(), poison_);
     if (t == 0) {  // alpha_0: the emissions of states 0 and 1
       std::fill(cm, cm + P, 0.0f);
       std::fill(ce, ce + P, ctc_simd::kZeroE);
@@ -599,18 +603,34 @@ class AlphaExt {
         set_normalised(em_[s], ee_[s], cm + s, ce + s);
         logrow_[s] = cm[s] == 0.0f ? neg_inf<float>() : static_cast<float>(row[s == 0 ? blank : smp.labels[0]]) - lse;
       }
-    } else {
-      ops_.alpha_row(cm, ce, log_out, pm, pe, skip_.m.data(), skip_.e.data(), em_.data(), ee_.data(), hi);
+    } else if (lo < hi) {
+      ops_.alpha_row(cm + lo, ce + lo, log_out, pm + lo, pe + lo, skip_.m.data() + lo, skip_.e.data() + lo,
+                     em_.data() + lo, ee_.data() + lo, hi - lo);
     }
   }
 
   int64_t reach(int64_t t) const { return std::min(smp.padded, pad_to_lanes(2 * t + 2)); }
 
-  // The row of the last step as a checkpoint: states [0, width) to m and e, zeros past the last state.
-  void save(float* m, int32_t* e, int64_t width) const {
-    std::copy(pm_, pm_ + smp.states, m);
+  // The first state of frame t that can still reach the end by frame len - 1 (each frame advances at most two
+  // states). Those below feed only states below first_live(t + 1) = first_live(t) + 2, so leaving them out
+  // changes no state that matters: the same loss and posteriors, bit for bit. Only with live_only.
+  int64_t first_live(int64_t t) const { return live_only_ ? std::max<int64_t>(0, smp.states - 2 * (len_ - t)) : 0; }
+  // The vector that holds it (BetaExt::low): the row loops start there; the cells below it keep older frames'
+  // values, and those of that vector below first_live(t) are computed from such: both are never read for a live
+  // state.
+  int64_t first_vector(int64_t t) const { return first_live(t) / kLanes * kLanes; }
+  // The first label whose emission frame t reads (the forward's prefetch of a later frame's row).
+  int64_t first_label(int64_t t) const { return first_vector(t) / 2; }
+
+  // The row of the last step (frame t) as a checkpoint: states [0, width) to m and e, zeros past the last state
+  // and below first_live(t).
+  void save(int64_t t, float* m, int32_t* e, int64_t width) const {
+    const int64_t live = std::min(first_live(t), smp.states);
+    std::fill(m, m + live, 0.0f);
+    std::copy(pm_ + live, pm_ + smp.states, m + live);
     std::fill(m + smp.states, m + width, 0.0f);
-    std::copy(pe_, pe_ + smp.states, e);
+    std::fill(e, e + live, ctc_simd::kZeroE);
+    std::copy(pe_ + live, pe_ + smp.states, e + live);
     std::fill(e + smp.states, e + width, ctc_simd::kZeroE);
   }
 
@@ -645,6 +665,8 @@ class AlphaExt {
 
  private:
   ExtOps ops_;
+  int64_t len_;
+  bool live_only_;
   ExtSkip skip_;
   ExtRows rows_;  // alpha rows with two zero guard cells in front
   float *pm_, *cm_;
@@ -1013,7 +1035,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
         alphas.reserve(end - begin);
         int64_t t_end = 0;
         for (int64_t n = begin; n < end; ++n) {
-          alphas.emplace_back(eops, tg + n * z.S, tl[n]);
+          alphas.emplace_back(eops, tg + n * z.S, tl[n], il[n], la == nullptr);
           t_end = std::max(t_end, il[n]);
         }
         // Frame-major over the block: see AlphaExt.
@@ -1025,7 +1047,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
             for (const int64_t k : {int64_t{1}, kFarSteps}) {
               const auto [pi, pt] = step_ahead(n - begin, t, k, end - begin, +1);
               if (pt < std::min(t_end, il[begin + pi])) {
-                alphas[pi].smp.prefetch(lp + (pt * z.N + begin + pi) * z.C, blank, z.C, k > 1);
+                alphas[pi].smp.prefetch(lp + (pt * z.N + begin + pi) * z.C, blank, z.C, k > 1,
+                                        alphas[pi].first_label(pt));
               }
             }
             const int64_t r = t * z.N + n;
@@ -1033,7 +1056,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& log_probs, con
                                    la ? la + (n * z.T + t) * width : nullptr, width);
             if (ck && t % every == 0) {
               float* m = ck + (n * checkpoints + t / every) * 2 * width;
-              alphas[n - begin].save(m, reinterpret_cast<int32_t*>(m + width), width);
+              alphas[n - begin].save(t, m, reinterpret_cast<int32_t*>(m + width), width);
             }
           }
         }

@@ -107,7 +107,8 @@ def test_checkpoints_with_half_inputs(dtype):
 
 def test_checkpoint_layout_is_the_documented_one():
     # [n, c, 0, s] the mantissa's float32 bits, [n, c, 1, s] the exponent of alpha at frame cK; zero past the
-    # last state and for frames at or past input_length.
+    # last state, for frames at or past input_length, and below the first state that can still reach the end
+    # (2 target_length + 1 - 2 (input_length - cK)): the forward leaves those states out.
     logits, tg, il, tl, _ = _case(30, 4, 9, 6, 6)
     lp = logits.log_softmax(2).float()
     K = 4
@@ -117,14 +118,19 @@ def test_checkpoint_layout_is_the_documented_one():
     m, e = ck[:, :, 0].view(torch.float32), ck[:, :, 1]
     log_ck = torch.where(m > 0, m.double().log() + e.double() * torch.log(torch.tensor(2.0, dtype=torch.float64)),
                          torch.tensor(float("-inf"), dtype=torch.float64))
+    lived_out = 0
     for n in range(4):
         for c in range(ck.shape[1]):
             t, states = c * K, 2 * int(tl[n]) + 1
             if t >= int(il[n]):
                 assert (m[n, c] == 0).all()
                 continue
-            torch.testing.assert_close(log_ck[n, c, :states], ref[n, t, :states], rtol=1e-5, atol=1e-5)
-            assert (m[n, c, states:] == 0).all()
+            live = max(0, states - 2 * (int(il[n]) - t))
+            torch.testing.assert_close(log_ck[n, c, live:states], ref[n, t, live:states], rtol=1e-5, atol=1e-5)
+            assert (m[n, c, states:] == 0).all() and (m[n, c, :live] == 0).all()
+            assert (e[n, c, :live] == -(1 << 30)).all()  # kZeroE, the zeros' exponent
+            lived_out += live > 0
+    assert lived_out > 0  # the case has checkpoints with states left out
 
 
 def test_opcheck_with_checkpoints():

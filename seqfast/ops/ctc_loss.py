@@ -20,7 +20,9 @@ from_logits, keep_alpha=True, alpha_every=1) -> (neg_log_likelihood, log_alpha)`
   CPUs without AVX2 refuse it): ``log_alpha`` is instead the checkpoints, an int32 (N, ceil(T/K), 2, 2S+1)
   tensor: [n, c, 0, s] holds the float32 bits of the mantissa (``.view(torch.float32)``) and [n, c, 1, s] the
   exponent of alpha at frame cK, state s, in the recursion's extended-range form (ctc_loss_simd.h), exactly as
-  the forward held it; zero mantissas past the last state and for frames at or past input_length. Backward
+  the forward held it; zero mantissas past the last state, for frames at or past input_length, and below the
+  first state that can still reach the end (2 target_length + 1 - 2 (input_length - cK)), which the forward
+  leaves out, as it does for a loss without gradient (nothing there reaches the loss or the gradient). Backward
   recomputes each segment of K frames from its checkpoint (the same bits as the forward's rows) and takes the
   posteriors from the linear numbers: K ~ 8x less saved memory per K of 16, no log per state in the forward.
   The gradient differs from K = 1's by the posteriors' rounding only (a few float32 ulps of each posterior).
