@@ -708,7 +708,8 @@ class BetaExt {
         rows_(2 * (smp.padded + 2)), bx_(smp.padded), em_(smp.padded), alpha_(smp.padded, neg_inf<float>()),
         post_(smp.padded, 0.0f), c_(L + 1), ee_(smp.padded),
         seg_(src.every > 1 ? src.every * (smp.padded + 2) : 0),
-        seg_em_(src.every > 1 ? src.every * smp.padded : 0), seg_ee_(src.every > 1 ? src.every * smp.padded : 0) {
+        seg_em_(src.every > 1 ? src.every * smp.padded : 0), seg_ee_(src.every > 1 ? src.every * smp.padded : 0),
+        post_hi_(smp.padded) {
     nm_ = rows_.m.data();
     ne_ = rows_.e.data();
     cm_ = nm_ + smp.padded + 2;
@@ -727,7 +728,7 @@ class BetaExt {
   // Segment c's first row from its checkpoint (and that frame's emissions).
   void load_checkpoint(int64_t c) {
     const int64_t P = smp.padded, states = smp.states;
-    emit(c * src_.every, 0, low(c * src_.every));
+    emit(c * src_.every, 0, low(c * src_.every), high(c * src_.every));
     const float* m = src_.la + c * 2 * src_.width;
     const int32_t* e = reinterpret_cast<const int32_t*>(m + src_.width);
     std::copy(m, m + states, seg_m(0));
@@ -741,9 +742,8 @@ class BetaExt {
   // below low(t) reach no end (their posteriors are 0 whatever alpha is), and the states at or above it draw on
   // those at or above low(t - 1) = low(t) - 2, rounded down. The vectors below keep another frame's (finite) values.
   void recompute(int64_t t) {
-    const int64_t j = t % src_.every, P = smp.padded, lo = low(t);
-    emit(t, j, lo);
-    const int64_t hi = std::min(P, pad_to_lanes(2 * t + 2));  // AlphaExt::reach
+    const int64_t j = t % src_.every, P = smp.padded, lo = low(t), hi = high(t);
+    emit(t, j, lo, hi);
     if (lo < hi) {
       ops_.alpha_row(seg_m(j) + lo, seg_e(j) + lo, nullptr, seg_m(j - 1) + lo, seg_e(j - 1) + lo, skip_.m.data() + lo,
                      skip_.e.data() + lo, seg_em(j) + lo, seg_ee(j) + lo, hi - lo);
@@ -771,6 +771,13 @@ class BetaExt {
   const float* step(int64_t t, const scalar_t* row, float lse, int64_t blank) {
     const int64_t P = smp.padded, states = smp.states, L = smp.L;
     const int64_t lo = low(t);
+    // With checkpoints, beta and the posteriors only below high(t): the states above are not reachable yet
+    // (alpha 0, so posterior 0), and beta there feeds only such states of earlier frames. The cells of beta's rows
+    // above keep older values, never read for a reachable state; the posteriors above are zeroed as the bound
+    // comes down. The table keeps the whole row (its posteriors take alpha's logs).
+    const int64_t hi = src_.every > 1 ? std::max(lo, high(t)) : P;
+    if (hi < post_hi_) std::fill(post_.begin() + hi, post_.begin() + post_hi_, 0.0f);
+    post_hi_ = std::min(post_hi_, hi);
     const float* em = em_.data();
     const int32_t* ee = ee_.data();
     if (src_.every == 1) {
@@ -793,7 +800,7 @@ class BetaExt {
       const int64_t j = t % src_.every;
       c_[0] = ops_.beta_post(cm_ + lo, ce_ + lo, post_.data() + lo, nm_ + lo, ne_ + lo, skip_.m.data() + 2 + lo,
                              skip_.e.data() + 2 + lo, em + lo, ee + lo, seg_m(j) + lo, seg_e(j) + lo, exp_nll_m_,
-                             exp_nll_e_, P - lo);
+                             exp_nll_e_, hi - lo);
     } else {
       ops_.beta_row(bx_.m.data() + lo, bx_.e.data() + lo, cm_ + lo, ce_ + lo, nm_ + lo, ne_ + lo,
                     skip_.m.data() + 2 + lo, skip_.e.data() + 2 + lo, em + lo, ee + lo, P - lo);
@@ -806,7 +813,7 @@ class BetaExt {
     } else if (t == len_ - 1) {
       const int64_t j = t % src_.every;
       c_[0] = ops_.posterior_lin(post_.data() + lo, seg_m(j) + lo, seg_e(j) + lo, bx_.m.data() + lo,
-                                 bx_.e.data() + lo, exp_nll_m_, exp_nll_e_, P - lo);
+                                 bx_.e.data() + lo, exp_nll_m_, exp_nll_e_, hi - lo);
     }
     if (ops_.avx512) {
       ctc_simd::odd_entries_avx512(c_.data() + 1, post_.data(), L);
@@ -830,11 +837,13 @@ class BetaExt {
   float* seg_em(int64_t j) { return seg_em_.data() + j * smp.padded; }
   int32_t* seg_ee(int64_t j) { return seg_ee_.data() + j * smp.padded; }
 
-  // Frame t's emissions from state lo on into segment row j (beta needs the states alpha has not reached yet).
-  void emit(int64_t t, int64_t j, int64_t lo) {
-    frame_emissions<false>(ops_, smp, frames_.row(t), frames_.off(t), blank_, lo, smp.padded, seg_em(j), seg_ee(j),
-                           nullptr);
+  // Frame t's emissions of states [lo, hi) into segment row j.
+  void emit(int64_t t, int64_t j, int64_t lo, int64_t hi) {
+    frame_emissions<false>(ops_, smp, frames_.row(t), frames_.off(t), blank_, lo, hi, seg_em(j), seg_ee(j), nullptr);
   }
+
+  // The states below it may be reachable from the start at frame t (AlphaExt::reach).
+  int64_t high(int64_t t) const { return std::min(smp.padded, pad_to_lanes(2 * t + 2)); }
 
   // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there (never
   // written: the bound only decreases). The first vector holding one that can.
@@ -857,6 +866,7 @@ class BetaExt {
   std::vector<int32_t> seg_ee_;
   float exp_nll_m_ = 1.0f;
   int32_t exp_nll_e_ = 0;
+  int64_t post_hi_;  // the posteriors at and above it are zero (step)
 };
 #endif
 
