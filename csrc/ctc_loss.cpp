@@ -321,7 +321,9 @@ struct LabelGroups {
       lane_idx.resize(first + rows * 16, 0);
       for (int64_t i = first_lane; i < first_lane + lanes_here; ++i) {
         const int32_t j = by_count[i];
-        for (int32_t m = 0; m < lane_count[i]; ++m) lane_idx[first + m * 16 + (i - first_lane)] = 1 + order[start[j] + m];
+        for (int32_t m = 0; m < lane_count[i]; ++m) {
+          lane_idx[first + m * 16 + (i - first_lane)] = 1 + order[start[j] + m];
+        }
       }
     }
     lane_state.resize(lane_idx.size());

@@ -419,7 +419,7 @@ SEQFAST_TARGET_AVX2_F16C static void emission_gather_avx2(float* em, int32_t* ee
   }
 }
 
-// v * 2^E (v >= 0, finite) -> normalised (m, e); 0 and exponents below kLiveE become (0, kZeroE).
+// v * 2^(Eb + 127) (v >= 0, finite) -> normalised (m, e); 0 and exponents below kLiveE become (0, kZeroE).
 SEQFAST_AVX2_INLINE void renormalise(__m256 v, __m256i Eb, __m256* m_out, __m256i* e_out) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i e = _mm256_add_epi32(Eb, _mm256_srli_epi32(bits, 23));  // Eb: the exponent minus the float bias

@@ -387,7 +387,7 @@ SEQFAST_AVX512_INLINE __m512 ext_log16(__m512 m, __m512i e) {
 template <bool Full, bool Log>
 SEQFAST_AVX512_INLINE void alpha_ext_vec16(int64_t s, __mmask16 k, float* m_out, int32_t* e_out, float* log_out,
                                            const float* m_prev, const int32_t* e_prev, const float* skip_m,
-                                           const int32_t* skip_e, const float* em, const int32_t* ee) {
+                                           const float* em, const int32_t* ee) {
   __m512i Eb;
   const __m512 sum = add3_16(loadf16<Full>(k, m_prev + s), loadi16<Full>(k, e_prev + s),
                              loadf16<Full>(k, m_prev + s - 1), loadi16<Full>(k, e_prev + s - 1),
@@ -405,32 +405,33 @@ SEQFAST_AVX512_INLINE void alpha_ext_vec16(int64_t s, __mmask16 k, float* m_out,
 // The two kinds of row as steps of their own, as in alpha_ext_row_avx2 (a test per vector costs registers).
 template <bool Full>
 SEQFAST_AVX512_INLINE void alpha_vec16(int64_t s, __mmask16 k, float* m_out, int32_t* e_out, const float* m_prev,
-                                       const int32_t* e_prev, const float* skip_m, const int32_t* skip_e,
-                                       const float* em, const int32_t* ee) {
-  alpha_ext_vec16<Full, false>(s, k, m_out, e_out, nullptr, m_prev, e_prev, skip_m, skip_e, em, ee);
+                                       const int32_t* e_prev, const float* skip_m, const float* em, const int32_t* ee) {
+  alpha_ext_vec16<Full, false>(s, k, m_out, e_out, nullptr, m_prev, e_prev, skip_m, em, ee);
 }
 template <bool Full>
 SEQFAST_AVX512_INLINE void alpha_log_vec16(int64_t s, __mmask16 k, float* m_out, int32_t* e_out, float* log_out,
                                            const float* m_prev, const int32_t* e_prev, const float* skip_m,
-                                           const int32_t* skip_e, const float* em, const int32_t* ee) {
-  alpha_ext_vec16<Full, true>(s, k, m_out, e_out, log_out, m_prev, e_prev, skip_m, skip_e, em, ee);
+                                           const float* em, const int32_t* ee) {
+  alpha_ext_vec16<Full, true>(s, k, m_out, e_out, log_out, m_prev, e_prev, skip_m, em, ee);
 }
 
+// The AVX2 rows' signature (ExtOps): skip_e, the skip's exponent offsets, is not read here (add3_16 takes the skip
+// as a lane mask of skip_m).
 SEQFAST_TARGET_AVX512 static void alpha_ext_row_avx512(float* m_out, int32_t* e_out, float* log_out,
                                                        const float* m_prev, const int32_t* e_prev, const float* skip_m,
-                                                       const int32_t* skip_e, const float* em, const int32_t* ee,
+                                                       const int32_t* /*skip_e*/, const float* em, const int32_t* ee,
                                                        int64_t n) {
   if (log_out != nullptr) {
-    SEQFAST_FOR_VECTORS16(n, alpha_log_vec16, m_out, e_out, log_out, m_prev, e_prev, skip_m, skip_e, em, ee);
+    SEQFAST_FOR_VECTORS16(n, alpha_log_vec16, m_out, e_out, log_out, m_prev, e_prev, skip_m, em, ee);
   } else {
-    SEQFAST_FOR_VECTORS16(n, alpha_vec16, m_out, e_out, m_prev, e_prev, skip_m, skip_e, em, ee);
+    SEQFAST_FOR_VECTORS16(n, alpha_vec16, m_out, e_out, m_prev, e_prev, skip_m, em, ee);
   }
 }
 
 // beta_bx / store_b (ctc_loss_simd.h) on the lanes k of states s..s+15.
 template <bool Full>
-SEQFAST_AVX512_INLINE void beta_bx16(const float* nm, const int32_t* ne, const float* skip_m, const int32_t* skip_e,
-                                     int64_t s, __mmask16 k, __m512* m, __m512i* e) {
+SEQFAST_AVX512_INLINE void beta_bx16(const float* nm, const int32_t* ne, const float* skip_m, int64_t s, __mmask16 k,
+                                     __m512* m, __m512i* e) {
   __m512i Eb;
   const __m512 sum = add3_16(loadf16<Full>(k, nm + s), loadi16<Full>(k, ne + s), loadf16<Full>(k, nm + s + 1),
                              loadi16<Full>(k, ne + s + 1), loadf16<Full>(k, nm + s + 2), loadi16<Full>(k, ne + s + 2),
@@ -450,11 +451,11 @@ SEQFAST_AVX512_INLINE void store_b16(float* bm, int32_t* be, const float* em, co
 
 template <bool Full>
 SEQFAST_AVX512_INLINE void beta_ext_vec16(int64_t s, __mmask16 k, float* bxm, int32_t* bxe, float* bm, int32_t* be,
-                                          const float* nm, const int32_t* ne, const float* skip_m,
-                                          const int32_t* skip_e, const float* em, const int32_t* ee) {
+                                          const float* nm, const int32_t* ne, const float* skip_m, const float* em,
+                                          const int32_t* ee) {
   __m512 m;
   __m512i e;
-  beta_bx16<Full>(nm, ne, skip_m, skip_e, s, k, &m, &e);
+  beta_bx16<Full>(nm, ne, skip_m, s, k, &m, &e);
   storef16<Full>(bxm + s, k, m);
   storei16<Full>(bxe + s, k, e);
   store_b16<Full>(bm, be, em, ee, s, k, m, e);  // beta_ext_row_avx2: b unnormalised, zeros at kZeroE
@@ -462,9 +463,9 @@ SEQFAST_AVX512_INLINE void beta_ext_vec16(int64_t s, __mmask16 k, float* bxm, in
 
 SEQFAST_TARGET_AVX512 static void beta_ext_row_avx512(float* bxm, int32_t* bxe, float* bm, int32_t* be,
                                                       const float* nm, const int32_t* ne, const float* skip_m,
-                                                      const int32_t* skip_e, const float* em, const int32_t* ee,
+                                                      const int32_t* /*skip_e*/, const float* em, const int32_t* ee,
                                                       int64_t n) {
-  SEQFAST_FOR_VECTORS16(n, beta_ext_vec16, bxm, bxe, bm, be, nm, ne, skip_m, skip_e, em, ee);
+  SEQFAST_FOR_VECTORS16(n, beta_ext_vec16, bxm, bxe, bm, be, nm, ne, skip_m, em, ee);
 }
 
 // The posterior rows' blank sum in the AVX2 order: the even lanes of p added to one 8-lane accumulator, low half
@@ -535,11 +536,11 @@ SEQFAST_TARGET_AVX512 static float posterior_lin_row_avx512(float* post, const f
 template <bool Full>
 SEQFAST_AVX512_INLINE void beta_post_vec16(int64_t s, __mmask16 k, int64_t n, __m256* acc, float* bm, int32_t* be,
                                            float* post, const float* nm, const int32_t* ne, const float* skip_m,
-                                           const int32_t* skip_e, const float* em, const int32_t* ee,
-                                           const float* am, const int32_t* ae, __m512 vnm, __m512i vne) {
+                                           const float* em, const int32_t* ee, const float* am, const int32_t* ae,
+                                           __m512 vnm, __m512i vne) {
   __m512 m;
   __m512i e;
-  beta_bx16<Full>(nm, ne, skip_m, skip_e, s, k, &m, &e);
+  beta_bx16<Full>(nm, ne, skip_m, s, k, &m, &e);
   const __m512 p = posterior_lin_vec16(loadf16<Full>(k, am + s), loadi16<Full>(k, ae + s), m, e, vnm, vne);
   storef16<Full>(post + s, k, p);
   *acc = add_even_avx2_order(*acc, p, n - s);
@@ -547,14 +548,14 @@ SEQFAST_AVX512_INLINE void beta_post_vec16(int64_t s, __mmask16 k, int64_t n, __
 }
 
 SEQFAST_TARGET_AVX512 static float beta_post_row_avx512(float* bm, int32_t* be, float* post, const float* nm,
-                                                        const int32_t* ne, const float* skip_m, const int32_t* skip_e,
-                                                        const float* em, const int32_t* ee, const float* am,
-                                                        const int32_t* ae, float exp_nll_m, int32_t exp_nll_e,
-                                                        int64_t n) {
+                                                        const int32_t* ne, const float* skip_m,
+                                                        const int32_t* /*skip_e*/, const float* em, const int32_t* ee,
+                                                        const float* am, const int32_t* ae, float exp_nll_m,
+                                                        int32_t exp_nll_e, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   const __m512 vnm = splat16(exp_nll_m);
   const __m512i vne = _mm512_set1_epi32(exp_nll_e);
-  SEQFAST_FOR_VECTORS16(n, beta_post_vec16, n, &acc, bm, be, post, nm, ne, skip_m, skip_e, em, ee, am, ae, vnm, vne);
+  SEQFAST_FOR_VECTORS16(n, beta_post_vec16, n, &acc, bm, be, post, nm, ne, skip_m, em, ee, am, ae, vnm, vne);
   return hsum8(acc);
 }
 
