@@ -75,6 +75,15 @@ constexpr int64_t kLanes = 8;  // scratch rows are padded to whole AVX2 float ve
 
 int64_t pad_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// The two bounds of a frame's states that can matter, shared by the forward (AlphaExt) and backward (BetaExt)
+// recursions. Each frame advances at most two states, so at frame t the states from 2t+2 on are not reachable
+// from the start yet: the end of the padded row's vectors that hold any that are (padded: the row's length).
+inline int64_t reachable_end(int64_t padded, int64_t t) { return std::min(padded, pad_to_lanes(2 * t + 2)); }
+// And the states below states - 2 (len - t) can no longer reach the end by frame len - 1: the first that can.
+inline int64_t first_live_state(int64_t states, int64_t len, int64_t t) {
+  return std::max<int64_t>(0, states - 2 * (len - t));
+}
+
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
@@ -611,12 +620,12 @@ class AlphaExt {
     }
   }
 
-  int64_t reach(int64_t t) const { return std::min(smp.padded, pad_to_lanes(2 * t + 2)); }
+  int64_t reach(int64_t t) const { return reachable_end(smp.padded, t); }
 
   // The first state of frame t that can still reach the end by frame len - 1 (each frame advances at most two
   // states). Those below feed only states below first_live(t + 1) = first_live(t) + 2, so leaving them out
   // changes no state that matters: the same loss and posteriors, bit for bit. Only with live_only.
-  int64_t first_live(int64_t t) const { return live_only_ ? std::max<int64_t>(0, smp.states - 2 * (len_ - t)) : 0; }
+  int64_t first_live(int64_t t) const { return live_only_ ? first_live_state(smp.states, len_, t) : 0; }
   // The vector that holds it (BetaExt::low): the row loops start there; the cells below it keep older frames'
   // values, and those of that vector below first_live(t) are computed from such: both are never read for a live
   // state.
@@ -778,8 +787,10 @@ class BetaExt {
     // above keep older values, never read for a reachable state; the posteriors above are zeroed as the bound
     // comes down. The table keeps the whole row (its posteriors take alpha's logs).
     const int64_t hi = src_.every > 1 ? std::max(lo, high(t)) : P;
-    if (hi < post_hi_) std::fill(post_.begin() + hi, post_.begin() + post_hi_, 0.0f);
-    post_hi_ = std::min(post_hi_, hi);
+    if (hi < post_hi_) {
+      std::fill(post_.begin() + hi, post_.begin() + post_hi_, 0.0f);
+      post_hi_ = hi;
+    }
     const float* em = em_.data();
     const int32_t* ee = ee_.data();
     if (src_.every == 1) {
@@ -844,12 +855,12 @@ class BetaExt {
     frame_emissions<false>(ops_, smp, frames_.row(t), frames_.off(t), blank_, lo, hi, seg_em(j), seg_ee(j), nullptr);
   }
 
-  // The states below it may be reachable from the start at frame t (AlphaExt::reach).
-  int64_t high(int64_t t) const { return std::min(smp.padded, pad_to_lanes(2 * t + 2)); }
+  // The states below it may be reachable from the start at frame t.
+  int64_t high(int64_t t) const { return reachable_end(smp.padded, t); }
 
   // States below states - 2 (len - t) cannot reach the end any more: beta and the posteriors stay 0 there (never
   // written: the bound only decreases). The first vector holding one that can.
-  int64_t low(int64_t t) const { return std::max<int64_t>(0, smp.states - 2 * (len_ - t)) / kLanes * kLanes; }
+  int64_t low(int64_t t) const { return first_live_state(smp.states, len_, t) / kLanes * kLanes; }
 
   ExtOps ops_;
   int64_t len_;
@@ -881,6 +892,9 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
                   int64_t blank, int64_t C, const RowOps<acc_t>& ops, std::vector<acc_t>& buf,
                   const acc_t* post = nullptr) {
 #if SEQFAST_X86
+  // Where the AVX-512 label sums gather the label posteriors: post (odd states) where given, else c.
+  const acc_t* lab = post ? post : c;
+  const int32_t* lab_idx = post ? groups.lane_state.data() : groups.lane_idx.data();
   // Up to 32 classes, the whole row in two registers (the same bits as below).
   if constexpr (std::is_same_v<acc_t, float>) {
     if (C <= 32 && has_avx512()) {
@@ -891,8 +905,7 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
         buf.resize(C);
         dst = buf.data();
       }
-      ctc_simd::gradient_row32_avx512(dst, lp_row, off, g, c[0], blank, post ? post : c, groups.lane_count.data(),
-                                      post ? groups.lane_state.data() : groups.lane_idx.data(),
+      ctc_simd::gradient_row32_avx512(dst, lp_row, off, g, c[0], blank, lab, groups.lane_count.data(), lab_idx,
                                       groups.block_rows.data(), static_cast<int64_t>(groups.block_rows.size()),
                                       groups.class_slot.data(), C);
       if constexpr (!std::is_same_v<scalar_t, float>) store_row(dst, acc_t(1), C, out, 1);
@@ -925,10 +938,8 @@ void gradient_row(scalar_t* out, const scalar_t* lp_row, acc_t off, acc_t g, con
 #if SEQFAST_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     if (has_avx512()) {
-      ctc_simd::label_corrections_avx512(row, post ? post : c, g, groups.lane_label.data(), groups.lane_count.data(),
-                                         post ? groups.lane_state.data() : groups.lane_idx.data(),
-                                         groups.block_rows.data(),
-                                         static_cast<int64_t>(groups.block_rows.size()));
+      ctc_simd::label_corrections_avx512(row, lab, g, groups.lane_label.data(), groups.lane_count.data(), lab_idx,
+                                         groups.block_rows.data(), static_cast<int64_t>(groups.block_rows.size()));
       corrected = true;
     } else if (has_avx2()) {
       ctc_simd::label_corrections_avx2(row, c, g, groups.lane_label.data(), groups.lane_count.data(),
