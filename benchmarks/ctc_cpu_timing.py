@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/ctc_cpu_timing.py [--repeat 5] [--shapes T,N,C,S ...] [--memory]
         [--threads N] [--cpu-time] [--isa avx2] [--torch-isa avx2] [--dtype fp32|bf16|fp16]
-        [--alpha-every K ...] [--saved] [--lengths full|sorted]
+        [--alpha-every K ...] [--saved] [--lengths full|sorted] [--ratio paired|medians] [--burst B]
 
 float32 (--dtype bf16 / fp16: the same values rounded; torch then gets them as float32, converted inside the
 timed call, since its CPU kernel takes no half types), reduction="mean", log_probs = log_softmax(randn) as a
@@ -19,6 +19,11 @@ after resetting it through /proc/self/clear_refs). --cpu-time times process CPU 
 --alpha-every K1 K2 ... adds one seqfast column set per checkpoint spacing (1: the full log_alpha table; 0: the
 automatic choice) to the same alternating rounds, ratios against torch as before. --saved prints the bytes the
 forward saves for backward (each distinct storage once, through torch.autograd.graph.saved_tensors_hooks).
+--burst B runs each implementation B times a turn and times the calls after the turn's first (their median): a
+loop of one op. With one call a turn (the default) half of each side's calls follow the other side's, and on a
+shared VM the first call after another op pays for what that op left behind (cold caches and TLB, an idle second
+vCPU to wake): up to a third of a millisecond-scale call (NOTES, "What the first call after another op pays"),
+almost nothing of torch's tens of milliseconds.
 --lengths sorted gives a batch sorted by length, as bucketing data loaders make it: input_lengths from T down to T/3
 evenly, target_lengths in proportion (at least 1), instead of T and S for every sample.
 """
@@ -72,15 +77,22 @@ def run(fn, lp, tg, il, tl, backward: bool, no_grad: bool = False):
 CLOCK = time.perf_counter
 
 
+BURST = 1  # --burst
+
+
 def alternating_times(impls, args, backward: bool, repeat: int, no_grad: bool = False) -> list[list[float]]:
-    """Seconds of each implementation in each round; every round runs each once, in rotating order."""
+    """Seconds of each implementation in each round; every round runs each in turn, in rotating order: once, or
+    BURST times back to back, keeping the median of the burst (the calls after the first one of its turn)."""
     times = [[] for _ in impls]
     for r in range(repeat):
         for k in range(len(impls)):
             i = (r + k) % len(impls)
-            t0 = CLOCK()
-            run(impls[i], *args, backward, no_grad)
-            times[i].append(CLOCK() - t0)
+            burst = []
+            for _ in range(BURST):
+                t0 = CLOCK()
+                run(impls[i], *args, backward, no_grad)
+                burst.append(CLOCK() - t0)
+            times[i].append(statistics.median(burst[1:] if BURST > 1 else burst))
     return times
 
 
@@ -175,9 +187,11 @@ def main() -> None:
     ap.add_argument("--saved", action="store_true")
     ap.add_argument("--lengths", default="full", choices=["full", "sorted"])
     ap.add_argument("--ratio", default="paired", choices=["paired", "medians"])
+    ap.add_argument("--burst", type=int, default=1, help="calls per turn, timed back to back (default 1)")
     a = ap.parse_args()
-    global DTYPE, LENGTHS, RATIO
+    global DTYPE, LENGTHS, RATIO, BURST
     RATIO = a.ratio
+    BURST = max(1, a.burst)
     DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     LENGTHS = a.lengths
     from seqfast import _C
@@ -197,7 +211,7 @@ def main() -> None:
 
     print(cpu_record())
     print(f"threads={torch.get_num_threads()} isa={_C.cpu_isa()} clock={'cpu-time' if a.cpu_time else 'wall'} "
-          f"dtype={a.dtype} lengths={a.lengths} ratio={a.ratio}")
+          f"dtype={a.dtype} lengths={a.lengths} ratio={a.ratio} burst={BURST}")
     impls = dict(IMPLS)
     for k in a.alpha_every:
         impls[f"K={k or 'auto'}"] = with_alpha_every(k)

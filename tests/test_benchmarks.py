@@ -149,10 +149,35 @@ def test_ctc_cpu_timing_runs_with_sorted_lengths():
     env["PYTHONPATH"] = str(ROOT)  # the script imports seqfast from the checkout (PYTHONPATH=.)
     proc = subprocess.run(
         [sys.executable, "benchmarks/ctc_cpu_timing.py", "--repeat", "1", "--shapes", "20,3,5,4", "--backward",
-         "--lengths", "sorted", "--threads", "1"],
+         "--lengths", "sorted", "--threads", "1", "--burst", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "cpu: " in proc.stdout and "lengths=sorted" in proc.stdout
+    assert "cpu: " in proc.stdout and "lengths=sorted" in proc.stdout and "burst=2" in proc.stdout
     row = next(line for line in proc.stdout.splitlines() if line.strip().startswith("(20, 3, 5, 4)"))
     assert len(row.split()) == 4 + 9  # the shape's four numbers, then three (torch, ours, x) column sets
+
+
+@pytest.mark.parametrize("burst, expected", [(1, 10.0), (3, 1.5), (4, 2.0)])
+def test_ctc_cpu_timing_bursts_time_the_calls_after_a_turns_first(monkeypatch, burst, expected):
+    """--burst B: each implementation runs B times a turn and the turn's time is the median of the calls after
+    its first (the one that follows the other implementation's); B = 1 keeps that first call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ctc_cpu_timing", ROOT / "benchmarks" / "ctc_cpu_timing.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "argv", ["ctc_cpu_timing.py"])
+    spec.loader.exec_module(mod)
+    now = [0.0]
+    calls = [0]
+
+    def fn(*args):
+        # A turn's first call takes 10, its next ones 1, 2, 6.
+        now[0] += (10.0, 1.0, 2.0, 6.0)[calls[0] % burst]
+        calls[0] += 1
+
+    monkeypatch.setattr(mod, "CLOCK", lambda: now[0])
+    monkeypatch.setattr(mod, "BURST", burst)
+    times = mod.alternating_times([fn, fn], (None,) * 4, backward=False, repeat=3)
+    assert calls[0] == 2 * 3 * burst
+    assert times == [[expected] * 3, [expected] * 3]
