@@ -6,6 +6,11 @@ multiple of 8, lengths below T) and small, so that the file runs in well under a
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +19,8 @@ from hypothesis import strategies as st
 
 import seqfast
 from seqfast.ops import ctc_loss as ctc_ops
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
@@ -582,6 +589,52 @@ def test_buffer_cache_reuses_and_gives_same_bits():
         x.grad.fill_(1.0)
     finally:
         _C.buffer_cache_set_limit(old)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (Linux /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+_THP = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _THP, reason="transparent huge pages are Linux's")
+def test_buffer_cache_large_blocks_ask_for_huge_pages():
+    """Cached blocks of 2 MiB and more start on a 2 MiB boundary and are marked MADV_HUGEPAGE ("hg"), unless
+    SEQFAST_CPU_HUGE_PAGES=0 (read when the cache is made: checked in a fresh process)."""
+    from seqfast import _C
+
+    lp, tg, il, tl = make_case(300, 4, 500, 100, dtype=torch.float32, seed=22)  # gradient 2.3 MiB
+    old = _C.buffer_cache_set_limit(64 << 20)
+    try:
+        _, grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
+        if os.environ.get("SEQFAST_CPU_HUGE_PAGES") != "0":  # the default
+            assert grad.data_ptr() % (2 << 20) == 0
+            assert "hg" in _vm_flags(grad.data_ptr())
+    finally:
+        _C.buffer_cache_set_limit(old)
+    code = (
+        "import torch, seqfast, test_ctc_loss as t\n"
+        "lp, tg, il, tl = t.make_case(300, 4, 500, 100, dtype=torch.float32, seed=22)\n"
+        "_, g = t.loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)\n"
+        "print('hg' in t._vm_flags(g.data_ptr()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["SEQFAST_CPU_HUGE_PAGES"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_buffer_cache_blocks_are_seen_by_the_memory_profiler():
