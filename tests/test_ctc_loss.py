@@ -609,32 +609,27 @@ _THP = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _THP, reason="transparent huge pages are Linux's")
-def test_buffer_cache_large_blocks_ask_for_huge_pages():
-    """Cached blocks of 2 MiB and more start on a 2 MiB boundary and are marked MADV_HUGEPAGE ("hg"), unless
-    SEQFAST_CPU_HUGE_PAGES=0 (read when the cache is made: checked in a fresh process)."""
-    from seqfast import _C
-
-    lp, tg, il, tl = make_case(300, 4, 500, 100, dtype=torch.float32, seed=22)  # gradient 2.3 MiB
-    old = _C.buffer_cache_set_limit(64 << 20)
-    try:
-        _, grad = loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)
-        if os.environ.get("SEQFAST_CPU_HUGE_PAGES") != "0":  # the default
-            assert grad.data_ptr() % (2 << 20) == 0
-            assert "hg" in _vm_flags(grad.data_ptr())
-    finally:
-        _C.buffer_cache_set_limit(old)
+@pytest.mark.parametrize("switch", ["1", None])
+def test_buffer_cache_large_blocks_ask_for_huge_pages_when_switched_on(switch):
+    """With SEQFAST_CPU_HUGE_PAGES=1 (read when the cache is made, so in a fresh process), cached blocks of 2 MiB
+    and more start on a 2 MiB boundary and are marked MADV_HUGEPAGE ("hg" in smaps); by default they are not."""
     code = (
         "import torch, seqfast, test_ctc_loss as t\n"
-        "lp, tg, il, tl = t.make_case(300, 4, 500, 100, dtype=torch.float32, seed=22)\n"
+        "lp, tg, il, tl = t.make_case(300, 4, 500, 100, dtype=torch.float32, seed=22)  # gradient 2.3 MiB\n"
         "_, g = t.loss_and_grad(seqfast.ctc_loss, lp, tg, il, tl)\n"
-        "print('hg' in t._vm_flags(g.data_ptr()))\n"
+        "print(g.data_ptr() % (2 << 20) == 0, 'hg' in t._vm_flags(g.data_ptr()))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    env["SEQFAST_CPU_HUGE_PAGES"] = "0"
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "SEQFAST_CPU_HUGE_PAGES")}
+    if switch is not None:
+        env["SEQFAST_CPU_HUGE_PAGES"] = switch
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    aligned, flagged = out.stdout.strip().splitlines()[-1].split()
+    if switch == "1":
+        assert (aligned, flagged) == ("True", "True")
+    else:
+        assert flagged == "False"
 
 
 def test_buffer_cache_blocks_are_seen_by_the_memory_profiler():
