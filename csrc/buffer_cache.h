@@ -15,9 +15,9 @@
 // and are marked MADV_HUGEPAGE (a hint, which the kernel takes where transparent huge pages are "madvise" or
 // "always"), so that a row-by-row pass over a (T, N, C) gradient takes one TLB entry per 2 MiB instead of one per
 // 4 KiB page: 6 % of a (1000, 32, 1000) forward+backward once the block is reused. Off by default because a new
-// block's first touch cost several times more on huge pages than on small ones on a KVM guest (about 1.5 against
-// 0.2 ms per MiB; NOTES, "CTC outputs on huge pages"), which a training loop with changing shapes pays at each
-// cache miss.
+// block's first touch cost several times more on huge pages than on small ones on a KVM guest (mostly 1.6-1.8
+// against 0.2 ms per MiB; NOTES, "CTC outputs on huge pages"), which a training loop with changing shapes pays at
+// each cache miss.
 #pragma once
 
 #include <ATen/ATen.h>
