@@ -510,22 +510,25 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
           gemm(Gemm<T>{rows, ncols, Dp, Qt + r0 * Qv.si, Qv.si, 1, Kpan, kNR, Dp * kNR, Sb + r0 * BK, BK, false,
                        &ahead_rows});
         }
-        for (int64_t r = r0; r < r0 + rows; ++r) {
-          const int64_t i = q0 + r;
-          const int64_t nv = pb.visible(b, i, j0, nk);
-          T* s = Sb + r * BK;
-          T f = pb.f;
-          if (pb.mask.on()) {
-            pb.apply_mask(s, b, h, i, j0, nv);
-            f = T(1);
+        for (int64_t c0 = r0; c0 < r0 + rows; c0 += kSoftmaxRows) {
+          const int64_t n = std::min(kSoftmaxRows, r0 + rows - c0);
+          int64_t nv[kSoftmaxRows];
+          T alpha[kSoftmaxRows];
+          const T f = pb.mask.on() ? T(1) : pb.f;  // a mask's scores come scaled
+          for (int64_t r = 0; r < n; ++r) {
+            nv[r] = pb.visible(b, q0 + c0 + r, j0, nk);
+            if (pb.mask.on()) pb.apply_mask(Sb + (c0 + r) * BK, b, h, q0 + c0 + r, j0, nv[r]);
           }
-          const T alpha = online_softmax_row(s, nv, ncols, f, m[r], l[r]);
-          if (pb.dropout.on && nv > 0) {
-            const uint32_t key = pb.dropout.row_key(b, h, i);
-            const T ks = static_cast<T>(pb.dropout.keep_scale);
-            for (int64_t c = 0; c < nv; ++c) s[c] = pb.dropout.keep(key, j0 + c) ? s[c] * ks : T(0);
+          online_softmax_rows(Sb + c0 * BK, BK, n, nv, ncols, f, m + c0, l + c0, alpha);
+          for (int64_t r = 0; r < n; ++r) {
+            if (pb.dropout.on && nv[r] > 0) {
+              T* s = Sb + (c0 + r) * BK;
+              const uint32_t key = pb.dropout.row_key(b, h, q0 + c0 + r);
+              const T ks = static_cast<T>(pb.dropout.keep_scale);
+              for (int64_t c = 0; c < nv[r]; ++c) s[c] = pb.dropout.keep(key, j0 + c) ? s[c] * ks : T(0);
+            }
+            if (alpha[r] != T(1)) scale_row(O + (c0 + r) * Dvp, Dvp, alpha[r]);
           }
-          if (alpha != T(1)) scale_row(O + r * Dvp, Dvp, alpha);
         }
         if (kred > 0 && by_rows) {
           if constexpr (std::is_same_v<T, float>) {

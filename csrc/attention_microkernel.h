@@ -272,18 +272,22 @@ SEQFAST_TARGET_AVX2 inline __m256 visible_avx2(__m256 x, int64_t c, int64_t nv) 
   return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), x, keep);
 }
 
+// Lane-wise max of the first nv entries of s ^ sign (sign: -0.0f to negate), -inf in lanes that saw none.
+SEQFAST_TARGET_AVX2 inline __m256 lane_max_avx2(const float* s, int64_t nv, __m256 sign) {
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t c = 0;
+  for (; c + 8 <= nv; c += 8) vmax = _mm256_max_ps(vmax, _mm256_xor_ps(_mm256_loadu_ps(s + c), sign));
+  if (c < nv) vmax = _mm256_max_ps(vmax, visible_avx2(_mm256_xor_ps(_mm256_loadu_ps(s + c), sign), c, nv));
+  return vmax;
+}
+
 // max over the first nv entries of s * f (f may be negative); -inf when nv == 0.
 SEQFAST_TARGET_AVX2 inline float scaled_max_avx2(const float* s, int64_t nv, float f) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   if (nv <= 0) return -kInf;
   const bool neg = f < 0.0f;
   // For f < 0 the max of s * f is f * min(s): take the max of -s and multiply by -f.
-  const __m256 sign = _mm256_set1_ps(neg ? -0.0f : 0.0f);
-  __m256 vmax = _mm256_set1_ps(-kInf);
-  int64_t c = 0;
-  for (; c + 8 <= nv; c += 8) vmax = _mm256_max_ps(vmax, _mm256_xor_ps(_mm256_loadu_ps(s + c), sign));
-  if (c < nv) vmax = _mm256_max_ps(vmax, visible_avx2(_mm256_xor_ps(_mm256_loadu_ps(s + c), sign), c, nv));
-  const float mx = hmax_avx2(vmax);
+  const float mx = hmax_avx2(lane_max_avx2(s, nv, _mm256_set1_ps(neg ? -0.0f : 0.0f)));
   if (mx == -kInf) return -kInf;  // every visible score is masked
   return mx * (neg ? -f : f);
 }
@@ -330,9 +334,9 @@ SEQFAST_TARGET_AVX2 inline __m256 exponent_avx2(const float* p, __m256 vf, __m25
 // rounds its scaled scores. One compare per row and key tile.
 constexpr float kFusedOffsetLimit = 4194304.0f;  // 2^22
 
-// p = exp2(s * f - m) for the first nv entries, 0 up to ncols; returns the sum of p.
+// p = exp2(s * f - m) for the first nv entries, 0 up to ncols; returns the sum of p lane-wise (hsum_avx2 adds it up).
 template <bool kRounded>
-SEQFAST_TARGET_AVX2 inline float exp2_row_avx2_impl(float* s, int64_t nv, int64_t ncols, float f, float m) {
+SEQFAST_TARGET_AVX2 inline __m256 exp2_row_lanes_avx2(float* s, int64_t nv, int64_t ncols, float f, float m) {
   const __m256 vf = _mm256_set1_ps(f), vm = _mm256_set1_ps(m);
   __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
   int64_t c = 0;
@@ -351,12 +355,16 @@ SEQFAST_TARGET_AVX2 inline float exp2_row_avx2_impl(float* s, int64_t nv, int64_
     sum0 = _mm256_add_ps(sum0, x);
   }
   for (; c < ncols; c += 8) _mm256_storeu_ps(s + c, _mm256_setzero_ps());
-  return hsum_avx2(_mm256_add_ps(sum0, sum1));
+  return _mm256_add_ps(sum0, sum1);
+}
+
+SEQFAST_TARGET_AVX2 inline __m256 exp2_row_lanes_avx2(float* s, int64_t nv, int64_t ncols, float f, float m) {
+  return std::fabs(m) < kFusedOffsetLimit ? exp2_row_lanes_avx2<false>(s, nv, ncols, f, m)
+                                          : exp2_row_lanes_avx2<true>(s, nv, ncols, f, m);
 }
 
 SEQFAST_TARGET_AVX2 inline float exp2_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float m) {
-  return std::fabs(m) < kFusedOffsetLimit ? exp2_row_avx2_impl<false>(s, nv, ncols, f, m)
-                                          : exp2_row_avx2_impl<true>(s, nv, ncols, f, m);
+  return hsum_avx2(exp2_row_lanes_avx2(s, nv, ncols, f, m));
 }
 
 SEQFAST_TARGET_AVX2 inline float online_softmax_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float& m,
@@ -369,6 +377,76 @@ SEQFAST_TARGET_AVX2 inline float online_softmax_row_avx2(float* s, int64_t nv, i
   l = std::fma(l, alpha, exp2_row_avx2(s, nv, ncols, f, exp2_offset(m_new)));
   m = m_new;
   return alpha;
+}
+
+template <bool kMax>
+SEQFAST_TARGET_AVX2 inline __m256 fold_op_avx2(__m256 a, __m256 b) {
+  return kMax ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b);
+}
+
+// Lane r of the result is v[r] reduced over its 8 lanes (max or sum), pairing the lanes as hmax_avx2 / hsum_avx2
+// do and with their operand order (the lower lane first): i and i + 4, then i and i + 2, then 0 and 1. The same
+// bits as 8 separate reductions.
+template <bool kMax>
+SEQFAST_TARGET_AVX2 inline __m256 fold8_avx2(const __m256* v) {
+  const auto op = fold_op_avx2<kMax>;
+  __m256 w[4], x[2];
+  for (int k = 0; k < 4; ++k) {  // 128-bit block 0 of w[k]: row 2k's 4 partial lanes, block 1: row 2k + 1's
+    const __m256 a = v[2 * k], b = v[2 * k + 1];
+    w[k] = op(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  for (int j = 0; j < 2; ++j) {  // block k of x[j]: rows 4j + k and 4j + 2 + k, two partial lanes each
+    const __m256 c = w[2 * j], d = w[2 * j + 1];
+    x[j] = op(_mm256_shuffle_ps(c, d, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Lane 4k + t: row 2t + k; put row r in lane r.
+  const __m256 z = op(_mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// online_softmax_row_avx2 for rows [0, n) of a score block, 8 at a time (as online_softmax_rows_avx512): the same
+// bits.
+SEQFAST_TARGET_AVX2 inline void online_softmax_rows_avx2(float* s, int64_t ld, int64_t n, const int64_t* nv,
+                                                         int64_t ncols, float f, float* m, float* l, float* alpha) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const __m256 ninf = _mm256_set1_ps(-kInf);
+  const bool neg = f < 0.0f;
+  for (int64_t r0 = 0; r0 < n; r0 += 8) {
+    const int64_t k = std::min<int64_t>(8, n - r0);
+    alignas(32) float mo[8], lo[8], off[8], al[8];
+    for (int64_t r = 0; r < 8; ++r) {
+      mo[r] = r < k ? m[r0 + r] : -kInf;
+      lo[r] = r < k ? l[r0 + r] : 0.0f;
+    }
+    __m256 v[8];
+    for (int64_t r = 0; r < 8; ++r) {
+      const int64_t row = r0 + r;
+      v[r] = r < k && nv[row] > 0 ? lane_max_avx2(s + row * ld, nv[row], _mm256_set1_ps(neg ? -0.0f : 0.0f)) : ninf;
+    }
+    const __m256 mx = fold8_avx2<true>(v);
+    // scaled_max: -inf stays -inf (not NaN for f = 0), else mx * |f|.
+    const __m256 scaled = _mm256_blendv_ps(_mm256_mul_ps(mx, _mm256_set1_ps(neg ? -f : f)), ninf,
+                                           _mm256_cmp_ps(mx, ninf, _CMP_EQ_OQ));
+    const __m256 m_old = _mm256_load_ps(mo);
+    const __m256 m_new = _mm256_max_ps(scaled, m_old);  // std::max(m_old, scaled): m_old on a tie or a NaN
+    const __m256 a = _mm256_blendv_ps(exp2_avx2(_mm256_sub_ps(m_old, m_new)), _mm256_set1_ps(1.0f),
+                                      _mm256_cmp_ps(m_old, m_new, _CMP_EQ_OQ));
+    _mm256_store_ps(off, _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ)));
+    for (int64_t r = 0; r < 8; ++r) {
+      const int64_t row = r0 + r;
+      v[r] = r < k ? exp2_row_lanes_avx2(s + row * ld, nv[row], ncols, f, off[r]) : _mm256_setzero_ps();
+    }
+    const __m256 sum = fold8_avx2<false>(v);
+    _mm256_store_ps(lo, _mm256_fmadd_ps(_mm256_load_ps(lo), a, sum));
+    _mm256_store_ps(mo, m_new);
+    _mm256_store_ps(al, a);
+    for (int64_t r = 0; r < k; ++r) {
+      m[r0 + r] = mo[r];
+      l[r0 + r] = lo[r];
+      alpha[r0 + r] = al[r];
+    }
+  }
 }
 
 SEQFAST_TARGET_AVX2 inline void probs_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float lse2) {
@@ -602,11 +680,9 @@ SEQFAST_TARGET_AVX512 inline __mmask16 visible_mask512(int64_t c, int64_t nv) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
 }
 
-SEQFAST_TARGET_AVX512 inline float scaled_max_avx512(const float* s, int64_t nv, float f) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  if (nv <= 0) return -kInf;
-  const bool neg = f < 0.0f;
-  const __m512 sign = _mm512_set1_ps(neg ? -0.0f : 0.0f), ninf = _mm512_set1_ps(-kInf);
+// Lane-wise max of the first nv entries of s ^ sign (sign: -0.0f to negate), -inf in lanes that saw none.
+SEQFAST_TARGET_AVX512 inline __m512 lane_max_avx512(const float* s, int64_t nv, __m512 sign) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 m0 = ninf, m1 = ninf;
   int64_t c = 0;
   for (; c + 32 <= nv; c += 32) {
@@ -617,7 +693,14 @@ SEQFAST_TARGET_AVX512 inline float scaled_max_avx512(const float* s, int64_t nv,
     const __m512 x = _mm512_mask_mov_ps(ninf, visible_mask512(c, nv), _mm512_xor_ps(_mm512_loadu_ps(s + c), sign));
     m0 = _mm512_max_ps(m0, x);
   }
-  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  return _mm512_max_ps(m0, m1);
+}
+
+SEQFAST_TARGET_AVX512 inline float scaled_max_avx512(const float* s, int64_t nv, float f) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (nv <= 0) return -kInf;
+  const bool neg = f < 0.0f;
+  const float mx = _mm512_reduce_max_ps(lane_max_avx512(s, nv, _mm512_set1_ps(neg ? -0.0f : 0.0f)));
   if (mx == -kInf) return -kInf;
   return mx * (neg ? -f : f);
 }
@@ -634,9 +717,9 @@ SEQFAST_TARGET_AVX512 inline __m512 exponent_avx512(const float* p, __m512 vf, _
   return kRounded ? _mm512_sub_ps(mul_rounded_avx512(x, vf), vm) : _mm512_fmsub_ps(x, vf, vm);
 }
 
-// As exp2_row_avx2_impl, 16 lanes.
+// As exp2_row_lanes_avx2, 16 lanes (its lanes still to add, as _mm512_reduce_add_ps does).
 template <bool kRounded>
-SEQFAST_TARGET_AVX512 inline float exp2_row_avx512_impl(float* s, int64_t nv, int64_t ncols, float f, float m) {
+SEQFAST_TARGET_AVX512 inline __m512 exp2_row_lanes_avx512(float* s, int64_t nv, int64_t ncols, float f, float m) {
   const __m512 vf = _mm512_set1_ps(f), vm = _mm512_set1_ps(m);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
@@ -656,12 +739,16 @@ SEQFAST_TARGET_AVX512 inline float exp2_row_avx512_impl(float* s, int64_t nv, in
     sum0 = _mm512_add_ps(sum0, x);
   }
   for (; c < ncols; c += 16) _mm512_storeu_ps(s + c, _mm512_setzero_ps());
-  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+  return _mm512_add_ps(sum0, sum1);
+}
+
+SEQFAST_TARGET_AVX512 inline __m512 exp2_row_lanes_avx512(float* s, int64_t nv, int64_t ncols, float f, float m) {
+  return std::fabs(m) < kFusedOffsetLimit ? exp2_row_lanes_avx512<false>(s, nv, ncols, f, m)
+                                          : exp2_row_lanes_avx512<true>(s, nv, ncols, f, m);
 }
 
 SEQFAST_TARGET_AVX512 inline float exp2_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float m) {
-  return std::fabs(m) < kFusedOffsetLimit ? exp2_row_avx512_impl<false>(s, nv, ncols, f, m)
-                                          : exp2_row_avx512_impl<true>(s, nv, ncols, f, m);
+  return _mm512_reduce_add_ps(exp2_row_lanes_avx512(s, nv, ncols, f, m));
 }
 
 SEQFAST_TARGET_AVX512 inline float online_softmax_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float& m,
@@ -676,6 +763,73 @@ SEQFAST_TARGET_AVX512 inline float online_softmax_row_avx512(float* s, int64_t n
   l = std::fma(l, alpha, exp2_row_avx512(s, nv, ncols, f, exp2_offset(m_new)));  // see the AVX2 version
   m = m_new;
   return alpha;
+}
+
+// Lane r of the result is v[r] reduced over its 16 lanes (max or sum), pairing the lanes as GCC's _mm512_reduce_max_ps /
+// _mm512_reduce_add_ps do and with their operand order (max returns its second operand on a NaN or a tie, so the
+// order is part of the result): lanes i and i + 8 (upper half first), then i and i + 4 (upper first), then i and
+// i + 2 (lower first), then 0 and 1 (lower first). The same bits as 16 separate reductions, in 30 operations
+// instead of 16 dependent chains.
+template <bool kMax>
+SEQFAST_TARGET_AVX512 inline __m512 fold_op_avx512(__m512 a, __m512 b) {
+  return kMax ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b);
+}
+
+template <bool kMax>
+SEQFAST_TARGET_AVX512 inline __m512 fold16_avx512(const __m512* v) {
+  const auto op = fold_op_avx512<kMax>;
+  __m512 w[8], x[4], y[2];
+  for (int k = 0; k < 8; ++k) {  // rows 2k, 2k+1: [a.lo8 + a.hi8 | b.lo8 + b.hi8]
+    const __m512 a = v[2 * k], b = v[2 * k + 1];
+    w[k] = op(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)));
+  }
+  for (int j = 0; j < 4; ++j) {  // 128-bit block k of x[j]: row 4j + k, its 4 partial lanes
+    const __m512 c = w[2 * j], d = w[2 * j + 1];
+    x[j] = op(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 1, 3, 1)), _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(2, 0, 2, 0)));
+  }
+  for (int j = 0; j < 2; ++j) {  // block k of y[j]: rows 8j + k and 8j + 4 + k, two partial lanes each
+    const __m512 e = x[2 * j], g = x[2 * j + 1];
+    y[j] = op(_mm512_shuffle_ps(e, g, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(e, g, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Lane 4k + t: row 4t + k; put row r in lane r.
+  const __m512 z = op(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+}
+
+// online_softmax_row_avx512 for rows [0, n) of a score block (n <= 16; row r at s + r * ld, nv[r] visible keys, its
+// m[r], l[r]; alpha[r] gets its factor), with the same bits: each row's max and sum stay lane-wise until one fold
+// reduces 16 rows at once, and m, alpha and l are updated 16 rows a vector. A row of a few hundred keys otherwise
+// spends about as long waiting on its two reductions as on its exps.
+SEQFAST_TARGET_AVX512 inline void online_softmax_rows_avx512(float* s, int64_t ld, int64_t n, const int64_t* nv,
+                                                             int64_t ncols, float f, float* m, float* l,
+                                                             float* alpha) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const __m512 ninf = _mm512_set1_ps(-kInf);
+  const bool neg = f < 0.0f;
+  const __mmask16 rows = static_cast<__mmask16>((1u << n) - 1u);
+  __m512 v[16];
+  for (int64_t r = 0; r < 16; ++r) {
+    v[r] = r < n && nv[r] > 0 ? lane_max_avx512(s + r * ld, nv[r], _mm512_set1_ps(neg ? -0.0f : 0.0f)) : ninf;
+  }
+  const __m512 mx = fold16_avx512<true>(v);
+  // scaled_max: -inf stays -inf (not NaN for f = 0), else mx * |f|.
+  const __m512 scaled = _mm512_mask_mul_ps(ninf, _mm512_cmp_ps_mask(mx, ninf, _CMP_NEQ_UQ), mx,
+                                           _mm512_set1_ps(neg ? -f : f));
+  const __m512 m_old = _mm512_mask_loadu_ps(ninf, rows, m);
+  const __m512 m_new = _mm512_max_ps(scaled, m_old);  // std::max(m_old, scaled): m_old on a tie or a NaN
+  __m512 d = _mm512_sub_ps(m_old, m_new);
+  exp2_many_avx512<1>(&d);
+  const __m512 a = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_old, m_new, _CMP_NEQ_UQ), _mm512_set1_ps(1.0f), d);
+  alignas(64) float off[16];
+  _mm512_store_ps(off, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), m_new, _mm512_setzero_ps()));
+  for (int64_t r = 0; r < 16; ++r) {
+    v[r] = r < n ? exp2_row_lanes_avx512(s + r * ld, nv[r], ncols, f, off[r]) : _mm512_setzero_ps();
+  }
+  const __m512 sum = fold16_avx512<false>(v);
+  _mm512_mask_storeu_ps(l, rows, _mm512_fmadd_ps(_mm512_mask_loadu_ps(_mm512_setzero_ps(), rows, l), a, sum));
+  _mm512_mask_storeu_ps(m, rows, m_new);
+  _mm512_mask_storeu_ps(alpha, rows, a);
 }
 
 SEQFAST_TARGET_AVX512 inline void dscores_row_avx512(const float* p, float* dp, const float* z, int64_t ncols,
@@ -1064,6 +1218,21 @@ inline float online_softmax_row(float* s, int64_t nv, int64_t ncols, float f, fl
   if (has_avx2()) return online_softmax_row_avx2(s, nv, ncols, f, m, l);
 #endif
   return online_softmax_row_portable(s, nv, ncols, f, m, l);
+}
+
+// online_softmax_row for rows [0, n) of a score block, n <= kSoftmaxRows: row r at s + r * ld with nv[r] visible
+// keys, its running m[r] and l[r]; alpha[r] gets the factor its output row must take. The same bits as row by row.
+constexpr int64_t kSoftmaxRows = 16;
+template <typename T>
+inline void online_softmax_rows(T* s, int64_t ld, int64_t n, const int64_t* nv, int64_t ncols, T f, T* m, T* l,
+                                T* alpha) {
+#if SEQFAST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) return online_softmax_rows_avx512(s, ld, n, nv, ncols, f, m, l, alpha);
+    if (has_avx2()) return online_softmax_rows_avx2(s, ld, n, nv, ncols, f, m, l, alpha);
+  }
+#endif
+  for (int64_t r = 0; r < n; ++r) alpha[r] = online_softmax_row(s + r * ld, nv[r], ncols, f, m[r], l[r]);
 }
 
 inline void probs_row(double* s, int64_t nv, int64_t ncols, double f, double lse2) {

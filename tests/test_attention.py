@@ -647,6 +647,42 @@ def test_narrower_cpu_paths_against_reference(isa):
     assert float(worst) < 1e-4, worst
 
 
+@pytest.mark.parametrize("isa", [None, "avx2", "baseline"])
+def test_query_rows_keep_their_bits_wherever_they_sit(isa):
+    """A query row's output and lse are the same bits whatever rows share its score block. The forward reduces the
+    max and the sum of 16 rows at once on AVX-512 (8 on AVX2; one by one on the portable path): a fold that handed a
+    row another's sum, or let a NaN or fully masked row reach its neighbours, fails here. Rows permuted (with the
+    mask's rows), non-causal, keys over two forward key blocks so the online rescale runs; each ISA in a fresh
+    process (None: the machine's own)."""
+    code = textwrap.dedent("""
+        import torch
+        from seqfast import _C
+        g = torch.Generator().manual_seed(3)
+        B, H, Lq, Lk, D = 1, 2, 45, 600, 64
+        q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (Lq, Lk, Lk))
+        q[0, 0, 3, 5] = float("nan")  # a NaN row
+        q[0, 1, 7] *= 1e3  # scores far above the others'
+        mask = torch.randn(B, H, Lq, Lk, generator=g)
+        mask[0, :, 10] = float("-inf")  # a row that sees no key
+        mask[0, :, 20, 100:] = float("-inf")
+        perm = torch.randperm(Lq, generator=g)
+        fwd = lambda q, m: torch.ops.seqfast.attention_forward(q, k, v, m, 0.0, 0, -0.3, torch.tensor(0))
+        out, lse = fwd(q, mask)
+        pout, plse = fwd(q[:, :, perm].contiguous(), mask[:, :, perm].contiguous())
+        bits = lambda t: t.contiguous().view(torch.int32)
+        assert torch.equal(bits(pout), bits(out[:, :, perm])) and torch.equal(bits(plse), bits(lse[:, :, perm]))
+        assert out[0, 0, 3].isnan().all() and not out[0, 0, 4].isnan().any() and lse[0, 0, 10].isinf()
+        print(_C.cpu_isa())
+    """)
+    env = dict(os.environ)
+    env.pop("SEQFAST_CPU_ISA", None)
+    if isa:
+        env["SEQFAST_CPU_ISA"] = isa
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    assert isa is None or res.stdout.split()[-1] in (isa, "baseline")
+
+
 def test_unknown_cpu_isa_is_an_error():
     env = dict(os.environ, SEQFAST_CPU_ISA="sse9")
     res = subprocess.run([sys.executable, "-c", "import seqfast"], capture_output=True, text=True, timeout=120,
