@@ -250,6 +250,15 @@ inline void prefetch_row(const P* row, int64_t n, int64_t stride) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(P)); off += 64) prefetch_line(p + off);
 }
 
+// prefetch_row for a row about to be written: its lines are asked for with the intent to write (prefetchw), so
+// the stores find them owned rather than waiting for the read the store would trigger.
+template <typename P>
+inline void prefetch_row_write(P* row, int64_t n, int64_t stride) {
+  if (stride != 1) return;
+  char* p = reinterpret_cast<char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(P)); off += 64) prefetch_line_write(p + off);
+}
+
 // Rows [row0, row0 + len) of (sequence b, head h): dst[i][0:wpad] row row0 + i, zero beyond width.
 template <typename S, typename T>
 void pack_head_rows(const View<const S>& v, int64_t b, int64_t h, int64_t len, int64_t width, int64_t wpad, T* dst,
@@ -564,7 +573,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = q0 + r;
       S* dst = out.row(b, h, i);
-      if (r + kRowsAhead < nq) prefetch_row(out.row(b, h, i + kRowsAhead), pb.Dv, out.sd);
+      if (r + kRowsAhead < nq) prefetch_row_write(out.row(b, h, i + kRowsAhead), pb.Dv, out.sd);
       // l = 0: the row saw no key. O is then 0, unless a NaN or inf in V met a zero weight (NaN, as
       // in torch's P V). l = NaN (a NaN score) makes the row NaN.
       const bool empty = l[r] == T(0);

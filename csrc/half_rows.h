@@ -37,6 +37,7 @@ template <typename S>
 SEQFAST_TARGET_AVX2_F16C inline __m256 load8_avx2(const S* p) {
   return widen8_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), p);
 }
+SEQFAST_TARGET_AVX2_F16C inline void store8_avx2(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
 SEQFAST_TARGET_AVX2_F16C inline void store8_avx2(c10::Half* p, __m256 x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
@@ -88,6 +89,7 @@ SEQFAST_TARGET_AVX2_F16C inline void store_row_avx2(const float* src, float mul,
 
 // store_row_avx2 sixteen lanes at a time, the same bits: F16C's conversion and AVX-512's are one instruction
 // with one rounding, and the bfloat16 rounding is the same integer arithmetic.
+SEQFAST_TARGET_AVX512 inline void store16_avx512(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 SEQFAST_TARGET_AVX512 inline void store16_avx512(c10::Half* p, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
@@ -144,7 +146,7 @@ inline bool load_rows(const S* src, int64_t stride, int64_t ss, int64_t rows, in
 template <typename S, typename T>
 inline void store_row(const T* src, T mul, int64_t n, S* dst, int64_t stride) {
 #if SEQFAST_X86
-  if constexpr (kIsHalfType<S> && std::is_same_v<T, float>) {
+  if constexpr ((kIsHalfType<S> || std::is_same_v<S, float>) && std::is_same_v<T, float>) {
     if (stride == 1 && has_avx512()) return store_row_avx512(src, mul, n, dst);
     if (stride == 1 && has_avx2()) return store_row_avx2(src, mul, n, dst);
   }
