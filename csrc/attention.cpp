@@ -675,9 +675,7 @@ void backward(const Problem<T>& pb, const View<const S>& dout, const View<const 
         }
         load_row(out.row(b, h, i), out.sd, pb.Dv, row);
         const T* go = dOv.row(b, h, i);
-        T acc = 0;
-        for (int64_t c = 0; c < pb.Dv; ++c) acc += go[c] * row[c];
-        delta[g * Lq + i] = acc;
+        delta[g * Lq + i] = dot_row(go, row, pb.Dv);
         lse2[g * Lq + i] = *lse.row(b, h, i) * static_cast<T>(kLog2e);
         std::fill(dQs.row(b, h, i), dQs.row(b, h, i) + Dp, T(0));
       }

@@ -463,6 +463,20 @@ SEQFAST_TARGET_AVX2 inline void dscores_row_avx2(const float* p, float* dp, cons
   }
 }
 
+// dot_row_avx512 in 8 lanes, the tail row by row (the same sum to rounding, not the same bits).
+SEQFAST_TARGET_AVX2 inline float dot_row_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 8), _mm256_loadu_ps(b + c + 8), s1);
+  }
+  for (; c + 8 <= n; c += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), s0);
+  float tail = 0.0f;
+  for (; c < n; ++c) tail = std::fma(a[c], b[c], tail);
+  return hsum_avx2(_mm256_add_ps(s0, s1)) + tail;
+}
+
 SEQFAST_TARGET_AVX2 inline void scale_row_avx2(float* o, int64_t n, float alpha) {
   const __m256 va = _mm256_set1_ps(alpha);
   for (int64_t c = 0; c < n; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), va));
@@ -840,6 +854,21 @@ SEQFAST_TARGET_AVX512 inline void dscores_row_avx512(const float* p, float* dp, 
     d = z ? _mm512_fmsub_ps(d, _mm512_loadu_ps(z + c), vd) : _mm512_sub_ps(d, vd);
     _mm512_storeu_ps(dp + c, _mm512_mul_ps(_mm512_loadu_ps(p + c), d));
   }
+}
+
+// sum_c a[c] * b[c], c < n: 16 lanes of FMA chains (two accumulators), added up by _mm512_reduce_add_ps.
+SEQFAST_TARGET_AVX512 inline float dot_row_avx512(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(b + c + 16), s1);
+  }
+  for (; c < n; c += 16) {
+    const __mmask16 k = visible_mask512(c, n);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + c), _mm512_maskz_loadu_ps(k, b + c), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
 SEQFAST_TARGET_AVX512 inline void scale_row_avx512(float* o, int64_t n, float alpha) {
@@ -1255,6 +1284,23 @@ inline void dscores_row(const float* p, float* dp, const float* z, int64_t ncols
   if (has_avx2()) return dscores_row_avx2(p, dp, z, ncols, delta);
 #endif
   dscores_row_portable(p, dp, z, ncols, delta);
+}
+
+// sum_c a[c] * b[c], c < n (the backward's delta = rowsum(dO * O)): vector FMA chains where the CPU has them, else
+// one running sum.
+inline double dot_row(const double* a, const double* b, int64_t n) {
+  double acc = 0;
+  for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
+  return acc;
+}
+inline float dot_row(const float* a, const float* b, int64_t n) {
+#if SEQFAST_X86
+  if (has_avx512()) return dot_row_avx512(a, b, n);
+  if (has_avx2()) return dot_row_avx2(a, b, n);
+#endif
+  float acc = 0;
+  for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
+  return acc;
 }
 
 inline void scale_row(double* o, int64_t n, double alpha) {
