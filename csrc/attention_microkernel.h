@@ -249,13 +249,6 @@ SEQFAST_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-SEQFAST_TARGET_AVX2 inline float hmax_avx2(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-
 SEQFAST_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -279,17 +272,6 @@ SEQFAST_TARGET_AVX2 inline __m256 lane_max_avx2(const float* s, int64_t nv, __m2
   for (; c + 8 <= nv; c += 8) vmax = _mm256_max_ps(vmax, _mm256_xor_ps(_mm256_loadu_ps(s + c), sign));
   if (c < nv) vmax = _mm256_max_ps(vmax, visible_avx2(_mm256_xor_ps(_mm256_loadu_ps(s + c), sign), c, nv));
   return vmax;
-}
-
-// max over the first nv entries of s * f (f may be negative); -inf when nv == 0.
-SEQFAST_TARGET_AVX2 inline float scaled_max_avx2(const float* s, int64_t nv, float f) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  if (nv <= 0) return -kInf;
-  const bool neg = f < 0.0f;
-  // For f < 0 the max of s * f is f * min(s): take the max of -s and multiply by -f.
-  const float mx = hmax_avx2(lane_max_avx2(s, nv, _mm256_set1_ps(neg ? -0.0f : 0.0f)));
-  if (mx == -kInf) return -kInf;  // every visible score is masked
-  return mx * (neg ? -f : f);
 }
 
 // exp2_avx2 on N vectors at once, each step applied to all of them: the polynomial is a ~40-cycle
@@ -367,26 +349,15 @@ SEQFAST_TARGET_AVX2 inline float exp2_row_avx2(float* s, int64_t nv, int64_t nco
   return hsum_avx2(exp2_row_lanes_avx2(s, nv, ncols, f, m));
 }
 
-SEQFAST_TARGET_AVX2 inline float online_softmax_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float& m,
-                                                         float& l) {
-  const float m_new = std::max(m, scaled_max_avx2(s, nv, f));
-  // Exactly 1 while the max holds (no rescaling then); 0 for m = -inf.
-  const float alpha = m == m_new ? 1.0f : _mm256_cvtss_f32(exp2_avx2(_mm256_set1_ps(m - m_new)));
-  // One FMA, pinned: the rounding of l (hence the output's last bit) should not depend on what the
-  // compiler contracts.
-  l = std::fma(l, alpha, exp2_row_avx2(s, nv, ncols, f, exp2_offset(m_new)));
-  m = m_new;
-  return alpha;
-}
-
 template <bool kMax>
 SEQFAST_TARGET_AVX2 inline __m256 fold_op_avx2(__m256 a, __m256 b) {
   return kMax ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b);
 }
 
-// Lane r of the result is v[r] reduced over its 8 lanes (max or sum), pairing the lanes as hmax_avx2 / hsum_avx2
-// do and with their operand order (the lower lane first): i and i + 4, then i and i + 2, then 0 and 1. The same
-// bits as 8 separate reductions.
+// Lane r of the result is v[r] reduced over its 8 lanes (max or sum), pairing the lanes as hsum_avx2 does, the
+// lower lane the first operand (max returns its second operand on a NaN or a tie): i and i + 4, then i and i + 2,
+// then 0 and 1. The same bits as 8 separate reductions of that shape, in 14 operations instead of 8 dependent
+// chains.
 template <bool kMax>
 SEQFAST_TARGET_AVX2 inline __m256 fold8_avx2(const __m256* v) {
   const auto op = fold_op_avx2<kMax>;
@@ -405,8 +376,7 @@ SEQFAST_TARGET_AVX2 inline __m256 fold8_avx2(const __m256* v) {
   return _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// online_softmax_row_avx2 for rows [0, n) of a score block, 8 at a time (as online_softmax_rows_avx512): the same
-// bits.
+// online_softmax_rows_avx512 on AVX2, 8 rows at a time.
 SEQFAST_TARGET_AVX2 inline void online_softmax_rows_avx2(float* s, int64_t ld, int64_t n, const int64_t* nv,
                                                          int64_t ncols, float f, float* m, float* l, float* alpha) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -425,7 +395,7 @@ SEQFAST_TARGET_AVX2 inline void online_softmax_rows_avx2(float* s, int64_t ld, i
       v[r] = r < k && nv[row] > 0 ? lane_max_avx2(s + row * ld, nv[row], _mm256_set1_ps(neg ? -0.0f : 0.0f)) : ninf;
     }
     const __m256 mx = fold8_avx2<true>(v);
-    // scaled_max: -inf stays -inf (not NaN for f = 0), else mx * |f|.
+    // The max of s * f is mx * |f| (for f < 0, mx is the max of -s); -inf stays -inf (not NaN for f = 0).
     const __m256 scaled = _mm256_blendv_ps(_mm256_mul_ps(mx, _mm256_set1_ps(neg ? -f : f)), ninf,
                                            _mm256_cmp_ps(mx, ninf, _CMP_EQ_OQ));
     const __m256 m_old = _mm256_load_ps(mo);
@@ -710,15 +680,6 @@ SEQFAST_TARGET_AVX512 inline __m512 lane_max_avx512(const float* s, int64_t nv, 
   return _mm512_max_ps(m0, m1);
 }
 
-SEQFAST_TARGET_AVX512 inline float scaled_max_avx512(const float* s, int64_t nv, float f) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  if (nv <= 0) return -kInf;
-  const bool neg = f < 0.0f;
-  const float mx = _mm512_reduce_max_ps(lane_max_avx512(s, nv, _mm512_set1_ps(neg ? -0.0f : 0.0f)));
-  if (mx == -kInf) return -kInf;
-  return mx * (neg ? -f : f);
-}
-
 SEQFAST_TARGET_AVX512 inline __m512 mul_rounded_avx512(__m512 a, __m512 b) {  // as mul_rounded_avx2
   __m512 p = _mm512_mul_ps(a, b);
   asm("" : "+v"(p));
@@ -765,30 +726,16 @@ SEQFAST_TARGET_AVX512 inline float exp2_row_avx512(float* s, int64_t nv, int64_t
   return _mm512_reduce_add_ps(exp2_row_lanes_avx512(s, nv, ncols, f, m));
 }
 
-SEQFAST_TARGET_AVX512 inline float online_softmax_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float& m,
-                                                             float& l) {
-  const float m_new = std::max(m, scaled_max_avx512(s, nv, f));
-  float alpha = 1.0f;  // exactly 1 while the max holds (no rescaling then); 0 for m = -inf
-  if (m != m_new) {
-    __m512 d = _mm512_set1_ps(m - m_new);
-    exp2_many_avx512<1>(&d);
-    alpha = _mm512_cvtss_f32(d);
-  }
-  l = std::fma(l, alpha, exp2_row_avx512(s, nv, ncols, f, exp2_offset(m_new)));  // see the AVX2 version
-  m = m_new;
-  return alpha;
-}
-
-// Lane r of the result is v[r] reduced over its 16 lanes (max or sum), pairing the lanes as GCC's _mm512_reduce_max_ps /
-// _mm512_reduce_add_ps do and with their operand order (max returns its second operand on a NaN or a tie, so the
-// order is part of the result): lanes i and i + 8 (upper half first), then i and i + 4 (upper first), then i and
-// i + 2 (lower first), then 0 and 1 (lower first). The same bits as 16 separate reductions, in 30 operations
-// instead of 16 dependent chains.
 template <bool kMax>
 SEQFAST_TARGET_AVX512 inline __m512 fold_op_avx512(__m512 a, __m512 b) {
   return kMax ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b);
 }
 
+// Lane r of the result is v[r] reduced over its 16 lanes (max or sum), pairing the lanes as GCC's
+// _mm512_reduce_max_ps / _mm512_reduce_add_ps do and with their operand order (max returns its second operand on a
+// NaN or a tie, so the order is part of the result): lanes i and i + 8 (upper half first), then i and i + 4 (upper
+// first), then i and i + 2 (lower first), then 0 and 1 (lower first). The same bits as 16 separate reductions, in
+// 30 operations instead of 16 dependent chains.
 template <bool kMax>
 SEQFAST_TARGET_AVX512 inline __m512 fold16_avx512(const __m512* v) {
   const auto op = fold_op_avx512<kMax>;
@@ -811,10 +758,12 @@ SEQFAST_TARGET_AVX512 inline __m512 fold16_avx512(const __m512* v) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
 }
 
-// online_softmax_row_avx512 for rows [0, n) of a score block (n <= 16; row r at s + r * ld, nv[r] visible keys, its
-// m[r], l[r]; alpha[r] gets its factor), with the same bits: each row's max and sum stay lane-wise until one fold
-// reduces 16 rows at once, and m, alpha and l are updated 16 rows a vector. A row of a few hundred keys otherwise
-// spends about as long waiting on its two reductions as on its exps.
+// One online-softmax step (online_softmax_row_portable) for rows [0, n) of a score block (n <= 16; row r at
+// s + r * ld, nv[r] visible keys, its m[r], l[r]; alpha[r] gets its factor): each row's max and sum stay lane-wise
+// until one fold reduces 16 rows at once, and m, alpha and l are updated 16 rows a vector. Reduced one row at a
+// time, a row of a few hundred keys spent about as long waiting on its two reductions as on its exps. alpha is
+// exactly 1 while a row's max holds (no rescaling then), 0 from m = -inf; l takes one FMA, pinned, so that its
+// rounding (the output's last bit) does not depend on what the compiler contracts.
 SEQFAST_TARGET_AVX512 inline void online_softmax_rows_avx512(float* s, int64_t ld, int64_t n, const int64_t* nv,
                                                              int64_t ncols, float f, float* m, float* l,
                                                              float* alpha) {
@@ -827,7 +776,7 @@ SEQFAST_TARGET_AVX512 inline void online_softmax_rows_avx512(float* s, int64_t l
     v[r] = r < n && nv[r] > 0 ? lane_max_avx512(s + r * ld, nv[r], _mm512_set1_ps(neg ? -0.0f : 0.0f)) : ninf;
   }
   const __m512 mx = fold16_avx512<true>(v);
-  // scaled_max: -inf stays -inf (not NaN for f = 0), else mx * |f|.
+  // The max of s * f is mx * |f| (for f < 0, mx is the max of -s); -inf stays -inf (not NaN for f = 0).
   const __m512 scaled = _mm512_mask_mul_ps(ninf, _mm512_cmp_ps_mask(mx, ninf, _CMP_NEQ_UQ), mx,
                                            _mm512_set1_ps(neg ? -f : f));
   const __m512 m_old = _mm512_mask_loadu_ps(ninf, rows, m);
@@ -1238,19 +1187,8 @@ inline int64_t tile_steps(int64_t M, int64_t N, int64_t K) {
   return (M + tile_rows<T>() - 1) / tile_rows<T>() * ((N + cols - 1) / cols) * K;
 }
 
-inline double online_softmax_row(double* s, int64_t nv, int64_t ncols, double f, double& m, double& l) {
-  return online_softmax_row_portable(s, nv, ncols, f, m, l);
-}
-inline float online_softmax_row(float* s, int64_t nv, int64_t ncols, float f, float& m, float& l) {
-#if SEQFAST_X86
-  if (has_avx512()) return online_softmax_row_avx512(s, nv, ncols, f, m, l);
-  if (has_avx2()) return online_softmax_row_avx2(s, nv, ncols, f, m, l);
-#endif
-  return online_softmax_row_portable(s, nv, ncols, f, m, l);
-}
-
-// online_softmax_row for rows [0, n) of a score block, n <= kSoftmaxRows: row r at s + r * ld with nv[r] visible
-// keys, its running m[r] and l[r]; alpha[r] gets the factor its output row must take. The same bits as row by row.
+// online_softmax_row_portable for rows [0, n) of a score block, n <= kSoftmaxRows: row r at s + r * ld with nv[r]
+// visible keys, its running m[r] and l[r]; alpha[r] gets the factor its output row must take.
 constexpr int64_t kSoftmaxRows = 16;
 template <typename T>
 inline void online_softmax_rows(T* s, int64_t ld, int64_t n, const int64_t* nv, int64_t ncols, T f, T* m, T* l,
@@ -1261,7 +1199,7 @@ inline void online_softmax_rows(T* s, int64_t ld, int64_t n, const int64_t* nv, 
     if (has_avx2()) return online_softmax_rows_avx2(s, ld, n, nv, ncols, f, m, l, alpha);
   }
 #endif
-  for (int64_t r = 0; r < n; ++r) alpha[r] = online_softmax_row(s + r * ld, nv[r], ncols, f, m[r], l[r]);
+  for (int64_t r = 0; r < n; ++r) alpha[r] = online_softmax_row_portable(s + r * ld, nv[r], ncols, f, m[r], l[r]);
 }
 
 inline void probs_row(double* s, int64_t nv, int64_t ncols, double f, double lse2) {
@@ -1286,19 +1224,17 @@ inline void dscores_row(const float* p, float* dp, const float* z, int64_t ncols
   dscores_row_portable(p, dp, z, ncols, delta);
 }
 
-// sum_c a[c] * b[c], c < n (the backward's delta = rowsum(dO * O)): vector FMA chains where the CPU has them, else
-// one running sum.
-inline double dot_row(const double* a, const double* b, int64_t n) {
-  double acc = 0;
-  for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
-  return acc;
-}
-inline float dot_row(const float* a, const float* b, int64_t n) {
+// sum_c a[c] * b[c], c < n (the backward's delta = rowsum(dO * O)): vector FMA chains for float where the CPU has
+// them, else one running sum.
+template <typename T>
+inline T dot_row(const T* a, const T* b, int64_t n) {
 #if SEQFAST_X86
-  if (has_avx512()) return dot_row_avx512(a, b, n);
-  if (has_avx2()) return dot_row_avx2(a, b, n);
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) return dot_row_avx512(a, b, n);
+    if (has_avx2()) return dot_row_avx2(a, b, n);
+  }
 #endif
-  float acc = 0;
+  T acc = 0;
   for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
   return acc;
 }
