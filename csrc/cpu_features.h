@@ -65,10 +65,23 @@ inline std::atomic<int>& isa_cap() {
   return cap;
 }
 
-// The level the kernels use now. Hidden: every dispatch asks, and an exported inline function is called through the
-// PLT (about 1 % of a short attention call).
+// The level the kernels use now. Every dispatch asks (per row in the attention kernels: tens of thousands of times in
+// a short call), so it is one load of a constant-initialised variable, -1 until first asked. Hidden: an exported
+// inline symbol is reached through the PLT / GOT, and the two function-local statics behind it cost a call with two
+// guard checks (1-1.5 % of a short attention forward+backward).
 #define SEQFAST_HIDDEN __attribute__((visibility("hidden")))
-SEQFAST_HIDDEN inline int active_isa() { return std::min(cpu_isa_level(), isa_cap().load(std::memory_order_relaxed)); }
+SEQFAST_HIDDEN inline std::atomic<int> active_isa_level{-1};
+
+SEQFAST_HIDDEN __attribute__((noinline, cold)) inline int refresh_active_isa() {
+  const int level = std::min(cpu_isa_level(), isa_cap().load(std::memory_order_relaxed));
+  active_isa_level.store(level, std::memory_order_relaxed);
+  return level;
+}
+
+SEQFAST_HIDDEN inline int active_isa() {
+  const int level = active_isa_level.load(std::memory_order_relaxed);
+  return __builtin_expect(level >= 0, 1) ? level : refresh_active_isa();
+}
 SEQFAST_HIDDEN inline bool has_avx2() { return active_isa() >= 1; }
 SEQFAST_HIDDEN inline bool has_avx512() { return active_isa() >= 2; }
 
@@ -76,7 +89,9 @@ SEQFAST_HIDDEN inline bool has_avx512() { return active_isa() >= 2; }
 inline std::string set_isa_cap(const std::string& name) {
   const int level = isa_level(name);
   if (level < 0) return "";
-  return isa_name(isa_cap().exchange(level));
+  const int previous = isa_cap().exchange(level);
+  refresh_active_isa();
+  return isa_name(previous);
 }
 
 // Prefetch the cache line holding p. GCC 12 deletes __builtin_prefetch / _mm_prefetch calls inside loops
