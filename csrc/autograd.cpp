@@ -45,9 +45,13 @@ using CtcFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const
 using CtcBwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                          const Tensor&, int64_t, bool, bool, int64_t);
 
-// Autograd materialises an unused output's gradient as zeros; the kernels want a contiguous one.
+// Autograd materialises an unused output's gradient as zeros. The CPU kernels read dO with any strides (rows with
+// unit column stride in place, others packed into cached scratch), so a CPU gradient goes as it came: a model's
+// dO is the (B, L, H, E)-ordered view of the next layer's gradient, and `.sum()`'s an expanded scalar, and a
+// contiguous copy of either was a full pass over dO into fresh pages. The Triton kernels want it contiguous.
 Tensor grad_or_zeros(const Tensor& grad, const Tensor& like) {
-  return grad.defined() ? grad.contiguous() : at::zeros_like(like, at::MemoryFormat::Contiguous);
+  if (!grad.defined()) return at::zeros_like(like, at::MemoryFormat::Contiguous);
+  return grad.is_cpu() ? grad : grad.contiguous();
 }
 
 struct Attention : public torch::autograd::Function<Attention> {

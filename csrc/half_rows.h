@@ -123,6 +123,8 @@ inline void load_row(const S* src, int64_t stride, int64_t n, T* dst) {
     if (stride == 1 && has_avx2()) return load_row_avx2(src, n, dst);
   }
 #endif
+  // An expanded row (dO of `.sum()`): one value, filled at vector speed instead of read n times.
+  if (stride == 0) return std::fill(dst, dst + n, cast_to<T>(src[0]));
   for (int64_t c = 0; c < n; ++c) dst[c] = cast_to<T>(src[c * stride]);
 }
 

@@ -412,6 +412,58 @@ def test_strided_inputs():
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 64), (torch.float32, 40), (torch.bfloat16, 64)])
+def test_backward_reads_grad_out_in_any_layout(dtype, D):
+    """The CPU backward takes dO as autograd hands it (csrc/autograd.cpp grad_or_zeros): rows H * D apart (a model's
+    (B, L, H, D) gradient viewed), an expanded scalar (``.sum()``'s: stride 0 everywhere), every other element, a
+    transposed one. Each gives the bits of the same values contiguous, for the batched and the packed (varlen) op,
+    in place (float, width a multiple of 16) or packed (D 40, bfloat16)."""
+    B, H, L = 2, 3, 37
+    q, k, v = (torch.randn(B, H, L, D).to(dtype) for _ in range(3))
+    out, lse = ops.attention_forward(q, k, v, None, 0.0, 1, D ** -0.5, seed_tensor(0))
+    layouts = {
+        "rows apart": torch.randn(B, L, H, D).to(dtype).transpose(1, 2),
+        "expanded": torch.full((), 0.75, dtype=dtype).expand(B, H, L, D),
+        "every other": torch.randn(B, H, L, 2 * D).to(dtype)[..., ::2],
+        "transposed": torch.randn(B, H, D, L).to(dtype).transpose(-1, -2),
+    }
+    cu = torch.tensor([0, 15, L])
+    vq, vk, vv = (t[0].transpose(0, 1) for t in (q, k, v))  # (L, H, D) views of batch 0
+    vout, vlse = ops.varlen_attention_forward(vq, vk, vv, cu, cu, 22, 22, 1, D ** -0.5)
+    for name, g in layouts.items():
+        assert not g.is_contiguous(), name
+        got = ops.attention_backward(g, q, k, v, None, out, lse, 0.0, 1, D ** -0.5, seed_tensor(0), False)[:3]
+        want = ops.attention_backward(g.contiguous(), q, k, v, None, out, lse, 0.0, 1, D ** -0.5, seed_tensor(0),
+                                      False)[:3]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        gv = g[0].transpose(0, 1)
+        got = ops.varlen_attention_backward(gv, vq, vk, vv, cu, cu, 22, 22, vout, vlse, 1, D ** -0.5)
+        want = ops.varlen_attention_backward(gv.contiguous(), vq, vk, vv, cu, cu, 22, 22, vout, vlse, 1, D ** -0.5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"varlen {name}")
+
+
+def test_backward_does_not_copy_grad_out():
+    """Through autograd, ``.sum()``'s expanded dO and a model's strided one reach the CPU kernel uncopied (a
+    contiguous copy was a full pass over dO into fresh pages), with the gradients of a contiguous dO."""
+    q, k, v = (torch.randn(2, 3, 33, 64, requires_grad=True) for _ in range(3))
+    grads = {}
+    for name, make in (("sum", lambda o: o.sum()), ("rows apart", lambda o: (o * torch.ones(2, 33, 3, 64)
+                                                                             .transpose(1, 2)).sum())):
+        out = seqfast.scaled_dot_product_attention(q, k, v)
+        loss = make(out)
+        with torch.profiler.profile() as prof:
+            grads[name] = torch.autograd.grad(loss, (q, k, v))
+        names = [e.name for e in prof.events()]
+        assert "seqfast::attention_backward" in names
+        assert not {"aten::contiguous", "aten::clone", "aten::copy_"} & set(names), (name, sorted(set(names)))
+    want = torch.autograd.grad(seqfast.scaled_dot_product_attention(q, k, v), (q, k, v), torch.ones(2, 3, 33, 64))
+    for name, got in grads.items():
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("Lq", [3, 16, 200])
 @pytest.mark.parametrize("D", [64, 40])
 def test_forward_layouts_give_the_same_bits(Lq, D):

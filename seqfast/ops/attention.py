@@ -126,11 +126,17 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = _backend.current()
 
 
+def _kernel_grad(grad_out: torch.Tensor) -> torch.Tensor:
+    """dO as the backward kernels take it: CPU ones read any strides (csrc/autograd.cpp says why it matters),
+    the Triton ones want it contiguous."""
+    return grad_out if grad_out.device.type == "cpu" else grad_out.contiguous()
+
+
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
     with no_double_backward.guard():
         dq, dk, dv, dmask = _backend.dispatch(
-            ctx.backend, BACKWARD, grad_out.contiguous(), query, key, value, attn_mask, out, lse,
+            ctx.backend, BACKWARD, _kernel_grad(grad_out), query, key, value, attn_mask, out, lse,
             ctx.dropout_p, ctx.causal, ctx.scale, seed, ctx.mask_grad,
         )
     grads = no_double_backward.mark("seqfast::attention_backward", (query, key, value, attn_mask, grad_out),
@@ -151,7 +157,7 @@ def _varlen_backward(ctx, grad_out, grad_lse):
     query, key, value, cu_q, cu_k, out, lse = ctx.saved_tensors
     with no_double_backward.guard():
         dq, dk, dv = _backend.dispatch(
-            ctx.backend, VARLEN_BACKWARD, grad_out.contiguous(), query, key, value, cu_q, cu_k,
+            ctx.backend, VARLEN_BACKWARD, _kernel_grad(grad_out), query, key, value, cu_q, cu_k,
             ctx.max_q, ctx.max_k, out, lse, ctx.causal, ctx.scale,
         )
     dq, dk, dv = no_double_backward.mark("seqfast::varlen_attention_backward", (query, key, value, grad_out),
