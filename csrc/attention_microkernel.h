@@ -724,8 +724,9 @@ SEQFAST_TARGET_AVX512 inline __m512 exp2_row_lanes_avx512(float* s, int64_t nv, 
 
 // The backward's P = exp2(s * f - lse2) in place (probs_row). Not a float function whose sum the caller drops:
 // GCC then turned the call into a jump to exp2_row_lanes_avx512, whose __m512 result came back in zmm0 with the
-// upper halves dirty, and every SSE instruction of the (non-AVX) backward loop after it paid for that state: the
-// 128-key row took ~150 ns instead of ~30, a quarter of an L1024 backward (benchmarks/NOTES.md). The explicit
+// upper halves dirty, and on Intel cores every SSE instruction of the (non-AVX) backward loop after it paid for
+// that state: the 128-key row took ~150 ns instead of ~30, a quarter of an L1024 backward (benchmarks/NOTES.md;
+// AMD cores have no such penalty). The explicit
 // vzeroupper after the call leaves the caller clean whatever GCC does with the call.
 SEQFAST_TARGET_AVX512 inline void probs_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float lse2) {
   exp2_row_lanes_avx512(s, nv, ncols, f, lse2);

@@ -412,12 +412,13 @@ def test_strided_inputs():
         assert rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("dtype, D", [(torch.float32, 64), (torch.float32, 40), (torch.bfloat16, 64)])
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 64), (torch.float32, 40), (torch.bfloat16, 64),
+                                      (torch.float64, 64)])
 def test_backward_reads_grad_out_in_any_layout(dtype, D):
     """The CPU backward takes dO as autograd hands it (csrc/autograd.cpp grad_or_zeros): rows H * D apart (a model's
     (B, L, H, D) gradient viewed), an expanded scalar (``.sum()``'s: stride 0 everywhere), every other element, a
     transposed one. Each gives the bits of the same values contiguous, for the batched and the packed (varlen) op,
-    in place (float, width a multiple of 16) or packed (D 40, bfloat16)."""
+    in place (float or double, width a multiple of 16) or packed (D 40, bfloat16)."""
     B, H, L = 2, 3, 37
     q, k, v = (torch.randn(B, H, L, D).to(dtype) for _ in range(3))
     out, lse = ops.attention_forward(q, k, v, None, 0.0, 1, D ** -0.5, seed_tensor(0))
