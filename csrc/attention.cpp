@@ -243,20 +243,19 @@ struct Problem {
 // row. The row loops below ask for the row kRowsAhead ahead while they work on this one.
 constexpr int64_t kRowsAhead = 4;
 
-template <typename P>
+// kWrite: a row about to be written, its lines asked for with the intent to write (prefetchw), so that the
+// stores find them owned rather than waiting for the read the store would trigger.
+template <bool kWrite = false, typename P>
 inline void prefetch_row(const P* row, int64_t n, int64_t stride) {
   if (stride != 1) return;
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(P)); off += 64) prefetch_line(p + off);
-}
-
-// prefetch_row for a row about to be written: its lines are asked for with the intent to write (prefetchw), so
-// the stores find them owned rather than waiting for the read the store would trigger.
-template <typename P>
-inline void prefetch_row_write(P* row, int64_t n, int64_t stride) {
-  if (stride != 1) return;
-  char* p = reinterpret_cast<char*>(row);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(P)); off += 64) prefetch_line_write(p + off);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(P)); off += 64) {
+    if constexpr (kWrite) {
+      prefetch_line_write(p + off);
+    } else {
+      prefetch_line(p + off);
+    }
+  }
 }
 
 // Rows [row0, row0 + len) of (sequence b, head h): dst[i][0:wpad] row row0 + i, zero beyond width.
@@ -573,7 +572,7 @@ void forward(const Problem<T>& pb, const View<const S>& q, const View<const S>& 
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = q0 + r;
       S* dst = out.row(b, h, i);
-      if (r + kRowsAhead < nq) prefetch_row_write(out.row(b, h, i + kRowsAhead), pb.Dv, out.sd);
+      if (r + kRowsAhead < nq) prefetch_row<true>(out.row(b, h, i + kRowsAhead), pb.Dv, out.sd);
       // l = 0: the row saw no key. O is then 0, unless a NaN or inf in V met a zero weight (NaN, as
       // in torch's P V). l = NaN (a NaN score) makes the row NaN.
       const bool empty = l[r] == T(0);

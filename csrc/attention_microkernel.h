@@ -345,10 +345,6 @@ SEQFAST_TARGET_AVX2 inline __m256 exp2_row_lanes_avx2(float* s, int64_t nv, int6
                                           : exp2_row_lanes_avx2<true>(s, nv, ncols, f, m);
 }
 
-SEQFAST_TARGET_AVX2 inline float exp2_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float m) {
-  return hsum_avx2(exp2_row_lanes_avx2(s, nv, ncols, f, m));
-}
-
 template <bool kMax>
 SEQFAST_TARGET_AVX2 inline __m256 fold_op_avx2(__m256 a, __m256 b) {
   return kMax ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b);
@@ -419,8 +415,10 @@ SEQFAST_TARGET_AVX2 inline void online_softmax_rows_avx2(float* s, int64_t ld, i
   }
 }
 
+// As probs_row_avx512 (the sum is not wanted; vzeroupper leaves the SSE caller clean).
 SEQFAST_TARGET_AVX2 inline void probs_row_avx2(float* s, int64_t nv, int64_t ncols, float f, float lse2) {
-  exp2_row_avx2(s, nv, ncols, f, lse2);
+  exp2_row_lanes_avx2(s, nv, ncols, f, lse2);
+  _mm256_zeroupper();
 }
 
 SEQFAST_TARGET_AVX2 inline void dscores_row_avx2(const float* p, float* dp, const float* z, int64_t ncols,
@@ -726,8 +724,8 @@ SEQFAST_TARGET_AVX512 inline __m512 exp2_row_lanes_avx512(float* s, int64_t nv, 
 // GCC then turned the call into a jump to exp2_row_lanes_avx512, whose __m512 result came back in zmm0 with the
 // upper halves dirty, and on Intel cores every SSE instruction of the (non-AVX) backward loop after it paid for
 // that state: the 128-key row took ~150 ns instead of ~30, a quarter of an L1024 backward (benchmarks/NOTES.md;
-// AMD cores have no such penalty). The explicit
-// vzeroupper after the call leaves the caller clean whatever GCC does with the call.
+// AMD cores have no such penalty). The explicit vzeroupper after the call leaves the caller clean whatever GCC
+// does with the call.
 SEQFAST_TARGET_AVX512 inline void probs_row_avx512(float* s, int64_t nv, int64_t ncols, float f, float lse2) {
   exp2_row_lanes_avx512(s, nv, ncols, f, lse2);
   _mm256_zeroupper();
